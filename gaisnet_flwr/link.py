@@ -1,0 +1,104 @@
+"""D2D links between split-learning segments (paper Sec. III-C.1: smashed data and gradients).
+
+Every hop serializes the tensor it hands on, so the bytes we count are the bytes a real link would
+carry. `InProcessLink` is the simulation's link: it serializes, counts and deserializes in the same
+process. A network link (gRPC between lab devices) implements the same `Link` protocol, so the chain
+never changes when the transport does.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+Direction = Literal["forward", "backward"]
+
+# One byte per dtype on the wire; extend as needed (the receiver validates against this table).
+_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+)
+_HEADER = struct.Struct("<BB")  # dtype code, ndim; then ndim little-endian int64 sizes
+
+
+class LinkError(ValueError):
+    """A payload that does not decode to a well-formed tensor."""
+
+
+def serialize_tensor(tensor: torch.Tensor) -> bytes:
+    """Tensor -> bytes: a small header (dtype, shape) and the raw little-endian data."""
+    if tensor.dtype not in _DTYPES:
+        raise LinkError(f"dtype {tensor.dtype} cannot be sent; supported: {list(_DTYPES)}")
+    t = tensor.detach().to("cpu").contiguous()
+    header = _HEADER.pack(_DTYPES.index(t.dtype), t.dim()) + struct.pack(f"<{t.dim()}q", *t.shape)
+    return header + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def deserialize_tensor(payload: bytes, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bytes -> tensor, checking that the header and the data length agree."""
+    if len(payload) < _HEADER.size:
+        raise LinkError(f"payload of {len(payload)} bytes is shorter than the header")
+    code, ndim = _HEADER.unpack_from(payload)
+    if code >= len(_DTYPES):
+        raise LinkError(f"unknown dtype code {code}")
+    offset = _HEADER.size + 8 * ndim
+    shape = struct.unpack_from(f"<{ndim}q", payload, _HEADER.size)
+    dtype = _DTYPES[code]
+    expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if len(payload) - offset != expected:
+        raise LinkError(
+            f"payload holds {len(payload) - offset} data bytes, shape {shape} of {dtype} "
+            f"needs {expected}"
+        )
+    data = torch.frombuffer(bytearray(payload[offset:]), dtype=torch.uint8)
+    return data.view(dtype).reshape(shape).to(device)
+
+
+@dataclass
+class LinkStats:
+    """Bytes and messages carried by one link, forward (smashed data) and backward (gradients)."""
+
+    bytes_forward: int = 0
+    bytes_backward: int = 0
+    messages_forward: int = 0
+    messages_backward: int = 0
+
+    def add(self, direction: Direction, num_bytes: int) -> None:
+        if direction == "forward":
+            self.bytes_forward += num_bytes
+            self.messages_forward += 1
+        else:
+            self.bytes_backward += num_bytes
+            self.messages_backward += 1
+
+
+class Link(Protocol):
+    """Carries a tensor from one segment to the next (forward) or back (backward)."""
+
+    stats: LinkStats
+
+    def send(self, tensor: torch.Tensor, direction: Direction) -> torch.Tensor:
+        """Deliver `tensor` to the other side and return it as the other side receives it."""
+        ...
+
+
+class InProcessLink:
+    """Simulated D2D link: serialize, count the bytes, deserialize onto the receiver's device."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.stats = LinkStats()
+
+    def send(self, tensor: torch.Tensor, direction: Direction) -> torch.Tensor:
+        payload = serialize_tensor(tensor)
+        self.stats.add(direction, len(payload))
+        return deserialize_tensor(payload, self.device)

@@ -1,0 +1,252 @@
+"""`PromptedViT`: visual prompt tuning over any timm `VisionTransformer` (paper Sec. III-A.1).
+
+The foundation model is split along timm's own seams so the same code serves the whole model and
+each split-learning segment (paper Sec. III-B, Fig. 4):
+
+    embed(x)                    start point    patch_embed -> _pos_embed -> patch_drop -> norm_pre
+    run_blocks(h, start, stop)  middle peers   [prompt i, block i] for i in range(start, stop)
+    head_forward(h)             end point      norm -> drop prompt tokens -> timm forward_head
+
+Token layout inside the blocks (VPT, Jia et al. 2022, ``vit.py``): prompts sit after the prefix
+tokens (class, distillation and register tokens) and before the patch tokens,
+
+    [prefix (P) | prompts (n) | patches (N)]
+
+`vpt-deep` gives every block i its own prompt i, which *replaces* the previous layer's prompt
+outputs; `vpt-shallow` inserts one prompt before block 0 and lets it flow through every block;
+`linear` trains the head only and `full` trains every weight (the baseline).
+
+Because vpt-deep discards each layer's prompt outputs, a segment drops them before handing its
+tokens on and the next segment inserts its own prompts: under vpt-deep the smashed data at every
+cut is [B, P + N, D], the size of the prompt-free model's (the discarded slots carry no gradient,
+so training is unchanged). Under vpt-shallow the prompt outputs are real activations and travel. The frozen backbone stays in
+eval mode while training, so dropout and stochastic depth of the foundation model are off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+MODES = ("vpt-deep", "vpt-shallow", "linear", "full")
+# `map` pools with attention over every token (prompts would leak into the feature); `''` does
+# not pool at all. Everything else in timm pools over prefix/patch tokens we can hand it exactly.
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
+
+
+class ModelError(ValueError):
+    """A model configuration or tunable state this project cannot use, with the reason."""
+
+
+class Prompt(nn.Module):
+    """One prompt module: `num_tokens` learnable tokens of width `dim` for one Transformer layer."""
+
+    def __init__(self, num_tokens: int, dim: int, init_bound: float) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.empty(num_tokens, dim))
+        # VPT's initialisation: uniform(-b, b), b = sqrt(6 / (3 * patch_area + dim)) (Xavier-like).
+        nn.init.uniform_(self.tokens, -init_bound, init_bound)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+
+class PromptedViT(nn.Module):
+    """A timm ViT whose only trainable parts are one prompt module per layer and the head.
+
+    Args:
+        backbone: a timm `VisionTransformer` (DeiT-distilled and register-token variants included).
+        mode: one of `MODES`.
+        num_prompts: prompt tokens per prompt module; must be 0 for `linear` and `full`.
+    """
+
+    def __init__(self, backbone: VisionTransformer, mode: str = "vpt-deep", num_prompts: int = 10):
+        super().__init__()
+        _check_supported(backbone, mode, num_prompts)
+        self.backbone = backbone
+        self.mode = mode
+        self.num_prefix_tokens: int = backbone.num_prefix_tokens
+        self.depth = len(backbone.blocks)
+        dim = backbone.embed_dim
+        patch_area = math.prod(backbone.patch_embed.patch_size)
+        bound = math.sqrt(6.0 / (3 * patch_area + dim))
+        num_modules = {"vpt-deep": self.depth, "vpt-shallow": 1}.get(mode, 0) if num_prompts else 0
+        self.prompts = nn.ModuleList(Prompt(num_prompts, dim, bound) for _ in range(num_modules))
+        self.num_prompts = num_prompts if num_modules else 0
+        self._freeze()
+
+    # -- trainable set ------------------------------------------------------------------------
+    def head_modules(self) -> dict[str, nn.Module]:
+        """The MLP head: timm's classifier(s), by attribute name (`head`, plus `head_dist`)."""
+        names = ["head", "head_dist"] if hasattr(self.backbone, "head_dist") else ["head"]
+        return {name: getattr(self.backbone, name) for name in names}
+
+    def _freeze(self) -> None:
+        # Freeze by module, not by name matching: backbone off, then prompts and head on.
+        self.backbone.requires_grad_(self.mode == "full")
+        self.prompts.requires_grad_(True)
+        for head in self.head_modules().values():
+            head.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> PromptedViT:
+        """Train the tunable modules; the frozen backbone stays in eval mode (VPT)."""
+        super().train(mode)
+        if self.mode != "full":
+            self.backbone.eval()
+            for head in self.head_modules().values():
+                head.train(mode)
+        return self
+
+    def named_tunable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Trainable parameters under their tunable-state keys (`prompt.3`, `head.weight`, ...)."""
+        for i, prompt in enumerate(self.prompts):
+            yield f"prompt.{i}", prompt.tokens
+        for name, param in self.backbone.named_parameters():
+            if param.requires_grad:
+                yield name, param
+
+    def tunable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_tunable_parameters()]
+
+    def num_tunable(self) -> int:
+        return sum(p.numel() for p in self.tunable_parameters())
+
+    def num_total(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def tunable_state(self) -> dict[str, torch.Tensor]:
+        """The tunable modules only, detached copies keyed `prompt.i` / backbone names."""
+        return {k: p.detach().clone() for k, p in self.named_tunable_parameters()}
+
+    def load_tunable_state(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Load tunable modules by key. Unknown keys, wrong shapes and (if strict) missing keys
+        raise `ModelError` naming the key; nothing is written unless every check passes."""
+        own = dict(self.named_tunable_parameters())
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ModelError(f"unknown tunable key(s) {unknown}; valid keys: {sorted(own)}")
+        missing = sorted(set(own) - set(state))
+        if strict and missing:
+            raise ModelError(f"missing tunable key(s) {missing}")
+        values = {k: torch.as_tensor(v) for k, v in state.items()}
+        for key, value in values.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ModelError(
+                    f"tunable key {key!r} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(own[key].shape)}"
+                )
+        with torch.no_grad():
+            for key, value in values.items():
+                own[key].copy_(value)
+
+    # -- the three segments -------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Start point: images [B, C, H, W] -> tokens [B, P + N, D] (no prompt slots yet)."""
+        bb = self.backbone
+        h = bb.patch_embed(x)
+        h = bb._pos_embed(h)
+        h = bb.patch_drop(h)
+        return bb.norm_pre(h)
+
+    @property
+    def prompts_travel(self) -> bool:
+        """Whether tokens handed between blocks carry prompt slots (vpt-shallow only)."""
+        return self.mode == "vpt-shallow" and self.num_prompts > 0
+
+    def _insert_prompt(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        p = self.num_prefix_tokens
+        tokens = self.prompts[i].tokens.expand(h.shape[0], -1, -1)  # [B, n, D]
+        # [B, P + N, D] -> [B, P + n + N, D]
+        return torch.cat([h[:, :p], tokens, h[:, p:]], dim=1)
+
+    def _drop_prompt_slots(self, h: torch.Tensor) -> torch.Tensor:
+        p = self.num_prefix_tokens
+        # [B, P + n + N, D] -> [B, P + N, D]
+        return torch.cat([h[:, :p], h[:, p + self.num_prompts :]], dim=1)
+
+    def run_blocks(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Middle peer: blocks [start, stop) with their prompts.
+
+        Takes and returns the tokens as they travel between segments: [B, P + N, D], or
+        [B, P + n + N, D] after block 0 under vpt-shallow.
+        """
+        for i in range(start, stop):
+            if self.mode == "vpt-deep" and self.num_prompts:
+                if i > start:  # inside a segment: swap the previous prompt outputs for prompt i
+                    h = self._drop_prompt_slots(h)
+                h = self._insert_prompt(i, h)
+            elif i == 0 and self.prompts_travel:
+                h = self._insert_prompt(0, h)
+            h = self.backbone.blocks[i](h)
+        if self.mode == "vpt-deep" and self.num_prompts and stop > start:
+            h = self._drop_prompt_slots(h)  # discarded by the next layer anyway: do not send
+        return h
+
+    def head_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """End point: tokens -> logits [B, classes]; prompt tokens never reach the pooled feature."""
+        if self.prompts_travel:
+            h = self._drop_prompt_slots(h)
+        h = self.backbone.norm(h)  # per-token LayerNorm: dropping tokens first changes nothing
+        return self.backbone.forward_head(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_forward(self.run_blocks(self.embed(x), 0, self.depth))
+
+
+def _check_supported(backbone: nn.Module, mode: str, num_prompts: int) -> None:
+    if not isinstance(backbone, VisionTransformer):
+        raise ModelError(
+            f"PromptedViT needs a timm VisionTransformer (vit_*, deit_*, ...); "
+            f"got {type(backbone).__name__}"
+        )
+    if mode not in MODES:
+        raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if num_prompts < 0:
+        raise ModelError(f"num_prompts must be >= 0, got {num_prompts}")
+    if num_prompts and mode in ("linear", "full"):
+        raise ModelError(f"mode {mode!r} trains no prompts; set num_prompts=0 (got {num_prompts})")
+    if getattr(backbone, "attn_pool", None) is not None or backbone.global_pool not in SUPPORTED_POOLS:
+        raise ModelError(
+            f"global_pool {backbone.global_pool!r} is not supported (prompt tokens would reach "
+            f"the pooled feature); use one of {', '.join(SUPPORTED_POOLS)}"
+        )
+    if getattr(backbone, "dynamic_img_size", False) or getattr(backbone, "dynamic_img_pad", False):
+        raise ModelError("dynamic_img_size / dynamic_img_pad are not supported: segments "
+                         "exchange fixed-shape smashed data")
+
+
+def build_prompted_vit(
+    model_name: str = "vit_base_patch16_224",
+    *,
+    mode: str = "vpt-deep",
+    num_prompts: int = 10,
+    num_classes: int = 1000,
+    pretrained: bool = False,
+    checkpoint_path: str = "",
+    **overrides: Any,
+) -> PromptedViT:
+    """Build a timm ViT by name (with shape overrides such as `img_size=32, depth=4`) and wrap it.
+
+    `pretrained=True` loads timm's weights (needs internet once); `checkpoint_path` loads a local
+    weights file. The head is re-created for `num_classes`, as in VPT.
+    """
+    if mode not in MODES:  # fail before building a possibly large model
+        raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    try:
+        backbone = timm.create_model(
+            model_name,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            checkpoint_path=checkpoint_path,
+            **overrides,
+        )
+    except RuntimeError as err:  # timm raises RuntimeError for unknown model names
+        raise ModelError(f"timm could not build {model_name!r}: {err}") from err
+    return PromptedViT(backbone, mode=mode, num_prompts=num_prompts)

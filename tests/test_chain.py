@@ -1,0 +1,206 @@
+"""The split chain trains and infers exactly like the unsplit model (DESIGN invariants)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from gaisnet_flwr.chain import SplitChain
+from gaisnet_flwr.flops import ViTShape, model_forward_flops, segment_flops
+from gaisnet_flwr.link import InProcessLink, LinkError, deserialize_tensor, serialize_tensor
+from gaisnet_flwr.model import PromptedViT, build_prompted_vit
+from gaisnet_flwr.split import SplitPlan, plan_even
+from tests.conftest import TINY, VARIANTS
+
+# Split and unsplit run the same float32 ops in the same order; we allow float rounding anyway.
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01),
+}
+
+
+def build(mode: str, variant: str = "cls-token") -> PromptedViT:
+    name, overrides = VARIANTS[variant]
+    prompts = 3 if mode.startswith("vpt") else 0
+    return build_prompted_vit(name, mode=mode, num_prompts=prompts, num_classes=5,
+                              **{**TINY, **overrides})
+
+
+def random_plan(rng: random.Random, num_peers: int, depth: int = 6) -> SplitPlan:
+    cuts = sorted(rng.sample(range(1, depth), num_peers - 1))
+    bounds = [0, *cuts, depth]
+    return SplitPlan(depth, tuple(zip(bounds[:-1], bounds[1:], strict=True)))
+
+
+def unsplit_steps(model: PromptedViT, batches, make_opt) -> tuple[list[float], dict]:
+    opt = make_opt(model.tunable_parameters())
+    model.train()
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    grads = {k: p.grad.clone() for k, p in model.named_tunable_parameters()}
+    return losses, grads
+
+
+@pytest.mark.parametrize("mode", ["vpt-deep", "vpt-shallow", "linear", "full"])
+@pytest.mark.parametrize("num_peers", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_split_training_equals_unsplit(mode: str, num_peers: int, optimizer: str) -> None:
+    rng = random.Random(1000 * num_peers + len(mode))
+    plan = random_plan(rng, num_peers)
+    whole = build(mode)
+    split = copy.deepcopy(whole)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))) for _ in range(3)]
+
+    ref_losses, ref_grads = unsplit_steps(whole, batches, OPTIMIZERS[optimizer])
+    chain = SplitChain(split, plan, OPTIMIZERS[optimizer])
+    losses = [chain.train_step(x, y).loss for x, y in batches]
+
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for key, param in split.named_tunable_parameters():
+        torch.testing.assert_close(param.grad, ref_grads[key], **TOL, msg=f"grad {key}")
+        torch.testing.assert_close(param, dict(whole.named_tunable_parameters())[key], **TOL,
+                                   msg=f"param {key}")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_split_training_equals_unsplit_for_every_token_layout(variant: str) -> None:
+    whole = build("vpt-deep", variant)
+    split = copy.deepcopy(whole)
+    batch = [(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))]
+    ref_losses, _ = unsplit_steps(whole, batch, OPTIMIZERS["adamw"])
+    loss = SplitChain(split, SplitPlan.from_sizes([2, 1, 3]), OPTIMIZERS["adamw"]).train_step(
+        *batch[0]).loss
+    assert loss == pytest.approx(ref_losses[0], rel=1e-6)
+    for key, param in split.named_tunable_parameters():
+        torch.testing.assert_close(param, dict(whole.named_tunable_parameters())[key], **TOL)
+
+
+def test_backbone_gets_no_gradient_and_does_not_change() -> None:
+    model = build("vpt-deep")
+    before = copy.deepcopy(model.backbone.state_dict())
+    chain = SplitChain(model, plan_even(6, 3), OPTIMIZERS["sgd-momentum"])
+    for _ in range(2):
+        chain.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))
+    for name, param in model.backbone.named_parameters():
+        if not name.startswith("head."):
+            assert param.grad is None, name
+            assert torch.equal(param, before[name]), name
+
+
+def test_each_segment_owns_its_optimizer_over_its_own_parameters() -> None:
+    model = build("vpt-deep")
+    chain = SplitChain(model, SplitPlan.from_sizes([2, 4]), OPTIMIZERS["adamw"])
+    owned = {seg.name: [p for g in seg.optimizer.param_groups for p in g["params"]]
+             if seg.optimizer else [] for seg in chain.segments}
+    assert owned["start"] == []
+    assert owned["peer1"] == [model.prompts[0].tokens, model.prompts[1].tokens]
+    assert owned["peer2"] == [model.prompts[i].tokens for i in range(2, 6)]
+    assert owned["end"] == [model.backbone.head.weight, model.backbone.head.bias]
+
+
+def test_bytes_per_hop_are_the_serialized_smashed_data() -> None:
+    model = build("vpt-deep")
+    chain = SplitChain(model, SplitPlan.from_sizes([2, 4]), OPTIMIZERS["adamw"])
+    chain.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))
+    # vpt-deep hands on [B, P + N, D] at every cut (prompt outputs are discarded), float32,
+    # plus a header of 2 + 8 * ndim bytes.
+    smashed = 4 * (1 + 16) * 32 * 4 + 2 + 8 * 3
+    stats = chain.stats()
+    assert stats.hop_bytes_forward == [smashed] * 3
+    # No gradient is sent back to the frozen start point; every other hop carries one back.
+    assert stats.hop_bytes_backward == [0, smashed, smashed]
+
+
+def test_vpt_shallow_hands_prompt_tokens_on() -> None:
+    model = build("vpt-shallow")
+    chain = SplitChain(model, SplitPlan.from_sizes([3, 3]), OPTIMIZERS["adamw"])
+    chain.train_step(torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,)))
+    header = 2 + 8 * 3
+    assert chain.stats().hop_bytes_forward == [
+        2 * 17 * 32 * 4 + header, 2 * 20 * 32 * 4 + header, 2 * 20 * 32 * 4 + header]
+
+
+@pytest.mark.parametrize("sizes", [[6], [1, 5], [2, 2, 2], [1, 1, 1, 1, 1, 1]])
+def test_split_inference_equals_unsplit_predictions(sizes: list[int]) -> None:
+    model = build("vpt-deep")
+    x = torch.randn(8, 3, 32, 32)
+    expected = model.eval()(x)
+    chain = SplitChain(model, SplitPlan.from_sizes(sizes))
+    logits = chain.infer(x)
+    assert torch.equal(logits, expected)
+    assert chain.result_link.stats.bytes_forward == 8 * 5 * 4 + 2 + 16
+
+
+def test_plan_must_match_model_depth() -> None:
+    with pytest.raises(ValueError, match="plan covers 4 blocks, the model has 6"):
+        SplitChain(build("vpt-deep"), plan_even(4, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+def test_tensor_serialization_round_trips(dtype: torch.dtype) -> None:
+    t = (torch.randn(2, 3, 4) * 10).to(dtype)
+    back = deserialize_tensor(serialize_tensor(t))
+    assert back.dtype == dtype and torch.equal(back, t)
+    assert deserialize_tensor(serialize_tensor(torch.tensor(3.5))).item() == 3.5
+
+
+def test_corrupt_payloads_are_rejected() -> None:
+    payload = serialize_tensor(torch.zeros(2, 3))
+    with pytest.raises(LinkError, match="needs 24"):
+        deserialize_tensor(payload[:-4])
+    with pytest.raises(LinkError, match="unknown dtype code 200"):
+        deserialize_tensor(bytes([200]) + payload[1:])
+    with pytest.raises(LinkError, match="shorter than the header"):
+        deserialize_tensor(b"\x00")
+
+
+def test_link_counts_directions_apart() -> None:
+    link = InProcessLink()
+    link.send(torch.zeros(10), "forward")
+    link.send(torch.zeros(5), "backward")
+    assert (link.stats.bytes_forward, link.stats.bytes_backward) == (40 + 10, 20 + 10)
+    assert (link.stats.messages_forward, link.stats.messages_backward) == (1, 1)
+
+
+# -- FLOPs: the analytic count against torch's own counter -----------------------------------
+
+def _count(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _explicit_attention(model: PromptedViT) -> None:
+    # torch's counter does not see the CPU's fused attention kernel; timm's explicit path it does.
+    for block in model.backbone.blocks:
+        block.attn.fused_attn = False
+
+
+@pytest.mark.parametrize("mode", ["vpt-deep", "vpt-shallow", "linear", "full"])
+def test_segment_flops_match_torch_counter(mode: str) -> None:
+    model = build(mode)
+    _explicit_attention(model)
+    plan = SplitPlan.from_sizes([2, 4])
+    batch = 3
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 5, (batch,))
+
+    measured_forward = _count(lambda: model.eval()(x))
+    assert measured_forward == pytest.approx(batch * model_forward_flops(ViTShape.of(model)),
+                                             rel=0.05)
+    chain = SplitChain(model, plan, OPTIMIZERS["sgd-momentum"])
+    measured_step = _count(lambda: chain.train_step(x, y))
+    counted = sum(chain.stats().segment_flops.values())
+    assert counted == batch * sum(f.forward + f.backward for f in segment_flops(model, plan))
+    assert counted == pytest.approx(measured_step, rel=0.05)

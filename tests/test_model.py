@@ -1,0 +1,154 @@
+"""PromptedViT: equals timm with 0 prompts, VPT semantics, frozen backbone, tunable state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gaisnet_flwr.model import MODES, ModelError, PromptedViT, build_prompted_vit
+from tests.conftest import TINY, VARIANTS
+
+
+def build(variant: str = "cls-token", mode: str = "vpt-deep", num_prompts: int = 4,
+          **kw: object) -> PromptedViT:
+    name, overrides = VARIANTS[variant]
+    return build_prompted_vit(name, mode=mode, num_prompts=num_prompts, num_classes=5,
+                              **{**TINY, **overrides, **kw})
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_prompts_equals_timm_forward(variant: str, mode: str) -> None:
+    model = build(variant, mode=mode, num_prompts=0).eval()
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(model(x), model.backbone(x))
+
+
+def vpt_reference(model: PromptedViT, x: torch.Tensor) -> torch.Tensor:
+    """VPT's forward written out independently (VPT vit.py: incorporate_prompt + deep loop)."""
+    bb, p, n = model.backbone, model.num_prefix_tokens, model.num_prompts
+    h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
+    batch = x.shape[0]
+    h = torch.cat([h[:, :p], model.prompts[0].tokens.expand(batch, -1, -1), h[:, p:]], dim=1)
+    for i, block in enumerate(bb.blocks):
+        if i > 0 and model.mode == "vpt-deep":
+            h = torch.cat([h[:, :p], model.prompts[i].tokens.expand(batch, -1, -1),
+                           h[:, p + n:]], dim=1)
+        h = block(h)
+    h = bb.norm(h)
+    h = torch.cat([h[:, :p], h[:, p + n:]], dim=1)
+    return bb.forward_head(h)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("mode", ["vpt-deep", "vpt-shallow"])
+def test_prompted_forward_matches_vpt_reference(variant: str, mode: str) -> None:
+    model = build(variant, mode=mode, num_prompts=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), vpt_reference(model, x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["cls-token", "avg-pool"])
+def test_prompts_do_not_leak_into_pooled_feature(variant: str) -> None:
+    # Whatever sits in the prompt slots of the last block's output, the logits are the same.
+    model = build(variant, mode="vpt-shallow", num_prompts=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    h = model.run_blocks(model.embed(x), 0, model.depth)  # [B, P + n + N, D]
+    p, n = model.num_prefix_tokens, model.num_prompts
+    assert h.shape[1] == p + n + model.backbone.patch_embed.num_patches
+    poisoned = h.clone()
+    poisoned[:, p:p + n] = 1e6  # anything in the prompt slots must not matter
+    torch.testing.assert_close(model.head_forward(poisoned), model.head_forward(h))
+
+
+def test_only_prompts_and_head_train_and_backbone_stays_frozen() -> None:
+    model = build(mode="vpt-deep", num_prompts=4)
+    before = copy.deepcopy(model.backbone.state_dict())
+    opt = torch.optim.SGD(model.tunable_parameters(), lr=0.5)
+    model.train()
+    assert not model.backbone.training and model.backbone.head.training
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    graded = {k for k, p in model.named_parameters() if p.grad is not None}
+    assert graded == {f"prompts.{i}.tokens" for i in range(6)} | {
+        "backbone.head.weight", "backbone.head.bias"}
+    opt.step()
+    after = model.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize(("mode", "num_prompts", "expected_keys"), [
+    ("vpt-deep", 2, [f"prompt.{i}" for i in range(6)] + ["head.weight", "head.bias"]),
+    ("vpt-shallow", 2, ["prompt.0", "head.weight", "head.bias"]),
+    ("linear", 0, ["head.weight", "head.bias"]),
+])
+def test_tunable_keys_per_mode(mode: str, num_prompts: int, expected_keys: list[str]) -> None:
+    model = build(mode=mode, num_prompts=num_prompts)
+    assert list(model.tunable_state()) == expected_keys
+    assert model.num_tunable() == sum(v.numel() for v in model.tunable_state().values())
+
+
+def test_full_mode_trains_every_weight() -> None:
+    model = build(mode="full", num_prompts=0)
+    assert model.num_tunable() == model.num_total()
+    model.train()
+    assert model.backbone.training
+
+
+def test_distilled_head_includes_head_dist() -> None:
+    keys = set(build("deit-distilled").tunable_state())
+    assert {"head.weight", "head_dist.weight", "head_dist.bias"} <= keys
+
+
+def test_vpt_initialisation_bound() -> None:
+    model = build(num_prompts=50, embed_dim=64)
+    bound = (6.0 / (3 * 8 * 8 + 64)) ** 0.5  # VPT: sqrt(6 / (3 * patch_area + dim))
+    tokens = torch.stack([p.tokens for p in model.prompts])
+    assert tokens.abs().max() <= bound
+    assert tokens.abs().max() > 0.9 * bound  # uniform over the whole interval, not a tiny init
+
+
+def test_tunable_state_round_trips() -> None:
+    source, target = build(), build()
+    target.load_tunable_state(source.tunable_state())
+    for (k, a), (_, b) in zip(source.named_tunable_parameters(), target.named_tunable_parameters(),
+                              strict=True):
+        assert torch.equal(a, b), k
+    x = torch.randn(2, 3, 32, 32)
+    target.backbone.load_state_dict(source.backbone.state_dict())
+    assert torch.equal(source.eval()(x), target.eval()(x))
+
+
+def test_load_rejects_wrong_shape_missing_and_unknown_keys() -> None:
+    model = build()
+    state = model.tunable_state()
+    original = model.tunable_state()
+    bad = dict(state, **{"prompt.3": torch.zeros(5, 32)})
+    with pytest.raises(ModelError, match=r"'prompt.3' has shape \(5, 32\), expected \(4, 32\)"):
+        model.load_tunable_state(bad)
+    with pytest.raises(ModelError, match=r"missing tunable key\(s\) \['head.bias'\]"):
+        model.load_tunable_state({k: v for k, v in state.items() if k != "head.bias"})
+    with pytest.raises(ModelError, match=r"unknown tunable key\(s\) \['prompt.9'\]"):
+        model.load_tunable_state(dict(state, **{"prompt.9": torch.zeros(4, 32)}))
+    # Nothing was written by the rejected loads.
+    for k, v in model.tunable_state().items():
+        assert torch.equal(v, original[k])
+    # Non-strict loads a subset.
+    model.load_tunable_state({"head.bias": torch.ones(5)}, strict=False)
+    assert torch.equal(model.backbone.head.bias, torch.ones(5))
+
+
+def test_unsupported_configurations_fail_when_built() -> None:
+    with pytest.raises(ModelError, match="unknown mode 'deep'; valid modes: vpt-deep"):
+        build(mode="deep")
+    with pytest.raises(ModelError, match="global_pool 'map' is not supported"):
+        build(global_pool="map")
+    with pytest.raises(ModelError, match="set num_prompts=0"):
+        build(mode="linear", num_prompts=4)
+    with pytest.raises(ModelError, match="needs a timm VisionTransformer"):
+        build_prompted_vit("resnet18", num_classes=5)
+    with pytest.raises(ModelError, match="could not build 'no_such_vit'"):
+        build_prompted_vit("no_such_vit")
