@@ -1,0 +1,225 @@
+"""Strategy registry: a name or a dotted path in run-config -> a built Flower strategy.
+
+Every edge aggregates its clusters with a pluggable Message-API strategy
+(``flwr.serverapp.strategy.Strategy``): one of the names in `STRATEGIES`, or a user's own class
+given as ``"package.module:Class"``. `build_strategy` runs before any training and raises
+``ValueError`` for anything it cannot build, so a typo fails at start-up, not in round 1.
+
+Only ``"module-fedavg"`` accepts clusters that return a subset of the modules; Flower's own
+strategies require every reply to hold the same array keys.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Strategy,
+)
+
+from .module_fedavg import ModuleFedAvg
+
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "build_strategy", "resolve_strategy"]
+
+DEFAULT_STRATEGY = "module-fedavg"
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "module-fedavg": ModuleFedAvg,
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedadagrad": FedAdagrad,
+    "fedyogi": FedYogi,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "bulyan": Bulyan,
+    "qfedavg": QFedAvg,
+}
+
+OptionValue = float | int | str | bool
+
+_DOTTED_PATH_HELP = (
+    "or a dotted path 'package.module:Class' to your own subclass of "
+    "flwr.serverapp.strategy.Strategy (Message API)"
+)
+
+
+def resolve_strategy(name: str) -> type[Strategy]:
+    """Return the strategy class for a registry name or a ``package.module:Class`` path.
+
+    Registry names are matched case-insensitively. A dotted path must name an importable
+    module and a concrete subclass of ``flwr.serverapp.strategy.Strategy``.
+
+    Raises
+    ------
+    ValueError
+        Unknown name (the message lists the valid names), or a dotted path that does not
+        import, has no such attribute, or is not a concrete Message-API ``Strategy`` class.
+    """
+    if ":" in name:
+        return _import_strategy(name)
+    strategy = STRATEGIES.get(name.strip().lower())
+    if strategy is None:
+        raise ValueError(
+            f"Unknown strategy {name!r}. Valid names: {', '.join(STRATEGIES)}; {_DOTTED_PATH_HELP}."
+        )
+    return strategy
+
+
+def build_strategy(
+    name: str,
+    *,
+    num_clusters: int,
+    fraction_evaluate: float,
+    options: Mapping[str, OptionValue] | None = None,
+) -> Strategy:
+    """Build the strategy `name` for an edge with `num_clusters` clusters (Flower nodes).
+
+    Common arguments are passed only when the class's ``__init__`` names them:
+    ``fraction_train=1.0`` (every cluster trains every round), `fraction_evaluate`,
+    ``min_train_nodes=num_clusters``, ``min_available_nodes=num_clusters`` and
+    ``min_evaluate_nodes`` = 1 (0 when `fraction_evaluate` is 0). Flower's defaults (2 nodes)
+    would wait forever with a single cluster.
+
+    Parameters
+    ----------
+    name : str
+        A key of `STRATEGIES` or ``"package.module:Class"`` (see `resolve_strategy`).
+    num_clusters : int
+        Clusters (Flower nodes) the strategy aggregates; >= 1.
+    fraction_evaluate : float
+        Fraction of clusters sampled for federated evaluation, in [0, 1].
+    options : Mapping[str, OptionValue] | None
+        Extra keyword arguments for the class, e.g. ``{"proximal_mu": 0.1}`` for FedProx,
+        ``{"eta": 0.01}`` for FedAdam, ``{"client_learning_rate": 0.1}`` (required) for
+        QFedAvg. Options override the common arguments above.
+
+    Raises
+    ------
+    ValueError
+        Bad `num_clusters` / `fraction_evaluate`, an unknown strategy, an option the class
+        does not accept (the message lists the accepted ones), a required argument that is
+        neither common nor in `options`, too few clusters for Bulyan, or the class rejecting
+        its arguments.
+    """
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+        raise ValueError(f"num_clusters must be an int >= 1, got {num_clusters!r}")
+    if not 0.0 <= fraction_evaluate <= 1.0:
+        raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
+    options = dict(options or {})
+    strategy_cls = resolve_strategy(name)
+
+    parameters = inspect.signature(strategy_cls).parameters
+    by_keyword = {
+        param_name: param
+        for param_name, param in parameters.items()
+        if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+    }
+    takes_any_keyword = any(param.kind is param.VAR_KEYWORD for param in parameters.values())
+
+    unknown = sorted(option for option in options if option not in by_keyword)
+    if unknown and not takes_any_keyword:
+        raise ValueError(
+            f"Strategy {name!r} ({strategy_cls.__qualname__}) does not accept option(s) "
+            f"{', '.join(unknown)}. Accepted: {', '.join(sorted(by_keyword)) or '(none)'}."
+        )
+
+    common = _common_kwargs(num_clusters, fraction_evaluate)
+    kwargs: dict[str, object] = {key: value for key, value in common.items() if key in by_keyword}
+    kwargs.update(options)
+
+    missing = [
+        param_name
+        for param_name, param in parameters.items()
+        if param.default is param.empty
+        and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+        and param_name not in kwargs
+    ]
+    if missing:
+        raise ValueError(
+            f"Strategy {name!r} ({strategy_cls.__qualname__}) requires {', '.join(missing)}; "
+            "pass them as strategy options."
+        )
+
+    if issubclass(strategy_cls, Bulyan):
+        _check_bulyan(num_clusters, kwargs.get("num_malicious_nodes", 0))
+
+    try:
+        return strategy_cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Could not build strategy {name!r}: {err}") from err
+
+
+def _common_kwargs(num_clusters: int, fraction_evaluate: float) -> dict[str, object]:
+    """Sampling arguments of Flower's FedAvg family, sized to `num_clusters`."""
+    return {
+        "fraction_train": 1.0,
+        "fraction_evaluate": fraction_evaluate,
+        "min_train_nodes": num_clusters,
+        # FedAvg samples max(int(fraction * N), min_evaluate_nodes): at least one cluster.
+        "min_evaluate_nodes": 1 if fraction_evaluate > 0 else 0,
+        "min_available_nodes": num_clusters,
+    }
+
+
+def _check_bulyan(num_clusters: int, num_malicious_nodes: object) -> None:
+    """Bulyan skips every round with fewer than 4f + 3 replies: refuse to build it."""
+    if not isinstance(num_malicious_nodes, int):
+        return  # Bulyan itself will reject it
+    required = 4 * num_malicious_nodes + 3
+    if num_clusters < required:
+        raise ValueError(
+            f"Strategy 'bulyan' needs at least 4 * num_malicious_nodes + 3 = {required} "
+            f"clusters, got num_clusters={num_clusters}; it would skip every round."
+        )
+
+
+def _import_strategy(path: str) -> type[Strategy]:
+    """Import ``package.module:Class`` and check it is a concrete Message-API strategy."""
+    module_name, _, attribute = path.strip().partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"Strategy path {path!r} must have the form 'package.module:Class'.")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any failure while importing user code
+        raise ValueError(
+            f"Strategy path {path!r}: cannot import module {module_name!r}: {err}"
+        ) from err
+
+    target: object = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(
+                f"Strategy path {path!r}: module {module_name!r} has no attribute {attribute!r}."
+            )
+        target = getattr(target, part)
+
+    if not (inspect.isclass(target) and issubclass(target, Strategy)):
+        raise ValueError(
+            f"Strategy path {path!r} is {target!r}, not a subclass of "
+            "flwr.serverapp.strategy.Strategy (legacy flwr.server.strategy classes use the "
+            "old Ins/Res API and are not supported)."
+        )
+    if inspect.isabstract(target):
+        abstract = ", ".join(sorted(getattr(target, "__abstractmethods__", ())))
+        raise ValueError(
+            f"Strategy path {path!r}: {target.__qualname__} is abstract; implement {abstract}."
+        )
+    return target
