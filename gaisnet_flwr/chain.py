@@ -80,9 +80,9 @@ class Segment:
         self.flops_done += self.flops.forward * h.shape[0]
         return out
 
-    def backward(self, grad_output: torch.Tensor | None, loss: torch.Tensor | None = None) -> (
-        torch.Tensor | None
-    ):
+    def backward(
+        self, grad_output: torch.Tensor | None, loss: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Backpropagate from `grad_output` (or from `loss` at the end point), step the optimizer
         and return the gradient for the previous segment (None if nothing upstream trains)."""
         assert self._input is not None and self._output is not None, "backward before forward"
@@ -155,7 +155,9 @@ class SplitChain:
         self.model = model
         self.plan = plan
         self.links: list[Link] = (
-            list(links) if links is not None else [InProcessLink() for _ in range(plan.num_peers + 1)]
+            list(links)
+            if links is not None
+            else [InProcessLink() for _ in range(plan.num_peers + 1)]
         )
         if len(self.links) != plan.num_peers + 1:
             raise ValueError(f"need {plan.num_peers + 1} links, got {len(self.links)}")
@@ -166,15 +168,20 @@ class SplitChain:
         m = self.model
         flops = segment_flops(m, self.plan)
         bb = m.backbone
-        embed_params = [p for mod in (bb.patch_embed, bb.norm_pre) for p in mod.parameters()]
-        embed_params += [p for p in (bb.cls_token, bb.pos_embed, bb.reg_token,
-                                     getattr(bb, "dist_token", None)) if p is not None]
+        embed_params: list[nn.Parameter] = [
+            p for mod in (bb.patch_embed, bb.norm_pre) for p in mod.parameters()
+        ]
+        embed_params += [
+            p
+            for p in (bb.cls_token, bb.pos_embed, bb.reg_token, getattr(bb, "dist_token", None))
+            if p is not None
+        ]
         end_modules = [bb.norm, bb.fc_norm, *m.head_modules().values()]
         groups: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], list[nn.Parameter]]] = [
             ("start", m.embed, embed_params)
         ]
         for k, (start, stop) in enumerate(self.plan.ranges):
-            params = [m.prompts[i].tokens for i in range(start, stop) if i < len(m.prompts)]
+            params = [m.prompt(i).tokens for i in range(start, stop) if i < len(m.prompts)]
             params += [p for i in range(start, stop) for p in bb.blocks[i].parameters()]
             groups.append((f"peer{k + 1}", _blocks_fn(m, start, stop), params))
         groups.append(("end", m.head_forward, [p for mod in end_modules for p in mod.parameters()]))
@@ -188,7 +195,9 @@ class SplitChain:
         segments, upstream_trains = [], False
         for (name, fn, params), seg_flops in zip(groups, flops, strict=True):
             trainable = [p for p in params if p.requires_grad]
-            segments.append(Segment(name, fn, trainable, make_optimizer, upstream_trains, seg_flops))
+            segments.append(
+                Segment(name, fn, trainable, make_optimizer, upstream_trains, seg_flops)
+            )
             upstream_trains = upstream_trains or bool(trainable)
         return segments
 

@@ -51,7 +51,7 @@ class ViTShape:
             num_prefix_tokens=model.num_prefix_tokens,
             num_prompts=model.num_prompts,
             embed_dim=bb.embed_dim,
-            mlp_dim=bb.blocks[0].mlp.fc1.out_features,
+            mlp_dim=int(bb.blocks[0].mlp.fc1.out_features),  # type: ignore[union-attr,arg-type]
             depth=model.depth,
             num_classes=getattr(heads[0], "out_features", 0),
             num_heads_out=len(heads),

@@ -19,15 +19,16 @@ outputs; `vpt-shallow` inserts one prompt before block 0 and lets it flow throug
 Because vpt-deep discards each layer's prompt outputs, a segment drops them before handing its
 tokens on and the next segment inserts its own prompts: under vpt-deep the smashed data at every
 cut is [B, P + N, D], the size of the prompt-free model's (the discarded slots carry no gradient,
-so training is unchanged). Under vpt-shallow the prompt outputs are real activations and travel. The frozen backbone stays in
-eval mode while training, so dropout and stochastic depth of the foundation model are off.
+so training is unchanged). Under vpt-shallow the prompt outputs are real activations and travel.
+The frozen backbone stays in eval mode while training, so the foundation model's dropout and
+stochastic depth are off.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -82,6 +83,10 @@ class PromptedViT(nn.Module):
         self.num_prompts = num_prompts if num_modules else 0
         self._freeze()
 
+    def prompt(self, i: int) -> Prompt:
+        """The prompt module of layer `i` (vpt-deep) or the single input prompt (vpt-shallow)."""
+        return cast(Prompt, self.prompts[i])
+
     # -- trainable set ------------------------------------------------------------------------
     def head_modules(self) -> dict[str, nn.Module]:
         """The MLP head: timm's classifier(s), by attribute name (`head`, plus `head_dist`)."""
@@ -107,7 +112,7 @@ class PromptedViT(nn.Module):
     def named_tunable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Trainable parameters under their tunable-state keys (`prompt.3`, `head.weight`, ...)."""
         for i, prompt in enumerate(self.prompts):
-            yield f"prompt.{i}", prompt.tokens
+            yield f"prompt.{i}", cast(Prompt, prompt).tokens
         for name, param in self.backbone.named_parameters():
             if param.requires_grad:
                 yield name, param
@@ -162,7 +167,7 @@ class PromptedViT(nn.Module):
 
     def _insert_prompt(self, i: int, h: torch.Tensor) -> torch.Tensor:
         p = self.num_prefix_tokens
-        tokens = self.prompts[i].tokens.expand(h.shape[0], -1, -1)  # [B, n, D]
+        tokens = self.prompt(i).tokens.expand(h.shape[0], -1, -1)  # [B, n, D]
         # [B, P + N, D] -> [B, P + n + N, D]
         return torch.cat([h[:, :p], tokens, h[:, p:]], dim=1)
 
@@ -190,7 +195,7 @@ class PromptedViT(nn.Module):
         return h
 
     def head_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """End point: tokens -> logits [B, classes]; prompt tokens never reach the pooled feature."""
+        """End point: tokens -> logits [B, classes]; prompts never reach the pooled feature."""
         if self.prompts_travel:
             h = self._drop_prompt_slots(h)
         h = self.backbone.norm(h)  # per-token LayerNorm: dropping tokens first changes nothing
@@ -212,14 +217,19 @@ def _check_supported(backbone: nn.Module, mode: str, num_prompts: int) -> None:
         raise ModelError(f"num_prompts must be >= 0, got {num_prompts}")
     if num_prompts and mode in ("linear", "full"):
         raise ModelError(f"mode {mode!r} trains no prompts; set num_prompts=0 (got {num_prompts})")
-    if getattr(backbone, "attn_pool", None) is not None or backbone.global_pool not in SUPPORTED_POOLS:
+    if (
+        getattr(backbone, "attn_pool", None) is not None
+        or backbone.global_pool not in SUPPORTED_POOLS
+    ):
         raise ModelError(
             f"global_pool {backbone.global_pool!r} is not supported (prompt tokens would reach "
             f"the pooled feature); use one of {', '.join(SUPPORTED_POOLS)}"
         )
     if getattr(backbone, "dynamic_img_size", False) or getattr(backbone, "dynamic_img_pad", False):
-        raise ModelError("dynamic_img_size / dynamic_img_pad are not supported: segments "
-                         "exchange fixed-shape smashed data")
+        raise ModelError(
+            "dynamic_img_size / dynamic_img_pad are not supported: segments "
+            "exchange fixed-shape smashed data"
+        )
 
 
 def build_prompted_vit(
@@ -249,4 +259,4 @@ def build_prompted_vit(
         )
     except RuntimeError as err:  # timm raises RuntimeError for unknown model names
         raise ModelError(f"timm could not build {model_name!r}: {err}") from err
-    return PromptedViT(backbone, mode=mode, num_prompts=num_prompts)
+    return PromptedViT(cast(VisionTransformer, backbone), mode=mode, num_prompts=num_prompts)

@@ -53,9 +53,7 @@ class SplitPlan:
                 raise PlanError(f"peer {k} range [{start}, {stop}) {kind} block {expected_start}")
             expected_start = stop
         if expected_start != self.num_blocks:
-            raise PlanError(
-                f"blocks [{expected_start}, {self.num_blocks}) are assigned to no peer"
-            )
+            raise PlanError(f"blocks [{expected_start}, {self.num_blocks}) are assigned to no peer")
 
     @property
     def num_peers(self) -> int:

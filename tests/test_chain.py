@@ -29,8 +29,9 @@ OPTIMIZERS = {
 def build(mode: str, variant: str = "cls-token") -> PromptedViT:
     name, overrides = VARIANTS[variant]
     prompts = 3 if mode.startswith("vpt") else 0
-    return build_prompted_vit(name, mode=mode, num_prompts=prompts, num_classes=5,
-                              **{**TINY, **overrides})
+    return build_prompted_vit(
+        name, mode=mode, num_prompts=prompts, num_classes=5, **{**TINY, **overrides}
+    )
 
 
 def random_plan(rng: random.Random, num_peers: int, depth: int = 6) -> SplitPlan:
@@ -70,8 +71,9 @@ def test_split_training_equals_unsplit(mode: str, num_peers: int, optimizer: str
     assert losses == pytest.approx(ref_losses, rel=1e-6)
     for key, param in split.named_tunable_parameters():
         torch.testing.assert_close(param.grad, ref_grads[key], **TOL, msg=f"grad {key}")
-        torch.testing.assert_close(param, dict(whole.named_tunable_parameters())[key], **TOL,
-                                   msg=f"param {key}")
+        torch.testing.assert_close(
+            param, dict(whole.named_tunable_parameters())[key], **TOL, msg=f"param {key}"
+        )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -80,8 +82,11 @@ def test_split_training_equals_unsplit_for_every_token_layout(variant: str) -> N
     split = copy.deepcopy(whole)
     batch = [(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))]
     ref_losses, _ = unsplit_steps(whole, batch, OPTIMIZERS["adamw"])
-    loss = SplitChain(split, SplitPlan.from_sizes([2, 1, 3]), OPTIMIZERS["adamw"]).train_step(
-        *batch[0]).loss
+    loss = (
+        SplitChain(split, SplitPlan.from_sizes([2, 1, 3]), OPTIMIZERS["adamw"])
+        .train_step(*batch[0])
+        .loss
+    )
     assert loss == pytest.approx(ref_losses[0], rel=1e-6)
     for key, param in split.named_tunable_parameters():
         torch.testing.assert_close(param, dict(whole.named_tunable_parameters())[key], **TOL)
@@ -102,8 +107,12 @@ def test_backbone_gets_no_gradient_and_does_not_change() -> None:
 def test_each_segment_owns_its_optimizer_over_its_own_parameters() -> None:
     model = build("vpt-deep")
     chain = SplitChain(model, SplitPlan.from_sizes([2, 4]), OPTIMIZERS["adamw"])
-    owned = {seg.name: [p for g in seg.optimizer.param_groups for p in g["params"]]
-             if seg.optimizer else [] for seg in chain.segments}
+    owned = {
+        seg.name: [p for g in seg.optimizer.param_groups for p in g["params"]]
+        if seg.optimizer
+        else []
+        for seg in chain.segments
+    }
     assert owned["start"] == []
     assert owned["peer1"] == [model.prompts[0].tokens, model.prompts[1].tokens]
     assert owned["peer2"] == [model.prompts[i].tokens for i in range(2, 6)]
@@ -129,7 +138,10 @@ def test_vpt_shallow_hands_prompt_tokens_on() -> None:
     chain.train_step(torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,)))
     header = 2 + 8 * 3
     assert chain.stats().hop_bytes_forward == [
-        2 * 17 * 32 * 4 + header, 2 * 20 * 32 * 4 + header, 2 * 20 * 32 * 4 + header]
+        2 * 17 * 32 * 4 + header,
+        2 * 20 * 32 * 4 + header,
+        2 * 20 * 32 * 4 + header,
+    ]
 
 
 @pytest.mark.parametrize("sizes", [[6], [1, 5], [2, 2, 2], [1, 1, 1, 1, 1, 1]])
@@ -176,6 +188,7 @@ def test_link_counts_directions_apart() -> None:
 
 # -- FLOPs: the analytic count against torch's own counter -----------------------------------
 
+
 def _count(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -197,8 +210,9 @@ def test_segment_flops_match_torch_counter(mode: str) -> None:
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 5, (batch,))
 
     measured_forward = _count(lambda: model.eval()(x))
-    assert measured_forward == pytest.approx(batch * model_forward_flops(ViTShape.of(model)),
-                                             rel=0.05)
+    assert measured_forward == pytest.approx(
+        batch * model_forward_flops(ViTShape.of(model)), rel=0.05
+    )
     chain = SplitChain(model, plan, OPTIMIZERS["sgd-momentum"])
     measured_step = _count(lambda: chain.train_step(x, y))
     counted = sum(chain.stats().segment_flops.values())

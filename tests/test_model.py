@@ -12,11 +12,13 @@ from gaisnet_flwr.model import MODES, ModelError, PromptedViT, build_prompted_vi
 from tests.conftest import TINY, VARIANTS
 
 
-def build(variant: str = "cls-token", mode: str = "vpt-deep", num_prompts: int = 4,
-          **kw: object) -> PromptedViT:
+def build(
+    variant: str = "cls-token", mode: str = "vpt-deep", num_prompts: int = 4, **kw: object
+) -> PromptedViT:
     name, overrides = VARIANTS[variant]
-    return build_prompted_vit(name, mode=mode, num_prompts=num_prompts, num_classes=5,
-                              **{**TINY, **overrides, **kw})
+    return build_prompted_vit(
+        name, mode=mode, num_prompts=num_prompts, num_classes=5, **{**TINY, **overrides, **kw}
+    )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -35,11 +37,12 @@ def vpt_reference(model: PromptedViT, x: torch.Tensor) -> torch.Tensor:
     h = torch.cat([h[:, :p], model.prompts[0].tokens.expand(batch, -1, -1), h[:, p:]], dim=1)
     for i, block in enumerate(bb.blocks):
         if i > 0 and model.mode == "vpt-deep":
-            h = torch.cat([h[:, :p], model.prompts[i].tokens.expand(batch, -1, -1),
-                           h[:, p + n:]], dim=1)
+            h = torch.cat(
+                [h[:, :p], model.prompts[i].tokens.expand(batch, -1, -1), h[:, p + n :]], dim=1
+            )
         h = block(h)
     h = bb.norm(h)
-    h = torch.cat([h[:, :p], h[:, p + n:]], dim=1)
+    h = torch.cat([h[:, :p], h[:, p + n :]], dim=1)
     return bb.forward_head(h)
 
 
@@ -60,7 +63,7 @@ def test_prompts_do_not_leak_into_pooled_feature(variant: str) -> None:
     p, n = model.num_prefix_tokens, model.num_prompts
     assert h.shape[1] == p + n + model.backbone.patch_embed.num_patches
     poisoned = h.clone()
-    poisoned[:, p:p + n] = 1e6  # anything in the prompt slots must not matter
+    poisoned[:, p : p + n] = 1e6  # anything in the prompt slots must not matter
     torch.testing.assert_close(model.head_forward(poisoned), model.head_forward(h))
 
 
@@ -73,18 +76,23 @@ def test_only_prompts_and_head_train_and_backbone_stays_frozen() -> None:
     F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
     graded = {k for k, p in model.named_parameters() if p.grad is not None}
     assert graded == {f"prompts.{i}.tokens" for i in range(6)} | {
-        "backbone.head.weight", "backbone.head.bias"}
+        "backbone.head.weight",
+        "backbone.head.bias",
+    }
     opt.step()
     after = model.backbone.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"head.weight", "head.bias"}
 
 
-@pytest.mark.parametrize(("mode", "num_prompts", "expected_keys"), [
-    ("vpt-deep", 2, [f"prompt.{i}" for i in range(6)] + ["head.weight", "head.bias"]),
-    ("vpt-shallow", 2, ["prompt.0", "head.weight", "head.bias"]),
-    ("linear", 0, ["head.weight", "head.bias"]),
-])
+@pytest.mark.parametrize(
+    ("mode", "num_prompts", "expected_keys"),
+    [
+        ("vpt-deep", 2, [f"prompt.{i}" for i in range(6)] + ["head.weight", "head.bias"]),
+        ("vpt-shallow", 2, ["prompt.0", "head.weight", "head.bias"]),
+        ("linear", 0, ["head.weight", "head.bias"]),
+    ],
+)
 def test_tunable_keys_per_mode(mode: str, num_prompts: int, expected_keys: list[str]) -> None:
     model = build(mode=mode, num_prompts=num_prompts)
     assert list(model.tunable_state()) == expected_keys
@@ -114,8 +122,9 @@ def test_vpt_initialisation_bound() -> None:
 def test_tunable_state_round_trips() -> None:
     source, target = build(), build()
     target.load_tunable_state(source.tunable_state())
-    for (k, a), (_, b) in zip(source.named_tunable_parameters(), target.named_tunable_parameters(),
-                              strict=True):
+    for (k, a), (_, b) in zip(
+        source.named_tunable_parameters(), target.named_tunable_parameters(), strict=True
+    ):
         assert torch.equal(a, b), k
     x = torch.randn(2, 3, 32, 32)
     target.backbone.load_state_dict(source.backbone.state_dict())

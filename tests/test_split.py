@@ -18,8 +18,10 @@ def compositions(total: int, parts: int):
 
 
 def brute_force(costs: list[float], speeds: list[float]) -> float:
-    return min(bottleneck(SplitPlan.from_sizes(sizes), costs, speeds)
-               for sizes in compositions(len(costs), len(speeds)))
+    return min(
+        bottleneck(SplitPlan.from_sizes(sizes), costs, speeds)
+        for sizes in compositions(len(costs), len(speeds))
+    )
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -45,15 +47,18 @@ def test_even_plan() -> None:
     assert make_plan("minmax", 6, [1.0, 2.0]).sizes() == [2, 4]
 
 
-@pytest.mark.parametrize(("num_blocks", "ranges", "message"), [
-    (6, ((0, 3), (2, 6)), r"peer 1 range \[2, 6\) overlaps block 3"),
-    (6, ((0, 2), (3, 6)), r"peer 1 range \[3, 6\) leaves a gap before block 2"),
-    (6, ((0, 3), (3, 7)), r"peer 1 range \[3, 7\) is empty or outside blocks \[0, 6\)"),
-    (6, ((0, 3), (3, 3), (3, 6)), r"peer 1 range \[3, 3\) is empty"),
-    (6, ((0, 4),), r"blocks \[4, 6\) are assigned to no peer"),
-    (6, (), "at least one middle peer"),
-    (2, ((0, 1), (1, 2), (2, 2)), "3 peers for 2 blocks"),
-])
+@pytest.mark.parametrize(
+    ("num_blocks", "ranges", "message"),
+    [
+        (6, ((0, 3), (2, 6)), r"peer 1 range \[2, 6\) overlaps block 3"),
+        (6, ((0, 2), (3, 6)), r"peer 1 range \[3, 6\) leaves a gap before block 2"),
+        (6, ((0, 3), (3, 7)), r"peer 1 range \[3, 7\) is empty or outside blocks \[0, 6\)"),
+        (6, ((0, 3), (3, 3), (3, 6)), r"peer 1 range \[3, 3\) is empty"),
+        (6, ((0, 4),), r"blocks \[4, 6\) are assigned to no peer"),
+        (6, (), "at least one middle peer"),
+        (2, ((0, 1), (1, 2), (2, 2)), "3 peers for 2 blocks"),
+    ],
+)
 def test_invalid_plans_are_rejected(num_blocks: int, ranges: tuple, message: str) -> None:
     with pytest.raises(PlanError, match=message):
         SplitPlan(num_blocks, ranges)

@@ -1,0 +1,115 @@
+"""The split-client wrapper: one Flower node = one fine-tuning client cluster (paper Fig. 4).
+
+The node is the cluster's start point: it holds the cluster's private data partition and the
+embedding, and drives the D2D chain of prompt segments down to the end point (head). In
+simulation the D2D peers are in-process segments, each with its own slice of the model and its
+own optimizer; every hop still serializes its tensor, so the D2D bytes reported are real.
+
+Contract of a `train` reply (what the edge's strategy may rely on):
+  * one ArrayRecord "arrays" holding ONLY the tunable modules (`prompt.i`, `head.*`);
+  * one MetricRecord "metrics" with `num-examples` (the FedAvg weight), `train-loss`,
+    `train-acc`, `d2d-bytes-fwd`, `d2d-bytes-bwd`, `upload-bytes`, `compute-flops`,
+    `partition-id` and `train-time-s`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import cast
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch.utils.data import Dataset
+
+from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.data import ImageData, cluster_datasets, load_image_data
+from gaisnet_flwr.model import PromptedViT
+from gaisnet_flwr.training import build_model, cluster_plan, evaluate, train_cluster
+
+
+@dataclass(frozen=True)
+class ClusterIdentity:
+    """Which partition of the data this cluster holds (node-config in deployment)."""
+
+    partition_id: int
+    num_partitions: int
+
+    @classmethod
+    def from_node_config(cls, node_config: dict) -> ClusterIdentity:
+        try:
+            pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        except KeyError as err:
+            raise ValueError(
+                f"node-config lacks {err.args[0]!r}: a cluster needs 'partition-id' and "
+                f"'num-partitions' (simulation sets both; deployment: flower-supernode "
+                f'--node-config "partition-id=0 num-partitions=4")'
+            ) from err
+        if not 0 <= pid < num:
+            raise ValueError(f"partition-id={pid} must be in [0, num-partitions={num})")
+        return cls(pid, num)
+
+
+class SplitClusterClient:
+    """The cluster's work for one message: build the edge model, load the modules, run."""
+
+    def __init__(self, cfg: RunConfig, identity: ClusterIdentity) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.device = cfg.torch_device()
+        spec = cfg.data_spec()
+        self.data: ImageData = load_image_data(spec)
+        self.train_set: Dataset
+        self.val_set: Dataset
+        self.train_set, self.val_set = cluster_datasets(
+            self.data, identity.partition_id, identity.num_partitions, spec
+        )
+
+    def _model(self, arrays: ArrayRecord) -> PromptedViT:
+        model = build_model(self.cfg, self.data.num_classes)
+        model.load_tunable_state(arrays.to_torch_state_dict())
+        return model
+
+    def train(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+        started = time.perf_counter()
+        model = self._model(arrays)
+        server_round = int(cast(int, config.get("server-round", 0)))
+        result = train_cluster(
+            model,
+            cluster_plan(self.cfg),
+            self.train_set,
+            self.cfg,
+            # A distinct, replayable shuffle per (run seed, cluster, round).
+            seed=(self.cfg.seed * 7919 + self.identity.partition_id) * 1009 + server_round,
+            proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
+            device=self.device,
+        )
+        upload = ArrayRecord(model.tunable_state())
+        metrics = MetricRecord(
+            {
+                "num-examples": result.num_examples,
+                "train-loss": result.loss,
+                "train-acc": result.accuracy,
+                "d2d-bytes-fwd": result.chain.d2d_bytes_forward,
+                "d2d-bytes-bwd": result.chain.d2d_bytes_backward,
+                "upload-bytes": upload.count_bytes(),
+                "compute-flops": sum(result.chain.segment_flops.values()),
+                "partition-id": self.identity.partition_id,
+                "train-time-s": time.perf_counter() - started,
+            }
+        )
+        return RecordDict({"arrays": upload, "metrics": metrics})
+
+    def evaluate(self, arrays: ArrayRecord) -> RecordDict:
+        result = evaluate(self._model(arrays), self.val_set, device=self.device)
+        return RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": result.num_examples,
+                        "eval-loss": result.loss,
+                        "eval-acc": result.accuracy,
+                        "partition-id": self.identity.partition_id,
+                    }
+                )
+            }
+        )

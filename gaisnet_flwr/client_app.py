@@ -1,0 +1,43 @@
+"""ClientApp: a fine-tuning client cluster's start point (paper Sec. III-C; clients/).
+
+Thin by design: read the run-config once, identify the cluster from node-config, hand the work
+to `clients.SplitClusterClient`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.split_client import ClusterIdentity, SplitClusterClient
+from gaisnet_flwr.config import RunConfig
+
+
+def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; `fallback_config` serves `run_simulation`, which passes no run-config."""
+    client = ClientApp()
+
+    def cluster(context: Context) -> SplitClusterClient:
+        cfg = RunConfig.from_run_config(context.run_config or fallback_config or {})
+        return SplitClusterClient(cfg, ClusterIdentity.from_node_config(dict(context.node_config)))
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        content = cluster(context).train(
+            msg.content.array_records["arrays"], msg.content.config_records["config"]
+        )
+        return Message(content=content, reply_to=msg)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return Message(
+            content=cluster(context).evaluate(msg.content.array_records["arrays"]), reply_to=msg
+        )
+
+    return client
+
+
+app = create_client_app()

@@ -1,0 +1,206 @@
+"""The run's configuration: read once at the app boundary, validated, typed.
+
+Every field maps to one key of `[tool.flwr.app.config]` in pyproject.toml (underscores become
+hyphens: `num_prompts` <-> `num-prompts`). `RunConfig.from_run_config` rejects unknown keys,
+wrong types and invalid values *before* any model is built or any data is read, naming the key
+and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from gaisnet_flwr.data import DATASETS, PARTITIONINGS, DataSpec
+from gaisnet_flwr.model import MODES
+from gaisnet_flwr.split import PLANNERS
+
+OPTIMIZERS = ("sgd", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An invalid run-config value; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # -- model: a timm ViT by name, with shape overrides (0 keeps timm's default) -----------
+    model_name: str = "vit_tiny_patch16_224"
+    img_size: int = 32
+    patch_size: int = 8
+    depth: int = 6
+    embed_dim: int = 64
+    num_heads: int = 4
+    pretrained: bool = False  # timm's pretrained weights (needs internet once)
+    checkpoint_path: str = ""  # or a local weights file
+    mode: str = "vpt-deep"  # one of MODES
+    num_prompts: int = 10  # prompt tokens per prompt module (VPT)
+    # -- client cluster: D2D peers between the start point and the end point -----------------
+    peers_per_cluster: int = 3
+    peer_speeds: str = ""  # comma-separated relative compute speeds, e.g. "1,2,1"; "" = equal
+    planner: str = "minmax"  # one of PLANNERS
+    # -- training -------------------------------------------------------------------------------
+    num_rounds: int = 5
+    local_epochs: int = 1
+    optimizer: str = "sgd"  # one of OPTIMIZERS
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    # -- data -----------------------------------------------------------------------------------
+    dataset: str = "digits"  # one of DATASETS; digits ships with scikit-learn (no download)
+    data_dir: str = ""
+    partitioning: str = "iid"  # one of PARTITIONINGS
+    classes_per_cluster: int = 2
+    dirichlet_alpha: float = 0.5
+    val_fraction: float = 0.2
+    # -- aggregation ----------------------------------------------------------------------------
+    strategy: str = "module-fedavg"  # a registry name or "package.module:Class"
+    strategy_options: str = ""  # extra strategy kwargs as TOML, e.g. "proximal_mu=0.1"
+    fraction_evaluate: float = 1.0
+    # -- run ------------------------------------------------------------------------------------
+    seed: int = 0
+    device: str = "auto"  # one of DEVICES; auto = cuda when available
+    output_dir: str = "outputs"
+
+    def __post_init__(self) -> None:
+        _choice("mode", self.mode, MODES)
+        _choice("planner", self.planner, PLANNERS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("partitioning", self.partitioning, PARTITIONINGS)
+        _choice("device", self.device, DEVICES)
+        for key in (
+            "img_size",
+            "depth",
+            "embed_dim",
+            "num_heads",
+            "peers_per_cluster",
+            "num_rounds",
+            "local_epochs",
+            "batch_size",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{_key(key)} must be >= 1, got {getattr(self, key)}")
+        if self.num_prompts < 0:
+            raise ConfigError(f"num-prompts must be >= 0, got {self.num_prompts}")
+        if self.mode in ("linear", "full") and self.num_prompts:
+            raise ConfigError(f"mode {self.mode!r} trains no prompts: set num-prompts=0")
+        if self.peers_per_cluster > self.depth:
+            raise ConfigError(
+                f"peers-per-cluster={self.peers_per_cluster} exceeds depth={self.depth}: "
+                f"each peer needs at least one Transformer block"
+            )
+        speeds = self.speeds()
+        if len(speeds) != self.peers_per_cluster or any(s <= 0 for s in speeds):
+            raise ConfigError(
+                f"peer-speeds={self.peer_speeds!r} must list {self.peers_per_cluster} positive "
+                f"numbers (one per peer), or be empty"
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        self.strategy_kwargs()  # parse errors surface now
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        try:
+            self.data_spec().validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    # -- derived views ------------------------------------------------------------------------
+    def speeds(self) -> list[float]:
+        if not self.peer_speeds.strip():
+            return [1.0] * self.peers_per_cluster
+        try:
+            return [float(s) for s in self.peer_speeds.split(",")]
+        except ValueError as err:
+            raise ConfigError(
+                f"peer-speeds={self.peer_speeds!r} is not a comma-separated list of numbers"
+            ) from err
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        try:
+            return tomllib.loads(self.strategy_options.replace(",", "\n"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(
+                f"strategy-options={self.strategy_options!r} is not 'key=value' pairs "
+                f'(TOML values, e.g. "proximal_mu=0.1, eta=0.01"): {err}'
+            ) from err
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return dict(
+            model_name=self.model_name,
+            mode=self.mode,
+            num_prompts=self.num_prompts,
+            pretrained=self.pretrained,
+            checkpoint_path=self.checkpoint_path,
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            depth=self.depth,
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+        )
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            dataset=self.dataset,
+            data_dir=self.data_dir,
+            img_size=self.img_size,
+            partitioning=self.partitioning,
+            classes_per_cluster=self.classes_per_cluster,
+            dirichlet_alpha=self.dirichlet_alpha,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+        )
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    # -- the app boundary -----------------------------------------------------------------------
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's `context.run_config` (hyphenated keys); missing keys default."""
+        known = {_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {unknown}; valid keys: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            f = known[key]
+            values[f.name] = _cast(key, value, type(getattr(cls, f.name)))
+        return cls(**values)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{_key(name)}={value!r} is not valid; choose one of {', '.join(choices)}"
+        )
+
+
+def _cast(key: str, value: Any, kind: type) -> Any:
+    # TOML gives int/float/bool/str; accept an int where a float is wanted, nothing else.
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,100 @@
+"""Per-round results: aggregated client metrics, central evaluation, files on disk.
+
+Every round is appended to `metrics.csv` and `metrics.json` as soon as it is known, so a run that
+stops early keeps every finished round. The final tunable modules go to `final_tunable.npz`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+from flwr.common.logger import log
+
+# Counters add up over clusters; the slowest cluster sets the round's critical path.
+SUMMED = ("num-examples", "d2d-bytes-fwd", "d2d-bytes-bwd", "upload-bytes", "compute-flops")
+MAXED = ("train-time-s",)
+NOT_AGGREGATED = ("partition-id",)
+
+
+def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Sum counters, take the max of times, weight-average the rest (loss, accuracy)."""
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    weights = np.array([float(m[weighting_key]) for m in metrics])  # type: ignore[arg-type]
+    out: dict[str, Any] = {"num-clusters": len(metrics)}
+    for key in metrics[0]:
+        values = [m[key] for m in metrics if key in m]
+        if key in NOT_AGGREGATED:
+            continue
+        if key in SUMMED:
+            out[key] = sum(values)  # type: ignore[arg-type]
+        elif key in MAXED:
+            out[key] = max(values)  # type: ignore[type-var]
+        elif len(values) == len(metrics) and weights.sum() > 0:
+            out[key] = float(np.average(np.asarray(values, dtype=float), weights=weights))
+    return MetricRecord(out)
+
+
+class RoundRecorder:
+    """Collects each round's train metrics and central evaluation and writes them out."""
+
+    def __init__(self, output_dir: Path, num_rounds: int) -> None:
+        self.output_dir = output_dir
+        self.num_rounds = num_rounds
+        self.rows: list[dict[str, Any]] = []
+        self._train: dict[str, Any] = {}
+        self._round_started = time.perf_counter()
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        """Strategy hook (train_metrics_aggr_fn): aggregate, and keep for this round's row."""
+        aggregated = aggregate_train_metrics(records, weighting_key)
+        self._train = dict(aggregated)
+        return aggregated
+
+    def record(self, server_round: int, central: dict[str, float]) -> None:
+        now = time.perf_counter()
+        row: dict[str, Any] = {"round": server_round, **central}
+        if server_round > 0:
+            row.update({f"train/{k}": v for k, v in self._train.items()})
+            row["round-time-s"] = now - self._round_started
+        self._round_started = now
+        self._train = {}
+        self.rows.append(row)
+        self._write()
+        log(INFO, self.describe(row))
+
+    def describe(self, row: dict[str, Any]) -> str:
+        head = (
+            f"[round {row['round']}/{self.num_rounds}] central acc {row['accuracy']:.4f} "
+            f"loss {row['loss']:.4f}"
+        )
+        if row["round"] == 0:
+            return head + " (initial model)"
+        return (
+            f"{head} | train acc {row.get('train/train-acc', float('nan')):.4f} "
+            f"loss {row.get('train/train-loss', float('nan')):.4f} | "
+            f"D2D fwd {row.get('train/d2d-bytes-fwd', 0) / 1e6:.2f} MB "
+            f"bwd {row.get('train/d2d-bytes-bwd', 0) / 1e6:.2f} MB | "
+            f"upload {row.get('train/upload-bytes', 0) / 1e3:.1f} kB | "
+            f"{row['round-time-s']:.1f} s"
+        )
+
+    def _write(self) -> None:
+        (self.output_dir / "metrics.json").write_text(json.dumps(self.rows, indent=2))
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        with (self.output_dir / "metrics.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def save_modules(self, state: dict[str, np.ndarray], name: str = "final_tunable.npz") -> Path:
+        path = self.output_dir / name
+        np.savez(path, **state)  # type: ignore[arg-type]
+        return path

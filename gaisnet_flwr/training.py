@@ -1,0 +1,132 @@
+"""Fine-tuning and evaluation loops, free of Flower (the apps only call these).
+
+`train_cluster` is one fine-tuning client cluster's local work in a round (paper Sec. III-C.1):
+the start point streams its private batches through the split chain for `local_epochs`, every
+segment stepping its own optimizer. `train_centralised` is the same prompt tuning on one machine,
+the reference HFSL is compared against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from gaisnet_flwr.chain import ChainStats, OptimizerFactory, SplitChain
+from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.model import PromptedViT, build_prompted_vit
+from gaisnet_flwr.split import SplitPlan, make_plan
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> PromptedViT:
+    """The edge model every party builds identically: the frozen backbone comes from the seed
+    (or from pretrained weights), so only the tunable modules ever need to travel."""
+    torch.manual_seed(cfg.seed)
+    return build_prompted_vit(num_classes=num_classes, **cfg.model_kwargs())
+
+
+def optimizer_factory(cfg: RunConfig) -> OptimizerFactory:
+    def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+
+    return make
+
+
+def cluster_plan(cfg: RunConfig) -> SplitPlan:
+    return make_plan(cfg.planner, cfg.depth, cfg.speeds())
+
+
+def loader(dataset: Dataset, batch_size: int, seed: int | None) -> DataLoader:
+    """Shuffled with its own generator when `seed` is given, so runs replay exactly."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=seed is not None, generator=gen)
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    accuracy: float
+    num_examples: int  # samples in the cluster's training set (FedAvg weight)
+    chain: ChainStats
+
+
+def train_cluster(
+    model: PromptedViT,
+    plan: SplitPlan,
+    dataset: Dataset,
+    cfg: RunConfig,
+    seed: int,
+    proximal_mu: float = 0.0,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Split-learning fine-tuning inside one cluster for `cfg.local_epochs` epochs."""
+    device = device or torch.device("cpu")
+    model.to(device)
+    chain = SplitChain(model, plan, optimizer_factory(cfg))
+    chain.set_proximal(proximal_mu)
+    total_loss, correct, seen = 0.0, 0, 0
+    for epoch in range(cfg.local_epochs):
+        for x, y in loader(dataset, cfg.batch_size, seed=seed * 1000 + epoch):
+            step = chain.train_step(x.to(device), y.to(device))
+            total_loss += step.loss * step.num_examples
+            correct += step.correct
+            seen += step.num_examples
+    return TrainResult(
+        total_loss / max(seen, 1),
+        correct / max(seen, 1),
+        len(dataset),  # type: ignore[arg-type]
+        chain.stats(),
+    )
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | None = None
+) -> EvalResult:
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader(dataset, batch_size, seed=None):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        seen += int(y.shape[0])
+    return EvalResult(total_loss / max(seen, 1), correct / max(seen, 1), seen)
+
+
+def train_centralised(
+    model: PromptedViT,
+    dataset: Dataset,
+    cfg: RunConfig,
+    epochs: int,
+    on_epoch: Callable[[int, PromptedViT], None] | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Prompt tuning of the unsplit model on pooled data: HFSL's reference point."""
+    device = device or torch.device("cpu")
+    model.to(device)
+    opt = optimizer_factory(cfg)(model.tunable_parameters())
+    for epoch in range(epochs):
+        model.train()
+        for x, y in loader(dataset, cfg.batch_size, seed=cfg.seed * 1000 + epoch):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+        if on_epoch:
+            on_epoch(epoch + 1, model)
