@@ -21,10 +21,11 @@ from typing import cast
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch.utils.data import Dataset
 
+from gaisnet_flwr.cloud import load_foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data import ImageData, cluster_datasets, load_image_data
 from gaisnet_flwr.model import PromptedViT
-from gaisnet_flwr.training import build_model, cluster_plan, evaluate, train_cluster
+from gaisnet_flwr.training import cluster_plan, evaluate, train_cluster
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class SplitClusterClient:
         )
 
     def _model(self, arrays: ArrayRecord) -> PromptedViT:
-        model = build_model(self.cfg, self.data.num_classes)
+        model = load_foundation(self.cfg, self.data.num_classes)
         model.load_tunable_state(arrays.to_torch_state_dict())
         return model
 

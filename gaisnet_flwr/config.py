@@ -12,6 +12,7 @@ import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from gaisnet_flwr.model import MODES
 from gaisnet_flwr.split import PLANNERS
 
 OPTIMIZERS = ("sgd", "adamw")
+FOUNDATIONS = ("cloud", "timm", "file", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -37,8 +39,12 @@ class RunConfig:
     depth: int = 6
     embed_dim: int = 64
     num_heads: int = 4
-    pretrained: bool = False  # timm's pretrained weights (needs internet once)
-    checkpoint_path: str = ""  # or a local weights file
+    # the frozen foundation model: one of FOUNDATIONS (see gaisnet_flwr/cloud.py)
+    foundation: str = "cloud"
+    checkpoint_path: str = ""  # weights file for foundation = "file"
+    foundation_dir: str = ""  # where cloud checkpoints live; "" = ~/.cache/gaisnet-flwr
+    pretrain_epochs: int = 30  # cloud pre-training of the full model on the cloud corpus
+    pretrain_lr: float = 1e-3
     mode: str = "vpt-deep"  # one of MODES
     num_prompts: int = 10  # prompt tokens per prompt module (VPT)
     # -- client cluster: D2D peers between the start point and the end point -----------------
@@ -76,6 +82,20 @@ class RunConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("partitioning", self.partitioning, PARTITIONINGS)
         _choice("device", self.device, DEVICES)
+        _choice("foundation", self.foundation, FOUNDATIONS)
+        if self.foundation == "cloud" and self.dataset != "digits":
+            raise ConfigError(
+                f"foundation='cloud' pre-trains on the embedded digits corpus, which dataset="
+                f"{self.dataset!r} does not have; use foundation='timm' (pretrained weights, "
+                f"needs internet once), 'file' (checkpoint-path) or 'none'"
+            )
+        if self.foundation == "file" and not Path(self.checkpoint_path).expanduser().is_file():
+            raise ConfigError(
+                f"foundation='file' needs checkpoint-path to name a weights file; "
+                f"{self.checkpoint_path!r} is not a file"
+            )
+        if self.pretrain_epochs < 0 or self.pretrain_lr <= 0:
+            raise ConfigError("pretrain-epochs must be >= 0 and pretrain-lr > 0")
         for key in (
             "img_size",
             "depth",
@@ -142,8 +162,8 @@ class RunConfig:
             model_name=self.model_name,
             mode=self.mode,
             num_prompts=self.num_prompts,
-            pretrained=self.pretrained,
-            checkpoint_path=self.checkpoint_path,
+            pretrained=self.foundation == "timm",
+            checkpoint_path=self.checkpoint_path if self.foundation == "file" else "",
             img_size=self.img_size,
             patch_size=self.patch_size,
             depth=self.depth,
@@ -162,6 +182,14 @@ class RunConfig:
             val_fraction=self.val_fraction,
             seed=self.seed,
         )
+
+    def foundation_path(self) -> Path:
+        if self.foundation_dir:
+            return Path(self.foundation_dir).expanduser().resolve()
+        return Path.home() / ".cache" / "gaisnet-flwr"
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -41,6 +41,10 @@ PARTITIONINGS = ("iid", "classes", "dirichlet")
 # The held-out test split must not move with DataSpec.seed: every run, whatever its seed, is
 # evaluated on the same images, so results stay comparable across seeds.
 TEST_SPLIT_SEED = 0
+# digits: the cloud's pre-training corpus is a fixed, stratified share of the images that no edge
+# ever sees (paper Sec. III-B: the cloud holds large-scale corpora, the edges their domain data).
+CLOUD_FRACTION = 0.4
+CLOUD_SPLIT_SEED = 1
 TEST_FRACTION = 0.2  # the paper's training-validation ratio of 4:1 (Sec. V)
 
 # ImageNet statistics: timm's ViTs (and their pretrained weights) expect inputs normalised this way.
@@ -117,12 +121,15 @@ class ImageData:
         train_labels: int64 labels of ``train``, in order, used for partitioning (so no image
             has to be decoded to partition).
         num_classes: size of the label space (labels are ``0 .. num_classes - 1``).
+        cloud: the cloud's pre-training corpus, disjoint from ``train`` and ``test``; only the
+            embedded default ships one (users of other data start from timm's weights).
     """
 
     train: Dataset
     test: Dataset
     train_labels: np.ndarray
     num_classes: int
+    cloud: Dataset | None = None
 
 
 def load_image_data(spec: DataSpec) -> ImageData:
@@ -295,7 +302,9 @@ def _load_digits(img_size: int) -> ImageData:
     # originals first is exact (interpolation weights sum to 1) and far cheaper than after resizing.
     grey = torch.from_numpy(digits.images / 16.0).float().sub_(0.5).div_(0.5).unsqueeze(1)
     y = torch.from_numpy(digits.target).long()
-    train_idx, test_idx = _stratified_split(digits.target, TEST_FRACTION, TEST_SPLIT_SEED)
+    edge_idx, cloud_idx = _stratified_split(digits.target, CLOUD_FRACTION, CLOUD_SPLIT_SEED)
+    train_pos, test_pos = _stratified_split(digits.target[edge_idx], TEST_FRACTION, TEST_SPLIT_SEED)
+    train_idx, test_idx = edge_idx[train_pos], edge_idx[test_pos]
 
     def images(idx: np.ndarray) -> torch.Tensor:
         # (n, 1, 8, 8) -> (n, 3, img_size, img_size); antialias only matters below 8 px.
@@ -307,6 +316,7 @@ def _load_digits(img_size: int) -> ImageData:
         test=TensorDataset(images(test_idx), y[test_idx]),
         train_labels=digits.target[train_idx].astype(np.int64),
         num_classes=10,
+        cloud=TensorDataset(images(cloud_idx), y[cloud_idx]),
     )
 
 

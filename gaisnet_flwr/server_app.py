@@ -21,10 +21,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+from gaisnet_flwr.cloud import ensure_foundation, load_foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data import load_image_data
 from gaisnet_flwr.results import RoundRecorder
-from gaisnet_flwr.training import build_model, cluster_plan, evaluate
+from gaisnet_flwr.training import cluster_plan, evaluate
 from strategies.registry import build_strategy, resolve_strategy
 
 
@@ -42,7 +43,8 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     data = load_image_data(cfg.data_spec())
     device = cfg.torch_device()
-    model = build_model(cfg, data.num_classes)
+    ensure_foundation(cfg, data)
+    model = load_foundation(cfg, data.num_classes)
     plan = cluster_plan(cfg)
     num_clusters = wait_for_clusters(grid)
     recorder = RoundRecorder(output_dir, cfg.num_rounds)

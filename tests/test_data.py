@@ -65,7 +65,7 @@ def test_digits_shapes_dtypes_and_classes(digits):
     assert image.dtype == torch.float32
     assert int(label) == digits.train_labels[0]
     assert digits.num_classes == 10
-    assert len(digits.train) + len(digits.test) == 1797
+    assert len(digits.train) + len(digits.test) + len(digits.cloud) == 1797
     assert digits.train_labels.dtype == np.int64
     assert len(digits.train_labels) == len(digits.train)
     train_images, train_labels = digits.train.tensors
@@ -80,7 +80,8 @@ def test_digits_shapes_dtypes_and_classes(digits):
 def test_digits_normalisation_matches_raw_pixels(raw_digits):
     # At the native 8 px no interpolation happens, so every pixel is (v / 16 - 0.5) / 0.5.
     data = load_image_data(DataSpec(img_size=8))
-    all_images = torch.cat([data.train.tensors[0], data.test.tensors[0]])[:, 0].numpy()
+    parts = (data.train, data.test, data.cloud)
+    all_images = torch.cat([p.tensors[0] for p in parts])[:, 0].numpy()
     expected = (raw_digits.images / 16.0 - 0.5) / 0.5
 
     # the split reorders images: compare as multisets of rows, so each image is used exactly once
@@ -104,11 +105,30 @@ def test_digits_test_split_is_fixed_and_independent_of_seed(digits):
         torch.testing.assert_close(a, b)
 
 
-def test_digits_test_split_is_stratified(digits, raw_digits):
+def test_digits_cloud_and_test_splits_are_stratified(digits, raw_digits):
     per_class = np.bincount(raw_digits.target)
+    cloud_counts = np.bincount(digits.cloud.tensors[1].numpy(), minlength=10)
+    np.testing.assert_array_equal(cloud_counts, np.round(0.4 * per_class).astype(int))
+    edge = per_class - cloud_counts
     test_counts = np.bincount(digits.test.tensors[1].numpy(), minlength=10)
-    np.testing.assert_array_equal(test_counts, np.round(0.2 * per_class).astype(int))
-    np.testing.assert_array_equal(np.bincount(digits.train_labels), per_class - test_counts)
+    np.testing.assert_array_equal(test_counts, np.round(0.2 * edge).astype(int))
+    np.testing.assert_array_equal(np.bincount(digits.train_labels), edge - test_counts)
+
+
+def test_digits_cloud_corpus_is_disjoint_from_edge_data():
+    data = load_image_data(DataSpec(img_size=8))  # native size: images are exact
+
+    def keys(ds):
+        images, labels = ds.tensors
+        return {
+            tuple(img[0].flatten().tolist()) + (int(y),)
+            for img, y in zip(images, labels, strict=True)
+        }
+
+    cloud = keys(data.cloud)
+    # no image may sit on both sides of the cloud/edge line
+    assert not cloud & keys(data.train)
+    assert not cloud & keys(data.test)
 
 
 def test_stratified_split_is_disjoint_covering_and_seeded():

@@ -1,0 +1,191 @@
+"""The cloud's foundation model: pre-training, checkpoints, delivery (paper Sec. II-A, III-B, V-A).
+
+The cloud trains the *full* ViT on its own corpus, which no edge ever sees, and the resulting
+backbone is what every edge and client freezes and prompt-tunes. The paper's Fig. 6 is about
+exactly this: fine-tuning from a pre-trained foundation model is far ahead of fine-tuning from
+a random one.
+
+Foundations (`foundation` in run-config):
+  * `cloud`: pre-train on the embedded corpus (digits: a fixed 40 % share disjoint from all
+    edge data), once per configuration; the checkpoint is reused by later runs.
+  * `timm`: timm's pretrained weights by model name (needs internet once, e.g. ViT-B/16).
+  * `file`: a local weights file (`checkpoint-path`), loaded by timm.
+  * `none`: a randomly initialised backbone (the paper's "without pre-training").
+
+A checkpoint is keyed by everything its weights depend on and stored with a SHA-256 sidecar;
+a corrupt, truncated or mismatched file is detected and rebuilt, never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from flwr.common.logger import log
+from torch.utils.data import Dataset
+
+from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.data import CLOUD_FRACTION, ImageData
+from gaisnet_flwr.model import PromptedViT
+from gaisnet_flwr.training import build_model, evaluate, loader
+
+CHECKPOINT_FORMAT = 1  # bump when the meaning of a checkpoint changes
+PRETRAIN_BATCH_SIZE = 32
+
+
+class CheckpointError(RuntimeError):
+    """A foundation checkpoint that is missing, corrupt or built for another configuration."""
+
+
+def foundation_meta(cfg: RunConfig, num_classes: int) -> dict[str, Any]:
+    """Everything the pre-trained weights depend on (and nothing they do not)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model-name": cfg.model_name,
+        "img-size": cfg.img_size,
+        "patch-size": cfg.patch_size,
+        "depth": cfg.depth,
+        "embed-dim": cfg.embed_dim,
+        "num-heads": cfg.num_heads,
+        "num-classes": num_classes,
+        "corpus": f"{cfg.dataset}-cloud-{CLOUD_FRACTION}",
+        "pretrain-epochs": cfg.pretrain_epochs,
+        "pretrain-lr": cfg.pretrain_lr,
+        "seed": cfg.seed,
+    }
+
+
+def checkpoint_path(cfg: RunConfig, num_classes: int) -> Path:
+    meta = foundation_meta(cfg, num_classes)
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return cfg.foundation_path() / f"foundation-{cfg.model_name}-{key}.pt"
+
+
+def pretrain(
+    cfg: RunConfig, corpus: Dataset, num_classes: int, test: Dataset | None = None
+) -> dict[str, torch.Tensor]:
+    """Full-model supervised pre-training on the cloud corpus; returns the backbone weights."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.replace(mode="full", num_prompts=0, foundation="none"), num_classes)
+    device = cfg.torch_device()
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.05)
+    started = time.perf_counter()
+    for epoch in range(1, cfg.pretrain_epochs + 1):
+        model.train()
+        for x, y in loader(corpus, PRETRAIN_BATCH_SIZE, seed=cfg.seed * 1000 + epoch):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+        if epoch % 5 == 0 or epoch == cfg.pretrain_epochs:
+            note = ""
+            if test is not None:
+                note = f", edge test accuracy {evaluate(model, test, device=device).accuracy:.3f}"
+            log(
+                INFO,
+                "cloud pre-training: epoch %d/%d%s (%.0f s)",
+                epoch,
+                cfg.pretrain_epochs,
+                note,
+                time.perf_counter() - started,
+            )
+    return {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+
+
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename), with a SHA-256 sidecar of the exact bytes."""
+    buffer = io.BytesIO()
+    torch.save({"meta": meta, "state": state}, buffer)
+    payload = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, data in ((path, payload), (_sidecar(path), _digest(payload).encode())):
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+
+def read_checkpoint(
+    path: Path, meta: dict[str, Any], reference: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Load a checkpoint, checking its bytes, its configuration and every tensor's shape."""
+    if not path.is_file():
+        raise CheckpointError(f"no foundation checkpoint at {path}")
+    payload = path.read_bytes()
+    sidecar = _sidecar(path)
+    if not sidecar.is_file() or sidecar.read_text().strip() != _digest(payload):
+        raise CheckpointError(f"{path} does not match its SHA-256 sidecar (corrupt or partial)")
+    try:
+        saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        saved_meta, state = saved["meta"], saved["state"]
+    except Exception as err:  # noqa: BLE001 - any decoding failure means "do not use it"
+        raise CheckpointError(f"{path} cannot be decoded: {err}") from err
+    if saved_meta != meta:
+        changed = sorted(k for k in set(meta) | set(saved_meta) if meta.get(k) != saved_meta.get(k))
+        raise CheckpointError(f"{path} was built for another configuration (differs in {changed})")
+    if set(state) != set(reference) or any(state[k].shape != reference[k].shape for k in reference):
+        raise CheckpointError(f"{path} does not fit the model's weights")
+    return state
+
+
+def ensure_foundation(cfg: RunConfig, data: ImageData) -> Path | None:
+    """Cloud side: make sure the foundation checkpoint exists and is sound; pre-train if not."""
+    if cfg.foundation != "cloud":
+        return None
+    if data.cloud is None:
+        raise CheckpointError(f"dataset {cfg.dataset!r} ships no cloud corpus")
+    path = checkpoint_path(cfg, data.num_classes)
+    meta = foundation_meta(cfg, data.num_classes)
+    reference = build_model(cfg, data.num_classes).backbone.state_dict()
+    try:
+        read_checkpoint(path, meta, reference)
+        log(INFO, "cloud: reusing foundation checkpoint %s", path)
+        return path
+    except CheckpointError as err:
+        if path.exists():
+            log(WARNING, "cloud: %s; pre-training anew", err)
+    size = len(data.cloud)  # type: ignore[arg-type]
+    log(
+        INFO,
+        "cloud: pre-training the foundation model on %d images (%d epochs)",
+        size,
+        cfg.pretrain_epochs,
+    )
+    state = pretrain(cfg, data.cloud, data.num_classes, test=data.test)
+    save_checkpoint(path, state, meta)
+    log(INFO, "cloud: foundation checkpoint saved to %s", path)
+    return path
+
+
+def load_foundation(cfg: RunConfig, num_classes: int) -> PromptedViT:
+    """Every party: the edge model on top of the shared frozen foundation (paper Sec. III-B:
+    the backbone is synchronised independently; only tunable modules travel)."""
+    model = build_model(cfg, num_classes)
+    if cfg.foundation == "cloud":
+        path = checkpoint_path(cfg, num_classes)
+        try:
+            state = read_checkpoint(
+                path, foundation_meta(cfg, num_classes), model.backbone.state_dict()
+            )
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"{err}. The cloud (ServerApp) pre-trains it at start-up; on separate devices "
+                f"copy {path.name} and its .sha256 into foundation-dir ({path.parent})"
+            ) from err
+        model.backbone.load_state_dict(state)
+    return model
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()

@@ -1,0 +1,120 @@
+"""Cloud pre-training checkpoints: reused, and never used when corrupt or mismatched."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from gaisnet_flwr import cloud
+from gaisnet_flwr.cloud import (
+    CheckpointError,
+    checkpoint_path,
+    ensure_foundation,
+    load_foundation,
+    read_checkpoint,
+)
+from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.data import ImageData, load_image_data
+from gaisnet_flwr.training import build_model
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> RunConfig:
+    return RunConfig(
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        peers_per_cluster=2,
+        img_size=16,
+        patch_size=8,
+        pretrain_epochs=1,
+        foundation_dir=str(tmp_path),
+    )
+
+
+@pytest.fixture
+def data(cfg: RunConfig) -> ImageData:
+    """The embedded data with a 64-image cloud corpus: checkpoints are what is tested here."""
+    full = load_image_data(cfg.data_spec())
+    return dataclasses.replace(full, cloud=Subset(full.cloud, range(64)))
+
+
+@pytest.fixture
+def count_pretraining(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = cloud.pretrain
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cloud, "pretrain", counted)
+    return calls
+
+
+def test_checkpoint_is_built_once_then_reused(
+    cfg: RunConfig, data: ImageData, count_pretraining: list[int]
+) -> None:
+    path = ensure_foundation(cfg, data)
+    assert path == checkpoint_path(cfg, 10) and path.is_file()
+    assert ensure_foundation(cfg, data) == path
+    assert count_pretraining == [1]
+    # Every party builds the same model on top of it: pre-trained backbone, same prompts.
+    a, b = load_foundation(cfg, 10), load_foundation(cfg, 10)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    random_start = build_model(cfg, 10).backbone.state_dict()
+    assert not torch.equal(
+        a.backbone.state_dict()["blocks.0.attn.qkv.weight"],
+        random_start["blocks.0.attn.qkv.weight"],
+    )
+
+
+def test_corrupt_checkpoint_is_detected_and_rebuilt(
+    cfg: RunConfig, data: ImageData, count_pretraining: list[int]
+) -> None:
+    path = ensure_foundation(cfg, data)
+    payload = bytearray(path.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF  # one flipped byte
+    path.write_bytes(bytes(payload))
+    with pytest.raises(CheckpointError, match="does not match its SHA-256 sidecar"):
+        load_foundation(cfg, 10)
+    ensure_foundation(cfg, data)
+    assert count_pretraining == [1, 1]
+    load_foundation(cfg, 10)  # sound again
+
+
+def test_truncated_checkpoint_is_rejected(cfg: RunConfig, data: ImageData) -> None:
+    path = ensure_foundation(cfg, data)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or partial"):
+        load_foundation(cfg, 10)
+
+
+def test_checkpoint_of_another_configuration_is_rejected(cfg: RunConfig, data: ImageData) -> None:
+    path = ensure_foundation(cfg, data)
+    other = cfg.replace(pretrain_epochs=2)
+    assert checkpoint_path(other, 10) != path  # a different key, so a different file...
+    reference = build_model(cfg, 10).backbone.state_dict()
+    # ...and a file whose recorded configuration differs is refused even under the right name.
+    with pytest.raises(
+        CheckpointError, match=r"another configuration \(differs in \['pretrain-epochs'\]"
+    ):
+        read_checkpoint(path, cloud.foundation_meta(other, 10), reference)
+    wider = build_model(cfg.replace(embed_dim=64), 10).backbone.state_dict()
+    with pytest.raises(CheckpointError, match="does not fit the model's weights"):
+        read_checkpoint(path, cloud.foundation_meta(cfg, 10), wider)
+
+
+def test_missing_checkpoint_names_the_fix(cfg: RunConfig, data: ImageData) -> None:
+    with pytest.raises(CheckpointError, match="no foundation checkpoint at .* copy foundation-"):
+        load_foundation(cfg, 10)
+
+
+def test_other_foundations_need_no_checkpoint(cfg: RunConfig, data: ImageData) -> None:
+    assert ensure_foundation(cfg.replace(foundation="none"), data) is None
+    load_foundation(cfg.replace(foundation="none"), 10)
