@@ -23,31 +23,48 @@ from torch.utils.data import Dataset
 
 from gaisnet_flwr.cloud import load_foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data import ImageData, cluster_datasets, load_image_data
+from gaisnet_flwr.data import ImageData, cluster_datasets, edge_image_data, load_image_data
 from gaisnet_flwr.model import PromptedViT
 from gaisnet_flwr.training import cluster_plan, evaluate, train_cluster
 
 
 @dataclass(frozen=True)
 class ClusterIdentity:
-    """Which partition of the data this cluster holds (node-config in deployment)."""
+    """Which edge server this cluster belongs to and which share of that edge's data it holds.
 
-    partition_id: int
-    num_partitions: int
+    Deployment: node-config "edge-id=1 partition-id=0 num-partitions=3" (partition within the
+    edge). Simulation sets only partition-id / num-partitions over all N nodes; node p then
+    belongs to edge p * E // N (contiguous blocks of nodes per edge).
+    """
+
+    edge_id: int
+    partition_id: int  # within the edge
+    num_partitions: int  # clusters of this edge
 
     @classmethod
-    def from_node_config(cls, node_config: dict) -> ClusterIdentity:
+    def from_node_config(cls, node_config: dict, num_edges: int = 1) -> ClusterIdentity:
         try:
             pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
         except KeyError as err:
             raise ValueError(
                 f"node-config lacks {err.args[0]!r}: a cluster needs 'partition-id' and "
                 f"'num-partitions' (simulation sets both; deployment: flower-supernode "
-                f'--node-config "partition-id=0 num-partitions=4")'
+                f'--node-config "edge-id=0 partition-id=0 num-partitions=4")'
             ) from err
         if not 0 <= pid < num:
             raise ValueError(f"partition-id={pid} must be in [0, num-partitions={num})")
-        return cls(pid, num)
+        if "edge-id" in node_config:
+            edge = int(node_config["edge-id"])
+            if not 0 <= edge < num_edges:
+                raise ValueError(f"edge-id={edge} must be in [0, {num_edges}) (edge-domains)")
+            return cls(edge, pid, num)
+        if num < num_edges:
+            raise ValueError(
+                f"{num} client clusters for {num_edges} edge servers: every edge needs one"
+            )
+        edge = pid * num_edges // num
+        members = [p for p in range(num) if p * num_edges // num == edge]
+        return cls(edge, members.index(pid), len(members))
 
 
 class SplitClusterClient:
@@ -58,7 +75,10 @@ class SplitClusterClient:
         self.identity = identity
         self.device = cfg.torch_device()
         spec = cfg.data_spec()
-        self.data: ImageData = load_image_data(spec)
+        edge = identity.edge_id
+        self.data: ImageData = edge_image_data(
+            load_image_data(spec), edge, cfg.shares(), cfg.domains()[edge], seed=cfg.seed
+        )
         self.train_set: Dataset
         self.val_set: Dataset
         self.train_set, self.val_set = cluster_datasets(
@@ -70,6 +90,28 @@ class SplitClusterClient:
         model.load_tunable_state(arrays.to_torch_state_dict())
         return model
 
+    def _seed(self, server_round: int) -> int:
+        """A distinct, replayable shuffle per (run seed, edge, cluster, round)."""
+        ident = self.identity
+        return ((self.cfg.seed * 7919 + ident.edge_id) * 131 + ident.partition_id) * 1009 + (
+            server_round
+        )
+
+    def identity_record(self) -> RecordDict:
+        """Answer to the edge's `query.identity`: which edge and partition this node is."""
+        ident = self.identity
+        return RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        "edge-id": ident.edge_id,
+                        "partition-id": ident.partition_id,
+                        "num-partitions": ident.num_partitions,
+                    }
+                )
+            }
+        )
+
     def train(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
         started = time.perf_counter()
         model = self._model(arrays)
@@ -79,8 +121,7 @@ class SplitClusterClient:
             cluster_plan(self.cfg),
             self.train_set,
             self.cfg,
-            # A distinct, replayable shuffle per (run seed, cluster, round).
-            seed=(self.cfg.seed * 7919 + self.identity.partition_id) * 1009 + server_round,
+            seed=self._seed(server_round),
             proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
             device=self.device,
         )
@@ -95,6 +136,7 @@ class SplitClusterClient:
                 "upload-bytes": upload.count_bytes(),
                 "compute-flops": sum(result.chain.segment_flops.values()),
                 "partition-id": self.identity.partition_id,
+                "edge-id": self.identity.edge_id,
                 "train-time-s": time.perf_counter() - started,
             }
         )

@@ -22,7 +22,8 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
 
     def cluster(context: Context) -> SplitClusterClient:
         cfg = RunConfig.from_run_config(context.run_config or fallback_config or {})
-        return SplitClusterClient(cfg, ClusterIdentity.from_node_config(dict(context.node_config)))
+        identity = ClusterIdentity.from_node_config(dict(context.node_config), cfg.num_edges())
+        return SplitClusterClient(cfg, identity)
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
@@ -36,6 +37,10 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
         return Message(
             content=cluster(context).evaluate(msg.content.array_records["arrays"]), reply_to=msg
         )
+
+    @client.query("identity")
+    def identity(msg: Message, context: Context) -> Message:
+        return Message(content=cluster(context).identity_record(), reply_to=msg)
 
     return client
 

@@ -9,6 +9,7 @@ and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -17,12 +18,13 @@ from typing import Any
 
 import torch
 
-from gaisnet_flwr.data import DATASETS, PARTITIONINGS, DataSpec
+from gaisnet_flwr.data import DATASETS, DOMAINS, PARTITIONINGS, DataSpec
 from gaisnet_flwr.model import MODES
 from gaisnet_flwr.split import PLANNERS
 
 OPTIMIZERS = ("sgd", "adamw")
 FOUNDATIONS = ("cloud", "timm", "file", "none")
+CLOUD_MODULES = ("prompts", "all")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -66,6 +68,12 @@ class RunConfig:
     classes_per_cluster: int = 2
     dirichlet_alpha: float = 0.5
     val_fraction: float = 0.2
+    # -- edge servers and the cloud (paper Sec. III-B) ------------------------------------------
+    edge_domains: str = "none"  # one domain per edge server, comma-separated (DOMAINS)
+    edge_shares: str = ""  # relative data share per edge, e.g. "1,1,0.2"; "" = equal
+    cloud_every: int = 1  # cloud aggregates across edges every K rounds; 0 = never (isolated)
+    cloud_mix: float = 0.5  # delivered = mix * cloud + (1 - mix) * edge's own modules
+    cloud_modules: str = "prompts"  # what the cloud aggregates: one of CLOUD_MODULES
     # -- aggregation ----------------------------------------------------------------------------
     strategy: str = "module-fedavg"  # a registry name or "package.module:Class"
     strategy_options: str = ""  # extra strategy kwargs as TOML, e.g. "proximal_mu=0.1"
@@ -83,6 +91,19 @@ class RunConfig:
         _choice("partitioning", self.partitioning, PARTITIONINGS)
         _choice("device", self.device, DEVICES)
         _choice("foundation", self.foundation, FOUNDATIONS)
+        _choice("cloud_modules", self.cloud_modules, CLOUD_MODULES)
+        for domain in self.domains():
+            _choice("edge_domains", domain, DOMAINS)
+        if self.dataset != "digits" and set(self.domains()) != {"none"}:
+            raise ConfigError("edge-domains other than 'none' need the embedded digits dataset")
+        shares = self.shares()
+        if len(shares) != self.num_edges() or any(s <= 0 for s in shares):
+            raise ConfigError(
+                f"edge-shares={self.edge_shares!r} must list {self.num_edges()} positive numbers "
+                f"(one per edge in edge-domains), or be empty"
+            )
+        if self.cloud_every < 0 or not 0 <= self.cloud_mix <= 1:
+            raise ConfigError("cloud-every must be >= 0 and cloud-mix in [0, 1]")
         if self.foundation == "cloud" and self.dataset != "digits":
             raise ConfigError(
                 f"foundation='cloud' pre-trains on the embedded digits corpus, which dataset="
@@ -135,7 +156,9 @@ class RunConfig:
         try:
             self.data_spec().validate()
         except ValueError as err:
-            raise ConfigError(str(err)) from err
+            # DataSpec names its own fields; the user typed run-config keys.
+            message = re.sub(r"DataSpec\.(\w+)", lambda m: _key(m.group(1)), str(err))
+            raise ConfigError(message) from err
 
     # -- derived views ------------------------------------------------------------------------
     def speeds(self) -> list[float]:
@@ -147,6 +170,20 @@ class RunConfig:
             raise ConfigError(
                 f"peer-speeds={self.peer_speeds!r} is not a comma-separated list of numbers"
             ) from err
+
+    def domains(self) -> list[str]:
+        return [d.strip() for d in self.edge_domains.split(",")]
+
+    def num_edges(self) -> int:
+        return len(self.domains())
+
+    def shares(self) -> list[float]:
+        if not self.edge_shares.strip():
+            return [1.0] * self.num_edges()
+        try:
+            return [float(s) for s in self.edge_shares.split(",")]
+        except ValueError as err:
+            raise ConfigError(f"edge-shares={self.edge_shares!r} is not a list of numbers") from err
 
     def strategy_kwargs(self) -> dict[str, Any]:
         try:
@@ -212,6 +249,17 @@ class RunConfig:
             f = known[key]
             values[f.name] = _cast(key, value, type(getattr(cls, f.name)))
         return cls(**values)
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Flower's `--run-config` syntax for scripts: "num-rounds=3 mode='vpt-shallow'"."""
+    overrides: dict[str, Any] = {}
+    for item in re.findall(r"""[^\s=]+\s*=\s*(?:'[^']*'|"[^"]*"|\S+)""", text):
+        try:
+            overrides.update(tomllib.loads(item))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"cannot read {item!r} as key=value (TOML value): {err}") from err
+    return overrides
 
 
 def _key(name: str) -> str:

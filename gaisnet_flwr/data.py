@@ -245,6 +245,68 @@ def cluster_datasets(
     return Subset(data.train, train.tolist()), Subset(data.train, val.tolist())
 
 
+# --- edge servers as domains (paper Sec. III-B) -----------------------------------------------
+
+# Deterministic domain shifts that turn the embedded digits into one domain per edge server.
+DOMAINS = ("none", "invert", "rotate", "noise", "blur")
+_NOISE_SEED = 7
+
+
+def apply_domain(images: torch.Tensor, domain: str) -> torch.Tensor:
+    """Shift normalised images ``[n, C, H, W]`` (values in [-1, 1]) into ``domain``.
+
+    Deterministic: the same images always map to the same shifted images.
+    """
+    if domain == "none":
+        return images
+    if domain == "invert":
+        return -images  # white digits on black -> black on white (mean 0.5, std 0.5)
+    if domain == "rotate":
+        return torch.rot90(images, k=1, dims=(2, 3))
+    if domain == "noise":
+        gen = torch.Generator().manual_seed(_NOISE_SEED)
+        return images + 0.8 * torch.randn(images.shape, generator=gen)
+    if domain == "blur":
+        return F.avg_pool2d(images, kernel_size=5, stride=1, padding=2, count_include_pad=False)
+    raise DataError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
+
+
+def edge_image_data(
+    data: ImageData, edge_id: int, shares: list[float], domain: str, seed: int = 0
+) -> ImageData:
+    """The data of edge server ``edge_id``: its stratified share of the train pool and the test
+    split, both shifted into its domain. The cloud corpus stays with the cloud.
+
+    ``shares`` are relative data sizes per edge (e.g. ``[1, 1, 0.2]`` makes edge 2 data-poor).
+    """
+    if not 0 <= edge_id < len(shares):
+        raise DataError(f"edge_id={edge_id} must be in [0, {len(shares) - 1}]")
+    if any(s <= 0 for s in shares):
+        raise DataError(f"edge shares must be > 0, got {shares}")
+    rng = np.random.default_rng([seed, 99])
+    bounds = np.cumsum([0.0, *shares]) / sum(shares)
+    mine: list[np.ndarray] = []
+    for cls in np.unique(data.train_labels):
+        members = rng.permutation(np.flatnonzero(data.train_labels == cls))
+        cut = np.round(bounds * len(members)).astype(int)
+        mine.append(members[cut[edge_id] : cut[edge_id + 1]])
+    idx = np.sort(np.concatenate(mine))
+    if domain == "none":
+        return ImageData(
+            Subset(data.train, idx.tolist()), data.test, data.train_labels[idx], data.num_classes
+        )
+    if not (isinstance(data.train, TensorDataset) and isinstance(data.test, TensorDataset)):
+        raise DataError(f"domain {domain!r} needs the in-memory embedded dataset (digits)")
+    x, y = data.train.tensors
+    tx, ty = data.test.tensors
+    return ImageData(
+        train=TensorDataset(apply_domain(x[idx], domain), y[idx]),
+        test=TensorDataset(apply_domain(tx, domain), ty),
+        train_labels=data.train_labels[idx],
+        num_classes=data.num_classes,
+    )
+
+
 # --- validation helpers -----------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from flwr.common.logger import log
 # Counters add up over clusters; the slowest cluster sets the round's critical path.
 SUMMED = ("num-examples", "d2d-bytes-fwd", "d2d-bytes-bwd", "upload-bytes", "compute-flops")
 MAXED = ("train-time-s",)
-NOT_AGGREGATED = ("partition-id",)
+NOT_AGGREGATED = ("partition-id", "edge-id")
 
 
 def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -48,24 +48,19 @@ class RoundRecorder:
         self.output_dir = output_dir
         self.num_rounds = num_rounds
         self.rows: list[dict[str, Any]] = []
-        self._train: dict[str, Any] = {}
         self._round_started = time.perf_counter()
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
-        """Strategy hook (train_metrics_aggr_fn): aggregate, and keep for this round's row."""
-        aggregated = aggregate_train_metrics(records, weighting_key)
-        self._train = dict(aggregated)
-        return aggregated
-
-    def record(self, server_round: int, central: dict[str, float]) -> None:
+    def record(
+        self, server_round: int, central: dict[str, float], train: dict[str, Any] | None = None
+    ) -> None:
+        """One round: central evaluation and the round's aggregated training metrics."""
         now = time.perf_counter()
         row: dict[str, Any] = {"round": server_round, **central}
         if server_round > 0:
-            row.update({f"train/{k}": v for k, v in self._train.items()})
+            row.update({f"train/{k}": v for k, v in (train or {}).items()})
             row["round-time-s"] = now - self._round_started
         self._round_started = now
-        self._train = {}
         self.rows.append(row)
         self._write()
         log(INFO, self.describe(row))
@@ -75,6 +70,9 @@ class RoundRecorder:
             f"[round {row['round']}/{self.num_rounds}] central acc {row['accuracy']:.4f} "
             f"loss {row['loss']:.4f}"
         )
+        edges = sorted(k for k in row if k.startswith("edge") and k.endswith("/accuracy"))
+        if len(edges) > 1:
+            head += " (" + ", ".join(f"{k.split('/')[0]} {row[k]:.4f}" for k in edges) + ")"
         if row["round"] == 0:
             return head + " (initial model)"
         return (

@@ -1,9 +1,11 @@
-"""ServerApp: the edge server running HFSL fine-tuning (paper Sec. III-C, Fig. 4).
+"""ServerApp: the cloud and its edge servers running HFSL fine-tuning (paper Sec. III-B, III-C).
 
-It builds the initial edge model, sends only its tunable modules to the client clusters, lets the
-configured strategy aggregate them (per-module FedAvg by default) for `num-rounds` rounds,
-evaluates the edge model centrally on the held-out test set every round, and writes results to
-`output-dir`.
+At start-up the cloud makes sure the foundation model is pre-trained, every node says which edge
+it belongs to (a `query.identity` message), and each edge gets its own instance of the configured
+strategy. Then `CloudEdgeStrategy` runs the rounds through Flower's `Strategy.start`: clusters
+fine-tune their edge's tunable modules over their split chains, each edge aggregates its
+clusters, and every `cloud-every` rounds the cloud aggregates across edges. Each edge model is
+evaluated on its own domain's held-out test set every round; results go to `output-dir`.
 """
 
 from __future__ import annotations
@@ -16,49 +18,86 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
 
 from gaisnet_flwr.cloud import ensure_foundation, load_foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data import load_image_data
-from gaisnet_flwr.results import RoundRecorder
+from gaisnet_flwr.data import edge_image_data, load_image_data
+from gaisnet_flwr.results import RoundRecorder, aggregate_train_metrics
 from gaisnet_flwr.training import cluster_plan, evaluate
+from strategies.cloud_edge import CloudEdgeStrategy, edge_key, split_edges
 from strategies.registry import build_strategy, resolve_strategy
 
 
-def wait_for_clusters(grid: Grid, timeout_s: float = 60.0) -> int:
+def wait_for_clusters(grid: Grid, timeout_s: float = 60.0) -> list[int]:
     """Nodes connected now (all of them in simulation; deployment SuperNodes may lag)."""
     deadline = time.monotonic() + timeout_s
     while not (nodes := list(grid.get_node_ids())) and time.monotonic() < deadline:
         time.sleep(0.5)
     if not nodes:
         raise RuntimeError(f"no client cluster connected within {timeout_s:.0f} s")
-    return len(nodes)
+    return nodes
 
 
-def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
-    output_dir = Path(cfg.output_dir).expanduser().resolve()
-    data = load_image_data(cfg.data_spec())
-    device = cfg.torch_device()
-    ensure_foundation(cfg, data)
-    model = load_foundation(cfg, data.num_classes)
-    plan = cluster_plan(cfg)
-    num_clusters = wait_for_clusters(grid)
-    recorder = RoundRecorder(output_dir, cfg.num_rounds)
+def identify_clusters(grid: Grid, nodes: list[int], num_edges: int) -> dict[int, int]:
+    """Ask every node which edge server it belongs to: node id -> edge id."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="query.identity") for n in nodes]
+    node_edges: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=120):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise RuntimeError(f"node {node} could not identify itself: {reply.error.reason}")
+        edge = int(reply.content.metric_records["metrics"]["edge-id"])  # type: ignore[arg-type]
+        if not 0 <= edge < num_edges:
+            raise RuntimeError(f"node {node} says edge-id={edge}; edges are 0..{num_edges - 1}")
+        node_edges[node] = edge
+    missing = sorted(set(nodes) - set(node_edges))
+    if missing:
+        raise RuntimeError(f"node(s) {missing} did not answer the identity query")
+    return node_edges
 
+
+def build_edge_strategy(cfg: RunConfig, num_clusters: int) -> Strategy:
     options: dict[str, Any] = dict(cfg.strategy_kwargs())
     if "train_metrics_aggr_fn" in inspect.signature(resolve_strategy(cfg.strategy)).parameters:
-        options["train_metrics_aggr_fn"] = recorder.aggregate_train
-    strategy = build_strategy(
+        options["train_metrics_aggr_fn"] = aggregate_train_metrics
+    return build_strategy(
         cfg.strategy,
         num_clusters=num_clusters,
         fraction_evaluate=cfg.fraction_evaluate,
         options=options,
     )
 
+
+def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    recorder = RoundRecorder(output_dir, cfg.num_rounds)
+    (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    data = load_image_data(cfg.data_spec())
+    device = cfg.torch_device()
+    ensure_foundation(cfg, data)
+    model = load_foundation(cfg, data.num_classes)
+    edges = [
+        edge_image_data(data, e, cfg.shares(), d, seed=cfg.seed)
+        for e, d in enumerate(cfg.domains())
+    ]
+
+    node_edges = identify_clusters(grid, wait_for_clusters(grid), len(edges))
+    clusters = {e: sum(1 for v in node_edges.values() if v == e) for e in range(len(edges))}
+    strategy = CloudEdgeStrategy(
+        {e: build_edge_strategy(cfg, clusters[e]) for e in range(len(edges))},
+        node_edges,
+        cloud_every=cfg.cloud_every,
+        cloud_mix=cfg.cloud_mix,
+        cloud_keys=(lambda k: k.startswith("prompt."))
+        if cfg.cloud_modules == "prompts"
+        else (lambda k: True),
+        train_metrics_fn=aggregate_train_metrics,
+    )
+    plan = cluster_plan(cfg)
     log(
         INFO,
         "GaisNet HFSL: %s %s, %d prompts; %d tunable of %d parameters (%.3f %%)",
@@ -69,41 +108,50 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
         model.num_total(),
         100 * model.num_tunable() / model.num_total(),
     )
-    log(
-        INFO,
-        "%d client clusters, each start point -> %d peers %s -> end point; strategy %s",
-        num_clusters,
-        plan.num_peers,
-        plan.sizes(),
-        type(strategy).__name__,
-    )
-    (output_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    for e, domain in enumerate(cfg.domains()):
+        log(
+            INFO,
+            "edge %d: domain %r, %d clusters, %d training images",
+            e,
+            domain,
+            clusters[e],
+            len(edges[e].train_labels),
+        )
+    log(INFO, "each cluster: start point -> %d peers %s -> end point", plan.num_peers, plan.sizes())
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_tunable_state(arrays.to_torch_state_dict())
-        result = evaluate(model, data.test, device=device)
-        recorder.record(server_round, {"accuracy": result.accuracy, "loss": result.loss})
-        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
+        row: dict[str, float] = {}
+        for e, modules in split_edges(arrays).items():
+            model.load_tunable_state(modules.to_torch_state_dict())
+            result = evaluate(model, edges[e].test, device=device)
+            row[edge_key(e, "accuracy")], row[edge_key(e, "loss")] = result.accuracy, result.loss
+        row["accuracy"] = sum(row[edge_key(e, "accuracy")] for e in clusters) / len(clusters)
+        row["loss"] = sum(row[edge_key(e, "loss")] for e in clusters) / len(clusters)
+        train = strategy.last_train_metrics if server_round > 0 else {}
+        recorder.record(server_round, row, train)
+        return MetricRecord(row)  # type: ignore[arg-type]
 
+    initial = ArrayRecord(model.tunable_state())
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.tunable_state()),
+        initial_arrays=ArrayRecord(
+            {edge_key(e, k): v for e in clusters for k, v in initial.items()}
+        ),
         num_rounds=cfg.num_rounds,
         train_config=ConfigRecord({}),
         evaluate_fn=central_evaluate,
     )
-    final = result.arrays.to_numpy_ndarrays() if result.arrays else []
-    keys = list(result.arrays.keys()) if result.arrays else []
-    path = recorder.save_modules(dict(zip(keys, final, strict=True)))
+    final = result.arrays
+    path = recorder.save_modules({k: v.numpy() for k, v in final.items()})
     last = recorder.rows[-1]
     log(
         INFO,
-        "FINAL: central test accuracy %.4f after %d rounds (%d clusters); results in %s "
-        "(modules: %s)",
+        "FINAL: central test accuracy %.4f after %d rounds (%d edge(s), %d clusters); "
+        "results in %s (modules: %s)",
         last["accuracy"],
         cfg.num_rounds,
-        num_clusters,
+        len(clusters),
+        len(node_edges),
         output_dir,
         path.name,
     )

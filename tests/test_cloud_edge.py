@@ -1,0 +1,137 @@
+"""The cloud-edge hierarchy: aggregation math against hand-computed values, node -> edge mapping."""
+
+from __future__ import annotations
+
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from clients.split_client import ClusterIdentity
+from strategies.cloud_edge import CloudEdgeStrategy, cloud_aggregate, join_edges, split_edges
+from strategies.module_fedavg import ModuleFedAvg
+from tests.test_strategies import make_reply, task_identity  # noqa: F401 (autouse fixture)
+
+
+def arrays(prompt: float, head: float) -> dict[str, np.ndarray]:
+    return {
+        "prompt.0": np.full((2, 2), prompt, np.float32),
+        "head.weight": np.full(3, head, np.float32),
+    }
+
+
+def test_cloud_aggregate_by_hand() -> None:
+    # Prepare: edge 0 trained on 30 examples, edge 1 on 10.
+    modules = {0: arrays(1.0, 5.0), 1: arrays(5.0, -5.0)}
+    # Execute: the cloud averages the prompts only, delivering half cloud, half own.
+    out = cloud_aggregate(modules, {0: 30.0, 1: 10.0}, ["prompt.0"], mix=0.5)
+    # Assert: cloud prompt = (30*1 + 10*5) / 40 = 2.0; edge 0 gets 0.5*2 + 0.5*1 = 1.5, edge 1
+    # gets 0.5*2 + 0.5*5 = 3.5; heads stay the edges' own.
+    np.testing.assert_allclose(out[0]["prompt.0"], 1.5)
+    np.testing.assert_allclose(out[1]["prompt.0"], 3.5)
+    np.testing.assert_array_equal(out[0]["head.weight"], 5.0)
+    np.testing.assert_array_equal(out[1]["head.weight"], -5.0)
+    full = cloud_aggregate(modules, {0: 30.0, 1: 10.0}, ["prompt.0", "head.weight"], mix=1.0)
+    np.testing.assert_allclose(full[1]["head.weight"], (30 * 5 - 10 * 5) / 40)
+    none = cloud_aggregate(modules, {0: 30.0, 1: 10.0}, ["prompt.0"], mix=0.0)
+    np.testing.assert_array_equal(none[1]["prompt.0"], 5.0)
+
+
+def test_edge_keys_round_trip() -> None:
+    per_edge = {e: ArrayRecord({k: Array(v) for k, v in arrays(e, -e).items()}) for e in (0, 1)}
+    joined = join_edges(per_edge)
+    assert sorted(joined) == [
+        "edge0/head.weight",
+        "edge0/prompt.0",
+        "edge1/head.weight",
+        "edge1/prompt.0",
+    ]
+    back = split_edges(joined)
+    np.testing.assert_array_equal(back[1]["prompt.0"].numpy(), 1.0)
+    with pytest.raises(ValueError, match="not of the form 'edge<e>/<module>'"):
+        split_edges(ArrayRecord({"prompt.0": Array(np.zeros(1))}))
+
+
+def test_two_edges_with_uneven_clusters_by_hand() -> None:
+    # Prepare: edge 0 has clusters on nodes 100 and 101, edge 1 one cluster on node 102.
+    strategy = CloudEdgeStrategy(
+        {
+            0: ModuleFedAvg(min_train_nodes=2, min_available_nodes=2),
+            1: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1),
+        },
+        node_edges={100: 0, 101: 0, 102: 1},
+        cloud_every=2,
+        cloud_mix=1.0,
+        cloud_keys=lambda k: k.startswith("prompt."),
+    )
+    start = join_edges(
+        {e: ArrayRecord({k: Array(v) for k, v in arrays(0, 0).items()}) for e in (0, 1)}
+    )
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), Mock(spec=Grid)))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101, 102]
+    replies = [
+        make_reply(arrays(1.0, 1.0), 10, 0, node_id=100),
+        make_reply(arrays(3.0, 3.0), 30, 1, node_id=101),
+        make_reply(arrays(8.0, 8.0), 20, 0, node_id=102),
+    ]
+
+    # Execute round 1 (no cloud round): each edge averages only its own clusters.
+    out, _ = strategy.aggregate_train(1, replies)
+    edges = split_edges(out)
+    # Assert: edge 0 = (10*1 + 30*3) / 40 = 2.5; edge 1 = its single cluster, 8.
+    np.testing.assert_allclose(edges[0]["prompt.0"].numpy(), 2.5)
+    np.testing.assert_allclose(edges[1]["prompt.0"].numpy(), 8.0)
+
+    # Execute round 2 (cloud round, mix 1): prompts averaged across edges by examples 40 : 20.
+    list(strategy.configure_train(2, start, ConfigRecord(), Mock(spec=Grid)))
+    out, metrics = strategy.aggregate_train(2, replies)
+    edges = split_edges(out)
+    cloud = (40 * 2.5 + 20 * 8.0) / 60
+    np.testing.assert_allclose(edges[0]["prompt.0"].numpy(), cloud, rtol=1e-6)
+    np.testing.assert_allclose(edges[1]["prompt.0"].numpy(), cloud, rtol=1e-6)
+    # Heads are not cloud modules here: each edge keeps its own.
+    np.testing.assert_allclose(edges[0]["head.weight"].numpy(), 2.5)
+    np.testing.assert_allclose(edges[1]["head.weight"].numpy(), 8.0)
+    assert metrics is not None and metrics["cloud-round"] == 1
+    assert metrics["edge0/clusters"] == 2 and metrics["edge1/clusters"] == 1
+
+
+def test_an_edge_without_clusters_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"edge\(s\) \[1\] have no client cluster"):
+        CloudEdgeStrategy({0: ModuleFedAvg(), 1: ModuleFedAvg()}, {100: 0}, 1, 0.5, lambda k: True)
+
+
+@pytest.mark.parametrize(
+    ("num_nodes", "num_edges", "expected"),
+    [
+        (4, 1, [(0, 0, 4), (0, 1, 4), (0, 2, 4), (0, 3, 4)]),
+        (4, 2, [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]),
+        (5, 2, [(0, 0, 3), (0, 1, 3), (0, 2, 3), (1, 0, 2), (1, 1, 2)]),
+        (3, 3, [(0, 0, 1), (1, 0, 1), (2, 0, 1)]),
+    ],
+)
+def test_simulation_nodes_map_to_edges_in_contiguous_blocks(num_nodes, num_edges, expected):
+    got = [
+        ClusterIdentity.from_node_config(
+            {"partition-id": p, "num-partitions": num_nodes}, num_edges
+        )
+        for p in range(num_nodes)
+    ]
+    assert [(i.edge_id, i.partition_id, i.num_partitions) for i in got] == expected
+
+
+def test_deployment_nodes_name_their_edge() -> None:
+    ident = ClusterIdentity.from_node_config(
+        {"edge-id": 1, "partition-id": 2, "num-partitions": 3}, num_edges=2
+    )
+    assert (ident.edge_id, ident.partition_id, ident.num_partitions) == (1, 2, 3)
+    with pytest.raises(ValueError, match=r"edge-id=2 must be in \[0, 2\)"):
+        ClusterIdentity.from_node_config(
+            {"edge-id": 2, "partition-id": 0, "num-partitions": 1}, num_edges=2
+        )
+    with pytest.raises(ValueError, match="2 client clusters for 3 edge servers"):
+        ClusterIdentity.from_node_config({"partition-id": 0, "num-partitions": 2}, num_edges=3)
+    with pytest.raises(ValueError, match="node-config lacks 'partition-id'"):
+        ClusterIdentity.from_node_config({}, num_edges=1)

@@ -1,0 +1,392 @@
+"""The cost model (paper Sec. III-C.2 / III-D.2 key metrics) against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gaisnet_flwr.chain import SplitChain
+from gaisnet_flwr.costs import (
+    DEVICE_PRESETS,
+    LINK_PRESETS,
+    ClusterProfile,
+    CostConfigError,
+    DeviceProfile,
+    LinkProfile,
+    compute_energy_j,
+    compute_time_s,
+    edge_round_latency,
+    fine_tuning_round_cost,
+    inference_cost,
+    load_profiles,
+    measure_saved_activation_bytes,
+    segment_memory,
+    shannon_rate_bps,
+    tensor_wire_bytes,
+    tx_energy_j,
+    tx_time_s,
+)
+from gaisnet_flwr.flops import SegmentFlops
+from gaisnet_flwr.link import serialize_tensor
+from gaisnet_flwr.model import PromptedViT, build_prompted_vit
+from gaisnet_flwr.split import SplitPlan, plan_even
+from tests.conftest import TINY, VARIANTS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors gain nothing from threads, and on a loaded 2-core machine OpenMP's spinning
+    # threads made these tests ~100x slower (1.3 s vs 0.016 s per segment measurement).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- formulas ---------------------------------------------------------------------------------
+def snr_db(bandwidth_hz: float, distance_m: float, power_w: float) -> float:
+    """The same link budget in dB, written independently: P_tx(dBm) - PL - N0 B (dBm)."""
+    p_dbm = 10 * math.log10(power_w * 1000)
+    path_loss = 128.1 + 37.6 * math.log10(distance_m / 1000)
+    return p_dbm - path_loss - (-174 + 10 * math.log10(bandwidth_hz))
+
+
+@pytest.mark.parametrize(("distance_m", "anchor_bps"), [(50, 19e6), (500, 6.7e6)])
+def test_shannon_rate_matches_the_anchor_examples(distance_m: float, anchor_bps: float) -> None:
+    rate = shannon_rate_bps(1e6, distance_m, 0.2)
+    expected = 1e6 * math.log2(1 + 10 ** (snr_db(1e6, distance_m, 0.2) / 10))
+    assert rate == pytest.approx(expected, rel=1e-12)
+    assert rate == pytest.approx(anchor_bps, rel=0.02)  # anchors.md: ~19 and ~6.7 Mbps
+    assert LINK_PRESETS[f"d2d-{distance_m}m"].rate_bps() == pytest.approx(rate)
+
+
+def test_compute_and_transmission_formulas() -> None:
+    phone = DeviceProfile("p", clock_hz=1e9, flops_per_cycle=12)
+    assert compute_time_s(1.2e10, phone) == pytest.approx(1.0)  # 1.2e10 / (1e9 * 12)
+    assert compute_energy_j(1.2e10, phone) == pytest.approx(0.1)  # 1e-28 * 1e9 cycles * 1e18
+    wired = LinkProfile("w", "edge-cloud", wired_rate_bps=8e6, tx_power_w=0.5)
+    assert wired.rate_bps() == 8e6
+    assert tx_time_s(2e6, wired) == pytest.approx(2.0)  # 16 Mbit at 8 Mbit/s
+    assert tx_energy_j(2e6, wired) == pytest.approx(1.0)  # 0.5 W * 2 s
+    assert tx_energy_j(1e6, LinkProfile("free", "edge-cloud", wired_rate_bps=1e9)) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (2, 197, 768), (3, 1, 4, 5)])
+def test_tensor_wire_bytes_equals_the_serialized_length(shape: tuple[int, ...]) -> None:
+    assert tensor_wire_bytes(shape) == len(serialize_tensor(torch.zeros(shape)))
+
+
+# -- a two-peer cluster, by hand --------------------------------------------------------------
+def hand_cluster() -> ClusterProfile:
+    """Round numbers: 1e10 FLOP/s and 1e-11 J/FLOP per device; D2D 1 MB/s at 0.1 W; uplink
+    100 KB/s at 0.2 W."""
+    devices = [DeviceProfile(n, clock_hz=1e9, flops_per_cycle=10) for n in "ABCD"]
+    d2d = LinkProfile("wire", "d2d", wired_rate_bps=8e6, tx_power_w=0.1)
+    uplink = LinkProfile("up", "client-edge", wired_rate_bps=8e5, tx_power_w=0.2)
+    return ClusterProfile(devices=devices, hops=[d2d] * 3, uplink=uplink)
+
+
+G = 10**9
+# per sample: the start point runs forward only (its embedding is frozen)
+FLOPS = [
+    SegmentFlops(G, 0),
+    SegmentFlops(2 * G, 4 * G),
+    SegmentFlops(3 * G, 6 * G),
+    SegmentFlops(G // 10, G // 5),
+]
+
+
+def test_fine_tuning_round_cost_by_hand() -> None:
+    cost = fine_tuning_round_cost(
+        hand_cluster(),
+        FLOPS,
+        hop_bytes_forward=[10**6] * 3,
+        hop_bytes_backward=[0, 10**6, 10**6],  # the start point trains nothing
+        samples=10,
+        upload_bytes=10**5,
+        download_bytes=2 * 10**5,
+    )
+    by_name = {n.name: n for n in cost.nodes}
+    assert list(by_name) == ["start", "peer1", "peer2", "end"]
+    # compute: (fwd + bwd) * 10 samples / 1e10 FLOP/s; energy 1e-11 J per FLOP
+    assert [n.compute_s for n in cost.nodes] == pytest.approx([1.0, 6.0, 9.0, 0.3])
+    assert [n.compute_j for n in cost.nodes] == pytest.approx([0.1, 0.6, 0.9, 0.03])
+    # the sender pays: start sends hop 0 + the upload, peer2 hop 2 and the gradient of hop 1,
+    # the end point the gradient of hop 2
+    assert [n.tx_bytes for n in cost.nodes] == [1_100_000, 10**6, 2 * 10**6, 10**6]
+    assert [n.tx_s for n in cost.nodes] == pytest.approx([2.0, 1.0, 2.0, 1.0])
+    assert [n.tx_j for n in cost.nodes] == pytest.approx([0.3, 0.1, 0.2, 0.1])
+    assert cost.download_s == pytest.approx(2.0)
+    assert cost.upload_s == pytest.approx(1.0)
+    assert cost.latency_s == pytest.approx(2.0 + 16.3 + 6.0)  # download + compute + every send
+    assert cost.energy_j == pytest.approx(1.63 + 0.7)
+    assert cost.compute_flops == pytest.approx(1.63e11)
+    assert cost.d2d_s == pytest.approx(5.0)
+    assert (cost.cs_download_bytes, cost.cs_upload_bytes, cost.cs_bytes) == (
+        200_000,
+        100_000,
+        300_000,
+    )
+    assert (cost.d2d_forward_bytes, cost.d2d_backward_bytes) == (3 * 10**6, 2 * 10**6)
+    assert cost.bottleneck_s == pytest.approx(11.0)  # peer2: 9 s compute + 2 s sending
+
+
+def test_inference_cost_by_hand() -> None:
+    cost = inference_cost(
+        hand_cluster(), FLOPS, hop_bytes=[10**5] * 3, result_bytes=1000, samples=2
+    )
+    assert [n.compute_s for n in cost.nodes] == pytest.approx([0.2, 0.4, 0.6, 0.02])  # forward only
+    assert [n.tx_s for n in cost.nodes] == pytest.approx([0.1, 0.1, 0.1, 0.001])  # end -> start
+    assert cost.latency_s == pytest.approx(1.22 + 0.301)
+    assert (cost.d2d_forward_bytes, cost.d2d_backward_bytes, cost.cs_bytes) == (301_000, 0, 0)
+
+
+def test_edge_round_latency_is_the_slowest_cluster_plus_aggregation() -> None:
+    fast = inference_cost(hand_cluster(), FLOPS, [0] * 3, 0)
+    slow = inference_cost(hand_cluster(), FLOPS, [0] * 3, 0, samples=10)
+    assert edge_round_latency([fast, slow], 0.5) == pytest.approx(slow.latency_s + 0.5)
+    with pytest.raises(CostConfigError, match="at least one cluster"):
+        edge_round_latency([], 0.0)
+
+
+def test_round_cost_agrees_with_what_the_chain_counts() -> None:
+    model = build_prompted_vit(mode="vpt-deep", num_prompts=2, num_classes=5, **TINY)
+    plan = plan_even(6, 2)
+    chain = SplitChain(model, plan, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    for _ in range(2):
+        chain.train_step(torch.randn(3, 3, 32, 32), torch.randint(0, 5, (3,)))
+    stats = chain.stats()
+    cluster = ClusterProfile.from_names(
+        load_profiles(),
+        ["phone-mid", "phone-high", "phone-low", "phone-mid"],
+        "d2d-50m",
+        "uplink-1mhz",
+    )
+    flops = [s.flops for s in chain.segments]
+    cost = fine_tuning_round_cost(
+        cluster, flops, stats.hop_bytes_forward, stats.hop_bytes_backward, 6, 100, 100
+    )
+    assert cost.compute_flops == sum(stats.segment_flops.values())
+    assert cost.d2d_bytes == stats.d2d_bytes_forward + stats.d2d_bytes_backward
+    # one smashed tensor [3, 1 + 16, 32] per step and hop
+    assert stats.hop_bytes_forward == [2 * tensor_wire_bytes((3, 17, 32))] * 3
+
+
+# -- validation -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            dict(kind="d2d", bandwidth_hz=-1.0, distance_m=50, tx_power_w=0.2),
+            "'l'.*bandwidth_hz must be > 0",
+        ),
+        (
+            dict(kind="d2d", bandwidth_hz=1e6, distance_m=0, tx_power_w=0.2),
+            "'l'.*distance_m must be > 0",
+        ),
+        (
+            dict(kind="wifi", wired_rate_bps=1e6),
+            "unknown kind 'wifi'; valid kinds: d2d, client-edge",
+        ),
+        (dict(kind="d2d", bandwidth_hz=1e6), "'l'.*needs distance_m, tx_power_w"),
+        (
+            dict(kind="edge-cloud", wired_rate_bps=1e9, distance_m=5),
+            "wired link.*takes no distance_m",
+        ),
+        (dict(kind="edge-cloud", wired_rate_bps=0.0), "wired_rate_bps must be > 0"),
+    ],
+)
+def test_link_validation_names_the_profile_and_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(CostConfigError, match=message):
+        LinkProfile("l", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(clock_hz=0.0, flops_per_cycle=8), "'d'.*clock_hz must be > 0"),
+        (dict(clock_hz=1e9, flops_per_cycle=8, kappa=-1e-28), "'d'.*kappa must be >= 0"),
+        (dict(clock_hz=1e9, flops_per_cycle=8, memory_bytes=0), "memory_bytes must be > 0"),
+    ],
+)
+def test_device_validation_names_the_profile_and_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(CostConfigError, match=message):
+        DeviceProfile("d", **kwargs)
+
+
+def test_cluster_validation() -> None:
+    ok = hand_cluster()
+    devices, hops = list(ok.devices), list(ok.hops)
+    with pytest.raises(CostConfigError, match="node 'peer2' has no device profile"):
+        ClusterProfile([*devices[:2], None, devices[3]], hops, ok.uplink)  # type: ignore[list-item]
+    with pytest.raises(CostConfigError, match="4 nodes need 3 hop link"):
+        ClusterProfile(devices, hops[:2], ok.uplink)
+    with pytest.raises(CostConfigError, match="hop peer1->peer2 has no link profile"):
+        ClusterProfile(devices, [hops[0], None, hops[2]], ok.uplink)  # type: ignore[list-item]
+    with pytest.raises(CostConfigError, match="uplink: link 'wire' is d2d, not client-edge"):
+        ClusterProfile(devices, hops, hops[0])
+    loud = LinkProfile("loud", "d2d", bandwidth_hz=1e6, distance_m=50, tx_power_w=1.0)
+    with pytest.raises(CostConfigError, match="hop start->peer1: link 'loud' transmits at 1.0 W"):
+        ClusterProfile(devices, [loud, *hops[1:]], ok.uplink)
+    with pytest.raises(CostConfigError, match="at least one peer"):
+        ClusterProfile(devices[:2], hops[:1], ok.uplink)
+    with pytest.raises(CostConfigError, match="4 nodes need 4 SegmentFlops"):
+        fine_tuning_round_cost(ok, FLOPS[:3], [0] * 3, [0] * 3, 1, 0, 0)
+    with pytest.raises(CostConfigError, match="backward hop_bytes\\[1\\] must be >= 0"):
+        fine_tuning_round_cost(ok, FLOPS, [0] * 3, [0, -1, 0], 1, 0, 0)
+
+
+# -- presets and TOML -------------------------------------------------------------------------
+def test_presets_follow_the_anchor_ranges() -> None:
+    for name in ("phone-low", "phone-mid", "phone-high"):
+        phone = DEVICE_PRESETS[name]
+        assert 0.5e9 <= phone.clock_hz <= 2e9 and 8 <= phone.flops_per_cycle <= 16
+        assert phone.tx_power_w == 0.2
+    assert 2.5e9 <= DEVICE_PRESETS["edge-server"].clock_hz <= 3.5e9
+    assert LINK_PRESETS["backhaul-1gbps"].rate_bps() == 1e9
+    assert LINK_PRESETS["uplink-1mhz"].kind == "client-edge"
+
+
+def test_unknown_profile_name_lists_the_valid_ones() -> None:
+    with pytest.raises(
+        CostConfigError, match="unknown device profile 'tablet'; valid: edge-server, phone-high"
+    ):
+        load_profiles().device("tablet")
+    with pytest.raises(
+        CostConfigError, match="unknown link profile 'lte'; valid: backhaul-1gbps, d2d-500m"
+    ):
+        ClusterProfile.from_names(load_profiles(), ["phone-mid"] * 3, "lte", "uplink-1mhz")
+
+
+def test_toml_adds_and_overrides_profiles(tmp_path: Path) -> None:
+    path = tmp_path / "profiles.toml"
+    path.write_text(
+        "[devices.phone-mid]\nclock_hz = 1.5e9\n"  # override one field of a preset
+        "[devices.tablet]\nclock_hz = 2e9\nflops_per_cycle = 16\nmemory_bytes = 6e9\n"
+        '[links.d2d-100m]\nkind = "d2d"\nbandwidth_hz = 5e6\ndistance_m = 100\ntx_power_w = 0.1\n'
+    )
+    profiles = load_profiles(path)
+    mid = profiles.device("phone-mid")
+    assert (mid.clock_hz, mid.flops_per_cycle) == (
+        1.5e9,
+        DEVICE_PRESETS["phone-mid"].flops_per_cycle,
+    )
+    assert profiles.device("tablet").memory_bytes == 6 * 10**9
+    assert profiles.link("d2d-100m").rate_bps() == pytest.approx(shannon_rate_bps(5e6, 100, 0.1))
+    assert profiles.link("d2d-50m") == LINK_PRESETS["d2d-50m"]  # the rest stay
+    assert DEVICE_PRESETS["phone-mid"].clock_hz == 1.0e9  # presets are not mutated
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[devices.phone-mid]\nclockhz = 1e9\n",
+            r"\[devices.phone-mid\]: unknown key\(s\) \['clockhz'\]",
+        ),
+        ("[devices.x]\nclock_hz = 1e9\n", r"\[devices.x\]: .*flops_per_cycle"),
+        (
+            '[links.d2d-50m]\ndistance_m = "far"\n',
+            r"\[links.d2d-50m\]: distance_m must be a number",
+        ),
+        ("[links.d2d-50m]\ndistance_m = -3\n", "link 'd2d-50m': distance_m must be > 0"),
+        ("[phones.x]\n", r"unknown table\(s\) \['phones'\]"),
+    ],
+)
+def test_toml_errors_name_the_table_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(CostConfigError, match=message):
+        load_profiles(path)
+
+
+# -- memory -----------------------------------------------------------------------------------
+def measured_activations(model: PromptedViT, plan: SplitPlan, batch: int) -> list[int]:
+    """Saved-for-backward bytes per node, measured on the segments as the chain runs them."""
+    model.train()
+    params = list(model.parameters())
+    img = model.backbone.patch_embed.img_size[0]
+    x = torch.randn(batch, 3, img, img)
+    y = torch.randint(0, model.backbone.num_classes, (batch,))
+    measured = [measure_saved_activation_bytes(model.embed, x, exclude=params)]
+    h = model.embed(x).detach()
+    trains = model.mode == "full"
+    for lo, hi in plan.ranges:
+        h_in = h.requires_grad_(
+            trains
+        )  # the chain asks for a gradient once anything upstream trains
+        measured.append(
+            measure_saved_activation_bytes(
+                lambda t, lo=lo, hi=hi: model.run_blocks(t, lo, hi), h_in, exclude=params
+            )
+        )
+        h = model.run_blocks(h_in, lo, hi).detach()
+        trains = trains or any(
+            model.prompt(i).tokens.requires_grad for i in range(lo, hi) if i < len(model.prompts)
+        )
+    loss = lambda t: F.cross_entropy(model.head_forward(t), y)  # noqa: E731
+    measured.append(measure_saved_activation_bytes(loss, h.requires_grad_(trains), exclude=params))
+    return measured
+
+
+# Every prefix/pooling layout under vpt-deep; every mode on the class token and on average
+# pooling (whose fc_norm replaces the final norm); the explicit attention path on two modes.
+MEMORY_CASES = [
+    *((variant, "vpt-deep", True) for variant in sorted(VARIANTS)),
+    *(("cls-token", mode, True) for mode in ("vpt-shallow", "linear", "full")),
+    *(("avg-pool", mode, True) for mode in ("vpt-shallow", "linear", "full")),
+    *(("cls-token", mode, False) for mode in ("vpt-deep", "full")),
+]
+
+
+@pytest.mark.parametrize(("variant", "mode", "fused"), MEMORY_CASES)
+def test_activation_estimate_matches_saved_tensors(variant: str, mode: str, fused: bool) -> None:
+    name, overrides = VARIANTS[variant]
+    prompts = 3 if mode.startswith("vpt") else 0
+    model = build_prompted_vit(
+        name, mode=mode, num_prompts=prompts, num_classes=5, **{**TINY, **overrides}
+    )
+    for block in model.backbone.blocks:
+        block.attn.fused_attn = fused
+    plan = SplitPlan.from_sizes([1, 2, 3])
+    estimate = [f.activations for f in segment_memory(model, plan, batch_size=2)]
+    assert estimate == pytest.approx(measured_activations(model, plan, batch=2), rel=0.2)
+
+
+def test_activation_estimate_for_vit_b16_blocks() -> None:
+    # ViT-B/16 at 224 px with 10 deep prompts: 207 tokens, d = 768; two blocks keep it fast.
+    model = build_prompted_vit(
+        "vit_base_patch16_224", mode="vpt-deep", num_prompts=10, num_classes=102, depth=2
+    )
+    plan = plan_even(2, 2)
+    estimate = [f.activations for f in segment_memory(model, plan, batch_size=2)]
+    measured = measured_activations(model, plan, batch=2)
+    assert estimate == pytest.approx(measured, rel=0.2)
+    assert measured[1] > 12e6  # a ViT-B block keeps ~6.4 MB per sample for backward
+
+
+def test_weights_gradients_and_optimizer_state_per_node() -> None:
+    model = build_prompted_vit(mode="vpt-deep", num_prompts=3, num_classes=5, **TINY)
+    plan = SplitPlan.from_sizes([2, 4])
+    sgd = segment_memory(model, plan, batch_size=4, optimizer="sgd")
+    adamw = segment_memory(model, plan, batch_size=4, optimizer="adamw")
+    plain = segment_memory(model, plan, batch_size=4, optimizer="sgd", momentum=0.0)
+    assert [f.name for f in sgd] == ["start", "peer1", "peer2", "end"]
+    assert sum(f.weights for f in sgd) == 4 * model.num_total()
+    prompt_bytes = 3 * 32 * 4  # one prompt module: 3 tokens x 32 wide, fp32
+    head_bytes = 4 * (32 * 5 + 5)
+    assert [f.gradients for f in sgd] == [0, 2 * prompt_bytes, 4 * prompt_bytes, head_bytes]
+    assert [f.optimizer_state for f in sgd] == [f.gradients for f in sgd]  # momentum: 1x
+    assert [f.optimizer_state for f in adamw] == [2 * f.gradients for f in sgd]  # two moments
+    assert [f.optimizer_state for f in plain] == [0] * 4
+    for f in sgd:
+        assert f.training == f.weights + f.gradients + f.optimizer_state + f.activations + f.smashed
+        if f.name.startswith("peer"):  # a block's working set is freed block by block
+            assert f.inference < f.training
+    with pytest.raises(CostConfigError, match="unknown optimizer 'lion'; valid: sgd, adamw"):
+        segment_memory(model, plan, batch_size=4, optimizer="lion")
