@@ -23,7 +23,9 @@ from torch.utils.data import Dataset
 
 from gaisnet_flwr.cloud import load_foundation
 from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.costs import fine_tuning_round_cost, segment_memory
 from gaisnet_flwr.data import ImageData, cluster_datasets, edge_image_data, load_image_data
+from gaisnet_flwr.flops import segment_flops
 from gaisnet_flwr.model import PromptedViT
 from gaisnet_flwr.training import cluster_plan, evaluate, train_cluster
 
@@ -116,9 +118,10 @@ class SplitClusterClient:
         started = time.perf_counter()
         model = self._model(arrays)
         server_round = int(cast(int, config.get("server-round", 0)))
+        plan = cluster_plan(self.cfg)
         result = train_cluster(
             model,
-            cluster_plan(self.cfg),
+            plan,
             self.train_set,
             self.cfg,
             seed=self._seed(server_round),
@@ -126,8 +129,33 @@ class SplitClusterClient:
             device=self.device,
         )
         upload = ArrayRecord(model.tunable_state())
+        # The paper's metrics (Sec. III-C.2) for this cluster's round, priced by the cost model
+        # from the FLOPs and the bytes the chain actually moved.
+        cost = fine_tuning_round_cost(
+            self.cfg.cluster_profile(),
+            segment_flops(model, plan),
+            result.chain.hop_bytes_forward,
+            result.chain.hop_bytes_backward,
+            samples=result.num_examples * self.cfg.local_epochs,
+            upload_bytes=upload.count_bytes(),
+            download_bytes=arrays.count_bytes(),
+        )
+        memory = segment_memory(
+            model, plan, self.cfg.batch_size, self.cfg.optimizer, momentum=self.cfg.momentum
+        )
+        per_node: dict[str, float | int] = {}
+        for node, footprint in zip(cost.nodes, memory, strict=True):
+            per_node[f"energy-j/{node.name}"] = node.energy_j
+            per_node[f"memory-bytes/{node.name}"] = footprint.training
         metrics = MetricRecord(
             {
+                "latency-s": cost.latency_s,
+                "energy-j": cost.energy_j,
+                "compute-j": cost.compute_j,
+                "tx-j": cost.tx_j,
+                "cs-bytes": cost.cs_bytes,
+                "memory-max-bytes": max(m.training for m in memory),
+                **per_node,
                 "num-examples": result.num_examples,
                 "train-loss": result.loss,
                 "train-acc": result.accuracy,

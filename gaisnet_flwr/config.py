@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gaisnet_flwr.costs import ClusterProfile, CostConfigError, load_profiles
 from gaisnet_flwr.data import DATASETS, DOMAINS, PARTITIONINGS, DataSpec
 from gaisnet_flwr.model import MODES
 from gaisnet_flwr.split import PLANNERS
@@ -51,7 +52,7 @@ class RunConfig:
     num_prompts: int = 10  # prompt tokens per prompt module (VPT)
     # -- client cluster: D2D peers between the start point and the end point -----------------
     peers_per_cluster: int = 3
-    peer_speeds: str = ""  # comma-separated relative compute speeds, e.g. "1,2,1"; "" = equal
+    peer_speeds: str = ""  # relative compute speeds, e.g. "1,2,1"; "" = the peers' devices
     planner: str = "minmax"  # one of PLANNERS
     # -- training -------------------------------------------------------------------------------
     num_rounds: int = 5
@@ -68,6 +69,13 @@ class RunConfig:
     classes_per_cluster: int = 2
     dirichlet_alpha: float = 0.5
     val_fraction: float = 0.2
+    # -- cost model (gaisnet_flwr/costs.py): profile names, presets or from cost-profiles ------
+    cost_profiles: str = ""  # TOML file adding/overriding [devices.NAME] / [links.NAME]
+    start_device: str = "phone-mid"
+    peer_devices: str = "phone-high,phone-mid,phone-low"  # cycled over the peers
+    end_device: str = "phone-mid"
+    d2d_link: str = "d2d-50m"
+    uplink: str = "uplink-1mhz"
     # -- edge servers and the cloud (paper Sec. III-B) ------------------------------------------
     edge_domains: str = "none"  # one domain per edge server, comma-separated (DOMAINS)
     edge_shares: str = ""  # relative data share per edge, e.g. "1,1,0.2"; "" = equal
@@ -138,6 +146,10 @@ class RunConfig:
                 f"peers-per-cluster={self.peers_per_cluster} exceeds depth={self.depth}: "
                 f"each peer needs at least one Transformer block"
             )
+        try:
+            self.cluster_profile()
+        except (CostConfigError, OSError) as err:
+            raise ConfigError(f"cost model: {err}") from err
         speeds = self.speeds()
         if len(speeds) != self.peers_per_cluster or any(s <= 0 for s in speeds):
             raise ConfigError(
@@ -162,8 +174,9 @@ class RunConfig:
 
     # -- derived views ------------------------------------------------------------------------
     def speeds(self) -> list[float]:
+        """Peer compute speeds for the planner: peer-speeds, else the peers' device FLOP/s."""
         if not self.peer_speeds.strip():
-            return [1.0] * self.peers_per_cluster
+            return [d.flops_per_second for d in self.cluster_profile().devices[1:-1]]
         try:
             return [float(s) for s in self.peer_speeds.split(",")]
         except ValueError as err:
@@ -184,6 +197,21 @@ class RunConfig:
             return [float(s) for s in self.edge_shares.split(",")]
         except ValueError as err:
             raise ConfigError(f"edge-shares={self.edge_shares!r} is not a list of numbers") from err
+
+    def cluster_profile(self) -> ClusterProfile:
+        """Devices in chain order (start, peers cycled, end), D2D hops and the uplink."""
+        peers = [p.strip() for p in self.peer_devices.split(",") if p.strip()]
+        if not peers:
+            raise CostConfigError("peer-devices names no device profile")
+        devices = [
+            self.start_device,
+            *(peers[k % len(peers)] for k in range(self.peers_per_cluster)),
+            self.end_device,
+        ]
+        profiles = load_profiles(
+            Path(self.cost_profiles).expanduser() if self.cost_profiles else None
+        )
+        return ClusterProfile.from_names(profiles, devices, self.d2d_link, self.uplink)
 
     def strategy_kwargs(self) -> dict[str, Any]:
         try:

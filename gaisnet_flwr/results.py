@@ -18,8 +18,20 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
 
 # Counters add up over clusters; the slowest cluster sets the round's critical path.
-SUMMED = ("num-examples", "d2d-bytes-fwd", "d2d-bytes-bwd", "upload-bytes", "compute-flops")
-MAXED = ("train-time-s",)
+SUMMED = (
+    "num-examples",
+    "d2d-bytes-fwd",
+    "d2d-bytes-bwd",
+    "upload-bytes",
+    "compute-flops",
+    "energy-j",
+    "compute-j",
+    "tx-j",
+    "cs-bytes",
+)
+# Clusters train in parallel: the round's simulated convergence latency is the slowest cluster's;
+# per-node memory is reported as the largest any cluster needs at that role.
+MAXED = ("train-time-s", "latency-s", "memory-max-bytes", "memory-bytes")
 NOT_AGGREGATED = ("partition-id", "edge-id")
 
 
@@ -30,11 +42,12 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> Me
     out: dict[str, Any] = {"num-clusters": len(metrics)}
     for key in metrics[0]:
         values = [m[key] for m in metrics if key in m]
+        family = key.split("/")[0]  # per-node keys such as energy-j/peer1
         if key in NOT_AGGREGATED:
             continue
-        if key in SUMMED:
+        if family in SUMMED:
             out[key] = sum(values)  # type: ignore[arg-type]
-        elif key in MAXED:
+        elif family in MAXED:
             out[key] = max(values)  # type: ignore[type-var]
         elif len(values) == len(metrics) and weights.sum() > 0:
             out[key] = float(np.average(np.asarray(values, dtype=float), weights=weights))
@@ -81,6 +94,9 @@ class RoundRecorder:
             f"D2D fwd {row.get('train/d2d-bytes-fwd', 0) / 1e6:.2f} MB "
             f"bwd {row.get('train/d2d-bytes-bwd', 0) / 1e6:.2f} MB | "
             f"upload {row.get('train/upload-bytes', 0) / 1e3:.1f} kB | "
+            f"sim latency {row.get('train/latency-s', 0):.1f} s, "
+            f"energy {row.get('train/energy-j', 0):.1f} J, "
+            f"max node mem {row.get('train/memory-max-bytes', 0) / 1e6:.1f} MB | "
             f"{row['round-time-s']:.1f} s"
         )
 
