@@ -18,9 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import cast
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch.utils.data import Dataset
 
+from clients.inference import load_delivered_model, request_images, serve
 from gaisnet_flwr.cloud import load_foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs import fine_tuning_round_cost, segment_memory
@@ -169,6 +171,30 @@ class SplitClusterClient:
             }
         )
         return RecordDict({"arrays": upload, "metrics": metrics})
+
+    def infer(self, request: RecordDict) -> RecordDict:
+        """Serve one `query.infer` request (see clients/inference.py for its contract)."""
+        config = request.config_records.get("config", ConfigRecord())
+        distribution = str(config.get("distribution", "efficient"))
+        delivered = request.array_records.get("model")
+        images = request_images(request.array_records.get("inputs"), self.cfg.img_size)
+        # The frozen foundation is already on the devices (synchronised independently).
+        model = load_foundation(self.cfg, self.data.num_classes)
+        load_delivered_model(model, delivered, distribution)
+        labels = None
+        if images is None:  # the start point's own sensing data; its labels only score it
+            batch = [self.val_set[i] for i in range(len(self.val_set))]  # type: ignore[arg-type]
+            images = torch.stack([x for x, _ in batch])
+            labels = torch.tensor([int(y) for _, y in batch])
+        assert delivered is not None  # load_delivered_model refused an empty delivery
+        return serve(
+            model,
+            cluster_plan(self.cfg),
+            self.cfg.cluster_profile(),
+            images,
+            labels,
+            download_bytes=delivered.count_bytes(),
+        )
 
     def evaluate(self, arrays: ArrayRecord) -> RecordDict:
         result = evaluate(self._model(arrays), self.val_set, device=self.device)

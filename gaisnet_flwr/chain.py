@@ -167,30 +167,13 @@ class SplitChain:
     def _build_segments(self, make_optimizer: OptimizerFactory | None) -> list[Segment]:
         m = self.model
         flops = segment_flops(m, self.plan)
-        bb = m.backbone
-        embed_params: list[nn.Parameter] = [
-            p for mod in (bb.patch_embed, bb.norm_pre) for p in mod.parameters()
+        names = ["start", *(f"peer{k + 1}" for k in range(self.plan.num_peers)), "end"]
+        fns: list[Callable[[torch.Tensor], torch.Tensor]] = [
+            m.embed,
+            *(_blocks_fn(m, lo, hi) for lo, hi in self.plan.ranges),
+            m.head_forward,
         ]
-        embed_params += [
-            p
-            for p in (bb.cls_token, bb.pos_embed, bb.reg_token, getattr(bb, "dist_token", None))
-            if p is not None
-        ]
-        end_modules = [bb.norm, bb.fc_norm, *m.head_modules().values()]
-        groups: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], list[nn.Parameter]]] = [
-            ("start", m.embed, embed_params)
-        ]
-        for k, (start, stop) in enumerate(self.plan.ranges):
-            params = [m.prompt(i).tokens for i in range(start, stop) if i < len(m.prompts)]
-            params += [p for i in range(start, stop) for p in bb.blocks[i].parameters()]
-            groups.append((f"peer{k + 1}", _blocks_fn(m, start, stop), params))
-        groups.append(("end", m.head_forward, [p for mod in end_modules for p in mod.parameters()]))
-
-        # Guard against the classic split-learning bug of a parameter trained twice or never.
-        owned = [id(p) for _, _, params in groups for p in params if p.requires_grad]
-        expected = sorted(id(p) for p in m.tunable_parameters())
-        if sorted(owned) != expected:
-            raise RuntimeError("segments do not own the model's tunable parameters exactly once")
+        groups = list(zip(names, fns, segment_parameters(m, self.plan), strict=True))
 
         segments, upstream_trains = [], False
         for (name, fn, params), seg_flops in zip(groups, flops, strict=True):
@@ -246,6 +229,28 @@ class SplitChain:
             hop_bytes_backward=[link.stats.bytes_backward for link in self.links],
             segment_flops={s.name: s.flops_done for s in self.segments},
         )
+
+
+def segment_parameters(model: PromptedViT, plan: SplitPlan) -> list[list[nn.Parameter]]:
+    """Parameters each node holds, in chain order: the start point the embedding (patch and
+    position embeddings, prefix tokens, norm_pre), each peer its blocks and their prompts, the end
+    point norm, fc_norm and the head(s). Together they are every parameter exactly once."""
+    bb = model.backbone
+    start = [p for mod in (bb.patch_embed, bb.norm_pre) for p in mod.parameters()]
+    start += [
+        p
+        for p in (bb.cls_token, bb.pos_embed, bb.reg_token, getattr(bb, "dist_token", None))
+        if p is not None
+    ]
+    peers = []
+    for lo, hi in plan.ranges:
+        params = [model.prompt(i).tokens for i in range(lo, hi) if i < len(model.prompts)]
+        peers.append(params + [p for i in range(lo, hi) for p in bb.blocks[i].parameters()])
+    end_modules = [bb.norm, bb.fc_norm, *model.head_modules().values()]
+    groups = [start, *peers, [p for mod in end_modules for p in mod.parameters()]]
+    if sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in model.parameters()):
+        raise RuntimeError("segments do not hold the model's parameters exactly once")
+    return groups
 
 
 def _blocks_fn(model: PromptedViT, start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from clients.inference import InferenceRequestError
 from clients.split_client import ClusterIdentity, SplitClusterClient
 from gaisnet_flwr.config import RunConfig
+
+INFERENCE_REQUEST_ERROR = 400  # our code for "this request cannot be served", with the reason
 
 
 def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> ClientApp:
@@ -37,6 +40,14 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
         return Message(
             content=cluster(context).evaluate(msg.content.array_records["arrays"]), reply_to=msg
         )
+
+    @client.query("infer")
+    def infer(msg: Message, context: Context) -> Message:
+        try:
+            return Message(content=cluster(context).infer(msg.content), reply_to=msg)
+        except InferenceRequestError as err:
+            # A bad request costs only itself: a clear error reply, the node serves on.
+            return Message(Error(code=INFERENCE_REQUEST_ERROR, reason=str(err)), reply_to=msg)
 
     @client.query("identity")
     def identity(msg: Message, context: Context) -> Message:

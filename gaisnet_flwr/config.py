@@ -76,6 +76,9 @@ class RunConfig:
     end_device: str = "phone-mid"
     d2d_link: str = "d2d-50m"
     uplink: str = "uplink-1mhz"
+    # -- SL inference (paper Sec. III-D) ---------------------------------------------------------
+    inference_requests: int = 2  # requests served after fine-tuning (round-robin over clusters)
+    distribution: str = "efficient"  # ship the tunable modules only, or "full": every weight
     # -- edge servers and the cloud (paper Sec. III-B) ------------------------------------------
     edge_domains: str = "none"  # one domain per edge server, comma-separated (DOMAINS)
     edge_shares: str = ""  # relative data share per edge, e.g. "1,1,0.2"; "" = equal
@@ -100,6 +103,9 @@ class RunConfig:
         _choice("device", self.device, DEVICES)
         _choice("foundation", self.foundation, FOUNDATIONS)
         _choice("cloud_modules", self.cloud_modules, CLOUD_MODULES)
+        _choice("distribution", self.distribution, ("efficient", "full"))
+        if self.inference_requests < 0:
+            raise ConfigError(f"inference-requests must be >= 0, got {self.inference_requests}")
         for domain in self.domains():
             _choice("edge_domains", domain, DOMAINS)
         if self.dataset != "digits" and set(self.domains()) != {"none"}:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gaisnet_flwr.chain import segment_parameters
 from gaisnet_flwr.flops import SegmentFlops, ViTShape
 
 if TYPE_CHECKING:
@@ -612,28 +613,6 @@ class MemoryFootprint:
     @property
     def inference(self) -> int:
         return self.weights + self.inference_activations + self.smashed
-
-
-def segment_parameters(model: PromptedViT, plan: SplitPlan) -> list[list[torch.nn.Parameter]]:
-    """Parameters each node holds, in chain order: the start point the embedding (patch and
-    position embeddings, prefix tokens, norm_pre), each peer its blocks and their prompts, the end
-    point norm, fc_norm and the head(s). Together they are every parameter exactly once."""
-    bb = model.backbone
-    start = [p for mod in (bb.patch_embed, bb.norm_pre) for p in mod.parameters()]
-    start += [
-        p
-        for p in (bb.cls_token, bb.pos_embed, bb.reg_token, getattr(bb, "dist_token", None))
-        if p is not None
-    ]
-    peers = []
-    for lo, hi in plan.ranges:
-        params = [model.prompt(i).tokens for i in range(lo, hi) if i < len(model.prompts)]
-        peers.append(params + [p for i in range(lo, hi) for p in bb.blocks[i].parameters()])
-    end_modules = [bb.norm, bb.fc_norm, *model.head_modules().values()]
-    groups = [start, *peers, [p for mod in end_modules for p in mod.parameters()]]
-    if sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in model.parameters()):
-        raise RuntimeError("segments do not hold the model's parameters exactly once")
-    return groups
 
 
 def segment_memory(

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from gaisnet_flwr.cloud import ensure_foundation, load_foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data import edge_image_data, load_image_data
+from gaisnet_flwr.model import PromptedViT
 from gaisnet_flwr.results import RoundRecorder, aggregate_train_metrics
 from gaisnet_flwr.training import cluster_plan, evaluate
 from strategies.cloud_edge import CloudEdgeStrategy, edge_key, split_edges
@@ -143,6 +144,7 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
     )
     final = result.arrays
     path = recorder.save_modules({k: v.numpy() for k, v in final.items()})
+    serve_inference(grid, cfg, model, split_edges(final), node_edges, output_dir)
     last = recorder.rows[-1]
     log(
         INFO,
@@ -156,6 +158,67 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
         path.name,
     )
     return result
+
+
+def serve_inference(
+    grid: Grid,
+    cfg: RunConfig,
+    model: PromptedViT,
+    edge_modules: dict[int, ArrayRecord],
+    node_edges: dict[int, int],
+    output_dir: Path,
+) -> list[dict[str, Any]]:
+    """SL inference (paper Sec. III-D): serve `inference-requests` requests, round-robin over the
+    clusters, each with its edge's fine-tuned model; a failed request is reported, not fatal."""
+    nodes = sorted(node_edges)
+    served: list[dict[str, Any]] = []
+    for i in range(cfg.inference_requests):
+        node = nodes[i % len(nodes)]
+        edge = node_edges[node]
+        delivered = edge_modules[edge]
+        if cfg.distribution == "full":  # every weight: the foundation plus the edge's modules
+            model.load_tunable_state(delivered.to_torch_state_dict())
+            delivered = ArrayRecord(model.state_dict())
+        request = Message(
+            RecordDict(
+                {"model": delivered, "config": ConfigRecord({"distribution": cfg.distribution})}
+            ),
+            dst_node_id=node,
+            message_type="query.infer",
+        )
+        reply = next(iter(grid.send_and_receive([request], timeout=300)))
+        row: dict[str, Any] = {
+            "request": i,
+            "node": node,
+            "edge": edge,
+            "distribution": cfg.distribution,
+        }
+        if reply.has_error():
+            row["error"] = reply.error.reason
+            log(INFO, "[inference %d] node %d failed: %s", i, node, reply.error.reason)
+        else:
+            metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
+            row.update(metrics)
+            preds = reply.content.array_records["predictions"]["predictions"].numpy()
+            row["predictions"] = preds.tolist()
+            log(
+                INFO,
+                "[inference %d] edge %d, node %d: %d samples, accuracy %.4f | %s "
+                "distribution %.1f kB | sim latency %.2f s, energy %.2f J | D2D %.2f MB",
+                i,
+                edge,
+                node,
+                metrics["num-samples"],
+                metrics.get("accuracy", float("nan")),
+                cfg.distribution,
+                metrics["download-bytes"] / 1e3,
+                metrics["latency-s"],
+                metrics["energy-j"],
+                metrics["d2d-bytes"] / 1e6,
+            )
+        served.append(row)
+        (output_dir / "inference.json").write_text(json.dumps(served, indent=2))
+    return served
 
 
 def create_server_app(fallback_config: Mapping[str, Any] | None = None) -> ServerApp:

@@ -4,7 +4,8 @@ The start point holds the embedding, the end point the final norm and the head, 
 peers hold contiguous ranges of Transformer blocks together with their prompt modules. ViT blocks
 are homogeneous, so sizing the ranges to the peers' compute speeds is the classic min-max linear
 partition problem: choose cut points so that the slowest stage is as fast as possible. We solve it
-exactly by dynamic programming in O(L^2 K) for L blocks and K peers.
+exactly by dynamic programming in O(L^2 K) for L blocks and K peers, then break ties by the least
+total compute time (a second exact DP restricted to stages within the optimal bottleneck).
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def bottleneck(plan: SplitPlan, block_costs: Sequence[float], speeds: Sequence[f
 def plan_min_max(block_costs: Sequence[float], speeds: Sequence[float]) -> SplitPlan:
     """Exact min-max partition of blocks (in order) over peers (in chain order).
 
+    Minimises the slowest peer's time; among the plans that reach that bottleneck it takes one
+    with the least total compute time (faster peers carry more), so no fast peer is starved.
+
     Args:
         block_costs: compute per block (e.g. FLOPs); all equal for a plain ViT.
         speeds: compute speed per peer (e.g. FLOP/s), in chain order.
@@ -98,25 +102,43 @@ def plan_min_max(block_costs: Sequence[float], speeds: Sequence[float]) -> Split
     for c in block_costs:
         prefix.append(prefix[-1] + c)
 
-    @cache
-    def best(first_block: int, peer: int) -> tuple[float, tuple[int, ...]]:
-        """Min bottleneck for blocks [first_block, L) on peers [peer, K); returns the sizes."""
-        remaining_peers = num_peers - peer
-        if remaining_peers == 1:
-            return (prefix[num_blocks] - prefix[first_block]) / speeds[peer], (
-                num_blocks - first_block,
-            )
-        result: tuple[float, tuple[int, ...]] = (float("inf"), ())
-        # Leave at least one block for each later peer.
-        for stop in range(first_block + 1, num_blocks - remaining_peers + 2):
-            here = (prefix[stop] - prefix[first_block]) / speeds[peer]
-            rest, sizes = best(stop, peer + 1)
-            candidate = max(here, rest)
-            if candidate < result[0]:  # strict: ties keep the earliest (fewest blocks up front)
-                result = (candidate, (stop - first_block, *sizes))
-        return result
+    def time(start: int, stop: int, peer: int) -> float:
+        return (prefix[stop] - prefix[start]) / speeds[peer]
 
-    return SplitPlan.from_sizes(best(0, 0)[1])
+    def stops(first_block: int, peer: int) -> range:
+        # Leave at least one block for each later peer; the last peer takes the rest.
+        if peer == num_peers - 1:
+            return range(num_blocks, num_blocks + 1)
+        return range(first_block + 1, num_blocks - (num_peers - peer) + 2)
+
+    @cache
+    def bottleneck_from(first_block: int, peer: int) -> float:
+        """Min bottleneck for blocks [first_block, L) on peers [peer, K)."""
+        if peer == num_peers:
+            return 0.0
+        return min(
+            max(time(first_block, stop, peer), bottleneck_from(stop, peer + 1))
+            for stop in stops(first_block, peer)
+        )
+
+    limit = bottleneck_from(0, 0) * (1 + 1e-12)  # float slack for ties
+
+    @cache
+    def least_total(first_block: int, peer: int) -> tuple[float, tuple[int, ...]]:
+        """Min total time for blocks [first_block, L) on peers [peer, K), no stage over limit."""
+        if peer == num_peers:
+            return (0.0, ()) if first_block == num_blocks else (float("inf"), ())
+        best: tuple[float, tuple[int, ...]] = (float("inf"), ())
+        for stop in stops(first_block, peer):
+            here = time(first_block, stop, peer)
+            if here > limit:
+                continue
+            rest, sizes = least_total(stop, peer + 1)
+            if here + rest < best[0]:
+                best = (here + rest, (stop - first_block, *sizes))
+        return best
+
+    return SplitPlan.from_sizes(least_total(0, 0)[1])
 
 
 def plan_even(num_blocks: int, num_peers: int) -> SplitPlan:

@@ -38,7 +38,7 @@ def hfsl_round(cfg: RunConfig, clusters: int) -> tuple[float, int, int]:
     arrays = ArrayRecord(load_foundation(cfg, NUM_CLASSES).tunable_state())
     started = time.perf_counter()
     replies = [
-        SplitClusterClient(cfg, ClusterIdentity(c, clusters)).train(
+        SplitClusterClient(cfg, ClusterIdentity(0, c, clusters)).train(
             arrays, ConfigRecord({"server-round": 1})
         )
         for c in range(clusters)
@@ -71,7 +71,7 @@ def stock_fedavg_round(cfg: RunConfig, clusters: int) -> tuple[float, int]:
     started = time.perf_counter()
     replies = []
     for c in range(clusters):
-        client = SplitClusterClient(full, ClusterIdentity(c, clusters))  # same partition
+        client = SplitClusterClient(full, ClusterIdentity(0, c, clusters))  # same partition
         model = load_foundation(full, NUM_CLASSES)
         model.load_state_dict(global_state)
         opt = optimizer_factory(full)(list(model.parameters()))

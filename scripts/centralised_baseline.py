@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset
 
 from gaisnet_flwr.cloud import ensure_foundation, load_foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
-from gaisnet_flwr.data import cluster_datasets, load_image_data
+from gaisnet_flwr.data import cluster_datasets, edge_image_data, load_image_data
 from gaisnet_flwr.training import evaluate, train_centralised
 
 
@@ -34,19 +34,22 @@ def main() -> None:
     spec = cfg.data_spec()
     data = load_image_data(spec)
     ensure_foundation(cfg, data)
+    if cfg.num_edges() != 1:
+        raise SystemExit("the centralised baseline compares with a single-edge HFSL run")
+    edge = edge_image_data(data, 0, cfg.shares(), cfg.domains()[0], seed=cfg.seed)
     pooled = ConcatDataset(
-        [cluster_datasets(data, c, args.clusters, spec)[0] for c in range(args.clusters)]
+        [cluster_datasets(edge, c, args.clusters, spec)[0] for c in range(args.clusters)]
     )
     model = load_foundation(cfg, data.num_classes)
     epochs = cfg.num_rounds * cfg.local_epochs
-    accuracy = [evaluate(model, data.test).accuracy]
+    accuracy = [evaluate(model, edge.test).accuracy]
     started = time.perf_counter()
     train_centralised(
         model,
         pooled,
         cfg,
         epochs,
-        on_epoch=lambda epoch, m: accuracy.append(evaluate(m, data.test).accuracy),
+        on_epoch=lambda epoch, m: accuracy.append(evaluate(m, edge.test).accuracy),
     )
     print(
         f"centralised prompt tuning on {len(pooled)} pooled images of {args.clusters} clusters, "

@@ -22,6 +22,7 @@ import itertools
 
 import torch
 
+from gaisnet_flwr.chain import segment_parameters
 from gaisnet_flwr.costs import (
     ClusterProfile,
     Profiles,
@@ -32,7 +33,6 @@ from gaisnet_flwr.costs import (
     inference_cost,
     load_profiles,
     segment_memory,
-    segment_parameters,
     tensor_wire_bytes,
     tx_time_s,
 )

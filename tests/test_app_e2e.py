@@ -117,6 +117,18 @@ def test_results_record_every_round_and_the_true_traffic(first_run: dict[str, An
         assert row["train/num-examples"] > 0
 
 
+def test_inference_requests_are_served_after_fine_tuning(first_run: dict[str, Any]) -> None:
+    cfg = RunConfig.from_run_config(first_run)
+    served = json.loads((Path(cfg.output_dir) / "inference.json").read_text())
+    assert [row["request"] for row in served] == list(range(cfg.inference_requests))
+    assert len({row["node"] for row in served}) == min(cfg.inference_requests, NUM_CLUSTERS)
+    for row in served:
+        assert "error" not in row, row.get("error")
+        assert len(row["predictions"]) == row["num-samples"] > 0
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["latency-s"] > 0 and row["d2d-bytes"] > 0
+        assert row["distribution"] == "efficient"
+
+
 def test_final_modules_are_the_tunable_ones_and_give_the_last_accuracy(
     first_run: dict[str, Any],
 ) -> None:

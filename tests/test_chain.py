@@ -218,3 +218,23 @@ def test_segment_flops_match_torch_counter(mode: str) -> None:
     counted = sum(chain.stats().segment_flops.values())
     assert counted == batch * sum(f.forward + f.backward for f in segment_flops(model, plan))
     assert counted == pytest.approx(measured_step, rel=0.05)
+
+
+def test_vit_b16_flops_match_torch_counter_on_the_meta_device() -> None:
+    # ViT-B/16 at 224 px, 102 classes, VPT-deep with 10 prompts; shapes only (no weights).
+    with torch.device("meta"):
+        model = build_prompted_vit(
+            "vit_base_patch16_224", mode="vpt-deep", num_prompts=10, num_classes=102
+        )
+        _explicit_attention(model)
+        x = torch.empty(1, 3, 224, 224)
+        measured_forward = _count(lambda: model.eval()(x))
+        model.train()
+        measured_step = _count(lambda: model(x).sum().backward())
+    shape = ViTShape.of(model)
+    assert measured_forward == pytest.approx(model_forward_flops(shape), rel=0.05)
+    counted = segment_flops(model, plan_even(12, 3))
+    # The unsplit step computes the same gradients the chain does (no input gradient at the
+    # start point), so its FLOPs are the sum over segments.
+    assert measured_step == pytest.approx(sum(f.forward + f.backward for f in counted), rel=0.05)
+    assert model_forward_flops(shape) == pytest.approx(2 * 17.6e9 * 207 / 197, rel=0.05)

@@ -3,6 +3,7 @@ with a message that names the run-config key (and the valid choices where there 
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,26 @@ def test_data_errors_name_the_run_config_key(overrides: dict[str, Any], key: str
 def test_cuda_without_a_cuda_device_is_refused() -> None:
     with pytest.raises(ConfigError, match="device='cuda'"):
         RunConfig.from_run_config({"device": "cuda"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"d2d-link": "wifi"}, "unknown link profile 'wifi'; valid: backhaul-1gbps"),
+        ({"peer-devices": "phone-x"}, "unknown device profile 'phone-x'; valid: edge-server"),
+        ({"peer-devices": ""}, "peer-devices names no device profile"),
+        ({"uplink": "d2d-50m"}, "uplink"),
+    ],
+)
+def test_cost_model_errors_fail_before_the_run(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape("cost model: ") + ".*" + re.escape(message)):
+        RunConfig.from_run_config(overrides)
+
+
+def test_negative_bandwidth_in_a_profiles_file_fails_before_the_run(tmp_path) -> None:
+    path = tmp_path / "profiles.toml"
+    path.write_text(
+        '[links.bad]\nkind = "d2d"\nbandwidth_hz = -1e6\ndistance_m = 50\ntx_power_w = 0.2\n'
+    )
+    with pytest.raises(ConfigError, match="cost model: .*bad.*bandwidth_hz must be > 0"):
+        RunConfig.from_run_config({"cost-profiles": str(path), "d2d-link": "bad"})

@@ -36,6 +36,34 @@ def test_min_max_planner_matches_brute_force(seed: int) -> None:
     assert bottleneck(plan, costs, speeds) == pytest.approx(brute_force(costs, speeds), rel=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_ties_are_broken_by_the_least_total_time(seed: int) -> None:
+    rng = random.Random(seed)
+    num_blocks = rng.randint(2, 9)
+    speeds = [rng.choice([1.0, 2.0, 4.0]) for _ in range(rng.randint(1, num_blocks))]
+    costs = [1.0] * num_blocks
+    plan = plan_min_max(costs, speeds)
+    best = brute_force(costs, speeds)
+    optimal = [
+        SplitPlan.from_sizes(s)
+        for s in compositions(num_blocks, len(speeds))
+        if bottleneck(SplitPlan.from_sizes(s), costs, speeds) <= best * (1 + 1e-12)
+    ]
+
+    def total(p: SplitPlan) -> float:
+        return sum(size / speed for size, speed in zip(p.sizes(), speeds, strict=True))
+
+    assert bottleneck(plan, costs, speeds) == pytest.approx(best, rel=1e-12)
+    assert total(plan) == pytest.approx(min(total(p) for p in optimal), rel=1e-12)
+
+
+def test_a_fast_peer_is_not_starved() -> None:
+    # Peers 32, 12, 4, 32 GFLOP/s over 12 blocks: the slow peer bounds the bottleneck at one
+    # block; the two fast peers should then carry the most, not one block each.
+    sizes = plan_min_max([1.0] * 12, [32.0, 12.0, 4.0, 32.0]).sizes()
+    assert sizes[2] == 1 and sizes[0] >= 4 and sizes[3] >= 4
+
+
 def test_faster_peer_gets_more_blocks() -> None:
     # 12 blocks on peers 1x, 2x, 1x fast: the bottleneck is minimised by 3 / 6 / 3.
     assert plan_min_max([1.0] * 12, [1.0, 2.0, 1.0]).sizes() == [3, 6, 3]

@@ -1,0 +1,136 @@
+"""SL inference: split predictions equal the unsplit model's; bad requests get clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.inference import InferenceRequestError
+from clients.split_client import ClusterIdentity, SplitClusterClient
+from gaisnet_flwr.client_app import INFERENCE_REQUEST_ERROR, create_client_app
+from gaisnet_flwr.cloud import load_foundation
+from gaisnet_flwr.config import RunConfig
+
+TINY = {
+    "depth": 4,
+    "embed-dim": 32,
+    "num-heads": 2,
+    "peers-per-cluster": 2,
+    "foundation": "none",
+    "num-prompts": 3,
+}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+
+
+def client(**overrides: object) -> SplitClusterClient:
+    cfg = RunConfig.from_run_config({**TINY, **overrides})
+    return SplitClusterClient(cfg, ClusterIdentity(0, 0, 2))
+
+
+def fine_tuned(c: SplitClusterClient) -> ArrayRecord:
+    """Tunable modules that differ from the initial ones, as after fine-tuning."""
+    model = load_foundation(c.cfg, 10)
+    torch.manual_seed(1)
+    state = {k: v + 0.1 * torch.randn_like(v) for k, v in model.tunable_state().items()}
+    return ArrayRecord(state)
+
+
+def request(
+    model: ArrayRecord | None, distribution: str = "efficient", images: np.ndarray | None = None
+) -> RecordDict:
+    content = RecordDict({"config": ConfigRecord({"distribution": distribution})})
+    if model is not None:
+        content["model"] = model
+    if images is not None:
+        content["inputs"] = ArrayRecord({"images": Array(images)})
+    return content
+
+
+@pytest.mark.parametrize(("peers", "speeds"), [(1, ""), (2, "1,3"), (4, "1,1,1,1")])
+def test_split_inference_predictions_equal_the_unsplit_model(peers: int, speeds: str) -> None:
+    c = client(**{"peers-per-cluster": peers, "peer-speeds": speeds})
+    modules = fine_tuned(c)
+    reply = c.infer(request(modules))
+    predictions = reply.array_records["predictions"]["predictions"].numpy()
+
+    whole = load_foundation(c.cfg, 10)
+    whole.load_tunable_state(modules.to_torch_state_dict())
+    images = torch.stack([c.val_set[i][0] for i in range(len(c.val_set))])
+    expected = whole.eval()(images).argmax(1).numpy()
+    np.testing.assert_array_equal(predictions, expected)
+    metrics = reply.metric_records["metrics"]
+    assert metrics["num-samples"] == len(c.val_set)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["latency-s"] > 0 and metrics["energy-j"] > 0 and metrics["d2d-bytes"] > 0
+
+
+def test_parameter_efficient_and_full_distribution_agree_and_differ_in_bytes() -> None:
+    c = client()
+    modules = fine_tuned(c)
+    model = load_foundation(c.cfg, 10)
+    model.load_tunable_state(modules.to_torch_state_dict())
+    full = ArrayRecord(model.state_dict())
+    efficient_reply = c.infer(request(modules, "efficient"))
+    full_reply = c.infer(request(full, "full"))
+    np.testing.assert_array_equal(
+        efficient_reply.array_records["predictions"]["predictions"].numpy(),
+        full_reply.array_records["predictions"]["predictions"].numpy(),
+    )
+    pe = efficient_reply.metric_records["metrics"]["download-bytes"]
+    pf = full_reply.metric_records["metrics"]["download-bytes"]
+    assert pe == modules.count_bytes() and pf == full.count_bytes()
+    assert pf > 10 * pe
+
+
+def test_request_images_are_served_and_checked() -> None:
+    c = client()
+    images = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    reply = c.infer(request(fine_tuned(c), images=images))
+    assert reply.array_records["predictions"]["predictions"].numpy().shape == (5,)
+    assert "accuracy" not in reply.metric_records["metrics"]  # no labels came with them
+    with pytest.raises(
+        InferenceRequestError,
+        match=r"shape \[5, 3, 16, 16\]; expected "
+        r"\['N', 3, 32, 32\]",
+    ):
+        c.infer(request(fine_tuned(c), images=images[:, :, :16, :16].copy()))
+    with pytest.raises(InferenceRequestError, match="dtype float64; expected float32"):
+        c.infer(request(fine_tuned(c), images=images.astype(np.float64)))
+
+
+def test_a_node_without_the_model_says_so() -> None:
+    c = client()
+    with pytest.raises(InferenceRequestError, match="has no model to serve the request"):
+        c.infer(request(None))
+    wrong = ArrayRecord({"prompt.0": Array(np.zeros((7, 32), np.float32))})
+    with pytest.raises(InferenceRequestError, match="does not fit"):
+        c.infer(request(wrong))
+    with pytest.raises(InferenceRequestError, match="distribution 'half' is not valid"):
+        c.infer(request(fine_tuned(c), "half"))
+
+
+def test_client_app_answers_a_bad_request_with_an_error_and_serves_the_next() -> None:
+    app = create_client_app({**TINY, "foundation": "none"})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={},
+    )
+    c = client()
+    bad = Message(request(None), dst_node_id=1, message_type="query.infer")
+    reply = app(bad, context)
+    assert reply.has_error() and reply.error.code == INFERENCE_REQUEST_ERROR
+    assert "has no model" in reply.error.reason
+    good = Message(request(fine_tuned(c)), dst_node_id=1, message_type="query.infer")
+    assert not app(good, context).has_error()
