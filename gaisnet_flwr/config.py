@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from gaisnet_flwr.costs import ClusterProfile, CostConfigError, load_profiles
+from gaisnet_flwr.costs import (
+    ClusterProfile,
+    CostConfigError,
+    DeviceProfile,
+    LinkProfile,
+    load_profiles,
+)
 from gaisnet_flwr.data import DATASETS, DOMAINS, PARTITIONINGS, DataSpec
 from gaisnet_flwr.model import MODES
 from gaisnet_flwr.split import PLANNERS
@@ -76,6 +82,8 @@ class RunConfig:
     end_device: str = "phone-mid"
     d2d_link: str = "d2d-50m"
     uplink: str = "uplink-1mhz"
+    edge_device: str = "edge-server"  # runs each edge's (and the cloud's) aggregation
+    backhaul_link: str = "backhaul-1gbps"  # edge <-> cloud
     # -- SL inference (paper Sec. III-D) ---------------------------------------------------------
     inference_requests: int = 2  # requests served after fine-tuning (round-robin over clusters)
     distribution: str = "efficient"  # ship the tunable modules only, or "full": every weight
@@ -154,6 +162,7 @@ class RunConfig:
             )
         try:
             self.cluster_profile()
+            self.hierarchy_profiles()
         except (CostConfigError, OSError) as err:
             raise ConfigError(f"cost model: {err}") from err
         speeds = self.speeds()
@@ -218,6 +227,19 @@ class RunConfig:
             Path(self.cost_profiles).expanduser() if self.cost_profiles else None
         )
         return ClusterProfile.from_names(profiles, devices, self.d2d_link, self.uplink)
+
+    def hierarchy_profiles(self) -> tuple[DeviceProfile, LinkProfile]:
+        """The edge server's device and the edge-cloud backhaul link."""
+        profiles = load_profiles(
+            Path(self.cost_profiles).expanduser() if self.cost_profiles else None
+        )
+        backhaul = profiles.link(self.backhaul_link)
+        if backhaul.kind != "edge-cloud":
+            raise CostConfigError(
+                f"backhaul-link {self.backhaul_link!r} is a {backhaul.kind} "
+                f"link; it must be an edge-cloud link"
+            )
+        return profiles.device(self.edge_device), backhaul
 
     def strategy_kwargs(self) -> dict[str, Any]:
         try:

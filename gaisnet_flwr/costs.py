@@ -521,6 +521,26 @@ def edge_round_latency(cluster_costs: Sequence[RoundCost], aggregation_s: float)
     return max(c.latency_s for c in cluster_costs) + aggregation_s
 
 
+def hierarchy_round_latency(
+    slowest_cluster_s: float,
+    tunable_params: int,
+    clusters: int,
+    edges: int,
+    cloud_round: bool,
+    edge: DeviceProfile,
+    backhaul: LinkProfile,
+) -> float:
+    """A round's convergence latency through the hierarchy (paper Sec. III-B, III-C.2):
+    the slowest cluster (its chain, upload and download), then the edge's FedAvg (2 FLOPs per
+    parameter and cluster), then on cloud rounds every edge's modules up and back down the
+    backhaul (fp32) in series with the cloud's own averaging (2 FLOPs per parameter and edge)."""
+    latency = slowest_cluster_s + compute_time_s(2 * tunable_params * clusters, edge)
+    if cloud_round and edges > 1:
+        latency += 2 * edges * tx_time_s(4 * tunable_params, backhaul)
+        latency += compute_time_s(2 * tunable_params * edges, edge)
+    return latency
+
+
 def _chain_cost(
     cluster: ClusterProfile,
     work: Sequence[float],

@@ -94,7 +94,7 @@ class RoundRecorder:
             f"D2D fwd {row.get('train/d2d-bytes-fwd', 0) / 1e6:.2f} MB "
             f"bwd {row.get('train/d2d-bytes-bwd', 0) / 1e6:.2f} MB | "
             f"upload {row.get('train/upload-bytes', 0) / 1e3:.1f} kB | "
-            f"sim latency {row.get('train/latency-s', 0):.1f} s, "
+            f"sim latency {row.get('train/round-latency-s', 0):.1f} s, "
             f"energy {row.get('train/energy-j', 0):.1f} J, "
             f"max node mem {row.get('train/memory-max-bytes', 0) / 1e6:.1f} MB | "
             f"{row['round-time-s']:.1f} s"

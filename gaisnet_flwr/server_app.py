@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from gaisnet_flwr.cloud import ensure_foundation, load_foundation
 from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.costs import hierarchy_round_latency
 from gaisnet_flwr.data import edge_image_data, load_image_data
 from gaisnet_flwr.model import PromptedViT
 from gaisnet_flwr.results import RoundRecorder, aggregate_train_metrics
@@ -99,6 +100,7 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
         train_metrics_fn=aggregate_train_metrics,
     )
     plan = cluster_plan(cfg)
+    edge_device, backhaul = cfg.hierarchy_profiles()
     log(
         INFO,
         "GaisNet HFSL: %s %s, %d prompts; %d tunable of %d parameters (%.3f %%)",
@@ -128,7 +130,17 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
             row[edge_key(e, "accuracy")], row[edge_key(e, "loss")] = result.accuracy, result.loss
         row["accuracy"] = sum(row[edge_key(e, "accuracy")] for e in clusters) / len(clusters)
         row["loss"] = sum(row[edge_key(e, "loss")] for e in clusters) / len(clusters)
-        train = strategy.last_train_metrics if server_round > 0 else {}
+        train = dict(strategy.last_train_metrics) if server_round > 0 else {}
+        if "latency-s" in train:
+            train["round-latency-s"] = hierarchy_round_latency(
+                float(train["latency-s"]),
+                model.num_tunable(),
+                len(node_edges),
+                len(clusters),
+                strategy.is_cloud_round(server_round),
+                edge_device,
+                backhaul,
+            )
         recorder.record(server_round, row, train)
         return MetricRecord(row)  # type: ignore[arg-type]
 

@@ -148,3 +148,8 @@ def test_negative_bandwidth_in_a_profiles_file_fails_before_the_run(tmp_path) ->
     )
     with pytest.raises(ConfigError, match="cost model: .*bad.*bandwidth_hz must be > 0"):
         RunConfig.from_run_config({"cost-profiles": str(path), "d2d-link": "bad"})
+
+
+def test_backhaul_must_be_an_edge_cloud_link() -> None:
+    with pytest.raises(ConfigError, match="backhaul-link 'd2d-50m' is a d2d link"):
+        RunConfig.from_run_config({"backhaul-link": "d2d-50m"})

@@ -22,6 +22,7 @@ from gaisnet_flwr.costs import (
     compute_time_s,
     edge_round_latency,
     fine_tuning_round_cost,
+    hierarchy_round_latency,
     inference_cost,
     load_profiles,
     measure_saved_activation_bytes,
@@ -390,3 +391,15 @@ def test_weights_gradients_and_optimizer_state_per_node() -> None:
             assert f.inference < f.training
     with pytest.raises(CostConfigError, match="unknown optimizer 'lion'; valid: sgd, adamw"):
         segment_memory(model, plan, batch_size=4, optimizer="lion")
+
+
+def test_hierarchy_round_latency_by_hand() -> None:
+    edge = DeviceProfile("edge", clock_hz=1e9, flops_per_cycle=10)  # 1e10 FLOP/s
+    backhaul = LinkProfile("bh", kind="edge-cloud", wired_rate_bps=8e6)  # 1 MB/s
+    # 1,000 tunable parameters, 4 clusters, 2 edges.
+    plain = hierarchy_round_latency(3.0, 1000, 4, 2, False, edge, backhaul)
+    assert plain == pytest.approx(3.0 + 2 * 1000 * 4 / 1e10)
+    cloud = hierarchy_round_latency(3.0, 1000, 4, 2, True, edge, backhaul)
+    # + each of 2 edges sends 4,000 B up and gets 4,000 B back at 1 MB/s, + the cloud's average.
+    assert cloud == pytest.approx(plain + 2 * 2 * 4000 / 1e6 + 2 * 1000 * 2 / 1e10)
+    assert hierarchy_round_latency(3.0, 1000, 4, 1, True, edge, backhaul) == pytest.approx(plain)
