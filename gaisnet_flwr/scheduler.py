@@ -1,0 +1,157 @@
+"""Fine-tune or infer? Scheduling policies for the integrated service loop (paper Sec. IV-C, V-F).
+
+Each round the edge either fine-tunes ("upgrades") one of its models or serves ("produces") the
+inference request of that round. The profit model, stated explicitly (paper Table V):
+
+  * serving a request for good g, made by model m(g), earns `base + step * q(m)`, where q(m) is
+    the number of upgrades model m has received, saturating at `cap` (diminishing returns: after
+    `cap` fine-tuning rounds the model's quality no longer rises);
+  * an upgrade costs `upgrade_cost` now and raises q(m) by one (up to `cap`);
+  * a round spent upgrading serves no request.
+
+With the paper's numbers (base 50, step 25, upgrade cost 50, cap 2, demand A A B C C C C C C C on
+devices a, b, c) always serving earns 500 (MSIP) and the best schedule 650 (MLCP): serve A, upgrade
+c twice, then serve C at 100 for seven rounds.
+
+Policies:
+  * RS: a random action each round (seeded);
+  * MSIP: the action with the largest immediate profit;
+  * MLCP: exact finite-horizon dynamic programming over (round, upgrade levels) when the demand
+    is known; with a demand distribution per round it maximises the expected cumulative profit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+POLICIES = ("rs", "msip", "mlcp")
+SERVE = "serve"
+
+
+@dataclass(frozen=True)
+class ProfitModel:
+    """Prices of serving and fine-tuning (see the module docstring)."""
+
+    models: tuple[str, ...]  # e.g. ("a", "b", "c")
+    good_model: Mapping[str, str]  # good -> the model that produces it, e.g. {"A": "a"}
+    base: float = 50.0
+    step: float = 25.0
+    upgrade_cost: float = 50.0
+    cap: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.good_model.values()) - set(self.models))
+        if unknown:
+            raise ValueError(f"goods map to unknown model(s) {unknown}; models: {self.models}")
+        if self.cap < 0:
+            raise ValueError(f"cap must be >= 0, got {self.cap}")
+
+    def price(self, good: str, levels: tuple[int, ...]) -> float:
+        if good not in self.good_model:
+            raise ValueError(f"unknown good {good!r}; goods: {sorted(self.good_model)}")
+        return self.base + self.step * levels[self.models.index(self.good_model[good])]
+
+    def actions(self) -> list[str]:
+        """'serve' or the name of the model to upgrade."""
+        return [SERVE, *self.models]
+
+    def apply(
+        self, action: str, good: str | None, levels: tuple[int, ...]
+    ) -> tuple[float, tuple[int, ...]]:
+        """Profit of `action` this round and the upgrade levels after it."""
+        if action == SERVE:
+            return (self.price(good, levels) if good is not None else 0.0), levels
+        i = self.models.index(action)
+        after = tuple(min(lv + 1, self.cap) if k == i else lv for k, lv in enumerate(levels))
+        return -self.upgrade_cost, after
+
+
+@dataclass
+class Schedule:
+    actions: list[str]
+    profits: list[float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.profits)
+
+    def cumulative(self) -> list[float]:
+        out, running = [], 0.0
+        for p in self.profits:
+            running += p
+            out.append(running)
+        return out
+
+
+def run_policy(
+    policy: str, model: ProfitModel, demand: Sequence[str | None], seed: int = 0
+) -> Schedule:
+    """Schedule `len(demand)` rounds with `policy` (one of POLICIES) on a known demand."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
+    levels = tuple(0 for _ in model.models)
+    rng = random.Random(seed)
+    plan = mlcp_plan(model, tuple(demand)) if policy == "mlcp" else None
+    actions, profits = [], []
+    for t, good in enumerate(demand):
+        if policy == "rs":
+            action = rng.choice(model.actions())
+        elif policy == "msip":
+            action = max(model.actions(), key=lambda a: model.apply(a, good, levels)[0])
+        else:
+            assert plan is not None
+            action = plan[t]
+        profit, levels = model.apply(action, good, levels)
+        actions.append(action)
+        profits.append(profit)
+    return Schedule(actions, profits)
+
+
+def mlcp_plan(model: ProfitModel, demand: tuple[str | None, ...]) -> list[str]:
+    """Exact DP: the action sequence maximising cumulative profit over the known demand."""
+
+    @cache
+    def best(t: int, levels: tuple[int, ...]) -> tuple[float, tuple[str, ...]]:
+        if t == len(demand):
+            return 0.0, ()
+        options = []
+        for action in model.actions():  # fixed order: ties go to serving, then model order
+            profit, after = model.apply(action, demand[t], levels)
+            rest, tail = best(t + 1, after)
+            options.append((profit + rest, (action, *tail)))
+        return max(options, key=lambda o: o[0])
+
+    return list(best(0, tuple(0 for _ in model.models))[1])
+
+
+def mlcp_expected(
+    model: ProfitModel, demand_probs: Sequence[Mapping[str, float]]
+) -> tuple[float, str]:
+    """Stochastic demand: the first action maximising the expected cumulative profit, and that
+    expected profit (serving earns the expectation over the round's demand distribution; the
+    upgrade levels, the DP's state, do not depend on which good was demanded)."""
+
+    @cache
+    def best(t: int, levels: tuple[int, ...]) -> tuple[float, str]:
+        if t == len(demand_probs):
+            return 0.0, SERVE
+        options = []
+        for action in model.actions():
+            if action == SERVE:
+                gain = sum(p * model.price(g, levels) for g, p in demand_probs[t].items())
+                after = levels
+            else:
+                gain, after = model.apply(action, None, levels)
+            options.append((gain + best(t + 1, after)[0], action))
+        return max(options, key=lambda o: o[0])
+
+    return best(0, tuple(0 for _ in model.models))
+
+
+def table_v() -> tuple[ProfitModel, list[str]]:
+    """The paper's Table V setting: devices a, b, c make goods A, B, C; ten rounds of demand."""
+    model = ProfitModel(models=("a", "b", "c"), good_model={"A": "a", "B": "b", "C": "c"})
+    return model, ["A", "A", "B", "C", "C", "C", "C", "C", "C", "C"]
