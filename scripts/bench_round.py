@@ -19,7 +19,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -27,7 +26,7 @@ from clients.split_client import ClusterIdentity, SplitClusterClient
 from gaisnet_flwr.cloud import ensure_foundation, load_foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
 from gaisnet_flwr.data import load_image_data
-from gaisnet_flwr.training import loader, optimizer_factory
+from gaisnet_flwr.training import train_centralised
 from strategies.module_fedavg import aggregate_modules
 
 NUM_CLASSES = 10  # the embedded digits
@@ -74,13 +73,8 @@ def stock_fedavg_round(cfg: RunConfig, clusters: int) -> tuple[float, int]:
         client = SplitClusterClient(full, ClusterIdentity(0, c, clusters))  # same partition
         model = load_foundation(full, NUM_CLASSES)
         model.load_state_dict(global_state)
-        opt = optimizer_factory(full)(list(model.parameters()))
-        for epoch in range(full.local_epochs):
-            model.train()
-            for x, y in loader(client.train_set, full.batch_size, seed=c * 1000 + epoch):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
+        # Unsplit training of every weight: in mode "full" every parameter is tunable.
+        train_centralised(model, client.train_set, full, full.local_epochs)
         content = RecordDict(
             {
                 "arrays": ArrayRecord(model.state_dict()),
