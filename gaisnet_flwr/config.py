@@ -27,10 +27,12 @@ from gaisnet_flwr.costs import (
 )
 from gaisnet_flwr.data import DATASETS, DOMAINS, PARTITIONINGS, DataSpec
 from gaisnet_flwr.model import MODES
+from gaisnet_flwr.scheduler import POLICIES
 from gaisnet_flwr.split import PLANNERS
 
 OPTIMIZERS = ("sgd", "adamw")
 FOUNDATIONS = ("cloud", "timm", "file", "none")
+SERVICES = ("fine-tuning", "integrated")
 CLOUD_MODULES = ("prompts", "all")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -87,6 +89,12 @@ class RunConfig:
     # -- SL inference (paper Sec. III-D) ---------------------------------------------------------
     inference_requests: int = 2  # requests served after fine-tuning (round-robin over clusters)
     distribution: str = "efficient"  # ship the tunable modules only, or "full": every weight
+    # -- integrated fine-tuning and inference (paper Sec. IV-C) --------------------------------
+    service: str = "fine-tuning"  # or "integrated": each round fine-tune or serve (scheduler)
+    policy: str = "mlcp"  # one of POLICIES: rs, msip, mlcp
+    demand: str = ""  # integrated: the edge each round's request needs, e.g. "0,0,1,1,1"
+    service_value: float = 100.0  # a served request earns service-value x its accuracy
+    finetune_cost: float = 20.0  # one fine-tuning round's cost
     # -- edge servers and the cloud (paper Sec. III-B) ------------------------------------------
     edge_domains: str = "none"  # one domain per edge server, comma-separated (DOMAINS)
     edge_shares: str = ""  # relative data share per edge, e.g. "1,1,0.2"; "" = equal
@@ -112,6 +120,15 @@ class RunConfig:
         _choice("foundation", self.foundation, FOUNDATIONS)
         _choice("cloud_modules", self.cloud_modules, CLOUD_MODULES)
         _choice("distribution", self.distribution, ("efficient", "full"))
+        _choice("service", self.service, SERVICES)
+        _choice("policy", self.policy, POLICIES)
+        if self.service == "integrated":
+            demand = self.demand_list()
+            if not demand or any(not 0 <= e < self.num_edges() for e in demand):
+                raise ConfigError(
+                    f"demand={self.demand!r} must list, per round, an edge index in "
+                    f"[0, {self.num_edges()}) (edges come from edge-domains)"
+                )
         if self.inference_requests < 0:
             raise ConfigError(f"inference-requests must be >= 0, got {self.inference_requests}")
         for domain in self.domains():
@@ -198,6 +215,12 @@ class RunConfig:
             raise ConfigError(
                 f"peer-speeds={self.peer_speeds!r} is not a comma-separated list of numbers"
             ) from err
+
+    def demand_list(self) -> list[int]:
+        try:
+            return [int(e) for e in self.demand.split(",") if e.strip()]
+        except ValueError as err:
+            raise ConfigError(f"demand={self.demand!r} is not a list of edge indices") from err
 
     def domains(self) -> list[str]:
         return [d.strip() for d in self.edge_domains.split(",")]

@@ -155,3 +155,70 @@ def table_v() -> tuple[ProfitModel, list[str]]:
     """The paper's Table V setting: devices a, b, c make goods A, B, C; ten rounds of demand."""
     model = ProfitModel(models=("a", "b", "c"), good_model={"A": "a", "B": "b", "C": "c"})
     return model, ["A", "A", "B", "C", "C", "C", "C", "C", "C", "C"]
+
+
+# -- the integrated service loop (paper Sec. IV-C, V-F) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """Profit driven by measured model quality, for the integrated loop.
+
+    Serving a request on edge model e earns `value * accuracy_e` (the accuracy measured for that
+    model); fine-tuning model e for one round costs `finetune_cost` and is predicted to close a
+    fraction `gain_e` of the gap to perfect accuracy (diminishing returns):
+    a_e <- a_e + gain_e * (1 - a_e). The gains are fitted from the improvements measured so far.
+    """
+
+    value: float = 100.0
+    finetune_cost: float = 20.0
+
+
+def predicted_accuracy(accuracy: float, gain: float, rounds: int) -> float:
+    return 1.0 - (1.0 - accuracy) * (1.0 - gain) ** rounds
+
+
+def choose_action(
+    policy: str,
+    model: QualityModel,
+    accuracy: Sequence[float],
+    gains: Sequence[float],
+    demand: Sequence[int],
+    rng: random.Random,
+) -> str:
+    """This round's action: "serve" (the request demand[0], an edge index) or "finetune:<e>".
+
+    MLCP plans the remaining `demand` by exact DP over how often each edge is fine-tuned,
+    with the predicted accuracies; it is re-run every round on fresh measurements (receding
+    horizon), so its plan follows what fine-tuning actually achieved.
+    """
+    edges = range(len(accuracy))
+    actions = [SERVE, *(f"finetune:{e}" for e in edges)]
+    if policy == "rs":
+        return rng.choice(actions)
+    if policy == "msip":
+        return max(
+            actions,
+            key=lambda a: model.value * accuracy[demand[0]] if a == SERVE else -model.finetune_cost,
+        )
+    if policy != "mlcp":
+        raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
+
+    @cache
+    def best(t: int, tuned: tuple[int, ...]) -> tuple[float, str]:
+        if t == len(demand):
+            return 0.0, SERVE
+        options = []
+        for action in actions:
+            if action == SERVE:
+                e = demand[t]
+                gain = model.value * predicted_accuracy(accuracy[e], gains[e], tuned[e])
+                after = tuned
+            else:
+                e = int(action.split(":")[1])
+                gain = -model.finetune_cost
+                after = tuple(k + (i == e) for i, k in enumerate(tuned))
+            options.append((gain + best(t + 1, after)[0], action))
+        return max(options, key=lambda o: o[0])
+
+    return best(0, tuple(0 for _ in edges))[1]

@@ -138,8 +138,9 @@ class CloudEdgeStrategy(Strategy):
         self._sent: dict[int, ArrayRecord] = {}
         self.last_train_metrics: dict[str, float | int] = {}
 
-    def _nodes(self, edge: int) -> list[int]:
-        return [n for n, e in self.node_edges.items() if e == edge]
+    def nodes_of(self, edge: int) -> list[int]:
+        """The nodes (client clusters) of one edge server, in id order."""
+        return sorted(n for n, e in self.node_edges.items() if e == edge)
 
     def _by_edge(self, replies: Iterable[Message]) -> dict[int, list[Message]]:
         grouped: dict[int, list[Message]] = {e: [] for e in self.edge_strategies}
@@ -161,7 +162,7 @@ class CloudEdgeStrategy(Strategy):
                 server_round,
                 self._sent[edge],
                 ConfigRecord(dict(config)),
-                EdgeGrid(grid, self._nodes(edge)),
+                EdgeGrid(grid, self.nodes_of(edge)),
             )
         return messages
 
@@ -221,7 +222,7 @@ class CloudEdgeStrategy(Strategy):
                 server_round,
                 sent[edge],
                 ConfigRecord(dict(config)),
-                EdgeGrid(grid, self._nodes(edge)),
+                EdgeGrid(grid, self.nodes_of(edge)),
             )
         return messages
 
@@ -250,5 +251,5 @@ class CloudEdgeStrategy(Strategy):
                 "\t├── edge %d: %s over %d cluster(s)",
                 edge,
                 type(strategy).__name__,
-                len(self._nodes(edge)),
+                len(self.nodes_of(edge)),
             )

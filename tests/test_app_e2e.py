@@ -168,3 +168,33 @@ def test_same_seed_same_final_modules(
     for ra, rb in zip(rows_a, rows_b, strict=True):
         for key in ("accuracy", "loss", "train/train-loss", "train/d2d-bytes-fwd"):
             assert ra.get(key) == rb.get(key), f"round {ra['round']}: {key} differs"
+
+
+def test_integrated_mode_fine_tunes_or_serves_each_round(
+    tmp_path: Path, foundation_dir: Path
+) -> None:
+    config = simulate(
+        tmp_path,
+        foundation_dir,
+        **{
+            "service": "integrated",
+            "policy": "mlcp",
+            "edge-domains": "none,invert",
+            "demand": "1,1,0",
+        },
+    )
+    assert_ray_is_gone()
+    rows = json.loads((tmp_path / "integrated.json").read_text())
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert [row["demand"] for row in rows] == [1, 1, 0]
+    total = 0.0
+    for row in rows:
+        assert row["action"] in ("serve", "finetune:0", "finetune:1")
+        if row["action"] == "serve":
+            assert row["error"] is None and 0.0 <= row["served-accuracy"] <= 1.0
+            assert row["profit"] == pytest.approx(100.0 * row["served-accuracy"])
+        else:
+            assert row["profit"] == -20.0
+        total += row["profit"]
+        assert row["cumulative-profit"] == pytest.approx(total)
+    assert RunConfig.from_run_config(config).policy == "mlcp"

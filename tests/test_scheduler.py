@@ -7,11 +7,15 @@ import random
 
 import pytest
 
+from gaisnet_flwr.integrated import PRIOR_GAIN, fitted_gain
 from gaisnet_flwr.scheduler import (
     SERVE,
     ProfitModel,
+    QualityModel,
+    choose_action,
     mlcp_expected,
     mlcp_plan,
+    predicted_accuracy,
     run_policy,
     table_v,
 )
@@ -84,3 +88,22 @@ def test_bad_inputs_are_rejected() -> None:
         ProfitModel(("a",), {"A": "z"})
     with pytest.raises(ValueError, match="unknown good 'Q'"):
         run_policy("msip", model, ["Q"])
+
+
+def test_integrated_mlcp_fine_tunes_when_it_pays_and_msip_never_does() -> None:
+    quality = QualityModel(value=100.0, finetune_cost=20.0)
+    rng = random.Random(0)
+    # Edge 1 is at 10 % accuracy and one round closes half the gap: tuning once then serving
+    # 5 requests earns -20 + 5 * 55 = 255 against 6 * 10 = 60 for serving straight away.
+    demand = [1] * 6
+    assert choose_action("mlcp", quality, [0.9, 0.1], [0.5, 0.5], demand, rng) == "finetune:1"
+    assert choose_action("msip", quality, [0.9, 0.1], [0.5, 0.5], demand, rng) == SERVE
+    # With one request left, tuning cannot pay back.
+    assert choose_action("mlcp", quality, [0.9, 0.1], [0.5, 0.5], [1], rng) == SERVE
+    assert predicted_accuracy(0.1, 0.5, 2) == pytest.approx(1 - 0.9 * 0.25)
+
+
+def test_fitted_gain_from_measured_rounds() -> None:
+    assert fitted_gain([]) == PRIOR_GAIN
+    assert fitted_gain([(0.2, 0.6), (0.6, 0.8)]) == pytest.approx((0.5 + 0.5) / 2)
+    assert fitted_gain([(0.5, 0.4)]) == 0.01  # a round that hurt: clipped, not negative
