@@ -94,7 +94,8 @@ class RunConfig:
     policy: str = "mlcp"  # one of POLICIES: rs, msip, mlcp
     demand: str = ""  # integrated: the edge each round's request needs, e.g. "0,0,1,1,1"
     service_value: float = 100.0  # a served request earns service-value x its accuracy
-    finetune_cost: float = 20.0  # one fine-tuning round's cost
+    finetune_cost: float = 20.0  # one fine-tuning round's fixed cost
+    energy_price: float = 1.0  # profit units per joule (cost model) charged to every action
     # -- edge servers and the cloud (paper Sec. III-B) ------------------------------------------
     edge_domains: str = "none"  # one domain per edge server, comma-separated (DOMAINS)
     edge_shares: str = ""  # relative data share per edge, e.g. "1,1,0.2"; "" = equal

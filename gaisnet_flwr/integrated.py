@@ -3,10 +3,11 @@
 Paper Sec. IV-C and V-F. The demand names, per round, which edge's model a request needs. The
 scheduler (`gaisnet_flwr/scheduler.py`: RS, MSIP or MLCP) picks the action from the *measured*
 accuracy of every edge model and the fitted gain of fine-tuning it:
-  * fine-tune edge e: one real HFSL round over e's clusters through e's own strategy instance
-    (cost `finetune-cost`), then e is re-evaluated on its domain's test set and its gain refitted;
+  * fine-tune edge e: one real HFSL round over e's clusters through e's own strategy instance,
+    costing `finetune-cost` plus `energy-price` x the energy the cost model puts on the round;
+    then e is re-evaluated on its domain's test set and its gain refitted;
   * serve: one real split-inference request on a cluster of the demanded edge, earning
-    `service-value` x the accuracy the request achieved.
+    `service-value` x the accuracy the request achieved minus `energy-price` x its energy.
 Decisions, accuracies and cumulative profit per round go to `integrated.json`.
 """
 
@@ -51,7 +52,6 @@ def run_integrated(
     from gaisnet_flwr.server_app import serve_request  # the app module owns request handling
 
     device = cfg.torch_device()
-    quality = QualityModel(value=cfg.service_value, finetune_cost=cfg.finetune_cost)
     modules = {e: ArrayRecord(model.tunable_state()) for e in range(len(edges))}
 
     def accuracy_of(e: int) -> float:
@@ -64,8 +64,15 @@ def run_integrated(
     rng = random.Random(cfg.seed)
     rows: list[dict[str, Any]] = []
     cumulative = 0.0
+    energy = {"serve": 0.0, "finetune": 0.0}
     for t, wanted in enumerate(demand):
         gains = [fitted_gain(h) for h in history]
+        # Resource costs as last measured by the cost model (0 until an action was seen).
+        quality = QualityModel(
+            value=cfg.service_value,
+            finetune_cost=cfg.finetune_cost + cfg.energy_price * energy["finetune"],
+            serve_cost=cfg.energy_price * energy["serve"],
+        )
         action = choose_action(cfg.policy, quality, accuracy, gains, demand[t:], rng)
         row: dict[str, Any] = {"round": t + 1, "demand": wanted, "action": action}
         if action == SERVE:
@@ -74,7 +81,9 @@ def run_integrated(
                 grid, cfg, model, modules[wanted], nodes[t % len(nodes)], wanted, t
             )
             served_accuracy = float(reply.get("accuracy", 0.0)) if "error" not in reply else 0.0
-            profit = quality.value * served_accuracy
+            energy["serve"] = float(reply.get("energy-j", energy["serve"]))
+            profit = quality.value * served_accuracy - cfg.energy_price * energy["serve"]
+            row["energy-j"] = energy["serve"]
             row.update({"served-accuracy": served_accuracy, "error": reply.get("error")})
         else:
             e = int(action.split(":")[1])
@@ -82,14 +91,17 @@ def run_integrated(
             messages = edge_strategy.configure_train(
                 t + 1, modules[e], ConfigRecord({}), EdgeGrid(grid, strategy.nodes_of(e))
             )
-            replies = grid.send_and_receive(messages, timeout=3600)
+            replies = list(grid.send_and_receive(messages, timeout=3600))
             arrays, _ = edge_strategy.aggregate_train(t + 1, replies)
             if arrays is not None:
                 modules[e] = arrays
             before = accuracy[e]
             accuracy[e] = accuracy_of(e)
             history[e].append((before, accuracy[e]))
-            profit = -quality.finetune_cost
+            ok = [r.content.metric_records["metrics"] for r in replies if not r.has_error()]
+            energy["finetune"] = float(sum(m["energy-j"] for m in ok))  # type: ignore[misc]
+            profit = -cfg.finetune_cost - cfg.energy_price * energy["finetune"]
+            row["energy-j"] = energy["finetune"]
         cumulative += profit
         row.update(
             {

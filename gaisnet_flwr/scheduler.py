@@ -165,13 +165,15 @@ class QualityModel:
     """Profit driven by measured model quality, for the integrated loop.
 
     Serving a request on edge model e earns `value * accuracy_e` (the accuracy measured for that
-    model); fine-tuning model e for one round costs `finetune_cost` and is predicted to close a
-    fraction `gain_e` of the gap to perfect accuracy (diminishing returns):
-    a_e <- a_e + gain_e * (1 - a_e). The gains are fitted from the improvements measured so far.
+    model) and pays its resource cost `serve_cost`; fine-tuning model e for one round costs
+    `finetune_cost` (fixed cost plus resources) and is predicted to close a fraction `gain_e` of
+    the gap to perfect accuracy (diminishing returns): a_e <- a_e + gain_e * (1 - a_e). The
+    gains are fitted from the improvements measured so far.
     """
 
     value: float = 100.0
     finetune_cost: float = 20.0
+    serve_cost: float = 0.0
 
 
 def predicted_accuracy(accuracy: float, gain: float, rounds: int) -> float:
@@ -199,7 +201,11 @@ def choose_action(
     if policy == "msip":
         return max(
             actions,
-            key=lambda a: model.value * accuracy[demand[0]] if a == SERVE else -model.finetune_cost,
+            key=lambda a: (
+                model.value * accuracy[demand[0]] - model.serve_cost
+                if a == SERVE
+                else -model.finetune_cost
+            ),
         )
     if policy != "mlcp":
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
@@ -213,6 +219,7 @@ def choose_action(
             if action == SERVE:
                 e = demand[t]
                 gain = model.value * predicted_accuracy(accuracy[e], gains[e], tuned[e])
+                gain -= model.serve_cost
                 after = tuned
             else:
                 e = int(action.split(":")[1])
