@@ -127,6 +127,11 @@ def run_integrated(
             " ".join(f"{a:.3f}" for a in accuracy),
         )
     log(
-        INFO, "FINAL: %s cumulative profit %.1f over %d rounds", cfg.policy, cumulative, len(demand)
+        INFO,
+        "FINAL: %s cumulative profit %.1f over %d rounds; results in %s",
+        cfg.policy,
+        cumulative,
+        len(demand),
+        output_dir,
     )
     return rows

@@ -226,8 +226,8 @@ def run(
         problems.append(f"run {run_id} status is {status!r}, not 'finished:completed'")
     if final is None:
         problems.append("the ServerApp logged no 'FINAL:' line")
-    elif not (results / "metrics.json").is_file():
-        problems.append(f"no metrics.json in {results}")
+    elif not any((results / name).is_file() for name in ("metrics.json", "integrated.json")):
+        problems.append(f"no metrics.json (or integrated.json) in {results}")
     elapsed = time.monotonic() - started
     if problems:
         print(
