@@ -23,6 +23,7 @@ from gaisnet_flwr.costs import (
     CostConfigError,
     DeviceProfile,
     LinkProfile,
+    Profiles,
     load_profiles,
 )
 from gaisnet_flwr.data import DATASETS, DOMAINS, PARTITIONINGS, DataSpec
@@ -237,6 +238,10 @@ class RunConfig:
         except ValueError as err:
             raise ConfigError(f"edge-shares={self.edge_shares!r} is not a list of numbers") from err
 
+    def profiles(self) -> Profiles:
+        """The cost model's presets, plus and overridden by `cost-profiles` when given."""
+        return load_profiles(Path(self.cost_profiles).expanduser() if self.cost_profiles else None)
+
     def cluster_profile(self) -> ClusterProfile:
         """Devices in chain order (start, peers cycled, end), D2D hops and the uplink."""
         peers = [p.strip() for p in self.peer_devices.split(",") if p.strip()]
@@ -247,16 +252,12 @@ class RunConfig:
             *(peers[k % len(peers)] for k in range(self.peers_per_cluster)),
             self.end_device,
         ]
-        profiles = load_profiles(
-            Path(self.cost_profiles).expanduser() if self.cost_profiles else None
-        )
+        profiles = self.profiles()
         return ClusterProfile.from_names(profiles, devices, self.d2d_link, self.uplink)
 
     def hierarchy_profiles(self) -> tuple[DeviceProfile, LinkProfile]:
         """The edge server's device and the edge-cloud backhaul link."""
-        profiles = load_profiles(
-            Path(self.cost_profiles).expanduser() if self.cost_profiles else None
-        )
+        profiles = self.profiles()
         backhaul = profiles.link(self.backhaul_link)
         if backhaul.kind != "edge-cloud":
             raise CostConfigError(

@@ -27,6 +27,7 @@ from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data import ImageData
 from gaisnet_flwr.model import PromptedViT
 from gaisnet_flwr.scheduler import SERVE, QualityModel, choose_action
+from gaisnet_flwr.serving import serve_request
 from gaisnet_flwr.training import evaluate
 from strategies.cloud_edge import CloudEdgeStrategy, EdgeGrid
 
@@ -49,8 +50,6 @@ def run_integrated(
     edges: list[ImageData],
     output_dir: Path,
 ) -> list[dict[str, Any]]:
-    from gaisnet_flwr.server_app import serve_request  # the app module owns request handling
-
     device = cfg.torch_device()
     modules = {e: ArrayRecord(model.tunable_state()) for e in range(len(edges))}
 
