@@ -211,18 +211,10 @@ class RunConfig:
         """Peer compute speeds for the planner: peer-speeds, else the peers' device FLOP/s."""
         if not self.peer_speeds.strip():
             return [d.flops_per_second for d in self.cluster_profile().devices[1:-1]]
-        try:
-            return [float(s) for s in self.peer_speeds.split(",")]
-        except ValueError as err:
-            raise ConfigError(
-                f"peer-speeds={self.peer_speeds!r} is not a comma-separated list of numbers"
-            ) from err
+        return _number_list("peer-speeds", self.peer_speeds, float)
 
     def demand_list(self) -> list[int]:
-        try:
-            return [int(e) for e in self.demand.split(",") if e.strip()]
-        except ValueError as err:
-            raise ConfigError(f"demand={self.demand!r} is not a list of edge indices") from err
+        return _number_list("demand", self.demand, int)
 
     def domains(self) -> list[str]:
         return [d.strip() for d in self.edge_domains.split(",")]
@@ -233,10 +225,7 @@ class RunConfig:
     def shares(self) -> list[float]:
         if not self.edge_shares.strip():
             return [1.0] * self.num_edges()
-        try:
-            return [float(s) for s in self.edge_shares.split(",")]
-        except ValueError as err:
-            raise ConfigError(f"edge-shares={self.edge_shares!r} is not a list of numbers") from err
+        return _number_list("edge-shares", self.edge_shares, float)
 
     def profiles(self) -> Profiles:
         """The cost model's presets, plus and overridden by `cost-profiles` when given."""
@@ -341,6 +330,16 @@ def parse_overrides(text: str) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"cannot read {item!r} as key=value (TOML value): {err}") from err
     return overrides
+
+
+def _number_list(key: str, text: str, kind: type[int] | type[float]) -> list[Any]:
+    """A comma-separated run-config list such as "1,2,1"; empty items are skipped."""
+    try:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError as err:
+        raise ConfigError(
+            f"{key}={text!r} is not a comma-separated list of {kind.__name__} values"
+        ) from err
 
 
 def _key(name: str) -> str:
