@@ -1,0 +1,390 @@
+"""Shared pieces of the Section V reproduction scripts (`scripts/section5.py` runs them all).
+
+One job each: the command line every script shares (`--quick`, `--out`, `--run-config`,
+`--preset`), building the validated RunConfig from presets and overrides, a one-line-per-step
+progress display, CSV / PNG / markdown writers, the paper's reference numbers, and the in-process
+HFSL loop the figures and tables drive (per-cluster `train_cluster` over the split chain,
+per-module FedAvg, central evaluation: the ServerApp's round without Flower's transport).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: runs headless on servers and in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ArrayRecord  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+from gaisnet_flwr.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
+from gaisnet_flwr.costs import fine_tuning_round_cost  # noqa: E402
+from gaisnet_flwr.flops import segment_flops  # noqa: E402
+from gaisnet_flwr.model import PromptedViT  # noqa: E402
+from gaisnet_flwr.training import cluster_plan, evaluate, train_cluster  # noqa: E402
+from strategies.module_fedavg import aggregate_modules  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+# The paper's Section V numbers (ViT-B/16 on Oxford Flowers, RTX 4060, lr 0.001, batch 10,
+# train:val 4:1), as quoted in the text; see ../shared/notes/anchors.md. These are the reference
+# the report compares against, never results of ours.
+PAPER: dict[str, Any] = {
+    "fig6_pretrained_epoch1": 0.968,
+    "fig6_pretrained_epoch10": 0.975,
+    "fig6_random_converged": 0.570,
+    "fig7_prompt_epoch_s": 35.0,
+    "fig7_full_epoch_s": 210.0,
+    # Table III: classes in the fine-tuning data -> (first, end) accuracy
+    "table3": {
+        1: (0.200, 0.200),
+        2: (0.397, 0.397),
+        3: (0.575, 0.595),
+        4: (0.753, 0.767),
+        5: (0.933, 0.967),
+    },  # fmt: skip
+    "table5": {"rs": -75.0, "msip": 500.0, "mlcp": 650.0},
+}
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument(
+        "--quick", action="store_true", help="a few epochs/rounds: checks the pipeline in seconds"
+    )
+    parser.add_argument("--out", type=Path, default=Path(default_out), help="output folder")
+    parser.add_argument(
+        "--preset",
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="run-config overlay (flat key = value TOML, e.g. conf/paper-vitb16-flowers102.toml);"
+        " repeatable, later ones win",
+    )
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help='overrides in flwr\'s syntax, applied after the presets, e.g. "lr=0.01 seed=1"',
+    )
+
+
+def read_preset(path: Path) -> dict[str, Any]:
+    """A run-config overlay: flat `key = value` TOML, as `flwr run --run-config FILE` reads."""
+    if not path.is_file():
+        available = sorted(str(p.relative_to(REPO)) for p in CONF.glob("*.toml"))
+        raise ConfigError(
+            f"preset {str(path)!r} is not a file; presets in this repository: "
+            f"{', '.join(available) or '(none)'}"
+        )
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"preset {str(path)!r} is not valid TOML: {err}") from err
+    nested = sorted(k for k, v in table.items() if isinstance(v, dict))
+    if nested:
+        raise ConfigError(
+            f"preset {str(path)!r} has tables {nested}; a run-config overlay is flat key = value"
+        )
+    return table
+
+
+def run_config_values(presets: Sequence[Path], overrides: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for preset in presets:
+        values.update(read_preset(Path(preset)))
+    values.update(parse_overrides(overrides))
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Presets, then --run-config, validated by RunConfig (unknown keys and bad values raise
+    ConfigError naming the key and the valid choices) before any work starts."""
+    return RunConfig.from_run_config(run_config_values(args.preset, args.run_config))
+
+
+def parse_or_exit(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple:
+    args = parser.parse_args(argv)
+    try:
+        return args, config_from_args(args)
+    except ConfigError as err:
+        parser.error(str(err))  # exits with status 2 and the message, before any work
+        raise  # unreachable: parser.error exits
+
+
+# -- progress -------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One line per finished step with elapsed time and ETA (the mean step time so far)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done = label, max(total, 1), 0
+        self.started = time.perf_counter()
+
+    def step(self, note: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        print(
+            f"[{self.label}] {self.done}/{self.total} {note} | {elapsed:.0f} s elapsed, "
+            f"ETA {eta:.0f} s",
+            flush=True,
+        )
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Numbers for tables: floats to `digits` decimals, NaN/None as an en dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells go through `fmt`."""
+    if any(len(row) != len(header) for row in rows):
+        raise ValueError(f"every row needs {len(header)} cells: {rows}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Series:
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    style: str = "-o"
+
+
+def line_plot(
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: Sequence[Series],
+    ax: Any = None,
+    ylim: tuple[float, float] | None = None,
+    logy: bool = False,
+) -> Path:
+    """One readable line chart (title, axis labels with units, legend) saved as PNG; pass `ax`
+    to draw into a panel of a larger figure instead (the caller saves it)."""
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for s in series:
+        ax.plot(s.x, s.y, s.style, label=s.label, markersize=4)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if own:
+        save(fig, path)
+    return path
+
+
+def save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- one experiment = one command = one section of the report ------------------------------------
+
+
+class Experiment(Protocol):
+    NAME: str  # output sub-folder and report anchor, e.g. "fig7"
+    TITLE: str
+
+    def build_parser(self) -> argparse.ArgumentParser: ...
+
+    def run(self, cfg: RunConfig, args: argparse.Namespace, out: Path) -> str: ...
+
+
+@dataclass
+class SectionResult:
+    name: str
+    title: str
+    markdown: str  # the section, links relative to its own folder
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+
+
+def execute(experiment: Any, cfg: RunConfig, args: argparse.Namespace, out: Path) -> SectionResult:
+    """Run one experiment into `out`, time it and write its section as `out/report.md`."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    body = experiment.run(cfg, args, out)
+    seconds = time.perf_counter() - started
+    variant = "quick variant" if args.quick else "full variant"
+    markdown = (
+        f"## {experiment.TITLE}\n\n{body.strip()}\n\n"
+        f"*Measured wall time: {seconds:.0f} s ({variant}, {torch.get_num_threads()} torch "
+        f"threads, {cfg.torch_device()}).*\n"
+    )
+    (out / "report.md").write_text(markdown)
+    files = sorted(p for p in out.iterdir() if p.suffix in (".csv", ".png"))
+    return SectionResult(experiment.NAME, experiment.TITLE, markdown, seconds, files)
+
+
+def script_main(experiment: Any, argv: Sequence[str] | None = None) -> SectionResult:
+    """The body of every script's `main`: parse, validate, run, say where the files went."""
+    args, cfg = parse_or_exit(experiment.build_parser(), argv)
+    result = execute(experiment, cfg, args, args.out)
+    print(
+        f"{experiment.TITLE}: done in {result.seconds:.0f} s; report {args.out / 'report.md'}, "
+        f"files: {', '.join(p.name for p in result.files)}",
+        flush=True,
+    )
+    return result
+
+
+# -- the HFSL round without Flower's transport ----------------------------------------------------
+
+
+@dataclass
+class RoundRow:
+    """One HFSL round at one edge: central test accuracy after aggregation and what it cost."""
+
+    round: int
+    accuracy: float
+    loss: float
+    wall_s: float = 0.0  # measured: every cluster's training in series plus the FedAvg
+    d2d_forward_bytes: int = 0  # smashed data, summed over clusters (real serialized bytes)
+    d2d_backward_bytes: int = 0  # gradients of smashed data
+    upload_bytes: int = 0  # the tunable modules every cluster uploads (Flower's byte count)
+    latency_s: float = 0.0  # cost model: slowest cluster's critical path
+    energy_j: float = 0.0  # cost model: every cluster's nodes, computing and transmitting
+
+    CSV_HEADER = (
+        "round",
+        "accuracy",
+        "loss",
+        "wall_s",
+        "d2d_forward_bytes",
+        "d2d_backward_bytes",
+        "upload_bytes",
+        "latency_s",
+        "energy_j",
+    )
+
+    def csv_row(self) -> list[Any]:
+        return [getattr(self, k) for k in self.CSV_HEADER]
+
+
+def numpy_state(model: PromptedViT) -> dict[str, np.ndarray]:
+    return {k: v.cpu().numpy() for k, v in model.tunable_state().items()}
+
+
+def hfsl_rounds(
+    cfg: RunConfig,
+    model: PromptedViT,
+    cluster_trains: Sequence[Dataset],
+    test: Dataset,
+    rounds: int,
+    on_round: Callable[[RoundRow], None] | None = None,
+) -> list[RoundRow]:
+    """`rounds` HFSL rounds of one edge (paper Sec. III-C.1), in this process.
+
+    Every cluster starts the round from the edge's modules and fine-tunes over its split chain
+    (`train_cluster`: start point -> peers -> end point, one optimizer per segment), then the
+    edge averages the modules per module, weighted by training samples (`aggregate_modules`,
+    the strategy's own math) and evaluates on `test`. Clusters run one after another here; the
+    cost model prices them as parallel (latency = slowest cluster). Row 0 is the start model.
+    """
+    device = cfg.torch_device()
+    plan = cluster_plan(cfg)
+    profile = cfg.cluster_profile()
+    flops = segment_flops(model, plan)
+    first = evaluate(model, test, device=device)
+    rows = [RoundRow(0, first.accuracy, first.loss)]
+    current = numpy_state(model)
+    for r in range(1, rounds + 1):
+        started = time.perf_counter()
+        row = RoundRow(r, math.nan, math.nan)
+        updates = []
+        for c, train in enumerate(cluster_trains):
+            model.load_tunable_state(current)
+            # A distinct, replayable shuffle per (seed, cluster, round), as the ClientApp does.
+            result = train_cluster(
+                model, plan, train, cfg, seed=(cfg.seed * 131 + c) * 1009 + r, device=device
+            )
+            state = numpy_state(model)
+            updates.append((state, float(result.num_examples)))
+            modules = ArrayRecord(model.tunable_state()).count_bytes()
+            cost = fine_tuning_round_cost(
+                profile,
+                flops,
+                result.chain.hop_bytes_forward,
+                result.chain.hop_bytes_backward,
+                samples=result.num_examples * cfg.local_epochs,
+                upload_bytes=modules,
+                download_bytes=modules,
+            )
+            row.d2d_forward_bytes += result.chain.d2d_bytes_forward
+            row.d2d_backward_bytes += result.chain.d2d_bytes_backward
+            row.upload_bytes += modules
+            row.latency_s = max(row.latency_s, cost.latency_s)
+            row.energy_j += cost.energy_j
+        current = aggregate_modules(current, updates)
+        model.load_tunable_state(current)
+        row.wall_s = time.perf_counter() - started
+        result_eval = evaluate(model, test, device=device)
+        row.accuracy, row.loss = result_eval.accuracy, result_eval.loss
+        rows.append(row)
+        if on_round:
+            on_round(row)
+    return rows
+
+
+def reset_head(model: PromptedViT, seed: int) -> None:
+    """A fresh classifier head (VPT re-creates the head for the downstream task), seeded."""
+    torch.manual_seed(seed)
+    for head in model.head_modules().values():
+        head.reset_parameters()  # type: ignore[operator]
+
+
+def relative_links(text: str, folder: str) -> str:
+    """Prefix the section's local links (images, CSVs) with its folder, for the joint report."""
+    return re.sub(r"\]\((?!https?://|#|/)([^)]+)\)", lambda m: f"]({folder}/{m.group(1)})", text)
