@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from gaisnet_flwr.chain import SplitChain
+from gaisnet_flwr.chain import RemotePeers, SplitChain
 from gaisnet_flwr.costs import ClusterProfile, inference_cost, segment_memory
 from gaisnet_flwr.flops import segment_flops
 from gaisnet_flwr.model import ModelError, PromptedViT
@@ -80,10 +80,13 @@ def serve(
     images: torch.Tensor,
     labels: torch.Tensor | None,
     download_bytes: int,
+    remote: RemotePeers | None = None,
 ) -> RecordDict:
-    """Run the chain on `images` and price the request with the cost model."""
-    chain = SplitChain(model, plan)
+    """Run the chain on `images` (over `remote` peers in a deployment) and price the request
+    with the cost model."""
+    chain = SplitChain(model, plan, remote=remote, train=False)
     logits = chain.infer(images)
+    chain.close()
     predictions = logits.argmax(dim=1)
     stats = chain.stats()
     n = int(images.shape[0])

@@ -29,7 +29,8 @@ from gaisnet_flwr.costs import fine_tuning_round_cost, segment_memory
 from gaisnet_flwr.data import ImageData, cluster_datasets, edge_image_data, load_image_data
 from gaisnet_flwr.flops import segment_flops
 from gaisnet_flwr.model import PromptedViT
-from gaisnet_flwr.training import cluster_plan, evaluate, train_cluster
+from gaisnet_flwr.remote import NetworkPeers, PeerSettings, model_spec
+from gaisnet_flwr.training import cluster_plan, evaluate, optimizer_spec, train_cluster
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,19 @@ class ClusterIdentity:
 
 
 class SplitClusterClient:
-    """The cluster's work for one message: build the edge model, load the modules, run."""
+    """The cluster's work for one message: build the edge model, load the modules, run.
 
-    def __init__(self, cfg: RunConfig, identity: ClusterIdentity) -> None:
+    `peers` (from node-config in a lab deployment) puts the D2D peers and the end point on
+    other devices, reached over gRPC; without it they are in-process segments (simulation).
+    The chain code is the same either way.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, identity: ClusterIdentity, peers: PeerSettings | None = None
+    ) -> None:
         self.cfg = cfg
         self.identity = identity
+        self.peers = peers
         self.device = cfg.torch_device()
         spec = cfg.data_spec()
         edge = identity.edge_id
@@ -93,6 +102,12 @@ class SplitClusterClient:
         model = load_foundation(self.cfg, self.data.num_classes)
         model.load_tunable_state(arrays.to_torch_state_dict())
         return model
+
+    def _remote(self, num_classes: int) -> NetworkPeers | None:
+        if self.peers is None:
+            return None
+        spec = model_spec(self.cfg.model_kwargs(), num_classes)
+        return NetworkPeers(self.peers, spec, optimizer_spec(self.cfg))
 
     def _seed(self, server_round: int) -> int:
         """A distinct, replayable shuffle per (run seed, edge, cluster, round)."""
@@ -129,6 +144,7 @@ class SplitClusterClient:
             seed=self._seed(server_round),
             proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
             device=self.device,
+            remote=self._remote(self.data.num_classes),
         )
         upload = ArrayRecord(model.tunable_state())
         # The paper's metrics (Sec. III-C.2) for this cluster's round, priced by the cost model
@@ -194,6 +210,7 @@ class SplitClusterClient:
             images,
             labels,
             download_bytes=delivered.count_bytes(),
+            remote=self._remote(self.data.num_classes),
         )
 
     def evaluate(self, arrays: ArrayRecord) -> RecordDict:

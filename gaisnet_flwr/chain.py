@@ -12,23 +12,54 @@ gradient is ever sent back to it.
 One training step of the chain equals one step of the unsplit `PromptedViT` with the same
 optimizer (tests/test_chain.py): the optimizers are per-parameter, the loss is the same mean
 cross-entropy, and the end point's step happens after all gradients of the step are computed.
+
+A step is a nested call along the chain, as it is on real devices: each `ChainNode` runs its
+segment, hands its output to the next node through a `Hop` and gets back the gradient of that
+output (the end point computes the loss). In simulation the hop is an `InProcessHop` over a
+counted link; in a lab deployment the hop is a gRPC call to the next device (`remote.GrpcHop`),
+whose peer process runs the very same `ChainNode` (`peer.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gaisnet_flwr.flops import SegmentFlops, segment_flops
-from gaisnet_flwr.link import InProcessLink, Link
+from gaisnet_flwr.link import InProcessLink, Link, LinkStats
 from gaisnet_flwr.model import PromptedViT
-from gaisnet_flwr.split import SplitPlan
+from gaisnet_flwr.split import SplitPlan, node_names
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The segments' optimizer, as the start point hands it to remote peers."""
+
+    name: str  # "sgd" | "adamw"
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer {self.name!r} is not one of: sgd, adamw")
+
+    def factory(self) -> OptimizerFactory:
+        def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            if self.name == "adamw":
+                return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+
+        return make
 
 
 class Segment:
@@ -105,12 +136,102 @@ class Segment:
         self._input = self._output = None
         return grad_input
 
+    def discard(self) -> None:
+        """Forget the step's saved tensors without a backward pass (nothing here trains)."""
+        self._input = self._output = None
+
 
 @dataclass
 class StepResult:
     loss: float
     correct: int
     num_examples: int
+
+
+class Hop(Protocol):
+    """The rest of the chain as one node sees it: hand the output on, get its gradient back."""
+
+    @property
+    def stats(self) -> LinkStats:
+        """What this hop carried: smashed data forward, gradients backward."""
+        ...
+
+    def train(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, StepResult]:
+        """Forward `h` (and the labels, which the end point needs) through the rest of the
+        chain; return the gradient of the loss w.r.t. `h` (None if nothing upstream trains)."""
+        ...
+
+    def infer(self, h: torch.Tensor) -> torch.Tensor:
+        """Forward `h` through the rest of the chain; return the end point's logits."""
+        ...
+
+
+class ChainNode:
+    """One device's part of a step: its segment, then the hop to the next device (none at the
+    end point, which computes the loss)."""
+
+    def __init__(self, segment: Segment, next_hop: Hop | None) -> None:
+        self.segment = segment
+        self.next_hop = next_hop
+
+    def train(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, StepResult]:
+        out = self.segment.forward(h, train=True)
+        if self.next_hop is None:  # end point: the loss, then the first backward
+            labels = y.to(out.device)
+            loss = F.cross_entropy(out, labels)
+            grad_in = self.segment.backward(None, loss=loss)
+            correct = int((out.detach().argmax(dim=1) == labels).sum())
+            return grad_in, StepResult(float(loss.detach()), correct, int(labels.shape[0]))
+        grad_out, result = self.next_hop.train(out, y)
+        if grad_out is None:  # nothing from here upstream trains: no backward, no hop back
+            self.segment.discard()
+            return None, result
+        return self.segment.backward(grad_out), result
+
+    def infer(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.segment.forward(h, train=False)
+        return out if self.next_hop is None else self.next_hop.infer(out)
+
+
+class InProcessHop:
+    """Simulation: the next node lives in this process; the link serializes and counts."""
+
+    def __init__(self, link: Link, node: ChainNode) -> None:
+        self.link = link
+        self.node = node
+
+    @property
+    def stats(self) -> LinkStats:
+        return self.link.stats
+
+    def train(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, StepResult]:
+        grad, result = self.node.train(self.link.send(h, "forward"), y)
+        return (self.link.send(grad, "backward") if grad is not None else None), result
+
+    def infer(self, h: torch.Tensor) -> torch.Tensor:
+        return self.node.infer(self.link.send(h, "forward"))
+
+
+class RemotePeers(Protocol):
+    """The cluster's peers and end point on other devices (a lab deployment, `remote.py`).
+
+    `open` hands each remote node its segment's tunable modules (and, once, its frozen
+    weights) and returns the hop to the first peer; `close` takes the trained modules back into
+    `model` and reports what the remote nodes did."""
+
+    def open(self, model: PromptedViT, plan: SplitPlan, train: bool, proximal_mu: float) -> Hop: ...
+
+    def close(self, model: PromptedViT) -> RemoteStats: ...
+
+
+@dataclass
+class RemoteStats:
+    """What the remote nodes report when a session closes: the bytes each sent on to the next
+    node (hops 1..K) and each segment's FLOPs."""
+
+    hop_bytes_forward: list[int]
+    hop_bytes_backward: list[int]
+    segment_flops: dict[str, int]
 
 
 @dataclass
@@ -140,6 +261,8 @@ class SplitChain:
         make_optimizer: builds one optimizer per segment over that segment's parameters.
         links: K + 1 links (start->peer 1, ..., peer K->end); in-process links by default.
         result_link: end point -> start point link for inference results (paper Fig. 5).
+        remote: peers on other devices (deployment): only the start point's segment runs here;
+            call `close()` after the last step to take the trained modules back.
     """
 
     def __init__(
@@ -149,62 +272,47 @@ class SplitChain:
         make_optimizer: OptimizerFactory | None = None,
         links: Sequence[Link] | None = None,
         result_link: Link | None = None,
+        remote: RemotePeers | None = None,
+        train: bool = True,
+        proximal_mu: float = 0.0,
     ) -> None:
         if plan.num_blocks != model.depth:
             raise ValueError(f"plan covers {plan.num_blocks} blocks, the model has {model.depth}")
+        if remote is not None and links is not None:
+            raise ValueError("links are for in-process peers; remote peers bring their own")
         self.model = model
         self.plan = plan
-        self.links: list[Link] = (
-            list(links)
-            if links is not None
-            else [InProcessLink() for _ in range(plan.num_peers + 1)]
-        )
-        if len(self.links) != plan.num_peers + 1:
-            raise ValueError(f"need {plan.num_peers + 1} links, got {len(self.links)}")
+        self.remote = remote
         self.result_link: Link = result_link or InProcessLink()
-        self.segments = self._build_segments(make_optimizer)
-
-    def _build_segments(self, make_optimizer: OptimizerFactory | None) -> list[Segment]:
-        m = self.model
-        flops = segment_flops(m, self.plan)
-        names = ["start", *(f"peer{k + 1}" for k in range(self.plan.num_peers)), "end"]
-        fns: list[Callable[[torch.Tensor], torch.Tensor]] = [
-            m.embed,
-            *(_blocks_fn(m, lo, hi) for lo, hi in self.plan.ranges),
-            m.head_forward,
-        ]
-        groups = list(zip(names, fns, segment_parameters(m, self.plan), strict=True))
-
-        segments, upstream_trains = [], False
-        for (name, fn, params), seg_flops in zip(groups, flops, strict=True):
-            trainable = [p for p in params if p.requires_grad]
-            segments.append(
-                Segment(name, fn, trainable, make_optimizer, upstream_trains, seg_flops)
+        self.segments = build_segments(model, plan, make_optimizer)
+        if remote is not None:  # the start point runs here, everything after it over the network
+            self.segments = self.segments[:1]
+            self.links: list[Link] = []
+            self.first_hop = remote.open(model, plan, train=train, proximal_mu=proximal_mu)
+        else:
+            self.links = (
+                list(links)
+                if links is not None
+                else [InProcessLink() for _ in range(plan.num_peers + 1)]
             )
-            upstream_trains = upstream_trains or bool(trainable)
-        return segments
+            if len(self.links) != plan.num_peers + 1:
+                raise ValueError(f"need {plan.num_peers + 1} links, got {len(self.links)}")
+            node = ChainNode(self.segments[-1], None)
+            for segment, link in zip(self.segments[-2::-1], self.links[::-1], strict=True):
+                hop = InProcessHop(link, node)
+                node = ChainNode(segment, hop)
+            self.first_hop = hop
+        self.start = ChainNode(self.segments[0], self.first_hop)
+        self.set_proximal(proximal_mu)
+        self._remote_stats: RemoteStats | None = None
 
     # -- fine-tuning ---------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One split-learning step on a batch held by the start point (labels too, which the
         end point needs for the loss; the paper's start point shares labels along the chain)."""
         self.model.train()
-        h = x
-        for k, segment in enumerate(self.segments):
-            h = segment.forward(h, train=True)
-            if k < len(self.links):
-                h = self.links[k].send(h, "forward")
-        logits = h
-        labels = y.to(logits.device)
-        loss = F.cross_entropy(logits, labels)
-        grad = self.segments[-1].backward(None, loss=loss)
-        for k in range(len(self.segments) - 2, -1, -1):
-            if grad is None:  # nothing upstream trains: no more hops backwards
-                break
-            grad = self.links[k].send(grad, "backward")
-            grad = self.segments[k].backward(grad)
-        correct = int((logits.detach().argmax(dim=1) == labels).sum())
-        return StepResult(float(loss.detach()), correct, int(labels.shape[0]))
+        _, result = self.start.train(x, y)
+        return result
 
     def set_proximal(self, mu: float) -> None:
         for segment in self.segments:
@@ -215,20 +323,54 @@ class SplitChain:
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """SL inference: start -> peers -> end point, logits sent back to the start point."""
         self.model.eval()
-        h = x
-        for k, segment in enumerate(self.segments):
-            h = segment.forward(h, train=False)
-            if k < len(self.links):
-                h = self.links[k].send(h, "forward")
-        return self.result_link.send(h, "forward")
+        return self.result_link.send(self.start.infer(x), "forward")
+
+    # -- the end of a session --------------------------------------------------------------------
+    def close(self) -> None:
+        """Remote peers: take the trained modules back into `model` and collect their counts.
+        In-process chains share the model already; closing them does nothing."""
+        if self.remote is not None and self._remote_stats is None:
+            self._remote_stats = self.remote.close(self.model)
 
     # -- accounting ----------------------------------------------------------------------------
     def stats(self) -> ChainStats:
+        if self.remote is None:
+            return ChainStats(
+                hop_bytes_forward=[link.stats.bytes_forward for link in self.links],
+                hop_bytes_backward=[link.stats.bytes_backward for link in self.links],
+                segment_flops={s.name: s.flops_done for s in self.segments},
+            )
+        self.close()
+        assert self._remote_stats is not None
+        remote = self._remote_stats
+        first = self.first_hop.stats
         return ChainStats(
-            hop_bytes_forward=[link.stats.bytes_forward for link in self.links],
-            hop_bytes_backward=[link.stats.bytes_backward for link in self.links],
-            segment_flops={s.name: s.flops_done for s in self.segments},
+            hop_bytes_forward=[first.bytes_forward, *remote.hop_bytes_forward],
+            hop_bytes_backward=[first.bytes_backward, *remote.hop_bytes_backward],
+            segment_flops={self.segments[0].name: self.segments[0].flops_done}
+            | remote.segment_flops,
         )
+
+
+def build_segments(
+    model: PromptedViT, plan: SplitPlan, make_optimizer: OptimizerFactory | None
+) -> list[Segment]:
+    """The chain's segments in order: start point, peers, end point. A segment needs the
+    gradient of its input only if something upstream of it trains."""
+    flops = segment_flops(model, plan)
+    fns: list[Callable[[torch.Tensor], torch.Tensor]] = [
+        model.embed,
+        *(_blocks_fn(model, lo, hi) for lo, hi in plan.ranges),
+        model.head_forward,
+    ]
+    names = node_names(plan.num_peers)
+    groups = zip(names, fns, segment_parameters(model, plan), flops, strict=True)
+    segments, upstream_trains = [], False
+    for name, fn, params, seg_flops in groups:
+        trainable = [p for p in params if p.requires_grad]
+        segments.append(Segment(name, fn, trainable, make_optimizer, upstream_trains, seg_flops))
+        upstream_trains = upstream_trains or bool(trainable)
+    return segments
 
 
 def segment_parameters(model: PromptedViT, plan: SplitPlan) -> list[list[nn.Parameter]]:

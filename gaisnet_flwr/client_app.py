@@ -15,8 +15,10 @@ from flwr.clientapp import ClientApp
 from clients.inference import InferenceRequestError
 from clients.split_client import ClusterIdentity, SplitClusterClient
 from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.remote import PeerError, PeerSettings
 
 INFERENCE_REQUEST_ERROR = 400  # our code for "this request cannot be served", with the reason
+PEER_FAILURE = 503  # a D2D peer of this cluster was down, too slow or refused: this cluster failed
 
 
 def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> ClientApp:
@@ -25,14 +27,19 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
 
     def cluster(context: Context) -> SplitClusterClient:
         cfg = RunConfig.from_run_config(context.run_config or fallback_config or {})
-        identity = ClusterIdentity.from_node_config(dict(context.node_config), cfg.num_edges())
-        return SplitClusterClient(cfg, identity)
+        node_config = dict(context.node_config)
+        identity = ClusterIdentity.from_node_config(node_config, cfg.num_edges())
+        return SplitClusterClient(cfg, identity, PeerSettings.from_node_config(node_config))
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        content = cluster(context).train(
-            msg.content.array_records["arrays"], msg.content.config_records["config"]
-        )
+        try:
+            content = cluster(context).train(
+                msg.content.array_records["arrays"], msg.content.config_records["config"]
+            )
+        except PeerError as err:
+            # A dead or slow peer costs this cluster's contribution to the round, nothing more.
+            return Message(Error(code=PEER_FAILURE, reason=str(err)), reply_to=msg)
         return Message(content=content, reply_to=msg)
 
     @client.evaluate()
@@ -48,6 +55,8 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
         except InferenceRequestError as err:
             # A bad request costs only itself: a clear error reply, the node serves on.
             return Message(Error(code=INFERENCE_REQUEST_ERROR, reason=str(err)), reply_to=msg)
+        except PeerError as err:
+            return Message(Error(code=PEER_FAILURE, reason=str(err)), reply_to=msg)
 
     @client.query("identity")
     def identity(msg: Message, context: Context) -> Message:

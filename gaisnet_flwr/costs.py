@@ -33,6 +33,7 @@ import torch
 
 from gaisnet_flwr.chain import segment_parameters
 from gaisnet_flwr.flops import SegmentFlops, ViTShape
+from gaisnet_flwr.split import node_names
 
 if TYPE_CHECKING:
     from gaisnet_flwr.model import PromptedViT
@@ -277,11 +278,6 @@ def tensor_wire_bytes(shape: Sequence[int], element_size: int = 4) -> int:
 
 
 # -- a cluster and its costs ----------------------------------------------------------------------
-def node_names(num_peers: int) -> list[str]:
-    """Chain order, named as the chain's segments: start, peer1 .. peerK, end."""
-    return ["start", *(f"peer{k + 1}" for k in range(num_peers)), "end"]
-
-
 @dataclass(frozen=True)
 class ClusterProfile:
     """Devices in chain order (start, peers..., end), one D2D link per hop (hop k: node k -> k + 1)

@@ -8,9 +8,10 @@ never changes when the transport does.
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -102,3 +103,42 @@ class InProcessLink:
         payload = serialize_tensor(tensor)
         self.stats.add(direction, len(payload))
         return deserialize_tensor(payload, self.device)
+
+
+# -- framed messages (the network transport's payloads) ----------------------------------------
+_FRAME = struct.Struct("<I")  # length of the JSON header that follows
+
+
+def pack_message(header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    """A JSON header and named tensors in one payload: [len][header][tensor 1][tensor 2]...
+
+    The header lists each tensor's name and byte length, so the receiver can check the frame
+    before decoding anything."""
+    blobs = {name: serialize_tensor(t) for name, t in (tensors or {}).items()}
+    head = json.dumps({**header, "tensors": [[n, len(b)] for n, b in blobs.items()]}).encode()
+    return _FRAME.pack(len(head)) + head + b"".join(blobs.values())
+
+
+def unpack_message(payload: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Inverse of `pack_message`; raises `LinkError` on a malformed frame."""
+    if len(payload) < _FRAME.size:
+        raise LinkError(f"message of {len(payload)} bytes is shorter than its frame")
+    (size,) = _FRAME.unpack_from(payload)
+    end = _FRAME.size + size
+    if end > len(payload):
+        raise LinkError(f"message header claims {size} bytes, {len(payload) - _FRAME.size} left")
+    try:
+        header = json.loads(payload[_FRAME.size : end])
+        layout = [(str(name), int(n)) for name, n in header.pop("tensors")]
+    except (ValueError, KeyError, TypeError) as err:
+        raise LinkError(f"message header is not valid: {err}") from err
+    if end + sum(n for _, n in layout) != len(payload):
+        raise LinkError(
+            f"message carries {len(payload) - end} tensor bytes, its header lists "
+            f"{sum(n for _, n in layout)}"
+        )
+    tensors, offset = {}, end
+    for name, n in layout:
+        tensors[name] = deserialize_tensor(payload[offset : offset + n])
+        offset += n
+    return header, tensors

@@ -165,6 +165,12 @@ class PromptedViT(nn.Module):
         """Whether tokens handed between blocks carry prompt slots (vpt-shallow only)."""
         return self.mode == "vpt-shallow" and self.num_prompts > 0
 
+    def tokens_before(self, block: int) -> int:
+        """Tokens handed to block `block` (`depth`: to the end point) by the previous segment:
+        the prefix and patch tokens, plus the travelling prompts under vpt-shallow."""
+        travelling = self.num_prompts if (self.prompts_travel and block > 0) else 0
+        return self.num_prefix_tokens + travelling + self.backbone.patch_embed.num_patches
+
     def _insert_prompt(self, i: int, h: torch.Tensor) -> torch.Tensor:
         p = self.num_prefix_tokens
         tokens = self.prompt(i).tokens.expand(h.shape[0], -1, -1)  # [B, n, D]

@@ -156,3 +156,8 @@ def make_plan(planner: str, num_blocks: int, speeds: Sequence[float]) -> SplitPl
     if planner == "even":
         return plan_even(num_blocks, len(speeds))
     raise PlanError(f"unknown planner {planner!r}; valid planners: {', '.join(PLANNERS)}")
+
+
+def node_names(num_peers: int) -> list[str]:
+    """Chain order, the names segments, costs and metrics use: start, peer1 .. peerK, end."""
+    return ["start", *(f"peer{k + 1}" for k in range(num_peers)), "end"]

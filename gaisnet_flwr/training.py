@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from gaisnet_flwr.chain import ChainStats, OptimizerFactory, SplitChain
+from gaisnet_flwr.chain import (
+    ChainStats,
+    OptimizerFactory,
+    OptimizerSpec,
+    RemotePeers,
+    SplitChain,
+)
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.model import PromptedViT, build_prompted_vit
 from gaisnet_flwr.split import SplitPlan, make_plan
@@ -29,15 +35,12 @@ def build_model(cfg: RunConfig, num_classes: int) -> PromptedViT:
     return build_prompted_vit(num_classes=num_classes, **cfg.model_kwargs())
 
 
-def optimizer_factory(cfg: RunConfig) -> OptimizerFactory:
-    def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if cfg.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+def optimizer_spec(cfg: RunConfig) -> OptimizerSpec:
+    return OptimizerSpec(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
 
-    return make
+
+def optimizer_factory(cfg: RunConfig) -> OptimizerFactory:
+    return optimizer_spec(cfg).factory()
 
 
 def cluster_plan(cfg: RunConfig) -> SplitPlan:
@@ -66,12 +69,14 @@ def train_cluster(
     seed: int,
     proximal_mu: float = 0.0,
     device: torch.device | None = None,
+    remote: RemotePeers | None = None,
 ) -> TrainResult:
-    """Split-learning fine-tuning inside one cluster for `cfg.local_epochs` epochs."""
+    """Split-learning fine-tuning inside one cluster for `cfg.local_epochs` epochs; with
+    `remote`, the peers and end point are other devices and `model` gets their trained
+    modules back at the end."""
     device = device or torch.device("cpu")
     model.to(device)
-    chain = SplitChain(model, plan, optimizer_factory(cfg))
-    chain.set_proximal(proximal_mu)
+    chain = SplitChain(model, plan, optimizer_factory(cfg), remote=remote, proximal_mu=proximal_mu)
     total_loss, correct, seen = 0.0, 0, 0
     for epoch in range(cfg.local_epochs):
         for x, y in loader(dataset, cfg.batch_size, seed=seed * 1000 + epoch):
@@ -79,6 +84,7 @@ def train_cluster(
             total_loss += step.loss * step.num_examples
             correct += step.correct
             seen += step.num_examples
+    chain.close()
     return TrainResult(
         total_loss / max(seen, 1),
         correct / max(seen, 1),

@@ -1,0 +1,338 @@
+"""D2D hops over the network: the calling side of a lab deployment's split chain (gRPC).
+
+Flower's SuperNodes never talk to each other, so a cluster's members use a direct transport:
+the start point (the SuperNode's ClientApp) calls peer 1, peer 1 calls peer 2, ..., the end
+point computes the loss, and each response carries the gradient back one hop (paper Fig. 4).
+Every node runs the same `chain.ChainNode`; only its hop is a `GrpcHop` instead of an
+in-process one. The serving side is `peer.py` (the `gaisnet-peer` process).
+
+Methods of the `gaisnet.Peer` service (unary calls, framed payloads from `link.pack_message`):
+  Ping     -> the peer's name and version (lab bring-up waits on it)
+  Open     one round's session: the peer's segment, its tunable modules, optimizer, next hop;
+           replies `need-weights` when it lacks the frozen weights of that segment
+  Weights  the segment's frozen weights, keyed by their SHA-256 (kept in the peer's memory)
+  Train    smashed data + labels in, gradient of the smashed data out (the rest of the chain
+           runs inside the call)
+  Infer    smashed data in, logits out
+  Close    the trained tunable modules and the session's counts out
+
+A peer that is down, too slow or refuses a message raises `PeerError` naming it; the cluster's
+ClientApp turns that into an error reply, so only that cluster's contribution is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from gaisnet_flwr.chain import Hop, OptimizerSpec, RemoteStats, StepResult, segment_parameters
+from gaisnet_flwr.link import LinkError, LinkStats, pack_message, serialize_tensor, unpack_message
+from gaisnet_flwr.model import ModelError, PromptedViT
+from gaisnet_flwr.split import SplitPlan, node_names
+
+SERVICE = "gaisnet.Peer"
+PROTOCOL_VERSION = 1
+MB = 2**20
+
+
+class PeerError(RuntimeError):
+    """A peer that could not be reached, timed out, or refused what it was sent."""
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """How a node talks to the next one: deadline, message-size limit and TLS.
+
+    TLS: with `ca_certfile` the channel is encrypted and the peer's certificate is checked
+    against that CA; `certfile` + `keyfile` add this node's own certificate (mutual TLS, for
+    peers started with `--require-client-cert`). With none of them the channel is plaintext.
+    """
+
+    timeout_s: float = 60.0
+    max_message_mb: float = 256.0
+    ca_certfile: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"peer timeout must be > 0 seconds, got {self.timeout_s}")
+        if self.max_message_mb <= 0:
+            raise ValueError(f"peer max message size must be > 0 MB, got {self.max_message_mb}")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("a client certificate needs both certfile and keyfile")
+        if self.certfile and not self.ca_certfile:
+            raise ValueError("a client certificate (mutual TLS) needs ca_certfile as well")
+        for path in (self.ca_certfile, self.certfile, self.keyfile):
+            if path and not Path(path).is_file():
+                raise ValueError(f"TLS file {path!r} does not exist")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * MB)
+
+    def options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+
+    def channel(self, address: str) -> grpc.Channel:
+        if not self.ca_certfile:
+            return grpc.insecure_channel(address, options=self.options())
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(self.ca_certfile).read_bytes(),
+            private_key=Path(self.keyfile).read_bytes() if self.keyfile else None,
+            certificate_chain=Path(self.certfile).read_bytes() if self.certfile else None,
+        )
+        return grpc.secure_channel(address, credentials, options=self.options())
+
+
+def check_address(address: str, listen: bool = False) -> str:
+    """`host:port` with a numeric port in 1..65535 (IPv6 hosts in brackets); a listening
+    address may take port 0 (any free port)."""
+    host, sep, port = address.rpartition(":")
+    lowest = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
+        raise ValueError(f"peer address {address!r} is not host:port (e.g. 192.168.1.20:50051)")
+    return address
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """A cluster's D2D members from the SuperNode's node-config, in chain order: the K peers
+    and then the end point, e.g.
+
+        flower-supernode ... --node-config 'partition-id=0 num-partitions=2
+            peers="10.0.0.11:50051,10.0.0.12:50051,10.0.0.13:50051" peer-ca-certfile="ca.pem"'
+
+    Keys: `peers` (required for a deployed cluster), `peer-timeout-s`, `peer-max-message-mb`,
+    `peer-ca-certfile`, `peer-certfile`, `peer-keyfile`.
+    """
+
+    addresses: tuple[str, ...]
+    transport: TransportSettings = field(default_factory=TransportSettings)
+
+    KEYS = (
+        "peers",
+        "peer-timeout-s",
+        "peer-max-message-mb",
+        "peer-ca-certfile",
+        "peer-certfile",
+        "peer-keyfile",
+    )
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> PeerSettings | None:
+        """None when the node has no `peers` (simulation: in-process peers)."""
+        extra = sorted(k for k in node_config if k.startswith("peer") and k not in cls.KEYS)
+        if extra:
+            raise ValueError(f"unknown node-config key(s) {extra}; valid: {', '.join(cls.KEYS)}")
+        text = str(node_config.get("peers", "")).strip()
+        if not text:
+            if len([k for k in node_config if k in cls.KEYS]):
+                raise ValueError("peer-* node-config keys are set but 'peers' is empty")
+            return None
+        addresses = tuple(check_address(a.strip()) for a in text.split(","))
+        if len(addresses) < 2:
+            raise ValueError(
+                f"peers={text!r} names {len(addresses)} address; a cluster needs at least one "
+                "peer and the end point, in chain order"
+            )
+        transport = TransportSettings(
+            timeout_s=float(node_config.get("peer-timeout-s", 60.0)),
+            max_message_mb=float(node_config.get("peer-max-message-mb", 256.0)),
+            ca_certfile=str(node_config.get("peer-ca-certfile", "")),
+            certfile=str(node_config.get("peer-certfile", "")),
+            keyfile=str(node_config.get("peer-keyfile", "")),
+        )
+        return cls(addresses, transport)
+
+
+class PeerClient:
+    """Calls one peer: framed payloads, a deadline per call, gRPC errors as `PeerError`."""
+
+    def __init__(self, name: str, address: str, transport: TransportSettings) -> None:
+        self.name = name
+        self.address = address
+        self.transport = transport
+        self._channel = transport.channel(address)
+
+    def call(
+        self,
+        method: str,
+        header: dict[str, Any],
+        tensors: dict[str, torch.Tensor] | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
+        timeout = self.transport.timeout_s if timeout_s is None else timeout_s
+        try:
+            payload = stub(pack_message(header, tensors), timeout=max(timeout, 0.001))
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            details = err.details() if hasattr(err, "details") else str(err)
+            hint = ""
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                hint = f" (no answer within {timeout:.1f} s; see peer-timeout-s)"
+            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                hint = " (message too large; see peer-max-message-mb / --max-message-mb)"
+            name = code.name if code else "ERROR"
+            raise PeerError(
+                f"{self.name} at {self.address}: {method} failed: {name}: {details}{hint}"
+            ) from err
+        try:
+            return unpack_message(payload)
+        except LinkError as err:
+            raise PeerError(f"{self.name} at {self.address}: malformed reply: {err}") from err
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class GrpcHop:
+    """The hop to the next device: one `Train` call per step carries the smashed data there
+    and brings the gradient back. Counts what a link counts: serialized tensors per direction.
+    """
+
+    def __init__(self, client: PeerClient, session: str) -> None:
+        self.client = client
+        self.session = session
+        self.stats = LinkStats()
+        self.timeout_s: float | None = None  # a peer narrows it to its own caller's deadline
+
+    def train(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, StepResult]:
+        self.stats.add("forward", len(serialize_tensor(h)))
+        header, tensors = self.client.call(
+            "Train", {"session": self.session}, {"h": h, "y": y}, self.timeout_s
+        )
+        grad = tensors.get("grad")
+        if grad is not None:
+            if grad.shape != h.shape or grad.dtype != h.dtype:
+                raise PeerError(
+                    f"{self.client.name} at {self.client.address} sent a gradient of shape "
+                    f"{tuple(grad.shape)} {grad.dtype} for smashed data {tuple(h.shape)} {h.dtype}"
+                )
+            self.stats.add("backward", len(serialize_tensor(grad)))
+            grad = grad.to(h.device)
+        result = StepResult(float(header["loss"]), int(header["correct"]), int(header["n"]))
+        return grad, result
+
+    def infer(self, h: torch.Tensor) -> torch.Tensor:
+        self.stats.add("forward", len(serialize_tensor(h)))
+        _, tensors = self.client.call("Infer", {"session": self.session}, {"h": h}, self.timeout_s)
+        if "logits" not in tensors or tensors["logits"].shape[0] != h.shape[0]:
+            raise PeerError(f"{self.client.name} at {self.client.address} sent no logits for h")
+        return tensors["logits"].to(h.device)
+
+
+def model_spec(model_kwargs: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
+    """What a peer needs to build the architecture (never weights: those come separately)."""
+    spec = {k: v for k, v in model_kwargs.items() if k not in ("pretrained", "checkpoint_path")}
+    return {**spec, "num_classes": num_classes}
+
+
+def segment_weights(model: PromptedViT, plan: SplitPlan, index: int) -> dict[str, torch.Tensor]:
+    """Every parameter of segment `index`, under `model.state_dict()` names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: p.detach() for p in segment_parameters(model, plan)[index]}
+
+
+def segment_tunable_keys(model: PromptedViT, plan: SplitPlan, index: int) -> list[str]:
+    """The tunable-state keys (`prompt.i`, `head.*`, ...) that segment `index` holds."""
+    keys = {id(p): k for k, p in model.named_tunable_parameters()}
+    return [keys[id(p)] for p in segment_parameters(model, plan)[index] if id(p) in keys]
+
+
+def weights_key(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes: a peer reuses weights only if identical."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class NetworkPeers:
+    """The cluster's K peers and end point as remote processes (`chain.RemotePeers`).
+
+    Args:
+        settings: the members' addresses (chain order) and the transport.
+        model_spec: how to build the architecture (`model_spec(cfg.model_kwargs(), classes)`).
+        optimizer: the segments' optimizer (each remote segment builds its own).
+    """
+
+    def __init__(
+        self, settings: PeerSettings, model_spec: dict[str, Any], optimizer: OptimizerSpec
+    ) -> None:
+        self.settings = settings
+        self.model_spec = model_spec
+        self.optimizer = optimizer
+        self.session = ""
+        self._clients: list[PeerClient] = []
+        self._plan: SplitPlan | None = None
+
+    def open(self, model: PromptedViT, plan: SplitPlan, train: bool, proximal_mu: float) -> Hop:
+        addresses = self.settings.addresses
+        if len(addresses) != plan.num_peers + 1:
+            raise PeerError(
+                f"node-config names {len(addresses)} D2D members (peers + end point) but the "
+                f"split plan has {plan.num_peers} peers: give {plan.num_peers + 1} addresses in "
+                f"'peers' or set peers-per-cluster={len(addresses) - 1}"
+            )
+        self.session = uuid.uuid4().hex
+        self._plan = plan
+        names = node_names(plan.num_peers)
+        self._clients = [
+            PeerClient(names[k + 1], a, self.settings.transport) for k, a in enumerate(addresses)
+        ]
+        tunable = model.tunable_state()
+        for k, client in enumerate(self._clients):
+            index = k + 1  # segment 0 is the start point, here
+            weights = segment_weights(model, plan, index)
+            header = {
+                "version": PROTOCOL_VERSION,
+                "session": self.session,
+                "index": index,
+                "name": client.name,
+                "ranges": [list(r) for r in plan.ranges],
+                "model": self.model_spec,
+                "optimizer": asdict(self.optimizer),
+                "train": train,
+                "proximal-mu": proximal_mu,
+                "next": addresses[k + 1] if k + 1 < len(addresses) else None,
+                "weights-key": weights_key(weights),
+            }
+            modules = {key: tunable[key] for key in segment_tunable_keys(model, plan, index)}
+            reply, _ = client.call("Open", header, modules)
+            if reply.get("need-weights"):  # first session on this peer (or it restarted)
+                client.call("Weights", {"weights-key": header["weights-key"]}, weights)
+                reply, _ = client.call("Open", header, modules)
+            if not reply.get("ready"):
+                raise PeerError(f"{client.name} at {client.address} did not open the session")
+        return GrpcHop(self._clients[0], self.session)
+
+    def close(self, model: PromptedViT) -> RemoteStats:
+        """Take every remote segment's trained modules back into `model`; collect counts."""
+        assert self._plan is not None, "close() before open()"
+        forward, backward, flops = [], [], {}
+        for client in self._clients:
+            header, modules = client.call("Close", {"session": self.session})
+            try:
+                model.load_tunable_state(modules, strict=False)
+            except ModelError as err:
+                raise PeerError(f"{client.name} at {client.address} returned {err}") from err
+            flops[client.name] = int(header["flops"])
+            if client is not self._clients[-1]:  # the end point sends nothing onward
+                forward.append(int(header["bytes-forward"]))
+                backward.append(int(header["bytes-backward"]))
+            client.close()
+        return RemoteStats(forward, backward, flops)
