@@ -84,18 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, cfg = common.parse_or_exit(parser, argv)  # bad preset/key/value: exit before any work
     names = selected(parser, args.only)
-    out = (
-        args.out
-        if str(args.out)
-        else Path("outputs/section5") / ("quick" if args.quick else "full")
-    )
+    out = args.out or Path("outputs/section5") / ("quick" if args.quick else "full")
+    subs = {
+        n: common.parse_or_exit(EXPERIMENTS[n].build_parser(), sub_argv(args, out / n))
+        for n in names
+    }
+    torch.set_num_threads(args.threads)  # after every check: bad input changes nothing
     out.mkdir(parents=True, exist_ok=True)
     startup = time.perf_counter() - START
     results, failures = [], []
     print(f"Section V: {', '.join(names)} into {out} (start-up {startup:.0f} s)", flush=True)
     for name in names:
         module = EXPERIMENTS[name]
-        sub_args, sub_cfg = common.parse_or_exit(module.build_parser(), sub_argv(args, out / name))
+        sub_args, sub_cfg = subs[name]
         try:
             result = common.execute(module, sub_cfg, sub_args, out / name)
         except Exception:  # noqa: BLE001 - report it, run the others, fail at the end

@@ -135,7 +135,6 @@ def parse_or_exit(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
         parser.error(str(err))
         raise  # unreachable: parser.error exits
     args.set_keys = set(values)
-    torch.set_num_threads(args.threads)
     return args, cfg
 
 
@@ -283,6 +282,7 @@ def execute(experiment: Any, cfg: RunConfig, args: argparse.Namespace, out: Path
 def script_main(experiment: Any, argv: Sequence[str] | None = None) -> SectionResult:
     """The body of every script's `main`: parse, validate, run, say where the files went."""
     args, cfg = parse_or_exit(experiment.build_parser(), argv)
+    torch.set_num_threads(args.threads)
     result = execute(experiment, cfg, args, args.out)
     print(
         f"{experiment.TITLE}: done in {result.seconds:.0f} s; report {args.out / 'report.md'}, "

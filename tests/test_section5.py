@@ -1,0 +1,219 @@
+"""The Section V reproduction (scripts/section5.py and the scripts it runs).
+
+Fast: the report helpers, presets and the command line's refusals of bad input (before any
+work). Slow: the quick variant of the whole set, end to end in a subprocess, checked file by
+file and number by number (only what holds robustly: ranges, exact scheduler profits, analytic
+FLOPs, byte counts; no timing comparisons).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gaisnet_flwr.config import ConfigError, RunConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+PAPER_PRESET = REPO / "conf" / "paper-vitb16-flowers102.toml"
+sys.path.insert(0, str(SCRIPTS))  # the scripts import their helpers as top-level modules
+
+import section5_common as common  # noqa: E402
+
+EXPECTED = {
+    "fig6": ["fig6_pretraining.csv", "fig6_pretraining.png"],
+    "fig7": ["fig7_frozen_vs_full.csv", "fig7_paper_scale.csv", "fig7_frozen_vs_full.png"],
+    "table3": ["table3_noniid.csv", "table3_noniid.png"],
+    "table4": ["table4_clusters.csv", "table4_clusters.png"],
+    "table5": ["table5_scheduling.csv", "table5_rs_seeds.csv", "fig8_cumulative_profit.png"],
+    "comm": ["comm_per_round.csv", "peers_latency_energy.csv", "comm_and_peers.png"],
+}
+TITLES = ("Fig. 6", "Fig. 7", "Table III", "Table IV", "Table V and Fig. 8", "Beyond the paper")
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+
+
+def test_md_table_formats_floats_and_keeps_strings() -> None:
+    table = common.md_table(["k", "acc", "note"], [[1, 0.123456, "x"], [2, float("nan"), None]])
+    assert table.splitlines() == [
+        "| k | acc | note |",
+        "|---|---|---|",
+        "| 1 | 0.1235 | x |",
+        "| 2 | – | – |",
+    ]
+
+
+def test_md_table_rejects_a_ragged_row() -> None:
+    with pytest.raises(ValueError, match="3 cells"):
+        common.md_table(["a", "b", "c"], [[1, 2]])
+
+
+def test_relative_links_prefix_local_files_only() -> None:
+    text = "![F](f.png) [csv](a.csv) [web](https://x.org/a) [top](#fig-6) [abs](/etc/x)"
+    assert common.relative_links(text, "fig6") == (
+        "![F](fig6/f.png) [csv](fig6/a.csv) [web](https://x.org/a) [top](#fig-6) [abs](/etc/x)"
+    )
+
+
+def test_with_defaults_applies_only_to_keys_the_user_did_not_set() -> None:
+    class Args:
+        set_keys = {"lr"}
+
+    cfg = common.with_defaults(RunConfig(lr=0.2), Args(), lr=0.01, batch_size=10)  # type: ignore[arg-type]
+    assert (cfg.lr, cfg.batch_size) == (0.2, 10)
+
+
+def test_progress_prints_elapsed_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = common.Progress("x", 4)
+    progress.step("epoch 1")
+    line = capsys.readouterr().out
+    assert re.fullmatch(r"\[x\] 1/4 epoch 1 \| \d+ s elapsed, ETA \d+ s\n", line)
+
+
+# -- presets and bad input ------------------------------------------------------------------------
+
+
+def test_paper_preset_is_the_papers_setting_and_validates(tmp_path: Path) -> None:
+    values = common.read_preset(PAPER_PRESET)
+    (tmp_path / "flowers-102").mkdir()  # DataSpec only checks the folder exists and is not empty
+    cfg = RunConfig.from_run_config({**values, "data-dir": str(tmp_path)})
+    assert (cfg.model_name, cfg.img_size, cfg.patch_size) == ("vit_base_patch16_224", 224, 16)
+    assert (cfg.depth, cfg.embed_dim, cfg.num_heads) == (12, 768, 12)
+    assert (cfg.foundation, cfg.dataset, cfg.lr, cfg.batch_size) == ("timm", "flowers102", 1e-3, 10)
+    assert cfg.val_fraction == pytest.approx(0.2)  # train:val 4:1
+
+
+def test_paper_preset_without_the_data_names_data_dir() -> None:
+    with pytest.raises(ConfigError, match="data-dir"):
+        RunConfig.from_run_config(common.read_preset(PAPER_PRESET))
+
+
+def test_unknown_preset_names_the_presets_there_are(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="paper-vitb16-flowers102.toml"):
+        common.read_preset(tmp_path / "nope.toml")
+
+
+def test_nested_preset_is_refused(tmp_path: Path) -> None:
+    preset = tmp_path / "nested.toml"
+    preset.write_text("[tool]\nlr = 0.1\n")
+    with pytest.raises(ConfigError, match="flat key = value"):
+        common.read_preset(preset)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--run-config", "no-such-key=1"], r"unknown run-config key\(s\) \['no-such-key'\]"),
+        (["--run-config", "mode='deep'"], "choose one of"),
+        (["--preset", "conf/missing.toml"], "presets in this repository"),
+        (["--only", "fig9"], r"unknown experiment\(s\) \['fig9'\]"),
+    ],
+)
+def test_bad_input_stops_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    import section5
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        section5.main(["--quick", "--out", str(out), *argv])
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()  # nothing was started
+
+
+# -- the quick variant of the whole set -----------------------------------------------------------
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def accuracies(path: Path, *columns: str) -> list[float]:
+    return [float(r[c]) for r in rows(path) for c in columns if r[c] != ""]
+
+
+@pytest.mark.slow
+def test_quick_variant_writes_every_figure_table_and_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "section5"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "section5.py"), "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    for name, files in EXPECTED.items():
+        assert (out / name / "report.md").is_file(), name
+        for file in files:
+            path = out / name / file
+            assert path.is_file() and path.stat().st_size > 0, path
+            if path.suffix == ".png":
+                assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+    report = (out / "report.md").read_text()
+    assert "FAILED" not in report
+    for title in TITLES:
+        assert f"## {title}" in report, title
+    for name, files in EXPECTED.items():  # figures linked from the joint report
+        for file in files:
+            if file.endswith(".png"):
+                assert f"]({name}/{file})" in report
+    total = re.search(r"\*\*(\d+) s \(([\d.]+) min\)\*\*", report)
+    assert total, "the report states the total wall time"
+    print(f"quick variant of Section V: {total.group(1)} s")
+
+    # Fig. 6 and Fig. 7: accuracies are fractions, one row per epoch (quick: 2 epochs + start)
+    fig6 = out / "fig6" / "fig6_pretraining.csv"
+    assert len(rows(fig6)) == 3
+    fig7 = out / "fig7" / "fig7_frozen_vs_full.csv"
+    for path, cols in (
+        (fig6, ("pretrained", "random")),
+        (fig7, ("prompt_accuracy", "full_accuracy")),
+    ):
+        assert all(0.0 <= a <= 1.0 for a in accuracies(path, *cols))
+    assert all(float(r["prompt_epoch_s"]) > 0 for r in rows(fig7)[1:])
+    scale = {r["mode"]: r for r in rows(out / "fig7" / "fig7_paper_scale.csv")}
+    # analytic: full fine-tuning also computes every weight gradient
+    assert float(scale["full"]["vitb16_train_gflops_per_sample"]) > float(
+        scale["prompt"]["vitb16_train_gflops_per_sample"]
+    )
+    assert all(float(r["vitb16_step_s"]) > 0 for r in scale.values())
+
+    # Table III: fractions; in reading A one class of five ends well below all five
+    t3 = rows(out / "table3" / "table3_noniid.csv")
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in t3)
+    end = {int(r["classes"]): float(r["accuracy"]) for r in t3 if r["reading"] == "A"}
+    assert end[1] < end[5]
+
+    # Table IV: every cluster count and domain ran every round
+    t4 = rows(out / "table4" / "table4_clusters.csv")
+    assert {int(r["clusters"]) for r in t4} == {1, 2, 4, 8}
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in t4)
+
+    # Table V: the paper's MSIP 500 and MLCP 650, exactly
+    t5 = rows(out / "table5" / "table5_scheduling.csv")
+    assert float(t5[-1]["msip_cumulative"]) == 500.0
+    assert float(t5[-1]["mlcp_cumulative"]) == 650.0
+    assert [r["mlcp_decision"] for r in t5][:3] == ["A", "c", "c"]
+    assert all(
+        math.isfinite(float(r["rs_total"])) for r in rows(out / "table5" / "table5_rs_seeds.csv")
+    )  # noqa: E501
+
+    # communication: D2D smashed data outweighs the upload of the tunable modules
+    for r in rows(out / "comm" / "comm_per_round.csv"):
+        d2d = float(r["d2d_forward_bytes"]) + float(r["d2d_backward_bytes"])
+        assert d2d > float(r["upload_bytes"]) > 0
+    peers = rows(out / "comm" / "peers_latency_energy.csv")
+    assert {int(r["peers"]) for r in peers} == set(range(1, 7))
+    assert all(float(r["latency_s"]) > 0 and float(r["energy_j"]) > 0 for r in peers)
