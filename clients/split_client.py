@@ -203,7 +203,7 @@ class SplitClusterClient:
             images = torch.stack([x for x, _ in batch])
             labels = torch.tensor([int(y) for _, y in batch])
         assert delivered is not None  # load_delivered_model refused an empty delivery
-        return serve(
+        reply = serve(
             model,
             cluster_plan(self.cfg),
             self.cfg.cluster_profile(),
@@ -212,6 +212,10 @@ class SplitClusterClient:
             download_bytes=delivered.count_bytes(),
             remote=self._remote(self.data.num_classes),
         )
+        metrics = reply.metric_records["metrics"]
+        metrics["edge-id"] = self.identity.edge_id
+        metrics["partition-id"] = self.identity.partition_id
+        return reply
 
     def evaluate(self, arrays: ArrayRecord) -> RecordDict:
         result = evaluate(self._model(arrays), self.val_set, device=self.device)

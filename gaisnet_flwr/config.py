@@ -107,6 +107,8 @@ class RunConfig:
     strategy: str = "module-fedavg"  # a registry name or "package.module:Class"
     strategy_options: str = ""  # extra strategy kwargs as TOML, e.g. "proximal_mu=0.1"
     fraction_evaluate: float = 1.0
+    # -- deployment -----------------------------------------------------------------------------
+    min_clusters: int = 0  # wait for this many SuperNodes before round 1; 0 = whoever is there
     # -- run ------------------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"  # one of DEVICES; auto = cuda when available
@@ -172,6 +174,8 @@ class RunConfig:
                 raise ConfigError(f"{_key(key)} must be >= 1, got {getattr(self, key)}")
         if self.num_prompts < 0:
             raise ConfigError(f"num-prompts must be >= 0, got {self.num_prompts}")
+        if self.min_clusters < 0:
+            raise ConfigError(f"min-clusters must be >= 0, got {self.min_clusters}")
         if self.mode in ("linear", "full") and self.num_prompts:
             raise ConfigError(f"mode {self.mode!r} trains no prompts: set num-prompts=0")
         if self.peers_per_cluster > self.depth:

@@ -65,13 +65,20 @@ class RoundRecorder:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     def record(
-        self, server_round: int, central: dict[str, float], train: dict[str, Any] | None = None
+        self,
+        server_round: int,
+        central: dict[str, float],
+        train: dict[str, Any] | None = None,
+        failures: list[dict[str, Any]] | None = None,
     ) -> None:
-        """One round: central evaluation and the round's aggregated training metrics."""
+        """One round: central evaluation, the round's aggregated training metrics and the
+        clusters that failed it (a round with failures is complete, but marked)."""
         now = time.perf_counter()
         row: dict[str, Any] = {"round": server_round, **central}
         if server_round > 0:
             row.update({f"train/{k}": v for k, v in (train or {}).items()})
+            row["failed-clusters"] = len(failures or [])
+            row["failures"] = list(failures or [])
             row["round-time-s"] = now - self._round_started
         self._round_started = now
         self.rows.append(row)
@@ -88,6 +95,8 @@ class RoundRecorder:
             head += " (" + ", ".join(f"{k.split('/')[0]} {row[k]:.4f}" for k in edges) + ")"
         if row["round"] == 0:
             return head + " (initial model)"
+        if row.get("failed-clusters"):
+            head += f" | {row['failed-clusters']} cluster(s) FAILED, left out"
         return (
             f"{head} | train acc {row.get('train/train-acc', float('nan')):.4f} "
             f"loss {row.get('train/train-loss', float('nan')):.4f} | "
@@ -110,5 +119,10 @@ class RoundRecorder:
 
     def save_modules(self, state: dict[str, np.ndarray], name: str = "final_tunable.npz") -> Path:
         path = self.output_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **state)  # type: ignore[arg-type]
         return path
+
+    def save_round_modules(self, server_round: int, state: dict[str, np.ndarray]) -> Path:
+        """Every round's global modules (small: prompts and heads), to resume or compare."""
+        return self.save_modules(state, f"rounds/round-{server_round:03d}.npz")

@@ -35,13 +35,19 @@ from strategies.cloud_edge import CloudEdgeStrategy, edge_key, split_edges
 from strategies.registry import build_strategy, resolve_strategy
 
 
-def wait_for_clusters(grid: Grid, timeout_s: float = 60.0) -> list[int]:
-    """Nodes connected now (all of them in simulation; deployment SuperNodes may lag)."""
+def wait_for_clusters(grid: Grid, minimum: int = 1, timeout_s: float = 120.0) -> list[int]:
+    """Nodes connected now (all of them in simulation). Deployment SuperNodes connect in their
+    own time: wait until `minimum` of them are there (run-config min-clusters)."""
+    minimum = max(minimum, 1)
     deadline = time.monotonic() + timeout_s
-    while not (nodes := list(grid.get_node_ids())) and time.monotonic() < deadline:
+    while len(nodes := list(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
         time.sleep(0.5)
-    if not nodes:
-        raise RuntimeError(f"no client cluster connected within {timeout_s:.0f} s")
+    if len(nodes) < minimum:
+        raise RuntimeError(
+            f"{len(nodes)} client cluster(s) connected within {timeout_s:.0f} s; "
+            f"min-clusters={minimum} needed (are the SuperNodes running and reaching the "
+            f"SuperLink's Fleet API?)"
+        )
     return nodes
 
 
@@ -88,7 +94,7 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
         for e, d in enumerate(cfg.domains())
     ]
 
-    node_edges = identify_clusters(grid, wait_for_clusters(grid), len(edges))
+    node_edges = identify_clusters(grid, wait_for_clusters(grid, cfg.min_clusters), len(edges))
     clusters = {e: sum(1 for v in node_edges.values() if v == e) for e in range(len(edges))}
     strategy = CloudEdgeStrategy(
         {e: build_edge_strategy(cfg, clusters[e]) for e in range(len(edges))},
@@ -132,6 +138,7 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
         row["accuracy"] = sum(row[edge_key(e, "accuracy")] for e in clusters) / len(clusters)
         row["loss"] = sum(row[edge_key(e, "loss")] for e in clusters) / len(clusters)
         train = dict(strategy.last_train_metrics) if server_round > 0 else {}
+        failures = list(strategy.last_failures) if server_round > 0 else []
         if "latency-s" in train:
             train["round-latency-s"] = hierarchy_round_latency(
                 float(train["latency-s"]),
@@ -142,7 +149,8 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
                 edge_device,
                 backhaul,
             )
-        recorder.record(server_round, row, train)
+        recorder.record(server_round, row, train, failures)
+        recorder.save_round_modules(server_round, {k: v.numpy() for k, v in arrays.items()})
         return MetricRecord(row)  # type: ignore[arg-type]
 
     if cfg.service == "integrated":

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,39 +82,49 @@ def flwr_home() -> Path:
     return Path(home)
 
 
-def superlink_family(home: Path, groups: set[int] | None = None) -> list[Proc]:
-    """The managed SuperLink of `home`, its descendants and every process in their process
-    groups (plus the `groups` given: orphans stay in theirs after their parents are gone)."""
+def family(seeds: set[int], groups: set[int] | None = None) -> list[Proc]:
+    """`seeds`, their descendants and every process in their process groups (plus the `groups`
+    given: orphans stay in theirs after their parents are gone)."""
     table = processes()
-    # Flower passes `--log-file $FLWR_HOME/local-superlink/superlink.log` (and `--database` there).
-    marker = f"{home}/local-superlink/"
-    family = {p.pid for p in table.values() if "flower-superlink" in p.args and marker in p.args}
+    members = {pid for pid in seeds if pid in table}
     groups = set(groups or ())
     while True:  # grow to a fixpoint: members' children and members' process groups
-        groups |= {table[pid].pgid for pid in family}
+        groups |= {table[pid].pgid for pid in members}
         groups.discard(os.getpgrp())  # never signal our own group (this script and its caller)
-        grown = family | {p.pid for p in table.values() if p.ppid in family or p.pgid in groups}
-        if grown == family:
+        grown = members | {p.pid for p in table.values() if p.ppid in members or p.pgid in groups}
+        if grown == members:
             break
-        family = grown
+        members = grown
     mine = {os.getpid(), os.getppid()}
-    return [table[pid] for pid in sorted(family) if pid not in mine]
+    return [table[pid] for pid in sorted(members) if pid not in mine]
 
 
-def stop_local_superlink(home: Path, timeout_s: float = 20.0) -> list[Proc]:
-    """Stop the managed SuperLink of `home` and everything it started; return what was stopped.
+def superlink_family(home: Path, groups: set[int] | None = None) -> list[Proc]:
+    """The managed SuperLink of `home` and everything it started (see `family`)."""
+    # Flower passes `--log-file $FLWR_HOME/local-superlink/superlink.log` (and `--database` there).
+    marker = f"{home}/local-superlink/"
+    seeds = {
+        p.pid for p in processes().values() if "flower-superlink" in p.args and marker in p.args
+    }
+    return family(seeds, groups)
 
-    SIGTERM first (the SuperLink and Ray shut down their children), SIGKILL after `timeout_s`.
+
+def stop_family(
+    find: Callable[[set[int]], list[Proc]], what: str, timeout_s: float = 20.0
+) -> list[Proc]:
+    """Stop the processes `find(groups)` returns; return what was stopped.
+
+    SIGTERM first (Flower and Ray shut down their children), SIGKILL after `timeout_s`.
     Raises RuntimeError naming the survivors if anything is still alive after that.
     """
     stopped: dict[int, Proc] = {}
-    groups: set[int] = set()  # remembered: once the SuperLink is gone, orphans are found by group
+    groups: set[int] = set()  # remembered: once a parent is gone, orphans are found by group
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
         deadline = time.monotonic() + wait_s
         signalled: set[int] = set()
         while time.monotonic() < deadline:
             # Re-scan every time: a dying parent may still spawn or orphan children.
-            live = [p for p in superlink_family(home, groups) if p.alive]
+            live = [p for p in find(groups) if p.alive]
             if not live:
                 return list(stopped.values())
             groups |= {p.pgid for p in live}
@@ -124,13 +135,29 @@ def stop_local_superlink(home: Path, timeout_s: float = 20.0) -> list[Proc]:
                     with contextlib.suppress(ProcessLookupError):  # exited meanwhile
                         os.kill(p.pid, sig)
             time.sleep(0.25)
-    survivors = [p for p in superlink_family(home, groups) if p.alive]
+    survivors = [p for p in find(groups) if p.alive]
     if not survivors:
         return list(stopped.values())
     raise RuntimeError(
-        "could not stop the managed SuperLink's processes: "
-        + "; ".join(f"{p.pid} {p.args[:80]}" for p in survivors)
+        f"could not stop {what}: " + "; ".join(f"{p.pid} {p.args[:80]}" for p in survivors)
     )
+
+
+def stop_local_superlink(home: Path, timeout_s: float = 20.0) -> list[Proc]:
+    """Stop the managed SuperLink of `home` and everything it started."""
+    return stop_family(
+        lambda groups: superlink_family(home, groups),
+        "the managed SuperLink's processes",
+        timeout_s,
+    )
+
+
+def stop_processes(pids: set[int], timeout_s: float = 20.0) -> list[Proc]:
+    """Stop processes we started (by PID) with everything they started."""
+    # Children that outlive a parent are found by the process groups seen before it died.
+    seen = family(pids)
+    seeds = set(pids) | {p.pid for p in seen}
+    return stop_family(lambda groups: family(seeds, groups), "the lab's processes", timeout_s)
 
 
 def check_ports_free(ports: list[int]) -> None:
@@ -149,13 +176,14 @@ def check_ports_free(ports: list[int]) -> None:
                 )
 
 
-def run_status(flwr: Path, run_id: str) -> str:
+def run_status(flwr: Path, run_id: str, env: dict[str, str] | None = None) -> str:
     """The run's status from the SuperLink (`finished:completed` on success)."""
     res = subprocess.run(
         [str(flwr), "ls", "--run-id", run_id, "--format", "json"],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
     try:
         runs = json.loads(res.stdout).get("runs", [])
