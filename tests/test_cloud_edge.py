@@ -12,7 +12,11 @@ from flwr.serverapp import Grid
 from clients.split_client import ClusterIdentity
 from strategies.cloud_edge import CloudEdgeStrategy, cloud_aggregate, join_edges, split_edges
 from strategies.module_fedavg import ModuleFedAvg
-from tests.test_strategies import make_reply, task_identity  # noqa: F401 (autouse fixture)
+from tests.test_strategies import (  # noqa: F401 (autouse fixture)
+    make_error_reply,
+    make_reply,
+    task_identity,
+)
 
 
 def arrays(prompt: float, head: float) -> dict[str, np.ndarray]:
@@ -135,3 +139,35 @@ def test_deployment_nodes_name_their_edge() -> None:
         ClusterIdentity.from_node_config({"partition-id": 0, "num-partitions": 2}, num_edges=3)
     with pytest.raises(ValueError, match="node-config lacks 'partition-id'"):
         ClusterIdentity.from_node_config({}, num_edges=1)
+
+
+def test_a_failed_cluster_is_left_out_and_the_round_is_marked() -> None:
+    # Prepare: edge 0 has nodes 100 and 101; node 101's D2D peer died (an error reply), and
+    # node 102 of edge 1 never answered.
+    strategy = CloudEdgeStrategy(
+        {0: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1),
+         1: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1)},
+        node_edges={100: 0, 101: 0, 102: 1},
+        cloud_every=0,
+        cloud_mix=0.0,
+        cloud_keys=lambda k: True,
+    )  # fmt: skip
+    start = join_edges(
+        {e: ArrayRecord({k: Array(v) for k, v in arrays(0, 0).items()}) for e in (0, 1)}
+    )
+    list(strategy.configure_train(1, start, ConfigRecord(), Mock(spec=Grid)))
+    failed = make_error_reply(1)  # from node 101
+    assert failed.metadata.src_node_id == 101
+    replies = [make_reply(arrays(4.0, 4.0), 10, 0, node_id=100), failed]
+
+    out, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert: edge 0 is node 100's modules alone; edge 1 keeps what it had.
+    edges = split_edges(out)
+    np.testing.assert_array_equal(edges[0]["prompt.0"].numpy(), 4.0)
+    np.testing.assert_array_equal(edges[1]["prompt.0"].numpy(), 0.0)
+    assert metrics is not None and metrics["failed-clusters"] == 2
+    assert metrics["edge0/clusters"] == 1 and metrics["edge1/clusters"] == 0
+    by_node = {f["node"]: f for f in strategy.last_failures}
+    assert by_node[101]["edge"] == 0 and by_node[101]["reason"] == failed.error.reason
+    assert by_node[102]["reason"] == "no reply within the round's timeout"

@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.inference import InferenceRequestError
 from clients.split_client import ClusterIdentity, SplitClusterClient
-from gaisnet_flwr.client_app import INFERENCE_REQUEST_ERROR, create_client_app
+from gaisnet_flwr.client_app import INFERENCE_REQUEST_ERROR, PEER_FAILURE, create_client_app
 from gaisnet_flwr.cloud import load_foundation
 from gaisnet_flwr.config import RunConfig
 
@@ -134,3 +134,27 @@ def test_client_app_answers_a_bad_request_with_an_error_and_serves_the_next() ->
     assert "has no model" in reply.error.reason
     good = Message(request(fine_tuned(c)), dst_node_id=1, message_type="query.infer")
     assert not app(good, context).has_error()
+
+
+def test_a_cluster_whose_peer_is_down_replies_with_an_error_naming_it() -> None:
+    # A deployed cluster whose end point does not answer: train and infer both fail cleanly.
+    app = create_client_app({**TINY, "foundation": "none", "peers-per-cluster": 1})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 2, "peers": "127.0.0.1:9,127.0.0.1:9",
+                     "peer-timeout-s": 2},
+        state=RecordDict(),
+        run_config={},
+    )  # fmt: skip
+    modules = fine_tuned(client(**{"peers-per-cluster": 1}))
+    train = Message(
+        RecordDict({"arrays": modules, "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    reply = app(train, context)
+    assert reply.has_error() and reply.error.code == PEER_FAILURE
+    assert "peer1 at 127.0.0.1:9: Open failed: UNAVAILABLE" in reply.error.reason
+    infer = Message(request(modules), dst_node_id=1, message_type="query.infer")
+    assert app(infer, context).error.code == PEER_FAILURE
