@@ -1,0 +1,129 @@
+"""What the network transport costs: the split chain in-process vs over `gaisnet-peer` processes.
+
+Starts K + 1 real `gaisnet-peer` processes on loopback (K peers and the end point), then times
+training steps of the same chain both ways, interleaved, median of the repeats, and checks that
+both ways train to the same modules. On loopback the difference is serialization, gRPC and
+process hops, not radio: the cost model prices the radio (scripts/cost_report.py).
+
+    python scripts/bench_network.py --models tiny vit-b16 --peers 3 --batch 8 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gaisnet_flwr.chain import OptimizerSpec, SplitChain
+from gaisnet_flwr.model import build_prompted_vit
+from gaisnet_flwr.remote import NetworkPeers, PeerClient, PeerSettings, TransportSettings
+from gaisnet_flwr.split import plan_even
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_chain import MODELS  # noqa: E402  (the same two model shapes)
+from flwr_local import stop_processes  # noqa: E402
+
+
+def start_peers(n: int, threads: int) -> tuple[list[subprocess.Popen], list[str]]:
+    ports = []
+    for _ in range(n):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    exe = Path(sys.executable).parent / "gaisnet-peer"
+    procs = [
+        subprocess.Popen(
+            [str(exe), "--listen", f"127.0.0.1:{p}", "--insecure", "--threads", str(threads)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for p in ports
+    ]
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    for address in addresses:  # wait until each answers
+        client = PeerClient("peer", address, TransportSettings(timeout_s=2))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.call("Ping", {})
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        client.close()
+    return procs, addresses
+
+
+def run(name: str, peers: int, batch: int, repeats: int, addresses: list[str]) -> None:
+    cfg = dict(MODELS[name])
+    torch.manual_seed(0)
+    model = build_prompted_vit(mode="vpt-deep", **cfg)
+    img = model.backbone.patch_embed.img_size[0]
+    plan = plan_even(model.depth, peers)
+    spec = OptimizerSpec("sgd", lr=1e-3, momentum=0.9)
+    local_model, remote_model = model, copy.deepcopy(model)
+    build_spec = dict(cfg) | {"mode": "vpt-deep"}
+    remote = NetworkPeers(PeerSettings(tuple(addresses), TransportSettings()), build_spec, spec)
+    local = SplitChain(local_model, plan, spec.factory())
+    started = time.perf_counter()
+    network = SplitChain(remote_model, plan, spec.factory(), remote=remote)
+    opened = time.perf_counter() - started  # includes shipping each peer its frozen weights
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img, img, generator=gen)
+    y = torch.randint(0, cfg["num_classes"], (batch,), generator=gen)
+    times: dict[str, list[float]] = {"in-process": [], "network": []}
+    local.train_step(x, y), network.train_step(x, y)  # warm-up, the same step on both
+    for _ in range(repeats):  # interleaved so drift in machine load hits both alike
+        for label, chain in (("in-process", local), ("network", network)):
+            start = time.perf_counter()
+            chain.train_step(x, y)
+            times[label].append(time.perf_counter() - start)
+    network.close()
+    diff = max(
+        float((remote_model.tunable_state()[k] - v).abs().max())
+        for k, v in local_model.tunable_state().items()
+    )
+    t_local, t_net = (statistics.median(times[k]) for k in ("in-process", "network"))
+    d2d = sum(network.stats().hop_bytes_forward) + sum(network.stats().hop_bytes_backward)
+    steps = repeats + 1
+    print(
+        f"{name}: {peers} peers, batch {batch}, median of {repeats}: in-process "
+        f"{t_local * 1e3:.1f} ms, network {t_net * 1e3:.1f} ms, ratio {t_net / t_local:.3f}x | "
+        f"D2D {d2d / steps / 1e6:.2f} MB per step | session open (weights shipped) "
+        f"{opened:.2f} s | max module difference after {steps} steps {diff:.1e}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny"], choices=list(MODELS))
+    parser.add_argument("--peers", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    print(
+        f"torch {torch.__version__}, {threads} threads here and in each peer; {os.cpu_count()} CPUs"
+    )
+    procs, addresses = start_peers(args.peers + 1, threads)
+    try:
+        for name in args.models:
+            run(name, args.peers, args.batch, args.repeats, addresses)
+    finally:
+        stop_processes({p.pid for p in procs})
+        for p in procs:
+            p.wait()
+
+
+if __name__ == "__main__":
+    main()
