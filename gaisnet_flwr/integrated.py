@@ -87,10 +87,14 @@ def run_integrated(
         else:
             e = int(action.split(":")[1])
             edge_strategy = strategy.edge_strategies[e]
-            messages = edge_strategy.configure_train(
-                t + 1, modules[e], ConfigRecord({}), EdgeGrid(grid, strategy.nodes_of(e))
+            messages = list(
+                edge_strategy.configure_train(
+                    t + 1, modules[e], ConfigRecord({}), EdgeGrid(grid, strategy.nodes_of(e))
+                )
             )
             replies = list(grid.send_and_receive(messages, timeout=3600))
+            # Clusters that failed (a dead D2D peer) are left out of the aggregate, and counted.
+            row["failed-clusters"] = len(messages) - sum(not r.has_error() for r in replies)
             arrays, _ = edge_strategy.aggregate_train(t + 1, replies)
             if arrays is not None:
                 modules[e] = arrays
