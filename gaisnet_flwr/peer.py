@@ -89,6 +89,7 @@ class PeerService:
         self.device = torch.device(device)
         self.session: Session | None = None
         self._weights: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._pending: tuple[str, dict[str, torch.Tensor]] = ("", {})  # weights arriving in parts
         self._lock = threading.Lock()
 
     # -- handlers: header + tensors in, header + tensors out -------------------------------------
@@ -96,13 +97,26 @@ class PeerService:
         return {"version": PROTOCOL_VERSION, "session": self.session.id if self.session else ""}, {}
 
     def weights(self, header: dict, tensors: dict) -> tuple[dict, dict]:
+        """One part of a segment's frozen weights (large segments come in several parts, each
+        under the message-size limit); stored under their key once the last part is in."""
         key = str(header.get("weights-key", ""))
-        if not key or not tensors:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "Weights needs a key and tensors")
-        self._weights[key] = {k: t.to(self.device) for k, t in tensors.items()}
-        while len(self._weights) > WEIGHTS_KEPT:
-            self._weights.popitem(last=False)
-        return {"stored": key}, {}
+        part, parts = int(header.get("part", 0)), int(header.get("parts", 1))
+        if not key or not tensors or not 0 <= part < parts:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, "Weights needs a key, tensors and part < parts"
+            )
+        if part == 0:
+            self._pending = (key, {})
+        pending_key, received = self._pending
+        if pending_key != key:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"part {part} of unknown weights")
+        received.update({k: t.to(self.device) for k, t in tensors.items()})
+        if part == parts - 1:
+            self._weights[key] = received
+            self._pending = ("", {})
+            while len(self._weights) > WEIGHTS_KEPT:
+                self._weights.popitem(last=False)
+        return {"stored": key if part == parts - 1 else ""}, {}
 
     def open(self, header: dict, tensors: dict) -> tuple[dict, dict]:
         if header.get("version") != PROTOCOL_VERSION:

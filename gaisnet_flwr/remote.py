@@ -251,6 +251,21 @@ def segment_tunable_keys(model: PromptedViT, plan: SplitPlan, index: int) -> lis
     return [keys[id(p)] for p in segment_parameters(model, plan)[index] if id(p) in keys]
 
 
+def chunks(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split a state dict into parts of at most `max_bytes` of tensor data (a single larger
+    tensor gets a part of its own and the size limit will say so)."""
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if parts[-1] and size + n > max_bytes:
+            parts.append({})
+            size = 0
+        parts[-1][name] = t
+        size += n
+    return parts
+
+
 def weights_key(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, shapes, dtypes and bytes: a peer reuses weights only if identical."""
     digest = hashlib.sha256()
@@ -314,7 +329,10 @@ class NetworkPeers:
             modules = {key: tunable[key] for key in segment_tunable_keys(model, plan, index)}
             reply, _ = client.call("Open", header, modules)
             if reply.get("need-weights"):  # first session on this peer (or it restarted)
-                client.call("Weights", {"weights-key": header["weights-key"]}, weights)
+                parts = chunks(weights, self.settings.transport.max_message_bytes // 2)
+                for i, part in enumerate(parts):
+                    key = {"weights-key": header["weights-key"], "part": i, "parts": len(parts)}
+                    client.call("Weights", key, part)
                 reply, _ = client.call("Open", header, modules)
             if not reply.get("ready"):
                 raise PeerError(f"{client.name} at {client.address} did not open the session")

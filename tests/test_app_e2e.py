@@ -50,16 +50,21 @@ def simulate(output_dir: Path, foundation_dir: Path, **overrides: Any) -> dict[s
         "output-dir": str(output_dir),
         "foundation-dir": str(foundation_dir),
     }
+    run_simulated(config, NUM_CLUSTERS)
+    return config
+
+
+def run_simulated(config: dict[str, Any], num_clusters: int) -> None:
+    """The real apps on Flower's simulation engine, one node per cluster."""
     # run_simulation passes no run-config: the apps fall back to `config`.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
         run_simulation(
             server_app=create_server_app(config),
             client_app=create_client_app(config),
-            num_supernodes=NUM_CLUSTERS,
+            num_supernodes=num_clusters,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
-    return config
 
 
 def ray_processes_of_this_test() -> list[str]:

@@ -26,14 +26,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.simulation import run_simulation
 
 from gaisnet_flwr.chain import SplitChain
-from gaisnet_flwr.client_app import create_client_app
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data import cluster_datasets, edge_image_data, load_image_data
-from gaisnet_flwr.server_app import create_server_app
 from gaisnet_flwr.training import build_model, cluster_plan
+from tests.test_app_e2e import run_simulated
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 
@@ -95,15 +93,7 @@ def test_lab_run_matches_the_in_process_simulation(lab: Any, tmp_path: Path) -> 
     deployed = outcome.results
 
     simulated = tmp_path / "sim"
-    config = {**CONFIG, "seed": 3, "output-dir": str(simulated)}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
-        run_simulation(
-            server_app=create_server_app(config),
-            client_app=create_client_app(config),
-            num_supernodes=CLUSTERS,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
+    run_simulated({**CONFIG, "seed": 3, "output-dir": str(simulated)}, CLUSTERS)
 
     # The same tunable modules after round 1 (and 2), to float tolerance: the peers on the
     # network ran the segments the simulation ran in-process.

@@ -28,7 +28,9 @@ from gaisnet_flwr.remote import (
     PeerError,
     PeerSettings,
     TransportSettings,
+    chunks,
     model_spec,
+    segment_weights,
 )
 from gaisnet_flwr.split import SplitPlan
 from gaisnet_flwr.training import build_model, cluster_plan, optimizer_spec, train_cluster
@@ -250,3 +252,16 @@ def test_an_unreachable_peer_is_a_peer_error() -> None:
     client = PeerClient("peer1", "127.0.0.1:9", TransportSettings(timeout_s=2))
     with pytest.raises(PeerError, match="peer1 at 127.0.0.1:9: Ping failed"):
         client.call("Ping", {})
+
+
+def test_large_segments_ship_their_weights_in_parts(lab: Lab, cluster_data) -> None:
+    num_classes = cluster_data[0]
+    model, plan = build_model(CFG, num_classes), cluster_plan(CFG)
+    limit = TransportSettings(timeout_s=30, max_message_mb=0.05)  # 52 kB: a block is ~50 kB
+    weights = segment_weights(model, plan, 1)
+    assert len(chunks(weights, limit.max_message_bytes // 2)) > 2
+    network(lab, num_classes, limit).open(model, plan, True, 0.0)
+    stored = next(iter(lab.services[0]._weights.values()))
+    assert sorted(stored) == sorted(weights)
+    for name, value in weights.items():
+        assert torch.equal(stored[name], value), name
