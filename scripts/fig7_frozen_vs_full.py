@@ -72,6 +72,10 @@ def modes(cfg: RunConfig) -> dict[str, RunConfig]:
     return {"prompt": cfg, "full": cfg.replace(mode="full", num_prompts=0)}
 
 
+def check(cfg: RunConfig) -> None:
+    modes(cfg)
+
+
 def train_curve(
     cfg: RunConfig, epochs: int, progress: Progress, label: str
 ) -> tuple[list[float], list[float]]:
@@ -214,18 +218,46 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
         [[e, pa[e], fa[e]] for e in sorted({0, 1, epochs // 2, epochs})],
     )
     tokens = (cfg.img_size // cfg.patch_size) ** 2 + 1  # patches + class token
-    higher = conv_p > conv_f
-    accuracy_verdict = (
-        f"**Accuracy agrees with the paper:** the frozen backbone ends higher (mean of the last "
-        f"{last} epochs {fmt(conv_p)} vs {fmt(conv_f)} for full fine-tuning)."
-        if higher
-        else f"**Accuracy disagrees with the paper:** full fine-tuning ends higher here (mean of "
-        f"the last {last} epochs {fmt(conv_f)} vs {fmt(conv_p)} with the frozen backbone)."
+    data = load_image_data(cfg.data_spec())
+    one_image = 1 / len(edge_image_data(data, 0, [1.0], cfg.domains()[0], seed=cfg.seed).test)
+    # the first epoch at which full fine-tuning is back within one point of the frozen backbone
+    caught_up = next((e for e in range(1, epochs + 1) if fa[e] >= pa[e] - 0.01), None)
+    recovery = (
+        f"full fine-tuning first drops to {fmt(fa[1])} (epoch 1; frozen: {fmt(pa[1])}) and is "
+        + (
+            f"back within a point of the frozen backbone from epoch {caught_up}"
+            if caught_up
+            else f"still behind after {epochs} epochs"
+        )
     )
+    if abs(conv_p - conv_f) < 2 * one_image:
+        accuracy_verdict = (
+            f"**Accuracy only partly agrees with the paper:** the frozen backbone never loses "
+            f"accuracy, while {recovery}; at the end the two tie (mean of the last {last} epochs "
+            f"{fmt(conv_p)} frozen vs {fmt(conv_f)} full: less than two of the "
+            f"{round(1 / one_image)} test images apart)."
+        )
+    elif conv_p > conv_f:
+        accuracy_verdict = (
+            f"**Accuracy agrees with the paper:** the frozen backbone ends higher (mean of the "
+            f"last {last} epochs {fmt(conv_p)} vs {fmt(conv_f)} for full fine-tuning); {recovery}."
+        )
+    else:
+        accuracy_verdict = (
+            f"**Accuracy disagrees with the paper:** full fine-tuning ends higher here (mean of "
+            f"the last {last} epochs {fmt(conv_f)} vs {fmt(conv_p)} with the frozen backbone); "
+            f"{recovery}."
+        )
     time_verdict = (
         "agrees in direction"
         if mf > mp
-        else "disagrees: on the embedded model full fine-tuning is not slower"
+        else f"disagrees on the embedded model: there the frozen backbone is the slower one "
+        f"({mp / mf:.2f}x full fine-tuning's epoch)"
+    )
+    small_model = (
+        f"The embedded model has {tokens} tokens, so {cfg.num_prompts} prompts add "
+        f"{100 * cfg.num_prompts / tokens:.0f} % more tokens to every block, and its weights are "
+        f"too few for the skipped weight gradients and optimizer updates to save much."
     )
     return f"""
 Centralised fine-tuning of the edge's whole training split from the pre-trained foundation
@@ -237,26 +269,26 @@ and the head ({cfg.mode}); full fine-tuning trains every weight. Same data, opti
 
 {acc_table}
 
-{accuracy_verdict} In the paper the frozen backbone also converges higher after few-shot
-fine-tuning. Full fine-tuning starts by moving every pre-trained weight with the same learning
-rate, which first costs accuracy (epoch 1: {fmt(fa[1])} vs {fmt(pa[1])}).
+{accuracy_verdict} The paper reports the frozen backbone converging higher after few-shot
+fine-tuning. Full fine-tuning moves every pre-trained weight at the same learning rate, which
+first costs accuracy; with the embedded default's plentiful in-domain data it recovers.
 
-Time (median over epochs / steps):
+Time (median over epochs / steps; the embedded epochs of the two modes ran one mode after the
+other, so load from other processes on the machine can differ between them, while the ViT-B/16
+steps alternate between the modes):
 
 {table}
 
 Time {time_verdict}. The paper's 6x comes from ViT-B/16 at 224 px on a GPU, where ten prompts
 add 5 % to 197 tokens and the frozen backbone skips the weight gradients and the optimizer over
-86 M parameters. The embedded model has {tokens} tokens, so {cfg.num_prompts} prompts add
-{100 * cfg.num_prompts / tokens:.0f} % more tokens, and its
-weights are too few for weight gradients and optimizer updates to matter: there the two modes
-cost about the same. At ViT-B/16 scale on this CPU, measured with the same code, full fine-tuning
-takes {step_s["full"] / step_s["prompt"]:.2f}x the frozen backbone's step; the analytic FLOPs
-give {flops["full"] / flops["prompt"]:.2f}x (weight gradients; the optimizer's update of 86 M
-weights comes on top). Neither reaches 6x: deep prompts still need input gradients down to block
-1, which bounds the saving near 1.5x in FLOPs; the rest of the paper's gap is not explained by
-arithmetic (GPU memory traffic of 86 M weights' gradients and optimizer state, or differences in
-their setup we cannot see). CSV: [fig7_frozen_vs_full.csv](fig7_frozen_vs_full.csv),
+86 M parameters. {small_model} At ViT-B/16 scale on this CPU, measured with the same code, full
+fine-tuning takes {step_s["full"] / step_s["prompt"]:.2f}x the frozen backbone's step; the
+analytic FLOPs give {flops["full"] / flops["prompt"]:.2f}x (matrix multiplies only: the
+optimizer's update of 86 M weights is extra work they leave out). Neither reaches 6x: deep
+prompts still need input gradients down to block 1, which bounds the saving near 1.5x in FLOPs;
+the rest of the paper's gap is not explained by arithmetic (GPU memory traffic of 86 M weights'
+gradients and optimizer state, or differences in their setup we cannot see).
+CSV: [fig7_frozen_vs_full.csv](fig7_frozen_vs_full.csv),
 [fig7_paper_scale.csv](fig7_paper_scale.csv).
 """
 

@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     names = selected(parser, args.only)
     out = args.out or Path("outputs/section5") / ("quick" if args.quick else "full")
     subs = {
-        n: common.parse_or_exit(EXPERIMENTS[n].build_parser(), sub_argv(args, out / n))
+        n: common.parse_or_exit(
+            EXPERIMENTS[n].build_parser(),
+            sub_argv(args, out / n),
+            getattr(EXPERIMENTS[n], "check", None),
+        )
         for n in names
     }
     torch.set_num_threads(args.threads)  # after every check: bad input changes nothing

@@ -121,7 +121,11 @@ def run_config_values(presets: Sequence[Path], overrides: str) -> dict[str, Any]
     return values
 
 
-def parse_or_exit(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple:
+def parse_or_exit(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    check: Callable[[RunConfig], object] | None = None,
+) -> tuple:
     """Arguments and the validated RunConfig; a bad preset, key or value exits with status 2
     and a message naming it (and the valid choices) before any work. `args.set_keys` holds the
     run-config keys the user set, so an experiment can keep its own default for the others."""
@@ -131,6 +135,8 @@ def parse_or_exit(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
     try:
         values = run_config_values(args.preset, args.run_config)
         cfg = RunConfig.from_run_config(values)
+        if check:
+            check(cfg)  # the experiment's own requirements on the config
     except ConfigError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
@@ -281,7 +287,7 @@ def execute(experiment: Any, cfg: RunConfig, args: argparse.Namespace, out: Path
 
 def script_main(experiment: Any, argv: Sequence[str] | None = None) -> SectionResult:
     """The body of every script's `main`: parse, validate, run, say where the files went."""
-    args, cfg = parse_or_exit(experiment.build_parser(), argv)
+    args, cfg = parse_or_exit(experiment.build_parser(), argv, getattr(experiment, "check", None))
     torch.set_num_threads(args.threads)
     result = execute(experiment, cfg, args, args.out)
     print(

@@ -22,6 +22,7 @@ Two readings, both run:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -183,6 +184,22 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
         else f"**Reading A only partly agrees with the paper:** the largest gap to its end values "
         f"is {100 * gap:.1f} points{'' if monotone else ', and accuracy is not monotone in k'}."
     )
+    # a round of reading A: each cluster's share of the images, less validation, in batches
+    steps = math.ceil(images_a(edge) / CLUSTERS_A * (1 - cfg.val_fraction) / cfg.batch_size)
+    close = [k for k, f, e in zip(ks, first["A"], end["A"], strict=True) if abs(e - f) <= 0.02]
+    late = max(ks, key=lambda k: end["A"][k - 1] - first["A"][k - 1])
+    first_vs_end = (
+        "As in the paper, first and end are close for every k: with a pre-trained backbone, one "
+        "round already learns what the data's classes allow, and more rounds cannot teach the "
+        "classes that are not there."
+        if len(close) == len(ks)
+        else f"First and end are within 2 points for k = {', '.join(map(str, close)) or 'none'} "
+        f"(the paper: within 3.4 points for every k); for k = {late} the first round is "
+        f"{100 * (end['A'][late - 1] - first['A'][late - 1]):.1f} points short of the end, "
+        f"because a round here is about {steps} SGD step(s) per cluster on a fresh head, where "
+        f"the paper's first epoch over its flowers is many more. The end values carry the "
+        f"comparison: more rounds cannot teach the classes that are not there."
+    )
     mix = ", ".join(f"{images_a(edge) // k} x {k}" for k in ks)
     skew_cost = end["B"][-1] - end["B"][0]
     skew_note = (
@@ -210,14 +227,14 @@ non-IID: {min(edge.num_classes, MAX_CLUSTERS_B)} clusters, each holding k of the
 
 {table}
 
-{verdict} As in the paper, first and end are close: with a pre-trained backbone, one round
-already learns whatever the data's classes allow; more rounds cannot teach the classes that are
-not there. Reading B: together the clusters hold every class, and averaging clusters that each
-saw k classes ends at {fmt(end["B"][0])} for k = 1 and {fmt(end["B"][-1])} for k = {ks[-1]}
+{verdict} {first_vs_end}
+
+Reading B: together the clusters hold every class, and averaging clusters that each saw k
+classes ends at {fmt(end["B"][0])} for k = 1 and {fmt(end["B"][-1])} for k = {ks[-1]}
 (fresh head: {fmt(b[1][0].accuracy)} before round 1): {skew_note}.
 Why A does not match to the digit:
 {len(test)} test images (one image is {100 / len(test):.1f} points) and a
-{cfg.depth}-block ViT on 32 px digits instead of ViT-B/16 on flowers.
+{cfg.depth}-block ViT at {cfg.img_size} px on `{cfg.dataset}` instead of ViT-B/16 on flowers.
 CSV (every round): [table3_noniid.csv](table3_noniid.csv).
 """
 
