@@ -14,6 +14,7 @@ import csv
 import math
 import os
 import re
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from gaisnet_flwr.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
@@ -165,6 +167,55 @@ class Progress:
         )
 
 
+class Turns:
+    """Runs jobs in their own threads but one at a time, round robin: a job calls
+    `yield_turn(i)` at the end of each step (e.g. an epoch) and waits there for its next turn.
+
+    Two trainings timed this way alternate epoch by epoch, so load from other processes on the
+    machine hits both alike; their results are what running them one after the other gives.
+    """
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs, self.turn, self.done = jobs, 0, set()
+        self.cond = threading.Condition()
+
+    def _pass(self, i: int) -> None:  # caller holds the condition
+        for k in range(1, self.jobs + 1):
+            if (j := (i + k) % self.jobs) not in self.done:
+                self.turn = j
+                break
+        self.cond.notify_all()
+
+    def yield_turn(self, i: int) -> None:
+        with self.cond:
+            self._pass(i)
+            self.cond.wait_for(lambda: self.turn == i)
+
+    def run(self, job: Callable[[int], None]) -> None:
+        """`job(i)` for i in range(jobs), taking turns; re-raises the first job's error."""
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            with self.cond:
+                self.cond.wait_for(lambda: self.turn == i)
+            try:
+                job(i)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller below
+                errors.append(err)
+            finally:
+                with self.cond:
+                    self.done.add(i)
+                    self._pass(i)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(self.jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+
 # -- files ----------------------------------------------------------------------------------------
 
 
@@ -226,6 +277,7 @@ def line_plot(
     for s in series:
         ax.plot(s.x, s.y, s.style, label=s.label, markersize=4)
     ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, rounds, peers: whole numbers
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ylim:
@@ -277,8 +329,8 @@ def execute(experiment: Any, cfg: RunConfig, args: argparse.Namespace, out: Path
     variant = "quick variant" if args.quick else "full variant"
     markdown = (
         f"## {experiment.TITLE}\n\n{body.strip()}\n\n"
-        f"*Measured wall time: {seconds:.0f} s ({variant}, {torch.get_num_threads()} torch "
-        f"threads, {cfg.torch_device()}).*\n"
+        f"*Measured wall time: {seconds:.0f} s ({variant}, {cfg.torch_device()}, torch threads: "
+        f"{torch.get_num_threads()}).*\n"
     )
     (out / "report.md").write_text(markdown)
     files = sorted(p for p in out.iterdir() if p.suffix in (".csv", ".png"))

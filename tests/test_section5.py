@@ -77,6 +77,34 @@ def test_progress_prints_elapsed_and_eta(capsys: pytest.CaptureFixture[str]) -> 
     assert re.fullmatch(r"\[x\] 1/4 epoch 1 \| \d+ s elapsed, ETA \d+ s\n", line)
 
 
+def test_turns_alternate_steps_and_let_the_longer_job_finish() -> None:
+    order: list[tuple[int, int]] = []
+    turns = common.Turns(2)
+
+    def job(i: int) -> None:
+        for step in range(3 if i == 0 else 1):
+            order.append((i, step))
+            turns.yield_turn(i)
+
+    turns.run(job)
+    assert order == [(0, 0), (1, 0), (0, 1), (0, 2)]
+
+
+def test_turns_reraise_a_jobs_error_after_the_others_finish() -> None:
+    finished = []
+    turns = common.Turns(2)
+
+    def job(i: int) -> None:
+        if i == 0:
+            raise RuntimeError("boom")
+        turns.yield_turn(i)
+        finished.append(i)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        turns.run(job)
+    assert finished == [1]
+
+
 # -- presets and bad input ------------------------------------------------------------------------
 
 
