@@ -141,6 +141,12 @@ class PeerSettings:
                 raise ValueError("peer-* node-config keys are set but 'peers' is empty")
             return None
         addresses = tuple(check_address(a.strip()) for a in text.split(","))
+        repeated = sorted({a for a in addresses if addresses.count(a) > 1})
+        if repeated:
+            raise ValueError(
+                f"peers={text!r} names {repeated} more than once: every member of the chain "
+                "is its own gaisnet-peer process"
+            )
         if len(addresses) < 2:
             raise ValueError(
                 f"peers={text!r} names {len(addresses)} address; a cluster needs at least one "

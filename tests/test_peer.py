@@ -218,6 +218,8 @@ def test_node_config_gives_the_members_and_rejects_bad_settings() -> None:
     assert got.addresses == ("10.0.0.1:5001", "10.0.0.2:5001") and got.transport.timeout_s == 7
     with pytest.raises(ValueError, match="'10.0.0.1' is not host:port"):
         PeerSettings.from_node_config({"peers": "10.0.0.1,10.0.0.2:1"})
+    with pytest.raises(ValueError, match=r"names \['a:1'\] more than once"):
+        PeerSettings.from_node_config({"peers": "a:1,b:2,a:1"})
     with pytest.raises(ValueError, match="at least one peer and the end point"):
         PeerSettings.from_node_config({"peers": "10.0.0.1:1"})
     with pytest.raises(ValueError, match=r"unknown node-config key\(s\) \['peer-timeout'\]"):
