@@ -142,7 +142,7 @@ def test_a_cluster_whose_peer_is_down_replies_with_an_error_naming_it() -> None:
     context = Context(
         run_id=1,
         node_id=1,
-        node_config={"partition-id": 0, "num-partitions": 2, "peers": "127.0.0.1:9,127.0.0.1:9",
+        node_config={"partition-id": 0, "num-partitions": 2, "peers": "127.0.0.1:9,127.0.0.1:7",
                      "peer-timeout-s": 2},
         state=RecordDict(),
         run_config={},
