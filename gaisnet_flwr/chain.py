@@ -284,12 +284,12 @@ class SplitChain:
         self.plan = plan
         self.remote = remote
         self.result_link: Link = result_link or InProcessLink()
-        self.segments = build_segments(model, plan, make_optimizer)
         if remote is not None:  # the start point runs here, everything after it over the network
-            self.segments = self.segments[:1]
+            self.segments = build_segments(model, plan, make_optimizer, only=0)
             self.links: list[Link] = []
             self.first_hop = remote.open(model, plan, train=train, proximal_mu=proximal_mu)
         else:
+            self.segments = build_segments(model, plan, make_optimizer)
             self.links = (
                 list(links)
                 if links is not None
@@ -353,10 +353,14 @@ class SplitChain:
 
 
 def build_segments(
-    model: PromptedViT, plan: SplitPlan, make_optimizer: OptimizerFactory | None
+    model: PromptedViT,
+    plan: SplitPlan,
+    make_optimizer: OptimizerFactory | None,
+    only: int | None = None,
 ) -> list[Segment]:
-    """The chain's segments in order: start point, peers, end point. A segment needs the
-    gradient of its input only if something upstream of it trains."""
+    """The chain's segments in order: start point, peers, end point (or just segment `only`,
+    the one a device holds). A segment needs the gradient of its input only if something
+    upstream of it trains."""
     flops = segment_flops(model, plan)
     fns: list[Callable[[torch.Tensor], torch.Tensor]] = [
         model.embed,
@@ -366,9 +370,12 @@ def build_segments(
     names = node_names(plan.num_peers)
     groups = zip(names, fns, segment_parameters(model, plan), flops, strict=True)
     segments, upstream_trains = [], False
-    for name, fn, params, seg_flops in groups:
+    for k, (name, fn, params, seg_flops) in enumerate(groups):
         trainable = [p for p in params if p.requires_grad]
-        segments.append(Segment(name, fn, trainable, make_optimizer, upstream_trains, seg_flops))
+        if only is None or k == only:
+            segments.append(
+                Segment(name, fn, trainable, make_optimizer, upstream_trains, seg_flops)
+            )
         upstream_trains = upstream_trains or bool(trainable)
     return segments
 

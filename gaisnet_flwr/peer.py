@@ -137,7 +137,8 @@ class PeerService:
                 raise ValueError(f"segment index {index} is not a peer or the end point")
             model = self._segment_model(header["model"], self._weights[key])
             optimizer = OptimizerSpec(**header["optimizer"]) if header["train"] else None
-            segment = build_segments(model, plan, optimizer.factory() if optimizer else None)[index]
+            factory = optimizer.factory() if optimizer else None
+            (segment,) = build_segments(model, plan, factory, only=index)
             keys = segment_tunable_keys(model, plan, index)
             if sorted(tensors) != sorted(keys):
                 raise ValueError(f"modules {sorted(tensors)} are not this segment's {keys}")
