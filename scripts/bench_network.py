@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,44 +23,12 @@ import torch
 
 from gaisnet_flwr.chain import OptimizerSpec, SplitChain
 from gaisnet_flwr.model import build_prompted_vit
-from gaisnet_flwr.remote import NetworkPeers, PeerClient, PeerSettings, TransportSettings
+from gaisnet_flwr.remote import NetworkPeers, PeerSettings, TransportSettings
 from gaisnet_flwr.split import plan_even
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_chain import MODELS  # noqa: E402  (the same two model shapes)
-from flwr_local import stop_processes  # noqa: E402
-
-
-def start_peers(n: int, threads: int) -> tuple[list[subprocess.Popen], list[str]]:
-    ports = []
-    for _ in range(n):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    exe = Path(sys.executable).parent / "gaisnet-peer"
-    procs = [
-        subprocess.Popen(
-            [str(exe), "--listen", f"127.0.0.1:{p}", "--insecure", "--threads", str(threads)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        for p in ports
-    ]
-    addresses = [f"127.0.0.1:{p}" for p in ports]
-    for address in addresses:  # wait until each answers
-        client = PeerClient("peer", address, TransportSettings(timeout_s=2))
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.call("Ping", {})
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        client.close()
-    return procs, addresses
+from lab import Lab  # noqa: E402  (starts, waits for and stops the peer processes)
 
 
 def run(name: str, peers: int, batch: int, repeats: int, addresses: list[str]) -> None:
@@ -115,14 +82,19 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {threads} threads here and in each peer; {os.cpu_count()} CPUs"
     )
-    procs, addresses = start_peers(args.peers + 1, threads)
-    try:
-        for name in args.models:
-            run(name, args.peers, args.batch, args.repeats, addresses)
-    finally:
-        stop_processes({p.pid for p in procs})
-        for p in procs:
-            p.wait()
+    with tempfile.TemporaryDirectory() as tmp:
+        lab = Lab(Path(tmp), clusters=1, peers_per_cluster=args.peers,
+                  peer_args=("--threads", str(threads)))  # fmt: skip
+        try:
+            members = range(1, args.peers + 2)
+            for m in members:
+                lab.start_peer(0, m)
+            lab.wait_for_peers()
+            addresses = [lab.peer_address(0, m) for m in members]
+            for name in args.models:
+                run(name, args.peers, args.batch, args.repeats, addresses)
+        finally:
+            lab.down()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Process names the managed SuperLink may leave behind (for reporting and for the tests).
@@ -192,6 +192,69 @@ def run_status(flwr: Path, run_id: str, env: dict[str, str] | None = None) -> st
     return str(runs[0].get("status", "unknown")) if runs else "unknown (run not listed)"
 
 
+@dataclass
+class RunOutcome:
+    """What one `flwr run --stream` did, and what is wrong with it (empty: it really finished)."""
+
+    rc: int
+    run_id: str | None
+    status: str
+    final: str | None  # the ServerApp's FINAL line
+    results: Path
+    log: Path
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def check(self, flwr: Path, default_results: Path, env: dict[str, str] | None = None) -> None:
+        """`flwr run --stream` exits 0 even when the run failed, so ask the SuperLink for the
+        run's status and check what the run left behind. The FINAL line names the results
+        directory (an extra --run-config may have moved it)."""
+        if self.run_id is not None:
+            self.status = run_status(flwr, self.run_id, env=env)
+        where = re.search(r"results in (\S+)", self.final or "")
+        self.results = Path(where.group(1)) if where else default_results
+        if self.rc != 0:
+            self.problems.append(f"`flwr run` exited with {self.rc}")
+        if self.run_id is None:
+            self.problems.append("no run was started")
+        elif self.status != "finished:completed":
+            self.problems.append(
+                f"run {self.run_id} status is {self.status!r}, not 'finished:completed'"
+            )
+        if self.final is None:
+            self.problems.append("the ServerApp logged no 'FINAL:' line")
+        elif not any((self.results / n).is_file() for n in ("metrics.json", "integrated.json")):
+            self.problems.append(f"no metrics.json (or integrated.json) in {self.results}")
+
+
+def stream_run(
+    cmd: list[str], log_path: Path, echo: bool, env: dict[str, str] | None = None
+) -> RunOutcome:
+    """Run `flwr run ... --stream`, tee its output to `log_path` (and stdout if `echo`), and
+    pick the run id and the FINAL line out of it."""
+    run_id, final = None, None
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if echo:
+                sys.stdout.write(line)
+            log.write(line)
+            if m := re.search(r"Successfully started run (\d+)", line):
+                run_id = m.group(1)
+            if "FINAL:" in line:
+                final = line[line.index("FINAL:") :].strip()
+        rc = proc.wait()
+    return RunOutcome(rc, run_id, "not started", final, log_path.parent, log_path)
+
+
 def run(
     app: Path, output_dir: Path, num_supernodes: int, cpus: int, gpus: float, extra: list[str]
 ) -> int:
@@ -218,44 +281,13 @@ def run(
     ]  # fmt: skip
     print(f"[flwr_local] {' '.join(cmd)}\n[flwr_local] log: {log_path}", flush=True)
     started = time.monotonic()
-    run_id, final, status = None, None, "not started"
     try:
-        with (
-            log_path.open("w") as log,
-            subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-            ) as proc,
-        ):
-            assert proc.stdout is not None
-            for line in proc.stdout:  # tee
-                sys.stdout.write(line)
-                log.write(line)
-                if m := re.search(r"Successfully started run (\d+)", line):
-                    run_id = m.group(1)
-                if "FINAL:" in line:
-                    final = line[line.index("FINAL:") :].strip()
-            rc = proc.wait()
-        if run_id is not None:
-            status = run_status(flwr, run_id)  # before stopping: `flwr ls` asks the SuperLink
+        outcome = stream_run(cmd, log_path, echo=True)
+        outcome.check(flwr, default_results=output_dir)  # asks the SuperLink: before stopping it
     finally:
         stopped = stop_local_superlink(home)
         print(f"[flwr_local] stopped the local SuperLink ({len(stopped)} processes)")
-
-    # `flwr run --stream` exits 0 even when the run failed, so check what the run left behind.
-    # The FINAL line names the results directory (an extra --run-config may have moved it).
-    where = re.search(r"results in (\S+)", final or "")
-    results = Path(where.group(1)) if where else output_dir
-    problems = []
-    if rc != 0:
-        problems.append(f"`flwr run` exited with {rc}")
-    if run_id is None:
-        problems.append("no run was started")
-    elif status != "finished:completed":
-        problems.append(f"run {run_id} status is {status!r}, not 'finished:completed'")
-    if final is None:
-        problems.append("the ServerApp logged no 'FINAL:' line")
-    elif not any((results / name).is_file() for name in ("metrics.json", "integrated.json")):
-        problems.append(f"no metrics.json (or integrated.json) in {results}")
+    problems, run_id, final = outcome.problems, outcome.run_id, outcome.final
     elapsed = time.monotonic() - started
     if problems:
         print(

@@ -20,16 +20,16 @@ import argparse
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import flwr_local
+
+from gaisnet_flwr.pki import LabPki, make_lab_pki
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,26 +59,16 @@ def wait_for_port(port: int, proc: subprocess.Popen, name: str, timeout_s: float
     raise RuntimeError(f"{name} is not listening on port {port} after {timeout_s:.0f} s")
 
 
-@dataclass
-class RunOutcome:
-    rc: int
-    run_id: str | None
-    status: str
-    final: str | None
-    results: Path
-    log: Path
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 class Lab:
     """The lab's processes and files under `directory` (home/, logs/, pki/, pids.json)."""
 
     def __init__(
-        self, directory: Path, clusters: int = 2, peers_per_cluster: int = 1, tls: bool = False
+        self,
+        directory: Path,
+        clusters: int = 2,
+        peers_per_cluster: int = 1,
+        tls: bool = False,
+        peer_args: tuple[str, ...] = (),
     ) -> None:
         if clusters < 1 or peers_per_cluster < 1:
             raise ValueError("a lab needs >= 1 cluster and >= 1 peer per cluster")
@@ -86,12 +76,15 @@ class Lab:
         self.clusters = clusters
         self.peers_per_cluster = peers_per_cluster
         self.tls = tls
+        self.peer_args = peer_args  # more `gaisnet-peer` options, e.g. ("--threads", "2")
         self.home = self.dir / "home"
         self.logs = self.dir / "logs"
+        for d in (self.home, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.peer_ports: dict[tuple[int, int], int] = {}
         self.superlink_port = 0
-        self._pki: object | None = None
+        self._pki: LabPki | None = None
 
     # -- processes ----------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -130,18 +123,24 @@ class Lab:
                     "--ca-certfile", str(pki.ca_certfile)]  # fmt: skip
         else:
             cmd.append("--insecure")
-        return self._spawn(self.peer_name(cluster, member), cmd)
+        return self._spawn(self.peer_name(cluster, member), [*cmd, *self.peer_args])
 
-    def pki(self):  # type: ignore[no-untyped-def]
+    def peer_address(self, cluster: int, member: int) -> str:
+        return f"{LOOPBACK}:{self.peer_ports[(cluster, member)]}"
+
+    def wait_for_peers(self) -> None:
+        for (c, m), port in self.peer_ports.items():
+            wait_for_port(port, self.procs[self.peer_name(c, m)], self.peer_name(c, m))
+
+    def pki(self) -> LabPki:
+        """The lab's throwaway CA and server certificate (made on first use)."""
         if self._pki is None:
-            from gaisnet_flwr.pki import make_lab_pki
-
             self._pki = make_lab_pki(self.dir / "pki")
         return self._pki
 
     def node_config(self, cluster: int) -> str:
         members = range(1, self.peers_per_cluster + 2)
-        peers = ",".join(f"{LOOPBACK}:{self.peer_ports[(cluster, m)]}" for m in members)
+        peers = ",".join(self.peer_address(cluster, m) for m in members)
         config = f'partition-id={cluster} num-partitions={self.clusters} peers="{peers}"'
         if self.tls:
             config += f' peer-ca-certfile="{self.pki().ca_certfile}"'
@@ -150,8 +149,6 @@ class Lab:
     def up(self) -> None:
         """Peers first (a SuperNode's first message may already need them), then the
         SuperLink, then one SuperNode per cluster; wait until every listener answers."""
-        for d in (self.home, self.logs):
-            d.mkdir(parents=True, exist_ok=True)
         tls_link = ["--insecure"]
         if self.tls:
             pki = self.pki()
@@ -178,8 +175,7 @@ class Lab:
                  "--superlink", f"{LOOPBACK}:{self.superlink_port}",
                  "--port", str(port), "--node-config", self.node_config(c)],
             )  # fmt: skip
-        for (c, m), port in self.peer_ports.items():
-            wait_for_port(port, self.procs[self.peer_name(c, m)], self.peer_name(c, m))
+        self.wait_for_peers()
 
     def _write_flwr_config(self) -> None:
         lines = ["[superlink]", 'default = "lab"', "", "[superlink.lab]",
@@ -207,7 +203,7 @@ class Lab:
         return stopped
 
     # -- a run ---------------------------------------------------------------------------------
-    def run(self, run_config: str = "", timeout_s: float = 1200, app: Path = REPO) -> RunOutcome:
+    def run(self, run_config: str = "", app: Path = REPO) -> flwr_local.RunOutcome:
         """`flwr run` the app on this lab's SuperLink and check that it really finished."""
         results = self.dir / "results"
         lab_keys = {
@@ -220,43 +216,8 @@ class Lab:
             [f"{k}={v}" for k, v in lab_keys.items() if k not in given] + [run_config]
         )
         cmd = [str(BIN / "flwr"), "run", str(app), "lab", "--stream", "--run-config", overrides]
-        log_path = self.logs / "flwr-run.log"
-        run_id = final = None
-        with log_path.open("w") as log:
-            log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
-            log.flush()
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env()
-            )
-            assert proc.stdout is not None
-            deadline = time.monotonic() + timeout_s
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if m := re.search(r"Successfully started run (\d+)", line):
-                    run_id = m.group(1)
-                if "FINAL:" in line:
-                    final = line[line.index("FINAL:") :].strip()
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    break
-            rc = proc.wait()
-        status = "not started"
-        if run_id is not None:
-            status = flwr_local.run_status(BIN / "flwr", run_id, env=self.env())
-        where = re.search(r"results in (\S+)", final or "")
-        outcome = RunOutcome(rc, run_id, status, final, Path(where.group(1)) if where else results,
-                             log_path)  # fmt: skip
-        if rc != 0:
-            outcome.problems.append(f"`flwr run` exited with {rc}")
-        if run_id is None:
-            outcome.problems.append("no run was started")
-        elif status != "finished:completed":
-            outcome.problems.append(f"run {run_id} status is {status!r}")
-        if final is None:
-            outcome.problems.append("the ServerApp logged no 'FINAL:' line")
-        elif not (outcome.results / "metrics.json").is_file():
-            outcome.problems.append(f"no metrics.json in {outcome.results}")
+        outcome = flwr_local.stream_run(cmd, self.logs / "flwr-run.log", echo=False, env=self.env())
+        outcome.check(BIN / "flwr", default_results=results, env=self.env())
         return outcome
 
 
