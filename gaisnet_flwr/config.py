@@ -9,6 +9,7 @@ and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tomllib
 from collections.abc import Mapping
@@ -231,8 +232,10 @@ class RunConfig:
             return [1.0] * self.num_edges()
         return _number_list("edge-shares", self.edge_shares, float)
 
+    @functools.cached_property
     def profiles(self) -> Profiles:
-        """The cost model's presets, plus and overridden by `cost-profiles` when given."""
+        """The cost model's presets, plus and overridden by `cost-profiles` when given (read
+        once per config: `replace()` makes a new config, so the cache never goes stale)."""
         return load_profiles(Path(self.cost_profiles).expanduser() if self.cost_profiles else None)
 
     def cluster_profile(self) -> ClusterProfile:
@@ -245,12 +248,12 @@ class RunConfig:
             *(peers[k % len(peers)] for k in range(self.peers_per_cluster)),
             self.end_device,
         ]
-        profiles = self.profiles()
+        profiles = self.profiles
         return ClusterProfile.from_names(profiles, devices, self.d2d_link, self.uplink)
 
     def hierarchy_profiles(self) -> tuple[DeviceProfile, LinkProfile]:
         """The edge server's device and the edge-cloud backhaul link."""
-        profiles = self.profiles()
+        profiles = self.profiles
         backhaul = profiles.link(self.backhaul_link)
         if backhaul.kind != "edge-cloud":
             raise CostConfigError(
