@@ -31,7 +31,7 @@ from gaisnet_flwr.integrated import run_integrated
 from gaisnet_flwr.results import RoundRecorder, aggregate_train_metrics
 from gaisnet_flwr.serving import serve_inference
 from gaisnet_flwr.training import cluster_plan, evaluate
-from strategies.cloud_edge import CloudEdgeStrategy, edge_key, split_edges
+from strategies.cloud_edge import CloudEdgeStrategy, edge_key, join_edges, split_edges
 from strategies.registry import build_strategy, resolve_strategy
 
 
@@ -95,9 +95,11 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
     ]
 
     node_edges = identify_clusters(grid, wait_for_clusters(grid, cfg.min_clusters), len(edges))
-    clusters = {e: sum(1 for v in node_edges.values() if v == e) for e in range(len(edges))}
+    clusters_per_edge = {
+        e: sum(1 for v in node_edges.values() if v == e) for e in range(len(edges))
+    }
     strategy = CloudEdgeStrategy(
-        {e: build_edge_strategy(cfg, clusters[e]) for e in range(len(edges))},
+        {e: build_edge_strategy(cfg, clusters_per_edge[e]) for e in range(len(edges))},
         node_edges,
         cloud_every=cfg.cloud_every,
         cloud_mix=cfg.cloud_mix,
@@ -124,7 +126,7 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
             "edge %d: domain %r, %d clusters, %d training images",
             e,
             domain,
-            clusters[e],
+            clusters_per_edge[e],
             len(edges[e].train_labels),
         )
     log(INFO, "each cluster: start point -> %d peers %s -> end point", plan.num_peers, plan.sizes())
@@ -135,16 +137,17 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
             model.load_tunable_state(modules.to_torch_state_dict())
             result = evaluate(model, edges[e].test, device=device)
             row[edge_key(e, "accuracy")], row[edge_key(e, "loss")] = result.accuracy, result.loss
-        row["accuracy"] = sum(row[edge_key(e, "accuracy")] for e in clusters) / len(clusters)
-        row["loss"] = sum(row[edge_key(e, "loss")] for e in clusters) / len(clusters)
+        num_edges = len(clusters_per_edge)
+        row["accuracy"] = sum(row[edge_key(e, "accuracy")] for e in clusters_per_edge) / num_edges
+        row["loss"] = sum(row[edge_key(e, "loss")] for e in clusters_per_edge) / num_edges
         train = dict(strategy.last_train_metrics) if server_round > 0 else {}
         failures = list(strategy.last_failures) if server_round > 0 else []
         if "latency-s" in train:
             train["round-latency-s"] = hierarchy_round_latency(
                 float(train["latency-s"]),
                 model.num_tunable(),
-                len(node_edges),
-                len(clusters),
+                max(clusters_per_edge.values()),  # the edges aggregate in parallel
+                len(clusters_per_edge),
                 strategy.is_cloud_round(server_round),
                 edge_device,
                 backhaul,
@@ -160,9 +163,7 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
     initial = ArrayRecord(model.tunable_state())
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(
-            {edge_key(e, k): v for e in clusters for k, v in initial.items()}
-        ),
+        initial_arrays=join_edges({e: initial for e in clusters_per_edge}),
         num_rounds=cfg.num_rounds,
         train_config=ConfigRecord({}),
         evaluate_fn=central_evaluate,
@@ -177,7 +178,7 @@ def run_hfsl(grid: Grid, cfg: RunConfig) -> Result:
         "results in %s (modules: %s)",
         last["accuracy"],
         cfg.num_rounds,
-        len(clusters),
+        len(clusters_per_edge),
         len(node_edges),
         output_dir,
         path.name,
