@@ -71,6 +71,20 @@ class ClusterIdentity:
         members = [p for p in range(num) if p * num_edges // num == edge]
         return cls(edge, members.index(pid), len(members))
 
+    def record(self) -> RecordDict:
+        """Answer to the edge's `query.identity`: which edge and partition this node is."""
+        return RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        "edge-id": self.edge_id,
+                        "partition-id": self.partition_id,
+                        "num-partitions": self.num_partitions,
+                    }
+                )
+            }
+        )
+
 
 class SplitClusterClient:
     """The cluster's work for one message: build the edge model, load the modules, run.
@@ -114,21 +128,6 @@ class SplitClusterClient:
         ident = self.identity
         return ((self.cfg.seed * 7919 + ident.edge_id) * 131 + ident.partition_id) * 1009 + (
             server_round
-        )
-
-    def identity_record(self) -> RecordDict:
-        """Answer to the edge's `query.identity`: which edge and partition this node is."""
-        ident = self.identity
-        return RecordDict(
-            {
-                "metrics": MetricRecord(
-                    {
-                        "edge-id": ident.edge_id,
-                        "partition-id": ident.partition_id,
-                        "num-partitions": ident.num_partitions,
-                    }
-                )
-            }
         )
 
     def train(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:

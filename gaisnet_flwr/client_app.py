@@ -25,11 +25,16 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
     """A ClientApp; `fallback_config` serves `run_simulation`, which passes no run-config."""
     client = ClientApp()
 
+    def config(context: Context) -> RunConfig:
+        return RunConfig.from_run_config(context.run_config or fallback_config or {})
+
+    def identify(context: Context, cfg: RunConfig) -> ClusterIdentity:
+        return ClusterIdentity.from_node_config(dict(context.node_config), cfg.num_edges())
+
     def cluster(context: Context) -> SplitClusterClient:
-        cfg = RunConfig.from_run_config(context.run_config or fallback_config or {})
-        node_config = dict(context.node_config)
-        identity = ClusterIdentity.from_node_config(node_config, cfg.num_edges())
-        return SplitClusterClient(cfg, identity, PeerSettings.from_node_config(node_config))
+        cfg = config(context)
+        peers = PeerSettings.from_node_config(dict(context.node_config))
+        return SplitClusterClient(cfg, identify(context, cfg), peers)
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
@@ -60,7 +65,8 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
 
     @client.query("identity")
     def identity(msg: Message, context: Context) -> Message:
-        return Message(content=cluster(context).identity_record(), reply_to=msg)
+        # Who this node is needs no data: do not load any.
+        return Message(content=identify(context, config(context)).record(), reply_to=msg)
 
     return client
 
