@@ -143,7 +143,8 @@ def ensure_foundation(cfg: RunConfig, data: ImageData) -> Path | None:
         raise CheckpointError(f"dataset {cfg.dataset!r} ships no cloud corpus")
     path = checkpoint_path(cfg, data.num_classes)
     meta = foundation_meta(cfg, data.num_classes)
-    reference = build_model(cfg, data.num_classes).backbone.state_dict()
+    with torch.device("meta"):  # only the shapes are needed: allocate nothing
+        reference = build_model(cfg, data.num_classes).backbone.state_dict()
     try:
         read_checkpoint(path, meta, reference)
         log(INFO, "cloud: reusing foundation checkpoint %s", path)
