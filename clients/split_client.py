@@ -33,6 +33,11 @@ from gaisnet_flwr.remote import NetworkPeers, PeerSettings, model_spec
 from gaisnet_flwr.training import cluster_plan, evaluate, optimizer_spec, train_cluster
 
 
+def round_seed(seed: int, edge: int, partition: int, server_round: int) -> int:
+    """A distinct, replayable data shuffle per (run seed, edge, cluster, round)."""
+    return ((seed * 7919 + edge) * 131 + partition) * 1009 + server_round
+
+
 @dataclass(frozen=True)
 class ClusterIdentity:
     """Which edge server this cluster belongs to and which share of that edge's data it holds.
@@ -124,11 +129,8 @@ class SplitClusterClient:
         return NetworkPeers(self.peers, spec, optimizer_spec(self.cfg))
 
     def _seed(self, server_round: int) -> int:
-        """A distinct, replayable shuffle per (run seed, edge, cluster, round)."""
         ident = self.identity
-        return ((self.cfg.seed * 7919 + ident.edge_id) * 131 + ident.partition_id) * 1009 + (
-            server_round
-        )
+        return round_seed(self.cfg.seed, ident.edge_id, ident.partition_id, server_round)
 
     def train(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
         started = time.perf_counter()

@@ -33,9 +33,8 @@ from flwr.app import ArrayRecord  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from clients.split_client import round_seed  # noqa: E402
 from gaisnet_flwr.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
-from gaisnet_flwr.costs import fine_tuning_round_cost  # noqa: E402
-from gaisnet_flwr.flops import segment_flops  # noqa: E402
 from gaisnet_flwr.model import PromptedViT  # noqa: E402
 from gaisnet_flwr.training import cluster_plan, evaluate, train_cluster  # noqa: E402
 from strategies.module_fedavg import aggregate_modules  # noqa: E402
@@ -320,7 +319,9 @@ class SectionResult:
     files: list[Path] = field(default_factory=list)
 
 
-def execute(experiment: Any, cfg: RunConfig, args: argparse.Namespace, out: Path) -> SectionResult:
+def execute(
+    experiment: Experiment, cfg: RunConfig, args: argparse.Namespace, out: Path
+) -> SectionResult:
     """Run one experiment into `out`, time it and write its section as `out/report.md`."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -337,7 +338,7 @@ def execute(experiment: Any, cfg: RunConfig, args: argparse.Namespace, out: Path
     return SectionResult(experiment.NAME, experiment.TITLE, markdown, seconds, files)
 
 
-def script_main(experiment: Any, argv: Sequence[str] | None = None) -> SectionResult:
+def script_main(experiment: Experiment, argv: Sequence[str] | None = None) -> SectionResult:
     """The body of every script's `main`: parse, validate, run, say where the files went."""
     args, cfg = parse_or_exit(experiment.build_parser(), argv, getattr(experiment, "check", None))
     torch.set_num_threads(args.threads)
@@ -364,23 +365,6 @@ class RoundRow:
     d2d_forward_bytes: int = 0  # smashed data, summed over clusters (real serialized bytes)
     d2d_backward_bytes: int = 0  # gradients of smashed data
     upload_bytes: int = 0  # the tunable modules every cluster uploads (Flower's byte count)
-    latency_s: float = 0.0  # cost model: slowest cluster's critical path
-    energy_j: float = 0.0  # cost model: every cluster's nodes, computing and transmitting
-
-    CSV_HEADER = (
-        "round",
-        "accuracy",
-        "loss",
-        "wall_s",
-        "d2d_forward_bytes",
-        "d2d_backward_bytes",
-        "upload_bytes",
-        "latency_s",
-        "energy_j",
-    )
-
-    def csv_row(self) -> list[Any]:
-        return [getattr(self, k) for k in self.CSV_HEADER]
 
 
 def numpy_state(model: PromptedViT) -> dict[str, np.ndarray]:
@@ -405,8 +389,7 @@ def hfsl_rounds(
     """
     device = cfg.torch_device()
     plan = cluster_plan(cfg)
-    profile = cfg.cluster_profile()
-    flops = segment_flops(model, plan)
+    modules = ArrayRecord(model.tunable_state()).count_bytes()  # what each cluster uploads
     first = evaluate(model, test, device=device)
     rows = [RoundRow(0, first.accuracy, first.loss)]
     current = numpy_state(model)
@@ -417,26 +400,13 @@ def hfsl_rounds(
         for c, train in enumerate(cluster_trains):
             model.load_tunable_state(current)
             # A distinct, replayable shuffle per (seed, cluster, round), as the ClientApp does.
-            result = train_cluster(
-                model, plan, train, cfg, seed=(cfg.seed * 131 + c) * 1009 + r, device=device
-            )
+            seed = round_seed(cfg.seed, edge=0, partition=c, server_round=r)
+            result = train_cluster(model, plan, train, cfg, seed=seed, device=device)
             state = numpy_state(model)
             updates.append((state, float(result.num_examples)))
-            modules = ArrayRecord(model.tunable_state()).count_bytes()
-            cost = fine_tuning_round_cost(
-                profile,
-                flops,
-                result.chain.hop_bytes_forward,
-                result.chain.hop_bytes_backward,
-                samples=result.num_examples * cfg.local_epochs,
-                upload_bytes=modules,
-                download_bytes=modules,
-            )
             row.d2d_forward_bytes += result.chain.d2d_bytes_forward
             row.d2d_backward_bytes += result.chain.d2d_bytes_backward
             row.upload_bytes += modules
-            row.latency_s = max(row.latency_s, cost.latency_s)
-            row.energy_j += cost.energy_j
         current = aggregate_modules(current, updates)
         model.load_tunable_state(current)
         row.wall_s = time.perf_counter() - started

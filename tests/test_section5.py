@@ -8,7 +8,6 @@ FLOPs, byte counts; no timing comparisons).
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 import subprocess
@@ -160,9 +159,7 @@ def test_bad_input_stops_before_any_work(
 # -- the quick variant of the whole set -----------------------------------------------------------
 
 
-def rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+rows = common.read_csv
 
 
 def accuracies(path: Path, *columns: str) -> list[float]:
