@@ -20,12 +20,11 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from gaisnet_flwr.chain import RemotePeers, SplitChain
+from gaisnet_flwr.config import DISTRIBUTIONS
 from gaisnet_flwr.costs import ClusterProfile, inference_cost, segment_memory
 from gaisnet_flwr.flops import segment_flops
 from gaisnet_flwr.model import ModelError, PromptedViT
 from gaisnet_flwr.split import SplitPlan
-
-DISTRIBUTIONS = ("efficient", "full")
 
 
 class InferenceRequestError(ValueError):

@@ -36,6 +36,7 @@ from gaisnet_flwr.model import PromptedViT
 from gaisnet_flwr.split import SplitPlan, node_names
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ class OptimizerSpec:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.name not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer {self.name!r} is not one of: sgd, adamw")
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.name!r} is not one of: {', '.join(OPTIMIZERS)}")
 
     def factory(self) -> OptimizerFactory:
         def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gaisnet_flwr.chain import OPTIMIZERS
 from gaisnet_flwr.costs import (
     ClusterProfile,
     CostConfigError,
@@ -32,11 +33,12 @@ from gaisnet_flwr.model import MODES
 from gaisnet_flwr.scheduler import POLICIES
 from gaisnet_flwr.split import PLANNERS
 
-OPTIMIZERS = ("sgd", "adamw")
 FOUNDATIONS = ("cloud", "timm", "file", "none")
 SERVICES = ("fine-tuning", "integrated")
 CLOUD_MODULES = ("prompts", "all")
 DEVICES = ("auto", "cpu", "cuda")
+# How the edge ships a model for SL inference: the tunable modules only, or every weight.
+DISTRIBUTIONS = ("efficient", "full")
 
 
 class ConfigError(ValueError):
@@ -124,7 +126,7 @@ class RunConfig:
         _choice("device", self.device, DEVICES)
         _choice("foundation", self.foundation, FOUNDATIONS)
         _choice("cloud_modules", self.cloud_modules, CLOUD_MODULES)
-        _choice("distribution", self.distribution, ("efficient", "full"))
+        _choice("distribution", self.distribution, DISTRIBUTIONS)
         _choice("service", self.service, SERVICES)
         _choice("policy", self.policy, POLICIES)
         if self.service == "integrated":
