@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from gaisnet_flwr.chain import RemotePeers, SplitChain
 from gaisnet_flwr.config import DISTRIBUTIONS
-from gaisnet_flwr.costs import ClusterProfile, inference_cost, segment_memory
-from gaisnet_flwr.flops import segment_flops
-from gaisnet_flwr.model import ModelError, PromptedViT
-from gaisnet_flwr.split import SplitPlan
+from gaisnet_flwr.costs.pricing import ClusterProfile, inference_cost, segment_memory
+from gaisnet_flwr.split.chain import RemotePeers, SplitChain
+from gaisnet_flwr.split.flops import segment_flops
+from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.vit.model import ModelError, PromptedViT
 
 
 class InferenceRequestError(ValueError):

@@ -23,14 +23,14 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch.utils.data import Dataset
 
 from clients.inference import load_delivered_model, request_images, serve
-from gaisnet_flwr.cloud import load_foundation
+from gaisnet_flwr.cloud.foundation import load_foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.costs import fine_tuning_round_cost, segment_memory
-from gaisnet_flwr.data import ImageData, cluster_datasets, edge_image_data, load_image_data
-from gaisnet_flwr.flops import segment_flops
-from gaisnet_flwr.model import PromptedViT
-from gaisnet_flwr.remote import NetworkPeers, PeerSettings, model_spec
-from gaisnet_flwr.training import cluster_plan, evaluate, optimizer_spec, train_cluster
+from gaisnet_flwr.costs.pricing import fine_tuning_round_cost, segment_memory
+from gaisnet_flwr.data.images import ImageData, cluster_datasets, edge_image_data, load_image_data
+from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, model_spec
+from gaisnet_flwr.split.flops import segment_flops
+from gaisnet_flwr.training.loops import cluster_plan, evaluate, optimizer_spec, train_cluster
+from gaisnet_flwr.vit.model import PromptedViT
 
 
 def round_seed(seed: int, edge: int, partition: int, server_round: int) -> int:

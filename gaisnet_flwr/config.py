@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from gaisnet_flwr.chain import OPTIMIZERS
-from gaisnet_flwr.costs import (
+from gaisnet_flwr.costs.pricing import (
     ClusterProfile,
     CostConfigError,
     DeviceProfile,
@@ -28,10 +27,11 @@ from gaisnet_flwr.costs import (
     Profiles,
     load_profiles,
 )
-from gaisnet_flwr.data import DATASETS, DOMAINS, PARTITIONINGS, DataSpec
-from gaisnet_flwr.model import MODES
-from gaisnet_flwr.scheduler import POLICIES
-from gaisnet_flwr.split import PLANNERS
+from gaisnet_flwr.data.images import DATASETS, DOMAINS, PARTITIONINGS, DataSpec
+from gaisnet_flwr.service.scheduler import POLICIES
+from gaisnet_flwr.split.chain import OPTIMIZERS
+from gaisnet_flwr.split.plan import PLANNERS
+from gaisnet_flwr.vit.model import MODES
 
 FOUNDATIONS = ("cloud", "timm", "file", "none")
 SERVICES = ("fine-tuning", "integrated")

@@ -1,57 +1,6 @@
-"""Integrated fine-tuning and inference (paper Fig. 8 / Table V on real models): the real
-ServerApp and ClientApps on Flower's simulation engine, once per policy with the same seed and
-demand; prints each policy's decisions and cumulative profit.
+"""Thin command line; the work and its --help live in the module it imports."""
 
-    python scripts/integrated_experiment.py --clusters 4 \
-        --run-config "edge-domains='none,invert' demand='1,1,1,1,1,1,0,1'"
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import tempfile
-import time
-from pathlib import Path
-
-from flwr.simulation import run_simulation
-
-from gaisnet_flwr.client_app import create_client_app
-from gaisnet_flwr.config import RunConfig, parse_overrides
-from gaisnet_flwr.scheduler import POLICIES
-from gaisnet_flwr.server_app import create_server_app
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--run-config", default="edge-domains='none,invert' demand='1,1,1,1,1,1,0,1'"
-    )
-    parser.add_argument("--clusters", type=int, default=4)
-    args = parser.parse_args()
-    overrides = {**parse_overrides(args.run_config), "service": "integrated"}
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for policy in POLICIES:
-            cfg = {**overrides, "policy": policy, "output-dir": str(Path(tmp) / policy)}
-            RunConfig.from_run_config(cfg)  # fail fast before Ray starts
-            started = time.perf_counter()
-            run_simulation(
-                create_server_app(cfg),
-                create_client_app(cfg),
-                num_supernodes=args.clusters,
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-            )
-            rows = json.loads((Path(tmp) / policy / "integrated.json").read_text())
-            results[policy] = (rows, time.perf_counter() - started)
-    print(f"\ndemand (edge per round): {overrides['demand']}, edges {overrides['edge-domains']}")
-    for policy, (rows, seconds) in results.items():
-        actions = " ".join(r["action"].replace("finetune:", "ft") for r in rows)
-        print(
-            f"{policy:>5}: cumulative profit {rows[-1]['cumulative-profit']:8.1f} | {actions} "
-            f"| final accuracy {rows[-1]['accuracy']} ({seconds:.0f} s)"
-        )
-
+from gaisnet_flwr.experiments.integrated_experiment import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

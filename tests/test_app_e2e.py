@@ -19,12 +19,12 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
-from gaisnet_flwr.client_app import create_client_app
-from gaisnet_flwr.cloud import load_foundation
+from gaisnet_flwr.apps.client_app import create_client_app
+from gaisnet_flwr.apps.server_app import create_server_app
+from gaisnet_flwr.cloud.foundation import load_foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data import load_image_data
-from gaisnet_flwr.server_app import create_server_app
-from gaisnet_flwr.training import evaluate
+from gaisnet_flwr.data.images import load_image_data
+from gaisnet_flwr.training.loops import evaluate
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from gaisnet_flwr.chain import SplitChain
-from gaisnet_flwr.flops import ViTShape, model_forward_flops, segment_flops
-from gaisnet_flwr.link import InProcessLink, LinkError, deserialize_tensor, serialize_tensor
-from gaisnet_flwr.model import PromptedViT, build_prompted_vit
-from gaisnet_flwr.split import SplitPlan, plan_even
+from gaisnet_flwr.split.chain import SplitChain
+from gaisnet_flwr.split.flops import ViTShape, model_forward_flops, segment_flops
+from gaisnet_flwr.split.link import InProcessLink, LinkError, deserialize_tensor, serialize_tensor
+from gaisnet_flwr.split.plan import SplitPlan, plan_even
+from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 from tests.conftest import TINY, VARIANTS
 
 # Split and unsplit run the same float32 ops in the same order; we allow float rounding anyway.

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from gaisnet_flwr import cloud
-from gaisnet_flwr.cloud import (
+from gaisnet_flwr.cloud import foundation as cloud
+from gaisnet_flwr.cloud.foundation import (
     CheckpointError,
     checkpoint_path,
     ensure_foundation,
@@ -18,8 +18,8 @@ from gaisnet_flwr.cloud import (
     read_checkpoint,
 )
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data import ImageData, load_image_data
-from gaisnet_flwr.training import build_model
+from gaisnet_flwr.data.images import ImageData, load_image_data
+from gaisnet_flwr.training.loops import build_model
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gaisnet_flwr.clustering import Device, form_clusters, reachable
+from gaisnet_flwr.service.clustering import Device, form_clusters, reachable
 
 
 def line(n: int, spacing: float = 50.0, data: tuple[int, ...] = (0,)) -> list[Device]:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gaisnet_flwr.config import DEVICES, OPTIMIZERS, ConfigError, RunConfig
-from gaisnet_flwr.data import DATASETS, PARTITIONINGS
-from gaisnet_flwr.model import MODES
-from gaisnet_flwr.split import PLANNERS
+from gaisnet_flwr.data.images import DATASETS, PARTITIONINGS
+from gaisnet_flwr.split.plan import PLANNERS
+from gaisnet_flwr.vit.model import MODES
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gaisnet_flwr.chain import SplitChain
-from gaisnet_flwr.costs import (
+from gaisnet_flwr.costs.pricing import (
     DEVICE_PRESETS,
     LINK_PRESETS,
     ClusterProfile,
@@ -32,10 +31,11 @@ from gaisnet_flwr.costs import (
     tx_energy_j,
     tx_time_s,
 )
-from gaisnet_flwr.flops import SegmentFlops
-from gaisnet_flwr.link import serialize_tensor
-from gaisnet_flwr.model import PromptedViT, build_prompted_vit
-from gaisnet_flwr.split import SplitPlan, plan_even
+from gaisnet_flwr.split.chain import SplitChain
+from gaisnet_flwr.split.flops import SegmentFlops
+from gaisnet_flwr.split.link import serialize_tensor
+from gaisnet_flwr.split.plan import SplitPlan, plan_even
+from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 from tests.conftest import TINY, VARIANTS
 
 

@@ -1,4 +1,4 @@
-"""Tests for gaisnet_flwr.data: loading, the fixed test split, partitioning, cluster splits, errors.
+"""Tests for gaisnet_flwr.data.images: loading, the test split, partitions, cluster splits, errors.
 
 All offline: digits ships with scikit-learn, image folders are written to tmp_path with PIL.
 """
@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import Subset
 from torchvision.datasets import Flowers102
 
-from gaisnet_flwr.data import (
+from gaisnet_flwr.data.images import (
     DATASETS,
     PARTITIONINGS,
     DataError,

@@ -25,12 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_flwr_local() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("flwr_local", REPO / "scripts" / "flwr_local.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("gaisnet_flwr.experiments.flwr_local")
 
 
 flwr_local = _load_flwr_local()

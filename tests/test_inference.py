@@ -10,8 +10,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.inference import InferenceRequestError
 from clients.split_client import ClusterIdentity, SplitClusterClient
-from gaisnet_flwr.client_app import INFERENCE_REQUEST_ERROR, PEER_FAILURE, create_client_app
-from gaisnet_flwr.cloud import load_foundation
+from gaisnet_flwr.apps.client_app import INFERENCE_REQUEST_ERROR, PEER_FAILURE, create_client_app
+from gaisnet_flwr.cloud.foundation import load_foundation
 from gaisnet_flwr.config import RunConfig
 
 TINY = {

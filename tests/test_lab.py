@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,10 +26,10 @@ import numpy as np
 import pytest
 import torch
 
-from gaisnet_flwr.chain import SplitChain
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data import cluster_datasets, edge_image_data, load_image_data
-from gaisnet_flwr.training import build_model, cluster_plan
+from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
+from gaisnet_flwr.split.chain import SplitChain
+from gaisnet_flwr.training.loops import build_model, cluster_plan
 from tests.test_app_e2e import run_simulated
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
@@ -50,13 +49,7 @@ CONFIG: dict[str, Any] = {
 
 
 def _load_lab() -> ModuleType:
-    sys.path.insert(0, str(REPO / "scripts"))  # lab.py imports flwr_local next to it
-    spec = importlib.util.spec_from_file_location("lab", REPO / "scripts" / "lab.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("gaisnet_flwr.experiments.lab")
 
 
 lab_script = _load_lab()

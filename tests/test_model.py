@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gaisnet_flwr.model import MODES, ModelError, PromptedViT, build_prompted_vit
+from gaisnet_flwr.vit.model import MODES, ModelError, PromptedViT, build_prompted_vit
 from tests.conftest import TINY, VARIANTS
 
 

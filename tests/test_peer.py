@@ -15,13 +15,11 @@ import grpc
 import pytest
 import torch
 
-from gaisnet_flwr.chain import SplitChain
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data import cluster_datasets, edge_image_data, load_image_data
-from gaisnet_flwr.model import PromptedViT
-from gaisnet_flwr.peer import PeerService, parse_args, serve, server_credentials
-from gaisnet_flwr.pki import make_lab_pki
-from gaisnet_flwr.remote import (
+from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
+from gaisnet_flwr.deploy.peer import PeerService, parse_args, serve, server_credentials
+from gaisnet_flwr.deploy.pki import make_lab_pki
+from gaisnet_flwr.deploy.remote import (
     GrpcHop,
     NetworkPeers,
     PeerClient,
@@ -32,8 +30,10 @@ from gaisnet_flwr.remote import (
     model_spec,
     segment_weights,
 )
-from gaisnet_flwr.split import SplitPlan
-from gaisnet_flwr.training import build_model, cluster_plan, optimizer_spec, train_cluster
+from gaisnet_flwr.split.chain import SplitChain
+from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.training.loops import build_model, cluster_plan, optimizer_spec, train_cluster
+from gaisnet_flwr.vit.model import PromptedViT
 
 CFG = RunConfig.from_run_config(
     {"foundation": "none", "peers-per-cluster": 2, "embed-dim": 32, "num-heads": 2}

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from gaisnet_flwr.integrated import PRIOR_GAIN, fitted_gain
-from gaisnet_flwr.scheduler import (
+from gaisnet_flwr.service.integrated import PRIOR_GAIN, fitted_gain
+from gaisnet_flwr.service.scheduler import (
     SERVE,
     ProfitModel,
     QualityModel,

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 
+import gaisnet_flwr.experiments.section5_common as common
 from gaisnet_flwr.config import ConfigError, RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 PAPER_PRESET = REPO / "conf" / "paper-vitb16-flowers102.toml"
-sys.path.insert(0, str(SCRIPTS))  # the scripts import their helpers as top-level modules
-
-import section5_common as common  # noqa: E402
 
 EXPECTED = {
     "fig6": ["fig6_pretraining.csv", "fig6_pretraining.png"],
@@ -146,7 +144,7 @@ def test_nested_preset_is_refused(tmp_path: Path) -> None:
 def test_bad_input_stops_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
-    import section5
+    import gaisnet_flwr.experiments.section5 as section5
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:

@@ -7,7 +7,14 @@ import random
 
 import pytest
 
-from gaisnet_flwr.split import PlanError, SplitPlan, bottleneck, make_plan, plan_even, plan_min_max
+from gaisnet_flwr.split.plan import (
+    PlanError,
+    SplitPlan,
+    bottleneck,
+    make_plan,
+    plan_even,
+    plan_min_max,
+)
 
 
 def compositions(total: int, parts: int):

@@ -33,9 +33,9 @@ from flwr.common.logger import log
 from torch.utils.data import Dataset
 
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data import CLOUD_FRACTION, ImageData
-from gaisnet_flwr.model import PromptedViT
-from gaisnet_flwr.training import build_model, evaluate, loader
+from gaisnet_flwr.data.images import CLOUD_FRACTION, ImageData
+from gaisnet_flwr.training.loops import build_model, evaluate, loader
+from gaisnet_flwr.vit.model import PromptedViT
 
 CHECKPOINT_FORMAT = 1  # bump when the meaning of a checkpoint changes
 PRETRAIN_BATCH_SIZE = 32

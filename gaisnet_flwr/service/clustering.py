@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gaisnet_flwr.split import SplitPlan, plan_min_max
+from gaisnet_flwr.split.plan import SplitPlan, plan_min_max
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gaisnet_flwr.model import PromptedViT
-    from gaisnet_flwr.split import SplitPlan
+    from gaisnet_flwr.split.plan import SplitPlan
+    from gaisnet_flwr.vit.model import PromptedViT
 
 
 @dataclass(frozen=True)

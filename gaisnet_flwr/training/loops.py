@@ -16,16 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from gaisnet_flwr.chain import (
+from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.split.chain import (
     ChainStats,
     OptimizerFactory,
     OptimizerSpec,
     RemotePeers,
     SplitChain,
 )
-from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.model import PromptedViT, build_prompted_vit
-from gaisnet_flwr.split import SplitPlan, make_plan
+from gaisnet_flwr.split.plan import SplitPlan, make_plan
+from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> PromptedViT:

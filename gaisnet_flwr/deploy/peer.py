@@ -33,10 +33,7 @@ from typing import Any
 import grpc
 import torch
 
-from gaisnet_flwr.chain import ChainNode, OptimizerSpec, Segment, build_segments
-from gaisnet_flwr.link import LinkError, pack_message, unpack_message
-from gaisnet_flwr.model import ModelError, PromptedViT, build_prompted_vit
-from gaisnet_flwr.remote import (
+from gaisnet_flwr.deploy.remote import (
     PROTOCOL_VERSION,
     SERVICE,
     GrpcHop,
@@ -46,7 +43,10 @@ from gaisnet_flwr.remote import (
     check_address,
     segment_tunable_keys,
 )
-from gaisnet_flwr.split import SplitPlan, node_names
+from gaisnet_flwr.split.chain import ChainNode, OptimizerSpec, Segment, build_segments
+from gaisnet_flwr.split.link import LinkError, pack_message, unpack_message
+from gaisnet_flwr.split.plan import SplitPlan, node_names
+from gaisnet_flwr.vit.model import ModelError, PromptedViT, build_prompted_vit
 
 log = logging.getLogger("gaisnet.peer")
 WEIGHTS_KEPT = 2  # frozen-weight sets kept in memory (a restart of the run reuses them)

@@ -23,12 +23,12 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from gaisnet_flwr.apps.serving import serve_request
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data import ImageData
-from gaisnet_flwr.model import PromptedViT
-from gaisnet_flwr.scheduler import SERVE, QualityModel, choose_action
-from gaisnet_flwr.serving import serve_request
-from gaisnet_flwr.training import evaluate
+from gaisnet_flwr.data.images import ImageData
+from gaisnet_flwr.service.scheduler import SERVE, QualityModel, choose_action
+from gaisnet_flwr.training.loops import evaluate
+from gaisnet_flwr.vit.model import PromptedViT
 from strategies.cloud_edge import CloudEdgeStrategy, EdgeGrid
 
 PRIOR_GAIN = 0.3  # fraction of the accuracy gap one round closes, until measured

@@ -23,14 +23,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 
-from gaisnet_flwr.cloud import ensure_foundation, load_foundation
+from gaisnet_flwr.apps.recorder import RoundRecorder, aggregate_train_metrics
+from gaisnet_flwr.apps.serving import serve_inference
+from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.costs import hierarchy_round_latency
-from gaisnet_flwr.data import edge_image_data, load_image_data
-from gaisnet_flwr.integrated import run_integrated
-from gaisnet_flwr.results import RoundRecorder, aggregate_train_metrics
-from gaisnet_flwr.serving import serve_inference
-from gaisnet_flwr.training import cluster_plan, evaluate
+from gaisnet_flwr.costs.pricing import hierarchy_round_latency
+from gaisnet_flwr.data.images import edge_image_data, load_image_data
+from gaisnet_flwr.service.integrated import run_integrated
+from gaisnet_flwr.training.loops import cluster_plan, evaluate
 from strategies.cloud_edge import CloudEdgeStrategy, edge_key, join_edges, split_edges
 from strategies.registry import build_strategy, resolve_strategy
 

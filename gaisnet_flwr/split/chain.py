@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaisnet_flwr.flops import SegmentFlops, segment_flops
-from gaisnet_flwr.link import InProcessLink, Link, LinkStats
-from gaisnet_flwr.model import PromptedViT
-from gaisnet_flwr.split import SplitPlan, node_names
+from gaisnet_flwr.split.flops import SegmentFlops, segment_flops
+from gaisnet_flwr.split.link import InProcessLink, Link, LinkStats
+from gaisnet_flwr.split.plan import SplitPlan, node_names
+from gaisnet_flwr.vit.model import PromptedViT
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 OPTIMIZERS = ("sgd", "adamw")

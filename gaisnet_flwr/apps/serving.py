@@ -14,7 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.model import PromptedViT
+from gaisnet_flwr.vit.model import PromptedViT
 
 
 def serve_request(

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from clients.inference import InferenceRequestError
 from clients.split_client import ClusterIdentity, SplitClusterClient
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.remote import PeerError, PeerSettings
+from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
 
 INFERENCE_REQUEST_ERROR = 400  # our code for "this request cannot be served", with the reason
 PEER_FAILURE = 503  # a D2D peer of this cluster was down, too slow or refused: this cluster failed

@@ -35,11 +35,11 @@ from torch.utils.data import Dataset  # noqa: E402
 
 from clients.split_client import round_seed  # noqa: E402
 from gaisnet_flwr.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
-from gaisnet_flwr.model import PromptedViT  # noqa: E402
-from gaisnet_flwr.training import cluster_plan, evaluate, train_cluster  # noqa: E402
+from gaisnet_flwr.training.loops import cluster_plan, evaluate, train_cluster  # noqa: E402
+from gaisnet_flwr.vit.model import PromptedViT  # noqa: E402
 from strategies.module_fedavg import aggregate_modules  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout (an editable install): conf/ presets
 CONF = REPO / "conf"
 
 # The paper's Section V numbers (ViT-B/16 on Oxford Flowers, RTX 4060, lr 0.001, batch 10,

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gaisnet_flwr.chain import segment_parameters
-from gaisnet_flwr.flops import SegmentFlops, ViTShape
-from gaisnet_flwr.split import node_names
+from gaisnet_flwr.split.chain import segment_parameters
+from gaisnet_flwr.split.flops import SegmentFlops, ViTShape
+from gaisnet_flwr.split.plan import node_names
 
 if TYPE_CHECKING:
-    from gaisnet_flwr.model import PromptedViT
-    from gaisnet_flwr.split import SplitPlan
+    from gaisnet_flwr.split.plan import SplitPlan
+    from gaisnet_flwr.vit.model import PromptedViT
 
 LINK_KINDS = ("d2d", "client-edge", "edge-cloud")
 NOISE_DBM_PER_HZ = -174.0  # thermal noise density at room temperature (anchors.md)

@@ -32,10 +32,16 @@ from typing import Any
 import grpc
 import torch
 
-from gaisnet_flwr.chain import Hop, OptimizerSpec, RemoteStats, StepResult, segment_parameters
-from gaisnet_flwr.link import LinkError, LinkStats, pack_message, serialize_tensor, unpack_message
-from gaisnet_flwr.model import ModelError, PromptedViT
-from gaisnet_flwr.split import SplitPlan, node_names
+from gaisnet_flwr.split.chain import Hop, OptimizerSpec, RemoteStats, StepResult, segment_parameters
+from gaisnet_flwr.split.link import (
+    LinkError,
+    LinkStats,
+    pack_message,
+    serialize_tensor,
+    unpack_message,
+)
+from gaisnet_flwr.split.plan import SplitPlan, node_names
+from gaisnet_flwr.vit.model import ModelError, PromptedViT
 
 SERVICE = "gaisnet.Peer"
 PROTOCOL_VERSION = 1

@@ -1,0 +1,343 @@
+"""Run the app with `flwr run` on a managed local SuperLink, check it, and always clean up.
+
+`flwr run .` with no SuperLink configured starts a *managed local SuperLink*: a detached
+`flower-superlink` (its own session) that outlives `flwr run`, with `flower-superexec` (another
+detached session), `flwr-simulation` and Ray (gcs_server, raylet, actors) below it. Ray actors can
+be orphaned to PID 1 but keep their process group. So stopping means: find the SuperLink by its
+FLWR_HOME paths, take it, its descendants and every process in their process groups, SIGTERM,
+wait, SIGKILL what is left, and check again. `scripts/run.sh` and `tests/test_flwr_run.py` both
+go through this file, so there is one implementation of start, check and stop.
+
+    python scripts/flwr_local.py run --output-dir DIR [--num-supernodes N] [-- FLWR_RUN_ARGS...]
+    python scripts/flwr_local.py stop            # stops the SuperLink of $FLWR_HOME
+
+The caller sets FLWR_HOME (absolute) and may set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT /
+FLWR_LOCAL_CONTROL_API_PORT so the run never talks to someone else's SuperLink.
+Linux and macOS (`ps`); `--stream` exits 0 even when the run fails, so success is checked here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Process names the managed SuperLink may leave behind (for reporting and for the tests).
+FLOWER_AND_RAY = (
+    "flower-superlink",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-simulation",
+    "flwr-clientapp",
+    "raylet",
+    "gcs_server",
+    "ray::",
+)
+DEFAULT_PORTS = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": 39091, "FLWR_LOCAL_CONTROL_API_PORT": 39093}
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    pgid: int
+    stat: str
+    args: str
+
+    @property
+    def alive(self) -> bool:
+        return not self.stat.startswith("Z")  # a zombie has exited; nobody may reap it here
+
+
+def processes() -> dict[int, Proc]:
+    out = subprocess.run(
+        ["ps", "-A", "-o", "pid=,ppid=,pgid=,stat=,args="],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    table = {}
+    for line in out.splitlines():
+        parts = line.split(None, 4)
+        if len(parts) >= 4:
+            pid, ppid, pgid = (int(p) for p in parts[:3])
+            table[pid] = Proc(pid, ppid, pgid, parts[3], parts[4] if len(parts) > 4 else "")
+    return table
+
+
+def flwr_home() -> Path:
+    home = os.environ.get("FLWR_HOME")
+    if not home or not os.path.isabs(home):
+        sys.exit(f"error: FLWR_HOME must be set to an absolute path, got {home!r}")
+    return Path(home)
+
+
+def family(seeds: set[int], groups: set[int] | None = None) -> list[Proc]:
+    """`seeds`, their descendants and every process in their process groups (plus the `groups`
+    given: orphans stay in theirs after their parents are gone)."""
+    table = processes()
+    members = {pid for pid in seeds if pid in table}
+    groups = set(groups or ())
+    while True:  # grow to a fixpoint: members' children and members' process groups
+        groups |= {table[pid].pgid for pid in members}
+        groups.discard(os.getpgrp())  # never signal our own group (this script and its caller)
+        grown = members | {p.pid for p in table.values() if p.ppid in members or p.pgid in groups}
+        if grown == members:
+            break
+        members = grown
+    mine = {os.getpid(), os.getppid()}
+    return [table[pid] for pid in sorted(members) if pid not in mine]
+
+
+def superlink_family(home: Path, groups: set[int] | None = None) -> list[Proc]:
+    """The managed SuperLink of `home` and everything it started (see `family`)."""
+    # Flower passes `--log-file $FLWR_HOME/local-superlink/superlink.log` (and `--database` there).
+    marker = f"{home}/local-superlink/"
+    seeds = {
+        p.pid for p in processes().values() if "flower-superlink" in p.args and marker in p.args
+    }
+    return family(seeds, groups)
+
+
+def stop_family(
+    find: Callable[[set[int]], list[Proc]], what: str, timeout_s: float = 20.0
+) -> list[Proc]:
+    """Stop the processes `find(groups)` returns; return what was stopped.
+
+    SIGTERM first (Flower and Ray shut down their children), SIGKILL after `timeout_s`.
+    Raises RuntimeError naming the survivors if anything is still alive after that.
+    """
+    stopped: dict[int, Proc] = {}
+    groups: set[int] = set()  # remembered: once a parent is gone, orphans are found by group
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + wait_s
+        signalled: set[int] = set()
+        while time.monotonic() < deadline:
+            # Re-scan every time: a dying parent may still spawn or orphan children.
+            live = [p for p in find(groups) if p.alive]
+            if not live:
+                return list(stopped.values())
+            groups |= {p.pgid for p in live}
+            for p in live:
+                if p.pid not in signalled:
+                    signalled.add(p.pid)
+                    stopped.setdefault(p.pid, p)
+                    with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                        os.kill(p.pid, sig)
+            time.sleep(0.25)
+    survivors = [p for p in find(groups) if p.alive]
+    if not survivors:
+        return list(stopped.values())
+    raise RuntimeError(
+        f"could not stop {what}: " + "; ".join(f"{p.pid} {p.args[:80]}" for p in survivors)
+    )
+
+
+def stop_local_superlink(home: Path, timeout_s: float = 20.0) -> list[Proc]:
+    """Stop the managed SuperLink of `home` and everything it started."""
+    return stop_family(
+        lambda groups: superlink_family(home, groups),
+        "the managed SuperLink's processes",
+        timeout_s,
+    )
+
+
+def stop_processes(pids: set[int], timeout_s: float = 20.0) -> list[Proc]:
+    """Stop processes we started (by PID) with everything they started."""
+    # Children that outlive a parent are found by the process groups seen before it died.
+    seen = family(pids)
+    seeds = set(pids) | {p.pid for p in seen}
+    return stop_family(lambda groups: family(seeds, groups), "the lab's processes", timeout_s)
+
+
+def check_ports_free(ports: list[int]) -> None:
+    """Fail early if a port is taken: `flwr run` would silently use whatever SuperLink is there."""
+    for port in ports:
+        with socket.socket() as s:
+            # SO_REUSEADDR: only a live listener counts, not the last run's TIME_WAIT sockets.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                sys.exit(
+                    f"error: port {port} on 127.0.0.1 is in use (another Flower SuperLink?). "
+                    f"Pick free ports with FLWR_LOCAL_SUPERLINK_HTTP_API_PORT and "
+                    f"FLWR_LOCAL_CONTROL_API_PORT."
+                )
+
+
+def run_status(flwr: Path, run_id: str, env: dict[str, str] | None = None) -> str:
+    """The run's status from the SuperLink (`finished:completed` on success)."""
+    res = subprocess.run(
+        [str(flwr), "ls", "--run-id", run_id, "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    try:
+        runs = json.loads(res.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return f"unknown (flwr ls said: {(res.stdout + res.stderr).strip()[-300:]})"
+    return str(runs[0].get("status", "unknown")) if runs else "unknown (run not listed)"
+
+
+@dataclass
+class RunOutcome:
+    """What one `flwr run --stream` did, and what is wrong with it (empty: it really finished)."""
+
+    rc: int
+    run_id: str | None
+    status: str
+    final: str | None  # the ServerApp's FINAL line
+    results: Path
+    log: Path
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def check(self, flwr: Path, default_results: Path, env: dict[str, str] | None = None) -> None:
+        """`flwr run --stream` exits 0 even when the run failed, so ask the SuperLink for the
+        run's status and check what the run left behind. The FINAL line names the results
+        directory (an extra --run-config may have moved it)."""
+        if self.run_id is not None:
+            self.status = run_status(flwr, self.run_id, env=env)
+        where = re.search(r"results in (\S+)", self.final or "")
+        self.results = Path(where.group(1)) if where else default_results
+        if self.rc != 0:
+            self.problems.append(f"`flwr run` exited with {self.rc}")
+        if self.run_id is None:
+            self.problems.append("no run was started")
+        elif self.status != "finished:completed":
+            self.problems.append(
+                f"run {self.run_id} status is {self.status!r}, not 'finished:completed'"
+            )
+        if self.final is None:
+            self.problems.append("the ServerApp logged no 'FINAL:' line")
+        elif not any((self.results / n).is_file() for n in ("metrics.json", "integrated.json")):
+            self.problems.append(f"no metrics.json (or integrated.json) in {self.results}")
+
+
+def stream_run(
+    cmd: list[str], log_path: Path, echo: bool, env: dict[str, str] | None = None
+) -> RunOutcome:
+    """Run `flwr run ... --stream`, tee its output to `log_path` (and stdout if `echo`), and
+    pick the run id and the FINAL line out of it."""
+    run_id, final = None, None
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if echo:
+                sys.stdout.write(line)
+            log.write(line)
+            if m := re.search(r"Successfully started run (\d+)", line):
+                run_id = m.group(1)
+            if "FINAL:" in line:
+                final = line[line.index("FINAL:") :].strip()
+        rc = proc.wait()
+    return RunOutcome(rc, run_id, "not started", final, log_path.parent, log_path)
+
+
+def run(
+    app: Path, output_dir: Path, num_supernodes: int, cpus: int, gpus: float, extra: list[str]
+) -> int:
+    home = flwr_home()
+    ports = [int(os.environ.get(k, v)) for k, v in DEFAULT_PORTS.items()]
+    bindir = Path(sys.executable).parent
+    flwr = bindir / "flwr"
+    # Flower launches `flower-superlink` by name: make sure it is this environment's.
+    os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+    stale = stop_local_superlink(home)  # a SuperLink left by a killed run would be reused
+    if stale:
+        print(f"[flwr_local] stopped a stale SuperLink of {home} ({len(stale)} processes)")
+    check_ports_free(ports)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir / "run.log"
+    cmd = [
+        str(flwr), "run", str(app), "--stream",
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
+        f"client-resources-num-gpus={gpus}",
+        "--run-config", f"output-dir={json.dumps(str(output_dir))}",  # a TOML string
+        *extra,
+    ]  # fmt: skip
+    print(f"[flwr_local] {' '.join(cmd)}\n[flwr_local] log: {log_path}", flush=True)
+    started = time.monotonic()
+    try:
+        outcome = stream_run(cmd, log_path, echo=True)
+        outcome.check(flwr, default_results=output_dir)  # asks the SuperLink: before stopping it
+    finally:
+        stopped = stop_local_superlink(home)
+        print(f"[flwr_local] stopped the local SuperLink ({len(stopped)} processes)")
+    problems, run_id, final = outcome.problems, outcome.run_id, outcome.final
+    elapsed = time.monotonic() - started
+    if problems:
+        print(
+            f"[flwr_local] RUN FAILED after {elapsed:.0f} s: "
+            + "; ".join(problems)
+            + f". See {log_path} and {home}/local-superlink/superlink.log",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"[flwr_local] run {run_id} completed in {elapsed:.0f} s\n{final}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="flwr run the app, check it, stop the SuperLink")
+    p_run.add_argument("--app", type=Path, default=Path("."))
+    p_run.add_argument("--output-dir", type=Path, required=True)
+    p_run.add_argument("--num-supernodes", type=int, default=4)
+    p_run.add_argument("--client-cpus", type=int, default=1)  # Flower wants an int
+    p_run.add_argument("--client-gpus", type=float, default=0.0)
+    p_run.add_argument("extra", nargs="*", help="more `flwr run` arguments (after --)")
+    sub.add_parser("stop", help="stop the managed SuperLink of $FLWR_HOME and its children")
+    args = parser.parse_args()
+
+    # SIGTERM (CI timeouts, `kill`) must run the cleanup in `finally` like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.command == "stop":
+        try:
+            stopped = stop_local_superlink(flwr_home())
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        for p in stopped:
+            print(f"[flwr_local] stopped {p.pid} {p.args[:100]}")
+        return 0
+    try:
+        return run(
+            args.app.resolve(),
+            args.output_dir.resolve(),
+            args.num_supernodes,
+            args.client_cpus,
+            args.client_gpus,
+            args.extra,
+        )
+    except KeyboardInterrupt:  # the SuperLink was stopped on the way out
+        print("[flwr_local] interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
