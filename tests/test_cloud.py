@@ -24,7 +24,7 @@ from gaisnet_flwr.training.loops import build_model
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> RunConfig:
-    return RunConfig(
+    return RunConfig.of(
         depth=2,
         embed_dim=32,
         num_heads=2,

@@ -63,7 +63,7 @@ def test_with_defaults_applies_only_to_keys_the_user_did_not_set() -> None:
     class Args:
         set_keys = {"lr"}
 
-    cfg = common.with_defaults(RunConfig(lr=0.2), Args(), lr=0.01, batch_size=10)  # type: ignore[arg-type]
+    cfg = common.with_defaults(RunConfig.of(lr=0.2), Args(), lr=0.01, batch_size=10)  # type: ignore[arg-type]
     assert (cfg.lr, cfg.batch_size) == (0.2, 10)
 
 

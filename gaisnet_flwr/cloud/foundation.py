@@ -66,7 +66,7 @@ def foundation_meta(cfg: RunConfig, num_classes: int) -> dict[str, Any]:
 def checkpoint_path(cfg: RunConfig, num_classes: int) -> Path:
     meta = foundation_meta(cfg, num_classes)
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return cfg.foundation_path() / f"foundation-{cfg.model_name}-{key}.pt"
+    return cfg.cloud.directory() / f"foundation-{cfg.model_name}-{key}.pt"
 
 
 def pretrain(

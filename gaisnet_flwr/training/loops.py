@@ -44,7 +44,7 @@ def optimizer_factory(cfg: RunConfig) -> OptimizerFactory:
 
 
 def cluster_plan(cfg: RunConfig) -> SplitPlan:
-    return make_plan(cfg.planner, cfg.depth, cfg.speeds())
+    return cfg.plan()
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int | None) -> DataLoader:
