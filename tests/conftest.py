@@ -1,9 +1,17 @@
-"""Shared fixtures: tiny ViTs that run in milliseconds on a CPU (timm shape overrides)."""
+"""Shared fixtures and helpers: tiny ViTs that run in milliseconds on a CPU (timm shape
+overrides), Flower reply messages, the task identity Flower's runtime sets, and the real apps
+on Flower's simulation engine."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 # A 32x32 input, 8x8 patches -> 16 patch tokens; depth 6 so plans over 1-6 peers exist.
 TINY = dict(img_size=32, patch_size=8, depth=6, embed_dim=32, num_heads=2)
@@ -20,3 +28,71 @@ VARIANTS = {
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set the task identity Flower's runtime sets before a ServerApp builds messages.
+
+    A module that builds messages outside a runtime requests it for all its tests with
+    `pytestmark = pytest.mark.usefixtures("task_identity")`.
+    """
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+
+
+def make_reply(
+    arrays: Mapping[str, np.ndarray],
+    num_examples: int,
+    partition_id: int,
+    *,
+    node_id: int | None = None,
+    metrics: Mapping[str, int | float] | None = None,
+) -> Message:
+    """A real reply Message from cluster `partition_id` to a ``train`` instruction."""
+    instruction = Message(
+        RecordDict(),
+        dst_node_id=node_id if node_id is not None else 100 + partition_id,
+        message_type=MessageType.TRAIN,
+    )
+    metric_values: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": num_examples,
+        "partition-id": partition_id,
+        "train-loss": 0.5 + partition_id,
+    }
+    metric_values.update(metrics or {})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({key: Array(value) for key, value in arrays.items()}),
+            "metrics": MetricRecord(metric_values),
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+def make_error_reply(partition_id: int) -> Message:
+    """A reply carrying an error, as a failed ClientApp sends."""
+    instruction = Message(
+        RecordDict(), dst_node_id=100 + partition_id, message_type=MessageType.TRAIN
+    )
+    return Message(Error(code=0, reason="cluster chain broke"), reply_to=instruction)
+
+
+def run_simulated(config: dict[str, Any], num_clusters: int) -> None:
+    """The real apps on Flower's simulation engine, one node per cluster."""
+    # Imported here: only the simulation tests pay for the apps and Ray.
+    from flwr.simulation import run_simulation
+
+    from gaisnet_flwr.apps.client_app import create_client_app
+    from gaisnet_flwr.apps.server_app import create_server_app
+
+    # run_simulation passes no run-config: the apps fall back to `config`.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
+        run_simulation(
+            server_app=create_server_app(config),
+            client_app=create_client_app(config),
+            num_supernodes=num_clusters,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )

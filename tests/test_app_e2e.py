@@ -17,14 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.simulation import run_simulation
 
-from gaisnet_flwr.apps.client_app import create_client_app
-from gaisnet_flwr.apps.server_app import create_server_app
 from gaisnet_flwr.cloud.foundation import load_foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import load_image_data
 from gaisnet_flwr.training.loops import evaluate
+from tests.conftest import run_simulated
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 
@@ -52,19 +50,6 @@ def simulate(output_dir: Path, foundation_dir: Path, **overrides: Any) -> dict[s
     }
     run_simulated(config, NUM_CLUSTERS)
     return config
-
-
-def run_simulated(config: dict[str, Any], num_clusters: int) -> None:
-    """The real apps on Flower's simulation engine, one node per cluster."""
-    # run_simulation passes no run-config: the apps fall back to `config`.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
-        run_simulation(
-            server_app=create_server_app(config),
-            client_app=create_client_app(config),
-            num_supernodes=num_clusters,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
 
 
 def ray_processes_of_this_test() -> list[str]:

@@ -12,11 +12,9 @@ from flwr.serverapp import Grid
 from clients.split_client import ClusterIdentity
 from strategies.cloud_edge import CloudEdgeStrategy, cloud_aggregate, join_edges, split_edges
 from strategies.module_fedavg import ModuleFedAvg
-from tests.test_strategies import (  # noqa: F401 (autouse fixture)
-    make_error_reply,
-    make_reply,
-    task_identity,
-)
+from tests.conftest import make_error_reply, make_reply
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def arrays(prompt: float, head: float) -> dict[str, np.ndarray]:

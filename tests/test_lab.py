@@ -30,7 +30,7 @@ from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.training.loops import build_model, cluster_plan
-from tests.test_app_e2e import run_simulated
+from tests.conftest import run_simulated
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 

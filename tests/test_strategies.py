@@ -9,20 +9,10 @@ from unittest.mock import Mock
 
 import numpy as np
 import pytest
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Error,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies import (
     DEFAULT_STRATEGY,
@@ -33,6 +23,9 @@ from strategies import (
     build_strategy,
     resolve_strategy,
 )
+from tests.conftest import make_error_reply, make_reply
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 # A tiny prompted ViT's tunable modules: 3 prompt modules (4 tokens x 8 dims) and a 5-class head.
 PROMPT_KEYS = ["prompt.0", "prompt.1", "prompt.2"]
@@ -41,55 +34,10 @@ ALL_KEYS = PROMPT_KEYS + HEAD_KEYS
 SHAPES = {**{key: (4, 8) for key in PROMPT_KEYS}, "head.weight": (5, 8), "head.bias": (5,)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Set the task identity Flower's runtime sets before a ServerApp builds messages."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-
-
 def make_arrays(seed: int, keys: Iterable[str] = ALL_KEYS) -> dict[str, np.ndarray]:
     """Random float32 modules for `keys`."""
     rng = np.random.default_rng(seed)
     return {key: rng.standard_normal(SHAPES[key]).astype(np.float32) for key in keys}
-
-
-def make_reply(
-    arrays: Mapping[str, np.ndarray],
-    num_examples: int,
-    partition_id: int,
-    *,
-    node_id: int | None = None,
-    metrics: Mapping[str, int | float] | None = None,
-) -> Message:
-    """A real reply Message from cluster `partition_id` to a ``train`` instruction."""
-    instruction = Message(
-        RecordDict(),
-        dst_node_id=node_id if node_id is not None else 100 + partition_id,
-        message_type=MessageType.TRAIN,
-    )
-    metric_values: dict[str, int | float | list[int] | list[float]] = {
-        "num-examples": num_examples,
-        "partition-id": partition_id,
-        "train-loss": 0.5 + partition_id,
-    }
-    metric_values.update(metrics or {})
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({key: Array(value) for key, value in arrays.items()}),
-            "metrics": MetricRecord(metric_values),
-        }
-    )
-    return Message(content, reply_to=instruction)
-
-
-def make_error_reply(partition_id: int) -> Message:
-    """A reply carrying an error, as a failed ClientApp sends."""
-    instruction = Message(
-        RecordDict(), dst_node_id=100 + partition_id, message_type=MessageType.TRAIN
-    )
-    return Message(Error(code=0, reason="cluster chain broke"), reply_to=instruction)
 
 
 def configured(strategy: ModuleFedAvg, current: Mapping[str, np.ndarray]) -> ModuleFedAvg:
