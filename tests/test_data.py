@@ -16,7 +16,6 @@ from torch.utils.data import Subset
 from torchvision.datasets import Flowers102
 
 from gaisnet_flwr.data.images import (
-    DATASETS,
     PARTITIONINGS,
     DataError,
     DataSpec,
@@ -278,11 +277,6 @@ def test_invalid_spec_raises_data_error_naming_field_and_choices(spec, expected)
             call()
         for text in expected:
             assert text in str(err.value)
-
-
-def test_data_error_is_a_value_error():
-    assert issubclass(DataError, ValueError)
-    assert DATASETS == ("digits", "flowers102", "imagefolder")
 
 
 def test_missing_data_dir_names_the_path(tmp_path):
