@@ -229,3 +229,14 @@ def test_no_sys_path_manipulation() -> None:
         for line in sorted(sys_path_uses(path))
     ]
     fail_with(violations)
+
+
+def test_no_test_module_imports_another() -> None:
+    # Shared fixtures and helpers live in tests/conftest.py, the one module tests may import.
+    violations = [
+        f"{imp.where()} (a test module may import only tests.conftest from tests)"
+        for path in python_files(["tests"])
+        for imp in sorted(imports_of(path), key=lambda imp: imp.line)
+        if imp.module.split(".")[0] == "tests" and imp.module != "tests.conftest"
+    ]
+    fail_with(violations)
