@@ -11,9 +11,16 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from gaisnet_flwr.split.chain import SplitChain
-from gaisnet_flwr.split.flops import ViTShape, model_forward_flops, segment_flops
-from gaisnet_flwr.split.link import InProcessLink, LinkError, deserialize_tensor, serialize_tensor
+from gaisnet_flwr.split.flops import model_forward_flops, segment_flops
+from gaisnet_flwr.split.link import (
+    Direction,
+    InProcessLink,
+    LinkError,
+    deserialize_tensor,
+    serialize_tensor,
+)
 from gaisnet_flwr.split.plan import SplitPlan, plan_even
+from gaisnet_flwr.split.segments import ViTShape, describe_segments
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 from tests.conftest import TINY, VARIANTS
 
@@ -238,3 +245,126 @@ def test_vit_b16_flops_match_torch_counter_on_the_meta_device() -> None:
     # start point), so its FLOPs are the sum over segments.
     assert measured_step == pytest.approx(sum(f.forward + f.backward for f in counted), rel=0.05)
     assert model_forward_flops(shape) == pytest.approx(2 * 17.6e9 * 207 / 197, rel=0.05)
+
+
+# -- the segment description agrees with what the chain and autograd do ------------------------
+class RecordingLink(InProcessLink):
+    """An in-process link that also records the shape of every tensor it carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, tuple[int, ...]]] = []
+
+    def send(self, tensor: torch.Tensor, direction: Direction) -> torch.Tensor:
+        self.sent.append((direction, tuple(tensor.shape)))
+        return super().send(tensor, direction)
+
+
+def _grad_flows_into_blocks(model: PromptedViT, x: torch.Tensor) -> list[bool]:
+    """Per block, whether plain autograd (no chain) makes its input require a gradient."""
+    flows: list[bool] = []
+    hooks = [
+        block.register_forward_pre_hook(lambda _m, args: flows.append(args[0].requires_grad))
+        for block in model.backbone.blocks
+    ]
+    try:
+        model.train()(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return flows
+
+
+@pytest.mark.parametrize("mode", ["vpt-deep", "vpt-shallow", "linear", "full"])
+@pytest.mark.parametrize("sizes", [[6], [1, 5], [2, 2, 2], [3, 1, 2], [1] * 6])
+def test_segment_description_agrees_with_what_happens(mode: str, sizes: list[int]) -> None:
+    model = build(mode, "registers")
+    plan = SplitPlan.from_sizes(sizes)
+    spec = describe_segments(model, plan)
+    named = dict(model.named_parameters())
+    batch = 3
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 5, (batch,))
+
+    # Every parameter is held by exactly one segment; `trainable` is what requires a gradient.
+    held = [n for seg in spec for n in seg.params]
+    assert sorted(held) == sorted(named)
+    assert {n for seg in spec for n in seg.trainable} == {
+        n for n, p in named.items() if p.requires_grad
+    }
+    assert [seg.name for seg in spec] == [
+        "start",
+        *(f"peer{k + 1}" for k in range(len(sizes))),
+        "end",
+    ]
+
+    # Plain autograd on the unsplit model, cut by cut: whether the smashed data requires a
+    # gradient, its shape, and which blocks a gradient flows through.
+    h = model.train().embed(x)
+    for k, (lo, hi) in enumerate(plan.ranges):
+        assert tuple(h.shape[1:]) == spec[k].out_shape == spec[k + 1].in_shape
+        assert h.requires_grad == spec[k + 1].input_needs_grad == spec.hop_sends_grad(k)
+        h = model.run_blocks(h, lo, hi)
+    assert tuple(h.shape[1:]) == spec[-2].out_shape == spec[-1].in_shape
+    assert h.requires_grad == spec[-1].input_needs_grad
+    assert tuple(model.head_forward(h).shape[1:]) == spec[-1].out_shape
+    flows = _grad_flows_into_blocks(model, x)
+    assert [sum(flows[lo:hi]) for lo, hi in plan.ranges] == [s.grad_blocks for s in spec[1:-1]]
+    assert spec.first_grad_block == (flows.index(True) if any(flows) else model.depth)
+
+    # The chain: its segments are the description, hops carry the described tensors, and a
+    # step leaves gradients on exactly the described trainable parameters.
+    links = [RecordingLink() for _ in range(plan.num_peers + 1)]
+    chain = SplitChain(model, plan, OPTIMIZERS["sgd-momentum"], links=links)
+    assert [s.spec for s in chain.segments] == list(spec)
+    for seg, described in zip(chain.segments, spec, strict=True):
+        owned = (
+            [p for g in seg.optimizer.param_groups for p in g["params"]] if seg.optimizer else []
+        )
+        assert owned == [named[n] for n in described.trainable]
+    for p in model.parameters():
+        p.grad = None
+    chain.train_step(x, y)
+    with_grad = {n for n, p in named.items() if p.grad is not None}
+    assert with_grad == {n for seg in spec for n in seg.trainable}
+    for k, link in enumerate(links):
+        sent = (batch, *spec.hop_shape(k))
+        expected = [("forward", sent)] + ([("backward", sent)] if spec.hop_sends_grad(k) else [])
+        assert link.sent == expected, f"hop {k}"
+    for seg, flops in zip(spec, segment_flops(model, plan), strict=True):
+        assert (flops.backward > 0) == seg.runs_backward, seg.name
+    blocks_with_grad = {
+        i
+        for i, block in enumerate(model.backbone.blocks)
+        if any(p.grad is not None for p in block.parameters())
+    }
+    assert len(blocks_with_grad) == sum(s.weight_grad_blocks for s in spec)
+
+
+def test_segment_description_tokens_count_prompts_where_they_travel() -> None:
+    plan = SplitPlan.from_sizes([2, 4])
+    deep = describe_segments(build("vpt-deep"), plan)  # 1 class token + 16 patches, 3 prompts
+    assert [(s.tokens_in, s.tokens_out, s.block_tokens) for s in deep] == [
+        (0, 17, 0),
+        (17, 17, 20),
+        (17, 17, 20),
+        (17, 0, 0),
+    ]
+    assert [s.edits_input for s in deep] == [False, True, True, False]
+    shallow = describe_segments(build("vpt-shallow"), plan)
+    assert [(s.tokens_in, s.tokens_out, s.block_tokens) for s in shallow] == [
+        (0, 17, 0),
+        (17, 20, 20),
+        (20, 20, 20),
+        (20, 0, 0),
+    ]
+    assert [s.edits_input for s in shallow] == [False, True, False, True]
+    assert [s.sends_grad for s in shallow] == [False, False, True, True]
+    linear = describe_segments(build("linear"), plan)
+    assert [s.block_tokens for s in linear] == [0, 17, 17, 0]
+    assert [s.trains for s in linear] == [False, False, False, True]
+    assert not any(s.input_needs_grad for s in linear) and linear.first_grad_block == 6
+    full = describe_segments(build("full"), plan)
+    assert [s.num_trainable for s in full] == [s.num_params for s in full]
+    assert [s.weight_grad_blocks for s in full] == [0, 2, 4, 0]
+    with pytest.raises(ValueError, match="plan covers 4 blocks, the model has 6"):
+        describe_segments(build("linear"), plan_even(4, 2))

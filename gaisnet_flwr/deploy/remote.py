@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 import torch
 
-from gaisnet_flwr.split.chain import Hop, OptimizerSpec, RemoteStats, StepResult, segment_parameters
+from gaisnet_flwr.split.chain import Hop, OptimizerSpec, RemoteStats, StepResult
 from gaisnet_flwr.split.link import (
     LinkError,
     LinkStats,
@@ -41,6 +41,7 @@ from gaisnet_flwr.split.link import (
     unpack_message,
 )
 from gaisnet_flwr.split.plan import SplitPlan, node_names
+from gaisnet_flwr.split.segments import segment_parameters
 from gaisnet_flwr.vit.model import ModelError, PromptedViT
 
 SERVICE = "gaisnet.Peer"

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaisnet_flwr.split.flops import SegmentFlops, segment_flops
+from gaisnet_flwr.split.flops import SegmentFlops, chain_flops
 from gaisnet_flwr.split.link import InProcessLink, Link, LinkStats
-from gaisnet_flwr.split.plan import SplitPlan, node_names
+from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.split.segments import SegmentSpec, describe_segments
 from gaisnet_flwr.vit.model import PromptedViT
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -66,29 +67,37 @@ class OptimizerSpec:
 class Segment:
     """One stage of the chain: a slice of the model, its tunable parameters and its optimizer.
 
-    `forward` keeps what `backward` needs (its input and output) for one step at a time.
+    `spec` describes it (`segments.describe_segments`): its name, whether its input needs a
+    gradient. `forward` keeps what `backward` needs (its input and output) for one step at a time.
     """
 
     def __init__(
         self,
-        name: str,
+        spec: SegmentSpec,
         fn: Callable[[torch.Tensor], torch.Tensor],
         params: list[nn.Parameter],
         make_optimizer: OptimizerFactory | None,
-        needs_input_grad: bool,
         flops: SegmentFlops,
     ) -> None:
-        self.name = name
+        self.spec = spec
         self.fn = fn
         self.params = params
         self.optimizer = make_optimizer(params) if (params and make_optimizer) else None
-        self.needs_input_grad = needs_input_grad
         self.flops = flops
         self.flops_done = 0
         self.proximal_mu = 0.0
         self._anchor: list[torch.Tensor] = []
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def needs_input_grad(self) -> bool:
+        """Something upstream trains: ask for the gradient of the input and send it back."""
+        return self.spec.input_needs_grad
 
     @property
     def trains(self) -> bool:
@@ -360,47 +369,25 @@ def build_segments(
     only: int | None = None,
 ) -> list[Segment]:
     """The chain's segments in order: start point, peers, end point (or just segment `only`,
-    the one a device holds). A segment needs the gradient of its input only if something
-    upstream of it trains."""
-    flops = segment_flops(model, plan)
-    fns: list[Callable[[torch.Tensor], torch.Tensor]] = [
-        model.embed,
-        *(_blocks_fn(model, lo, hi) for lo, hi in plan.ranges),
-        model.head_forward,
-    ]
-    names = node_names(plan.num_peers)
-    groups = zip(names, fns, segment_parameters(model, plan), flops, strict=True)
-    segments, upstream_trains = [], False
-    for k, (name, fn, params, seg_flops) in enumerate(groups):
-        trainable = [p for p in params if p.requires_grad]
-        if only is None or k == only:
-            segments.append(
-                Segment(name, fn, trainable, make_optimizer, upstream_trains, seg_flops)
-            )
-        upstream_trains = upstream_trains or bool(trainable)
+    the one a device holds), as `describe_segments` describes them: each trains its trainable
+    parameters and asks for the gradient of its input only if something upstream trains."""
+    chain = describe_segments(model, plan)
+    flops = chain_flops(chain)
+    named = dict(model.named_parameters())
+    segments = []
+    for spec, seg_flops in zip(chain, flops, strict=True):
+        if only is not None and spec.index != only:
+            continue
+        fn: Callable[[torch.Tensor], torch.Tensor]
+        if spec.role == "start":
+            fn = model.embed
+        elif spec.role == "peer":
+            fn = _blocks_fn(model, *spec.blocks)
+        else:
+            fn = model.head_forward
+        params = [named[n] for n in spec.trainable]
+        segments.append(Segment(spec, fn, params, make_optimizer, seg_flops))
     return segments
-
-
-def segment_parameters(model: PromptedViT, plan: SplitPlan) -> list[list[nn.Parameter]]:
-    """Parameters each node holds, in chain order: the start point the embedding (patch and
-    position embeddings, prefix tokens, norm_pre), each peer its blocks and their prompts, the end
-    point norm, fc_norm and the head(s). Together they are every parameter exactly once."""
-    bb = model.backbone
-    start = [p for mod in (bb.patch_embed, bb.norm_pre) for p in mod.parameters()]
-    start += [
-        p
-        for p in (bb.cls_token, bb.pos_embed, bb.reg_token, getattr(bb, "dist_token", None))
-        if p is not None
-    ]
-    peers = []
-    for lo, hi in plan.ranges:
-        params = [model.prompt(i).tokens for i in range(lo, hi) if i < len(model.prompts)]
-        peers.append(params + [p for i in range(lo, hi) for p in bb.blocks[i].parameters()])
-    end_modules = [bb.norm, bb.fc_norm, *model.head_modules().values()]
-    groups = [start, *peers, [p for mod in end_modules for p in mod.parameters()]]
-    if sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in model.parameters()):
-        raise RuntimeError("segments do not hold the model's parameters exactly once")
-    return groups
 
 
 def _blocks_fn(model: PromptedViT, start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -14,48 +14,14 @@ matmul costs twice its forward (both operands are activations).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from gaisnet_flwr.split.segments import ChainSpec, ViTShape, describe_segments
 
 if TYPE_CHECKING:
     from gaisnet_flwr.split.plan import SplitPlan
     from gaisnet_flwr.vit.model import PromptedViT
-
-
-@dataclass(frozen=True)
-class ViTShape:
-    """What FLOPs depend on: token counts and widths of a (prompted) ViT."""
-
-    num_patches: int
-    patch_dim: int  # in_chans * patch_area: inputs per patch of the embedding convolution
-    num_prefix_tokens: int
-    num_prompts: int
-    embed_dim: int
-    mlp_dim: int
-    depth: int
-    num_classes: int
-    num_heads_out: int = 1  # 2 for DeiT-distilled (head and head_dist)
-
-    @property
-    def block_tokens(self) -> int:
-        return self.num_prefix_tokens + self.num_prompts + self.num_patches
-
-    @classmethod
-    def of(cls, model: PromptedViT) -> ViTShape:
-        bb = model.backbone
-        heads = list(model.head_modules().values())
-        return cls(
-            num_patches=bb.patch_embed.num_patches,
-            patch_dim=bb.patch_embed.proj.in_channels * math.prod(bb.patch_embed.patch_size),
-            num_prefix_tokens=model.num_prefix_tokens,
-            num_prompts=model.num_prompts,
-            embed_dim=bb.embed_dim,
-            mlp_dim=int(bb.blocks[0].mlp.fc1.out_features),  # type: ignore[union-attr,arg-type]
-            depth=model.depth,
-            num_classes=getattr(heads[0], "out_features", 0),
-            num_heads_out=len(heads),
-        )
 
 
 @dataclass(frozen=True)
@@ -70,13 +36,13 @@ def embed_flops(s: ViTShape) -> int:
     return 2 * s.num_patches * s.patch_dim * s.embed_dim
 
 
-def block_linear_flops(s: ViTShape) -> int:
-    t, d, h = s.block_tokens, s.embed_dim, s.mlp_dim
+def block_linear_flops(s: ViTShape, tokens: int | None = None) -> int:
+    t, d, h = (s.block_tokens if tokens is None else tokens), s.embed_dim, s.mlp_dim
     return 2 * t * (4 * d * d + 2 * d * h)
 
 
-def block_attention_flops(s: ViTShape) -> int:
-    t, d = s.block_tokens, s.embed_dim
+def block_attention_flops(s: ViTShape, tokens: int | None = None) -> int:
+    t, d = (s.block_tokens if tokens is None else tokens), s.embed_dim
     return 4 * t * t * d
 
 
@@ -94,20 +60,31 @@ def model_forward_flops(s: ViTShape) -> int:
 
 def segment_flops(model: PromptedViT, plan: SplitPlan) -> list[SegmentFlops]:
     """Per-sample FLOPs of [start, peer 1 .. peer K, end] for a training step of `model`."""
-    s = ViTShape.of(model)
-    full = model.mode == "full"
-    # A block's input needs a gradient once anything at or before it trains: a prompt it or an
-    # earlier block receives (vpt-*), or every weight (full). `linear` trains only the head.
-    first_grad_block = 0 if (full or s.num_prompts) else s.depth
-    segments = [SegmentFlops(embed_flops(s), embed_flops(s) if full else 0)]
-    for start, stop in plan.ranges:
-        backward = 0
-        for i in range(start, stop):
-            if i >= first_grad_block:
-                backward += block_linear_flops(s) + 2 * block_attention_flops(s)
-            if full:
-                backward += block_linear_flops(s)  # weight gradients
-        segments.append(SegmentFlops((stop - start) * block_flops(s), backward))
-    head_backward = head_flops(s) * (2 if first_grad_block < s.depth else 1)
-    segments.append(SegmentFlops(head_flops(s), head_backward))
-    return segments
+    return chain_flops(describe_segments(model, plan))
+
+
+def chain_flops(chain: ChainSpec) -> list[SegmentFlops]:
+    """Per-sample FLOPs of each described segment: backward only where a gradient flows.
+
+    Start point: the patch convolution; its backward is its weight gradient, where it trains
+    (images need no gradient). Peers: every block forward; input gradients (linear layers once,
+    attention twice) through the blocks a gradient flows through, weight gradients (linear layers
+    once more) where the blocks' weights train. End point: the head's weight gradient where it
+    trains, its input gradient where a gradient must flow back.
+    """
+    s = chain.shape
+    flops = []
+    for seg in chain:
+        if seg.role == "start":
+            forward = embed_flops(s)
+            backward = forward if seg.trains else 0
+        elif seg.role == "peer":
+            linear = block_linear_flops(s, seg.block_tokens)
+            attention = block_attention_flops(s, seg.block_tokens)
+            forward = seg.num_blocks * (linear + attention)
+            backward = seg.grad_blocks * (linear + 2 * attention) + seg.weight_grad_blocks * linear
+        else:
+            forward = head_flops(s)
+            backward = forward * (int(seg.trains) + int(seg.input_needs_grad))
+        flops.append(SegmentFlops(forward, backward))
+    return flops

@@ -171,6 +171,11 @@ class PromptedViT(nn.Module):
         travelling = self.num_prompts if (self.prompts_travel and block > 0) else 0
         return self.num_prefix_tokens + travelling + self.backbone.patch_embed.num_patches
 
+    def inserted_prompt(self, block: int) -> Prompt | None:
+        """The prompt inserted in front of block `block`'s tokens: prompt i under vpt-deep, the
+        single prompt before block 0 under vpt-shallow; None where no prompt is inserted."""
+        return self.prompt(block) if block < len(self.prompts) else None
+
     def _insert_prompt(self, i: int, h: torch.Tensor) -> torch.Tensor:
         p = self.num_prefix_tokens
         tokens = self.prompt(i).tokens.expand(h.shape[0], -1, -1)  # [B, n, D]
