@@ -20,7 +20,8 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from gaisnet_flwr.config import DISTRIBUTIONS
-from gaisnet_flwr.costs.pricing import ClusterProfile, inference_cost, segment_memory
+from gaisnet_flwr.costs.memory import segment_memory
+from gaisnet_flwr.costs.pricing import ClusterProfile, inference_cost
 from gaisnet_flwr.split.chain import RemotePeers, SplitChain
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import SplitPlan

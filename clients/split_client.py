@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 from clients.inference import load_delivered_model, request_images, serve
 from gaisnet_flwr.cloud.foundation import load_foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.costs.pricing import fine_tuning_round_cost, segment_memory
+from gaisnet_flwr.costs.memory import segment_memory
+from gaisnet_flwr.costs.pricing import fine_tuning_round_cost
 from gaisnet_flwr.data.images import ImageData, cluster_datasets, edge_image_data, load_image_data
 from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, model_spec
 from gaisnet_flwr.split.flops import segment_flops

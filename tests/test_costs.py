@@ -10,26 +10,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gaisnet_flwr.costs.memory import measure_saved_activation_bytes, segment_memory
 from gaisnet_flwr.costs.pricing import (
-    DEVICE_PRESETS,
-    LINK_PRESETS,
     ClusterProfile,
-    CostConfigError,
-    DeviceProfile,
-    LinkProfile,
     compute_energy_j,
     compute_time_s,
-    edge_round_latency,
+    fedavg_time_s,
     fine_tuning_round_cost,
     hierarchy_round_latency,
     inference_cost,
-    load_profiles,
-    measure_saved_activation_bytes,
-    segment_memory,
-    shannon_rate_bps,
     tensor_wire_bytes,
     tx_energy_j,
     tx_time_s,
+)
+from gaisnet_flwr.costs.profiles import (
+    DEVICE_PRESETS,
+    LINK_PRESETS,
+    CostConfigError,
+    DeviceProfile,
+    LinkProfile,
+    load_profiles,
+    shannon_rate_bps,
 )
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.split.flops import SegmentFlops
@@ -147,12 +148,18 @@ def test_inference_cost_by_hand() -> None:
     assert (cost.d2d_forward_bytes, cost.d2d_backward_bytes, cost.cs_bytes) == (301_000, 0, 0)
 
 
-def test_edge_round_latency_is_the_slowest_cluster_plus_aggregation() -> None:
-    fast = inference_cost(hand_cluster(), FLOPS, [0] * 3, 0)
+def test_an_edge_round_is_the_slowest_cluster_plus_fedavg() -> None:
+    edge = DeviceProfile("edge", clock_hz=1e9, flops_per_cycle=10)  # 1e10 FLOP/s
+    backhaul = LinkProfile("bh", kind="edge-cloud", wired_rate_bps=8e6)
     slow = inference_cost(hand_cluster(), FLOPS, [0] * 3, 0, samples=10)
-    assert edge_round_latency([fast, slow], 0.5) == pytest.approx(slow.latency_s + 0.5)
-    with pytest.raises(CostConfigError, match="at least one cluster"):
-        edge_round_latency([], 0.0)
+    # 1,000 tunable parameters from 5 clusters: 2 FLOPs each on the edge.
+    assert fedavg_time_s(1000, 5, edge) == pytest.approx(2 * 1000 * 5 / 1e10)
+    edge_only = hierarchy_round_latency(slow.latency_s, 1000, 5, 1, False, edge, backhaul)
+    assert edge_only == pytest.approx(slow.latency_s + fedavg_time_s(1000, 5, edge))
+    with pytest.raises(CostConfigError, match="clusters and edges >= 1"):
+        hierarchy_round_latency(slow.latency_s, 1000, 0, 1, False, edge, backhaul)
+    with pytest.raises(CostConfigError, match="slowest_cluster_s must be >= 0"):
+        hierarchy_round_latency(-1.0, 1000, 5, 1, False, edge, backhaul)
 
 
 def test_round_cost_agrees_with_what_the_chain_counts() -> None:
@@ -391,6 +398,27 @@ def test_weights_gradients_and_optimizer_state_per_node() -> None:
             assert f.inference < f.training
     with pytest.raises(CostConfigError, match="unknown optimizer 'lion'; valid: sgd, adamw"):
         segment_memory(model, plan, batch_size=4, optimizer="lion")
+
+
+@pytest.mark.parametrize("mode", ["vpt-deep", "vpt-shallow", "linear", "full"])
+def test_smashed_data_per_node_is_what_its_hops_carry(mode: str) -> None:
+    # vpt-shallow: the start point sends [B, P + N, D]; peer 1 inserts the prompt and sends
+    # [B, P + n + N, D] on. Each node holds what it receives and sends (where autograd does not).
+    model = build_prompted_vit(
+        mode=mode, num_prompts=3 if mode.startswith("vpt") else 0, num_classes=5, **TINY
+    )
+    plan = SplitPlan.from_sizes([2, 4])
+    chain = SplitChain(model, plan, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    batch = 4
+    chain.train_step(torch.randn(batch, 3, 32, 32), torch.randint(0, 5, (batch,)))
+    header = 2 + 8 * 3
+    hop = [(b - header) // batch for b in chain.stats().hop_bytes_forward]  # bytes per sample
+    start, peer1, *_ = segment_memory(model, plan, batch_size=batch)
+    image = batch * 3 * 32 * 32 * 4
+    assert start.smashed == (0 if mode == "full" else image) + batch * hop[0]
+    assert start.inference_activations == batch * hop[0]
+    received_saved = mode == "full"  # its first LayerNorm keeps the tokens it received
+    assert peer1.smashed == (0 if received_saved else batch * hop[0]) + batch * hop[1]
 
 
 def test_hierarchy_round_latency_by_hand() -> None:

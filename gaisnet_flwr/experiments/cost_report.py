@@ -22,22 +22,21 @@ import itertools
 
 import torch
 
+from gaisnet_flwr.costs.memory import segment_memory
 from gaisnet_flwr.costs.pricing import (
     ClusterProfile,
-    Profiles,
     RoundCost,
-    compute_time_s,
-    edge_round_latency,
+    fedavg_time_s,
     fine_tuning_round_cost,
+    hierarchy_round_latency,
     inference_cost,
-    load_profiles,
-    segment_memory,
     tensor_wire_bytes,
     tx_time_s,
 )
-from gaisnet_flwr.split.chain import segment_parameters
-from gaisnet_flwr.split.flops import ViTShape, segment_flops
+from gaisnet_flwr.costs.profiles import Profiles, load_profiles
+from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import SplitPlan, plan_min_max
+from gaisnet_flwr.split.segments import ViTShape, describe_segments
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 
 MB = 1e6  # decimal megabytes, as anchors.md quotes sizes (346 MB, 682 KB)
@@ -67,17 +66,15 @@ def hop_bytes(
     model: PromptedViT, plan: SplitPlan, samples: int, batch_size: int
 ) -> tuple[list[int], list[int]]:
     """Bytes per hop over a round: one smashed tensor [B, tokens, D] per batch forward, and its
-    gradient backward wherever something upstream trains (chain.py's rule)."""
-    s = ViTShape.of(model)
-    tokens = s.num_prefix_tokens + s.num_patches + (s.num_prompts if model.prompts_travel else 0)
-    per_round = sum(
-        tensor_wire_bytes((b, tokens, s.embed_dim)) for b in batch_sizes(samples, batch_size)
-    )
-    trains = [any(p.requires_grad for p in group) for group in segment_parameters(model, plan)]
-    upstream: list[bool] = list(itertools.accumulate(trains, lambda a, b: a or b))
-    forward = [per_round] * (plan.num_peers + 1)
-    backward = [per_round if upstream[k] else 0 for k in range(plan.num_peers + 1)]
-    return forward, backward
+    gradient backward wherever the segment description says one is sent back."""
+    chain = describe_segments(model, plan)
+    hops = range(plan.num_peers + 1)
+    per_round = [
+        sum(tensor_wire_bytes((b, *chain.hop_shape(k))) for b in batch_sizes(samples, batch_size))
+        for k in hops
+    ]
+    backward = [per_round[k] if chain.hop_sends_grad(k) else 0 for k in hops]
+    return per_round, backward
 
 
 def cluster_for(profiles: Profiles, args: argparse.Namespace, num_peers: int) -> ClusterProfile:
@@ -163,8 +160,8 @@ def main() -> None:
     )
     print(cols)
     edge = profiles.device(args.edge)
-    # FedAvg: one multiply-add per tunable parameter and cluster (2 FLOPs).
-    aggregation_s = compute_time_s(2 * model.num_tunable() * args.clusters, edge)
+    backhaul = profiles.link("backhaul-1gbps")
+    aggregation_s = fedavg_time_s(model.num_tunable(), args.clusters, edge)
     inference: list[tuple[int, RoundCost]] = []
     for k in range(1, args.max_peers + 1):
         cluster = cluster_for(profiles, args, k)
@@ -183,7 +180,9 @@ def main() -> None:
         )
         memory = segment_memory(model, plan, args.batch_size, args.optimizer)
         biggest = max(memory, key=lambda m: m.training)
-        edge_s = edge_round_latency([cost] * args.clusters, aggregation_s)
+        edge_s = hierarchy_round_latency(
+            cost.latency_s, model.num_tunable(), args.clusters, 1, False, edge, backhaul
+        )
         print(
             f"{k:2d} {'-'.join(map(str, plan.sizes())):<14} {cost.latency_s:10.1f} "
             f"{cost.compute_s:10.1f} "
