@@ -154,7 +154,6 @@ class PeerService:
         if self.session is not None:
             log.warning("session %s replaced by %s", self.session.id[:8], header["session"][:8])
             self._close_hop(self.session)
-        first_block = plan.ranges[index - 1][0] if index <= plan.num_peers else plan.num_blocks
         self.session = Session(
             id=str(header["session"]),
             name=str(header.get("name", f"segment {index}")),
@@ -164,7 +163,7 @@ class PeerService:
             node=ChainNode(segment, hop),
             hop=hop,
             tunable_keys=keys,
-            tokens=(model.tokens_before(first_block), model.backbone.embed_dim),
+            tokens=(segment.spec.in_shape[0], segment.spec.in_shape[1]),
             train=bool(header["train"]),
         )
         role = "end point" if hop is None else f"blocks {plan.ranges[index - 1]}"
