@@ -1,0 +1,284 @@
+"""The real ServerApp and ClientApp in one process: an in-process Grid, no Ray, no SuperLink.
+
+`flwr run` (Ray simulation or deployment) stays the user's path. Experiments, benchmarks and
+tests that run many short HFSL runs use this one instead: the same `ServerApp` main logic, the
+same strategies and the same `ClientApp`, with Messages handed over in memory.
+
+`InProcessGrid` follows Flower's own in-memory grid (`flwr.superlink.grid.InMemoryGrid`) and
+simulation worker (`flwr.server.superlink.fleet.vce.vce_api.worker`):
+  * one `Context` per node, node-config `partition-id` / `num-partitions` as the simulation
+    engine sets them (or the node-configs given), the run-config, and a `state` that persists
+    across the node's messages for the whole run;
+  * `push_messages` gives every instruction a message id (uuid4) and checks it as the
+    SuperLink does; the ClientApp gets its own copy of the message (as if it had travelled);
+  * a reply is the ClientApp's `Message(..., reply_to=msg)`: run id, src/dst node ids, reply-to
+    id and type come from the instruction, the message id is assigned here;
+  * an exception in the ClientApp becomes an error reply (`ErrorCode.CLIENT_APP_RAISED_EXCEPTION`,
+    reason `"<class ...>:<'...'>"`), logged with its traceback, and the server carries on.
+Messages run one after another, in the order they were sent; `timeout` in `send_and_receive`
+leaves the messages not yet started when it expires without a reply, as a real grid would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from logging import ERROR
+from pathlib import Path
+from typing import Any, cast
+from uuid import uuid4
+
+import numpy as np
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.client_app import ClientAppException
+from flwr.common.constant import (
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    SUPERLINK_NODE_ID,
+    ErrorCode,
+)
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+ConfigValue = bool | float | int | str
+
+
+def simulation_node_configs(num_nodes: int) -> list[dict[str, ConfigValue]]:
+    """What Flower's simulation engine gives node i: its partition id and the node count."""
+    return [{PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_nodes} for i in range(num_nodes)]
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApps in this process (see the module docstring)."""
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        run_config: Mapping[str, ConfigValue],
+        node_configs: Sequence[Mapping[str, ConfigValue]],
+        run_id: int = 1,
+        seed: int = 0,
+        client_threads: int | None = None,
+    ) -> None:
+        if not node_configs:
+            raise ValueError("an in-process grid needs at least one node")
+        self.client_app = client_app
+        self.client_threads = client_threads
+        self._run = Run.create_empty(run_id)
+        rng = random.Random(seed)  # node ids as Flower draws them (positive 63-bit), replayable
+        self.contexts: dict[int, Context] = {}
+        for node_config in node_configs:
+            node_id = rng.randrange(1, 2**63)
+            self.contexts[node_id] = Context(
+                run_id=run_id,
+                node_id=node_id,
+                node_config=dict(node_config),
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+        self._pending: dict[str, Message] = {}  # message id -> instruction not yet run
+        self._replies: dict[str, Message] = {}  # instruction id -> its reply
+
+    # -- Grid ---------------------------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return Run(**vars(self._run))
+
+    def create_message(  # deprecated in Flower; kept for the abstract interface
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids: list[str] = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            meta = msg.metadata
+            if meta.reply_to_message_id or meta.ttl <= 0 or meta.delivered_at:
+                raise ValueError(f"Invalid message: {msg}")
+            if meta.dst_node_id not in self.contexts:
+                log(ERROR, "Invalid destination node ID for Message: %s", meta.dst_node_id)
+                continue
+            self._pending[meta.message_id] = msg
+            ids.append(meta.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Run the ClientApp on every requested instruction still pending; return the replies."""
+        wanted = list(message_ids)
+        for message_id in wanted:
+            if message_id in self._pending:
+                self._deliver(self._pending.pop(message_id))
+        return [self._replies.pop(i) for i in wanted if i in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        ids = self.push_messages(messages)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        for message_id in ids:
+            if deadline is not None and time.monotonic() > deadline:
+                self._pending.pop(message_id, None)  # expired: it never gets a reply
+                continue
+            replies += self.pull_messages([message_id])
+        return replies
+
+    # -- the node side ------------------------------------------------------------------------
+    def _deliver(self, message: Message) -> None:
+        """Run the destination node's ClientApp on its own copy of `message`."""
+        context = self.contexts[message.metadata.dst_node_id]
+        received = copy.deepcopy(message)  # what travels is a copy: the app cannot alias ours
+        try:
+            with torch_threads(self.client_threads):
+                reply = self.client_app(message=received, context=context)
+        except Exception as app_error:  # noqa: BLE001 - Flower turns it into an error reply
+            ex = ClientAppException(str(app_error))
+            log(ERROR, ex)
+            log(ERROR, traceback.format_exc())
+            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+            code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            reply = Message(Error(code=code, reason=reason), reply_to=received)
+        meta = reply.metadata
+        if (
+            meta.reply_to_message_id != message.metadata.message_id
+            or meta.src_node_id != message.metadata.dst_node_id
+        ):  # the SuperLink drops such a reply; so do we
+            log(ERROR, "ClientApp reply does not answer message %s", message.metadata.message_id)
+            return
+        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        self._replies[message.metadata.message_id] = reply
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's intra-op threads for a ClientApp call, as a Ray actor with `num_cpus=threads`
+    gets them (Ray sets OMP_NUM_THREADS): the thread count changes how float sums are split,
+    so the same count is what makes results equal bit for bit. None leaves torch alone."""
+    if threads is None:
+        yield
+        return
+    import torch  # only when asked: the grid itself needs no torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextmanager
+def server_identity(run_id: int) -> Iterator[None]:
+    """The ServerApp process's task identity (instruction Messages read it), restored after."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def run_apps(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    run_config: Mapping[str, ConfigValue],
+    node_configs: Sequence[Mapping[str, ConfigValue]],
+    run_id: int = 1,
+    client_threads: int | None = None,
+) -> Context:
+    """Run any ServerApp against ClientApps on an InProcessGrid; returns the server's Context."""
+    grid = InProcessGrid(
+        client_app, run_config, node_configs, run_id=run_id, client_threads=client_threads
+    )
+    context = Context(
+        run_id=run_id,
+        node_id=SUPERLINK_NODE_ID,
+        node_config={},
+        state=RecordDict(),
+        run_config=dict(run_config),
+    )
+    with server_identity(run_id):
+        server_app(grid=grid, context=context)
+    return context
+
+
+@dataclass(frozen=True)
+class InProcessRun:
+    """What one run wrote into its output-dir (the same files a `flwr run` writes)."""
+
+    output_dir: Path
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """metrics.json: one row per round, round 0 the initial model."""
+        return cast(
+            list[dict[str, Any]], json.loads((self.output_dir / "metrics.json").read_text())
+        )
+
+    def integrated(self) -> list[dict[str, Any]]:
+        return cast(
+            list[dict[str, Any]], json.loads((self.output_dir / "integrated.json").read_text())
+        )
+
+    def inference(self) -> list[dict[str, Any]]:
+        return cast(
+            list[dict[str, Any]], json.loads((self.output_dir / "inference.json").read_text())
+        )
+
+    def modules(self, server_round: int | None = None) -> dict[str, np.ndarray]:
+        """final_tunable.npz, or rounds/round-NNN.npz of `server_round` (keys `edge<e>/...`)."""
+        name = (
+            "final_tunable.npz" if server_round is None else f"rounds/round-{server_round:03d}.npz"
+        )
+        with np.load(self.output_dir / name) as npz:
+            return {k: npz[k] for k in npz.files}
+
+
+def run_inprocess(
+    run_config: Mapping[str, ConfigValue],
+    num_clusters: int,
+    node_configs: Sequence[Mapping[str, ConfigValue]] | None = None,
+    client_threads: int | None = 1,
+) -> InProcessRun:
+    """The GaisNet ServerApp over `num_clusters` ClientApps (one per client cluster), in this
+    process. `node_configs` (one per node) replace the simulation's partition-id /
+    num-partitions, e.g. to give clusters fixed partitions of a larger split; `run_config`
+    must name an `output-dir`, where the results are read back from. `client_threads`: torch
+    threads per ClientApp call, as `flwr run` with client-resources-num-cpus=1 (what
+    scripts/run.sh uses) gives each ClientApp; the same count gives the same modules."""
+    from gaisnet_flwr.apps.client_app import create_client_app
+    from gaisnet_flwr.apps.server_app import create_server_app
+    from gaisnet_flwr.config import RunConfig
+
+    cfg = RunConfig.from_run_config(run_config)  # a bad key fails here, before any work
+    configs = list(node_configs) if node_configs is not None else None
+    if configs is not None and len(configs) != num_clusters:
+        raise ValueError(f"{len(configs)} node-configs for {num_clusters} clusters")
+    run_apps(
+        create_server_app(),
+        create_client_app(),
+        run_config,
+        configs if configs is not None else simulation_node_configs(num_clusters),
+        client_threads=client_threads,
+    )
+    return InProcessRun(Path(cfg.output_dir).expanduser().resolve())
