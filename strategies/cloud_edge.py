@@ -75,6 +75,34 @@ def cloud_aggregate(
     return delivered
 
 
+def round_failures(
+    replies: Iterable[Message], sent_nodes: Iterable[int], node_edges: Mapping[int, int]
+) -> list[dict[str, int | str]]:
+    """The clusters that failed a round: an error reply (e.g. a dead D2D peer; the reply
+    carries code and reason) or no reply at all from a node the round was sent to."""
+    replies = list(replies)
+    failures: list[dict[str, int | str]] = []
+    for r in replies:
+        if r.has_error():
+            node = r.metadata.src_node_id
+            failures.append(
+                {
+                    "node": node,
+                    "edge": node_edges.get(node, -1),
+                    "code": int(r.error.code),
+                    "reason": str(r.error.reason),
+                }
+            )
+    answered = {r.metadata.src_node_id for r in replies}
+    for node in sent_nodes:
+        if node not in answered:
+            failures.append(
+                {"node": node, "edge": node_edges.get(node, -1), "code": -1,
+                 "reason": "no reply within the round's timeout"}
+            )  # fmt: skip
+    return failures
+
+
 class EdgeGrid(Grid):
     """The grid as one edge server sees it: only that edge's nodes."""
 
@@ -135,11 +163,8 @@ class CloudEdgeStrategy(Strategy):
         self.cloud_mix = cloud_mix
         self.cloud_keys = cloud_keys
         self.train_metrics_fn = train_metrics_fn
-        self._sent: dict[int, ArrayRecord] = {}
+        self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
         self._sent_nodes: list[int] = []
-        self.last_train_metrics: dict[str, float | int] = {}
-        # The clusters that failed the last round (error reply or none): node, edge, reason.
-        self.last_failures: list[dict[str, int | str]] = []
 
     def nodes_of(self, edge: int) -> list[int]:
         """The nodes (client clusters) of one edge server, in id order."""
@@ -170,37 +195,14 @@ class CloudEdgeStrategy(Strategy):
         self._sent_nodes = sorted(m.metadata.dst_node_id for m in messages)
         return messages
 
-    def _failures(self, replies: list[Message]) -> list[dict[str, int | str]]:
-        """Clusters that replied with an error (e.g. a dead D2D peer) or not at all."""
-        failures: list[dict[str, int | str]] = []
-        for r in replies:
-            if r.has_error():
-                node = r.metadata.src_node_id
-                failures.append(
-                    {
-                        "node": node,
-                        "edge": self.node_edges.get(node, -1),
-                        "code": int(r.error.code),
-                        "reason": str(r.error.reason),
-                    }
-                )
-        answered = {r.metadata.src_node_id for r in replies}
-        for node in self._sent_nodes:
-            if node not in answered:
-                failures.append(
-                    {"node": node, "edge": self.node_edges.get(node, -1), "code": -1,
-                     "reason": "no reply within the round's timeout"}
-                )  # fmt: skip
-        return failures
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         # A failed cluster costs its own contribution: the round goes on with the others and
         # is marked (failed-clusters, and the reasons in the results).
-        self.last_failures = self._failures(replies)
-        for f in self.last_failures:
+        failures = round_failures(replies, self._sent_nodes, self.node_edges)
+        for f in failures:
             log(
                 WARNING,
                 "round %d: cluster node %s (edge %s) left out: %s",
@@ -244,11 +246,10 @@ class CloudEdgeStrategy(Strategy):
                 len(per_edge),
                 self.cloud_mix,
             )
-        metrics["failed-clusters"] = len(self.last_failures)
+        metrics["failed-clusters"] = len(failures)
         ok_all = [r.content for r in replies if not r.has_error()]
         if self.train_metrics_fn and ok_all:
             metrics.update(dict(self.train_metrics_fn(ok_all, "num-examples")))  # type: ignore[arg-type]
-        self.last_train_metrics = metrics
         return join_edges(per_edge), MetricRecord(metrics)  # type: ignore[arg-type]
 
     # -- evaluate -------------------------------------------------------------------------------

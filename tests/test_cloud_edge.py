@@ -10,7 +10,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from clients.split_client import ClusterIdentity
-from strategies.cloud_edge import CloudEdgeStrategy, cloud_aggregate, join_edges, split_edges
+from strategies.cloud_edge import (
+    CloudEdgeStrategy,
+    cloud_aggregate,
+    join_edges,
+    round_failures,
+    split_edges,
+)
 from strategies.module_fedavg import ModuleFedAvg
 from tests.conftest import make_error_reply, make_reply
 
@@ -153,7 +159,7 @@ def test_a_failed_cluster_is_left_out_and_the_round_is_marked() -> None:
     start = join_edges(
         {e: ArrayRecord({k: Array(v) for k, v in arrays(0, 0).items()}) for e in (0, 1)}
     )
-    list(strategy.configure_train(1, start, ConfigRecord(), Mock(spec=Grid)))
+    sent = list(strategy.configure_train(1, start, ConfigRecord(), Mock(spec=Grid)))
     failed = make_error_reply(1)  # from node 101
     assert failed.metadata.src_node_id == 101
     replies = [make_reply(arrays(4.0, 4.0), 10, 0, node_id=100), failed]
@@ -166,6 +172,8 @@ def test_a_failed_cluster_is_left_out_and_the_round_is_marked() -> None:
     np.testing.assert_array_equal(edges[1]["prompt.0"].numpy(), 0.0)
     assert metrics is not None and metrics["failed-clusters"] == 2
     assert metrics["edge0/clusters"] == 1 and metrics["edge1/clusters"] == 0
-    by_node = {f["node"]: f for f in strategy.last_failures}
+    # The failures' details come from the replies (what the recorder is handed each round).
+    sent_nodes = [m.metadata.dst_node_id for m in sent]
+    by_node = {f["node"]: f for f in round_failures(replies, sent_nodes, strategy.node_edges)}
     assert by_node[101]["edge"] == 0 and by_node[101]["reason"] == failed.error.reason
     assert by_node[102]["reason"] == "no reply within the round's timeout"

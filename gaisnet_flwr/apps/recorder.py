@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Mapping, Sequence
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -55,25 +56,34 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> Me
 
 
 class RoundRecorder:
-    """Collects each round's train metrics and central evaluation and writes them out."""
+    """Collects each round's train metrics and central evaluation and writes them out.
+
+    A round arrives in two steps, both handed over explicitly: `train_round` with the
+    aggregated train MetricRecord and the failed clusters (from the strategy's replies), then
+    `record` with the central evaluation, which completes the row and writes it."""
 
     def __init__(self, output_dir: Path, num_rounds: int) -> None:
         self.output_dir = output_dir
         self.num_rounds = num_rounds
         self.rows: list[dict[str, Any]] = []
         self._round_started = time.perf_counter()
+        self._train: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    def record(
+    def train_round(
         self,
         server_round: int,
-        central: dict[str, float],
-        train: dict[str, Any] | None = None,
-        failures: list[dict[str, Any]] | None = None,
+        train: Mapping[str, Any],
+        failures: Sequence[Mapping[str, Any]] = (),
     ) -> None:
-        """One round: central evaluation, the round's aggregated training metrics and the
-        clusters that failed it (a round with failures is complete, but marked)."""
+        """A round's aggregated training metrics and the clusters that failed it."""
+        self._train[server_round] = (dict(train), [dict(f) for f in failures])
+
+    def record(self, server_round: int, central: Mapping[str, float]) -> None:
+        """Complete a round with its central evaluation (a round with failures is complete,
+        but marked) and write every row so far."""
         now = time.perf_counter()
+        train, failures = self._train.pop(server_round, ({}, []))
         row: dict[str, Any] = {"round": server_round, **central}
         if server_round > 0:
             row.update({f"train/{k}": v for k, v in (train or {}).items()})

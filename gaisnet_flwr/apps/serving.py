@@ -17,33 +17,32 @@ from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.vit.model import PromptedViT
 
 
-def serve_request(
-    grid: Grid,
-    cfg: RunConfig,
-    model: PromptedViT,
-    delivered: ArrayRecord,
-    node: int,
-    edge: int,
-    index: int,
-) -> dict[str, Any]:
-    """One SL inference request (paper Sec. III-D) on `node` with its edge's model; a failed
-    request is reported in the returned row, never raised."""
-    if cfg.distribution == "full":  # every weight: the foundation plus the edge's modules
+def inference_message(
+    cfg: RunConfig, model: PromptedViT, delivered: ArrayRecord, node: int
+) -> Message:
+    """A `query.infer` request to `node` carrying its edge's model (`delivered`: the tunable
+    modules; with distribution "full", every weight: the foundation plus those modules)."""
+    if cfg.distribution == "full":
         model.load_tunable_state(delivered.to_torch_state_dict())
         delivered = ArrayRecord(model.state_dict())
-    request = Message(
+    return Message(
         RecordDict(
             {"model": delivered, "config": ConfigRecord({"distribution": cfg.distribution})}
         ),
         dst_node_id=node,
         message_type="query.infer",
     )
-    reply = next(iter(grid.send_and_receive([request], timeout=300)))
+
+
+def inference_row(
+    reply: Message, distribution: str, node: int, edge: int, index: int
+) -> dict[str, Any]:
+    """What a served request reports (logged); a failed request is reported in its row."""
     row: dict[str, Any] = {
         "request": index,
         "node": node,
         "edge": edge,
-        "distribution": cfg.distribution,
+        "distribution": distribution,
     }
     if reply.has_error():
         row["error"] = reply.error.reason
@@ -61,13 +60,29 @@ def serve_request(
         node,
         metrics["num-samples"],
         metrics.get("accuracy", float("nan")),
-        cfg.distribution,
+        distribution,
         metrics["download-bytes"] / 1e3,
         metrics["latency-s"],
         metrics["energy-j"],
         metrics["d2d-bytes"] / 1e6,
     )
     return row
+
+
+def serve_request(
+    grid: Grid,
+    cfg: RunConfig,
+    model: PromptedViT,
+    delivered: ArrayRecord,
+    node: int,
+    edge: int,
+    index: int,
+) -> dict[str, Any]:
+    """One SL inference request (paper Sec. III-D) on `node` with its edge's model; a failed
+    request is reported in the returned row, never raised."""
+    request = inference_message(cfg, model, delivered, node)
+    reply = next(iter(grid.send_and_receive([request], timeout=300)))
+    return inference_row(reply, cfg.distribution, node, edge, index)
 
 
 def serve_inference(

@@ -1,0 +1,222 @@
+"""The ServerApp's wiring: what one HFSL run is made of, built once at start-up.
+
+The cloud makes sure the foundation model is pre-trained, every node says which edge it belongs
+to (a `query.identity` message), each edge gets its own instance of the configured strategy,
+and `CloudEdgeStrategy` puts them under the cloud. The pieces the rounds need are small
+callables: the central evaluation of every edge model, the round's latency through the
+hierarchy, the integrated strategy's edge evaluation and its inference requests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from gaisnet_flwr.apps.recorder import RoundRecorder, aggregate_train_metrics
+from gaisnet_flwr.apps.rounds import RecordedRounds
+from gaisnet_flwr.apps.serving import inference_message, inference_row
+from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
+from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.costs.pricing import hierarchy_round_latency
+from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
+from gaisnet_flwr.service.scheduler import QualityModel
+from gaisnet_flwr.training.loops import cluster_plan, evaluate
+from gaisnet_flwr.vit.model import PromptedViT
+from strategies.cloud_edge import CloudEdgeStrategy, edge_key, split_edges
+from strategies.integrated import IntegratedStrategy
+from strategies.registry import build_strategy, resolve_strategy
+
+
+def wait_for_clusters(grid: Grid, minimum: int = 1, timeout_s: float = 120.0) -> list[int]:
+    """Nodes connected now (all of them in simulation). Deployment SuperNodes connect in their
+    own time: wait until `minimum` of them are there (run-config min-clusters)."""
+    minimum = max(minimum, 1)
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if len(nodes) < minimum:
+        raise RuntimeError(
+            f"{len(nodes)} client cluster(s) connected within {timeout_s:.0f} s; "
+            f"min-clusters={minimum} needed (are the SuperNodes running and reaching the "
+            f"SuperLink's Fleet API?)"
+        )
+    return nodes
+
+
+def identify_clusters(grid: Grid, nodes: list[int], num_edges: int) -> dict[int, int]:
+    """Ask every node which edge server it belongs to: node id -> edge id."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="query.identity") for n in nodes]
+    node_edges: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=120):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise RuntimeError(f"node {node} could not identify itself: {reply.error.reason}")
+        edge = int(reply.content.metric_records["metrics"]["edge-id"])  # type: ignore[arg-type]
+        if not 0 <= edge < num_edges:
+            raise RuntimeError(f"node {node} says edge-id={edge}; edges are 0..{num_edges - 1}")
+        node_edges[node] = edge
+    missing = sorted(set(nodes) - set(node_edges))
+    if missing:
+        raise RuntimeError(f"node(s) {missing} did not answer the identity query")
+    return node_edges
+
+
+def build_edge_strategy(cfg: RunConfig, num_clusters: int) -> Strategy:
+    options: dict[str, Any] = dict(cfg.strategy_kwargs())
+    if "train_metrics_aggr_fn" in inspect.signature(resolve_strategy(cfg.strategy)).parameters:
+        options["train_metrics_aggr_fn"] = aggregate_train_metrics
+    return build_strategy(
+        cfg.strategy,
+        num_clusters=num_clusters,
+        fraction_evaluate=cfg.fraction_evaluate,
+        options=options,
+    )
+
+
+@dataclass
+class HfslRun:
+    """Everything one run's rounds need, built once by `prepare`."""
+
+    cfg: RunConfig
+    output_dir: Path
+    model: PromptedViT  # the edge model on the frozen foundation (modules loaded as needed)
+    edges: list[ImageData]  # per edge server: its domain's data (the test split evaluates it)
+    node_edges: dict[int, int]  # node id -> edge id
+    strategy: CloudEdgeStrategy
+
+    @property
+    def clusters_per_edge(self) -> dict[int, int]:
+        return {e: list(self.node_edges.values()).count(e) for e in range(len(self.edges))}
+
+    def initial_modules(self) -> ArrayRecord:
+        return ArrayRecord(self.model.tunable_state())
+
+    def evaluate_edge(self, edge: int, modules: ArrayRecord) -> tuple[float, float]:
+        """Accuracy and loss of edge `edge`'s model on its domain's test set."""
+        self.model.load_tunable_state(modules.to_torch_state_dict())
+        result = evaluate(self.model, self.edges[edge].test, device=self.cfg.torch_device())
+        return result.accuracy, result.loss
+
+    def central_evaluation(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Every edge model on its own test set, and the mean over the edges."""
+        row: dict[str, float] = {}
+        for e, modules in split_edges(arrays).items():
+            row[edge_key(e, "accuracy")], row[edge_key(e, "loss")] = self.evaluate_edge(e, modules)
+        edges = range(len(self.edges))
+        row["accuracy"] = sum(row[edge_key(e, "accuracy")] for e in edges) / len(self.edges)
+        row["loss"] = sum(row[edge_key(e, "loss")] for e in edges) / len(self.edges)
+        return row
+
+    def round_latency(self, server_round: int, train: Mapping[str, float | int]) -> float:
+        """The round's simulated latency: the slowest cluster, then the busiest edge's FedAvg
+        (the edges aggregate in parallel), then on cloud rounds the cloud's."""
+        edge_device, backhaul = self.cfg.hierarchy_profiles()
+        return hierarchy_round_latency(
+            float(train["latency-s"]),
+            self.model.num_tunable(),
+            max(self.clusters_per_edge.values()),
+            len(self.edges),
+            self.strategy.is_cloud_round(server_round),
+            edge_device,
+            backhaul,
+        )
+
+    def recorded_rounds(self, recorder: RoundRecorder) -> RecordedRounds:
+        return RecordedRounds(self.strategy, recorder, self.node_edges, self.round_latency)
+
+    def evaluate_fn(self, recorder: RoundRecorder) -> Callable[[int, ArrayRecord], MetricRecord]:
+        """Flower's central evaluation: record the round, keep its modules."""
+
+        def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            row = self.central_evaluation(arrays)
+            recorder.record(server_round, row)
+            recorder.save_round_modules(server_round, {k: v.numpy() for k, v in arrays.items()})
+            return MetricRecord(row)  # type: ignore[arg-type]
+
+        return central_evaluate
+
+    def integrated_strategy(self) -> IntegratedStrategy:
+        cfg = self.cfg
+        rows: list[dict[str, Any]] = []
+
+        def write(row: dict[str, Any]) -> None:
+            rows.append(row)
+            (self.output_dir / "integrated.json").write_text(json.dumps(rows, indent=2))
+
+        def served(reply: Message | None, node: int, edge: int, index: int) -> dict[str, Any]:
+            if reply is None:
+                return {"request": index, "node": node, "edge": edge, "error": "no reply"}
+            return inference_row(reply, cfg.distribution, node, edge, index)
+
+        return IntegratedStrategy(
+            self.strategy.edge_strategies,
+            self.node_edges,
+            policy=cfg.policy,
+            demand=cfg.demand_list(),
+            quality=QualityModel(value=cfg.service_value, finetune_cost=cfg.finetune_cost),
+            energy_price=cfg.energy_price,
+            evaluate_edge=lambda e, modules: self.evaluate_edge(e, modules)[0],
+            request=lambda modules, node: inference_message(cfg, self.model, modules, node),
+            served=served,
+            seed=cfg.seed,
+            on_round=write,
+        )
+
+
+def prepare(grid: Grid, cfg: RunConfig) -> HfslRun:
+    """Start-up: config.json, data, the foundation, the nodes' edges, the strategies."""
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    data = load_image_data(cfg.data_spec())
+    ensure_foundation(cfg, data)
+    model = load_foundation(cfg, data.num_classes)
+    edges = [
+        edge_image_data(data, e, cfg.shares(), d, seed=cfg.seed)
+        for e, d in enumerate(cfg.domains())
+    ]
+    node_edges = identify_clusters(grid, wait_for_clusters(grid, cfg.min_clusters), len(edges))
+    per_edge = {e: list(node_edges.values()).count(e) for e in range(len(edges))}
+    strategy = CloudEdgeStrategy(
+        {e: build_edge_strategy(cfg, per_edge[e]) for e in range(len(edges))},
+        node_edges,
+        cloud_every=cfg.cloud_every,
+        cloud_mix=cfg.cloud_mix,
+        cloud_keys=(lambda k: k.startswith("prompt."))
+        if cfg.cloud_modules == "prompts"
+        else (lambda k: True),
+        train_metrics_fn=aggregate_train_metrics,
+    )
+    log(
+        INFO,
+        "GaisNet HFSL: %s %s, %d prompts; %d tunable of %d parameters (%.3f %%)",
+        cfg.model_name,
+        cfg.mode,
+        cfg.num_prompts,
+        model.num_tunable(),
+        model.num_total(),
+        100 * model.num_tunable() / model.num_total(),
+    )
+    for e, domain in enumerate(cfg.domains()):
+        log(
+            INFO,
+            "edge %d: domain %r, %d clusters, %d training images",
+            e,
+            domain,
+            per_edge[e],
+            len(edges[e].train_labels),
+        )
+    plan = cluster_plan(cfg)
+    log(INFO, "each cluster: start point -> %d peers %s -> end point", plan.num_peers, plan.sizes())
+    return HfslRun(cfg, output_dir, model, edges, node_edges, strategy)
