@@ -27,7 +27,13 @@ from gaisnet_flwr.cloud.foundation import load_foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.memory import segment_memory
 from gaisnet_flwr.costs.pricing import fine_tuning_round_cost
-from gaisnet_flwr.data.images import ImageData, cluster_datasets, edge_image_data, load_image_data
+from gaisnet_flwr.data.images import (
+    ImageData,
+    class_pool,
+    cluster_datasets,
+    edge_image_data,
+    load_image_data,
+)
 from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, model_spec
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.training.loops import cluster_plan, evaluate, optimizer_spec, train_cluster
@@ -92,6 +98,28 @@ class ClusterIdentity:
         )
 
 
+@dataclass(frozen=True)
+class TrainPool:
+    """node-config `train-classes=K train-images=N`: the edge's train pool shrinks to N images
+    drawn evenly from its first K classes (seeded by the run seed and K) before the clusters
+    split it (`data.images.class_pool`). The paper's Table III: k classes, the same amount of
+    fine-tuning data for every k. Every cluster of the edge must be given the same values."""
+
+    classes: int
+    images: int
+
+    KEYS = ("train-classes", "train-images")
+
+    @classmethod
+    def from_node_config(cls, node_config: dict) -> TrainPool | None:
+        given = [k for k in cls.KEYS if k in node_config]
+        if not given:
+            return None
+        if len(given) != len(cls.KEYS):
+            raise ValueError(f"node-config sets {given}; a train pool needs both {cls.KEYS}")
+        return cls(int(node_config["train-classes"]), int(node_config["train-images"]))
+
+
 class SplitClusterClient:
     """The cluster's work for one message: build the edge model, load the modules, run.
 
@@ -101,7 +129,11 @@ class SplitClusterClient:
     """
 
     def __init__(
-        self, cfg: RunConfig, identity: ClusterIdentity, peers: PeerSettings | None = None
+        self,
+        cfg: RunConfig,
+        identity: ClusterIdentity,
+        peers: PeerSettings | None = None,
+        pool: TrainPool | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -112,6 +144,8 @@ class SplitClusterClient:
         self.data: ImageData = edge_image_data(
             load_image_data(spec), edge, cfg.shares(), cfg.domains()[edge], seed=cfg.seed
         )
+        if pool is not None:
+            self.data = class_pool(self.data, pool.classes, pool.images, seed=cfg.seed)
         self.train_set: Dataset
         self.val_set: Dataset
         self.train_set, self.val_set = cluster_datasets(

@@ -13,7 +13,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from clients.inference import InferenceRequestError
-from clients.split_client import ClusterIdentity, SplitClusterClient
+from clients.split_client import ClusterIdentity, SplitClusterClient, TrainPool
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
 
@@ -33,8 +33,10 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
 
     def cluster(context: Context) -> SplitClusterClient:
         cfg = config(context)
-        peers = PeerSettings.from_node_config(dict(context.node_config))
-        return SplitClusterClient(cfg, identify(context, cfg), peers)
+        node_config = dict(context.node_config)
+        peers = PeerSettings.from_node_config(node_config)
+        pool = TrainPool.from_node_config(node_config)
+        return SplitClusterClient(cfg, identify(context, cfg), peers, pool)
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:

@@ -307,6 +307,32 @@ def edge_image_data(
     )
 
 
+def class_pool(data: ImageData, classes: int, images: int, seed: int = 0) -> ImageData:
+    """A smaller train pool: `images // classes` images of each of the first `classes` classes,
+    drawn at random (seeded by `seed` and `classes`); the test split stays as it is.
+
+    The paper's Table III fine-tunes on k classes with the same amount of data for every k;
+    clusters then split this pool as they would the whole one.
+    """
+    if not 1 <= classes <= data.num_classes:
+        raise DataError(f"train-classes={classes} must be in [1, {data.num_classes}]")
+    per_class = images // classes
+    if per_class < 1:
+        raise DataError(f"train-images={images} gives no image to each of {classes} classes")
+    rng = np.random.default_rng([seed, classes])
+    idx = np.sort(
+        np.concatenate(
+            [
+                rng.permutation(np.flatnonzero(data.train_labels == c))[:per_class]
+                for c in range(classes)
+            ]
+        )
+    )
+    return ImageData(
+        Subset(data.train, idx.tolist()), data.test, data.train_labels[idx], data.num_classes
+    )
+
+
 # --- validation helpers -----------------------------------------------------------------------
 
 
