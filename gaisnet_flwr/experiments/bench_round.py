@@ -1,13 +1,18 @@
 """One HFSL round vs one round of Flower's stock FedAvg full fine-tuning, side by side.
 
-Both rounds use the same model, foundation, partitions, epochs, batch size and optimizer:
-  * HFSL: every cluster prompt-tunes over its split chain (start point -> peers -> end point)
-    and uploads its tunable modules; the edge aggregates them per module.
-  * stock FedAvg: every client fine-tunes every weight of the unsplit model (as in Flower's
-    quickstart-pytorch) and uploads the whole model; the server runs Flower's FedAvg aggregation.
-Clusters run one after another in this process (the round time is their sum plus the
-aggregation), so the ratio compares the work, not Ray's scheduling. Upload bytes are Flower's
-own count of the ArrayRecord each client replies with.
+Both rounds use the same model, foundation, partitions, epochs, batch size and optimizer, and
+both are real Flower apps on the in-process grid (`gaisnet_flwr.apps.inprocess`: the nodes'
+ClientApps run one after another in this process, so the ratio compares the work, not Ray's
+scheduling):
+  * HFSL: the GaisNet ServerApp and ClientApp: every cluster prompt-tunes over its split chain
+    (start point -> peers -> end point) and uploads its tunable modules; the edge aggregates
+    them per module.
+  * stock FedAvg: a baseline app as in Flower's quickstart-pytorch: every client fine-tunes
+    every weight of the unsplit model and uploads the whole model; Flower's `FedAvg` strategy
+    aggregates.
+A round's time is what the ServerApp measures from the end of the start model's central
+evaluation to the end of round 1's (train messages, aggregation, central evaluation). Upload
+bytes are Flower's own count of the ArrayRecord each client replies with.
 
     python scripts/bench_round.py                      # the embedded default, 4 clusters
     python scripts/bench_round.py --run-config "depth=12 embed-dim=192 num-heads=3"
@@ -16,75 +21,122 @@ own count of the ArrayRecord each client replies with.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
 from clients.split_client import ClusterIdentity, SplitClusterClient
+from gaisnet_flwr.apps.inprocess import run_apps, run_inprocess, simulation_node_configs
 from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
 from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.training.loops import train_centralised
-from strategies.module_fedavg import aggregate_modules
+from gaisnet_flwr.training.loops import evaluate, train_centralised
 
 NUM_CLASSES = 10  # the embedded digits
+CLIENT_THREADS = 1  # torch threads per ClientApp call, both sides (flwr run's default actors)
 
 
 def hfsl_round(cfg: RunConfig, clusters: int) -> tuple[float, int, int]:
-    """Seconds, upload bytes and D2D bytes of one HFSL round."""
-    arrays = ArrayRecord(load_foundation(cfg, NUM_CLASSES).tunable_state())
-    started = time.perf_counter()
-    replies = [
-        SplitClusterClient(cfg, ClusterIdentity(0, c, clusters)).train(
-            arrays, ConfigRecord({"server-round": 1})
+    """Seconds, upload bytes and D2D bytes of one HFSL round of the GaisNet apps."""
+    with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
+        settings = {
+            **cfg.to_dict(),
+            "num-rounds": 1,
+            "inference-requests": 0,
+            "fraction-evaluate": 0.0,
+            "output-dir": tmp,
+        }
+        row = run_inprocess(settings, clusters, client_threads=CLIENT_THREADS).metrics()[1]
+    d2d = int(row["train/d2d-bytes-fwd"]) + int(row["train/d2d-bytes-bwd"])
+    return float(row["round-time-s"]), int(row["train/upload-bytes"]), d2d
+
+
+def full_config(cfg: RunConfig) -> RunConfig:
+    return cfg.replace(mode="full", num_prompts=0)
+
+
+def stock_client_app(cfg: RunConfig) -> ClientApp:
+    """Quickstart-style FedAvg client: unsplit training of every weight on its partition."""
+    app = ClientApp()
+    full = full_config(cfg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        identity = ClusterIdentity.from_node_config(dict(context.node_config))
+        train_set = SplitClusterClient(full, identity).train_set  # the cluster's partition
+        model = load_foundation(full, NUM_CLASSES)
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        # In mode "full" every parameter is tunable.
+        train_centralised(model, train_set, full, full.local_epochs)
+        arrays = ArrayRecord(model.state_dict())
+        metrics = {"num-examples": len(train_set), "upload-bytes": arrays.count_bytes()}  # type: ignore[arg-type]
+        return Message(
+            RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),  # type: ignore[arg-type]
+            reply_to=msg,
         )
-        for c in range(clusters)
-    ]
-    current = {k: v.numpy() for k, v in arrays.items()}
-    aggregate_modules(
-        current,
-        [
-            (
-                {k: v.numpy() for k, v in r.array_records["arrays"].items()},
-                float(r.metric_records["metrics"]["num-examples"]),
-            )  # type: ignore[arg-type]
-            for r in replies
-        ],
-    )
-    seconds = time.perf_counter() - started
-    upload = sum(r.array_records["arrays"].count_bytes() for r in replies)
-    d2d = sum(
-        int(r.metric_records["metrics"][k])  # type: ignore[arg-type]
-        for r in replies
-        for k in ("d2d-bytes-fwd", "d2d-bytes-bwd")
-    )
-    return seconds, upload, d2d
+
+    return app
+
+
+def summed(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """The clients' counters added up (FedAvg's default would average them)."""
+    metrics = [r.metric_records["metrics"] for r in records]
+    return MetricRecord({k: sum(m[k] for m in metrics) for k in metrics[0]})  # type: ignore[misc]
+
+
+def stock_server_app(cfg: RunConfig, clusters: int) -> ServerApp:
+    """Flower's FedAvg over every weight; the round's time and upload go to the Context."""
+    app = ServerApp()
+    full = full_config(cfg)
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        model = load_foundation(full, NUM_CLASSES)
+        test = load_image_data(full.data_spec()).test
+        evaluated: list[float] = []
+
+        def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            accuracy = evaluate(model, test, device=full.torch_device()).accuracy
+            evaluated.append(time.perf_counter())
+            return MetricRecord({"accuracy": accuracy})
+
+        strategy = FedAvg(
+            fraction_evaluate=0.0,
+            min_train_nodes=clusters,
+            min_available_nodes=clusters,
+            train_metrics_aggr_fn=summed,
+        )
+        result = strategy.start(
+            grid, ArrayRecord(model.state_dict()), num_rounds=1, evaluate_fn=central
+        )
+        upload = result.train_metrics_clientapp[1]["upload-bytes"]
+        context.state["round"] = MetricRecord(
+            {"round-time-s": evaluated[1] - evaluated[0], "upload-bytes": upload}
+        )
+
+    return app
 
 
 def stock_fedavg_round(cfg: RunConfig, clusters: int) -> tuple[float, int]:
     """Seconds and upload bytes of one round of plain FedAvg fine-tuning every weight."""
-    full = cfg.replace(mode="full", num_prompts=0)
-    global_state = load_foundation(full, NUM_CLASSES).state_dict()
-    started = time.perf_counter()
-    replies = []
-    for c in range(clusters):
-        client = SplitClusterClient(full, ClusterIdentity(0, c, clusters))  # same partition
-        model = load_foundation(full, NUM_CLASSES)
-        model.load_state_dict(global_state)
-        # Unsplit training of every weight: in mode "full" every parameter is tunable.
-        train_centralised(model, client.train_set, full, full.local_epochs)
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord(model.state_dict()),
-                "metrics": MetricRecord({"num-examples": len(client.train_set)}),
-            }
-        )
-        replies.append(content)
-    aggregate_arrayrecords(replies, "num-examples")
-    seconds = time.perf_counter() - started
-    return seconds, sum(r.array_records["arrays"].count_bytes() for r in replies)
+    run_config: Mapping[str, Any] = {}
+    context = run_apps(
+        stock_server_app(cfg, clusters),
+        stock_client_app(cfg),
+        run_config,
+        simulation_node_configs(clusters),
+        client_threads=CLIENT_THREADS,
+    )
+    result = context.state.metric_records["round"]
+    return float(result["round-time-s"]), int(result["upload-bytes"])  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -96,7 +148,7 @@ def main() -> None:
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
     ensure_foundation(cfg, load_image_data(cfg.data_spec()))
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cfg.model_name} "
+        f"torch {torch.__version__}, {CLIENT_THREADS} thread(s) per client; {cfg.model_name} "
         f"img {cfg.img_size} depth {cfg.depth} dim {cfg.embed_dim}; {args.clusters} clusters, "
         f"{cfg.local_epochs} local epoch(s), batch {cfg.batch_size}, {cfg.peers_per_cluster} "
         f"peers per cluster"

@@ -1,6 +1,6 @@
-"""Does cloud aggregation help a data-poor edge? The real ServerApp and ClientApps, run on
-Flower's simulation engine twice with the same seed: cloud-edge aggregation every round vs
-every edge trained in isolation (cloud-every=0). Prints each edge's final accuracy.
+"""Does cloud aggregation help a data-poor edge? The real ServerApp and ClientApps, run in
+process (`gaisnet_flwr.apps.inprocess`) twice with the same seed: cloud-edge aggregation every
+round vs every edge trained in isolation (cloud-every=0). Prints each edge's final accuracy.
 
     python scripts/cloud_edge_experiment.py \
         --run-config "edge-domains='invert,invert,invert' edge-shares='1,1,0.1' num-rounds=5" \
@@ -10,28 +10,16 @@ every edge trained in isolation (cloud-every=0). Prints each edge's final accura
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from flwr.simulation import run_simulation
-
-from gaisnet_flwr.apps.client_app import create_client_app
-from gaisnet_flwr.apps.server_app import create_server_app
+from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.config import RunConfig, parse_overrides
 
 
 def run(overrides: dict, clusters: int, output_dir: Path) -> list[dict]:
-    cfg = {**overrides, "output-dir": str(output_dir)}
-    RunConfig.from_run_config(cfg)  # fail fast on a bad key before Ray starts
-    run_simulation(
-        create_server_app(cfg),
-        create_client_app(cfg),
-        num_supernodes=clusters,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
-    return json.loads((output_dir / "metrics.json").read_text())
+    return run_inprocess({**overrides, "output-dir": str(output_dir)}, clusters).metrics()
 
 
 def main() -> None:

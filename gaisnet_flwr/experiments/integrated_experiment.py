@@ -1,6 +1,6 @@
 """Integrated fine-tuning and inference (paper Fig. 8 / Table V on real models): the real
-ServerApp and ClientApps on Flower's simulation engine, once per policy with the same seed and
-demand; prints each policy's decisions and cumulative profit.
+ServerApp and ClientApps in process (`gaisnet_flwr.apps.inprocess`), once per policy with the
+same seed and demand; prints each policy's decisions and cumulative profit.
 
     python scripts/integrated_experiment.py --clusters 4 \
         --run-config "edge-domains='none,invert' demand='1,1,1,1,1,1,0,1'"
@@ -9,16 +9,12 @@ demand; prints each policy's decisions and cumulative profit.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from flwr.simulation import run_simulation
-
-from gaisnet_flwr.apps.client_app import create_client_app
-from gaisnet_flwr.apps.server_app import create_server_app
-from gaisnet_flwr.config import RunConfig, parse_overrides
+from gaisnet_flwr.apps.inprocess import run_inprocess
+from gaisnet_flwr.config import parse_overrides
 from gaisnet_flwr.service.scheduler import POLICIES
 
 
@@ -34,15 +30,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for policy in POLICIES:
             cfg = {**overrides, "policy": policy, "output-dir": str(Path(tmp) / policy)}
-            RunConfig.from_run_config(cfg)  # fail fast before Ray starts
             started = time.perf_counter()
-            run_simulation(
-                create_server_app(cfg),
-                create_client_app(cfg),
-                num_supernodes=args.clusters,
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-            )
-            rows = json.loads((Path(tmp) / policy / "integrated.json").read_text())
+            rows = run_inprocess(cfg, args.clusters).integrated()
             results[policy] = (rows, time.perf_counter() - started)
     print(f"\ndemand (edge per round): {overrides['demand']}, edges {overrides['edge-domains']}")
     for policy, (rows, seconds) in results.items():

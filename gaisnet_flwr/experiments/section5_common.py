@@ -2,9 +2,9 @@
 
 One job each: the command line every script shares (`--quick`, `--out`, `--run-config`,
 `--preset`), building the validated RunConfig from presets and overrides, a one-line-per-step
-progress display, CSV / PNG / markdown writers, the paper's reference numbers, and the in-process
-HFSL loop the figures and tables drive (per-cluster `train_cluster` over the split chain,
-per-module FedAvg, central evaluation: the ServerApp's round without Flower's transport).
+progress display, CSV / PNG / markdown writers, the paper's reference numbers, and the HFSL
+rounds the figures and tables drive: the real ServerApp, strategies and ClientApps on an
+in-process grid (`gaisnet_flwr.apps.inprocess`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import csv
 import math
 import os
 import re
+import tempfile
 import threading
 import time
 import tomllib
@@ -27,17 +28,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display: runs headless on servers and in CI
 
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import ArrayRecord  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from clients.split_client import round_seed  # noqa: E402
+from gaisnet_flwr.apps.inprocess import run_inprocess  # noqa: E402
+from gaisnet_flwr.cloud.foundation import load_foundation  # noqa: E402
 from gaisnet_flwr.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
-from gaisnet_flwr.training.loops import cluster_plan, evaluate, train_cluster  # noqa: E402
+from gaisnet_flwr.data.images import load_image_data  # noqa: E402
+from gaisnet_flwr.training.loops import evaluate  # noqa: E402
 from gaisnet_flwr.vit.model import PromptedViT  # noqa: E402
-from strategies.module_fedavg import aggregate_modules  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (an editable install): conf/ presets
 CONF = REPO / "conf"
@@ -175,7 +175,8 @@ class Turns:
     """
 
     def __init__(self, jobs: int) -> None:
-        self.jobs, self.turn, self.done = jobs, 0, set()
+        self.jobs, self.turn = jobs, 0
+        self.done: set[int] = set()
         self.cond = threading.Condition()
 
     def _pass(self, i: int) -> None:  # caller holds the condition
@@ -351,7 +352,7 @@ def script_main(experiment: Experiment, argv: Sequence[str] | None = None) -> Se
     return result
 
 
-# -- the HFSL round without Flower's transport ----------------------------------------------------
+# -- HFSL rounds: the real apps, in this process ---------------------------------------------------
 
 
 @dataclass
@@ -361,61 +362,83 @@ class RoundRow:
     round: int
     accuracy: float
     loss: float
-    wall_s: float = 0.0  # measured: every cluster's training in series plus the FedAvg
+    wall_s: float = 0.0  # measured: the round in the ServerApp (clusters in series, FedAvg, eval)
     d2d_forward_bytes: int = 0  # smashed data, summed over clusters (real serialized bytes)
     d2d_backward_bytes: int = 0  # gradients of smashed data
     upload_bytes: int = 0  # the tunable modules every cluster uploads (Flower's byte count)
-
-
-def numpy_state(model: PromptedViT) -> dict[str, np.ndarray]:
-    return {k: v.cpu().numpy() for k, v in model.tunable_state().items()}
+    num_examples: int = 0  # training samples over all clusters
 
 
 def hfsl_rounds(
     cfg: RunConfig,
-    model: PromptedViT,
-    cluster_trains: Sequence[Dataset],
-    test: Dataset,
     rounds: int,
+    clusters: int,
+    *,
+    node_configs: Sequence[dict[str, Any]] | None = None,
+    test: Dataset | None = None,
     on_round: Callable[[RoundRow], None] | None = None,
 ) -> list[RoundRow]:
-    """`rounds` HFSL rounds of one edge (paper Sec. III-C.1), in this process.
+    """`rounds` HFSL rounds of one edge (paper Sec. III-C.1): the real ServerApp, strategies and
+    ClientApps over `clusters` nodes in this process (`run_inprocess`), read back from the files
+    the app writes. Row 0 is the start model.
 
-    Every cluster starts the round from the edge's modules and fine-tunes over its split chain
-    (`train_cluster`: start point -> peers -> end point, one optimizer per segment), then the
-    edge averages the modules per module, weighted by training samples (`aggregate_modules`,
-    the strategy's own math) and evaluates on `test`. Clusters run one after another here; the
-    cost model prices them as parallel (latency = slowest cluster). Row 0 is the start model.
+    Every cluster starts the round from the edge's modules and fine-tunes over its split chain;
+    the edge aggregates per module and evaluates on its domain's test set (or, with `test`,
+    each round's saved modules are evaluated on that set instead). `node_configs` give the
+    clusters fixed partitions or a train pool (see `clients.split_client.TrainPool`). No
+    federated evaluation and no inference requests: only the rounds. `on_round` sees each
+    round once the run is over.
     """
-    device = cfg.torch_device()
-    plan = cluster_plan(cfg)
-    modules = ArrayRecord(model.tunable_state()).count_bytes()  # what each cluster uploads
-    first = evaluate(model, test, device=device)
-    rows = [RoundRow(0, first.accuracy, first.loss)]
-    current = numpy_state(model)
-    for r in range(1, rounds + 1):
-        started = time.perf_counter()
-        row = RoundRow(r, math.nan, math.nan)
-        updates = []
-        for c, train in enumerate(cluster_trains):
-            model.load_tunable_state(current)
-            # A distinct, replayable shuffle per (seed, cluster, round), as the ClientApp does.
-            seed = round_seed(cfg.seed, edge=0, partition=c, server_round=r)
-            result = train_cluster(model, plan, train, cfg, seed=seed, device=device)
-            state = numpy_state(model)
-            updates.append((state, float(result.num_examples)))
-            row.d2d_forward_bytes += result.chain.d2d_bytes_forward
-            row.d2d_backward_bytes += result.chain.d2d_bytes_backward
-            row.upload_bytes += modules
-        current = aggregate_modules(current, updates)
-        model.load_tunable_state(current)
-        row.wall_s = time.perf_counter() - started
-        result_eval = evaluate(model, test, device=device)
-        row.accuracy, row.loss = result_eval.accuracy, result_eval.loss
-        rows.append(row)
+    settings = {
+        **cfg.to_dict(),
+        "num-rounds": rounds,
+        "inference-requests": 0,
+        "fraction-evaluate": 0.0,
+    }
+    with tempfile.TemporaryDirectory(prefix="hfsl-") as tmp:
+        run = run_inprocess(
+            {**settings, "output-dir": tmp},
+            clusters,
+            node_configs,
+            client_threads=torch.get_num_threads(),  # --threads
+        )
+        metrics = run.metrics()
+        rows = [
+            RoundRow(
+                int(m["round"]),
+                float(m["accuracy"]),
+                float(m["loss"]),
+                float(m.get("round-time-s", 0.0)),
+                int(m.get("train/d2d-bytes-fwd", 0)),
+                int(m.get("train/d2d-bytes-bwd", 0)),
+                int(m.get("train/upload-bytes", 0)),
+                int(m.get("train/num-examples", 0)),
+            )
+            for m in metrics
+        ]
+        if test is not None:
+            model = load_foundation(cfg, load_image_data(cfg.data_spec()).num_classes)
+            for row in rows:
+                modules = run.modules(row.round)
+                model.load_tunable_state(
+                    {k.removeprefix("edge0/"): torch.from_numpy(v) for k, v in modules.items()}
+                )
+                result = evaluate(model, test, device=cfg.torch_device())
+                row.accuracy, row.loss = result.accuracy, result.loss
+    for row in rows[1:]:
         if on_round:
             on_round(row)
     return rows
+
+
+def fresh_head_config(cfg: RunConfig, folder: Path, seed: int) -> RunConfig:
+    """`cfg` on the same foundation with a fresh classifier head (VPT re-creates the head for
+    the downstream task), as a checkpoint file the apps load (`foundation = "file"`)."""
+    model = load_foundation(cfg, load_image_data(cfg.data_spec()).num_classes)
+    reset_head(model, seed)
+    path = folder / "foundation-fresh-head.pt"
+    torch.save(model.backbone.state_dict(), path)
+    return cfg.replace(foundation="file", checkpoint_path=str(path))
 
 
 def reset_head(model: PromptedViT, seed: int) -> None:
@@ -432,7 +455,7 @@ def relative_links(text: str, folder: str) -> str:
 
 def with_defaults(cfg: RunConfig, args: argparse.Namespace, **defaults: Any) -> RunConfig:
     """An experiment's own defaults (field names), for the keys the user did not set."""
-    keep = getattr(args, "set_keys", set())
+    keep: set[str] = getattr(args, "set_keys", set())
     return cfg.replace(**{k: v for k, v in defaults.items() if k.replace("_", "-") not in keep})
 
 

@@ -24,23 +24,24 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from torch.utils.data import Subset
 
-from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
+from gaisnet_flwr.cloud.foundation import ensure_foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data.images import ImageData, cluster_datasets, edge_image_data, load_image_data
+from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
 from gaisnet_flwr.experiments.section5_common import (
     PAPER,
     Progress,
     add_common_arguments,
     fmt,
+    fresh_head_config,
     hfsl_rounds,
     md_table,
-    reset_head,
     save,
     script_main,
     with_defaults,
@@ -80,44 +81,29 @@ def images_a(edge: ImageData) -> int:
 
 
 def reading_a(
-    cfg: RunConfig, edge: ImageData, test: Subset, k: int, rounds: int, progress: Progress
+    cfg: RunConfig, test: Subset, k: int, images: int, rounds: int, progress: Progress
 ) -> list:
-    """k of the first TEST_CLASSES classes in the fine-tuning data; test on all of them."""
-    rng = np.random.default_rng([cfg.seed, k])
-    per_class = images_a(edge) // k
-    idx = np.sort(
-        np.concatenate(
-            [rng.permutation(np.flatnonzero(edge.train_labels == c))[:per_class] for c in range(k)]
-        )
-    )
-    pool = ImageData(Subset(edge.train, idx.tolist()), test, edge.train_labels[idx], 10)
-    iid = cfg.replace(partitioning="iid")
-    trains = [cluster_datasets(pool, c, CLUSTERS_A, iid.data_spec())[0] for c in range(CLUSTERS_A)]
-    model = load_foundation(cfg, edge.num_classes)
-    reset_head(model, cfg.seed)
+    """k of the first TEST_CLASSES classes in the fine-tuning data (node-config train pool:
+    `images` drawn evenly from classes 0..k-1, split IID); test on all TEST_CLASSES classes."""
+    pool = {"train-classes": k, "train-images": images}
     return hfsl_rounds(
-        cfg,
-        model,
-        trains,
-        test,
+        cfg.replace(partitioning="iid"),
         rounds,
+        CLUSTERS_A,
+        node_configs=[
+            {"partition-id": c, "num-partitions": CLUSTERS_A, **pool} for c in range(CLUSTERS_A)
+        ],
+        test=test,
         on_round=lambda r: progress.step(f"A k={k} round {r.round}: accuracy {r.accuracy:.4f}"),
     )
 
 
 def reading_b(cfg: RunConfig, edge: ImageData, k: int, rounds: int, progress: Progress) -> list:
     """Every cluster holds k classes; one cluster per class; test on every class."""
-    skew = cfg.replace(partitioning="classes", classes_per_cluster=k)
-    clusters = min(edge.num_classes, MAX_CLUSTERS_B)
-    trains = [cluster_datasets(edge, c, clusters, skew.data_spec())[0] for c in range(clusters)]
-    model = load_foundation(cfg, edge.num_classes)
-    reset_head(model, cfg.seed)
     return hfsl_rounds(
-        cfg,
-        model,
-        trains,
-        edge.test,
+        cfg.replace(partitioning="classes", classes_per_cluster=k),
         rounds,
+        min(edge.num_classes, MAX_CLUSTERS_B),
         on_round=lambda r: progress.step(f"B k={k} round {r.round}: accuracy {r.accuracy:.4f}"),
     )
 
@@ -134,8 +120,11 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     # folders this decodes every test image)
     test_labels = labels_of(edge.test)
     test = Subset(edge.test, np.flatnonzero(test_labels < TEST_CLASSES).tolist())
-    a = {k: reading_a(cfg, edge, test, k, rounds, progress) for k in ks}
-    b = {k: reading_b(cfg, edge, k, rounds, progress) for k in ks}
+    with tempfile.TemporaryDirectory(prefix="table3-") as tmp:
+        # A fresh head on the cloud's foundation, as a checkpoint the apps load.
+        fresh = fresh_head_config(cfg, Path(tmp), cfg.seed)
+        a = {k: reading_a(fresh, test, k, images_a(edge), rounds, progress) for k in ks}
+        b = {k: reading_b(fresh, edge, k, rounds, progress) for k in ks}
     rows = []
     for k in ks:
         for reading, runs in (("A", a), ("B", b)):

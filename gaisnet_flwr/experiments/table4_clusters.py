@@ -17,15 +17,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
+from gaisnet_flwr.cloud.foundation import ensure_foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
 from gaisnet_flwr.experiments.section5_common import (
     Progress,
+    RoundRow,
     Series,
     add_common_arguments,
     fmt,
@@ -56,30 +58,32 @@ def domains(cfg: RunConfig) -> list[str]:
     return [own, "invert"] if cfg.dataset == "digits" and own == "none" else [own]
 
 
+def step(progress: Progress, note: str) -> Callable[[RoundRow], None]:
+    return lambda r: progress.step(f"{note} round {r.round}: accuracy {r.accuracy:.4f}")
+
+
 def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     rounds = args.rounds or ROUNDS["quick" if args.quick else "full"]
     doms = domains(cfg)
     progress = Progress(NAME, len(doms) * len(CLUSTERS) * rounds)
     data = load_image_data(cfg.data_spec())
     ensure_foundation(cfg, data)
-    spec = cfg.replace(partitioning="iid").data_spec()
+    iid = cfg.replace(partitioning="iid")
     curves: dict[tuple[str, int], list] = {}
     sizes: dict[str, int] = {}
     for domain in doms:
         edge = edge_image_data(data, 0, [1.0], domain, seed=cfg.seed)
-        parts = [cluster_datasets(edge, c, max(CLUSTERS), spec)[0] for c in range(max(CLUSTERS))]
-        sizes[domain] = len(parts[0])  # type: ignore[arg-type]
+        spec = iid.data_spec()
+        sizes[domain] = len(cluster_datasets(edge, 0, max(CLUSTERS), spec)[0])  # type: ignore[arg-type]
         for clusters in CLUSTERS:
-            model = load_foundation(cfg, data.num_classes)
+            # The edge's pool split into max(CLUSTERS) partitions; C clusters hold the first C.
+            nodes = [{"partition-id": c, "num-partitions": max(CLUSTERS)} for c in range(clusters)]
             curves[(domain, clusters)] = hfsl_rounds(
-                cfg,
-                model,
-                parts[:clusters],
-                edge.test,
+                iid.replace(edge_domains=domain),
                 rounds,
-                on_round=lambda r, d=domain, c=clusters: progress.step(
-                    f"{d} {c} cluster(s) round {r.round}: accuracy {r.accuracy:.4f}"
-                ),
+                clusters,
+                node_configs=nodes,
+                on_round=step(progress, f"{domain} {clusters} cluster(s)"),
             )
     write_csv(
         out / "table4_clusters.csv",
