@@ -1,4 +1,5 @@
-"""The real ServerApp and ClientApp, end to end in Flower's simulation engine (in-process Ray).
+"""The real ServerApp and ClientApp, end to end: in process (`gaisnet_flwr.apps.inprocess`), and
+once on Flower's simulation engine (Ray, `run_simulation`), which must give the same modules.
 
 A tiny edge model (2 blocks, width 32) over 2 client clusters of 2 D2D peers each, 2 rounds, on
 the embedded digits, with a 1-epoch cloud foundation kept in tmp: the test reads back what the
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.cloud.foundation import load_foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import load_image_data
@@ -40,15 +42,19 @@ TINY: dict[str, Any] = {
 RAY_NAMES = ("/ray/", "ray::")  # gcs_server, raylet, dashboard, workers live under .../ray/
 
 
-def simulate(output_dir: Path, foundation_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """One full run; returns the run-config it used."""
-    config = {
+def run_config(output_dir: Path, foundation_dir: Path, **overrides: Any) -> dict[str, Any]:
+    return {
         **TINY,
         **overrides,
         "output-dir": str(output_dir),
         "foundation-dir": str(foundation_dir),
     }
-    run_simulated(config, NUM_CLUSTERS)
+
+
+def simulate(output_dir: Path, foundation_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """One full run of the real apps in process; returns the run-config it used."""
+    config = run_config(output_dir, foundation_dir, **overrides)
+    run_inprocess(config, NUM_CLUSTERS)
     return config
 
 
@@ -84,9 +90,7 @@ def foundation_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory, foundation_dir: Path) -> dict[str, Any]:
-    config = simulate(tmp_path_factory.mktemp("run-a"), foundation_dir)
-    assert_ray_is_gone()
-    return config
+    return simulate(tmp_path_factory.mktemp("run-a"), foundation_dir)
 
 
 def test_results_record_every_round_and_the_true_traffic(first_run: dict[str, Any]) -> None:
@@ -143,11 +147,13 @@ def test_final_modules_are_the_tunable_ones_and_give_the_last_accuracy(
     assert evaluate(model, data.test).accuracy == pytest.approx(last["accuracy"], abs=1e-9)
 
 
-def test_same_seed_same_final_modules(
+def test_ray_simulation_gives_the_same_final_modules_and_stops_ray(
     first_run: dict[str, Any], foundation_dir: Path, tmp_path: Path
 ) -> None:
+    # The same seed on Flower's simulation engine (Ray actors): the same modules and metrics
+    # as in process, and no Ray process left behind.
     first = Path(first_run["output-dir"])
-    simulate(tmp_path, foundation_dir)  # reuses the cloud checkpoint of the first run
+    run_simulated(run_config(tmp_path, foundation_dir), NUM_CLUSTERS)  # reuses the checkpoint
     assert_ray_is_gone()
     with np.load(first / "final_tunable.npz") as a, np.load(tmp_path / "final_tunable.npz") as b:
         assert a.files == b.files
@@ -173,7 +179,6 @@ def test_integrated_mode_fine_tunes_or_serves_each_round(
             "demand": "1,1,0",
         },
     )
-    assert_ray_is_gone()
     rows = json.loads((tmp_path / "integrated.json").read_text())
     assert [row["round"] for row in rows] == [1, 2, 3]
     assert [row["demand"] for row in rows] == [1, 1, 0]

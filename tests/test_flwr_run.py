@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
+
+from gaisnet_flwr.apps.inprocess import run_inprocess
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 
@@ -92,32 +95,71 @@ def flwr_run(tmp_path: Path, run_config: str) -> tuple[subprocess.CompletedProce
     return result, out
 
 
+# 2 rounds of a 2-block model on the CPU (bit-for-bit results are promised on one device type).
+TINY = {
+    "depth": 2,
+    "embed-dim": 32,
+    "num-heads": 2,
+    "peers-per-cluster": 2,
+    "num-rounds": 2,
+    "pretrain-epochs": 1,
+    "device": "cpu",
+}
+
+
 def tiny(tmp_path: Path, **extra: str) -> str:
-    # 1 round of a 2-block model; the 1-epoch cloud foundation goes to tmp, not ~/.cache.
-    foundation_dir = json.dumps(str(tmp_path / "foundation"))
+    # The 1-epoch cloud foundation goes to tmp, not ~/.cache.
     settings = {
-        "depth": "2",
-        "embed-dim": "32",
-        "num-heads": "2",
-        "peers-per-cluster": "2",
-        "num-rounds": "1",
-        "pretrain-epochs": "1",
-        "foundation-dir": foundation_dir,
+        **{k: json.dumps(v) for k, v in TINY.items()},
+        "foundation-dir": json.dumps(str(tmp_path / "foundation")),
         **extra,
     }
     return " ".join(f"{k}={v}" for k, v in settings.items())
 
 
-def test_flwr_run_completes_and_cleans_up(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def flwr_run_result(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    tmp_path = tmp_path_factory.mktemp("flwr-run")
     result, out = flwr_run(tmp_path, tiny(tmp_path))
+    return result, out, tmp_path / "foundation"
+
+
+def test_flwr_run_completes_and_cleans_up(
+    flwr_run_result: tuple[subprocess.CompletedProcess[str], Path, Path],
+) -> None:
+    result, out, _ = flwr_run_result
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "FINAL: central test accuracy" in result.stdout, log[-4000:]
     rows = json.loads((out / "metrics.json").read_text())
-    assert [row["round"] for row in rows] == [0, 1]
+    assert [row["round"] for row in rows] == [0, 1, 2]
     assert rows[1]["train/num-clusters"] == 2
     assert (out / "final_tunable.npz").is_file()
     assert "FINAL:" in (out / "run.log").read_text()  # the stream is teed to the log
+
+
+def test_in_process_run_gives_the_flwr_run_modules_exactly(
+    flwr_run_result: tuple[subprocess.CompletedProcess[str], Path, Path], tmp_path: Path
+) -> None:
+    # The same app, config and seed in process (no Ray, no SuperLink) must train exactly the
+    # modules `flwr run` trained: one round logic, whichever way the Messages travel.
+    result, out, foundation = flwr_run_result
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    config = {**TINY, "foundation-dir": str(foundation), "output-dir": str(tmp_path)}
+    here = run_inprocess(config, num_clusters=2)  # reuses the run's foundation checkpoint
+    with np.load(out / "final_tunable.npz") as real:
+        expected = {k: real[k] for k in real.files}
+    got = here.modules()
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert np.array_equal(got[key], value), f"{key} differs from the `flwr run` result"
+    real_rows = json.loads((out / "metrics.json").read_text())
+    for a, b in zip(real_rows, here.metrics(), strict=True):
+        assert a["accuracy"] == b["accuracy"] and a.get("train/train-loss") == b.get(
+            "train/train-loss"
+        )
 
 
 def test_a_failed_run_is_reported_as_a_failure(tmp_path: Path) -> None:
