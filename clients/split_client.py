@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch.utils.data import Dataset
 
 from clients.inference import load_delivered_model, request_images, serve
-from gaisnet_flwr.cloud.foundation import load_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.memory import segment_memory
 from gaisnet_flwr.costs.pricing import fine_tuning_round_cost
@@ -36,7 +36,7 @@ from gaisnet_flwr.data.images import (
 )
 from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, model_spec
 from gaisnet_flwr.split.flops import segment_flops
-from gaisnet_flwr.training.loops import cluster_plan, evaluate, optimizer_spec, train_cluster
+from gaisnet_flwr.training.loops import evaluate, model_kwargs, optimizer_spec, train_cluster
 from gaisnet_flwr.vit.model import PromptedViT
 
 
@@ -138,14 +138,18 @@ class SplitClusterClient:
         self.cfg = cfg
         self.identity = identity
         self.peers = peers
-        self.device = cfg.torch_device()
+        self.device = cfg.run.torch_device()
         spec = cfg.data_spec()
         edge = identity.edge_id
         self.data: ImageData = edge_image_data(
-            load_image_data(spec), edge, cfg.shares(), cfg.domains()[edge], seed=cfg.seed
+            load_image_data(spec),
+            edge,
+            cfg.hierarchy.shares(),
+            cfg.hierarchy.domains()[edge],
+            seed=cfg.run.seed,
         )
         if pool is not None:
-            self.data = class_pool(self.data, pool.classes, pool.images, seed=cfg.seed)
+            self.data = class_pool(self.data, pool.classes, pool.images, seed=cfg.run.seed)
         self.train_set: Dataset
         self.val_set: Dataset
         self.train_set, self.val_set = cluster_datasets(
@@ -153,30 +157,30 @@ class SplitClusterClient:
         )
 
     def _model(self, arrays: ArrayRecord) -> PromptedViT:
-        model = load_foundation(self.cfg, self.data.num_classes)
+        model = Foundation.of(self.cfg).load(self.data.num_classes)
         model.load_tunable_state(arrays.to_torch_state_dict())
         return model
 
     def _remote(self, num_classes: int) -> NetworkPeers | None:
         if self.peers is None:
             return None
-        spec = model_spec(self.cfg.model_kwargs(), num_classes)
-        return NetworkPeers(self.peers, spec, optimizer_spec(self.cfg))
+        spec = model_spec(model_kwargs(self.cfg.model, self.cfg.cloud), num_classes)
+        return NetworkPeers(self.peers, spec, optimizer_spec(self.cfg.training))
 
     def _seed(self, server_round: int) -> int:
         ident = self.identity
-        return round_seed(self.cfg.seed, ident.edge_id, ident.partition_id, server_round)
+        return round_seed(self.cfg.run.seed, ident.edge_id, ident.partition_id, server_round)
 
     def train(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
         started = time.perf_counter()
         model = self._model(arrays)
         server_round = int(cast(int, config.get("server-round", 0)))
-        plan = cluster_plan(self.cfg)
+        plan = self.cfg.plan()
         result = train_cluster(
             model,
             plan,
             self.train_set,
-            self.cfg,
+            self.cfg.training,
             seed=self._seed(server_round),
             proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
             device=self.device,
@@ -190,12 +194,16 @@ class SplitClusterClient:
             segment_flops(model, plan),
             result.chain.hop_bytes_forward,
             result.chain.hop_bytes_backward,
-            samples=result.num_examples * self.cfg.local_epochs,
+            samples=result.num_examples * self.cfg.training.local_epochs,
             upload_bytes=upload.count_bytes(),
             download_bytes=arrays.count_bytes(),
         )
         memory = segment_memory(
-            model, plan, self.cfg.batch_size, self.cfg.optimizer, momentum=self.cfg.momentum
+            model,
+            plan,
+            self.cfg.training.batch_size,
+            self.cfg.training.optimizer,
+            momentum=self.cfg.training.momentum,
         )
         per_node: dict[str, float | int] = {}
         for node, footprint in zip(cost.nodes, memory, strict=True):
@@ -229,9 +237,9 @@ class SplitClusterClient:
         config = request.config_records.get("config", ConfigRecord())
         distribution = str(config.get("distribution", "efficient"))
         delivered = request.array_records.get("model")
-        images = request_images(request.array_records.get("inputs"), self.cfg.img_size)
+        images = request_images(request.array_records.get("inputs"), self.cfg.model.img_size)
         # The frozen foundation is already on the devices (synchronised independently).
-        model = load_foundation(self.cfg, self.data.num_classes)
+        model = Foundation.of(self.cfg).load(self.data.num_classes)
         load_delivered_model(model, delivered, distribution)
         labels = None
         if images is None:  # the start point's own sensing data; its labels only score it
@@ -241,7 +249,7 @@ class SplitClusterClient:
         assert delivered is not None  # load_delivered_model refused an empty delivery
         reply = serve(
             model,
-            cluster_plan(self.cfg),
+            self.cfg.plan(),
             self.cfg.cluster_profile(),
             images,
             labels,

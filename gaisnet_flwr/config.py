@@ -512,22 +512,6 @@ class RunConfig:
         assert len(speeds) == self.cluster.peers_per_cluster  # checked at the boundary
         return make_plan(self.cluster.planner, self.model.depth, speeds)
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """What `build_prompted_vit` takes: the model section and where its weights come from."""
-        m, cloud = self.model, self.cloud
-        return dict(
-            model_name=m.model_name,
-            mode=m.mode,
-            num_prompts=m.num_prompts,
-            pretrained=cloud.foundation == "timm",
-            checkpoint_path=cloud.checkpoint_path if cloud.foundation == "file" else "",
-            img_size=m.img_size,
-            patch_size=m.patch_size,
-            depth=m.depth,
-            embed_dim=m.embed_dim,
-            num_heads=m.num_heads,
-        )
-
     def data_spec(self) -> DataSpec:
         d = self.data
         return DataSpec(
@@ -543,12 +527,3 @@ class RunConfig:
 
     def _sections(self) -> Iterator[Any]:
         return (getattr(self, f.name) for f in fields(self))
-
-    # -- transition: flat attribute access (cfg.lr) while callers move to sections ---------------
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        for section in self._sections():
-            if hasattr(section, name):
-                return getattr(section, name)
-        raise AttributeError(name)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gaisnet_flwr.apps.inprocess import run_inprocess
-from gaisnet_flwr.cloud.foundation import load_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import load_image_data
 from gaisnet_flwr.training.loops import evaluate
@@ -95,12 +95,12 @@ def first_run(tmp_path_factory: pytest.TempPathFactory, foundation_dir: Path) ->
 
 def test_results_record_every_round_and_the_true_traffic(first_run: dict[str, Any]) -> None:
     cfg = RunConfig.from_run_config(first_run)
-    rows = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    rows = json.loads((Path(cfg.run.output_dir) / "metrics.json").read_text())
     assert [row["round"] for row in rows] == [0, 1, 2]
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
 
     # Upload = the tunable modules as Flower serialises them (.npy bytes + key), per cluster.
-    model = load_foundation(cfg, load_image_data(cfg.data_spec()).num_classes)
+    model = Foundation.of(cfg).load(load_image_data(cfg.data_spec()).num_classes)
     tunable = {k: v.numpy() for k, v in model.tunable_state().items()}
     per_cluster = sum(npy_bytes(v) + len(k) for k, v in tunable.items())
     assert per_cluster > sum(v.nbytes for v in tunable.values())
@@ -113,9 +113,11 @@ def test_results_record_every_round_and_the_true_traffic(first_run: dict[str, An
 
 def test_inference_requests_are_served_after_fine_tuning(first_run: dict[str, Any]) -> None:
     cfg = RunConfig.from_run_config(first_run)
-    served = json.loads((Path(cfg.output_dir) / "inference.json").read_text())
-    assert [row["request"] for row in served] == list(range(cfg.inference_requests))
-    assert len({row["node"] for row in served}) == min(cfg.inference_requests, NUM_CLUSTERS)
+    served = json.loads((Path(cfg.run.output_dir) / "inference.json").read_text())
+    assert [row["request"] for row in served] == list(range(cfg.inference.inference_requests))
+    assert len({row["node"] for row in served}) == min(
+        cfg.inference.inference_requests, NUM_CLUSTERS
+    )
     for row in served:
         assert "error" not in row, row.get("error")
         assert len(row["predictions"]) == row["num-samples"] > 0
@@ -127,7 +129,7 @@ def test_final_modules_are_the_tunable_ones_and_give_the_last_accuracy(
     first_run: dict[str, Any],
 ) -> None:
     cfg = RunConfig.from_run_config(first_run)
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(cfg.run.output_dir)
     with np.load(output_dir / "final_tunable.npz") as npz:
         saved = {k: npz[k] for k in npz.files}
     # One edge (edge-domains = "none"): its modules under `edge0/`, and nothing else.
@@ -136,7 +138,7 @@ def test_final_modules_are_the_tunable_ones_and_give_the_last_accuracy(
     final = {k.removeprefix("edge0/"): v for k, v in saved.items()}
 
     data = load_image_data(cfg.data_spec())
-    model = load_foundation(cfg, data.num_classes)
+    model = Foundation.of(cfg).load(data.num_classes)
     initial = model.tunable_state()
     assert {k: tuple(v.shape) for k, v in initial.items()} == {k: v.shape for k, v in final.items()}
     assert not all(np.array_equal(final[k], initial[k].numpy()) for k in final), "nothing trained"
@@ -194,4 +196,4 @@ def test_integrated_mode_fine_tunes_or_serves_each_round(
         assert row["energy-j"] > 0
         total += row["profit"]
         assert row["cumulative-profit"] == pytest.approx(total)
-    assert RunConfig.from_run_config(config).policy == "mlcp"
+    assert RunConfig.from_run_config(config).scheduling.policy == "mlcp"

@@ -12,9 +12,7 @@ from torch.utils.data import Subset
 from gaisnet_flwr.cloud import foundation as cloud
 from gaisnet_flwr.cloud.foundation import (
     CheckpointError,
-    checkpoint_path,
-    ensure_foundation,
-    load_foundation,
+    Foundation,
     read_checkpoint,
 )
 from gaisnet_flwr.config import RunConfig
@@ -46,28 +44,28 @@ def data(cfg: RunConfig) -> ImageData:
 @pytest.fixture
 def count_pretraining(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = cloud.pretrain
+    real = cloud.Foundation.pretrain
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cloud, "pretrain", counted)
+    monkeypatch.setattr(cloud.Foundation, "pretrain", counted)
     return calls
 
 
 def test_checkpoint_is_built_once_then_reused(
     cfg: RunConfig, data: ImageData, count_pretraining: list[int]
 ) -> None:
-    path = ensure_foundation(cfg, data)
-    assert path == checkpoint_path(cfg, 10) and path.is_file()
-    assert ensure_foundation(cfg, data) == path
+    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    assert path == Foundation.of(cfg).checkpoint_path(10) and path.is_file()
+    assert Foundation.of(cfg).ensure(data, cfg.run.torch_device()) == path
     assert count_pretraining == [1]
     # Every party builds the same model on top of it: pre-trained backbone, same prompts.
-    a, b = load_foundation(cfg, 10), load_foundation(cfg, 10)
+    a, b = Foundation.of(cfg).load(10), Foundation.of(cfg).load(10)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
-    random_start = build_model(cfg, 10).backbone.state_dict()
+    random_start = build_model(cfg.model, cfg.cloud, 10, cfg.run.seed).backbone.state_dict()
     assert not torch.equal(
         a.backbone.state_dict()["blocks.0.attn.qkv.weight"],
         random_start["blocks.0.attn.qkv.weight"],
@@ -77,44 +75,49 @@ def test_checkpoint_is_built_once_then_reused(
 def test_corrupt_checkpoint_is_detected_and_rebuilt(
     cfg: RunConfig, data: ImageData, count_pretraining: list[int]
 ) -> None:
-    path = ensure_foundation(cfg, data)
+    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     payload = bytearray(path.read_bytes())
     payload[len(payload) // 2] ^= 0xFF  # one flipped byte
     path.write_bytes(bytes(payload))
     with pytest.raises(CheckpointError, match="does not match its SHA-256 sidecar"):
-        load_foundation(cfg, 10)
-    ensure_foundation(cfg, data)
+        Foundation.of(cfg).load(10)
+    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     assert count_pretraining == [1, 1]
-    load_foundation(cfg, 10)  # sound again
+    Foundation.of(cfg).load(10)  # sound again
 
 
 def test_truncated_checkpoint_is_rejected(cfg: RunConfig, data: ImageData) -> None:
-    path = ensure_foundation(cfg, data)
+    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or partial"):
-        load_foundation(cfg, 10)
+        Foundation.of(cfg).load(10)
 
 
 def test_checkpoint_of_another_configuration_is_rejected(cfg: RunConfig, data: ImageData) -> None:
-    path = ensure_foundation(cfg, data)
+    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     other = cfg.replace(pretrain_epochs=2)
-    assert checkpoint_path(other, 10) != path  # a different key, so a different file...
-    reference = build_model(cfg, 10).backbone.state_dict()
+    assert (
+        Foundation.of(other).checkpoint_path(10) != path
+    )  # a different key, so a different file...
+    reference = build_model(cfg.model, cfg.cloud, 10, cfg.run.seed).backbone.state_dict()
     # ...and a file whose recorded configuration differs is refused even under the right name.
     with pytest.raises(
         CheckpointError, match=r"another configuration \(differs in \['pretrain-epochs'\]"
     ):
-        read_checkpoint(path, cloud.foundation_meta(other, 10), reference)
-    wider = build_model(cfg.replace(embed_dim=64), 10).backbone.state_dict()
+        read_checkpoint(path, cloud.Foundation.of(other).meta(10), reference)
+    wider = build_model(
+        cfg.replace(embed_dim=64).model, cfg.cloud, 10, cfg.run.seed
+    ).backbone.state_dict()
     with pytest.raises(CheckpointError, match="does not fit the model's weights"):
-        read_checkpoint(path, cloud.foundation_meta(cfg, 10), wider)
+        read_checkpoint(path, cloud.Foundation.of(cfg).meta(10), wider)
 
 
 def test_missing_checkpoint_names_the_fix(cfg: RunConfig, data: ImageData) -> None:
     with pytest.raises(CheckpointError, match="no foundation checkpoint at .* copy foundation-"):
-        load_foundation(cfg, 10)
+        Foundation.of(cfg).load(10)
 
 
 def test_other_foundations_need_no_checkpoint(cfg: RunConfig, data: ImageData) -> None:
-    assert ensure_foundation(cfg.replace(foundation="none"), data) is None
-    load_foundation(cfg.replace(foundation="none"), 10)
+    none = cfg.replace(foundation="none")
+    assert Foundation.of(none).ensure(data, none.run.torch_device()) is None
+    Foundation.of(none).load(10)

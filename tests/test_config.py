@@ -38,14 +38,21 @@ def test_pyproject_run_config_equals_runconfig_defaults_key_for_key() -> None:
 def test_missing_keys_default_and_to_dict_round_trips() -> None:
     assert RunConfig.from_run_config({}) == RunConfig()
     cfg = RunConfig.from_run_config({"num-rounds": 3, "mode": "vpt-shallow", "lr": 0.1})
-    assert (cfg.num_rounds, cfg.mode, cfg.lr) == (3, "vpt-shallow", 0.1)
+    assert (cfg.hierarchy.num_rounds, cfg.model.mode, cfg.training.lr) == (3, "vpt-shallow", 0.1)
     assert RunConfig.from_run_config(cfg.to_dict()) == cfg
 
 
 def test_ints_are_accepted_where_floats_are_wanted() -> None:
     cfg = RunConfig.from_run_config({"lr": 1, "fraction-evaluate": 0, "weight-decay": 0})
-    assert (cfg.lr, cfg.fraction_evaluate, cfg.weight_decay) == (1.0, 0.0, 0.0)
-    assert all(isinstance(v, float) for v in (cfg.lr, cfg.fraction_evaluate, cfg.weight_decay))
+    assert (cfg.training.lr, cfg.hierarchy.fraction_evaluate, cfg.training.weight_decay) == (
+        1.0,
+        0.0,
+        0.0,
+    )
+    assert all(
+        isinstance(v, float)
+        for v in (cfg.training.lr, cfg.hierarchy.fraction_evaluate, cfg.training.weight_decay)
+    )
 
 
 INVALID = [

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from clients.inference import InferenceRequestError
 from clients.split_client import ClusterIdentity, SplitClusterClient
 from gaisnet_flwr.apps.client_app import INFERENCE_REQUEST_ERROR, PEER_FAILURE, create_client_app
-from gaisnet_flwr.cloud.foundation import load_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 
 TINY = {
@@ -33,7 +33,7 @@ def client(**overrides: object) -> SplitClusterClient:
 
 def fine_tuned(c: SplitClusterClient) -> ArrayRecord:
     """Tunable modules that differ from the initial ones, as after fine-tuning."""
-    model = load_foundation(c.cfg, 10)
+    model = Foundation.of(c.cfg).load(10)
     torch.manual_seed(1)
     state = {k: v + 0.1 * torch.randn_like(v) for k, v in model.tunable_state().items()}
     return ArrayRecord(state)
@@ -57,7 +57,7 @@ def test_split_inference_predictions_equal_the_unsplit_model(peers: int, speeds:
     reply = c.infer(request(modules))
     predictions = reply.array_records["predictions"]["predictions"].numpy()
 
-    whole = load_foundation(c.cfg, 10)
+    whole = Foundation.of(c.cfg).load(10)
     whole.load_tunable_state(modules.to_torch_state_dict())
     images = torch.stack([c.val_set[i][0] for i in range(len(c.val_set))])
     expected = whole.eval()(images).argmax(1).numpy()
@@ -71,7 +71,7 @@ def test_split_inference_predictions_equal_the_unsplit_model(peers: int, speeds:
 def test_parameter_efficient_and_full_distribution_agree_and_differ_in_bytes() -> None:
     c = client()
     modules = fine_tuned(c)
-    model = load_foundation(c.cfg, 10)
+    model = Foundation.of(c.cfg).load(10)
     model.load_tunable_state(modules.to_torch_state_dict())
     full = ArrayRecord(model.state_dict())
     efficient_reply = c.infer(request(modules, "efficient"))

@@ -32,7 +32,7 @@ from gaisnet_flwr.deploy.remote import (
 )
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.split.plan import SplitPlan
-from gaisnet_flwr.training.loops import build_model, cluster_plan, optimizer_spec, train_cluster
+from gaisnet_flwr.training.loops import build_model, model_kwargs, optimizer_spec, train_cluster
 from gaisnet_flwr.vit.model import PromptedViT
 
 CFG = RunConfig.from_run_config(
@@ -43,7 +43,9 @@ CFG = RunConfig.from_run_config(
 @pytest.fixture(scope="module")
 def cluster_data():
     data = load_image_data(CFG.data_spec())
-    edge = edge_image_data(data, 0, CFG.shares(), CFG.domains()[0], seed=CFG.seed)
+    edge = edge_image_data(
+        data, 0, CFG.hierarchy.shares(), CFG.hierarchy.domains()[0], seed=CFG.run.seed
+    )
     train, val = cluster_datasets(edge, 0, 4, CFG.data_spec())
     return data.num_classes, train, val
 
@@ -73,20 +75,24 @@ def lab() -> Iterator[Lab]:
 
 def network(lab: Lab, num_classes: int, transport: TransportSettings | None = None):
     settings = PeerSettings(tuple(lab.addresses), transport or TransportSettings(timeout_s=30))
-    return NetworkPeers(settings, model_spec(CFG.model_kwargs(), num_classes), optimizer_spec(CFG))
+    return NetworkPeers(
+        settings,
+        model_spec(model_kwargs(CFG.model, CFG.cloud), num_classes),
+        optimizer_spec(CFG.training),
+    )
 
 
 def model_pair(num_classes: int) -> tuple[PromptedViT, PromptedViT]:
-    model = build_model(CFG, num_classes)
+    model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
     return model, copy.deepcopy(model)
 
 
 def test_network_training_equals_in_process_training(lab: Lab, cluster_data) -> None:
     num_classes, train, _ = cluster_data
     local, remote = model_pair(num_classes)
-    plan = cluster_plan(CFG)
-    expected = train_cluster(local, plan, train, CFG, seed=3)
-    got = train_cluster(remote, plan, train, CFG, seed=3, remote=network(lab, num_classes))
+    plan = CFG.plan()
+    expected = train_cluster(local, plan, train, CFG.training, seed=3)
+    got = train_cluster(remote, plan, train, CFG.training, seed=3, remote=network(lab, num_classes))
     # The same ChainNode code on every member: the same float ops in the same order.
     for key, value in local.tunable_state().items():
         torch.testing.assert_close(remote.tunable_state()[key], value, rtol=1e-6, atol=1e-7)
@@ -101,9 +107,9 @@ def test_network_training_equals_in_process_training(lab: Lab, cluster_data) -> 
 
 def test_network_inference_equals_in_process_inference(lab: Lab, cluster_data) -> None:
     num_classes, _, val = cluster_data
-    model = build_model(CFG, num_classes)
+    model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
     x = torch.stack([val[i][0] for i in range(8)])
-    plan = cluster_plan(CFG)
+    plan = CFG.plan()
     expected = SplitChain(model, plan).infer(x)
     chain = SplitChain(model, plan, remote=network(lab, num_classes), train=False)
     torch.testing.assert_close(chain.infer(x), expected, rtol=1e-6, atol=1e-6)
@@ -113,10 +119,10 @@ def test_network_inference_equals_in_process_inference(lab: Lab, cluster_data) -
 def test_frozen_weights_are_shipped_once_per_peer(lab: Lab, cluster_data) -> None:
     num_classes, train, _ = cluster_data
     small = torch.utils.data.Subset(train, range(10))
-    plan = cluster_plan(CFG)
+    plan = CFG.plan()
     for _ in range(2):
-        train_cluster(build_model(CFG, num_classes), plan, small, CFG, seed=0,
-                      remote=network(lab, num_classes))  # fmt: skip
+        model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
+        train_cluster(model, plan, small, CFG.training, seed=0, remote=network(lab, num_classes))
     assert [len(s._weights) for s in lab.services] == [1, 1, 1]
     # Only the peer's own slice: blocks 0-2 of 6 are not on the first peer's model.
     held = set(next(iter(lab.services[0]._weights.values())))
@@ -125,7 +131,9 @@ def test_frozen_weights_are_shipped_once_per_peer(lab: Lab, cluster_data) -> Non
 
 def open_session(lab: Lab, num_classes: int) -> tuple[PeerClient, str]:
     peers = network(lab, num_classes)
-    hop = peers.open(build_model(CFG, num_classes), cluster_plan(CFG), True, 0.0)
+    hop = peers.open(
+        build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), CFG.plan(), True, 0.0
+    )
     assert isinstance(hop, GrpcHop)
     return hop.client, hop.session
 
@@ -156,8 +164,8 @@ def test_a_peer_refuses_smashed_data_of_the_wrong_shape_or_dtype(lab: Lab, clust
 def test_modules_that_are_not_the_segments_own_are_refused(lab: Lab, cluster_data) -> None:
     num_classes = cluster_data[0]
     peers = network(lab, num_classes)
-    model = build_model(CFG, num_classes)
-    peers.open(model, cluster_plan(CFG), True, 0.0)  # ships the weights
+    model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
+    peers.open(model, CFG.plan(), True, 0.0)  # ships the weights
     client = PeerClient("peer1", lab.addresses[0], TransportSettings())
     header = {"version": 1, "session": "x", "index": 1, "ranges": [[0, 3], [3, 6]],
               "model": peers.model_spec, "optimizer": {"name": "sgd", "lr": 0.1}, "train": True,
@@ -172,15 +180,16 @@ def test_a_dead_peer_names_itself(cluster_data) -> None:
     lab.servers[2].stop(0)  # the end point is gone
     try:
         with pytest.raises(PeerError, match=rf"end at {lab.addresses[2]}.*UNAVAILABLE"):
-            train_cluster(build_model(CFG, num_classes), cluster_plan(CFG), train, CFG, seed=0,
-                          remote=network(lab, num_classes))  # fmt: skip
+            model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
+            remote = network(lab, num_classes)
+            train_cluster(model, CFG.plan(), train, CFG.training, seed=0, remote=remote)
     finally:
         lab.stop()
 
 
 def test_timeouts_and_size_limits_are_reported_with_their_setting(lab: Lab, cluster_data) -> None:
     num_classes = cluster_data[0]
-    model, plan = build_model(CFG, num_classes), cluster_plan(CFG)
+    model, plan = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), CFG.plan()
     too_slow = TransportSettings(timeout_s=1e-4)
     with pytest.raises(PeerError, match="DEADLINE_EXCEEDED.*peer-timeout-s"):
         network(lab, num_classes, too_slow).open(model, plan, True, 0.0)
@@ -198,9 +207,11 @@ def test_tls_chain_trains_and_plaintext_callers_are_refused(tmp_path: Path, clus
     try:
         small = torch.utils.data.Subset(train, range(20))
         local, remote = model_pair(num_classes)
-        plan = cluster_plan(CFG)
-        train_cluster(local, plan, small, CFG, seed=1)
-        train_cluster(remote, plan, small, CFG, seed=1, remote=network(lab, num_classes, tls))
+        plan = CFG.plan()
+        train_cluster(local, plan, small, CFG.training, seed=1)
+        train_cluster(
+            remote, plan, small, CFG.training, seed=1, remote=network(lab, num_classes, tls)
+        )
         for key, value in local.tunable_state().items():
             torch.testing.assert_close(remote.tunable_state()[key], value, rtol=1e-6, atol=1e-7)
         plaintext = PeerClient("peer1", lab.addresses[0], TransportSettings(timeout_s=5))
@@ -232,7 +243,9 @@ def test_member_count_must_match_the_split_plan(lab: Lab, cluster_data) -> None:
     num_classes = cluster_data[0]
     plan = SplitPlan.from_sizes([2, 2, 2])  # 3 peers + end point: 4 members, the lab has 3
     with pytest.raises(PeerError, match="names 3 D2D members .* split plan has 3 peers"):
-        network(lab, num_classes).open(build_model(CFG, num_classes), plan, True, 0.0)
+        network(lab, num_classes).open(
+            build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), plan, True, 0.0
+        )
 
 
 def test_peer_command_line_is_checked_before_serving(capsys: pytest.CaptureFixture) -> None:
@@ -258,7 +271,7 @@ def test_an_unreachable_peer_is_a_peer_error() -> None:
 
 def test_large_segments_ship_their_weights_in_parts(lab: Lab, cluster_data) -> None:
     num_classes = cluster_data[0]
-    model, plan = build_model(CFG, num_classes), cluster_plan(CFG)
+    model, plan = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), CFG.plan()
     limit = TransportSettings(timeout_s=30, max_message_mb=0.05)  # 52 kB: a block is ~50 kB
     weights = segment_weights(model, plan, 1)
     assert len(chunks(weights, limit.max_message_bytes // 2)) > 2

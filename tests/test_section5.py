@@ -64,7 +64,7 @@ def test_with_defaults_applies_only_to_keys_the_user_did_not_set() -> None:
         set_keys = {"lr"}
 
     cfg = common.with_defaults(RunConfig.of(lr=0.2), Args(), lr=0.01, batch_size=10)  # type: ignore[arg-type]
-    assert (cfg.lr, cfg.batch_size) == (0.2, 10)
+    assert (cfg.training.lr, cfg.training.batch_size) == (0.2, 10)
 
 
 def test_progress_prints_elapsed_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,10 +109,19 @@ def test_paper_preset_is_the_papers_setting_and_validates(tmp_path: Path) -> Non
     values = common.read_preset(PAPER_PRESET)
     (tmp_path / "flowers-102").mkdir()  # DataSpec only checks the folder exists and is not empty
     cfg = RunConfig.from_run_config({**values, "data-dir": str(tmp_path)})
-    assert (cfg.model_name, cfg.img_size, cfg.patch_size) == ("vit_base_patch16_224", 224, 16)
-    assert (cfg.depth, cfg.embed_dim, cfg.num_heads) == (12, 768, 12)
-    assert (cfg.foundation, cfg.dataset, cfg.lr, cfg.batch_size) == ("timm", "flowers102", 1e-3, 10)
-    assert cfg.val_fraction == pytest.approx(0.2)  # train:val 4:1
+    assert (cfg.model.model_name, cfg.model.img_size, cfg.model.patch_size) == (
+        "vit_base_patch16_224",
+        224,
+        16,
+    )
+    assert (cfg.model.depth, cfg.model.embed_dim, cfg.model.num_heads) == (12, 768, 12)
+    assert (cfg.cloud.foundation, cfg.data.dataset, cfg.training.lr, cfg.training.batch_size) == (
+        "timm",
+        "flowers102",
+        1e-3,
+        10,
+    )
+    assert cfg.data.val_fraction == pytest.approx(0.2)  # train:val 4:1
 
 
 def test_paper_preset_without_the_data_names_data_dir() -> None:

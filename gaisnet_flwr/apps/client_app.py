@@ -29,7 +29,9 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
         return RunConfig.from_run_config(context.run_config or fallback_config or {})
 
     def identify(context: Context, cfg: RunConfig) -> ClusterIdentity:
-        return ClusterIdentity.from_node_config(dict(context.node_config), cfg.num_edges())
+        return ClusterIdentity.from_node_config(
+            dict(context.node_config), cfg.hierarchy.num_edges()
+        )
 
     def cluster(context: Context) -> SplitClusterClient:
         cfg = config(context)

@@ -26,12 +26,12 @@ from flwr.serverapp.strategy import Strategy
 from gaisnet_flwr.apps.recorder import RoundRecorder, aggregate_train_metrics
 from gaisnet_flwr.apps.rounds import RecordedRounds
 from gaisnet_flwr.apps.serving import inference_message, inference_row
-from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.pricing import hierarchy_round_latency
 from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
 from gaisnet_flwr.service.scheduler import QualityModel
-from gaisnet_flwr.training.loops import cluster_plan, evaluate
+from gaisnet_flwr.training.loops import evaluate
 from gaisnet_flwr.vit.model import PromptedViT
 from strategies.cloud_edge import CloudEdgeStrategy, edge_key, split_edges
 from strategies.integrated import IntegratedStrategy
@@ -73,13 +73,16 @@ def identify_clusters(grid: Grid, nodes: list[int], num_edges: int) -> dict[int,
 
 
 def build_edge_strategy(cfg: RunConfig, num_clusters: int) -> Strategy:
-    options: dict[str, Any] = dict(cfg.strategy_kwargs())
-    if "train_metrics_aggr_fn" in inspect.signature(resolve_strategy(cfg.strategy)).parameters:
+    options: dict[str, Any] = dict(cfg.hierarchy.strategy_kwargs())
+    if (
+        "train_metrics_aggr_fn"
+        in inspect.signature(resolve_strategy(cfg.hierarchy.strategy)).parameters
+    ):
         options["train_metrics_aggr_fn"] = aggregate_train_metrics
     return build_strategy(
-        cfg.strategy,
+        cfg.hierarchy.strategy,
         num_clusters=num_clusters,
-        fraction_evaluate=cfg.fraction_evaluate,
+        fraction_evaluate=cfg.hierarchy.fraction_evaluate,
         options=options,
     )
 
@@ -105,7 +108,7 @@ class HfslRun:
     def evaluate_edge(self, edge: int, modules: ArrayRecord) -> tuple[float, float]:
         """Accuracy and loss of edge `edge`'s model on its domain's test set."""
         self.model.load_tunable_state(modules.to_torch_state_dict())
-        result = evaluate(self.model, self.edges[edge].test, device=self.cfg.torch_device())
+        result = evaluate(self.model, self.edges[edge].test, device=self.cfg.run.torch_device())
         return result.accuracy, result.loss
 
     def central_evaluation(self, arrays: ArrayRecord) -> dict[str, float]:
@@ -121,7 +124,7 @@ class HfslRun:
     def round_latency(self, server_round: int, train: Mapping[str, float | int]) -> float:
         """The round's simulated latency: the slowest cluster, then the busiest edge's FedAvg
         (the edges aggregate in parallel), then on cloud rounds the cloud's."""
-        edge_device, backhaul = self.cfg.hierarchy_profiles()
+        edge_device, backhaul = self.cfg.costs.hierarchy_profiles()
         return hierarchy_round_latency(
             float(train["latency-s"]),
             self.model.num_tunable(),
@@ -157,58 +160,62 @@ class HfslRun:
         def served(reply: Message | None, node: int, edge: int, index: int) -> dict[str, Any]:
             if reply is None:
                 return {"request": index, "node": node, "edge": edge, "error": "no reply"}
-            return inference_row(reply, cfg.distribution, node, edge, index)
+            return inference_row(reply, cfg.inference.distribution, node, edge, index)
 
         return IntegratedStrategy(
             self.strategy.edge_strategies,
             self.node_edges,
-            policy=cfg.policy,
-            demand=cfg.demand_list(),
-            quality=QualityModel(value=cfg.service_value, finetune_cost=cfg.finetune_cost),
-            energy_price=cfg.energy_price,
+            policy=cfg.scheduling.policy,
+            demand=cfg.scheduling.demand_list(),
+            quality=QualityModel(
+                value=cfg.scheduling.service_value, finetune_cost=cfg.scheduling.finetune_cost
+            ),
+            energy_price=cfg.scheduling.energy_price,
             evaluate_edge=lambda e, modules: self.evaluate_edge(e, modules)[0],
             request=lambda modules, node: inference_message(cfg, self.model, modules, node),
             served=served,
-            seed=cfg.seed,
+            seed=cfg.run.seed,
             on_round=write,
         )
 
 
 def prepare(grid: Grid, cfg: RunConfig) -> HfslRun:
     """Start-up: config.json, data, the foundation, the nodes' edges, the strategies."""
-    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     data = load_image_data(cfg.data_spec())
-    ensure_foundation(cfg, data)
-    model = load_foundation(cfg, data.num_classes)
+    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    model = Foundation.of(cfg).load(data.num_classes)
     edges = [
-        edge_image_data(data, e, cfg.shares(), d, seed=cfg.seed)
-        for e, d in enumerate(cfg.domains())
+        edge_image_data(data, e, cfg.hierarchy.shares(), d, seed=cfg.run.seed)
+        for e, d in enumerate(cfg.hierarchy.domains())
     ]
-    node_edges = identify_clusters(grid, wait_for_clusters(grid, cfg.min_clusters), len(edges))
+    node_edges = identify_clusters(
+        grid, wait_for_clusters(grid, cfg.hierarchy.min_clusters), len(edges)
+    )
     per_edge = {e: list(node_edges.values()).count(e) for e in range(len(edges))}
     strategy = CloudEdgeStrategy(
         {e: build_edge_strategy(cfg, per_edge[e]) for e in range(len(edges))},
         node_edges,
-        cloud_every=cfg.cloud_every,
-        cloud_mix=cfg.cloud_mix,
+        cloud_every=cfg.hierarchy.cloud_every,
+        cloud_mix=cfg.hierarchy.cloud_mix,
         cloud_keys=(lambda k: k.startswith("prompt."))
-        if cfg.cloud_modules == "prompts"
+        if cfg.hierarchy.cloud_modules == "prompts"
         else (lambda k: True),
         train_metrics_fn=aggregate_train_metrics,
     )
     log(
         INFO,
         "GaisNet HFSL: %s %s, %d prompts; %d tunable of %d parameters (%.3f %%)",
-        cfg.model_name,
-        cfg.mode,
-        cfg.num_prompts,
+        cfg.model.model_name,
+        cfg.model.mode,
+        cfg.model.num_prompts,
         model.num_tunable(),
         model.num_total(),
         100 * model.num_tunable() / model.num_total(),
     )
-    for e, domain in enumerate(cfg.domains()):
+    for e, domain in enumerate(cfg.hierarchy.domains()):
         log(
             INFO,
             "edge %d: domain %r, %d clusters, %d training images",
@@ -217,6 +224,6 @@ def prepare(grid: Grid, cfg: RunConfig) -> HfslRun:
             per_edge[e],
             len(edges[e].train_labels),
         )
-    plan = cluster_plan(cfg)
+    plan = cfg.plan()
     log(INFO, "each cluster: start point -> %d peers %s -> end point", plan.num_peers, plan.sizes())
     return HfslRun(cfg, output_dir, model, edges, node_edges, strategy)

@@ -281,4 +281,4 @@ def run_inprocess(
         configs if configs is not None else simulation_node_configs(num_clusters),
         client_threads=client_threads,
     )
-    return InProcessRun(Path(cfg.output_dir).expanduser().resolve())
+    return InProcessRun(Path(cfg.run.output_dir).expanduser().resolve())

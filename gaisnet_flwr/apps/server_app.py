@@ -28,12 +28,12 @@ from strategies.cloud_edge import join_edges, split_edges
 
 def fine_tune(grid: Grid, run: HfslRun) -> Result:
     cfg = run.cfg
-    recorder = RoundRecorder(run.output_dir, cfg.num_rounds)
+    recorder = RoundRecorder(run.output_dir, cfg.hierarchy.num_rounds)
     initial = run.initial_modules()
     result = run.recorded_rounds(recorder).start(
         grid=grid,
         initial_arrays=join_edges({e: initial for e in range(len(run.edges))}),
-        num_rounds=cfg.num_rounds,
+        num_rounds=cfg.hierarchy.num_rounds,
         evaluate_fn=run.evaluate_fn(recorder),
     )
     path = recorder.save_modules({k: v.numpy() for k, v in result.arrays.items()})
@@ -45,7 +45,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
         "FINAL: central test accuracy %.4f after %d rounds (%d edge(s), %d clusters); "
         "results in %s (modules: %s)",
         recorder.rows[-1]["accuracy"],
-        cfg.num_rounds,
+        cfg.hierarchy.num_rounds,
         len(run.edges),
         len(run.node_edges),
         run.output_dir,
@@ -55,7 +55,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
 
 
 def integrated(grid: Grid, run: HfslRun) -> Result:
-    demand = run.cfg.demand_list()
+    demand = run.cfg.scheduling.demand_list()
     initial = run.initial_modules()
     result = run.integrated_strategy().start(
         grid=grid,
@@ -65,7 +65,7 @@ def integrated(grid: Grid, run: HfslRun) -> Result:
     log(
         INFO,
         "FINAL: %s cumulative profit %.1f over %d rounds; results in %s",
-        run.cfg.policy,
+        run.cfg.scheduling.policy,
         result.train_metrics_clientapp[len(demand)]["cumulative-profit"],
         len(demand),
         run.output_dir,
@@ -81,7 +81,7 @@ def create_server_app(fallback_config: Mapping[str, Any] | None = None) -> Serve
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_run_config(context.run_config or fallback_config or {})
         run = prepare(grid, cfg)
-        (integrated if cfg.service == "integrated" else fine_tune)(grid, run)
+        (integrated if cfg.scheduling.service == "integrated" else fine_tune)(grid, run)
 
     return server
 

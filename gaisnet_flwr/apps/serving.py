@@ -22,12 +22,15 @@ def inference_message(
 ) -> Message:
     """A `query.infer` request to `node` carrying its edge's model (`delivered`: the tunable
     modules; with distribution "full", every weight: the foundation plus those modules)."""
-    if cfg.distribution == "full":
+    if cfg.inference.distribution == "full":
         model.load_tunable_state(delivered.to_torch_state_dict())
         delivered = ArrayRecord(model.state_dict())
     return Message(
         RecordDict(
-            {"model": delivered, "config": ConfigRecord({"distribution": cfg.distribution})}
+            {
+                "model": delivered,
+                "config": ConfigRecord({"distribution": cfg.inference.distribution}),
+            }
         ),
         dst_node_id=node,
         message_type="query.infer",
@@ -82,7 +85,7 @@ def serve_request(
     request is reported in the returned row, never raised."""
     request = inference_message(cfg, model, delivered, node)
     reply = next(iter(grid.send_and_receive([request], timeout=300)))
-    return inference_row(reply, cfg.distribution, node, edge, index)
+    return inference_row(reply, cfg.inference.distribution, node, edge, index)
 
 
 def serve_inference(
@@ -96,7 +99,7 @@ def serve_inference(
     """Serve `inference-requests` requests round-robin over the clusters after fine-tuning."""
     nodes = sorted(node_edges)
     served: list[dict[str, Any]] = []
-    for i in range(cfg.inference_requests):
+    for i in range(cfg.inference.inference_requests):
         node = nodes[i % len(nodes)]
         edge = node_edges[node]
         served.append(serve_request(grid, cfg, model, edge_modules[edge], node, edge, i))

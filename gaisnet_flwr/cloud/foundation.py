@@ -18,11 +18,13 @@ a corrupt, truncated or mismatched file is detected and rebuilt, never silently 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import time
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from flwr.common.logger import log
 from torch.utils.data import Dataset
 
-from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.config import FoundationConfig, ModelConfig, RunConfig
 from gaisnet_flwr.data.images import CLOUD_FRACTION, ImageData
 from gaisnet_flwr.training.loops import build_model, evaluate, loader
 from gaisnet_flwr.vit.model import PromptedViT
@@ -45,59 +47,131 @@ class CheckpointError(RuntimeError):
     """A foundation checkpoint that is missing, corrupt or built for another configuration."""
 
 
-def foundation_meta(cfg: RunConfig, num_classes: int) -> dict[str, Any]:
-    """Everything the pre-trained weights depend on (and nothing they do not)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model-name": cfg.model_name,
-        "img-size": cfg.img_size,
-        "patch-size": cfg.patch_size,
-        "depth": cfg.depth,
-        "embed-dim": cfg.embed_dim,
-        "num-heads": cfg.num_heads,
-        "num-classes": num_classes,
-        "corpus": f"{cfg.dataset}-cloud-{CLOUD_FRACTION}",
-        "pretrain-epochs": cfg.pretrain_epochs,
-        "pretrain-lr": cfg.pretrain_lr,
-        "seed": cfg.seed,
-    }
+@dataclass(frozen=True)
+class Foundation:
+    """What the frozen foundation depends on: the model's shape, where its weights come from,
+    the dataset whose cloud corpus pre-trains it, and the seed. `Foundation.of(cfg)` picks
+    these out of a run's config; every method reads only them."""
 
+    model: ModelConfig
+    cloud: FoundationConfig
+    corpus: str  # the dataset whose cloud share pre-trains the backbone
+    seed: int
 
-def checkpoint_path(cfg: RunConfig, num_classes: int) -> Path:
-    meta = foundation_meta(cfg, num_classes)
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return cfg.cloud.directory() / f"foundation-{cfg.model_name}-{key}.pt"
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Foundation:
+        return cls(cfg.model, cfg.cloud, cfg.data.dataset, cfg.run.seed)
 
+    def meta(self, num_classes: int) -> dict[str, Any]:
+        """Everything the pre-trained weights depend on (and nothing they do not)."""
+        m = self.model
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model-name": m.model_name,
+            "img-size": m.img_size,
+            "patch-size": m.patch_size,
+            "depth": m.depth,
+            "embed-dim": m.embed_dim,
+            "num-heads": m.num_heads,
+            "num-classes": num_classes,
+            "corpus": f"{self.corpus}-cloud-{CLOUD_FRACTION}",
+            "pretrain-epochs": self.cloud.pretrain_epochs,
+            "pretrain-lr": self.cloud.pretrain_lr,
+            "seed": self.seed,
+        }
 
-def pretrain(
-    cfg: RunConfig, corpus: Dataset, num_classes: int, test: Dataset | None = None
-) -> dict[str, torch.Tensor]:
-    """Full-model supervised pre-training on the cloud corpus; returns the backbone weights."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.replace(mode="full", num_prompts=0, foundation="none"), num_classes)
-    device = cfg.torch_device()
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.05)
-    started = time.perf_counter()
-    for epoch in range(1, cfg.pretrain_epochs + 1):
-        model.train()
-        for x, y in loader(corpus, PRETRAIN_BATCH_SIZE, seed=cfg.seed * 1000 + epoch):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
-            opt.step()
-        if epoch % 5 == 0 or epoch == cfg.pretrain_epochs:
-            note = ""
-            if test is not None:
-                note = f", edge test accuracy {evaluate(model, test, device=device).accuracy:.3f}"
-            log(
-                INFO,
-                "cloud pre-training: epoch %d/%d%s (%.0f s)",
-                epoch,
-                cfg.pretrain_epochs,
-                note,
-                time.perf_counter() - started,
-            )
-    return {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    def checkpoint_path(self, num_classes: int) -> Path:
+        meta = self.meta(num_classes)
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        return self.cloud.directory() / f"foundation-{self.model.model_name}-{key}.pt"
+
+    def build(self, num_classes: int) -> PromptedViT:
+        """The edge model with the backbone as the seed (or timm / a file) makes it."""
+        return build_model(self.model, self.cloud, num_classes, self.seed)
+
+    def pretrain(
+        self,
+        corpus: Dataset,
+        num_classes: int,
+        device: torch.device,
+        test: Dataset | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Full-model supervised pre-training on the cloud corpus; returns the backbone weights."""
+        torch.manual_seed(self.seed)
+        full = dataclasses.replace(self.model, mode="full", num_prompts=0)
+        none = dataclasses.replace(self.cloud, foundation="none")
+        model = build_model(full, none, num_classes, self.seed)
+        model.to(device)
+        epochs = self.cloud.pretrain_epochs
+        opt = torch.optim.AdamW(model.parameters(), lr=self.cloud.pretrain_lr, weight_decay=0.05)
+        started = time.perf_counter()
+        for epoch in range(1, epochs + 1):
+            model.train()
+            for x, y in loader(corpus, PRETRAIN_BATCH_SIZE, seed=self.seed * 1000 + epoch):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                opt.step()
+            if epoch % 5 == 0 or epoch == epochs:
+                note = ""
+                if test is not None:
+                    accuracy = evaluate(model, test, device=device).accuracy
+                    note = f", edge test accuracy {accuracy:.3f}"
+                log(
+                    INFO,
+                    "cloud pre-training: epoch %d/%d%s (%.0f s)",
+                    epoch,
+                    epochs,
+                    note,
+                    time.perf_counter() - started,
+                )
+        return {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+
+    def ensure(self, data: ImageData, device: torch.device) -> Path | None:
+        """Cloud side: make sure the foundation checkpoint exists and is sound; pre-train if
+        not."""
+        if self.cloud.foundation != "cloud":
+            return None
+        if data.cloud is None:
+            raise CheckpointError(f"dataset {self.corpus!r} ships no cloud corpus")
+        path = self.checkpoint_path(data.num_classes)
+        meta = self.meta(data.num_classes)
+        with torch.device("meta"):  # only the shapes are needed: allocate nothing
+            reference = self.build(data.num_classes).backbone.state_dict()
+        try:
+            read_checkpoint(path, meta, reference)
+            log(INFO, "cloud: reusing foundation checkpoint %s", path)
+            return path
+        except CheckpointError as err:
+            if path.exists():
+                log(WARNING, "cloud: %s; pre-training anew", err)
+        size = len(data.cloud)  # type: ignore[arg-type]
+        log(
+            INFO,
+            "cloud: pre-training the foundation model on %d images (%d epochs)",
+            size,
+            self.cloud.pretrain_epochs,
+        )
+        state = self.pretrain(data.cloud, data.num_classes, device, test=data.test)
+        save_checkpoint(path, state, meta)
+        log(INFO, "cloud: foundation checkpoint saved to %s", path)
+        return path
+
+    def load(self, num_classes: int) -> PromptedViT:
+        """Every party: the edge model on top of the shared frozen foundation (paper Sec.
+        III-B: the backbone is synchronised independently; only tunable modules travel)."""
+        model = self.build(num_classes)
+        if self.cloud.foundation == "cloud":
+            path = self.checkpoint_path(num_classes)
+            try:
+                state = read_checkpoint(path, self.meta(num_classes), model.backbone.state_dict())
+            except CheckpointError as err:
+                raise CheckpointError(
+                    f"{err}. The cloud (ServerApp) pre-trains it at start-up; on separate "
+                    f"devices copy {path.name} and its .sha256 into foundation-dir "
+                    f"({path.parent})"
+                ) from err
+            model.backbone.load_state_dict(state)
+        return model
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -133,55 +207,6 @@ def read_checkpoint(
     if set(state) != set(reference) or any(state[k].shape != reference[k].shape for k in reference):
         raise CheckpointError(f"{path} does not fit the model's weights")
     return state
-
-
-def ensure_foundation(cfg: RunConfig, data: ImageData) -> Path | None:
-    """Cloud side: make sure the foundation checkpoint exists and is sound; pre-train if not."""
-    if cfg.foundation != "cloud":
-        return None
-    if data.cloud is None:
-        raise CheckpointError(f"dataset {cfg.dataset!r} ships no cloud corpus")
-    path = checkpoint_path(cfg, data.num_classes)
-    meta = foundation_meta(cfg, data.num_classes)
-    with torch.device("meta"):  # only the shapes are needed: allocate nothing
-        reference = build_model(cfg, data.num_classes).backbone.state_dict()
-    try:
-        read_checkpoint(path, meta, reference)
-        log(INFO, "cloud: reusing foundation checkpoint %s", path)
-        return path
-    except CheckpointError as err:
-        if path.exists():
-            log(WARNING, "cloud: %s; pre-training anew", err)
-    size = len(data.cloud)  # type: ignore[arg-type]
-    log(
-        INFO,
-        "cloud: pre-training the foundation model on %d images (%d epochs)",
-        size,
-        cfg.pretrain_epochs,
-    )
-    state = pretrain(cfg, data.cloud, data.num_classes, test=data.test)
-    save_checkpoint(path, state, meta)
-    log(INFO, "cloud: foundation checkpoint saved to %s", path)
-    return path
-
-
-def load_foundation(cfg: RunConfig, num_classes: int) -> PromptedViT:
-    """Every party: the edge model on top of the shared frozen foundation (paper Sec. III-B:
-    the backbone is synchronised independently; only tunable modules travel)."""
-    model = build_model(cfg, num_classes)
-    if cfg.foundation == "cloud":
-        path = checkpoint_path(cfg, num_classes)
-        try:
-            state = read_checkpoint(
-                path, foundation_meta(cfg, num_classes), model.backbone.state_dict()
-            )
-        except CheckpointError as err:
-            raise CheckpointError(
-                f"{err}. The cloud (ServerApp) pre-trains it at start-up; on separate devices "
-                f"copy {path.name} and its .sha256 into foundation-dir ({path.parent})"
-            ) from err
-        model.backbone.load_state_dict(state)
-    return model
 
 
 def _sidecar(path: Path) -> Path:

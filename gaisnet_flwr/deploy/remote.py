@@ -294,7 +294,7 @@ class NetworkPeers:
 
     Args:
         settings: the members' addresses (chain order) and the transport.
-        model_spec: how to build the architecture (`model_spec(cfg.model_kwargs(), classes)`).
+        model_spec: how to build the architecture (`model_spec(model_kwargs(...), classes)`).
         optimizer: the segments' optimizer (each remote segment builds its own).
     """
 

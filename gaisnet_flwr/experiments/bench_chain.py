@@ -16,6 +16,7 @@ import argparse
 import copy
 import statistics
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from gaisnet_flwr.split.link import serialize_tensor
 from gaisnet_flwr.split.plan import plan_even
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 
-MODELS = {
+MODELS: dict[str, dict[str, Any]] = {
     # ViT-B/16 at 224 px, 102 classes (Flowers102), VPT-deep with 10 prompts: the paper's model.
     "vit-b16": dict(model_name="vit_base_patch16_224", num_classes=102, num_prompts=10),
     # The embedded default's shape class: 32 px digits.
@@ -63,7 +64,8 @@ def time_steps(
     def split() -> None:
         chain.train_step(x, y)
 
-    unsplit(), split()  # warm-up
+    unsplit()  # warm-up
+    split()
     times: dict[str, list[float]] = {"unsplit": [], "split": []}
     for _ in range(repeats):  # interleaved so drift in machine load hits both alike
         for name, fn in (("unsplit", unsplit), ("split", split)):

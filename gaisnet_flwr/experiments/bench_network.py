@@ -46,7 +46,8 @@ def run(name: str, peers: int, batch: int, repeats: int, addresses: list[str]) -
     x = torch.randn(batch, 3, img, img, generator=gen)
     y = torch.randint(0, cfg["num_classes"], (batch,), generator=gen)
     times: dict[str, list[float]] = {"in-process": [], "network": []}
-    local.train_step(x, y), network.train_step(x, y)  # warm-up, the same step on both
+    local.train_step(x, y)  # warm-up, the same step on both
+    network.train_step(x, y)
     for _ in range(repeats):  # interleaved so drift in machine load hits both alike
         for label, chain in (("in-process", local), ("network", network)):
             start = time.perf_counter()

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from clients.split_client import ClusterIdentity, SplitClusterClient
 from gaisnet_flwr.apps.inprocess import run_apps, run_inprocess, simulation_node_configs
-from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
 from gaisnet_flwr.data.images import load_image_data
 from gaisnet_flwr.training.loops import evaluate, train_centralised
@@ -71,10 +71,12 @@ def stock_client_app(cfg: RunConfig) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         identity = ClusterIdentity.from_node_config(dict(context.node_config))
         train_set = SplitClusterClient(full, identity).train_set  # the cluster's partition
-        model = load_foundation(full, NUM_CLASSES)
+        model = Foundation.of(full).load(NUM_CLASSES)
         model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
         # In mode "full" every parameter is tunable.
-        train_centralised(model, train_set, full, full.local_epochs)
+        train_centralised(
+            model, train_set, full.training, full.training.local_epochs, full.run.seed
+        )
         arrays = ArrayRecord(model.state_dict())
         metrics = {"num-examples": len(train_set), "upload-bytes": arrays.count_bytes()}  # type: ignore[arg-type]
         return Message(
@@ -98,13 +100,13 @@ def stock_server_app(cfg: RunConfig, clusters: int) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        model = load_foundation(full, NUM_CLASSES)
+        model = Foundation.of(full).load(NUM_CLASSES)
         test = load_image_data(full.data_spec()).test
         evaluated: list[float] = []
 
         def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            accuracy = evaluate(model, test, device=full.torch_device()).accuracy
+            accuracy = evaluate(model, test, device=full.run.torch_device()).accuracy
             evaluated.append(time.perf_counter())
             return MetricRecord({"accuracy": accuracy})
 
@@ -146,11 +148,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
-    ensure_foundation(cfg, load_image_data(cfg.data_spec()))
+    Foundation.of(cfg).ensure(load_image_data(cfg.data_spec()), cfg.run.torch_device())
     print(
-        f"torch {torch.__version__}, {CLIENT_THREADS} thread(s) per client; {cfg.model_name} "
-        f"img {cfg.img_size} depth {cfg.depth} dim {cfg.embed_dim}; {args.clusters} clusters, "
-        f"{cfg.local_epochs} local epoch(s), batch {cfg.batch_size}, {cfg.peers_per_cluster} "
+        f"torch {torch.__version__}, {CLIENT_THREADS} thread(s) per client; {cfg.model.model_name} "
+        f"img {cfg.model.img_size} depth {cfg.model.depth} dim {cfg.model.embed_dim}; "
+        f"{args.clusters} clusters, {cfg.training.local_epochs} local epoch(s), batch "
+        f"{cfg.training.batch_size}, {cfg.cluster.peers_per_cluster} "
         f"peers per cluster"
     )
     hfsl, stock = [], []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 
-from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
 from gaisnet_flwr.training.loops import evaluate, train_centralised
@@ -33,22 +33,25 @@ def main() -> None:
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
     spec = cfg.data_spec()
     data = load_image_data(spec)
-    ensure_foundation(cfg, data)
-    if cfg.num_edges() != 1:
+    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    if cfg.hierarchy.num_edges() != 1:
         raise SystemExit("the centralised baseline compares with a single-edge HFSL run")
-    edge = edge_image_data(data, 0, cfg.shares(), cfg.domains()[0], seed=cfg.seed)
-    pooled = ConcatDataset(
+    edge = edge_image_data(
+        data, 0, cfg.hierarchy.shares(), cfg.hierarchy.domains()[0], seed=cfg.run.seed
+    )
+    pooled: ConcatDataset = ConcatDataset(
         [cluster_datasets(edge, c, args.clusters, spec)[0] for c in range(args.clusters)]
     )
-    model = load_foundation(cfg, data.num_classes)
-    epochs = cfg.num_rounds * cfg.local_epochs
+    model = Foundation.of(cfg).load(data.num_classes)
+    epochs = cfg.hierarchy.num_rounds * cfg.training.local_epochs
     accuracy = [evaluate(model, edge.test).accuracy]
     started = time.perf_counter()
     train_centralised(
         model,
         pooled,
-        cfg,
+        cfg.training,
         epochs,
+        cfg.run.seed,
         on_epoch=lambda epoch, m: accuracy.append(evaluate(m, edge.test).accuracy),
     )
     print(
@@ -60,7 +63,7 @@ def main() -> None:
     print(f"{'epoch/round':>11}  {'centralised':>11}  {'HFSL':>8}")
     for epoch, acc in enumerate(accuracy):
         # HFSL round r has seen r * local-epochs epochs of every cluster's data.
-        r = epoch / cfg.local_epochs
+        r = epoch / cfg.training.local_epochs
         h = hfsl_acc.get(int(r)) if r.is_integer() else None
         print(f"{epoch:>11}  {acc:>11.4f}  {'' if h is None else f'{h:.4f}':>8}")
     if hfsl_acc:

@@ -39,14 +39,17 @@ def main() -> None:
             rows = run({**overrides, "cloud-every": every}, args.clusters, Path(tmp) / label)
             results[label] = (rows, time.perf_counter() - started)
     print(
-        f"\n{args.clusters} clusters over edges {cfg.domains()} with shares {cfg.shares()}, "
-        f"{cfg.num_rounds} rounds, cloud mix {cfg.cloud_mix}, cloud modules {cfg.cloud_modules}"
+        f"\n{args.clusters} clusters over edges {cfg.hierarchy.domains()} with shares "
+        f"{cfg.hierarchy.shares()}, {cfg.hierarchy.num_rounds} rounds, cloud mix "
+        f"{cfg.hierarchy.cloud_mix}, cloud modules {cfg.hierarchy.cloud_modules}"
     )
     print(
         f"{'edge':>6}  {'domain':>8}  {'share':>5}  {'start':>6}  {'cloud-edge':>10}  "
         f"{'isolated':>8}"
     )
-    for e, (domain, share) in enumerate(zip(cfg.domains(), cfg.shares(), strict=True)):
+    for e, (domain, share) in enumerate(
+        zip(cfg.hierarchy.domains(), cfg.hierarchy.shares(), strict=True)
+    ):
         key = f"edge{e}/accuracy"
         start = results["isolated"][0][0][key]
         with_cloud = results["cloud-edge"][0][-1][key]

@@ -24,7 +24,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from flwr.app import ArrayRecord
 
-from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.pricing import RoundCost, fine_tuning_round_cost
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
@@ -43,7 +43,7 @@ from gaisnet_flwr.experiments.section5_common import (
 )
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import plan_min_max
-from gaisnet_flwr.training.loops import cluster_plan, train_cluster
+from gaisnet_flwr.training.loops import train_cluster
 
 NAME = "comm"
 TITLE = "Beyond the paper: communication per round and latency/energy vs peers per cluster"
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def embedded_round(cfg: RunConfig, progress: Progress) -> dict[str, float]:
     """One measured HFSL round over CLUSTERS clusters (the real apps): bytes on each link."""
-    ensure_foundation(cfg, load_image_data(cfg.data_spec()))
+    Foundation.of(cfg).ensure(load_image_data(cfg.data_spec()), cfg.run.torch_device())
     row = hfsl_rounds(cfg, 1, CLUSTERS)[-1]
     progress.step(f"embedded HFSL round: D2D {(row.d2d_forward_bytes) / MB:.1f} MB forward")
     return {
@@ -93,14 +93,16 @@ def embedded_peers(cfg: RunConfig, k: int, repeats: int) -> tuple[RoundCost, flo
     """Cluster 0's round split over k peers: the cost model's price and the measured wall time."""
     cfg = cfg.replace(peers_per_cluster=k, peer_speeds="")
     data = load_image_data(cfg.data_spec())
-    edge = edge_image_data(data, 0, [1.0], cfg.domains()[0], seed=cfg.seed)
+    edge = edge_image_data(data, 0, [1.0], cfg.hierarchy.domains()[0], seed=cfg.run.seed)
     train = cluster_datasets(edge, 0, CLUSTERS, cfg.data_spec())[0]
-    plan = cluster_plan(cfg)
+    plan = cfg.plan()
     walls, cost = [], None
     for rep in range(repeats):
-        model = load_foundation(cfg, data.num_classes)
+        model = Foundation.of(cfg).load(data.num_classes)
         started = time.perf_counter()
-        result = train_cluster(model, plan, train, cfg, seed=rep, device=cfg.torch_device())
+        result = train_cluster(
+            model, plan, train, cfg.training, seed=rep, device=cfg.run.torch_device()
+        )
         walls.append(time.perf_counter() - started)
         modules = ArrayRecord(model.tunable_state()).count_bytes()
         cost = fine_tuning_round_cost(
@@ -108,7 +110,7 @@ def embedded_peers(cfg: RunConfig, k: int, repeats: int) -> tuple[RoundCost, flo
             segment_flops(model, plan),
             result.chain.hop_bytes_forward,
             result.chain.hop_bytes_backward,
-            samples=result.num_examples * cfg.local_epochs,
+            samples=result.num_examples * cfg.training.local_epochs,
             upload_bytes=modules,
             download_bytes=modules,
         )
@@ -128,7 +130,7 @@ def vit_b16_peers(cfg: RunConfig, k: int) -> RoundCost:
 
 
 def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
-    peers = list(range(1, min(MAX_PEERS, cfg.depth) + 1))
+    peers = list(range(1, min(MAX_PEERS, cfg.model.depth) + 1))
     repeats = REPEATS["quick" if args.quick else "full"]
     progress = Progress(NAME, 1 + len(peers))
     comm = {
@@ -242,8 +244,9 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     return f"""
 The paper states HFSL's metrics (communication on client-server and D2D links, latency, energy)
 without numbers; these are ours, from the cost model's device and link profiles
-(start `{cfg.start_device}`, peers `{cfg.peer_devices}` cycled, end `{cfg.end_device}`, hops
-`{cfg.d2d_link}`, uplink `{cfg.uplink}`). Embedded: one measured HFSL round
+(start `{cfg.costs.start_device}`, peers `{cfg.costs.peer_devices}` cycled,
+end `{cfg.costs.end_device}`, hops
+`{cfg.costs.d2d_link}`, uplink `{cfg.costs.uplink}`). Embedded: one measured HFSL round
 of {CLUSTERS} clusters ({comm["embedded (measured)"]["samples"]} training images). ViT-B/16:
 {CLUSTERS} clusters of {VIT_SAMPLES} samples at batch {VIT_BATCH}, 3 peers.
 

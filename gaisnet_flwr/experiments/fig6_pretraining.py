@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import edge_image_data, load_image_data
 from gaisnet_flwr.experiments.section5_common import (
@@ -47,23 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
 def curve(cfg: RunConfig, epochs: int, progress: Progress, label: str) -> list[float]:
     """Test accuracy before fine-tuning and after each epoch of centralised prompt tuning."""
     data = load_image_data(cfg.data_spec())
-    ensure_foundation(cfg, data)
-    edge = edge_image_data(data, 0, [1.0], cfg.domains()[0], seed=cfg.seed)
-    device = cfg.torch_device()
-    model = load_foundation(cfg, data.num_classes)
+    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    edge = edge_image_data(data, 0, [1.0], cfg.hierarchy.domains()[0], seed=cfg.run.seed)
+    device = cfg.run.torch_device()
+    model = Foundation.of(cfg).load(data.num_classes)
     accuracy = [evaluate(model, edge.test, device=device).accuracy]
 
     def record(epoch: int, m: object) -> None:
         accuracy.append(evaluate(m, edge.test, device=device).accuracy)  # type: ignore[arg-type]
         progress.step(f"{label} epoch {epoch}: test accuracy {accuracy[-1]:.4f}")
 
-    train_centralised(model, edge.train, cfg, epochs, on_epoch=record, device=device)
+    train_centralised(
+        model, edge.train, cfg.training, epochs, cfg.run.seed, on_epoch=record, device=device
+    )
     return accuracy
 
 
 def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     epochs = args.epochs or EPOCHS["quick" if args.quick else "full"]
-    foundation = cfg.foundation if cfg.foundation != "none" else "cloud"
+    foundation = cfg.cloud.foundation if cfg.cloud.foundation != "none" else "cloud"
     progress = Progress(NAME, 2 * epochs)
     pre = curve(cfg.replace(foundation=foundation), epochs, progress, "pre-trained")
     rnd = curve(cfg.replace(foundation="none"), epochs, progress, "random")
@@ -74,7 +76,7 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     )
     line_plot(
         out / "fig6_pretraining.png",
-        f"Fig. 6: {cfg.mode} fine-tuning, pre-trained vs random foundation",
+        f"Fig. 6: {cfg.model.mode} fine-tuning, pre-trained vs random foundation",
         "epoch (0 = before fine-tuning)",
         "test accuracy (fraction)",
         [
@@ -117,22 +119,29 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     tuned = pre[e10] - pre[1]
     paper_tuned = PAPER["fig6_pretrained_epoch10"] - PAPER["fig6_pretrained_epoch1"]
     why = (
-        f"Why the numbers differ: our foundation is a {cfg.depth}-block, width-{cfg.embed_dim} ViT "
+        f"Why the numbers differ: our foundation is a {cfg.model.depth}-block, "
+        f"width-{cfg.model.embed_dim} ViT "
         f"that the cloud pre-trained on a disjoint share of the same 10 digit classes, head "
         f"included, so it classifies the edge's digits before any fine-tuning (epoch 0: "
         f"{fmt(pre[0])}); the paper's ViT-B/16 comes from ImageNet and meets Flowers' 102 "
         f"classes with a new head. Without pre-training only the prompts and the head train on "
         f"top of random features, which caps the random run far below the paper's 57 % "
         f"(Flowers, an 86 M-parameter model)."
-        if cfg.dataset == "digits" and foundation == "cloud"
-        else f"Setting: {cfg.model_name} on {cfg.dataset}, foundation '{foundation}'."
+        if cfg.data.dataset == "digits" and foundation == "cloud"
+        else f"Setting: {cfg.model.model_name} on {cfg.data.dataset}, foundation '{foundation}'."
     )
     return f"""
-Prompt tuning ({cfg.mode}, {cfg.num_prompts} prompts, {cfg.optimizer} lr {cfg.lr}, batch
-{cfg.batch_size}) of the edge's whole training split, centralised, from the pre-trained
+Prompt tuning ({cfg.model.mode}, {cfg.model.num_prompts} prompts, {cfg.training.optimizer} lr {
+        cfg.training.lr
+    }, batch
+{cfg.training.batch_size}) of the edge's whole training split, centralised, from the pre-trained
 foundation (`foundation='{foundation}'`) and from a random backbone (`foundation='none'`): same
-architecture ({cfg.model_name}, {cfg.img_size} px, depth {cfg.depth}, width {cfg.embed_dim}),
-same prompt initialisation, same data (`{cfg.dataset}`, edge domain `{cfg.domains()[0]}`).
+architecture ({cfg.model.model_name}, {cfg.model.img_size} px, depth {cfg.model.depth}, width {
+        cfg.model.embed_dim
+    }),
+same prompt initialisation, same data (`{cfg.data.dataset}`, edge domain `{
+        cfg.hierarchy.domains()[0]
+    }`).
 
 ![Fig. 6](fig6_pretraining.png)
 

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.utils.data import TensorDataset
 
-from gaisnet_flwr.cloud.foundation import ensure_foundation, load_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.data.images import edge_image_data, load_image_data
 from gaisnet_flwr.experiments.section5_common import (
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def modes(cfg: RunConfig) -> dict[str, RunConfig]:
-    if cfg.mode == "full":
+    if cfg.model.mode == "full":
         raise ConfigError("fig7 compares the run's prompt mode with 'full'; set mode='vpt-deep'")
     return {"prompt": cfg, "full": cfg.replace(mode="full", num_prompts=0)}
 
@@ -84,12 +84,14 @@ def train_curves(
     take turns epoch by epoch (`Turns`), so both see the same load from other processes."""
     first = next(iter(configs.values()))
     data = load_image_data(first.data_spec())  # the modes differ only in what trains
-    ensure_foundation(first, data)
-    edge = edge_image_data(data, 0, [1.0], first.domains()[0], seed=first.seed)
-    device = first.torch_device()
+    Foundation.of(first).ensure(data, first.run.torch_device())
+    edge = edge_image_data(data, 0, [1.0], first.hierarchy.domains()[0], seed=first.run.seed)
+    device = first.run.torch_device()
     names = list(configs)
-    models = {k: load_foundation(c, data.num_classes) for k, c in configs.items()}
-    curves = {k: ([evaluate(models[k], edge.test, device=device).accuracy], []) for k in names}
+    models = {k: Foundation.of(c).load(data.num_classes) for k, c in configs.items()}
+    curves: dict[str, tuple[list[float], list[float]]] = {
+        k: ([evaluate(models[k], edge.test, device=device).accuracy], []) for k in names
+    }
     turns = Turns(len(names))
 
     def job(i: int) -> None:
@@ -108,7 +110,13 @@ def train_curves(
             mark = time.perf_counter()  # neither evaluation nor the other mode's turn count
 
         train_centralised(
-            models[name], edge.train, configs[name], epochs, on_epoch=record, device=device
+            models[name],
+            edge.train,
+            configs[name].training,
+            epochs,
+            configs[name].run.seed,
+            on_epoch=record,
+            device=device,
         )
 
     turns.run(job)
@@ -121,16 +129,16 @@ def paper_scale_step_s(
     """Median seconds of one ViT-B/16 training step per mode, the modes interleaved so that
     load from other processes hits both alike."""
     configs = modes(cfg.replace(**VIT_B16, foundation="none", batch_size=batch))
-    models = {k: build_model(c, 102) for k, c in configs.items()}
+    models = {k: build_model(c.model, c.cloud, 102, c.run.seed) for k, c in configs.items()}
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, 224, 224, generator=gen)
     data = TensorDataset(images, torch.randint(0, 102, (batch,), generator=gen))
     times: dict[str, list[float]] = {k: [] for k in configs}
-    device = cfg.torch_device()
+    device = cfg.run.torch_device()
     for rep in range(repeats + 1):  # rep 0 warms up (allocator, kernels)
         for k, c in configs.items():
             started = time.perf_counter()
-            train_centralised(models[k], data, c, epochs=1, device=device)  # one step
+            train_centralised(models[k], data, c.training, 1, c.run.seed, device=device)  # one step
             if rep:
                 times[k].append(time.perf_counter() - started)
         if rep:
@@ -188,7 +196,7 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
         "epoch (0 = before fine-tuning)",
         "test accuracy (fraction)",
         [
-            Series(f"frozen backbone ({cfg.mode})", xs, pa),
+            Series(f"frozen backbone ({cfg.model.mode})", xs, pa),
             Series("full fine-tuning", xs, fa, "-s"),
         ],
         ax=left,
@@ -196,11 +204,12 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     )
     line_plot(
         out / "fig7_frozen_vs_full.png",
-        f"training time per epoch ({cfg.torch_device()}, torch threads: {torch.get_num_threads()})",
+        f"training time per epoch ({cfg.run.torch_device()}, "
+        f"torch threads: {torch.get_num_threads()})",
         "epoch",
         "seconds per epoch (s)",
         [
-            Series(f"frozen backbone ({cfg.mode})", range(1, epochs + 1), ps),
+            Series(f"frozen backbone ({cfg.model.mode})", range(1, epochs + 1), ps),
             Series("full fine-tuning", range(1, epochs + 1), fs, "-s"),
         ],
         ax=right,
@@ -212,7 +221,8 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     conv_p, conv_f = statistics.mean(pa[-last:]), statistics.mean(fa[-last:])
     paper_ratio = PAPER["fig7_full_epoch_s"] / PAPER["fig7_prompt_epoch_s"]
     table = md_table(
-        ["", "paper (ViT-B/16, RTX 4060)", f"ours, embedded ({cfg.model_name} {cfg.img_size} px)",
+        ["", "paper (ViT-B/16, RTX 4060)", f"ours, embedded ({cfg.model.model_name} "
+         f"{cfg.model.img_size} px)",
          f"ours, ViT-B/16 step (batch {batch}, CPU)", "ViT-B/16 FLOPs (analytic)"],
         [
             ["frozen backbone", f"{PAPER['fig7_prompt_epoch_s']:.0f} s/epoch",
@@ -230,9 +240,10 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
         ["epoch", "frozen backbone", "full fine-tuning"],
         [[e, pa[e], fa[e]] for e in sorted({0, 1, epochs // 2, epochs})],
     )
-    tokens = (cfg.img_size // cfg.patch_size) ** 2 + 1  # patches + class token
+    tokens = (cfg.model.img_size // cfg.model.patch_size) ** 2 + 1  # patches + class token
     data = load_image_data(cfg.data_spec())
-    one_image = 1 / len(edge_image_data(data, 0, [1.0], cfg.domains()[0], seed=cfg.seed).test)
+    test = edge_image_data(data, 0, [1.0], cfg.hierarchy.domains()[0], seed=cfg.run.seed).test
+    one_image = 1 / len(test)  # type: ignore[arg-type]
     # the first epoch at which full fine-tuning is back within one point of the frozen backbone
     caught_up = next((e for e in range(1, epochs + 1) if fa[e] >= pa[e] - 0.01), None)
     recovery = (
@@ -274,8 +285,9 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
             f"epoch (full / frozen {mf / mp:.2f}x)"
         )
     small_model = (
-        f"The embedded model has {tokens} tokens, so {cfg.num_prompts} prompts add "
-        f"{100 * cfg.num_prompts / tokens:.0f} % more tokens to every block, and its weights are "
+        f"The embedded model has {tokens} tokens, so {cfg.model.num_prompts} prompts add "
+        f"{100 * cfg.model.num_prompts / tokens:.0f} % more tokens to every block, "
+        f"and its weights are "
         f"few: "
         + (
             f"the frozen backbone's saving shrinks to {mf / mp:.2f}x."
@@ -286,9 +298,11 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     )
     return f"""
 Centralised fine-tuning of the edge's whole training split from the pre-trained foundation
-(`foundation='{cfg.foundation}'`): the frozen backbone trains {cfg.num_prompts} prompts per layer
-and the head ({cfg.mode}); full fine-tuning trains every weight. Same data, optimizer
-({cfg.optimizer}, lr {cfg.lr}), batch {cfg.batch_size}, {epochs} epochs each.
+(`foundation='{cfg.cloud.foundation}'`): the frozen backbone trains
+{cfg.model.num_prompts} prompts per layer
+and the head ({cfg.model.mode}); full fine-tuning trains every weight. Same data, optimizer
+({cfg.training.optimizer}, lr {cfg.training.lr}), batch {cfg.training.batch_size},
+{epochs} epochs each.
 
 ![Fig. 7](fig7_frozen_vs_full.png)
 

@@ -153,9 +153,11 @@ Produced by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {platform.mac
 {common.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s),
 {"a GPU" if torch.cuda.is_available() else "no GPU"}. Every number below was measured by that
 command (the paper's numbers are quoted from its Section V). The paper ran ViT-B/16 on Oxford
-Flowers on an RTX 4060; this run: `{cfg.model_name}` at {cfg.img_size} px (depth {cfg.depth},
-width {cfg.embed_dim}), foundation `{cfg.foundation}`, dataset `{cfg.dataset}`{
-            DIGITS_NOTE if cfg.dataset == "digits" else ""
+Flowers on an RTX 4060; this run: `{cfg.model.model_name}` at {cfg.model.img_size} px (depth {
+            cfg.model.depth
+        },
+width {cfg.model.embed_dim}), foundation `{cfg.cloud.foundation}`, dataset `{cfg.data.dataset}`{
+            DIGITS_NOTE if cfg.data.dataset == "digits" else ""
         }.
 
 {timing}{failed}

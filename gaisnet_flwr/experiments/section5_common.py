@@ -33,7 +33,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from gaisnet_flwr.apps.inprocess import run_inprocess  # noqa: E402
-from gaisnet_flwr.cloud.foundation import load_foundation  # noqa: E402
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
 from gaisnet_flwr.data.images import load_image_data  # noqa: E402
 from gaisnet_flwr.training.loops import evaluate  # noqa: E402
@@ -331,7 +331,8 @@ def execute(
     variant = "quick variant" if args.quick else "full variant"
     markdown = (
         f"## {experiment.TITLE}\n\n{body.strip()}\n\n"
-        f"*Measured wall time: {seconds:.0f} s ({variant}, {cfg.torch_device()}, torch threads: "
+        f"*Measured wall time: {seconds:.0f} s ({variant}, {cfg.run.torch_device()}, "
+        f"torch threads: "
         f"{torch.get_num_threads()}).*\n"
     )
     (out / "report.md").write_text(markdown)
@@ -417,13 +418,13 @@ def hfsl_rounds(
             for m in metrics
         ]
         if test is not None:
-            model = load_foundation(cfg, load_image_data(cfg.data_spec()).num_classes)
+            model = Foundation.of(cfg).load(load_image_data(cfg.data_spec()).num_classes)
             for row in rows:
                 modules = run.modules(row.round)
                 model.load_tunable_state(
                     {k.removeprefix("edge0/"): torch.from_numpy(v) for k, v in modules.items()}
                 )
-                result = evaluate(model, test, device=cfg.torch_device())
+                result = evaluate(model, test, device=cfg.run.torch_device())
                 row.accuracy, row.loss = result.accuracy, result.loss
     for row in rows[1:]:
         if on_round:
@@ -434,7 +435,7 @@ def hfsl_rounds(
 def fresh_head_config(cfg: RunConfig, folder: Path, seed: int) -> RunConfig:
     """`cfg` on the same foundation with a fresh classifier head (VPT re-creates the head for
     the downstream task), as a checkpoint file the apps load (`foundation = "file"`)."""
-    model = load_foundation(cfg, load_image_data(cfg.data_spec()).num_classes)
+    model = Foundation.of(cfg).load(load_image_data(cfg.data_spec()).num_classes)
     reset_head(model, seed)
     path = folder / "foundation-fresh-head.pt"
     torch.save(model.backbone.state_dict(), path)

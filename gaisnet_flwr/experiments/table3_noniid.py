@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from torch.utils.data import Subset
 
-from gaisnet_flwr.cloud.foundation import ensure_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
 from gaisnet_flwr.experiments.section5_common import (
@@ -114,15 +114,15 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     ks = list(range(1, TEST_CLASSES + 1))
     progress = Progress(NAME, 2 * len(ks) * rounds)
     data = load_image_data(cfg.data_spec())
-    ensure_foundation(cfg, data)
-    edge = edge_image_data(data, 0, [1.0], cfg.domains()[0], seed=cfg.seed)
+    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    edge = edge_image_data(data, 0, [1.0], cfg.hierarchy.domains()[0], seed=cfg.run.seed)
     # the edge's test images of the first TEST_CLASSES classes (labels read once: for image
     # folders this decodes every test image)
     test_labels = labels_of(edge.test)
     test = Subset(edge.test, np.flatnonzero(test_labels < TEST_CLASSES).tolist())
     with tempfile.TemporaryDirectory(prefix="table3-") as tmp:
         # A fresh head on the cloud's foundation, as a checkpoint the apps load.
-        fresh = fresh_head_config(cfg, Path(tmp), cfg.seed)
+        fresh = fresh_head_config(cfg, Path(tmp), cfg.run.seed)
         a = {k: reading_a(fresh, test, k, images_a(edge), rounds, progress) for k in ks}
         b = {k: reading_b(fresh, edge, k, rounds, progress) for k in ks}
     rows = []
@@ -174,7 +174,9 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
         f"is {100 * gap:.1f} points{'' if monotone else ', and accuracy is not monotone in k'}."
     )
     # a round of reading A: each cluster's share of the images, less validation, in batches
-    steps = math.ceil(images_a(edge) / CLUSTERS_A * (1 - cfg.val_fraction) / cfg.batch_size)
+    steps = math.ceil(
+        images_a(edge) / CLUSTERS_A * (1 - cfg.data.val_fraction) / cfg.training.batch_size
+    )
     close = [k for k, f, e in zip(ks, first["A"], end["A"], strict=True) if abs(e - f) <= 0.02]
     late = max(ks, key=lambda k: end["A"][k - 1] - first["A"][k - 1])
     first_vs_end = (
@@ -199,8 +201,9 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
         else f"class skew across clusters costs {100 * skew_cost:.1f} points"
     )
     return f"""
-HFSL ({cfg.peers_per_cluster} peers per cluster, {cfg.mode}, {cfg.optimizer} lr {cfg.lr},
-batch {cfg.batch_size}, {rounds} rounds of {cfg.local_epochs} local epoch(s)). "First" is the
+HFSL ({cfg.cluster.peers_per_cluster} peers per cluster, {cfg.model.mode},
+{cfg.training.optimizer} lr {cfg.training.lr}, batch {cfg.training.batch_size}, {rounds} rounds
+of {cfg.training.local_epochs} local epoch(s)). "First" is the
 central test accuracy after round 1, "end" after round {rounds} (the paper: after the first and
 the last epoch).
 
@@ -223,7 +226,8 @@ classes ends at {fmt(end["B"][0])} for k = 1 and {fmt(end["B"][-1])} for k = {ks
 (fresh head: {fmt(b[1][0].accuracy)} before round 1): {skew_note}.
 Why A does not match to the digit:
 {len(test)} test images (one image is {100 / len(test):.1f} points) and a
-{cfg.depth}-block ViT at {cfg.img_size} px on `{cfg.dataset}` instead of ViT-B/16 on flowers.
+{cfg.model.depth}-block ViT at {cfg.model.img_size} px on `{cfg.data.dataset}` instead of
+ViT-B/16 on flowers.
 CSV (every round): [table3_noniid.csv](table3_noniid.csv).
 """
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from gaisnet_flwr.cloud.foundation import ensure_foundation
+from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
 from gaisnet_flwr.experiments.section5_common import (
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def domains(cfg: RunConfig) -> list[str]:
-    own = cfg.domains()[0]
-    return [own, "invert"] if cfg.dataset == "digits" and own == "none" else [own]
+    own = cfg.hierarchy.domains()[0]
+    return [own, "invert"] if cfg.data.dataset == "digits" and own == "none" else [own]
 
 
 def step(progress: Progress, note: str) -> Callable[[RoundRow], None]:
@@ -67,12 +67,12 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     doms = domains(cfg)
     progress = Progress(NAME, len(doms) * len(CLUSTERS) * rounds)
     data = load_image_data(cfg.data_spec())
-    ensure_foundation(cfg, data)
+    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     iid = cfg.replace(partitioning="iid")
     curves: dict[tuple[str, int], list] = {}
     sizes: dict[str, int] = {}
     for domain in doms:
-        edge = edge_image_data(data, 0, [1.0], domain, seed=cfg.seed)
+        edge = edge_image_data(data, 0, [1.0], domain, seed=cfg.run.seed)
         spec = iid.data_spec()
         sizes[domain] = len(cluster_datasets(edge, 0, max(CLUSTERS), spec)[0])  # type: ignore[arg-type]
         for clusters in CLUSTERS:
@@ -151,8 +151,9 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
                 f"{'the foundation already fits this domain, so more data has little to add' if curves[(d, 1)][0].accuracy > 0.8 else 'disagrees with the paper'}."  # noqa: E501
             )
     return f"""
-HFSL ({cfg.peers_per_cluster} peers per cluster, {cfg.mode}, {cfg.optimizer} lr {cfg.lr}, batch
-{cfg.batch_size}, {cfg.local_epochs} local epoch(s), {rounds} rounds), per-module FedAvg.
+HFSL ({cfg.cluster.peers_per_cluster} peers per cluster, {cfg.model.mode},
+{cfg.training.optimizer} lr {cfg.training.lr}, batch {cfg.training.batch_size},
+{cfg.training.local_epochs} local epoch(s), {rounds} rounds), per-module FedAvg.
 Each cluster holds {", ".join(f"{sizes[d]} training images ('{d}')" for d in doms)}; C clusters
 fine-tune on C times that. The paper gives no numbers for Table IV in its text, only the trend:
 more clusters -> higher converged accuracy, with diminishing returns.

@@ -55,7 +55,7 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     model, demand = table_v()
     seeds = RS_SEEDS["quick" if args.quick else "full"]
     schedules: dict[str, Schedule] = {
-        p: run_policy(p, model, demand, seed=cfg.seed) for p in POLICIES
+        p: run_policy(p, model, demand, seed=cfg.run.seed) for p in POLICIES
     }
     progress = Progress(NAME, 1)
     rs_totals = [run_policy("rs", model, demand, seed=s).total for s in range(seeds)]
@@ -115,7 +115,7 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     return f"""
 Devices a, b, c (edge models) produce goods A, B, C (inference services); demand per round as
 in the paper. Decisions: a capital letter produces the demanded good, a small letter upgrades
-(fine-tunes) that device. RS with seed {cfg.seed} (`seed` in the run-config).
+(fine-tunes) that device. RS with seed {cfg.run.seed} (`seed` in the run-config).
 
 {table}
 
@@ -128,7 +128,7 @@ the paper does not state its model, and without a cap more upgrades would pay mo
 the cap is our reading (several schedules tie at 650). RS is a coin toss: the paper's one draw
 gave -75; over {seeds} seeds ours averages {statistics.mean(rs_totals):.1f} (min
 {min(rs_totals):.0f}, max {max(rs_totals):.0f}), and {100 * share:.1f} % of seeds give exactly
--75; seed {cfg.seed} gives {fmt(schedules["rs"].total, 0)}. CSV:
+-75; seed {cfg.run.seed} gives {fmt(schedules["rs"].total, 0)}. CSV:
 [table5_scheduling.csv](table5_scheduling.csv), [table5_rs_seeds.csv](table5_rs_seeds.csv).
 """
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.config import FoundationConfig, ModelConfig, TrainingConfig
 from gaisnet_flwr.split.chain import (
     ChainStats,
     OptimizerFactory,
@@ -24,27 +25,42 @@ from gaisnet_flwr.split.chain import (
     RemotePeers,
     SplitChain,
 )
-from gaisnet_flwr.split.plan import SplitPlan, make_plan
+from gaisnet_flwr.split.plan import SplitPlan
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 
 
-def build_model(cfg: RunConfig, num_classes: int) -> PromptedViT:
+def model_kwargs(model: ModelConfig, cloud: FoundationConfig) -> dict[str, Any]:
+    """What `build_prompted_vit` takes (and a remote peer's model spec carries): the model
+    section and where its backbone weights come from."""
+    return dict(
+        model_name=model.model_name,
+        mode=model.mode,
+        num_prompts=model.num_prompts,
+        pretrained=cloud.foundation == "timm",
+        checkpoint_path=cloud.checkpoint_path if cloud.foundation == "file" else "",
+        img_size=model.img_size,
+        patch_size=model.patch_size,
+        depth=model.depth,
+        embed_dim=model.embed_dim,
+        num_heads=model.num_heads,
+    )
+
+
+def build_model(
+    model: ModelConfig, cloud: FoundationConfig, num_classes: int, seed: int
+) -> PromptedViT:
     """The edge model every party builds identically: the frozen backbone comes from the seed
     (or from pretrained weights), so only the tunable modules ever need to travel."""
-    torch.manual_seed(cfg.seed)
-    return build_prompted_vit(num_classes=num_classes, **cfg.model_kwargs())
+    torch.manual_seed(seed)
+    return build_prompted_vit(num_classes=num_classes, **model_kwargs(model, cloud))
 
 
-def optimizer_spec(cfg: RunConfig) -> OptimizerSpec:
-    return OptimizerSpec(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+def optimizer_spec(training: TrainingConfig) -> OptimizerSpec:
+    return OptimizerSpec(training.optimizer, training.lr, training.momentum, training.weight_decay)
 
 
-def optimizer_factory(cfg: RunConfig) -> OptimizerFactory:
-    return optimizer_spec(cfg).factory()
-
-
-def cluster_plan(cfg: RunConfig) -> SplitPlan:
-    return cfg.plan()
+def optimizer_factory(training: TrainingConfig) -> OptimizerFactory:
+    return optimizer_spec(training).factory()
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int | None) -> DataLoader:
@@ -65,21 +81,23 @@ def train_cluster(
     model: PromptedViT,
     plan: SplitPlan,
     dataset: Dataset,
-    cfg: RunConfig,
+    training: TrainingConfig,
     seed: int,
     proximal_mu: float = 0.0,
     device: torch.device | None = None,
     remote: RemotePeers | None = None,
 ) -> TrainResult:
-    """Split-learning fine-tuning inside one cluster for `cfg.local_epochs` epochs; with
+    """Split-learning fine-tuning inside one cluster for `training.local_epochs` epochs; with
     `remote`, the peers and end point are other devices and `model` gets their trained
     modules back at the end."""
     device = device or torch.device("cpu")
     model.to(device)
-    chain = SplitChain(model, plan, optimizer_factory(cfg), remote=remote, proximal_mu=proximal_mu)
+    chain = SplitChain(
+        model, plan, optimizer_factory(training), remote=remote, proximal_mu=proximal_mu
+    )
     total_loss, correct, seen = 0.0, 0, 0
-    for epoch in range(cfg.local_epochs):
-        for x, y in loader(dataset, cfg.batch_size, seed=seed * 1000 + epoch):
+    for epoch in range(training.local_epochs):
+        for x, y in loader(dataset, training.batch_size, seed=seed * 1000 + epoch):
             step = chain.train_step(x.to(device), y.to(device))
             total_loss += step.loss * step.num_examples
             correct += step.correct
@@ -119,18 +137,19 @@ def evaluate(
 def train_centralised(
     model: PromptedViT,
     dataset: Dataset,
-    cfg: RunConfig,
+    training: TrainingConfig,
     epochs: int,
+    seed: int,
     on_epoch: Callable[[int, PromptedViT], None] | None = None,
     device: torch.device | None = None,
 ) -> None:
     """Prompt tuning of the unsplit model on pooled data: HFSL's reference point."""
     device = device or torch.device("cpu")
     model.to(device)
-    opt = optimizer_factory(cfg)(model.tunable_parameters())
+    opt = optimizer_factory(training)(model.tunable_parameters())
     for epoch in range(epochs):
         model.train()
-        for x, y in loader(dataset, cfg.batch_size, seed=cfg.seed * 1000 + epoch):
+        for x, y in loader(dataset, training.batch_size, seed=seed * 1000 + epoch):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x.to(device)), y.to(device)).backward()
             opt.step()
