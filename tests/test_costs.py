@@ -162,25 +162,13 @@ def test_an_edge_round_is_the_slowest_cluster_plus_fedavg() -> None:
         hierarchy_round_latency(-1.0, 1000, 5, 1, False, edge, backhaul)
 
 
-def test_round_cost_agrees_with_what_the_chain_counts() -> None:
+def test_the_chain_counts_one_smashed_tensor_per_step_and_hop() -> None:
     model = build_prompted_vit(mode="vpt-deep", num_prompts=2, num_classes=5, **TINY)
     plan = plan_even(6, 2)
     chain = SplitChain(model, plan, lambda ps: torch.optim.SGD(ps, lr=0.1))
     for _ in range(2):
         chain.train_step(torch.randn(3, 3, 32, 32), torch.randint(0, 5, (3,)))
     stats = chain.stats()
-    cluster = ClusterProfile.from_names(
-        load_profiles(),
-        ["phone-mid", "phone-high", "phone-low", "phone-mid"],
-        "d2d-50m",
-        "uplink-1mhz",
-    )
-    flops = [s.flops for s in chain.segments]
-    cost = fine_tuning_round_cost(
-        cluster, flops, stats.hop_bytes_forward, stats.hop_bytes_backward, 6, 100, 100
-    )
-    assert cost.compute_flops == sum(stats.segment_flops.values())
-    assert cost.d2d_bytes == stats.d2d_bytes_forward + stats.d2d_bytes_backward
     # one smashed tensor [3, 1 + 16, 32] per step and hop
     assert stats.hop_bytes_forward == [2 * tensor_wire_bytes((3, 17, 32))] * 3
 

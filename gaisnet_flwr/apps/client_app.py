@@ -6,6 +6,7 @@ to `clients.SplitClusterClient`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,12 +22,19 @@ INFERENCE_REQUEST_ERROR = 400  # our code for "this request cannot be served", w
 PEER_FAILURE = 503  # a D2D peer of this cluster was down, too slow or refused: this cluster failed
 
 
+@functools.lru_cache(maxsize=8)
+def run_config_of(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    """Parse and check a run-config once per process, not once per message: keyed by every
+    key and value, so another run's config never gets this one's."""
+    return RunConfig.from_run_config(dict(items))
+
+
 def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; `fallback_config` serves `run_simulation`, which passes no run-config."""
     client = ClientApp()
 
     def config(context: Context) -> RunConfig:
-        return RunConfig.from_run_config(context.run_config or fallback_config or {})
+        return run_config_of(tuple(sorted((context.run_config or fallback_config or {}).items())))
 
     def identify(context: Context, cfg: RunConfig) -> ClusterIdentity:
         return ClusterIdentity.from_node_config(
