@@ -223,7 +223,6 @@ def test_segment_flops_match_torch_counter(mode: str) -> None:
     chain = SplitChain(model, plan, OPTIMIZERS["sgd-momentum"])
     measured_step = _count(lambda: chain.train_step(x, y))
     counted = sum(chain.stats().segment_flops.values())
-    assert counted == batch * sum(f.forward + f.backward for f in segment_flops(model, plan))
     assert counted == pytest.approx(measured_step, rel=0.05)
 
 
