@@ -36,6 +36,7 @@ from gaisnet_flwr.vit.model import PromptedViT
 from strategies.cloud_edge import CloudEdgeStrategy, edge_key, split_edges
 from strategies.integrated import IntegratedStrategy
 from strategies.registry import build_strategy, resolve_strategy
+from strategies.serving import ServeRequests
 
 
 def wait_for_clusters(grid: Grid, minimum: int = 1, timeout_s: float = 120.0) -> list[int]:
@@ -149,6 +150,26 @@ class HfslRun:
 
         return central_evaluate
 
+    def inference_request(self, modules: ArrayRecord, node: int) -> Message:
+        return inference_message(self.cfg, self.model, modules, node)
+
+    def served(self, reply: Message | None, node: int, edge: int, index: int) -> dict[str, Any]:
+        """The row of a served request (an error row when there was no reply)."""
+        if reply is None:
+            return {"request": index, "node": node, "edge": edge, "error": "no reply"}
+        return inference_row(reply, self.cfg.inference.distribution, node, edge, index)
+
+    def serving_strategy(self) -> ServeRequests:
+        """`inference-requests` SL inference requests after fine-tuning; inference.json keeps
+        each as soon as it is served."""
+        rows: list[dict[str, Any]] = []
+
+        def write(row: dict[str, Any]) -> None:
+            rows.append(row)
+            (self.output_dir / "inference.json").write_text(json.dumps(rows, indent=2))
+
+        return ServeRequests(self.node_edges, self.inference_request, self.served, write)
+
     def integrated_strategy(self) -> IntegratedStrategy:
         cfg = self.cfg
         rows: list[dict[str, Any]] = []
@@ -156,11 +177,6 @@ class HfslRun:
         def write(row: dict[str, Any]) -> None:
             rows.append(row)
             (self.output_dir / "integrated.json").write_text(json.dumps(rows, indent=2))
-
-        def served(reply: Message | None, node: int, edge: int, index: int) -> dict[str, Any]:
-            if reply is None:
-                return {"request": index, "node": node, "edge": edge, "error": "no reply"}
-            return inference_row(reply, cfg.inference.distribution, node, edge, index)
 
         return IntegratedStrategy(
             self.strategy.edge_strategies,
@@ -172,8 +188,8 @@ class HfslRun:
             ),
             energy_price=cfg.scheduling.energy_price,
             evaluate_edge=lambda e, modules: self.evaluate_edge(e, modules)[0],
-            request=lambda modules, node: inference_message(cfg, self.model, modules, node),
-            served=served,
+            request=self.inference_request,
+            served=self.served,
             seed=cfg.run.seed,
             on_round=write,
         )

@@ -21,9 +21,8 @@ from flwr.serverapp.strategy import Result
 
 from gaisnet_flwr.apps.hfsl import HfslRun, prepare
 from gaisnet_flwr.apps.recorder import RoundRecorder
-from gaisnet_flwr.apps.serving import serve_inference
 from gaisnet_flwr.config import RunConfig
-from strategies.cloud_edge import join_edges, split_edges
+from strategies.cloud_edge import join_edges
 
 
 def fine_tune(grid: Grid, run: HfslRun) -> Result:
@@ -37,9 +36,13 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
         evaluate_fn=run.evaluate_fn(recorder),
     )
     path = recorder.save_modules({k: v.numpy() for k, v in result.arrays.items()})
-    serve_inference(
-        grid, cfg, run.model, split_edges(result.arrays), run.node_edges, run.output_dir
-    )
+    if cfg.inference.inference_requests:  # SL inference with the fine-tuned edge models
+        run.serving_strategy().start(
+            grid=grid,
+            initial_arrays=result.arrays,
+            num_rounds=cfg.inference.inference_requests,
+            timeout=300,
+        )
     log(
         INFO,
         "FINAL: central test accuracy %.4f after %d rounds (%d edge(s), %d clusters); "

@@ -1,17 +1,15 @@
-"""SL inference requests from the edge (paper Sec. III-D): deliver the model, ask a cluster's
-start point to run its chain, log and keep what came back. A failed request is reported in its
-row, never raised, so one bad node costs only its own request."""
+"""SL inference requests from the edge (paper Sec. III-D): the message that delivers the model
+to a cluster's start point, and the row that reports what came back (logged). A failed request
+is reported in its row, never raised, so one bad node costs only its own request. The requests
+are sent by strategies (`strategies/serving.py`, `strategies/integrated.py`)."""
 
 from __future__ import annotations
 
-import json
 from logging import INFO
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.vit.model import PromptedViT
@@ -70,38 +68,3 @@ def inference_row(
         metrics["d2d-bytes"] / 1e6,
     )
     return row
-
-
-def serve_request(
-    grid: Grid,
-    cfg: RunConfig,
-    model: PromptedViT,
-    delivered: ArrayRecord,
-    node: int,
-    edge: int,
-    index: int,
-) -> dict[str, Any]:
-    """One SL inference request (paper Sec. III-D) on `node` with its edge's model; a failed
-    request is reported in the returned row, never raised."""
-    request = inference_message(cfg, model, delivered, node)
-    reply = next(iter(grid.send_and_receive([request], timeout=300)))
-    return inference_row(reply, cfg.inference.distribution, node, edge, index)
-
-
-def serve_inference(
-    grid: Grid,
-    cfg: RunConfig,
-    model: PromptedViT,
-    edge_modules: dict[int, ArrayRecord],
-    node_edges: dict[int, int],
-    output_dir: Path,
-) -> list[dict[str, Any]]:
-    """Serve `inference-requests` requests round-robin over the clusters after fine-tuning."""
-    nodes = sorted(node_edges)
-    served: list[dict[str, Any]] = []
-    for i in range(cfg.inference.inference_requests):
-        node = nodes[i % len(nodes)]
-        edge = node_edges[node]
-        served.append(serve_request(grid, cfg, model, edge_modules[edge], node, edge, i))
-        (output_dir / "inference.json").write_text(json.dumps(served, indent=2))
-    return served
