@@ -15,7 +15,7 @@ choices. Each part of the code takes only the section it needs:
     inference   SL inference after fine-tuning                  -> apps (serving)
     scheduling  integrated fine-tuning and inference            -> service (scheduler)
     hierarchy   rounds, edges, the cloud and aggregation        -> strategies, apps
-    run         seed, device, outputs                           -> everyone
+    run         seed, device, outputs, tracking                 -> everyone
 
 Sections check their own values (pure, no I/O). What needs the environment (the cost-profile
 TOML, a checkpoint file, a CUDA device) is checked once by `RunConfig.check_environment`, which
@@ -385,11 +385,14 @@ class HierarchyConfig:
 
 @dataclass(frozen=True)
 class RunSection:
-    """What the whole run shares: its seed, its torch device and where results go."""
+    """What the whole run shares: its seed, its torch device and where results go (files and
+    TensorBoard events in output-dir; an MLflow run too when mlflow-tracking-uri is set)."""
 
     seed: int = 0
     device: str = "auto"  # one of DEVICES; auto = cuda when available
     output_dir: str = "outputs"
+    # "" = no MLflow; e.g. "file:///abs/mlruns" (offline) or a tracking server's http(s) URI
+    mlflow_tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from gaisnet_flwr.apps.recorder import RoundRecorder, aggregate_train_metrics
 from gaisnet_flwr.apps.rounds import RecordedRounds
 from gaisnet_flwr.apps.serving import inference_message, inference_row
+from gaisnet_flwr.apps.tracking import Tracking
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.pricing import hierarchy_round_latency
@@ -170,13 +171,15 @@ class HfslRun:
 
         return ServeRequests(self.node_edges, self.inference_request, self.served, write)
 
-    def integrated_strategy(self) -> IntegratedStrategy:
+    def integrated_strategy(self, tracking: Tracking | None = None) -> IntegratedStrategy:
         cfg = self.cfg
         rows: list[dict[str, Any]] = []
 
         def write(row: dict[str, Any]) -> None:
             rows.append(row)
             (self.output_dir / "integrated.json").write_text(json.dumps(rows, indent=2))
+            if tracking is not None:
+                tracking.log_row(row)
 
         return IntegratedStrategy(
             self.strategy.edge_strategies,

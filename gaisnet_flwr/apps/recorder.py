@@ -1,7 +1,9 @@
 """Per-round results: aggregated client metrics, central evaluation, files on disk.
 
-Every round is appended to `metrics.csv` and `metrics.json` as soon as it is known, so a run that
-stops early keeps every finished round. The final tunable modules go to `final_tunable.npz`.
+Every round is appended to `metrics.csv` and `metrics.json` and to the run's TensorBoard events
+(and MLflow run, with a tracking URI; `tracking.py`) as soon as it is known, so a run that stops
+early keeps every finished round. The final tunable modules go to `final_tunable.npz`; `close`
+draws `summary.png` (`summary.py`) and closes the trackers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
+
+from gaisnet_flwr.apps.tracking import Tracking
 
 # Counters add up over clusters; the slowest cluster sets the round's critical path.
 SUMMED = (
@@ -60,15 +64,31 @@ class RoundRecorder:
 
     A round arrives in two steps, both handed over explicitly: `train_round` with the
     aggregated train MetricRecord and the failed clusters (from the strategy's replies), then
-    `record` with the central evaluation, which completes the row and writes it."""
+    `record` with the central evaluation, which completes the row and writes it (files and
+    trackers). `close` ends the run: summary.png, trackers closed."""
 
-    def __init__(self, output_dir: Path, num_rounds: int) -> None:
+    def __init__(self, output_dir: Path, num_rounds: int, tracking: Tracking | None = None) -> None:
         self.output_dir = output_dir
         self.num_rounds = num_rounds
+        self.tracking = tracking
         self.rows: list[dict[str, Any]] = []
         self._round_started = time.perf_counter()
         self._train: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         output_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_run(
+        cls,
+        output_dir: Path,
+        num_rounds: int,
+        run_config: Mapping[str, Any],
+        mlflow_tracking_uri: str = "",
+    ) -> RoundRecorder:
+        """A run's recorder with its trackers: TensorBoard events in `output_dir` (the
+        run-config as hyper-parameters), MLflow too when a tracking URI is given."""
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tracking = Tracking.open(output_dir, run_config, mlflow_tracking_uri)
+        return cls(output_dir, num_rounds, tracking)
 
     def train_round(
         self,
@@ -93,7 +113,25 @@ class RoundRecorder:
         self._round_started = now
         self.rows.append(row)
         self._write()
+        if self.tracking is not None:
+            self.tracking.log_row(row)
         log(INFO, self.describe(row))
+
+    @property
+    def summary_path(self) -> Path:
+        return self.output_dir / "summary.png"
+
+    def close(self, failed: bool = False) -> Path:
+        """The run is over: draw summary.png, hand it and the metrics to the trackers and
+        close them. Returns the picture's path."""
+        from gaisnet_flwr.apps.summary import plot_summary
+
+        path = plot_summary(self.rows, self.summary_path, title=self.output_dir.name)
+        if self.tracking is not None:
+            names = ("summary.png", "metrics.json", "config.json")
+            self.tracking.close([self.output_dir / n for n in names], failed)
+            self.tracking = None
+        return path
 
     def describe(self, row: dict[str, Any]) -> str:
         head = (

@@ -10,6 +10,7 @@ strategy decides, round by round, to fine-tune an edge model or serve a request 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from logging import INFO
 from typing import Any
@@ -21,21 +22,29 @@ from flwr.serverapp.strategy import Result
 
 from gaisnet_flwr.apps.hfsl import HfslRun, prepare
 from gaisnet_flwr.apps.recorder import RoundRecorder
+from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
 from gaisnet_flwr.config import RunConfig
 from strategies.cloud_edge import join_edges
 
 
 def fine_tune(grid: Grid, run: HfslRun) -> Result:
     cfg = run.cfg
-    recorder = RoundRecorder(run.output_dir, cfg.hierarchy.num_rounds)
-    initial = run.initial_modules()
-    result = run.recorded_rounds(recorder).start(
-        grid=grid,
-        initial_arrays=join_edges({e: initial for e in range(len(run.edges))}),
-        num_rounds=cfg.hierarchy.num_rounds,
-        evaluate_fn=run.evaluate_fn(recorder),
+    recorder = RoundRecorder.for_run(
+        run.output_dir, cfg.hierarchy.num_rounds, cfg.to_dict(), cfg.run.mlflow_tracking_uri
     )
+    initial = run.initial_modules()
+    try:
+        result = run.recorded_rounds(recorder).start(
+            grid=grid,
+            initial_arrays=join_edges({e: initial for e in range(len(run.edges))}),
+            num_rounds=cfg.hierarchy.num_rounds,
+            evaluate_fn=run.evaluate_fn(recorder),
+        )
+    except BaseException:
+        recorder.close(failed=True)  # the rounds so far: summary.png, trackers marked failed
+        raise
     path = recorder.save_modules({k: v.numpy() for k, v in result.arrays.items()})
+    summary = recorder.close()
     if cfg.inference.inference_requests:  # SL inference with the fine-tuned edge models
         run.serving_strategy().start(
             grid=grid,
@@ -46,13 +55,15 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
     log(
         INFO,
         "FINAL: central test accuracy %.4f after %d rounds (%d edge(s), %d clusters); "
-        "results in %s (modules: %s)",
+        "results in %s (modules: %s, picture: %s, TensorBoard: tensorboard --logdir %s)",
         recorder.rows[-1]["accuracy"],
         cfg.hierarchy.num_rounds,
         len(run.edges),
         len(run.node_edges),
         run.output_dir,
         path.name,
+        summary.name,
+        run.output_dir.parent,
     )
     return result
 
@@ -60,18 +71,26 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
 def integrated(grid: Grid, run: HfslRun) -> Result:
     demand = run.cfg.scheduling.demand_list()
     initial = run.initial_modules()
-    result = run.integrated_strategy().start(
-        grid=grid,
-        initial_arrays=join_edges({e: initial for e in range(len(run.edges))}),
-        num_rounds=len(demand),
-    )
+    # TensorBoard (and MLflow) get each round's decision row: profit, energy, accuracies.
+    tracking = Tracking.open(run.output_dir, run.cfg.to_dict(), run.cfg.run.mlflow_tracking_uri)
+    try:
+        result = run.integrated_strategy(tracking).start(
+            grid=grid,
+            initial_arrays=join_edges({e: initial for e in range(len(run.edges))}),
+            num_rounds=len(demand),
+        )
+    finally:
+        names = ("integrated.json", "config.json")
+        tracking.close([run.output_dir / n for n in names], failed=sys.exc_info()[0] is not None)
     log(
         INFO,
-        "FINAL: %s cumulative profit %.1f over %d rounds; results in %s",
+        "FINAL: %s cumulative profit %.1f over %d rounds; results in %s "
+        "(TensorBoard: tensorboard --logdir %s)",
         run.cfg.scheduling.policy,
         result.train_metrics_clientapp[len(demand)]["cumulative-profit"],
         len(demand),
         run.output_dir,
+        run.output_dir.parent,
     )
     return result
 
@@ -83,6 +102,7 @@ def create_server_app(fallback_config: Mapping[str, Any] | None = None) -> Serve
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_run_config(context.run_config or fallback_config or {})
+        check_mlflow(cfg.run.mlflow_tracking_uri)  # before any work
         run = prepare(grid, cfg)
         (integrated if cfg.scheduling.service == "integrated" else fine_tune)(grid, run)
 
