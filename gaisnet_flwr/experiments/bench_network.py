@@ -69,13 +69,13 @@ def run(name: str, peers: int, batch: int, repeats: int, addresses: list[str]) -
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=list(MODELS))
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     print(
         f"torch {torch.__version__}, {threads} threads here and in each peer; {os.cpu_count()} CPUs"

@@ -141,12 +141,12 @@ def stock_fedavg_round(cfg: RunConfig, clusters: int) -> tuple[float, int]:
     return float(result["round-time-s"]), int(result["upload-bytes"])  # type: ignore[arg-type]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-config", default="")
     parser.add_argument("--clusters", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
     Foundation.of(cfg).ensure(load_image_data(cfg.data_spec()), cfg.run.torch_device())
     print(

@@ -24,12 +24,12 @@ from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_ima
 from gaisnet_flwr.training.loops import evaluate, train_centralised
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5"')
     parser.add_argument("--clusters", type=int, default=4, help="clusters the data was split in")
     parser.add_argument("--hfsl", type=Path, help="metrics.json of an HFSL run to compare with")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
     spec = cfg.data_spec()
     data = load_image_data(spec)

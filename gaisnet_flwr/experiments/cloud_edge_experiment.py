@@ -22,14 +22,14 @@ def run(overrides: dict, clusters: int, output_dir: Path) -> list[dict]:
     return run_inprocess({**overrides, "output-dir": str(output_dir)}, clusters).metrics()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--run-config",
         default="edge-domains='invert,invert,invert' edge-shares='1,1,0.1' num-rounds=5",
     )
     parser.add_argument("--clusters", type=int, default=6)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     overrides = parse_overrides(args.run_config)
     cfg = RunConfig.from_run_config(overrides)
     results = {}

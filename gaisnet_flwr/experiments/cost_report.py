@@ -111,7 +111,7 @@ def print_distribution(model: PromptedViT, profiles: Profiles, links: list[str])
     return tunable
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--memory-peers", type=int, default=3, help="cluster size of table 4")
     parser.add_argument("--num-prompts", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=102, help="Oxford Flowers102")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     profiles = load_profiles(args.profiles)
     model = build_model(args.num_prompts, args.num_classes)

@@ -301,7 +301,7 @@ def run(
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="flwr run the app, check it, stop the SuperLink")
@@ -312,7 +312,7 @@ def main() -> int:
     p_run.add_argument("--client-gpus", type=float, default=0.0)
     p_run.add_argument("extra", nargs="*", help="more `flwr run` arguments (after --)")
     sub.add_parser("stop", help="stop the managed SuperLink of $FLWR_HOME and its children")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     # SIGTERM (CI timeouts, `kill`) must run the cleanup in `finally` like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

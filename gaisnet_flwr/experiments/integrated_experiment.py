@@ -18,13 +18,13 @@ from gaisnet_flwr.config import parse_overrides
 from gaisnet_flwr.service.scheduler import POLICIES
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--run-config", default="edge-domains='none,invert' demand='1,1,1,1,1,1,0,1'"
     )
     parser.add_argument("--clusters", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     overrides = {**parse_overrides(args.run_config), "service": "integrated"}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

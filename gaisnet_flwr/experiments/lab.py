@@ -220,14 +220,14 @@ class Lab:
         return outcome
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("run", "up", "down"))
     parser.add_argument("--dir", type=Path, default=REPO / "outputs" / "lab")
     parser.add_argument("--clusters", type=int, default=2)
     parser.add_argument("--peers-per-cluster", type=int, default=1)
     parser.add_argument("--tls", action="store_true", help="TLS everywhere (a throwaway lab CA)")
-    argv = sys.argv[1:]
+    argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.command == "down":
