@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from gaisnet_flwr.vit.model import MODES, ModelError, PromptedViT, build_prompted_vit
 from tests.conftest import TINY, VARIANTS
 
+HEAD_KEYS = ["head.weight", "head.bias"]
+
 
 def build(
     variant: str = "cls-token", mode: str = "vpt-deep", num_prompts: int = 4, **kw: object
@@ -54,7 +56,7 @@ def test_prompted_forward_matches_vpt_reference(variant: str, mode: str) -> None
     torch.testing.assert_close(model(x), vpt_reference(model, x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["cls-token", "avg-pool"])
+@pytest.mark.parametrize("variant", ["cls-token", "avg-pool", "map-pool"])
 def test_prompts_do_not_leak_into_pooled_feature(variant: str) -> None:
     # Whatever sits in the prompt slots of the last block's output, the logits are the same.
     model = build(variant, mode="vpt-shallow", num_prompts=5).eval()
@@ -111,6 +113,24 @@ def test_distilled_head_includes_head_dist() -> None:
     assert {"head.weight", "head_dist.weight", "head_dist.bias"} <= keys
 
 
+@pytest.mark.parametrize("mode", ["vpt-deep", "linear"])
+def test_attention_pool_trains_as_part_of_the_head(mode: str) -> None:
+    # SigLIP's MAP pool runs in timm's forward_head: it trains (and travels) with the head,
+    # under its backbone names; the rest of the backbone stays frozen.
+    model = build("map-pool", mode=mode, num_prompts=2 if mode == "vpt-deep" else 0)
+    pool = {f"attn_pool.{k}" for k, _ in model.backbone.attn_pool.named_parameters()}
+    assert "attn_pool.latent" in pool and "attn_pool.kv.weight" in pool
+    keys = list(model.tunable_state())
+    prompts = [f"prompt.{i}" for i in range(6)] if mode == "vpt-deep" else []
+    assert keys == prompts + [k for k in keys if k.startswith("attn_pool.")] + HEAD_KEYS
+    assert set(keys) - set(prompts) - set(HEAD_KEYS) == pool
+    model.train()
+    assert model.backbone.attn_pool.training and not model.backbone.blocks.training
+    F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+    graded = {k for k, p in model.backbone.named_parameters() if p.grad is not None}
+    assert graded == pool | set(HEAD_KEYS)
+
+
 def test_vpt_initialisation_bound() -> None:
     model = build(num_prompts=50, embed_dim=64)
     bound = (6.0 / (3 * 8 * 8 + 64)) ** 0.5  # VPT: sqrt(6 / (3 * patch_area + dim))
@@ -153,8 +173,8 @@ def test_load_rejects_wrong_shape_missing_and_unknown_keys() -> None:
 def test_unsupported_configurations_fail_when_built() -> None:
     with pytest.raises(ModelError, match="unknown mode 'deep'; valid modes: vpt-deep"):
         build(mode="deep")
-    with pytest.raises(ModelError, match="global_pool 'map' is not supported"):
-        build(global_pool="map")
+    with pytest.raises(ModelError, match="global_pool '' is not supported"):
+        build(global_pool="")
     with pytest.raises(ModelError, match="set num_prompts=0"):
         build(mode="linear", num_prompts=4)
     with pytest.raises(ModelError, match="needs a timm VisionTransformer"):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gaisnet_flwr.costs.profiles import CostConfigError
-from gaisnet_flwr.split.segments import describe_segments
+from gaisnet_flwr.split.segments import AttnPoolShape, describe_segments
 
 if TYPE_CHECKING:
     from gaisnet_flwr.split.plan import SplitPlan
@@ -120,7 +120,12 @@ def segment_memory(
             t = s.plain_tokens
             final_norm = seg.input_needs_grad and _is_layer_norm(bb.norm)  # Identity w/ fc_norm
             saved = b * t * (d + 2) if final_norm else 0
-            if bb.global_pool == "token":
+            if s.attn_pool is not None:  # MAP: trains with the head (or passes a gradient on)
+                if seg.runs_backward:
+                    pool_fused = bool(getattr(model.attn_pool, "fused_attn", False))
+                    saved += b * attn_pool_saved_elements(s.attn_pool, pool_fused)
+                saved += b * d  # the head's input: the pooled feature
+            elif bb.global_pool == "token":
                 saved += b * t * d  # the head saves x[:, 0], a view: the whole norm output stays
             else:
                 if bb.global_pool in ("max", "avgmax"):
@@ -134,6 +139,8 @@ def segment_memory(
             received_saved = final_norm and not seg.edits_input
             smashed = (0 if received_saved else received) + b * s.num_classes
             infer = b * t * d
+            if s.attn_pool is not None:  # + the pool's keys and values
+                infer += b * 2 * s.attn_pool.tokens * s.attn_pool.dim
         tunable = seg.num_trainable * es
         footprints.append(
             MemoryFootprint(
@@ -169,6 +176,19 @@ def block_saved_elements(
     attention = t * d + num_heads * t if fused else num_heads * t * t
     weight_grad_inputs = t * (2 * d + h + (0 if fused else d)) if full else 0
     return t * per_token + attention + weight_grad_inputs
+
+
+def attn_pool_saved_elements(p: AttnPoolShape, fused: bool) -> int:
+    """Elements autograd saves per sample in a timm `AttentionPoolLatent` (MAP) that trains,
+    measured on CPU: kv's input (the T tokens, in_dim wide) and keys and values (2 T dim: views
+    of kv's output for fused SDPA, copies for the explicit path); the queries and the attention
+    output (2 L dim) with fused SDPA's logsumexp (heads L) or the explicit softmax (heads L T);
+    the MLP's LayerNorm (input and mean/rstd), fc1's input and GELU's input and output; the
+    projection's input is the attention output already counted (one latent)."""
+    attention = 2 * p.tokens * p.dim + 2 * p.latents * p.dim
+    attention += p.num_heads * p.latents * (1 if fused else p.tokens)
+    mlp = p.latents * (2 * p.out_dim + 2 + 2 * p.mlp_dim) if p.mlp_dim else 0
+    return p.tokens * p.in_dim + attention + mlp
 
 
 def _block_working_set(dim: int, mlp_dim: int) -> int:

@@ -32,6 +32,44 @@ Role = Literal["start", "peer", "end"]
 
 
 @dataclass(frozen=True)
+class AttnPoolShape:
+    """An attention pool's widths (timm `AttentionPoolLatent`, MAP): `latents` learned queries
+    of width `latent_dim` (projected to `dim` by q unless `q_proj` is off) attend over `tokens`
+    keys/values projected from width `in_dim` (kv: in_dim -> 2 dim); proj dim -> `out_dim`, then
+    a residual MLP out_dim -> `mlp_dim` -> out_dim (mlp_dim 0: none)."""
+
+    tokens: int
+    in_dim: int
+    dim: int
+    latents: int
+    latent_dim: int
+    q_proj: bool
+    out_dim: int
+    mlp_dim: int
+    num_heads: int
+
+    @classmethod
+    def of(cls, model: PromptedViT) -> AttnPoolShape | None:
+        pool = model.attn_pool
+        if pool is None:
+            return None
+        bb = model.backbone
+        patches = bb.patch_embed.num_patches
+        mlp = pool.mlp
+        return cls(
+            tokens=patches + (model.num_prefix_tokens if bb.pool_include_prefix else 0),
+            in_dim=int(pool.kv.in_features),  # type: ignore[union-attr,arg-type]
+            dim=int(pool.kv.out_features) // 2,  # type: ignore[union-attr,arg-type]
+            latents=int(pool.latent_len),  # type: ignore[arg-type]
+            latent_dim=int(pool.latent_dim),  # type: ignore[arg-type]
+            q_proj=isinstance(pool.q, nn.Linear),
+            out_dim=int(pool.out_features),  # type: ignore[arg-type]
+            mlp_dim=int(mlp.fc1.out_features) if mlp is not None else 0,  # type: ignore
+            num_heads=int(pool.num_heads),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
 class ViTShape:
     """What FLOPs and memory depend on: token counts and widths of a (prompted) ViT."""
 
@@ -44,6 +82,7 @@ class ViTShape:
     depth: int
     num_classes: int
     num_heads_out: int = 1  # 2 for DeiT-distilled (head and head_dist)
+    attn_pool: AttnPoolShape | None = None  # MAP models: the pool, part of the end point's head
 
     @property
     def block_tokens(self) -> int:
@@ -69,6 +108,7 @@ class ViTShape:
             depth=model.depth,
             num_classes=getattr(heads[0], "out_features", 0),
             num_heads_out=len(heads),
+            attn_pool=AttnPoolShape.of(model),
         )
 
 
@@ -243,7 +283,8 @@ def describe_segments(model: PromptedViT, plan: SplitPlan) -> ChainSpec:
 def segment_parameters(model: PromptedViT, plan: SplitPlan) -> list[list[nn.Parameter]]:
     """Parameters each node holds, in chain order: the start point the embedding (patch and
     position embeddings, prefix tokens, norm_pre), each peer its blocks and their prompts, the end
-    point norm, fc_norm and the head(s). Together they are every parameter exactly once."""
+    point norm, the attention pool (MAP models), fc_norm and the head(s). Together they are every
+    parameter exactly once."""
     bb = model.backbone
     start = [p for mod in (bb.patch_embed, bb.norm_pre) for p in mod.parameters()]
     start += [
@@ -256,7 +297,8 @@ def segment_parameters(model: PromptedViT, plan: SplitPlan) -> list[list[nn.Para
         prompts = [model.inserted_prompt(i) for i in range(lo, hi)]
         params = [p.tokens for p in prompts if p is not None]
         peers.append(params + [p for i in range(lo, hi) for p in bb.blocks[i].parameters()])
-    end_modules = [bb.norm, bb.fc_norm, *model.head_modules().values()]
+    pool = [model.attn_pool] if model.attn_pool is not None else []
+    end_modules = [bb.norm, *pool, bb.fc_norm, *model.head_modules().values()]  # forward order
     groups = [start, *peers, [p for mod in end_modules for p in mod.parameters()]]
     if sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in model.parameters()):
         raise RuntimeError("segments do not hold the model's parameters exactly once")

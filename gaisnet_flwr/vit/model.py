@@ -5,7 +5,8 @@ each split-learning segment (paper Sec. III-B, Fig. 4):
 
     embed(x)                    start point    patch_embed -> _pos_embed -> patch_drop -> norm_pre
     run_blocks(h, start, stop)  middle peers   [prompt i, block i] for i in range(start, stop)
-    head_forward(h)             end point      norm -> drop prompt tokens -> timm forward_head
+    head_forward(h)             end point      drop prompt tokens -> norm -> timm forward_head
+                                               (pool: token / avg / max / attention pool, then head)
 
 Token layout inside the blocks (VPT, Jia et al. 2022, ``vit.py``): prompts sit after the prefix
 tokens (class, distillation and register tokens) and before the patch tokens,
@@ -15,6 +16,13 @@ tokens (class, distillation and register tokens) and before the patch tokens,
 `vpt-deep` gives every block i its own prompt i, which *replaces* the previous layer's prompt
 outputs; `vpt-shallow` inserts one prompt before block 0 and lets it flow through every block;
 `linear` trains the head only and `full` trains every weight (the baseline).
+
+The head is timm's classifier (`head`, plus `head_dist` for DeiT-distilled) and, in a model that
+pools with attention (MAP: SigLIP and other `global_pool='map'` ViTs), its attention pool
+`attn_pool`: timm builds and drops the pool with the classifier (`reset_classifier`) and runs it
+in `forward_head`, big_vision calls it the MAP head. It trains wherever the head trains (every
+mode) and travels under its backbone names (`attn_pool.latent`, `attn_pool.kv.weight`, ...), as
+`head.*` and `head_dist.*` do. Prompts never reach it: the end point drops them first.
 
 Because vpt-deep discards each layer's prompt outputs, a segment drops them before handing its
 tokens on and the next segment inserts its own prompts: under vpt-deep the smashed data at every
@@ -32,13 +40,15 @@ from typing import Any, cast
 
 import timm
 import torch
+from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 MODES = ("vpt-deep", "vpt-shallow", "linear", "full")
-# `map` pools with attention over every token (prompts would leak into the feature); `''` does
-# not pool at all. Everything else in timm pools over prefix/patch tokens we can hand it exactly.
-SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
+# timm pools over the prefix/patch tokens the end point hands it (prompt slots dropped): by token,
+# reductions, or an attention pool (`map`, a `head` module here). Not supported: `''` (no pooling)
+# and `prr` (a parameter-free refining attention whose FLOPs and memory are not counted here).
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map")
 
 
 class ModelError(ValueError):
@@ -93,11 +103,22 @@ class PromptedViT(nn.Module):
         names = ["head", "head_dist"] if hasattr(self.backbone, "head_dist") else ["head"]
         return {name: getattr(self.backbone, name) for name in names}
 
+    @property
+    def attn_pool(self) -> nn.Module | None:
+        """The attention pool of a MAP-pooled model (trained as part of the head), else None."""
+        return cast(nn.Module | None, getattr(self.backbone, "attn_pool", None))
+
+    def tuned_head_modules(self) -> dict[str, nn.Module]:
+        """What trains as the head in every mode: the attention pool (MAP models) and the
+        classifier(s), by attribute name, in forward order."""
+        pool = {"attn_pool": self.attn_pool} if self.attn_pool is not None else {}
+        return {**pool, **self.head_modules()}
+
     def _freeze(self) -> None:
         # Freeze by module, not by name matching: backbone off, then prompts and head on.
         self.backbone.requires_grad_(self.mode == "full")
         self.prompts.requires_grad_(True)
-        for head in self.head_modules().values():
+        for head in self.tuned_head_modules().values():
             head.requires_grad_(True)
 
     def train(self, mode: bool = True) -> PromptedViT:
@@ -105,12 +126,13 @@ class PromptedViT(nn.Module):
         super().train(mode)
         if self.mode != "full":
             self.backbone.eval()
-            for head in self.head_modules().values():
+            for head in self.tuned_head_modules().values():
                 head.train(mode)
         return self
 
     def named_tunable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Trainable parameters under their tunable-state keys (`prompt.3`, `head.weight`, ...)."""
+        """Trainable parameters under their tunable-state keys (`prompt.3`, `head.weight`,
+        `attn_pool.latent`, ...): prompts, then the backbone's in registration order."""
         for i, prompt in enumerate(self.prompts):
             yield f"prompt.{i}", cast(Prompt, prompt).tokens
         for name, param in self.backbone.named_parameters():
@@ -228,13 +250,13 @@ def _check_supported(backbone: nn.Module, mode: str, num_prompts: int) -> None:
         raise ModelError(f"num_prompts must be >= 0, got {num_prompts}")
     if num_prompts and mode in ("linear", "full"):
         raise ModelError(f"mode {mode!r} trains no prompts; set num_prompts=0 (got {num_prompts})")
-    if (
-        getattr(backbone, "attn_pool", None) is not None
-        or backbone.global_pool not in SUPPORTED_POOLS
+    pool = getattr(backbone, "attn_pool", None)
+    if backbone.global_pool not in SUPPORTED_POOLS or (
+        pool is not None and not isinstance(pool, AttentionPoolLatent)
     ):
         raise ModelError(
-            f"global_pool {backbone.global_pool!r} is not supported (prompt tokens would reach "
-            f"the pooled feature); use one of {', '.join(SUPPORTED_POOLS)}"
+            f"global_pool {backbone.global_pool!r} is not supported; use one of "
+            f"{', '.join(SUPPORTED_POOLS)}"
         )
     if getattr(backbone, "dynamic_img_size", False) or getattr(backbone, "dynamic_img_pad", False):
         raise ModelError(
