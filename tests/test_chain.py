@@ -175,6 +175,19 @@ def test_tensor_serialization_round_trips(dtype: torch.dtype) -> None:
     assert deserialize_tensor(serialize_tensor(torch.tensor(3.5))).item() == 3.5
 
 
+def test_a_hop_keeps_the_memory_layout() -> None:
+    # A prefix-free ViT's tokens leave the patch convolution as [B, N, D] with strides
+    # (N*D, 1, N); the unsplit model keeps that layout, so a hop must too (README "Exactness").
+    model = build("linear", "avg-pool")
+    h = model.embed(torch.randn(2, 3, 32, 32)).detach()
+    assert not h.is_contiguous()
+    back = deserialize_tensor(serialize_tensor(h))
+    assert back.stride() == h.stride() and torch.equal(back, h)
+    assert len(serialize_tensor(h)) == len(serialize_tensor(h.contiguous())) + 3  # the dim order
+    sliced = h[:, ::2]  # not dense: sent as a contiguous copy
+    assert torch.equal(deserialize_tensor(serialize_tensor(sliced)), sliced)
+
+
 def test_corrupt_payloads_are_rejected() -> None:
     payload = serialize_tensor(torch.zeros(2, 3))
     with pytest.raises(LinkError, match="needs 24"):
@@ -206,11 +219,14 @@ def _explicit_attention(model: PromptedViT) -> None:
     # torch's counter does not see the CPU's fused attention kernel; timm's explicit path it does.
     for block in model.backbone.blocks:
         block.attn.fused_attn = False
+    if model.attn_pool is not None:
+        model.attn_pool.fused_attn = False
 
 
 @pytest.mark.parametrize("mode", ["vpt-deep", "vpt-shallow", "linear", "full"])
-def test_segment_flops_match_torch_counter(mode: str) -> None:
-    model = build(mode)
+@pytest.mark.parametrize("variant", ["cls-token", "map-pool"])
+def test_segment_flops_match_torch_counter(variant: str, mode: str) -> None:
+    model = build(mode, variant)
     _explicit_attention(model)
     plan = SplitPlan.from_sizes([2, 4])
     batch = 3
@@ -224,6 +240,34 @@ def test_segment_flops_match_torch_counter(mode: str) -> None:
     measured_step = _count(lambda: chain.train_step(x, y))
     counted = sum(chain.stats().segment_flops.values())
     assert counted == pytest.approx(measured_step, rel=0.05)
+
+
+@pytest.mark.parametrize("mode", ["vpt-deep", "vpt-shallow", "linear", "full"])
+@pytest.mark.parametrize("pool", [{}, dict(class_token=True, pool_include_prefix=True)])
+def test_end_point_flops_with_an_attention_pool_match_torch_counter(mode: str, pool: dict) -> None:
+    # The end point alone (attention pool, head, loss): its count is the counter's, exactly.
+    model = build_prompted_vit(
+        "vit_base_patch16_siglip_224",
+        mode=mode,
+        num_prompts=3 if mode.startswith("vpt") else 0,
+        num_classes=5,
+        **{**TINY, **pool},
+    )
+    _explicit_attention(model)
+    plan = SplitPlan.from_sizes([2, 4])
+    end = describe_segments(model, plan)[-1]
+    batch = 3
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 5, (batch,))
+    h = model.run_blocks(model.embed(x), 0, model.depth).detach()
+    h.requires_grad_(end.input_needs_grad)
+    model.train()
+    measured_forward = _count(lambda: model.head_forward(h))
+    measured_step = _count(lambda: F.cross_entropy(model.head_forward(h), y).backward())
+    flops = segment_flops(model, plan)[-1]
+    assert (measured_forward, measured_step) == (
+        batch * flops.forward,
+        batch * (flops.forward + flops.backward),
+    )
 
 
 def test_vit_b16_flops_match_torch_counter_on_the_meta_device() -> None:
@@ -274,10 +318,18 @@ def _grad_flows_into_blocks(model: PromptedViT, x: torch.Tensor) -> list[bool]:
     return flows
 
 
+DESCRIPTION_CASES = [
+    *(("registers", sizes) for sizes in ([6], [1, 5], [2, 2, 2], [3, 1, 2], [1] * 6)),
+    *(("map-pool", sizes) for sizes in ([6], [3, 1, 2])),
+]
+
+
 @pytest.mark.parametrize("mode", ["vpt-deep", "vpt-shallow", "linear", "full"])
-@pytest.mark.parametrize("sizes", [[6], [1, 5], [2, 2, 2], [3, 1, 2], [1] * 6])
-def test_segment_description_agrees_with_what_happens(mode: str, sizes: list[int]) -> None:
-    model = build(mode, "registers")
+@pytest.mark.parametrize(("variant", "sizes"), DESCRIPTION_CASES)
+def test_segment_description_agrees_with_what_happens(
+    variant: str, sizes: list[int], mode: str
+) -> None:
+    model = build(mode, variant)
     plan = SplitPlan.from_sizes(sizes)
     spec = describe_segments(model, plan)
     named = dict(model.named_parameters())

@@ -81,6 +81,9 @@ def test_compute_and_transmission_formulas() -> None:
 @pytest.mark.parametrize("shape", [(), (7,), (2, 197, 768), (3, 1, 4, 5)])
 def test_tensor_wire_bytes_equals_the_serialized_length(shape: tuple[int, ...]) -> None:
     assert tensor_wire_bytes(shape) == len(serialize_tensor(torch.zeros(shape)))
+    if len(shape) > 1:  # a permuted layout (prefix-free tokens) also carries its dim order
+        permuted = torch.zeros(shape[::-1]).permute(*reversed(range(len(shape))))
+        assert tensor_wire_bytes(shape, permuted=True) == len(serialize_tensor(permuted))
 
 
 # -- a two-peer cluster, by hand --------------------------------------------------------------
@@ -330,13 +333,16 @@ def measured_activations(model: PromptedViT, plan: SplitPlan, batch: int) -> lis
     return measured
 
 
-# Every prefix/pooling layout under vpt-deep; every mode on the class token and on average
-# pooling (whose fc_norm replaces the final norm); the explicit attention path on two modes.
+# Every prefix/pooling layout under vpt-deep; every mode on the class token, on average
+# pooling (whose fc_norm replaces the final norm) and on an attention pool (MAP, trained with the
+# head); the explicit attention path on two modes.
 MEMORY_CASES = [
     *((variant, "vpt-deep", True) for variant in sorted(VARIANTS)),
     *(("cls-token", mode, True) for mode in ("vpt-shallow", "linear", "full")),
     *(("avg-pool", mode, True) for mode in ("vpt-shallow", "linear", "full")),
+    *(("map-pool", mode, True) for mode in ("vpt-shallow", "linear", "full")),
     *(("cls-token", mode, False) for mode in ("vpt-deep", "full")),
+    *(("map-pool", mode, False) for mode in ("vpt-deep", "linear")),
 ]
 
 
@@ -347,11 +353,15 @@ def test_activation_estimate_matches_saved_tensors(variant: str, mode: str, fuse
     model = build_prompted_vit(
         name, mode=mode, num_prompts=prompts, num_classes=5, **{**TINY, **overrides}
     )
-    for block in model.backbone.blocks:
-        block.attn.fused_attn = fused
+    for attention in [block.attn for block in model.backbone.blocks] + [model.attn_pool]:
+        if attention is not None:
+            attention.fused_attn = fused
     plan = SplitPlan.from_sizes([1, 2, 3])
     estimate = [f.activations for f in segment_memory(model, plan, batch_size=2)]
-    assert estimate == pytest.approx(measured_activations(model, plan, batch=2), rel=0.2)
+    measured = measured_activations(model, plan, batch=2)
+    assert estimate == pytest.approx(measured, rel=0.2)
+    if model.attn_pool is not None:  # the end point with its pool: counted exactly
+        assert estimate[-1] == measured[-1]
 
 
 def test_activation_estimate_for_vit_b16_blocks() -> None:

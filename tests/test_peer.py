@@ -20,6 +20,7 @@ from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_ima
 from gaisnet_flwr.deploy.peer import PeerService, parse_args, serve, server_credentials
 from gaisnet_flwr.deploy.pki import make_lab_pki
 from gaisnet_flwr.deploy.remote import (
+    PROTOCOL_VERSION,
     GrpcHop,
     NetworkPeers,
     PeerClient,
@@ -73,12 +74,17 @@ def lab() -> Iterator[Lab]:
     running.stop()
 
 
-def network(lab: Lab, num_classes: int, transport: TransportSettings | None = None):
+def network(
+    lab: Lab,
+    num_classes: int,
+    transport: TransportSettings | None = None,
+    cfg: RunConfig = CFG,
+):
     settings = PeerSettings(tuple(lab.addresses), transport or TransportSettings(timeout_s=30))
     return NetworkPeers(
         settings,
-        model_spec(model_kwargs(CFG.model, CFG.cloud), num_classes),
-        optimizer_spec(CFG.training),
+        model_spec(model_kwargs(cfg.model, cfg.cloud), num_classes),
+        optimizer_spec(cfg.training),
     )
 
 
@@ -103,6 +109,34 @@ def test_network_training_equals_in_process_training(lab: Lab, cluster_data) -> 
     assert got.chain == expected.chain
     assert got.chain.hop_bytes_backward[0] == 0  # nothing goes back to the frozen start point
     assert all(s.session is None for s in lab.services)  # every session closed
+
+
+@pytest.mark.parametrize("mode", ["vpt-deep", "full"])
+def test_an_attention_pooled_model_trains_over_the_network_bit_for_bit(
+    lab: Lab, cluster_data, mode: str
+) -> None:
+    # SigLIP (no prefix tokens, MAP head): the end point peer holds and trains the attention
+    # pool with the head and hands it back; every hop keeps the tokens' memory layout.
+    cfg = CFG.replace(
+        model_name="vit_base_patch16_siglip_224",
+        mode=mode,
+        num_prompts=4 if mode == "vpt-deep" else 0,
+        optimizer="adamw",
+    )
+    num_classes, train, _ = cluster_data
+    local = build_model(cfg.model, cfg.cloud, num_classes, cfg.run.seed)
+    remote = copy.deepcopy(local)
+    plan = cfg.plan()
+    pool_keys = [k for k in local.tunable_state() if k.startswith("attn_pool.")]
+    assert "attn_pool.latent" in pool_keys
+    net = network(lab, num_classes, cfg=cfg)
+    expected = train_cluster(local, plan, train, cfg.training, seed=3)
+    got = train_cluster(remote, plan, train, cfg.training, seed=3, remote=net)
+    for key, value in local.tunable_state().items():
+        assert torch.equal(remote.tunable_state()[key], value), key
+    assert got.loss == expected.loss and got.chain == expected.chain
+    end = lab.services[-1]
+    assert end.session is None  # closed, the pool handed back with the head
 
 
 def test_network_inference_equals_in_process_inference(lab: Lab, cluster_data) -> None:
@@ -167,7 +201,7 @@ def test_modules_that_are_not_the_segments_own_are_refused(lab: Lab, cluster_dat
     model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
     peers.open(model, CFG.plan(), True, 0.0)  # ships the weights
     client = PeerClient("peer1", lab.addresses[0], TransportSettings())
-    header = {"version": 1, "session": "x", "index": 1, "ranges": [[0, 3], [3, 6]],
+    header = {"version": PROTOCOL_VERSION, "session": "x", "index": 1, "ranges": [[0, 3], [3, 6]],
               "model": peers.model_spec, "optimizer": {"name": "sgd", "lr": 0.1}, "train": True,
               "next": None, "weights-key": next(iter(lab.services[0]._weights))}  # fmt: skip
     with pytest.raises(PeerError, match=r"modules \['prompt.5'\] are not this segment's"):

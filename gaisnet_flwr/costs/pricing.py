@@ -45,9 +45,10 @@ def tx_energy_j(num_bytes: float, link: LinkProfile) -> float:
     return link.power_w * tx_time_s(num_bytes, link)
 
 
-def tensor_wire_bytes(shape: Sequence[int], element_size: int = 4) -> int:
-    """Bytes `link.serialize_tensor` puts on the wire: a 2 + 8 * ndim header and the data."""
-    return 2 + 8 * len(shape) + math.prod(shape) * element_size
+def tensor_wire_bytes(shape: Sequence[int], element_size: int = 4, permuted: bool = False) -> int:
+    """Bytes `link.serialize_tensor` puts on the wire: a 2 + 8 * ndim header (+ ndim bytes of
+    dim order for a `permuted` layout, e.g. a prefix-free ViT's tokens) and the data."""
+    return 2 + 8 * len(shape) + (len(shape) if permuted else 0) + math.prod(shape) * element_size
 
 
 # -- a cluster and its costs ----------------------------------------------------------------------

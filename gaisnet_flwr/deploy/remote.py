@@ -45,7 +45,7 @@ from gaisnet_flwr.split.segments import segment_parameters
 from gaisnet_flwr.vit.model import ModelError, PromptedViT
 
 SERVICE = "gaisnet.Peer"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: tensors keep their memory layout on the wire (split/link.py)
 MB = 2**20
 
 

@@ -4,6 +4,13 @@ Every hop serializes the tensor it hands on, so the bytes we count are the bytes
 carry. `InProcessLink` is the simulation's link: it serializes, counts and deserializes in the same
 process. A network link (gRPC between lab devices) implements the same `Link` protocol, so the chain
 never changes when the transport does.
+
+A hop keeps the tensor's memory layout: a dense tensor whose dimensions lie in memory in another
+order than its shape (a prefix-free ViT's tokens straight from the patch convolution are
+[B, N, D] with strides (N*D, 1, N)) is sent in memory order with its dim order, and arrives with
+the same strides. The unsplit model keeps that layout through every block; a hop that made it
+contiguous would let later reductions (average pooling, the backward's sums) round differently,
+and the chain would no longer train bit for bit like the unsplit model (README "Exactness").
 """
 
 from __future__ import annotations
@@ -29,30 +36,55 @@ _DTYPES: tuple[torch.dtype, ...] = (
     torch.bool,
 )
 _HEADER = struct.Struct("<BB")  # dtype code, ndim; then ndim little-endian int64 sizes
+# Set in the ndim byte when ndim bytes of dim order (outermost first) follow the sizes.
+_DIM_ORDER = 0x80
 
 
 class LinkError(ValueError):
     """A payload that does not decode to a well-formed tensor."""
 
 
+def dim_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """The order in which `tensor`'s dimensions lie in memory, outermost first, if it is dense
+    but not contiguous (a permutation of a contiguous tensor); None otherwise (contiguous, or
+    not dense: sent as a contiguous copy)."""
+    if tensor.is_contiguous() or tensor.dim() >= _DIM_ORDER:
+        return None
+    strides = tensor.stride()
+    order = tuple(sorted(range(tensor.dim()), key=lambda d: (-strides[d], d)))
+    return order if tensor.permute(order).is_contiguous() else None
+
+
 def serialize_tensor(tensor: torch.Tensor) -> bytes:
-    """Tensor -> bytes: a small header (dtype, shape) and the raw little-endian data."""
+    """Tensor -> bytes: a small header (dtype, shape, and the dim order of a permuted layout)
+    and the raw little-endian data in memory order."""
     if tensor.dtype not in _DTYPES:
         raise LinkError(f"dtype {tensor.dtype} cannot be sent; supported: {list(_DTYPES)}")
-    t = tensor.detach().to("cpu").contiguous()
-    header = _HEADER.pack(_DTYPES.index(t.dtype), t.dim()) + struct.pack(f"<{t.dim()}q", *t.shape)
-    return header + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    t = tensor.detach().to("cpu")
+    order = dim_order(t)
+    data = t.contiguous() if order is None else t.permute(order)  # both contiguous
+    flag = 0 if order is None else _DIM_ORDER
+    header = _HEADER.pack(_DTYPES.index(t.dtype), t.dim() | flag)
+    header += struct.pack(f"<{t.dim()}q", *t.shape) + bytes(order or ())
+    return header + data.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def deserialize_tensor(payload: bytes, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bytes -> tensor, checking that the header and the data length agree."""
+    """Bytes -> tensor (with the sender's memory layout), checking that the header and the data
+    length agree."""
     if len(payload) < _HEADER.size:
         raise LinkError(f"payload of {len(payload)} bytes is shorter than the header")
     code, ndim = _HEADER.unpack_from(payload)
     if code >= len(_DTYPES):
         raise LinkError(f"unknown dtype code {code}")
-    offset = _HEADER.size + 8 * ndim
+    permuted, ndim = bool(ndim & _DIM_ORDER), ndim & ~_DIM_ORDER
+    offset = _HEADER.size + 8 * ndim + (ndim if permuted else 0)
+    if len(payload) < offset:
+        raise LinkError(f"payload of {len(payload)} bytes is shorter than its header ({offset})")
     shape = struct.unpack_from(f"<{ndim}q", payload, _HEADER.size)
+    order = tuple(payload[offset - ndim : offset]) if permuted else tuple(range(ndim))
+    if sorted(order) != list(range(ndim)):
+        raise LinkError(f"dim order {order} is not a permutation of {ndim} dimensions")
     dtype = _DTYPES[code]
     expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     if len(payload) - offset != expected:
@@ -61,7 +93,9 @@ def deserialize_tensor(payload: bytes, device: torch.device | str = "cpu") -> to
             f"needs {expected}"
         )
     data = torch.frombuffer(bytearray(payload[offset:]), dtype=torch.uint8)
-    return data.view(dtype).reshape(shape).to(device)
+    stored = data.view(dtype).reshape([shape[d] for d in order])  # memory order
+    inverse = sorted(range(ndim), key=order.__getitem__)
+    return stored.permute(inverse).to(device)  # `to` keeps the strides of a dense tensor
 
 
 @dataclass

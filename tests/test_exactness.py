@@ -1,0 +1,192 @@
+"""On CPU the split chain trains bit for bit like the unsplit `PromptedViT` (README "Exactness"),
+for every timm ViT family we support, and `PromptedViT` with 0 prompts is timm's own forward.
+
+Families cover the prefix layouts (class token, none, registers, distillation token), LayerScale,
+pre-norm and residual post-norm blocks, and every pooling (token, avg, max, avgmax, attention
+pool). A model without prefix tokens hands on tokens in the patch convolution's permuted layout
+([B, N, D], strides (N*D, 1, N)); the hops keep it (split/link.py), so reductions round the same.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+
+from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.data.images import load_image_data
+from gaisnet_flwr.split.chain import SplitChain
+from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.training.loops import build_model, train_centralised, train_cluster
+from gaisnet_flwr.vit.model import MODES, PromptedViT, build_prompted_vit
+
+SHAPE = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2)
+
+# name: (timm model, overrides); SHAPE makes each tiny (16 patches, 4 blocks, width 32).
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "class-token": ("vit_tiny_patch16_224", {}),
+    "no-prefix-avg": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
+    "no-prefix-max": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="max")),
+    "avgmax": ("vit_tiny_patch16_224", dict(global_pool="avgmax")),
+    "registers-gap": ("vit_medium_patch16_reg4_gap_256", {}),  # 4 registers, no class token
+    "registers-token": ("vit_tiny_patch16_224", dict(reg_tokens=4)),
+    "distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "layerscale": ("deit3_small_patch16_224", {}),  # also no_embed_class
+    "pre-norm": ("vit_base_patch32_clip_224", {}),
+    "res-post-norm": ("vit_base_patch16_rpn_224", {}),  # no prefix, avg pooling
+    "map-siglip": ("vit_base_patch16_siglip_224", {}),  # no prefix, attention pool
+    "map-class-token": (
+        "vit_base_patch16_siglip_224",
+        dict(class_token=True, pool_include_prefix=True),
+    ),
+}
+
+OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01),
+}
+PLANS = [SplitPlan.from_sizes(sizes) for sizes in ([4], [1, 3], [2, 1, 1], [1, 1, 1, 1])]
+STEPS = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors gain nothing from threads (and spin on a loaded 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(family: str, mode: str, num_prompts: int | None = None) -> PromptedViT:
+    name, overrides = FAMILIES[family]
+    if num_prompts is None:
+        num_prompts = 3 if mode.startswith("vpt") else 0
+    return build_prompted_vit(
+        name, mode=mode, num_prompts=num_prompts, num_classes=5, **{**SHAPE, **overrides}
+    )
+
+
+class LogitSpy:
+    """Records the logits every training step hands to the loss (the chain's end point and the
+    unsplit loop both call `F.cross_entropy`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.logits: list[torch.Tensor] = []
+        original = F.cross_entropy
+
+        def spy(logits: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            self.logits.append(logits.detach().clone())
+            return original(logits, *args, **kwargs)
+
+        monkeypatch.setattr(F, "cross_entropy", spy)
+
+    def take(self) -> torch.Tensor:
+        (logits,) = self.logits
+        self.logits.clear()
+        return logits
+
+
+def snapshot(model: PromptedViT) -> dict[str, torch.Tensor]:
+    """Every parameter, and the gradient of every tunable one, as they stand."""
+    state = {f"param {k}": p.detach().clone() for k, p in model.named_parameters()}
+    for key, p in model.named_tunable_parameters():
+        assert p.grad is not None, key
+        state[f"grad {key}"] = p.grad.clone()
+    return state
+
+
+def assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str):
+    assert got.keys() == expected.keys()
+    differ = {
+        k: float((got[k] - expected[k]).abs().max())
+        for k in got
+        if not torch.equal(got[k], expected[k])
+    }
+    assert not differ, f"{where}: not bit-identical: {differ}"
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_split_chain_trains_bit_for_bit_like_the_unsplit_model(
+    family: str, mode: str, optimizer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    initial = build(family, mode)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))) for _ in range(STEPS)]
+    spy = LogitSpy(monkeypatch)
+
+    # The unsplit model, step by step: loss, logits, then every gradient and parameter.
+    whole = copy.deepcopy(initial).train()
+    opt = OPTIMIZERS[optimizer](whole.tunable_parameters())
+    expected = []
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(whole(x), y)
+        loss.backward()
+        opt.step()
+        expected.append((loss.item(), spy.take(), snapshot(whole)))
+
+    for plan in PLANS:
+        split = copy.deepcopy(initial)
+        chain = SplitChain(split, plan, OPTIMIZERS[optimizer])
+        for step, ((x, y), (loss, logits, state)) in enumerate(zip(batches, expected, strict=True)):
+            where = f"plan {plan.ranges} step {step}"
+            assert chain.train_step(x, y).loss == loss, where
+            assert torch.equal(spy.take(), logits), where
+            assert_equal(snapshot(split), state, where)
+        x = batches[0][0]
+        assert torch.equal(chain.infer(x), whole.eval()(x)), f"plan {plan.ranges} inference"
+        whole.train()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_zero_prompts_is_timms_forward(family: str, mode: str) -> None:
+    model = build(family, mode, num_prompts=0).eval()
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(model(x), model.backbone(x))
+
+
+@pytest.mark.parametrize(
+    ("model_name", "mode"),
+    [
+        ("vit_base_patch16_rpn_224", "full"),  # the issue's case: no prefix, avg pooling
+        ("vit_base_patch16_siglip_224", "full"),
+        ("vit_base_patch16_siglip_224", "vpt-deep"),
+    ],
+)
+def test_a_cluster_round_equals_centralised_training_from_the_run_config(
+    model_name: str, mode: str
+) -> None:
+    # What the apps run (train_cluster over the split chain) against the unsplit model on the
+    # same batches (train_centralised), from a run-config, with AdamW: bit for bit.
+    cfg = RunConfig.from_run_config(
+        {
+            "foundation": "none",
+            "model-name": model_name,
+            "mode": mode,
+            "num-prompts": 4 if mode.startswith("vpt") else 0,
+            "optimizer": "adamw",
+            "depth": 3,
+            "embed-dim": 32,
+            "num-heads": 2,
+            "peers-per-cluster": 3,
+            "batch-size": 16,
+        }
+    )
+    data = load_image_data(cfg.data_spec())
+    train = Subset(data.train, range(48))  # 3 steps
+    split = build_model(cfg.model, cfg.cloud, data.num_classes, cfg.run.seed)
+    whole = copy.deepcopy(split)
+    train_cluster(split, cfg.plan(), train, cfg.training, seed=5)
+    train_centralised(whole, train, cfg.training, epochs=1, seed=5)
+    expected = whole.tunable_state()
+    for key, value in split.tunable_state().items():
+        assert torch.equal(value, expected[key]), key
