@@ -34,7 +34,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from gaisnet_flwr.costs.pricing import ClusterProfile
 from gaisnet_flwr.costs.profiles import (
@@ -44,11 +46,11 @@ from gaisnet_flwr.costs.profiles import (
     Profiles,
     load_profiles,
 )
-from gaisnet_flwr.data.images import DATASETS, DOMAINS, PARTITIONINGS, DataSpec
+from gaisnet_flwr.data.images import DATASETS, DOMAINS, PARTITIONINGS, DataSpec, dataset_classes
 from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
 from gaisnet_flwr.split.plan import PLANNERS, SplitPlan, make_plan
-from gaisnet_flwr.vit.model import MODES
+from gaisnet_flwr.vit.model import MODES, ModelError, build_prompted_vit
 
 FOUNDATIONS = ("cloud", "timm", "file", "none")
 SERVICES = ("fine-tuning", "integrated")
@@ -56,6 +58,9 @@ CLOUD_MODULES = ("prompts", "all")
 DEVICES = ("auto", "cpu", "cuda")
 # How the edge ships a model for SL inference: the tunable modules only, or every weight.
 DISTRIBUTIONS = ("efficient", "full")
+SEED_MAX = 2**32 - 1  # numpy's seed range (and torch's, with the offsets the loops add)
+# The largest model the run may build: ViT-g/14 has about 1.0e9 parameters (4 GB in float32).
+MAX_PARAMETERS = 1_000_000_000
 
 
 class ConfigError(ValueError):
@@ -114,11 +119,13 @@ def _number_list(key: str, text: str, kind: type[int] | type[float]) -> list[Any
 
 def _positive_list(key: str, text: str, values: list[float], count: int) -> None:
     """`values` (read from `text`) must be `count` finite positive numbers."""
-    if len(values) != count or not all(math.isfinite(v) and v > 0 for v in values):
-        what = {"peer-speeds": "peer", "edge-shares": "edge in edge-domains"}[key]
-        raise ConfigError(
-            f"{key}={text!r} must list {count} positive numbers (one per {what}), or be empty"
-        )
+    what = {"peer-speeds": "peer", "edge-shares": "edge in edge-domains"}[key]
+    valid = f"must list {count} finite positive numbers (one per {what}), or be empty"
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ConfigError(f"{key}={text!r}: {bad[0]!r} is not a finite number > 0; {valid}")
+    if len(values) != count:
+        raise ConfigError(f"{key}={text!r} lists {len(values)} number(s); {valid}")
 
 
 def _key(name: str) -> str:
@@ -136,22 +143,69 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         )
 
 
-def _at_least(section: Any, minimum: int, *names: str) -> None:
+def _ints(section: Any, low: int, high: int, *names: str) -> None:
+    """Each int field in [low, high]."""
     for name in names:
-        if getattr(section, name) < minimum:
-            raise ConfigError(f"{_key(name)} must be >= {minimum}, got {getattr(section, name)}")
+        value = getattr(section, name)
+        if not low <= value <= high:
+            raise ConfigError(
+                f"{_key(name)}={value!r} is out of range: must be >= {low} and <= {high}"
+            )
 
 
-def _positive(section: Any, *names: str) -> None:
+def _floats(
+    section: Any,
+    low: float,
+    high: float | None,
+    *names: str,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Each float field finite (nan and inf refused by name) and within the bounds."""
     for name in names:
-        if not getattr(section, name) > 0:
-            raise ConfigError(f"{_key(name)} must be > 0, got {getattr(section, name)}")
+        value = getattr(section, name)
+        above = value > low if low_open else value >= low
+        below = high is None or (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and above and below):
+            raise ConfigError(
+                f"{_key(name)}={value!r} is not valid: must be a finite number "
+                f"{_bounds(low, high, low_open, high_open)}"
+            )
+
+
+def _bounds(low: float, high: float | None, low_open: bool, high_open: bool) -> str:
+    if high is not None and not low_open and not high_open:
+        return f"in [{low:g}, {high:g}]"
+    text = f"> {low:g}" if low_open else f">= {low:g}"
+    if high is not None:
+        text += f" and < {high:g}" if high_open else f" and <= {high:g}"
+    return text
+
+
+def _divisors(n: int, at_most: int) -> str:
+    return ", ".join(str(d) for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _folder(key: str, value: str, path: Path) -> None:
+    """`path` must be a folder or creatable as one: the nearest existing path at or above it
+    must be a directory."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{key}={value!r}: {existing} is a file, not a folder; {key} must name a folder "
+            f"(created if missing)"
+        )
 
 
 def _cast(key: str, value: Any, kind: type) -> Any:
     # TOML gives int/float/bool/str; accept an int where a float is wanted, nothing else.
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}={value!r} is too large for a float") from None
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -160,7 +214,15 @@ def _cast(key: str, value: Any, kind: type) -> Any:
 # -- sections -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelConfig:
-    """A timm ViT by name, with shape overrides, and its prompt tuning (paper Sec. III-A)."""
+    """A timm ViT by name, with shape overrides, and its prompt tuning (paper Sec. III-A).
+
+    Limits (generous: beyond ViT-g/14 and the paper's ViT-B/16, yet every model within them
+    builds in seconds): img-size 1..1024, patch-size 1..img-size and a divisor of it, at most
+    4096 patches ((img-size / patch-size)^2), depth 1..48, embed-dim 1..4096, num-heads 1..64
+    and a divisor of embed-dim, num-prompts 0..1024, and at most 1e9 parameters in all.
+    `RunConfig.check_environment` builds the model on the meta device (no memory) to prove that
+    model-name is a timm VisionTransformer that takes these shapes.
+    """
 
     model_name: str = "vit_tiny_patch16_224"
     img_size: int = 32
@@ -173,15 +235,46 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
-        _at_least(self, 1, "img_size", "patch_size", "depth", "embed_dim", "num_heads")
-        _at_least(self, 0, "num_prompts")
+        if not self.model_name.strip():
+            raise ConfigError(
+                "model-name='' is not valid: name a timm ViT, e.g. vit_tiny_patch16_224"
+            )
+        _ints(self, 1, 1024, "img_size")
+        if not 1 <= self.patch_size <= self.img_size:
+            raise ConfigError(
+                f"patch-size={self.patch_size} is out of range: must be >= 1 and <= "
+                f"img-size={self.img_size}, and divide it"
+            )
+        _ints(self, 1, 48, "depth")
+        _ints(self, 1, 4096, "embed_dim")
+        _ints(self, 1, 64, "num_heads")
+        _ints(self, 0, 1024, "num_prompts")
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"patch-size={self.patch_size} must divide img-size={self.img_size} (the image "
+                f"is cut into patch-size tiles); valid: {_divisors(self.img_size, 1024)}"
+            )
+        if (patches := (self.img_size // self.patch_size) ** 2) > 4096:
+            raise ConfigError(
+                f"img-size={self.img_size} with patch-size={self.patch_size} makes {patches} "
+                f"patches; at most 4096 (raise patch-size or lower img-size)"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"num-heads={self.num_heads} must divide embed-dim={self.embed_dim} (each head "
+                f"gets embed-dim / num-heads channels); valid: {_divisors(self.embed_dim, 64)}"
+            )
         if self.mode in ("linear", "full") and self.num_prompts:
             raise ConfigError(f"mode {self.mode!r} trains no prompts: set num-prompts=0")
 
 
 @dataclass(frozen=True)
 class FoundationConfig:
-    """The frozen foundation model: one of FOUNDATIONS (see gaisnet_flwr/cloud/foundation.py)."""
+    """The frozen foundation model: one of FOUNDATIONS (see gaisnet_flwr/cloud/foundation.py).
+
+    Limits: pretrain-epochs 0..1000, pretrain-lr a finite number in (0, 10]; foundation-dir
+    must be a folder (or creatable as one).
+    """
 
     foundation: str = "cloud"
     checkpoint_path: str = ""  # weights file for foundation = "file"
@@ -191,8 +284,8 @@ class FoundationConfig:
 
     def __post_init__(self) -> None:
         _choice("foundation", self.foundation, FOUNDATIONS)
-        _at_least(self, 0, "pretrain_epochs")
-        _positive(self, "pretrain_lr")
+        _ints(self, 0, 1000, "pretrain_epochs")
+        _floats(self, 0, 10, "pretrain_lr", low_open=True)
 
     def directory(self) -> Path:
         if self.foundation_dir:
@@ -202,7 +295,10 @@ class FoundationConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """A client cluster: start point -> `peers_per_cluster` D2D peers -> end point (Fig. 4)."""
+    """A client cluster: start point -> `peers_per_cluster` D2D peers -> end point (Fig. 4).
+
+    Limits: peers-per-cluster 1..48 (and at most depth); peer-speeds finite numbers > 0.
+    """
 
     peers_per_cluster: int = 3
     peer_speeds: str = ""  # relative compute speeds, e.g. "1,2,1"; "" = the peers' devices
@@ -210,7 +306,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _choice("planner", self.planner, PLANNERS)
-        _at_least(self, 1, "peers_per_cluster")
+        _ints(self, 1, 48, "peers_per_cluster")
         if self.peer_speeds.strip():
             _positive_list("peer-speeds", self.peer_speeds, self.speeds(), self.peers_per_cluster)
 
@@ -221,7 +317,11 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """One cluster's local optimisation over its split chain, per round."""
+    """One cluster's local optimisation over its split chain, per round.
+
+    Limits: local-epochs 1..1000, batch-size 1..4096, lr a finite number in (0, 10], momentum
+    in [0, 1), weight-decay in [0, 1].
+    """
 
     local_epochs: int = 1
     optimizer: str = "sgd"  # one of OPTIMIZERS
@@ -232,15 +332,21 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _at_least(self, 1, "local_epochs", "batch_size")
-        _positive(self, "lr")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        _ints(self, 1, 1000, "local_epochs")
+        _ints(self, 1, 4096, "batch_size")
+        _floats(self, 0, 10, "lr", low_open=True)
+        _floats(self, 0, 1, "momentum", high_open=True)
+        _floats(self, 0, 1, "weight_decay")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The dataset and how the edge's data is partitioned into clusters."""
+    """The dataset and how the edge's data is partitioned into clusters.
+
+    Limits: classes-per-cluster >= 1 (with partitioning='classes', at most the dataset's
+    classes: digits 10, flowers102 102, imagefolder its class folders), dirichlet-alpha a
+    finite number in (0, 1e6], val-fraction in (0, 1).
+    """
 
     dataset: str = "digits"  # one of DATASETS; digits ships with scikit-learn (no download)
     data_dir: str = ""
@@ -256,6 +362,8 @@ class DataConfig:
                 f"val-fraction={self.val_fraction} must be in the open interval (0, 1)"
             )
         _choice("partitioning", self.partitioning, PARTITIONINGS)
+        _ints(self, 1, 100_000, "classes_per_cluster")
+        _floats(self, 0, 1e6, "dirichlet_alpha", low_open=True)
 
 
 @dataclass(frozen=True)
@@ -277,6 +385,41 @@ class CostConfig:
         """The presets, plus and overridden by `cost-profiles` (read once per section: a
         changed section is a new object, so the cache never goes stale)."""
         return load_profiles(Path(self.cost_profiles).expanduser() if self.cost_profiles else None)
+
+    def check(self) -> None:
+        """Read `cost-profiles` and resolve every profile name, each refusal naming its key
+        (`start-device='nope': unknown device profile 'nope'; valid: ...`)."""
+        path = self.cost_profiles
+        if path:
+            file = Path(path).expanduser()
+            what = "a TOML file of [devices.NAME] / [links.NAME] tables, or '' for the presets"
+            if not file.exists():
+                raise ConfigError(f"cost-profiles={path!r}: no such file; it must name {what}")
+            if not file.is_file():
+                raise ConfigError(f"cost-profiles={path!r} is not a file; it must name {what}")
+            try:
+                self.profiles  # noqa: B018 - reads and checks the file once
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError(f"cost-profiles={path!r} is not valid TOML: {err}") from err
+            except OSError as err:
+                raise ConfigError(f"cost-profiles={path!r} cannot be read: {err}") from err
+            except CostConfigError as err:
+                raise ConfigError(f"cost model: cost-profiles={path!r}: {err}") from err
+        names = [
+            (f.name, name.strip())
+            for f in fields(self)
+            if f.name.endswith(("_device", "_devices", "_link", "uplink"))
+            for name in getattr(self, f.name).split(",")
+            if name.strip() or f.name != "peer_devices"
+        ]
+        for field, name in names:
+            lookup = self.profiles.device if "device" in field else self.profiles.link
+            try:
+                lookup(name)
+            except CostConfigError as err:
+                raise ConfigError(
+                    f"cost model: {_key(field)}={getattr(self, field)!r}: {err}"
+                ) from err
 
     def cluster_profile(self, num_peers: int) -> ClusterProfile:
         """Devices in chain order (start, peers cycled, end), D2D hops and the uplink."""
@@ -303,19 +446,23 @@ class CostConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """SL inference after fine-tuning (paper Sec. III-D)."""
+    """SL inference after fine-tuning (paper Sec. III-D). Limits: inference-requests 0..10000."""
 
     inference_requests: int = 2  # requests served after fine-tuning (round-robin over clusters)
     distribution: str = "efficient"  # ship the tunable modules only, or "full": every weight
 
     def __post_init__(self) -> None:
         _choice("distribution", self.distribution, DISTRIBUTIONS)
-        _at_least(self, 0, "inference_requests")
+        _ints(self, 0, 10_000, "inference_requests")
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Integrated fine-tuning and inference (paper Sec. IV-C): each round fine-tune or serve."""
+    """Integrated fine-tuning and inference (paper Sec. IV-C): each round fine-tune or serve.
+
+    Limits: service-value, finetune-cost and energy-price finite numbers >= 0; demand at most
+    10000 rounds.
+    """
 
     service: str = "fine-tuning"  # or "integrated": the scheduler decides each round
     policy: str = "mlcp"  # one of POLICIES: rs, msip, mlcp
@@ -327,6 +474,9 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         _choice("service", self.service, SERVICES)
         _choice("policy", self.policy, POLICIES)
+        _floats(self, 0, None, "service_value", "finetune_cost", "energy_price")
+        if len(self.demand_list()) > 10_000:
+            raise ConfigError(f"demand lists {len(self.demand_list())} rounds; at most 10000")
 
     def demand_list(self) -> list[int]:
         return _number_list("demand", self.demand, int)
@@ -335,7 +485,14 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class HierarchyConfig:
     """Rounds, edge servers (one domain each), the cloud, and each edge's aggregation
-    (paper Sec. III-B)."""
+    (paper Sec. III-B).
+
+    Limits: num-rounds 1..10000, cloud-every 0..10000, cloud-mix and fraction-evaluate in
+    [0, 1], min-clusters 0..10000, at most 64 edge-domains, edge-shares finite numbers > 0,
+    strategy-options values finite numbers, strings or booleans. The strategy's name and
+    options are resolved by the apps (`apps/hfsl.py: check_run_config`: building the strategy
+    once), which may import the strategies.
+    """
 
     num_rounds: int = 5
     edge_domains: str = "none"  # one domain per edge server, comma-separated (DOMAINS)
@@ -349,18 +506,30 @@ class HierarchyConfig:
     min_clusters: int = 0  # deployment: wait for this many SuperNodes; 0 = whoever is there
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "num_rounds")
-        _at_least(self, 0, "min_clusters")
+        _ints(self, 1, 10_000, "num_rounds")
+        _ints(self, 0, 10_000, "min_clusters", "cloud_every")
         _choice("cloud_modules", self.cloud_modules, CLOUD_MODULES)
+        if self.num_edges() > 64:
+            raise ConfigError(f"edge-domains lists {self.num_edges()} edges; at most 64")
         for domain in self.domains():
             _choice("edge_domains", domain, DOMAINS)
         if self.edge_shares.strip():
             _positive_list("edge-shares", self.edge_shares, self.shares(), self.num_edges())
-        if self.cloud_every < 0 or not 0 <= self.cloud_mix <= 1:
-            raise ConfigError("cloud-every must be >= 0 and cloud-mix in [0, 1]")
-        if not 0 <= self.fraction_evaluate <= 1:
-            raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
-        self.strategy_kwargs()  # parse errors surface now
+        _floats(self, 0, 1, "cloud_mix", "fraction_evaluate")
+        if not self.strategy.strip():
+            raise ConfigError(
+                "strategy='' is not valid: name a registry strategy (e.g. module-fedavg) or "
+                "'package.module:Class'"
+            )
+        for option, value in self.strategy_kwargs().items():  # parse errors surface now
+            scalar = isinstance(value, bool | str) or (
+                isinstance(value, int | float) and math.isfinite(value)
+            )
+            if not scalar:
+                raise ConfigError(
+                    f"strategy-options={self.strategy_options!r}: {option}={value!r} is not "
+                    f"valid: an option value must be a finite number, a string or a boolean"
+                )
 
     def domains(self) -> list[str]:
         return [d.strip() for d in self.edge_domains.split(",")]
@@ -386,7 +555,10 @@ class HierarchyConfig:
 @dataclass(frozen=True)
 class RunSection:
     """What the whole run shares: its seed, its torch device and where results go (files and
-    TensorBoard events in output-dir; an MLflow run too when mlflow-tracking-uri is set)."""
+    TensorBoard events in output-dir; an MLflow run too when mlflow-tracking-uri is set).
+
+    Limits: seed in [0, 2**32 - 1] (numpy's range); output-dir must be a folder (or creatable
+    as one)."""
 
     seed: int = 0
     device: str = "auto"  # one of DEVICES; auto = cuda when available
@@ -396,11 +568,58 @@ class RunSection:
 
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
+        _ints(self, 0, SEED_MAX, "seed")
+        if not self.output_dir.strip():
+            raise ConfigError("output-dir='' is not valid: name a folder for the results")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+# -- the model --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def check_model(model: ModelConfig) -> None:
+    """Prove that model-name is a timm VisionTransformer that takes the shape overrides and the
+    prompts, by building it on the meta device (shapes only, no memory; cached per section)."""
+    name = model.model_name
+    valid = "a timm Vision Transformer such as vit_tiny_patch16_224 (timm.list_models('vit_*'))"
+    if not timm.is_model(name):
+        raise ConfigError(f"model-name={name!r} is not a timm model; valid: {valid}")
+    shape: dict[str, Any] = dict(
+        img_size=model.img_size,
+        patch_size=model.patch_size,
+        depth=model.depth,
+        embed_dim=model.embed_dim,
+        num_heads=model.num_heads,
+    )
+    try:
+        with torch.device("meta"):
+            vit = build_prompted_vit(
+                name, mode=model.mode, num_prompts=model.num_prompts, num_classes=10, **shape
+            )
+    except Exception as err:  # noqa: BLE001 - timm or torch refusing the model: say which
+        with torch.device("meta"):
+            try:
+                plain = timm.create_model(name, num_classes=10)
+            except Exception:  # noqa: BLE001
+                plain = None
+        if plain is not None and not isinstance(plain, VisionTransformer):
+            raise ConfigError(
+                f"model-name={name!r} is a {type(plain).__name__}, not a VisionTransformer; "
+                f"valid: {valid}"
+            ) from err
+        given = ", ".join(f"{_key(k)}={v}" for k, v in shape.items())
+        reason = str(err) if isinstance(err, ModelError) else f"{type(err).__name__}: {err}"
+        raise ConfigError(f"model-name={name!r} cannot be built with {given}: {reason}") from err
+    parameters = sum(p.numel() for p in vit.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise ConfigError(
+            f"model-name={name!r} with depth={model.depth}, embed-dim={model.embed_dim} has "
+            f"{parameters:.3g} parameters; at most {MAX_PARAMETERS:.0e} (lower depth or "
+            f"embed-dim)"
+        )
 
 
 # -- the whole run --------------------------------------------------------------------------------
@@ -469,19 +688,31 @@ class RunConfig:
         )
 
     def check_environment(self) -> None:
-        """What needs files or devices: the data folder, the cost profiles, a checkpoint file,
-        CUDA."""
+        """What needs files, devices or libraries: the data folder and its classes, the cost
+        profiles, the model (built on the meta device), a checkpoint file, the folders, CUDA."""
         try:
             self.data_spec().validate()
         except ValueError as err:
             # DataSpec names its own fields; the user typed run-config keys.
             message = re.sub(r"DataSpec\.(\w+)", lambda m: _key(m.group(1)), str(err))
             raise ConfigError(message) from err
+        classes = dataset_classes(self.data_spec())
+        if self.data.partitioning == "classes" and self.data.classes_per_cluster > classes:
+            raise ConfigError(
+                f"classes-per-cluster={self.data.classes_per_cluster} is out of range: "
+                f"dataset={self.data.dataset!r} has {classes} classes; must be >= 1 and "
+                f"<= {classes}"
+            )
+        self.costs.check()
         try:
             self.cluster_profile()
             self.costs.hierarchy_profiles()
         except (CostConfigError, OSError) as err:
             raise ConfigError(f"cost model: {err}") from err
+        check_model(self.model)
+        if self.cloud.foundation == "cloud":
+            _folder("foundation-dir", self.cloud.foundation_dir, self.cloud.directory())
+        _folder("output-dir", self.run.output_dir, Path(self.run.output_dir).expanduser())
         if not self.cluster.peer_speeds.strip():
             # The peers' devices set the speeds: they must be positive numbers too.
             speeds = self.peer_speeds()

@@ -147,6 +147,17 @@ def load_image_data(spec: DataSpec) -> ImageData:
     return _load_imagefolder(spec.data_dir, spec.img_size)
 
 
+def dataset_classes(spec: DataSpec) -> int:
+    """The number of classes of ``spec``'s dataset without loading it: digits 10, flowers102
+    102, an image folder its class sub-folders (what ``ImageFolder`` finds). Call after
+    :meth:`DataSpec.validate`."""
+    if spec.dataset == "digits":
+        return 10
+    if spec.dataset == "flowers102":
+        return 102
+    return sum(1 for entry in os.scandir(spec.data_dir) if entry.is_dir())
+
+
 def partition_indices(labels: np.ndarray, num_partitions: int, spec: DataSpec) -> list[np.ndarray]:
     """Split sample positions ``0 .. len(labels) - 1`` among ``num_partitions`` clusters.
 
