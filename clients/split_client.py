@@ -36,7 +36,13 @@ from gaisnet_flwr.data.images import (
 )
 from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, model_spec
 from gaisnet_flwr.split.flops import segment_flops
-from gaisnet_flwr.training.loops import evaluate, model_kwargs, optimizer_spec, train_cluster
+from gaisnet_flwr.training.loops import (
+    NonFiniteError,
+    evaluate,
+    model_kwargs,
+    optimizer_spec,
+    train_cluster,
+)
 from gaisnet_flwr.vit.model import PromptedViT
 
 
@@ -186,7 +192,15 @@ class SplitClusterClient:
             device=self.device,
             remote=self._remote(self.data.num_classes),
         )
-        upload = ArrayRecord(model.tunable_state())
+        state = model.tunable_state()
+        bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+        if bad:
+            raise NonFiniteError(
+                f"local training left non-finite values in module(s) {bad[:4]}: the cluster's "
+                f"round stopped (lr={self.cfg.training.lr}, "
+                f"weight-decay={self.cfg.training.weight_decay})"
+            )
+        upload = ArrayRecord(state)
         # The paper's metrics (Sec. III-C.2) for this cluster's round, priced by the cost model
         # from the FLOPs and the bytes the chain actually moved.
         cost = fine_tuning_round_cost(

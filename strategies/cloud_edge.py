@@ -24,6 +24,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 NDArrays = dict[str, np.ndarray]
+# The code of a failure record for an edge whose aggregate is not finite (cluster failures carry
+# their reply's error code, or -1 for no reply).
+NON_FINITE_AGGREGATE = -2
+
+
+def non_finite_keys(arrays: ArrayRecord) -> list[str]:
+    """The modules of `arrays` that hold a NaN or an infinity (floating-point arrays only)."""
+    bad = []
+    for key, array in arrays.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            bad.append(key)
+    return sorted(bad)
 
 
 def edge_key(edge: int, key: str) -> str:
@@ -165,6 +178,8 @@ class CloudEdgeStrategy(Strategy):
         self.train_metrics_fn = train_metrics_fn
         self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
         self._sent_nodes: list[int] = []
+        # This round's aggregates refused (not finite): failure records, as round_failures'.
+        self.aggregate_failures: list[dict[str, int | str]] = []
 
     def nodes_of(self, edge: int) -> list[int]:
         """The nodes (client clusters) of one edge server, in id order."""
@@ -214,12 +229,11 @@ class CloudEdgeStrategy(Strategy):
         per_edge: dict[int, ArrayRecord] = {}
         weights: dict[int, float] = {}
         metrics: dict[str, float | int] = {}
+        self.aggregate_failures = []
         for edge, edge_replies in self._by_edge(replies).items():
             arrays, edge_metrics = self.edge_strategies[edge].aggregate_train(
                 server_round, edge_replies
             )
-            # An edge whose clusters all failed keeps what it had.
-            per_edge[edge] = arrays if arrays is not None else self._sent[edge]
             ok = [r for r in edge_replies if not r.has_error()]
             weights[edge] = float(
                 sum(
@@ -227,6 +241,18 @@ class CloudEdgeStrategy(Strategy):
                     for r in ok
                 )
             )
+            if arrays is not None and (bad := non_finite_keys(arrays)):
+                reason = (
+                    f"edge {edge}'s aggregate is not finite (NaN or inf in {bad[:4]}); the edge "
+                    f"keeps its previous modules"
+                )
+                log(WARNING, "round %d: %s", server_round, reason)
+                failure = {"node": -1, "edge": edge, "code": NON_FINITE_AGGREGATE}
+                self.aggregate_failures.append({**failure, "reason": reason})
+                arrays, weights[edge] = None, 0.0
+            # An edge whose clusters all failed (or whose aggregate was refused) keeps what it
+            # had.
+            per_edge[edge] = arrays if arrays is not None else self._sent[edge]
             metrics[edge_key(edge, "clusters")] = len(ok)
             for k, v in (edge_metrics or {}).items():
                 if isinstance(v, int | float):
@@ -247,6 +273,7 @@ class CloudEdgeStrategy(Strategy):
                 self.cloud_mix,
             )
         metrics["failed-clusters"] = len(failures)
+        metrics["failed-aggregates"] = len(self.aggregate_failures)
         ok_all = [r.content for r in replies if not r.has_error()]
         if self.train_metrics_fn and ok_all:
             metrics.update(dict(self.train_metrics_fn(ok_all, "num-examples")))  # type: ignore[arg-type]

@@ -17,9 +17,11 @@ from clients.inference import InferenceRequestError
 from clients.split_client import ClusterIdentity, SplitClusterClient, TrainPool
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
+from gaisnet_flwr.training.loops import NonFiniteError
 
 INFERENCE_REQUEST_ERROR = 400  # our code for "this request cannot be served", with the reason
 PEER_FAILURE = 503  # a D2D peer of this cluster was down, too slow or refused: this cluster failed
+NON_FINITE = 422  # the cluster's training went to NaN / inf: it stopped, this cluster failed
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,6 +59,8 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
         except PeerError as err:
             # A dead or slow peer costs this cluster's contribution to the round, nothing more.
             return Message(Error(code=PEER_FAILURE, reason=str(err)), reply_to=msg)
+        except NonFiniteError as err:  # so does a loss or module gone NaN / inf
+            return Message(Error(code=NON_FINITE, reason=str(err)), reply_to=msg)
         return Message(content=content, reply_to=msg)
 
     @client.evaluate()

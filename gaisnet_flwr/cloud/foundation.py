@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from gaisnet_flwr.config import FoundationConfig, ModelConfig, RunConfig
 from gaisnet_flwr.data.images import CLOUD_FRACTION, ImageData
-from gaisnet_flwr.training.loops import build_model, evaluate, loader
+from gaisnet_flwr.training.loops import NonFiniteError, build_model, evaluate, loader
 from gaisnet_flwr.vit.model import PromptedViT
 
 CHECKPOINT_FORMAT = 1  # bump when the meaning of a checkpoint changes
@@ -109,7 +109,13 @@ class Foundation:
             model.train()
             for x, y in loader(corpus, PRETRAIN_BATCH_SIZE, seed=self.seed * 1000 + epoch):
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(
+                        f"cloud pre-training diverged: loss {float(loss)} in epoch {epoch} "
+                        f"(pretrain-lr={self.cloud.pretrain_lr}); lower pretrain-lr"
+                    )
+                loss.backward()
                 opt.step()
             if epoch % 5 == 0 or epoch == epochs:
                 note = ""
@@ -124,7 +130,14 @@ class Foundation:
                     note,
                     time.perf_counter() - started,
                 )
-        return {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+        bad = non_finite(state)
+        if bad:  # never save (and checksum) a foundation nobody can train on
+            raise NonFiniteError(
+                f"cloud pre-training produced non-finite weights in {bad[:3]} "
+                f"(pretrain-lr={self.cloud.pretrain_lr}); lower pretrain-lr"
+            )
+        return state
 
     def ensure(self, data: ImageData, device: torch.device) -> Path | None:
         """Cloud side: make sure the foundation checkpoint exists and is sound; pre-train if
@@ -193,8 +206,11 @@ def read_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"no foundation checkpoint at {path}")
     payload = path.read_bytes()
-    sidecar = _sidecar(path)
-    if not sidecar.is_file() or sidecar.read_text().strip() != _digest(payload):
+    try:  # a sidecar that is missing, unreadable or not text is as bad as a wrong digest
+        recorded = _sidecar(path).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        recorded = None
+    if recorded != _digest(payload):
         raise CheckpointError(f"{path} does not match its SHA-256 sidecar (corrupt or partial)")
     try:
         saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
@@ -206,7 +222,17 @@ def read_checkpoint(
         raise CheckpointError(f"{path} was built for another configuration (differs in {changed})")
     if set(state) != set(reference) or any(state[k].shape != reference[k].shape for k in reference):
         raise CheckpointError(f"{path} does not fit the model's weights")
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights (in {bad[:3]}): corrupt")
     return state
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of `state` whose floating-point tensors hold a NaN or an infinity."""
+    return sorted(
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
 
 
 def _sidecar(path: Path) -> Path:

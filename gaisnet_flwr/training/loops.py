@@ -8,6 +8,8 @@ the reference HFSL is compared against.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,10 @@ from gaisnet_flwr.split.chain import (
 )
 from gaisnet_flwr.split.plan import SplitPlan
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
+
+
+class NonFiniteError(ArithmeticError):
+    """Training produced a NaN or infinite loss or module: the work stops, with the reason."""
 
 
 def model_kwargs(model: ModelConfig, cloud: FoundationConfig) -> dict[str, Any]:
@@ -64,8 +70,10 @@ def optimizer_factory(training: TrainingConfig) -> OptimizerFactory:
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int | None) -> DataLoader:
-    """Shuffled with its own generator when `seed` is given, so runs replay exactly."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    """Shuffled with its own generator when `seed` is given, so runs replay exactly. Derived
+    seeds (run seed x round x epoch) can exceed torch's 64-bit range: they wrap (a no-op
+    below 2**64)."""
+    gen = torch.Generator().manual_seed(seed % 2**64) if seed is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=seed is not None, generator=gen)
 
 
@@ -96,12 +104,25 @@ def train_cluster(
         model, plan, optimizer_factory(training), remote=remote, proximal_mu=proximal_mu
     )
     total_loss, correct, seen = 0.0, 0, 0
-    for epoch in range(training.local_epochs):
-        for x, y in loader(dataset, training.batch_size, seed=seed * 1000 + epoch):
-            step = chain.train_step(x.to(device), y.to(device))
-            total_loss += step.loss * step.num_examples
-            correct += step.correct
-            seen += step.num_examples
+    try:
+        for epoch in range(training.local_epochs):
+            batches = loader(dataset, training.batch_size, seed=seed * 1000 + epoch)
+            for batch, (x, y) in enumerate(batches):
+                step = chain.train_step(x.to(device), y.to(device))
+                if not math.isfinite(step.loss):
+                    raise NonFiniteError(
+                        f"training loss is {step.loss} at epoch {epoch + 1}, batch {batch + 1}: "
+                        f"the cluster's round stopped (optimizer={training.optimizer!r}, "
+                        f"lr={training.lr}, momentum={training.momentum}, "
+                        f"weight-decay={training.weight_decay})"
+                    )
+                total_loss += step.loss * step.num_examples
+                correct += step.correct
+                seen += step.num_examples
+    except BaseException:
+        with contextlib.suppress(Exception):  # release remote sessions; the error is the news
+            chain.close()
+        raise
     chain.close()
     return TrainResult(
         total_loss / max(seen, 1),
