@@ -28,7 +28,7 @@ from gaisnet_flwr.apps.rounds import RecordedRounds
 from gaisnet_flwr.apps.serving import inference_message, inference_row
 from gaisnet_flwr.apps.tracking import Tracking
 from gaisnet_flwr.cloud.foundation import Foundation
-from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.costs.pricing import hierarchy_round_latency
 from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
 from gaisnet_flwr.service.scheduler import QualityModel
@@ -74,19 +74,43 @@ def identify_clusters(grid: Grid, nodes: list[int], num_edges: int) -> dict[int,
     return node_edges
 
 
+# Clusters per edge assumed when the strategy is checked before any node is known (every
+# option is checked; a strategy that needs more clusters is refused once they are known).
+ASSUMED_CLUSTERS = 1000
+
+
 def build_edge_strategy(cfg: RunConfig, num_clusters: int) -> Strategy:
-    options: dict[str, Any] = dict(cfg.hierarchy.strategy_kwargs())
-    if (
-        "train_metrics_aggr_fn"
-        in inspect.signature(resolve_strategy(cfg.hierarchy.strategy)).parameters
-    ):
+    """One edge's strategy; a strategy or options it cannot build -> ConfigError naming the
+    key (strategy, or strategy-options), the value and the reason."""
+    h = cfg.hierarchy
+    try:
+        strategy_cls = resolve_strategy(h.strategy)
+    except ValueError as err:
+        raise ConfigError(f"strategy={h.strategy!r}: {err}") from err
+    options: dict[str, Any] = dict(h.strategy_kwargs())
+    if "train_metrics_aggr_fn" in inspect.signature(strategy_cls).parameters:
         options["train_metrics_aggr_fn"] = aggregate_train_metrics
-    return build_strategy(
-        cfg.hierarchy.strategy,
-        num_clusters=num_clusters,
-        fraction_evaluate=cfg.hierarchy.fraction_evaluate,
-        options=options,
-    )
+    try:
+        return build_strategy(
+            h.strategy,
+            num_clusters=num_clusters,
+            fraction_evaluate=h.fraction_evaluate,
+            options=options,
+        )
+    except ValueError as err:
+        raise ConfigError(
+            f"strategy-options={h.strategy_options!r} (strategy={h.strategy!r}, "
+            f"{num_clusters} cluster(s) per edge): {err}"
+        ) from err
+
+
+def check_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """The ServerApp's boundary: `RunConfig.from_run_config` (every key and the environment)
+    and what needs the strategies, which the config may not import: the strategy name resolved
+    and the strategy built once with its options. Before any data is read or model trained."""
+    cfg = RunConfig.from_run_config(run_config)
+    build_edge_strategy(cfg, max(cfg.hierarchy.min_clusters, ASSUMED_CLUSTERS))
+    return cfg
 
 
 @dataclass
@@ -199,10 +223,22 @@ class HfslRun:
 
 
 def prepare(grid: Grid, cfg: RunConfig) -> HfslRun:
-    """Start-up: config.json, data, the foundation, the nodes' edges, the strategies."""
+    """Start-up: config.json, the nodes' edges and the strategies (cheap, and what can still be
+    refused), then the data, the foundation and the edge models."""
     output_dir = Path(cfg.run.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    num_edges = cfg.hierarchy.num_edges()
+    node_edges = identify_clusters(
+        grid, wait_for_clusters(grid, cfg.hierarchy.min_clusters), num_edges
+    )
+    per_edge = {e: list(node_edges.values()).count(e) for e in range(num_edges)}
+    if empty := [e for e, n in per_edge.items() if n == 0]:
+        raise RuntimeError(
+            f"edge(s) {empty} have no client cluster ({len(node_edges)} node(s) for "
+            f"{num_edges} edge-domains)"
+        )
+    edge_strategies = {e: build_edge_strategy(cfg, per_edge[e]) for e in range(num_edges)}
     data = load_image_data(cfg.data_spec())
     Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     model = Foundation.of(cfg).load(data.num_classes)
@@ -210,12 +246,8 @@ def prepare(grid: Grid, cfg: RunConfig) -> HfslRun:
         edge_image_data(data, e, cfg.hierarchy.shares(), d, seed=cfg.run.seed)
         for e, d in enumerate(cfg.hierarchy.domains())
     ]
-    node_edges = identify_clusters(
-        grid, wait_for_clusters(grid, cfg.hierarchy.min_clusters), len(edges)
-    )
-    per_edge = {e: list(node_edges.values()).count(e) for e in range(len(edges))}
     strategy = CloudEdgeStrategy(
-        {e: build_edge_strategy(cfg, per_edge[e]) for e in range(len(edges))},
+        edge_strategies,
         node_edges,
         cloud_every=cfg.hierarchy.cloud_every,
         cloud_mix=cfg.hierarchy.cloud_mix,

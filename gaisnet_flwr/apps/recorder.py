@@ -107,7 +107,8 @@ class RoundRecorder:
         row: dict[str, Any] = {"round": server_round, **central}
         if server_round > 0:
             row.update({f"train/{k}": v for k, v in (train or {}).items()})
-            row["failed-clusters"] = len(failures or [])
+            # An edge's refused aggregate (node -1) is a failure of the round, not of a cluster.
+            row["failed-clusters"] = sum(f.get("node") != -1 for f in failures or [])
             row["failures"] = list(failures or [])
             row["round-time-s"] = now - self._round_started
         self._round_started = now

@@ -24,6 +24,10 @@ from strategies.cloud_edge import round_failures
 LatencyPricer = Callable[[int, Mapping[str, float | int]], float]
 
 
+class RunFailedError(RuntimeError):
+    """The run cannot go on (e.g. no cluster trained in a round): the ServerApp fails with it."""
+
+
 class RecordedRounds(Strategy):
     """`strategy`'s rounds, each handed to `recorder` (see the module docstring)."""
 
@@ -56,7 +60,16 @@ class RecordedRounds(Strategy):
         if self.price_latency is not None and "latency-s" in train:
             train["round-latency-s"] = self.price_latency(server_round, train)
         failures = round_failures(replies, self._sent_nodes, self.node_edges)
+        failures += getattr(self.strategy, "aggregate_failures", [])
         self.recorder.train_round(server_round, train, failures)
+        trained = sum(not r.has_error() for r in replies)
+        if trained == 0:  # nothing to aggregate, nothing learnt: the run has failed
+            first = failures[0] if failures else {"node": "?", "edge": "?", "reason": "?"}
+            raise RunFailedError(
+                f"round {server_round}: no cluster trained ({len(self._sent_nodes)} sent, "
+                f"{len(failures)} failed; first: node {first['node']} (edge {first['edge']}): "
+                f"{first['reason']})"
+            )
         return arrays, MetricRecord(train)  # type: ignore[arg-type]
 
     def configure_evaluate(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from logging import INFO
+from logging import ERROR, INFO
 from typing import Any
 
 from flwr.app import Context
@@ -20,10 +20,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-from gaisnet_flwr.apps.hfsl import HfslRun, prepare
+from gaisnet_flwr.apps.hfsl import HfslRun, check_run_config, prepare
 from gaisnet_flwr.apps.recorder import RoundRecorder
 from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
-from gaisnet_flwr.config import RunConfig
 from strategies.cloud_edge import join_edges
 
 
@@ -44,6 +43,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
         recorder.close(failed=True)  # the rounds so far: summary.png, trackers marked failed
         raise
     path = recorder.save_modules({k: v.numpy() for k, v in result.arrays.items()})
+    failed = [int(r.get("failed-clusters", 0)) for r in recorder.rows[1:]]
     summary = recorder.close()
     if cfg.inference.inference_requests:  # SL inference with the fine-tuned edge models
         run.serving_strategy().start(
@@ -54,12 +54,15 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
         )
     log(
         INFO,
-        "FINAL: central test accuracy %.4f after %d rounds (%d edge(s), %d clusters); "
+        "FINAL: central test accuracy %.4f after %d rounds (%d edge(s), %d clusters; "
+        "%d cluster failure(s) in %d round(s)); "
         "results in %s (modules: %s, picture: %s, TensorBoard: tensorboard --logdir %s)",
         recorder.rows[-1]["accuracy"],
         cfg.hierarchy.num_rounds,
         len(run.edges),
         len(run.node_edges),
+        sum(failed),
+        sum(n > 0 for n in failed),
         run.output_dir,
         path.name,
         summary.name,
@@ -101,10 +104,16 @@ def create_server_app(fallback_config: Mapping[str, Any] | None = None) -> Serve
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = RunConfig.from_run_config(context.run_config or fallback_config or {})
-        check_mlflow(cfg.run.mlflow_tracking_uri)  # before any work
-        run = prepare(grid, cfg)
-        (integrated if cfg.scheduling.service == "integrated" else fine_tune)(grid, run)
+        try:
+            cfg = check_run_config(context.run_config or fallback_config or {})
+            check_mlflow(cfg.run.mlflow_tracking_uri)  # before any work
+            run = prepare(grid, cfg)
+            (integrated if cfg.scheduling.service == "integrated" else fine_tune)(grid, run)
+        except Exception as err:
+            # One line the drivers (flwr_local, lab) pick out of the stream; then Flower marks
+            # the run failed (`flwr ls`: finished:failed).
+            log(ERROR, "RUN FAILED: %s: %s", type(err).__name__, " ".join(str(err).split()))
+            raise
 
     return server
 

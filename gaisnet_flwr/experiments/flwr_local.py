@@ -203,10 +203,25 @@ class RunOutcome:
     results: Path
     log: Path
     problems: list[str] = field(default_factory=list)
+    failure: str | None = None  # the ServerApp's own "RUN FAILED: ..." reason, if it logged one
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def why(self) -> str:
+        """Why the run failed, in one line (the ServerApp's reason first)."""
+        return "; ".join(self.problems)
+
+    @property
+    def cluster_failures(self) -> str:
+        """What the FINAL line says about failed clusters: "every cluster trained every round"
+        or "3 cluster failure(s) in 2 round(s)"."""
+        found = re.search(r"(\d+) cluster failure\(s\) in (\d+) round\(s\)", self.final or "")
+        if found is None or found.group(1) == "0":
+            return "every cluster trained every round"
+        return found.group(0)
 
     def check(self, flwr: Path, default_results: Path, env: dict[str, str] | None = None) -> None:
         """`flwr run --stream` exits 0 even when the run failed, so ask the SuperLink for the
@@ -216,6 +231,8 @@ class RunOutcome:
             self.status = run_status(flwr, self.run_id, env=env)
         where = re.search(r"results in (\S+)", self.final or "")
         self.results = Path(where.group(1)) if where else default_results
+        if self.failure is not None:
+            self.problems.append(f"the ServerApp failed: {self.failure}")
         if self.rc != 0:
             self.problems.append(f"`flwr run` exited with {self.rc}")
         if self.run_id is None:
@@ -235,7 +252,7 @@ def stream_run(
 ) -> RunOutcome:
     """Run `flwr run ... --stream`, tee its output to `log_path` (and stdout if `echo`), and
     pick the run id and the FINAL line out of it."""
-    run_id, final = None, None
+    run_id, final, failure = None, None, None
     with (
         log_path.open("w") as log,
         subprocess.Popen(
@@ -251,8 +268,10 @@ def stream_run(
                 run_id = m.group(1)
             if "FINAL:" in line:
                 final = line[line.index("FINAL:") :].strip()
+            if failure is None and "RUN FAILED: " in line:
+                failure = line[line.index("RUN FAILED: ") + len("RUN FAILED: ") :].strip()
         rc = proc.wait()
-    return RunOutcome(rc, run_id, "not started", final, log_path.parent, log_path)
+    return RunOutcome(rc, run_id, "not started", final, log_path.parent, log_path, failure=failure)
 
 
 def run(
@@ -291,13 +310,15 @@ def run(
     elapsed = time.monotonic() - started
     if problems:
         print(
-            f"[flwr_local] RUN FAILED after {elapsed:.0f} s: "
-            + "; ".join(problems)
-            + f". See {log_path} and {home}/local-superlink/superlink.log",
+            f"[flwr_local] RUN FAILED after {elapsed:.0f} s: {outcome.why}. "
+            f"See {log_path} and {home}/local-superlink/superlink.log",
             file=sys.stderr,
         )
         return 1
-    print(f"[flwr_local] run {run_id} completed in {elapsed:.0f} s\n{final}")
+    print(
+        f"[flwr_local] run {run_id} completed in {elapsed:.0f} s "
+        f"({outcome.cluster_failures})\n{final}"
+    )
     return 0
 
 

@@ -261,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         outcome = lab.run(run_config)
         if outcome.ok:
-            print(f"[lab] run {outcome.run_id} completed in {time.monotonic() - started:.0f} s"
-                  f"\n{outcome.final}")  # fmt: skip
+            print(f"[lab] run {outcome.run_id} completed in {time.monotonic() - started:.0f} s "
+                  f"({outcome.cluster_failures})\n{outcome.final}")  # fmt: skip
             return 0
-        print(f"[lab] RUN FAILED: {'; '.join(outcome.problems)}. See {outcome.log} and "
+        print(f"[lab] RUN FAILED: {outcome.why}. See {outcome.log} and "
               f"{lab.logs}", file=sys.stderr)  # fmt: skip
         return 1
     finally:
