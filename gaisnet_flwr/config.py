@@ -208,6 +208,8 @@ def _cast(key: str, value: Any, kind: type) -> Any:
             raise ConfigError(f"{key}={value!r} is too large for a float") from None
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    if isinstance(value, str) and "\x00" in value:  # no name, path or list holds one
+        raise ConfigError(f"{key}={value!r} is not valid: it contains a NUL character")
     return value
 
 
@@ -420,6 +422,14 @@ class CostConfig:
                 raise ConfigError(
                     f"cost model: {_key(field)}={getattr(self, field)!r}: {err}"
                 ) from err
+        for field, kind in (("d2d_link", "d2d"), ("uplink", "client-edge")):
+            link = self.profiles.link(getattr(self, field))
+            if link.kind != kind:
+                raise ConfigError(
+                    f"cost model: {_key(field)}={link.name!r} is a {link.kind} link; it must be "
+                    f"a {kind} link (valid: "
+                    f"{', '.join(n for n, p in self.profiles.links.items() if p.kind == kind)})"
+                )
 
     def cluster_profile(self, num_peers: int) -> ClusterProfile:
         """Devices in chain order (start, peers cycled, end), D2D hops and the uplink."""
@@ -648,8 +658,9 @@ class RunConfig:
             demand, edges = self.scheduling.demand_list(), self.hierarchy.num_edges()
             if not demand or any(not 0 <= e < edges for e in demand):
                 raise ConfigError(
-                    f"demand={self.scheduling.demand!r} must list, per round, an edge index in "
-                    f"[0, {edges}) (edges come from edge-domains)"
+                    f"service='integrated' needs demand: demand={self.scheduling.demand!r} must "
+                    f"list, per round, an edge index in [0, {edges}) (edges come from "
+                    f"edge-domains)"
                 )
         digits = self.data.dataset == "digits"
         if not digits and set(self.hierarchy.domains()) != {"none"}:

@@ -3,6 +3,7 @@ with a message that names the run-config key (and the valid choices where there 
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -160,3 +161,145 @@ def test_negative_bandwidth_in_a_profiles_file_fails_before_the_run(tmp_path) ->
 def test_backhaul_must_be_an_edge_cloud_link() -> None:
     with pytest.raises(ConfigError, match="backhaul-link 'd2d-50m' is a d2d link"):
         RunConfig.from_run_config({"backhaul-link": "d2d-50m"})
+
+
+# Issue 17 ("Hardening"): every value it found accepted, or refused without naming the key, is
+# refused at the boundary with a message that names the key, the value and what is valid.
+ISSUE_17 = [
+    ({"patch-size": 0}, "patch-size=0 is out of range: must be >= 1 and <= img-size=32"),
+    ({"patch-size": 64}, "patch-size=64 is out of range: must be >= 1 and <= img-size=32"),
+    ({"patch-size": 5}, "patch-size=5 must divide img-size=32 (the image is cut into"),
+    ({"num-heads": 5}, "num-heads=5 must divide embed-dim=64 (each head gets embed-dim / "),
+    ({"embed-dim": 63}, "num-heads=4 must divide embed-dim=63 (each head gets"),
+    ({"seed": -1}, "seed=-1 is out of range: must be >= 0 and <= 4294967295"),
+    (
+        {"seed": 2**63 - 1},
+        "seed=9223372036854775807 is out of range: must be >= 0 and <= 4294967295",
+    ),
+    ({"weight-decay": -1.0}, "weight-decay=-1.0 is not valid: must be a finite number in [0, 1]"),
+    ({"model-name": "vit_nope"}, "model-name='vit_nope' is not a timm model; valid: a timm Vision"),
+    ({"model-name": "resnet18"}, "model-name='resnet18' is a ResNet, not a VisionTransformer"),
+    ({"model-name": ""}, "model-name='' is not valid: name a timm ViT"),
+    (
+        {"peer-speeds": "nan,1,1"},
+        "peer-speeds='nan,1,1': nan is not a finite number > 0; must list 3 finite positive",
+    ),
+    (
+        {"edge-shares": "nan,1", "edge-domains": "none,invert"},
+        "edge-shares='nan,1': nan is not a finite number > 0; must list 2 finite positive",
+    ),
+    ({"depth": 10**6}, "depth=1000000 is out of range: must be >= 1 and <= 48"),
+    ({"img-size": 10**9}, "img-size=1000000000 is out of range: must be >= 1 and <= 1024"),
+    ({"embed-dim": 10**9}, "embed-dim=1000000000 is out of range: must be >= 1 and <= 4096"),
+    ({"num-prompts": 10**9}, "num-prompts=1000000000 is out of range: must be >= 0 and <= 1024"),
+    (
+        {"img-size": 1024, "patch-size": 8},
+        "img-size=1024 with patch-size=8 makes 16384 patches; at most 4096",
+    ),
+    (
+        {"depth": 48, "embed-dim": 4096, "num-heads": 64},
+        "with depth=48, embed-dim=4096 has 9.67e+09 parameters; at most 1e+09",
+    ),
+    (
+        {"partitioning": "classes", "classes-per-cluster": 11},
+        "classes-per-cluster=11 is out of range: dataset='digits' has 10 classes; must be >= 1 "
+        "and <= 10",
+    ),
+    ({"classes-per-cluster": 0}, "classes-per-cluster=0 is out of range: must be >= 1"),
+    (
+        {"dirichlet-alpha": math.inf},
+        "dirichlet-alpha=inf is not valid: must be a finite number > 0 and <= 1e+06",
+    ),
+    ({"lr": math.nan}, "lr=nan is not valid: must be a finite number > 0 and <= 10"),
+    ({"lr": math.inf}, "lr=inf is not valid: must be a finite number > 0 and <= 10"),
+    (
+        {"weight-decay": math.nan},
+        "weight-decay=nan is not valid: must be a finite number in [0, 1]",
+    ),
+    (
+        {"weight-decay": math.inf},
+        "weight-decay=inf is not valid: must be a finite number in [0, 1]",
+    ),
+    ({"momentum": math.nan}, "momentum=nan is not valid: must be a finite number >= 0 and < 1"),
+    ({"pretrain-lr": math.inf}, "pretrain-lr=inf is not valid: must be a finite number > 0 and"),
+    ({"service-value": math.nan}, "service-value=nan is not valid: must be a finite number >= 0"),
+    ({"finetune-cost": math.inf}, "finetune-cost=inf is not valid: must be a finite number >= 0"),
+    ({"energy-price": -math.inf}, "energy-price=-inf is not valid: must be a finite number >= 0"),
+    ({"cloud-mix": math.nan}, "cloud-mix=nan is not valid: must be a finite number in [0, 1]"),
+    ({"val-fraction": math.nan}, "val-fraction=nan must be in the open interval (0, 1)"),
+    (
+        {"strategy-options": "proximal_mu=nan"},
+        "strategy-options='proximal_mu=nan': proximal_mu=nan is not valid: an option value must "
+        "be a finite number",
+    ),
+    (
+        {"strategy-options": "proximal_mu=inf"},
+        "strategy-options='proximal_mu=inf': proximal_mu=inf is not valid",
+    ),
+    (
+        {"start-device": "nope"},
+        "start-device='nope': unknown device profile 'nope'; valid: edge-server, phone-high",
+    ),
+    ({"end-device": "nope"}, "end-device='nope': unknown device profile 'nope'; valid:"),
+    (
+        {"peer-devices": "phone-mid,nope"},
+        "peer-devices='phone-mid,nope': unknown device profile 'nope'; valid:",
+    ),
+    ({"edge-device": "nope"}, "edge-device='nope': unknown device profile 'nope'; valid:"),
+    ({"d2d-link": "nope"}, "d2d-link='nope': unknown link profile 'nope'; valid: backhaul-1gbps"),
+    ({"uplink": "nope"}, "uplink='nope': unknown link profile 'nope'; valid:"),
+    ({"backhaul-link": "nope"}, "backhaul-link='nope': unknown link profile 'nope'; valid:"),
+    ({"fraction-evaluate": math.nan}, "fraction-evaluate=nan is not valid: must be a finite"),
+    ({"num-rounds": 10**6}, "num-rounds=1000000 is out of range: must be >= 1 and <= 10000"),
+    ({"batch-size": 10**6}, "batch-size=1000000 is out of range: must be >= 1 and <= 4096"),
+    ({"local-epochs": 10**6}, "local-epochs=1000000 is out of range: must be >= 1 and <= 1000"),
+    ({"lr": 10**400}, "lr=" + str(10**400)[:10]),  # too large for a float, still named
+    (
+        {"d2d-link": "uplink-1mhz"},
+        "d2d-link='uplink-1mhz' is a client-edge link; it must be a d2d link (valid: d2d-50m",
+    ),
+    ({"foundation-dir": "a\x00b"}, "foundation-dir='a\x00b' is not valid: it contains a NUL"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", ISSUE_17, ids=[repr(o)[:60] for o, _ in ISSUE_17])
+def test_issue_17_values_are_refused_naming_key_value_and_what_is_valid(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config(overrides)
+    assert message in str(err.value)
+
+
+def test_issue_17_files_are_refused_naming_the_key(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    malformed = tmp_path / "malformed.toml"
+    malformed.write_text("[devices.x\nclock_hz = ")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[devices]")
+    cases = [
+        ({"cost-profiles": str(tmp_path / "missing.toml")}, "cost-profiles='", "no such file"),
+        ({"cost-profiles": str(tmp_path)}, "cost-profiles='", "is not a file"),
+        ({"cost-profiles": str(malformed)}, "cost-profiles='", "is not valid TOML"),
+        ({"cost-profiles": str(binary)}, "cost-profiles='", "is not valid TOML"),
+        ({"foundation-dir": str(a_file)}, "foundation-dir='", "is a file, not a folder"),
+        ({"foundation-dir": str(a_file / "sub")}, "foundation-dir='", "is a file, not a folder"),
+        ({"output-dir": str(a_file)}, "output-dir='", "is a file, not a folder"),
+    ]
+    for overrides, key, reason in cases:
+        with pytest.raises(ConfigError) as err:
+            RunConfig.from_run_config(overrides)
+        assert key in str(err.value) and reason in str(err.value), str(err.value)
+        assert next(iter(overrides.values())) in str(err.value)
+
+
+def test_the_largest_accepted_shapes_build_on_the_meta_device_in_seconds() -> None:
+    import time
+
+    started = time.perf_counter()
+    RunConfig.from_run_config(
+        {"depth": 48, "embed-dim": 1024, "num-heads": 16, "img-size": 1024, "patch-size": 16,
+         "num-prompts": 1024, "peers-per-cluster": 48}
+    )  # fmt: skip
+    assert time.perf_counter() - started < 10

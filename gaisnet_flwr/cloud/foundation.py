@@ -112,7 +112,7 @@ class Foundation:
                 loss = F.cross_entropy(model(x.to(device)), y.to(device))
                 if not torch.isfinite(loss):
                     raise NonFiniteError(
-                        f"cloud pre-training diverged: loss {float(loss)} in epoch {epoch} "
+                        f"cloud pre-training diverged: loss {loss.item()} in epoch {epoch} "
                         f"(pretrain-lr={self.cloud.pretrain_lr}); lower pretrain-lr"
                     )
                 loss.backward()

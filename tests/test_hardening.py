@@ -1,0 +1,286 @@
+"""Issue 17 ("Hardening"), outside the config sections: the strategy resolved at the app
+boundary, non-finite numbers stopping the work, unreadable checkpoint sidecars, and runs that
+fail (no cluster trained, the ServerApp raised) reported as failed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from torch.utils.data import Subset
+
+import clients.split_client as split_client
+from gaisnet_flwr.apps.hfsl import check_run_config
+from gaisnet_flwr.apps.inprocess import run_inprocess
+from gaisnet_flwr.apps.rounds import RunFailedError
+from gaisnet_flwr.cloud.foundation import CheckpointError, Foundation, save_checkpoint
+from gaisnet_flwr.config import ConfigError, RunConfig
+from gaisnet_flwr.data.images import ImageData, load_image_data
+from gaisnet_flwr.experiments import flwr_local
+from gaisnet_flwr.split.plan import make_plan
+from gaisnet_flwr.training.loops import NonFiniteError, build_model, train_cluster
+from strategies.cloud_edge import NON_FINITE_AGGREGATE, CloudEdgeStrategy, join_edges, split_edges
+from strategies.module_fedavg import ModuleFedAvg
+from tests.conftest import make_reply
+
+TINY: dict[str, Any] = {
+    "depth": 2,
+    "embed-dim": 32,
+    "num-heads": 2,
+    "peers-per-cluster": 2,
+    "img-size": 16,
+    "patch-size": 8,
+    "num-rounds": 2,
+    "batch-size": 64,
+    "inference-requests": 0,
+    "foundation": "none",
+    "device": "cpu",
+}
+
+
+# -- the strategy, at the ServerApp's boundary ---------------------------------------------------
+STRATEGY_CASES = [
+    ({"strategy": "nope"}, "strategy='nope': Unknown strategy 'nope'. Valid names: module-fedavg"),
+    ({"strategy": "nomodule:Thing"}, "strategy='nomodule:Thing': Strategy path"),
+    (
+        {"strategy": "fedprox", "strategy-options": "bogus=1"},
+        "strategy-options='bogus=1' (strategy='fedprox', 1000 cluster(s) per edge): Strategy "
+        "'fedprox' (FedProx) does not accept option(s) bogus. Accepted:",
+    ),
+    (
+        {"strategy": "qfedavg"},
+        "strategy-options='' (strategy='qfedavg', 1000 cluster(s) per edge): Strategy 'qfedavg' "
+        "(QFedAvg) requires client_learning_rate",
+    ),
+    ({"strategy": ""}, "strategy='' is not valid: name a registry strategy"),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, message", STRATEGY_CASES, ids=[repr(o) for o, _ in STRATEGY_CASES]
+)
+def test_bad_strategies_are_refused_at_the_boundary(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        check_run_config(overrides)
+    assert message in str(err.value)
+
+
+def test_the_server_app_refuses_a_bad_strategy_before_loading_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gaisnet_flwr.apps.hfsl as hfsl
+
+    loaded: list[int] = []
+    monkeypatch.setattr(hfsl, "load_image_data", lambda spec: loaded.append(1))
+    config = {**TINY, "output-dir": str(tmp_path), "strategy": "fedprox",
+              "strategy-options": "bogus=1"}  # fmt: skip
+    with pytest.raises(ConfigError, match="strategy-options='bogus=1'"):
+        run_inprocess(config, num_clusters=2)
+    assert not loaded
+    # Bulyan needs 4f + 3 clusters per edge: known once the nodes are, still before any data.
+    config = {**TINY, "output-dir": str(tmp_path), "strategy": "bulyan"}
+    with pytest.raises(ConfigError, match=r"strategy='bulyan', 2 cluster\(s\) per edge"):
+        run_inprocess(config, num_clusters=2)
+    assert not loaded
+
+
+# -- non-finite numbers stop the work ------------------------------------------------------------
+def test_a_nan_loss_stops_the_clusters_round_with_the_reason() -> None:
+    cfg = RunConfig.of(**{k.replace("-", "_"): v for k, v in TINY.items()})
+    model = build_model(cfg.model, cfg.cloud, 10, 0)
+    with torch.no_grad():
+        model.prompt(0).tokens.fill_(math.nan)
+    data = [(torch.rand(3, 16, 16), torch.tensor(i % 10)) for i in range(8)]
+    with pytest.raises(NonFiniteError, match=r"training loss is nan at epoch 1, batch 1: .*lr="):
+        train_cluster(model, make_plan("even", 2, [1.0, 1.0]), data, cfg.training, seed=0)
+
+
+@pytest.fixture
+def failing_clusters(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[int]]:
+    """Partitions listed here train to NaN (as a diverging optimizer would)."""
+    failing: set[int] = set()
+    real = split_client.train_cluster
+
+    def train(model, plan, dataset, training, seed, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(model, plan, dataset, training, seed, **kwargs)
+        if failing and model_partition[0] in failing:
+            with torch.no_grad():
+                model.prompt(0).tokens.fill_(math.inf)
+        return result
+
+    model_partition = [0]
+    real_train = split_client.SplitClusterClient.train
+
+    def client_train(self, arrays, config):  # type: ignore[no-untyped-def]
+        model_partition[0] = self.identity.partition_id
+        return real_train(self, arrays, config)
+
+    monkeypatch.setattr(split_client, "train_cluster", train)
+    monkeypatch.setattr(split_client.SplitClusterClient, "train", client_train)
+    yield failing
+
+
+def test_some_clusters_failing_completes_and_says_how_many(
+    tmp_path: Path, failing_clusters: set[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    failing_clusters.add(0)
+    run = run_inprocess({**TINY, "output-dir": str(tmp_path)}, num_clusters=2)
+    rows = run.metrics()
+    assert [r["failed-clusters"] for r in rows[1:]] == [1, 1]
+    reason = rows[1]["failures"][0]["reason"]
+    assert rows[1]["failures"][0]["code"] == 422 and "non-finite values in module(s)" in reason
+    assert all(np.isfinite(v).all() for v in run.modules().values())
+    # The run completed; its FINAL line counts the failures.
+    (final,) = [r.getMessage() for r in caplog.records if "FINAL:" in r.getMessage()]
+    assert "(1 edge(s), 2 clusters; 2 cluster failure(s) in 2 round(s))" in final
+
+
+def test_a_round_in_which_no_cluster_trained_fails_the_run(
+    tmp_path: Path, failing_clusters: set[int]
+) -> None:
+    failing_clusters.update({0, 1})
+    with pytest.raises(RunFailedError, match=r"round 1: no cluster trained \(2 sent, 2 failed; "):
+        run_inprocess({**TINY, "output-dir": str(tmp_path)}, num_clusters=2)
+
+
+def test_a_non_finite_aggregate_keeps_the_edges_modules(task_identity: None) -> None:
+    def modules(value: float) -> dict[str, np.ndarray]:
+        return {"prompt.0": np.full((2, 2), value, np.float32)}
+
+    strategy = CloudEdgeStrategy(
+        {0: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1),
+         1: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1)},
+        node_edges={100: 0, 101: 1},
+        cloud_every=1,
+        cloud_mix=0.5,
+        cloud_keys=lambda k: True,
+    )  # fmt: skip
+    start = join_edges(
+        {e: ArrayRecord({k: Array(v) for k, v in modules(1.0).items()}) for e in (0, 1)}
+    )
+    list(strategy.configure_train(1, start, ConfigRecord(), Mock(spec=Grid)))
+    replies = [make_reply(modules(math.inf), 10, 0, node_id=100),
+               make_reply(modules(3.0), 10, 0, node_id=101)]  # fmt: skip
+    out, metrics = strategy.aggregate_train(1, replies)
+    edges = split_edges(out)
+    # Edge 0 keeps its 1.0 and weighs nothing in the cloud (= edge 1's 3.0): 0.5 * 3 + 0.5 * 1.
+    np.testing.assert_allclose(edges[0]["prompt.0"].numpy(), 2.0)
+    np.testing.assert_allclose(edges[1]["prompt.0"].numpy(), 3.0)
+    assert metrics is not None and metrics["failed-aggregates"] == 1
+    (failure,) = strategy.aggregate_failures
+    assert failure["edge"] == 0 and failure["code"] == NON_FINITE_AGGREGATE
+    assert "edge 0's aggregate is not finite (NaN or inf in ['prompt.0'])" in str(failure["reason"])
+
+
+# -- the foundation: non-finite weights and unreadable sidecars are corrupt ----------------------
+@pytest.fixture
+def cfg(tmp_path: Path) -> RunConfig:
+    return RunConfig.of(depth=2, embed_dim=32, num_heads=2, peers_per_cluster=2, img_size=16,
+                        patch_size=8, pretrain_epochs=1, foundation_dir=str(tmp_path))  # fmt: skip
+
+
+@pytest.fixture
+def data(cfg: RunConfig) -> ImageData:
+    full = load_image_data(cfg.data_spec())
+    return dataclasses.replace(full, cloud=Subset(full.cloud, range(64)))
+
+
+def test_a_foundation_with_non_finite_weights_is_refused_and_rebuilt(
+    cfg: RunConfig, data: ImageData
+) -> None:
+    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    assert path is not None
+    state = torch.load(path, weights_only=True)
+    poisoned = {k: v.clone() for k, v in state["state"].items()}
+    next(iter(poisoned.values())).view(-1)[0] = math.nan
+    save_checkpoint(path, poisoned, state["meta"])  # a valid checksum over bad weights
+    with pytest.raises(CheckpointError, match="holds non-finite weights .*corrupt"):
+        Foundation.of(cfg).load(10)
+    Foundation.of(cfg).ensure(data, cfg.run.torch_device())  # the cloud rebuilds it
+    Foundation.of(cfg).load(10)
+
+
+@pytest.mark.parametrize("sidecar", [b"\xff\xfe\x00garbage", b"", None])
+def test_an_unreadable_sidecar_is_a_corrupt_checkpoint(
+    cfg: RunConfig, data: ImageData, sidecar: bytes | None
+) -> None:
+    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    assert path is not None
+    side = path.with_name(path.name + ".sha256")
+    side.unlink()
+    if sidecar is None:
+        side.mkdir()  # a directory where the sidecar should be: unreadable
+    else:
+        side.write_bytes(sidecar)
+    with pytest.raises(CheckpointError, match="does not match its SHA-256 sidecar"):
+        Foundation.of(cfg).load(10)  # a client refuses it
+    if sidecar is None:
+        side.rmdir()
+    Foundation.of(cfg).ensure(data, cfg.run.torch_device())  # the cloud rebuilds it
+    Foundation.of(cfg).load(10)
+
+
+def test_pretraining_refuses_to_save_a_non_finite_backbone(
+    cfg: RunConfig, data: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pretrain-lr=10 is accepted; a step that blows the weights up must not become a foundation.
+    real_step = torch.optim.AdamW.step
+
+    def blow_up(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(math.inf)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
+    hot = cfg.replace(pretrain_lr=10.0)
+    with pytest.raises(NonFiniteError, match=r"pretrain-lr=10.0\); lower pretrain-lr"):
+        Foundation.of(hot).ensure(data, hot.run.torch_device())
+    assert not Foundation.of(hot).checkpoint_path(10).exists()
+
+
+# -- what the drivers report ----------------------------------------------------------------------
+def test_the_servers_reason_is_the_first_problem_and_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = (
+        "print('INFO :      Successfully started run 7');"
+        "print('ERROR :     RUN FAILED: RunFailedError: round 1: no cluster trained (2 sent, 2 "
+        "failed; first: node 1 (edge 0): boom)')"
+    )
+    outcome = flwr_local.stream_run([sys.executable, "-c", script], tmp_path / "run.log", False)
+    assert outcome.run_id == "7"
+    assert outcome.failure == (
+        "RunFailedError: round 1: no cluster trained (2 sent, 2 failed; first: node 1 (edge 0): "
+        "boom)"
+    )
+    monkeypatch.setattr(flwr_local, "run_status", lambda *args, **kwargs: "finished:failed")
+    outcome.check(Path("flwr"), default_results=tmp_path)
+    assert not outcome.ok
+    assert outcome.why.startswith("the ServerApp failed: RunFailedError: round 1: no cluster")
+    assert "\n" not in outcome.why
+
+
+def test_a_completed_run_says_how_many_clusters_failed(tmp_path: Path) -> None:
+    final = (
+        "FINAL: central test accuracy 0.5 after 5 rounds (1 edge(s), 4 clusters; 3 cluster "
+        "failure(s) in 2 round(s)); results in /x"
+    )
+    outcome = flwr_local.RunOutcome(0, "1", "finished:completed", final, tmp_path, tmp_path)
+    assert outcome.cluster_failures == "3 cluster failure(s) in 2 round(s)"
+    outcome.final = final.replace("3 cluster failure(s) in 2", "0 cluster failure(s) in 0")
+    assert outcome.cluster_failures == "every cluster trained every round"
+    json.dumps(outcome.cluster_failures)
