@@ -16,6 +16,7 @@ and the chain would no longer train bit for bit like the unsplit model (README "
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -38,6 +39,10 @@ _DTYPES: tuple[torch.dtype, ...] = (
 _HEADER = struct.Struct("<BB")  # dtype code, ndim; then ndim little-endian int64 sizes
 # Set in the ndim byte when ndim bytes of dim order (outermost first) follow the sizes.
 _DIM_ORDER = 0x80
+MAX_DIMS = 16  # more than any tensor a chain sends (conv weights have 4)
+MAX_TENSORS = 4096  # tensors in one framed message
+MAX_ELEMENTS = 2**48  # elements in one tensor, counting empty dimensions as 1
+MAX_HEADER_BYTES = 1 << 20  # a framed message's JSON header
 
 
 class LinkError(ValueError):
@@ -78,20 +83,28 @@ def deserialize_tensor(payload: bytes, device: torch.device | str = "cpu") -> to
     if code >= len(_DTYPES):
         raise LinkError(f"unknown dtype code {code}")
     permuted, ndim = bool(ndim & _DIM_ORDER), ndim & ~_DIM_ORDER
+    if ndim > MAX_DIMS:
+        raise LinkError(f"tensor header claims {ndim} dimensions; at most {MAX_DIMS} are allowed")
     offset = _HEADER.size + 8 * ndim + (ndim if permuted else 0)
     if len(payload) < offset:
         raise LinkError(f"payload of {len(payload)} bytes is shorter than its header ({offset})")
     shape = struct.unpack_from(f"<{ndim}q", payload, _HEADER.size)
+    if any(n < 0 for n in shape):
+        raise LinkError(f"tensor shape {shape} has a negative size")
+    if math.prod(max(n, 1) for n in shape) > MAX_ELEMENTS:  # empty tensors too: their strides
+        raise LinkError(f"tensor shape {shape} is too large (over {MAX_ELEMENTS} elements)")
     order = tuple(payload[offset - ndim : offset]) if permuted else tuple(range(ndim))
     if sorted(order) != list(range(ndim)):
         raise LinkError(f"dim order {order} is not a permutation of {ndim} dimensions")
     dtype = _DTYPES[code]
-    expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if len(payload) - offset != expected:
         raise LinkError(
             f"payload holds {len(payload) - offset} data bytes, shape {shape} of {dtype} "
             f"needs {expected}"
         )
+    if expected == 0:  # an empty tensor (torch.frombuffer refuses an empty buffer)
+        return torch.empty(shape, dtype=dtype, device=device)
     data = torch.frombuffer(bytearray(payload[offset:]), dtype=torch.uint8)
     stored = data.view(dtype).reshape([shape[d] for d in order])  # memory order
     inverse = sorted(range(ndim), key=order.__getitem__)
@@ -161,11 +174,29 @@ def unpack_message(payload: bytes) -> tuple[dict[str, Any], dict[str, torch.Tens
     end = _FRAME.size + size
     if end > len(payload):
         raise LinkError(f"message header claims {size} bytes, {len(payload) - _FRAME.size} left")
+    if size > MAX_HEADER_BYTES:
+        raise LinkError(f"message header of {size} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         header = json.loads(payload[_FRAME.size : end])
-        layout = [(str(name), int(n)) for name, n in header.pop("tensors")]
-    except (ValueError, KeyError, TypeError) as err:
-        raise LinkError(f"message header is not valid: {err}") from err
+    except RecursionError as err:
+        raise LinkError("message header is not valid: JSON nested too deeply") from err
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise LinkError(f"message header is not valid JSON: {err}") from err
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise LinkError("message header must be a JSON object with a 'tensors' list")
+    entries = header.pop("tensors")
+    if len(entries) > MAX_TENSORS:
+        raise LinkError(f"message lists {len(entries)} tensors; at most {MAX_TENSORS}")
+    if not all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int
+        for e in entries
+    ):
+        raise LinkError("message header's 'tensors' must be [name, byte length] pairs")
+    layout = [(str(name), int(n)) for name, n in entries]
+    if any(n < 0 for _, n in layout):
+        raise LinkError("message header lists a negative tensor length")
+    if len({name for name, _ in layout}) != len(layout):
+        raise LinkError("message header lists a tensor name twice")
     if end + sum(n for _, n in layout) != len(payload):
         raise LinkError(
             f"message carries {len(payload) - end} tensor bytes, its header lists "
