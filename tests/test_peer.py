@@ -163,35 +163,34 @@ def test_frozen_weights_are_shipped_once_per_peer(lab: Lab, cluster_data) -> Non
     assert any(".blocks.0." in k for k in held) and not any(".blocks.5." in k for k in held)
 
 
-def open_session(lab: Lab, num_classes: int) -> tuple[PeerClient, str]:
+def open_session(lab: Lab, num_classes: int) -> tuple[PeerClient, dict[str, str]]:
     peers = network(lab, num_classes)
     hop = peers.open(
         build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), CFG.plan(), True, 0.0
     )
     assert isinstance(hop, GrpcHop)
-    return hop.client, hop.session
+    return hop.client, {"session": hop.session, "token": hop.token}
 
 
 def test_a_peer_refuses_smashed_data_of_the_wrong_shape_or_dtype(lab: Lab, cluster_data) -> None:
     num_classes = cluster_data[0]
-    client, session = open_session(lab, num_classes)
+    client, ids = open_session(lab, num_classes)
     y = torch.zeros(2, dtype=torch.int64)
     tokens = 1 + (32 // 8) ** 2  # class token + 16 patches; vpt-deep sends no prompt slots
     with pytest.raises(PeerError, match=rf"smashed data must be float32 \[B, {tokens}, 32\]"):
-        client.call("Train", {"session": session}, {"h": torch.zeros(2, 5, 32), "y": y})
+        client.call("Train", ids, {"h": torch.zeros(2, 5, 32), "y": y})
     with pytest.raises(PeerError, match="INVALID_ARGUMENT.*float32"):
-        client.call("Train", {"session": session}, {"h": torch.zeros(2, tokens, 32).double(),
+        client.call("Train", ids, {"h": torch.zeros(2, tokens, 32).double(),
                                                      "y": y})  # fmt: skip
     with pytest.raises(PeerError, match=rf"labels must be in \[0, {num_classes}\)"):
-        client.call("Train", {"session": session},
+        client.call("Train", ids,
                     {"h": torch.zeros(2, tokens, 32), "y": torch.tensor([0, 99])})  # fmt: skip
     with pytest.raises(PeerError, match="FAILED_PRECONDITION: no open session"):
-        client.call("Train", {"session": "stale"}, {"h": torch.zeros(2, tokens, 32), "y": y})
+        client.call("Train", {**ids, "session": "stale"}, {"h": torch.zeros(2, tokens, 32), "y": y})
     with pytest.raises(grpc.RpcError, match="malformed message: message of 2 bytes"):
         client._channel.unary_unary("/gaisnet.Peer/Train")(b"\x05\x00", timeout=5)
     # The session survives the refusals: a valid step still works.
-    header, _ = client.call("Train", {"session": session}, {"h": torch.zeros(2, tokens, 32),
-                                                            "y": y})  # fmt: skip
+    header, _ = client.call("Train", ids, {"h": torch.zeros(2, tokens, 32), "y": y})
     assert header["n"] == 2
 
 
@@ -200,10 +199,12 @@ def test_modules_that_are_not_the_segments_own_are_refused(lab: Lab, cluster_dat
     peers = network(lab, num_classes)
     model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
     peers.open(model, CFG.plan(), True, 0.0)  # ships the weights
+    peers.close(model)  # the peer is free for another session
     client = PeerClient("peer1", lab.addresses[0], TransportSettings())
     header = {"version": PROTOCOL_VERSION, "session": "x", "index": 1, "ranges": [[0, 3], [3, 6]],
               "model": peers.model_spec, "optimizer": {"name": "sgd", "lr": 0.1}, "train": True,
-              "next": None, "weights-key": next(iter(lab.services[0]._weights))}  # fmt: skip
+              "next": lab.addresses[1], "next-token": "t",
+              "weights-key": next(iter(lab.services[0]._weights))}  # fmt: skip
     with pytest.raises(PeerError, match=r"modules \['prompt.5'\] are not this segment's"):
         client.call("Open", header, {"prompt.5": torch.zeros(10, 32)})
 

@@ -6,34 +6,52 @@ serves the `gaisnet.Peer` gRPC service described in `remote.py` and runs the sam
 `chain.ChainNode` the simulation runs; its hop to the next member is a `GrpcHop`.
 
     gaisnet-peer --listen 0.0.0.0:50051 --insecure                  # a lab on a trusted network
-    gaisnet-peer --listen 0.0.0.0:50051 --certfile peer.pem --keyfile peer.key --ca-certfile ca.pem
+    gaisnet-peer --listen 0.0.0.0:50051 --certfile peer.pem --keyfile peer.key \
+                 --ca-certfile ca.pem --require-client-cert          # mutual TLS (recommended)
 
-What it checks before doing any work with a message: the frame, the session, the dtype and
-shape of the smashed data ([B, tokens, dim] float32 for its first block), labels in range, and
-that the modules it is given are exactly its segment's. It keeps only its own segment's
-weights in memory: the architecture is built on the meta device and only its slice is filled.
-One cluster uses a peer at a time; a new session replaces a stale one (its start point died).
+It refuses by contract: every request is checked before any work is done with it, and a
+refusal is INVALID_ARGUMENT (malformed: the frame, a header field, a shape, a dtype, a
+non-finite number, a model spec out of bounds), FAILED_PRECONDITION (the peer's state does not
+allow it: no such session, busy with another one, weights it lacks), PERMISSION_DENIED (a
+session's token does not match) or RESOURCE_EXHAUSTED (an upload over its limits), each with a
+message that names the problem. Anything unexpected is logged here and answered INTERNAL with a
+short reason; nothing reaches the caller as UNKNOWN.
+
+A session belongs to the start point that opened it: `Open` returns a token that every later
+call of that session must carry, and nobody else's `Open` replaces a live session until it has
+been idle for `--session-idle-s`. Model specs name a timm ViT and its shape within stated
+bounds (`SPEC_BOUNDS`), never files or downloads: the frozen weights always come from the start
+point (`Weights`, verified against their SHA-256 key, bounded in size and parts, dropped when
+unfinished for `--upload-timeout-s`). The peer keeps only its own segment's weights in memory:
+the architecture is built on the meta device and only its slice is filled.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import logging
+import math
+import re
+import secrets
 import signal
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
+from timm.models import is_model_in_modules
 
 from gaisnet_flwr.deploy.remote import (
+    MB,
     PROTOCOL_VERSION,
     SERVICE,
     GrpcHop,
@@ -42,14 +60,34 @@ from gaisnet_flwr.deploy.remote import (
     TransportSettings,
     check_address,
     segment_tunable_keys,
+    weights_key,
 )
-from gaisnet_flwr.split.chain import ChainNode, OptimizerSpec, Segment, build_segments
+from gaisnet_flwr.split.chain import OPTIMIZERS, ChainNode, OptimizerSpec, Segment, build_segments
 from gaisnet_flwr.split.link import LinkError, pack_message, unpack_message
 from gaisnet_flwr.split.plan import SplitPlan, node_names
-from gaisnet_flwr.vit.model import ModelError, PromptedViT, build_prompted_vit
+from gaisnet_flwr.split.segments import segment_parameters
+from gaisnet_flwr.vit.model import MODES, PromptedViT, build_prompted_vit
 
 log = logging.getLogger("gaisnet.peer")
 WEIGHTS_KEPT = 2  # frozen-weight sets kept in memory (a restart of the run reuses them)
+
+# What a model spec may hold, and its bounds (inclusive). No paths, no download flags: the
+# frozen weights come from the start point. A spec without a shape key takes the registered
+# model's own, which is checked against the same bounds once built (on the meta device).
+SPEC_BOUNDS: dict[str, tuple[int, int]] = {
+    "num_classes": (1, 100_000),
+    "num_prompts": (0, 1_000),
+    "img_size": (1, 1_024),
+    "patch_size": (1, 1_024),
+    "depth": (1, 64),
+    "embed_dim": (1, 4_096),
+    "num_heads": (1, 64),
+}
+MAX_PATCHES = 4_096  # (img_size / patch_size) ** 2: 1024 px at patch 16
+SPEC_KEYS = ("model_name", "mode", *SPEC_BOUNDS)
+VIT_MODULES = ["vision_transformer", "deit"]  # timm modules whose models are VisionTransformers
+MAX_ID_CHARS = 128  # session ids and names
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class Refused(Exception):
@@ -60,11 +98,38 @@ class Refused(Exception):
         self.code = code
 
 
+def invalid(message: str) -> Refused:
+    return Refused(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class PeerLimits:
+    """What one peer holds for its callers at most (`gaisnet-peer --help` lists the flags)."""
+
+    max_upload_mb: float = 2048.0  # one set of frozen weights (all its parts)
+    max_upload_parts: int = 4096
+    max_held_mb: float = 4096.0  # every stored and arriving set of frozen weights together
+    upload_timeout_s: float = 120.0  # an unfinished upload with no part for this long is dropped
+    session_idle_s: float = 300.0  # a session with no call for this long may be replaced
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_mb", "max_held_mb", "upload_timeout_s", "session_idle_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"peer limit {name} must be a finite number > 0, got {value}")
+        if self.max_upload_parts < 1:
+            raise ValueError(
+                f"peer limit max_upload_parts must be >= 1, got {self.max_upload_parts}"
+            )
+
+
 @dataclass
 class Session:
     """One cluster's round (or inference request) on this peer."""
 
     id: str
+    token: str  # from `Open`; every later call of the session carries it
+    weights: str  # the key of the frozen weights it runs on (never evicted while it lives)
     name: str
     model: PromptedViT
     plan: SplitPlan
@@ -75,88 +140,334 @@ class Session:
     tokens: tuple[int, int]  # expected [tokens, dim] of what arrives
     train: bool
     steps: int = 0
+    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def segment(self) -> Segment:
         return self.node.segment
 
 
+@dataclass
+class Upload:
+    """A set of frozen weights arriving in parts."""
+
+    key: str
+    parts: int
+    tensors: dict[str, torch.Tensor]
+    done: int = 0  # parts received
+    nbytes: int = 0
+    last: float = field(default_factory=time.monotonic)
+
+
+# -- header fields: each checked for type and range, refusals name the method and the key --------
+def _get(header: dict, key: str, method: str) -> Any:
+    if key not in header:
+        raise invalid(f"{method}: the header lacks {key!r}")
+    return header[key]
+
+
+def _int(header: dict, key: str, method: str, lo: int, hi: int, default: int | None = None) -> int:
+    value = header.get(key, default) if default is not None else _get(header, key, method)
+    if type(value) is not int or not lo <= value <= hi:
+        raise invalid(f"{method}: {key!r} must be an integer in [{lo}, {hi}], got {value!r:.80}")
+    return value
+
+
+def _float(header: dict, key: str, method: str, lo: float, hi: float, default: float) -> float:
+    value = header.get(key, default)
+    if type(value) not in (int, float) or not (math.isfinite(value) and lo <= value <= hi):
+        raise invalid(
+            f"{method}: {key!r} must be a finite number in [{lo}, {hi}], got {value!r:.80}"
+        )
+    return float(value)
+
+
+def _str(header: dict, key: str, method: str, default: str | None = None) -> str:
+    value = header.get(key, default) if default is not None else _get(header, key, method)
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise invalid(
+            f"{method}: {key!r} must be a string of 1 to {MAX_ID_CHARS} characters, "
+            f"got {value!r:.80}"
+        )
+    return value
+
+
+def _weights_key(header: dict, method: str) -> str:
+    key = _get(header, "weights-key", method)
+    if not isinstance(key, str) or not _HEX64.fullmatch(key):
+        raise invalid(f"{method}: 'weights-key' must be a SHA-256 hex digest, got {key!r:.80}")
+    return key
+
+
+def _all_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of floating tensors holding NaN or inf."""
+    return [
+        k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def check_model_spec(spec: Any) -> dict[str, Any]:
+    """A model spec a peer builds: known keys only (no paths, no download flags), a timm ViT,
+    integer shapes within `SPEC_BOUNDS` that timm can build (heads divide the width, the patch
+    divides the image)."""
+    if not isinstance(spec, dict):
+        raise invalid(f"Open: 'model' must be an object, got {type(spec).__name__}")
+    extra = sorted(str(k) for k in spec if k not in SPEC_KEYS)
+    if extra:
+        raise invalid(
+            f"Open: model spec key(s) {extra} are not accepted (a peer builds only the "
+            f"architecture; its frozen weights come from the start point); valid: "
+            f"{', '.join(SPEC_KEYS)}"
+        )
+    name = spec.get("model_name")
+    if (
+        not isinstance(name, str)
+        or len(name) > MAX_ID_CHARS
+        or not is_model_in_modules(name, VIT_MODULES)
+    ):
+        raise invalid(f"Open: model_name {name!r:.80} is not a timm ViT (modules {VIT_MODULES})")
+    mode = spec.get("mode", "vpt-deep")
+    if mode not in MODES:
+        raise invalid(f"Open: model mode {mode!r:.80} is not one of {', '.join(MODES)}")
+    for key, (lo, hi) in SPEC_BOUNDS.items():
+        if key in spec:
+            value = spec[key]
+            if type(value) is not int or not lo <= value <= hi:
+                raise invalid(
+                    f"Open: model {key} must be an integer in [{lo}, {hi}], got {value!r:.80}"
+                )
+    if "num_classes" not in spec:
+        raise invalid("Open: the model spec lacks num_classes")
+    if "embed_dim" in spec and "num_heads" in spec and spec["embed_dim"] % spec["num_heads"]:
+        raise invalid(
+            f"Open: model num_heads={spec['num_heads']} does not divide "
+            f"embed_dim={spec['embed_dim']}"
+        )
+    if "img_size" in spec and "patch_size" in spec:
+        img, patch = spec["img_size"], spec["patch_size"]
+        if img % patch:
+            raise invalid(f"Open: model patch_size={patch} does not divide img_size={img}")
+        if (img // patch) ** 2 > MAX_PATCHES:
+            raise invalid(
+                f"Open: model img_size={img} / patch_size={patch} gives "
+                f"{(img // patch) ** 2} patches; at most {MAX_PATCHES}"
+            )
+    return {"mode": mode, **spec}
+
+
+def check_built(model: PromptedViT) -> None:
+    """The bounds again on what was built (a spec may leave shapes to the registered model)."""
+    backbone = model.backbone
+    got = {
+        "depth": model.depth,
+        "embed_dim": int(backbone.embed_dim),
+        "num_patches": int(backbone.patch_embed.num_patches),
+    }
+    bounds = {
+        "depth": SPEC_BOUNDS["depth"][1],
+        "embed_dim": SPEC_BOUNDS["embed_dim"][1],
+        "num_patches": MAX_PATCHES,
+    }
+    over = [f"{k}={v} > {bounds[k]}" for k, v in got.items() if v > bounds[k]]
+    if over:
+        raise invalid(f"Open: the model is too large for a peer: {', '.join(over)}")
+
+
+def check_optimizer(spec: Any) -> OptimizerSpec:
+    if (
+        not isinstance(spec, dict)
+        or not {"name", "lr"} <= set(spec)
+        or not set(spec) <= {"name", "lr", "momentum", "weight_decay"}
+    ):
+        raise invalid("Open: 'optimizer' must be {name, lr[, momentum, weight_decay]}")
+    if spec["name"] not in OPTIMIZERS:
+        raise invalid(f"Open: optimizer {spec['name']!r:.80} is not one of {', '.join(OPTIMIZERS)}")
+    lr = _float(spec, "lr", "Open: optimizer", 0.0, 1e6, 0.0)
+    momentum = _float(spec, "momentum", "Open: optimizer", 0.0, 1.0, 0.0)
+    decay = _float(spec, "weight_decay", "Open: optimizer", 0.0, 1e6, 0.0)
+    if lr <= 0 or momentum >= 1:
+        raise invalid(
+            f"Open: optimizer needs lr > 0 and momentum < 1, got lr={lr}, momentum={momentum}"
+        )
+    return OptimizerSpec(spec["name"], lr, momentum, decay)
+
+
+def check_ranges(value: Any) -> SplitPlan:
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= SPEC_BOUNDS["depth"][1]
+        or not all(
+            isinstance(r, list) and len(r) == 2 and all(type(b) is int for b in r) for r in value
+        )
+    ):
+        raise invalid("Open: 'ranges' must be a list of [start, stop] integer pairs (one per peer)")
+    try:
+        return SplitPlan(int(value[-1][1]), tuple((lo, hi) for lo, hi in value))
+    except ValueError as err:
+        raise invalid(f"Open: 'ranges' is not a split plan: {err}") from err
+
+
 class PeerService:
     """The peer's state and request handlers (transport-free, so tests can call them)."""
 
-    def __init__(self, transport: TransportSettings, device: str = "cpu") -> None:
+    def __init__(
+        self, transport: TransportSettings, device: str = "cpu", limits: PeerLimits | None = None
+    ) -> None:
         self.transport = transport
         self.device = torch.device(device)
+        self.limits = limits or PeerLimits()
         self.session: Session | None = None
         self._weights: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self._pending: tuple[str, dict[str, torch.Tensor]] = ("", {})  # weights arriving in parts
+        self._upload: Upload | None = None  # frozen weights arriving in parts
         self._lock = threading.Lock()
 
     # -- handlers: header + tensors in, header + tensors out -------------------------------------
     def ping(self, header: dict, tensors: dict) -> tuple[dict, dict]:
-        return {"version": PROTOCOL_VERSION, "session": self.session.id if self.session else ""}, {}
+        session = self.session
+        return {"version": PROTOCOL_VERSION, "session": session.id if session else ""}, {}
 
     def weights(self, header: dict, tensors: dict) -> tuple[dict, dict]:
         """One part of a segment's frozen weights (large segments come in several parts, each
-        under the message-size limit); stored under their key once the last part is in."""
-        key = str(header.get("weights-key", ""))
-        part, parts = int(header.get("part", 0)), int(header.get("parts", 1))
-        if not key or not tensors or not 0 <= part < parts:
-            raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT, "Weights needs a key, tensors and part < parts"
-            )
+        under the message-size limit, in order); stored under their key once the last part is
+        in and they hash to it."""
+        limits = self.limits
+        key = _weights_key(header, "Weights")
+        parts = _int(header, "parts", "Weights", 1, limits.max_upload_parts, default=1)
+        part = _int(header, "part", "Weights", 0, parts - 1, default=0)
+        if not tensors:
+            raise invalid("Weights: the message carries no tensors")
         if part == 0:
-            self._pending = (key, {})
-        pending_key, received = self._pending
-        if pending_key != key:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"part {part} of unknown weights")
-        received.update({k: t.to(self.device) for k, t in tensors.items()})
-        if part == parts - 1:
-            self._weights[key] = received
-            self._pending = ("", {})
-            while len(self._weights) > WEIGHTS_KEPT:
-                self._weights.popitem(last=False)
-        return {"stored": key if part == parts - 1 else ""}, {}
+            self._upload = Upload(key, parts, {})
+        upload = self._upload
+        if upload is None or upload.key != key:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Weights: part {part} of {key[:12]} arrived, but no upload of it is under way "
+                "(start with part 0; unfinished uploads are dropped after "
+                f"{limits.upload_timeout_s:.0f} s)",
+            )
+        done = upload.done
+        if parts != upload.parts or part != done:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Weights: expected part {done} of {upload.parts} for {key[:12]}, got part "
+                f"{part} of {parts}",
+            )
+        repeated = sorted(set(tensors) & set(upload.tensors))
+        if repeated:
+            self._upload = None
+            raise invalid(f"Weights: tensor(s) {repeated[:3]} arrived twice; upload dropped")
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        upload.nbytes += nbytes
+        if upload.nbytes > limits.max_upload_mb * MB:
+            self._upload = None
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Weights: {key[:12]} exceeds this peer's --max-upload-mb "
+                f"{limits.max_upload_mb:g}; upload dropped",
+            )
+        if not self._make_room(upload.nbytes):
+            self._upload = None
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Weights: {key[:12]} does not fit in this peer's --max-held-mb "
+                f"{limits.max_held_mb:g} next to the weights of the open session; upload dropped",
+            )
+        upload.tensors.update({k: t.to(self.device) for k, t in tensors.items()})
+        upload.last = time.monotonic()
+        upload.done = done + 1
+        if part < parts - 1:
+            return {"stored": ""}, {}
+        self._upload = None
+        if weights_key(upload.tensors) != key:
+            raise invalid(
+                f"Weights: the {len(upload.tensors)} tensors do not hash to their key {key[:12]}"
+            )
+        bad = _all_finite(upload.tensors)
+        if bad:
+            raise invalid(f"Weights: tensor(s) {bad[:3]} hold NaN or inf")
+        self._weights[key] = upload.tensors
+        self._weights.move_to_end(key)
+        pinned = self.session.weights if self.session else ""
+        while len(self._weights) > WEIGHTS_KEPT:
+            evictable = [k for k in self._weights if k not in (key, pinned)]
+            if not evictable:
+                break
+            del self._weights[evictable[0]]
+        return {"stored": key}, {}
 
     def open(self, header: dict, tensors: dict) -> tuple[dict, dict]:
         if header.get("version") != PROTOCOL_VERSION:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"protocol version {header.get('version')} != this peer's {PROTOCOL_VERSION}",
+                f"Open: protocol version {header.get('version')!r:.20} != this peer's "
+                f"{PROTOCOL_VERSION} (update gaisnet-flwr on the start point or the peer)",
             )
-        key = str(header["weights-key"])
+        session_id = _str(header, "session", "Open")
+        name = _str(header, "name", "Open", default="peer")
+        key = _weights_key(header, "Open")
+        plan = check_ranges(_get(header, "ranges", "Open"))
+        index = _int(header, "index", "Open", 1, plan.num_peers + 1)
+        spec = check_model_spec(_get(header, "model", "Open"))
+        train = _get(header, "train", "Open")
+        if not isinstance(train, bool):
+            raise invalid(f"Open: 'train' must be true or false, got {train!r:.80}")
+        optimizer = check_optimizer(_get(header, "optimizer", "Open")) if train else None
+        mu = _float(header, "proximal-mu", "Open", 0.0, 1e6, 0.0)
+        last = index == plan.num_peers + 1
+        next_address, next_token = header.get("next"), header.get("next-token")
+        if last != (next_address is None):
+            raise invalid(
+                f"Open: segment {index} of {plan.num_peers + 1} "
+                + (
+                    "is the end point: 'next' must be null"
+                    if last
+                    else "needs the 'next' member's address"
+                )
+            )
+        if not last:
+            try:
+                check_address(str(next_address)[:300])
+            except ValueError as err:
+                raise invalid(f"Open: 'next' {err}") from err
+            _str(header, "next-token", "Open")
+        bad = _all_finite(tensors)
+        if bad:
+            raise invalid(f"Open: module(s) {bad[:3]} hold NaN or inf")
+        self._check_free(session_id)
         if key not in self._weights:
             return {"need-weights": True, "ready": False}, {}
-        try:
-            plan = SplitPlan(
-                int(sum(hi - lo for lo, hi in header["ranges"])),
-                tuple((int(lo), int(hi)) for lo, hi in header["ranges"]),
+        model = self._segment_model(spec, self._weights[key])
+        if plan.num_blocks != model.depth:
+            raise invalid(
+                f"Open: 'ranges' cover {plan.num_blocks} blocks, the model has {model.depth}"
             )
-            index = int(header["index"])
-            if not 1 <= index <= plan.num_peers + 1:
-                raise ValueError(f"segment index {index} is not a peer or the end point")
-            model = self._segment_model(header["model"], self._weights[key])
-            optimizer = OptimizerSpec(**header["optimizer"]) if header["train"] else None
-            factory = optimizer.factory() if optimizer else None
-            (segment,) = build_segments(model, plan, factory, only=index)
-            keys = segment_tunable_keys(model, plan, index)
-            if sorted(tensors) != sorted(keys):
-                raise ValueError(f"modules {sorted(tensors)} are not this segment's {keys}")
+        keys = segment_tunable_keys(model, plan, index)
+        if sorted(tensors) != sorted(keys):
+            raise invalid(f"Open: modules {sorted(tensors)[:8]} are not this segment's {keys}")
+        self._check_complete(model, plan, index, key)
+        try:
             model.load_tunable_state(tensors, strict=False)
-            segment.set_proximal(float(header.get("proximal-mu", 0.0)))
-        except (KeyError, TypeError, ValueError, ModelError) as err:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"cannot open session: {err}") from err
+            (segment,) = build_segments(
+                model, plan, optimizer.factory() if optimizer else None, only=index
+            )
+        except (ValueError, RuntimeError) as err:  # ModelError: shapes; torch: size mismatch
+            raise invalid(f"Open: cannot open session: {str(err).splitlines()[0][:300]}") from err
+        segment.set_proximal(mu)
         hop = None
-        if header.get("next"):
-            name = node_names(plan.num_peers)[index + 1]
-            client = PeerClient(name, check_address(str(header["next"])), self.transport)
-            hop = GrpcHop(client, str(header["session"]))
+        if not last:
+            client = PeerClient(
+                node_names(plan.num_peers)[index + 1], str(next_address), self.transport
+            )
+            hop = GrpcHop(client, session_id, str(next_token))
         if self.session is not None:
-            log.warning("session %s replaced by %s", self.session.id[:8], header["session"][:8])
+            log.warning("session %s (idle) replaced by %s", self.session.id[:8], session_id[:8])
             self._close_hop(self.session)
         self.session = Session(
-            id=str(header["session"]),
-            name=str(header.get("name", f"segment {index}")),
+            id=session_id,
+            token=secrets.token_hex(16),
+            weights=key,
+            name=name,
             model=model,
             plan=plan,
             index=index,
@@ -164,45 +475,57 @@ class PeerService:
             hop=hop,
             tunable_keys=keys,
             tokens=(segment.spec.in_shape[0], segment.spec.in_shape[1]),
-            train=bool(header["train"]),
+            train=train,
         )
+        self._weights.move_to_end(key)
         role = "end point" if hop is None else f"blocks {plan.ranges[index - 1]}"
-        log.info("session %s opened: %s, %s", self.session.id[:8], self.session.name, role)
-        return {"ready": True}, {}
+        log.info("session %s opened: %s, %s", session_id[:8], name, role)
+        return {"ready": True, "token": self.session.token}, {}
 
     def train_step(self, header: dict, tensors: dict, time_left: float | None) -> tuple[dict, dict]:
-        session = self._session(header, train=True)
-        h = self._smashed(session, tensors)
+        session = self._session(header, "Train")
+        if not session.train:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION, "Train: session was opened for inference"
+            )
+        h = self._smashed(session, tensors, "Train")
         y = tensors.get("y")
         classes = int(session.model.backbone.num_classes)
         if y is None or y.dtype != torch.int64 or tuple(y.shape) != (h.shape[0],):
-            raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"labels must be int64 of shape ({h.shape[0]},), got "
-                f"{None if y is None else (y.dtype, tuple(y.shape))}",
+            raise invalid(
+                f"Train: labels must be int64 of shape ({h.shape[0]},), got "
+                f"{None if y is None else (y.dtype, tuple(y.shape))}"
             )
-        if y.numel() and not (int(y.min()) >= 0 and int(y.max()) < classes):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"labels must be in [0, {classes})")
+        if not (int(y.min()) >= 0 and int(y.max()) < classes):
+            raise invalid(f"Train: labels must be in [0, {classes})")
         self._narrow_deadline(session, time_left)
         if session.steps == 0:
             log.info("session %s: first training step", session.id[:8])
         session.model.train()
         grad, result = session.node.train(h, y.to(self.device))
         session.steps += 1
+        session.last_used = time.monotonic()
+        if not math.isfinite(result.loss) or (grad is not None and _all_finite({"grad": grad})):
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Train: step {session.steps} of session {session.id[:8]} diverged (loss "
+                f"{result.loss}, or a non-finite gradient); lower the learning rate",
+            )
         out = {"grad": grad} if grad is not None else {}
         return {"loss": result.loss, "correct": result.correct, "n": result.num_examples}, out
 
     def infer(self, header: dict, tensors: dict, time_left: float | None) -> tuple[dict, dict]:
-        session = self._session(header, train=False)
-        h = self._smashed(session, tensors)
+        session = self._session(header, "Infer")
+        h = self._smashed(session, tensors, "Infer")
         self._narrow_deadline(session, time_left)
         session.model.eval()
         with torch.no_grad():
             logits = session.node.infer(h)
+        session.last_used = time.monotonic()
         return {}, {"logits": logits}
 
     def close(self, header: dict, tensors: dict) -> tuple[dict, dict]:
-        session = self._session(header, train=None)
+        session = self._session(header, "Close")
         state = session.model.tunable_state()
         modules = {k: state[k] for k in session.tunable_keys} if session.train else {}
         stats = session.hop.stats if session.hop else None
@@ -215,54 +538,134 @@ class PeerService:
         log.info("session %s closed after %d steps", session.id[:8], session.steps)
         self._close_hop(session)
         self.session = None
+        bad = _all_finite(modules)
+        if bad:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Close: trained module(s) {bad[:3]} hold NaN or inf; session closed without them",
+            )
         return reply, modules
 
     # -- helpers --------------------------------------------------------------------------------
+    def expire(self, now: float | None = None) -> None:
+        """Drop an unfinished upload that stopped arriving (a live session stays until
+        another `Open` finds it idle for `session_idle_s`)."""
+        now = time.monotonic() if now is None else now
+        upload = self._upload
+        if upload is not None and now - upload.last > self.limits.upload_timeout_s:
+            log.warning(
+                "unfinished upload of %s dropped after %.0f s", upload.key[:12], now - upload.last
+            )
+            self._upload = None
+
+    def _held_bytes(self, keys: list[str]) -> int:
+        return sum(t.numel() * t.element_size() for k in keys for t in self._weights[k].values())
+
+    def _make_room(self, arriving: int) -> bool:
+        """Evict stored weights (oldest first, never the open session's) until `arriving`
+        more bytes fit in `max_held_mb`."""
+        limit = self.limits.max_held_mb * MB
+        pinned = self.session.weights if self.session else ""
+        while self._held_bytes(list(self._weights)) + arriving > limit:
+            evictable = [k for k in self._weights if k != pinned]
+            if not evictable:
+                return False
+            del self._weights[evictable[0]]
+        return True
+
+    def _check_free(self, session_id: str) -> None:
+        """A live session belongs to whoever opened it until it has been idle too long."""
+        live = self.session
+        if live is None:
+            return
+        if live.id == session_id:
+            raise Refused(
+                grpc.StatusCode.ALREADY_EXISTS, f"Open: session {session_id[:8]} is already open"
+            )
+        idle = time.monotonic() - live.last_used
+        if idle <= self.limits.session_idle_s:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Open: this peer is busy with session {live.id[:8]} ({live.name}), idle "
+                f"{idle:.0f} s; it can be replaced after {self.limits.session_idle_s:.0f} s idle",
+            )
+
     def _segment_model(self, spec: dict[str, Any], weights: dict[str, torch.Tensor]) -> PromptedViT:
         """The architecture on the meta device, with only this segment's weights filled in."""
-        with torch.device("meta"):
-            model = build_prompted_vit(**spec)
+        try:
+            with torch.device("meta"):
+                model = build_prompted_vit(**spec)
+        except Exception as err:  # timm's assertions and errors: the spec is what is wrong
+            reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            raise invalid(f"Open: timm cannot build model spec {spec}: {reason}") from err
+        check_built(model)
+        expected = model.state_dict(keep_vars=True)
+        unexpected = sorted(k for k in weights if k not in expected)
+        if unexpected:
+            raise invalid(f"Open: weights {unexpected[:3]} do not belong to model {spec}")
+        wrong = [
+            f"{k}: {tuple(t.shape)} {t.dtype}, the model's "
+            f"{tuple(expected[k].shape)} {expected[k].dtype}"
+            for k, t in weights.items()
+            if t.shape != expected[k].shape or t.dtype != expected[k].dtype
+        ]
+        if wrong:
+            raise invalid(f"Open: weights do not fit the model: {'; '.join(wrong[:3])}")
         # Frozen weights are shared by every session that uses them; trainable ones are copied,
         # since training writes into them.
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         weights = {k: t.clone() if k in trainable else t for k, t in weights.items()}
-        unexpected = model.load_state_dict(weights, strict=False, assign=True).unexpected_keys
-        if unexpected:
-            raise ValueError(f"weights {unexpected[:3]}... do not belong to model {spec}")
+        model.load_state_dict(weights, strict=False, assign=True)
         return model
 
-    def _session(self, header: dict, train: bool | None) -> Session:
-        session = self.session
-        if session is None or header.get("session") != session.id:
+    def _check_complete(self, model: PromptedViT, plan: SplitPlan, index: int, key: str) -> None:
+        """Every parameter of the segment came with its weights (none left on the meta device)."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        missing = [names[id(p)] for p in segment_parameters(model, plan)[index] if p.is_meta]
+        if missing:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"no open session {str(header.get('session'))[:8]} on this peer (it may have "
-                "restarted or been taken by another cluster)",
+                f"Open: weights {key[:12]} lack {len(missing)} of segment {index}'s tensors: "
+                f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} "
+                "(send them with Weights)",
             )
-        if train is not None and train and not session.train:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "session was opened for inference")
+
+    def _session(self, header: dict, method: str) -> Session:
+        session = self.session
+        given = header.get("session")
+        if session is None or given != session.id:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no open session {str(given)[:8]} on this peer for {method} (it may have "
+                "restarted, or the session expired and was replaced)",
+            )
+        token = header.get("token")
+        if not isinstance(token, str) or not hmac.compare_digest(
+            token.encode("utf-8", "surrogatepass"), session.token.encode()
+        ):
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method}: session {session.id[:8]} belongs to the start point that opened it "
+                "(missing or wrong token)",
+            )
+        session.last_used = time.monotonic()
         return session
 
-    def _smashed(self, session: Session, tensors: dict) -> torch.Tensor:
+    def _smashed(self, session: Session, tensors: dict, method: str) -> torch.Tensor:
         h = tensors.get("h")
         tokens, dim = session.tokens
         if (
             h is None
             or h.dtype != torch.float32
             or h.dim() != 3
-            or tuple(h.shape[1:])
-            != (
-                tokens,
-                dim,
-            )
+            or tuple(h.shape[1:]) != (tokens, dim)
         ):
             got = None if h is None else f"{h.dtype} {tuple(h.shape)}"
-            raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"smashed data must be float32 [B, {tokens}, {dim}], got {got}",
-            )
+            raise invalid(f"{method}: smashed data must be float32 [B, {tokens}, {dim}], got {got}")
         if h.shape[0] < 1:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "smashed data holds no samples")
+            raise invalid(f"{method}: smashed data holds no samples (an empty batch)")
+        if not bool(torch.isfinite(h).all()):
+            raise invalid(f"{method}: smashed data holds NaN or inf")
         return h.to(self.device)
 
     def _narrow_deadline(self, session: Session, time_left: float | None) -> None:
@@ -278,21 +681,35 @@ class PeerService:
     # -- gRPC glue ------------------------------------------------------------------------------
     def handler(self, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-            with self._lock:  # one chain at a time: a step's calls are sequential anyway
-                try:
+            try:
+                if method == "Ping":  # answers while a long step holds the lock
+                    return pack_message(*self.ping({}, {}))
+                with self._lock:  # one chain at a time: a step's calls are sequential anyway
+                    self.expire()
                     header, tensors = unpack_message(request)
                     if method in ("Train", "Infer"):
                         fn = self.train_step if method == "Train" else self.infer
                         out_header, out = fn(header, tensors, context.time_remaining())
                     else:
                         out_header, out = getattr(self, method.lower())(header, tensors)
-                except LinkError as err:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
-                except Refused as err:
-                    context.abort(err.code, str(err))
-                except PeerError as err:  # the next hop failed: say which one
-                    context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-                return pack_message(out_header, out)
+                    return pack_message(out_header, out)
+            except LinkError as err:
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
+            except Refused as err:
+                code, message = err.code, str(err)
+            except PeerError as err:  # the next hop failed: say which one
+                code, message = grpc.StatusCode.UNAVAILABLE, str(err)
+            except Exception as err:  # a bug, or a case no check foresaw: never UNKNOWN
+                log.exception("%s failed", method)
+                first = str(err).splitlines()[0][:200] if str(err) else ""
+                code = grpc.StatusCode.INTERNAL
+                message = (
+                    f"{method} failed inside the peer: {type(err).__name__}: {first} "
+                    "(see the peer's log)"
+                )
+            # ASCII and bounded: header strings a caller sent may hold anything.
+            context.abort(code, message[:2000].encode("ascii", "backslashreplace").decode())
+            raise AssertionError("unreachable: context.abort raises")
 
         return handle
 
@@ -348,7 +765,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=float, default=60.0, help="deadline of calls it makes")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    defaults = PeerLimits()
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=defaults.max_upload_mb,
+        help="largest set of frozen weights one upload may bring (MB)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-upload-parts", type=int, default=defaults.max_upload_parts,
+        help="most parts one upload of frozen weights may come in",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-held-mb", type=float, default=defaults.max_held_mb,
+        help="frozen weights held in memory at most, stored and arriving together (MB)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--upload-timeout-s", type=float, default=defaults.upload_timeout_s,
+        help="an unfinished upload with no new part for this long is dropped",
+    )  # fmt: skip
+    parser.add_argument(
+        "--session-idle-s", type=float, default=defaults.session_idle_s,
+        help="a session with no call for this long may be replaced by another start point's",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        args.limits = PeerLimits(
+            args.max_upload_mb, args.max_upload_parts, args.max_held_mb,
+            args.upload_timeout_s, args.session_idle_s,
+        )  # fmt: skip
+    except ValueError as err:
+        parser.error(str(err))
     try:
         check_address(args.listen, listen=True)
     except ValueError as err:
@@ -380,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         certfile=args.certfile if args.ca_certfile else "",
         keyfile=args.keyfile if args.ca_certfile else "",
     )
-    service = PeerService(transport, device=args.device)
+    service = PeerService(transport, device=args.device, limits=args.limits)
     credentials = (
         server_credentials(args.certfile, args.keyfile, args.ca_certfile, args.require_client_cert)
         if args.certfile

@@ -7,14 +7,17 @@ Every node runs the same `chain.ChainNode`; only its hop is a `GrpcHop` instead 
 in-process one. The serving side is `peer.py` (the `gaisnet-peer` process).
 
 Methods of the `gaisnet.Peer` service (unary calls, framed payloads from `link.pack_message`):
-  Ping     -> the peer's name and version (lab bring-up waits on it)
-  Open     one round's session: the peer's segment, its tunable modules, optimizer, next hop;
-           replies `need-weights` when it lacks the frozen weights of that segment
+  Ping     -> the peer's protocol version (lab bring-up waits on it)
+  Open     one round's session: the peer's segment, its tunable modules, optimizer, next hop
+           (and the token of the next member's session); replies `need-weights` when it lacks
+           the frozen weights of that segment, else `ready` and the session's token
   Weights  the segment's frozen weights, keyed by their SHA-256 (kept in the peer's memory)
   Train    smashed data + labels in, gradient of the smashed data out (the rest of the chain
            runs inside the call)
   Infer    smashed data in, logits out
   Close    the trained tunable modules and the session's counts out
+Train, Infer and Close carry the session id and its token; the start point opens the members
+from the end point backwards, so each member learns the token of the session it calls.
 
 A peer that is down, too slow or refuses a message raises `PeerError` naming it; the cluster's
 ClientApp turns that into an error reply, so only that cluster's contribution is lost.
@@ -22,9 +25,10 @@ ClientApp turns that into an error reply, so only that cluster's contribution is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,10 +46,11 @@ from gaisnet_flwr.split.link import (
 )
 from gaisnet_flwr.split.plan import SplitPlan, node_names
 from gaisnet_flwr.split.segments import segment_parameters
-from gaisnet_flwr.vit.model import ModelError, PromptedViT
+from gaisnet_flwr.vit.model import PromptedViT
 
 SERVICE = "gaisnet.Peer"
-PROTOCOL_VERSION = 2  # 2: tensors keep their memory layout on the wire (split/link.py)
+# 2: tensors keep their memory layout on the wire (split/link.py); 3: sessions have tokens
+PROTOCOL_VERSION = 3
 MB = 2**20
 
 
@@ -213,36 +218,64 @@ class PeerClient:
 class GrpcHop:
     """The hop to the next device: one `Train` call per step carries the smashed data there
     and brings the gradient back. Counts what a link counts: serialized tensors per direction.
+    `on_failure` runs when a call fails (the start point releases its sessions on every member).
     """
 
-    def __init__(self, client: PeerClient, session: str) -> None:
+    def __init__(
+        self,
+        client: PeerClient,
+        session: str,
+        token: str = "",
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
         self.client = client
         self.session = session
+        self.token = token
+        self.on_failure = on_failure
         self.stats = LinkStats()
         self.timeout_s: float | None = None  # a peer narrows it to its own caller's deadline
 
+    @property
+    def _ids(self) -> dict[str, str]:
+        return {"session": self.session, "token": self.token}
+
+    def _failed(self, err: PeerError) -> PeerError:
+        if self.on_failure is not None:
+            self.on_failure()
+        return err
+
     def train(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, StepResult]:
         self.stats.add("forward", len(serialize_tensor(h)))
-        header, tensors = self.client.call(
-            "Train", {"session": self.session}, {"h": h, "y": y}, self.timeout_s
-        )
-        grad = tensors.get("grad")
-        if grad is not None:
-            if grad.shape != h.shape or grad.dtype != h.dtype:
-                raise PeerError(
-                    f"{self.client.name} at {self.client.address} sent a gradient of shape "
-                    f"{tuple(grad.shape)} {grad.dtype} for smashed data {tuple(h.shape)} {h.dtype}"
-                )
-            self.stats.add("backward", len(serialize_tensor(grad)))
-            grad = grad.to(h.device)
-        result = StepResult(float(header["loss"]), int(header["correct"]), int(header["n"]))
-        return grad, result
+        where = f"{self.client.name} at {self.client.address}"
+        try:
+            header, tensors = self.client.call("Train", self._ids, {"h": h, "y": y}, self.timeout_s)
+            grad = tensors.get("grad")
+            if grad is not None:
+                if grad.shape != h.shape or grad.dtype != h.dtype:
+                    raise PeerError(
+                        f"{where} sent a gradient of shape {tuple(grad.shape)} {grad.dtype} for "
+                        f"smashed data {tuple(h.shape)} {h.dtype}"
+                    )
+                if not bool(torch.isfinite(grad).all()):
+                    raise PeerError(f"{where} sent a gradient holding NaN or inf")
+                self.stats.add("backward", len(serialize_tensor(grad)))
+                grad = grad.to(h.device)
+            try:
+                loss, correct, n = float(header["loss"]), int(header["correct"]), int(header["n"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise PeerError(f"{where}: malformed Train reply: {err!r}") from err
+        except PeerError as err:
+            raise self._failed(err) from err
+        return grad, StepResult(loss, correct, n)
 
     def infer(self, h: torch.Tensor) -> torch.Tensor:
         self.stats.add("forward", len(serialize_tensor(h)))
-        _, tensors = self.client.call("Infer", {"session": self.session}, {"h": h}, self.timeout_s)
-        if "logits" not in tensors or tensors["logits"].shape[0] != h.shape[0]:
-            raise PeerError(f"{self.client.name} at {self.client.address} sent no logits for h")
+        try:
+            _, tensors = self.client.call("Infer", self._ids, {"h": h}, self.timeout_s)
+            if "logits" not in tensors or tensors["logits"].shape[0] != h.shape[0]:
+                raise PeerError(f"{self.client.name} at {self.client.address} sent no logits for h")
+        except PeerError as err:
+            raise self._failed(err) from err
         return tensors["logits"].to(h.device)
 
 
@@ -306,6 +339,7 @@ class NetworkPeers:
         self.optimizer = optimizer
         self.session = ""
         self._clients: list[PeerClient] = []
+        self._tokens: list[str] = []  # each member's session token ("" once released)
         self._plan: SplitPlan | None = None
 
     def open(self, model: PromptedViT, plan: SplitPlan, train: bool, proximal_mu: float) -> Hop:
@@ -322,48 +356,87 @@ class NetworkPeers:
         self._clients = [
             PeerClient(names[k + 1], a, self.settings.transport) for k, a in enumerate(addresses)
         ]
+        self._tokens = [""] * len(self._clients)
         tunable = model.tunable_state()
-        for k, client in enumerate(self._clients):
-            index = k + 1  # segment 0 is the start point, here
-            weights = segment_weights(model, plan, index)
-            header = {
-                "version": PROTOCOL_VERSION,
-                "session": self.session,
-                "index": index,
-                "name": client.name,
-                "ranges": [list(r) for r in plan.ranges],
-                "model": self.model_spec,
-                "optimizer": asdict(self.optimizer),
-                "train": train,
-                "proximal-mu": proximal_mu,
-                "next": addresses[k + 1] if k + 1 < len(addresses) else None,
-                "weights-key": weights_key(weights),
-            }
-            modules = {key: tunable[key] for key in segment_tunable_keys(model, plan, index)}
+        try:
+            # From the end point backwards: each member is told the token of the next one's
+            # session, which its hop must carry.
+            for k in reversed(range(len(self._clients))):
+                self._open_member(k, model, plan, tunable, train, proximal_mu)
+        except BaseException:
+            self.release()
+            raise
+        return GrpcHop(self._clients[0], self.session, self._tokens[0], on_failure=self.release)
+
+    def _open_member(
+        self,
+        k: int,
+        model: PromptedViT,
+        plan: SplitPlan,
+        tunable: dict[str, torch.Tensor],
+        train: bool,
+        proximal_mu: float,
+    ) -> None:
+        client, index = self._clients[k], k + 1  # segment 0 is the start point, here
+        last = k + 1 == len(self._clients)
+        weights = segment_weights(model, plan, index)
+        header = {
+            "version": PROTOCOL_VERSION,
+            "session": self.session,
+            "index": index,
+            "name": client.name,
+            "ranges": [list(r) for r in plan.ranges],
+            "model": self.model_spec,
+            "optimizer": asdict(self.optimizer),
+            "train": train,
+            "proximal-mu": proximal_mu,
+            "next": None if last else self.settings.addresses[k + 1],
+            "next-token": None if last else self._tokens[k + 1],
+            "weights-key": weights_key(weights),
+        }
+        modules = {key: tunable[key] for key in segment_tunable_keys(model, plan, index)}
+        reply, _ = client.call("Open", header, modules)
+        if reply.get("need-weights"):  # first session on this peer (or it restarted)
+            parts = chunks(weights, self.settings.transport.max_message_bytes // 2)
+            for i, part in enumerate(parts):
+                key = {"weights-key": header["weights-key"], "part": i, "parts": len(parts)}
+                client.call("Weights", key, part)
             reply, _ = client.call("Open", header, modules)
-            if reply.get("need-weights"):  # first session on this peer (or it restarted)
-                parts = chunks(weights, self.settings.transport.max_message_bytes // 2)
-                for i, part in enumerate(parts):
-                    key = {"weights-key": header["weights-key"], "part": i, "parts": len(parts)}
-                    client.call("Weights", key, part)
-                reply, _ = client.call("Open", header, modules)
-            if not reply.get("ready"):
-                raise PeerError(f"{client.name} at {client.address} did not open the session")
-        return GrpcHop(self._clients[0], self.session)
+        token = reply.get("token")
+        if not reply.get("ready") or not isinstance(token, str) or not token:
+            raise PeerError(f"{client.name} at {client.address} did not open the session")
+        self._tokens[k] = token
+
+    def release(self) -> None:
+        """Best effort, after a failure: close this cluster's session on every member that
+        still holds it (so the next round can open one at once) and drop the channels."""
+        for k, client in enumerate(self._clients):
+            if self._tokens[k]:
+                ids = {"session": self.session, "token": self._tokens[k]}
+                with contextlib.suppress(PeerError):
+                    client.call("Close", ids, timeout_s=min(self.settings.transport.timeout_s, 10))
+                self._tokens[k] = ""
+            client.close()
 
     def close(self, model: PromptedViT) -> RemoteStats:
         """Take every remote segment's trained modules back into `model`; collect counts."""
         assert self._plan is not None, "close() before open()"
         forward, backward, flops = [], [], {}
-        for client in self._clients:
-            header, modules = client.call("Close", {"session": self.session})
-            try:
-                model.load_tunable_state(modules, strict=False)
-            except ModelError as err:
-                raise PeerError(f"{client.name} at {client.address} returned {err}") from err
-            flops[client.name] = int(header["flops"])
-            if client is not self._clients[-1]:  # the end point sends nothing onward
-                forward.append(int(header["bytes-forward"]))
-                backward.append(int(header["bytes-backward"]))
-            client.close()
+        try:
+            for k, client in enumerate(self._clients):
+                ids = {"session": self.session, "token": self._tokens[k]}
+                header, modules = client.call("Close", ids)
+                self._tokens[k] = ""
+                try:
+                    model.load_tunable_state(modules, strict=False)
+                    flops[client.name] = int(header["flops"])
+                    if client is not self._clients[-1]:  # the end point sends nothing onward
+                        forward.append(int(header["bytes-forward"]))
+                        backward.append(int(header["bytes-backward"]))
+                except (KeyError, TypeError, ValueError) as err:  # ModelError is a ValueError
+                    raise PeerError(f"{client.name} at {client.address} returned {err}") from err
+                client.close()
+        except BaseException:
+            self.release()
+            raise
         return RemoteStats(forward, backward, flops)

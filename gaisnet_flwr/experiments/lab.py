@@ -117,9 +117,9 @@ class Lab:
         port = self.peer_ports.setdefault((cluster, member), free_ports(1)[0])
         cmd = [str(BIN / "gaisnet-peer"), "--listen", f"{LOOPBACK}:{port}"]
         if self.tls:
-            pki = self.pki()
+            pki = self.pki()  # mutual TLS: callers (start point, previous peer) need a cert
             cmd += ["--certfile", str(pki.certfile), "--keyfile", str(pki.keyfile),
-                    "--ca-certfile", str(pki.ca_certfile)]  # fmt: skip
+                    "--ca-certfile", str(pki.ca_certfile), "--require-client-cert"]  # fmt: skip
         else:
             cmd.append("--insecure")
         return self._spawn(self.peer_name(cluster, member), [*cmd, *self.peer_args])
@@ -141,8 +141,12 @@ class Lab:
         members = range(1, self.peers_per_cluster + 2)
         peers = ",".join(self.peer_address(cluster, m) for m in members)
         config = f'partition-id={cluster} num-partitions={self.clusters} peers="{peers}"'
-        if self.tls:
-            config += f' peer-ca-certfile="{self.pki().ca_certfile}"'
+        if self.tls:  # mutual TLS: the start point presents the lab's client certificate
+            pki = self.pki()
+            config += (
+                f' peer-ca-certfile="{pki.ca_certfile}" peer-certfile="{pki.client_certfile}"'
+                f' peer-keyfile="{pki.client_keyfile}"'
+            )
         return config
 
     def up(self) -> None:
@@ -226,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=REPO / "outputs" / "lab")
     parser.add_argument("--clusters", type=int, default=2)
     parser.add_argument("--peers-per-cluster", type=int, default=1)
-    parser.add_argument("--tls", action="store_true", help="TLS everywhere (a throwaway lab CA)")
+    parser.add_argument(
+        "--tls", action="store_true",
+        help="TLS everywhere, mutual between start points and peers (a throwaway lab CA)",
+    )  # fmt: skip
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
