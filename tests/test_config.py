@@ -258,7 +258,7 @@ ISSUE_17 = [
         {"d2d-link": "uplink-1mhz"},
         "d2d-link='uplink-1mhz' is a client-edge link; it must be a d2d link (valid: d2d-50m",
     ),
-    ({"foundation-dir": "a\x00b"}, "foundation-dir='a\x00b' is not valid: it contains a NUL"),
+    ({"foundation-dir": "a\x00b"}, "foundation-dir='a\\x00b' is not valid: it contains a NUL"),
 ]
 
 
