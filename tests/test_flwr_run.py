@@ -169,3 +169,6 @@ def test_a_failed_run_is_reported_as_a_failure(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "RUN FAILED" in result.stderr
     assert "status is 'finished:failed'" in result.stderr, result.stderr[-2000:]
+    # ... and says why in its one line: the ServerApp's own reason, naming the key.
+    (line,) = [x for x in result.stderr.splitlines() if "RUN FAILED" in x]
+    assert "the ServerApp failed: ConfigError: mode='bogus' is not valid" in line, line
