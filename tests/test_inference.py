@@ -150,6 +150,7 @@ def test_a_cluster_whose_peer_is_down_replies_with_an_error_naming_it() -> None:
     )
     reply = app(train, context)
     assert reply.has_error() and reply.error.code == PEER_FAILURE
-    assert "peer1 at 127.0.0.1:9: Open failed: UNAVAILABLE" in reply.error.reason
+    # Members open from the end point backwards (each Open carries the next member's token).
+    assert "end at 127.0.0.1:7: Open failed: UNAVAILABLE" in reply.error.reason
     infer = Message(request(modules), dst_node_id=1, message_type="query.infer")
     assert app(infer, context).error.code == PEER_FAILURE
