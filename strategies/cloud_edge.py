@@ -29,6 +29,10 @@ NDArrays = dict[str, np.ndarray]
 NON_FINITE_AGGREGATE = -2
 
 
+class RunFailedError(RuntimeError):
+    """The run cannot go on (e.g. no cluster trained in a round): the ServerApp fails with it."""
+
+
 def non_finite_keys(arrays: ArrayRecord) -> list[str]:
     """The modules of `arrays` that hold a NaN or an infinity (floating-point arrays only)."""
     bad = []
@@ -41,6 +45,21 @@ def non_finite_keys(arrays: ArrayRecord) -> list[str]:
 
 def edge_key(edge: int, key: str) -> str:
     return f"edge{edge}/{key}"
+
+
+def refused_aggregates(metrics: Mapping[str, object]) -> list[dict[str, int | str]]:
+    """The round's failures that are refused edge aggregates, read from the aggregated train
+    MetricRecord (`edge{e}/aggregate-refused`): node -1, code NON_FINITE_AGGREGATE."""
+    failures: list[dict[str, int | str]] = []
+    for key, value in sorted(metrics.items()):
+        prefix, _, name = key.partition("/")
+        if name == "aggregate-refused" and value:
+            edge = int(prefix.removeprefix("edge"))
+            reason = f"edge {edge}'s aggregate is not finite; the edge keeps its previous modules"
+            failures.append(
+                {"node": -1, "edge": edge, "code": NON_FINITE_AGGREGATE, "reason": reason}
+            )
+    return failures
 
 
 def split_edges(arrays: ArrayRecord) -> dict[int, ArrayRecord]:
@@ -179,7 +198,6 @@ class CloudEdgeStrategy(Strategy):
         self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
         self._sent_nodes: list[int] = []
         # This round's aggregates refused (not finite): failure records, as round_failures'.
-        self.aggregate_failures: list[dict[str, int | str]] = []
 
     def nodes_of(self, edge: int) -> list[int]:
         """The nodes (client clusters) of one edge server, in id order."""
@@ -229,7 +247,7 @@ class CloudEdgeStrategy(Strategy):
         per_edge: dict[int, ArrayRecord] = {}
         weights: dict[int, float] = {}
         metrics: dict[str, float | int] = {}
-        self.aggregate_failures = []
+        refused = 0
         for edge, edge_replies in self._by_edge(replies).items():
             arrays, edge_metrics = self.edge_strategies[edge].aggregate_train(
                 server_round, edge_replies
@@ -247,8 +265,8 @@ class CloudEdgeStrategy(Strategy):
                     f"keeps its previous modules"
                 )
                 log(WARNING, "round %d: %s", server_round, reason)
-                failure = {"node": -1, "edge": edge, "code": NON_FINITE_AGGREGATE}
-                self.aggregate_failures.append({**failure, "reason": reason})
+                metrics[edge_key(edge, "aggregate-refused")] = 1  # see refused_aggregates
+                refused += 1
                 arrays, weights[edge] = None, 0.0
             # An edge whose clusters all failed (or whose aggregate was refused) keeps what it
             # had.
@@ -273,7 +291,7 @@ class CloudEdgeStrategy(Strategy):
                 self.cloud_mix,
             )
         metrics["failed-clusters"] = len(failures)
-        metrics["failed-aggregates"] = len(self.aggregate_failures)
+        metrics["failed-aggregates"] = refused
         ok_all = [r.content for r in replies if not r.has_error()]
         if self.train_metrics_fn and ok_all:
             metrics.update(dict(self.train_metrics_fn(ok_all, "num-examples")))  # type: ignore[arg-type]

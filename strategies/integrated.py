@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import Strategy
 
 from gaisnet_flwr.service.integrated import fitted_gain
 from gaisnet_flwr.service.scheduler import SERVE, QualityModel, choose_action
-from strategies.cloud_edge import EdgeGrid, join_edges, split_edges
+from strategies.cloud_edge import EdgeGrid, RunFailedError, join_edges, split_edges
 
 # (edge, its modules) -> the accuracy of that edge model on its domain's test set
 EdgeEvaluator = Callable[[int, ArrayRecord], float]
@@ -135,8 +135,16 @@ class IntegratedStrategy(Strategy):
             row.update({"served-accuracy": served_accuracy, "error": served.get("error")})
         else:
             edge = int(row["action"].split(":")[1])
-            # Clusters that failed (a dead D2D peer) are left out of the aggregate, and counted.
-            row["failed-clusters"] = self._sent - sum(not r.has_error() for r in replies)
+            # Clusters that failed (a dead D2D peer) are left out of the aggregate, and counted;
+            # a fine-tuning round in which no cluster trained fails the run.
+            trained = sum(not r.has_error() for r in replies)
+            row["failed-clusters"] = self._sent - trained
+            if trained == 0:
+                reasons = [r.error.reason for r in replies if r.has_error()] or ["no reply"]
+                raise RunFailedError(
+                    f"round {server_round}: no cluster of edge {edge} trained ({self._sent} "
+                    f"sent; first: {reasons[0]})"
+                )
             arrays, _ = self.edge_strategies[edge].aggregate_train(server_round, replies)
             if arrays is not None:
                 self._modules[edge] = arrays

@@ -23,14 +23,20 @@ from torch.utils.data import Subset
 import clients.split_client as split_client
 from gaisnet_flwr.apps.hfsl import check_run_config
 from gaisnet_flwr.apps.inprocess import run_inprocess
-from gaisnet_flwr.apps.rounds import RunFailedError
 from gaisnet_flwr.cloud.foundation import CheckpointError, Foundation, save_checkpoint
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.data.images import ImageData, load_image_data
 from gaisnet_flwr.experiments import flwr_local
 from gaisnet_flwr.split.plan import make_plan
 from gaisnet_flwr.training.loops import NonFiniteError, build_model, train_cluster
-from strategies.cloud_edge import NON_FINITE_AGGREGATE, CloudEdgeStrategy, join_edges, split_edges
+from strategies.cloud_edge import (
+    NON_FINITE_AGGREGATE,
+    CloudEdgeStrategy,
+    RunFailedError,
+    join_edges,
+    refused_aggregates,
+    split_edges,
+)
 from strategies.module_fedavg import ModuleFedAvg
 from tests.conftest import make_reply
 
@@ -156,6 +162,18 @@ def test_a_round_in_which_no_cluster_trained_fails_the_run(
         run_inprocess({**TINY, "output-dir": str(tmp_path)}, num_clusters=2)
 
 
+def test_an_integrated_fine_tuning_round_in_which_no_cluster_trained_fails_the_run(
+    tmp_path: Path, failing_clusters: set[int]
+) -> None:
+    failing_clusters.update({0, 1})
+    # MLCP facing ten requests, with fine-tuning free, fine-tunes the imperfect start model first.
+    config = {**TINY, "output-dir": str(tmp_path), "service": "integrated", "policy": "mlcp",
+              "demand": ",".join(["0"] * 10), "finetune-cost": 0.0,
+              "energy-price": 0.0}  # fmt: skip
+    with pytest.raises(RunFailedError, match=r"round 1: no cluster of edge 0 trained \(2 sent; "):
+        run_inprocess(config, num_clusters=2)
+
+
 def test_a_non_finite_aggregate_keeps_the_edges_modules(task_identity: None) -> None:
     def modules(value: float) -> dict[str, np.ndarray]:
         return {"prompt.0": np.full((2, 2), value, np.float32)}
@@ -180,9 +198,10 @@ def test_a_non_finite_aggregate_keeps_the_edges_modules(task_identity: None) -> 
     np.testing.assert_allclose(edges[0]["prompt.0"].numpy(), 2.0)
     np.testing.assert_allclose(edges[1]["prompt.0"].numpy(), 3.0)
     assert metrics is not None and metrics["failed-aggregates"] == 1
-    (failure,) = strategy.aggregate_failures
+    assert metrics["edge0/aggregate-refused"] == 1 and "edge1/aggregate-refused" not in metrics
+    (failure,) = refused_aggregates(metrics)
     assert failure["edge"] == 0 and failure["code"] == NON_FINITE_AGGREGATE
-    assert "edge 0's aggregate is not finite (NaN or inf in ['prompt.0'])" in str(failure["reason"])
+    assert "edge 0's aggregate is not finite" in str(failure["reason"])
 
 
 # -- the foundation: non-finite weights and unreadable sidecars are corrupt ----------------------

@@ -18,14 +18,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from gaisnet_flwr.apps.recorder import RoundRecorder
-from strategies.cloud_edge import round_failures
+from strategies.cloud_edge import RunFailedError, refused_aggregates, round_failures
 
 # (server round, aggregated train metrics) -> the round's latency through the hierarchy
 LatencyPricer = Callable[[int, Mapping[str, float | int]], float]
-
-
-class RunFailedError(RuntimeError):
-    """The run cannot go on (e.g. no cluster trained in a round): the ServerApp fails with it."""
 
 
 class RecordedRounds(Strategy):
@@ -60,7 +56,7 @@ class RecordedRounds(Strategy):
         if self.price_latency is not None and "latency-s" in train:
             train["round-latency-s"] = self.price_latency(server_round, train)
         failures = round_failures(replies, self._sent_nodes, self.node_edges)
-        failures += getattr(self.strategy, "aggregate_failures", [])
+        failures += refused_aggregates(train)  # from the record, not the strategy's state
         self.recorder.train_round(server_round, train, failures)
         trained = sum(not r.has_error() for r in replies)
         if trained == 0:  # nothing to aggregate, nothing learnt: the run has failed
