@@ -197,7 +197,6 @@ class CloudEdgeStrategy(Strategy):
         self.train_metrics_fn = train_metrics_fn
         self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
         self._sent_nodes: list[int] = []
-        # This round's aggregates refused (not finite): failure records, as round_failures'.
 
     def nodes_of(self, edge: int) -> list[int]:
         """The nodes (client clusters) of one edge server, in id order."""
