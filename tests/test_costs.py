@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,15 +38,7 @@ from gaisnet_flwr.split.plan import SplitPlan, plan_even
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 from tests.conftest import TINY, VARIANTS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors gain nothing from threads, and on a loaded 2-core machine OpenMP's spinning
-    # threads made these tests ~100x slower (1.3 s vs 0.016 s per segment measurement).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- formulas ---------------------------------------------------------------------------------

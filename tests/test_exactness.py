@@ -10,7 +10,7 @@ pool). A model without prefix tokens hands on tokens in the patch convolution's 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -54,13 +54,7 @@ PLANS = [SplitPlan.from_sizes(sizes) for sizes in ([4], [1, 3], [2, 1, 1], [1, 1
 STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors gain nothing from threads (and spin on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(family: str, mode: str, num_prompts: int | None = None) -> PromptedViT:
