@@ -50,7 +50,13 @@ from gaisnet_flwr.data.images import DATASETS, DOMAINS, PARTITIONINGS, DataSpec,
 from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
 from gaisnet_flwr.split.plan import PLANNERS, SplitPlan, make_plan
-from gaisnet_flwr.vit.model import MODES, ModelError, build_prompted_vit
+from gaisnet_flwr.vit.model import (
+    MAX_PATCHES,
+    MODES,
+    SHAPE_LIMITS,
+    ModelError,
+    build_prompted_vit,
+)
 
 FOUNDATIONS = ("cloud", "timm", "file", "none")
 SERVICES = ("fine-tuning", "integrated")
@@ -218,10 +224,10 @@ def _cast(key: str, value: Any, kind: type) -> Any:
 class ModelConfig:
     """A timm ViT by name, with shape overrides, and its prompt tuning (paper Sec. III-A).
 
-    Limits (generous: beyond ViT-g/14 and the paper's ViT-B/16, yet every model within them
-    builds in seconds): img-size 1..1024, patch-size 1..img-size and a divisor of it, at most
-    4096 patches ((img-size / patch-size)^2), depth 1..48, embed-dim 1..4096, num-heads 1..64
-    and a divisor of embed-dim, num-prompts 0..1024, and at most 1e9 parameters in all.
+    Limits (`vit.model.SHAPE_LIMITS`, shared with a D2D peer's model spec): img-size 1..1024,
+    patch-size 1..img-size and a divisor of it, at most 4096 patches ((img-size / patch-size)^2),
+    depth 1..48, embed-dim 1..4096, num-heads 1..64 and a divisor of embed-dim, num-prompts
+    0..1024, and at most 1e9 parameters in all.
     `RunConfig.check_environment` builds the model on the meta device (no memory) to prove that
     model-name is a timm VisionTransformer that takes these shapes.
     """
@@ -241,30 +247,32 @@ class ModelConfig:
             raise ConfigError(
                 "model-name='' is not valid: name a timm ViT, e.g. vit_tiny_patch16_224"
             )
-        _ints(self, 1, 1024, "img_size")
+        _ints(self, 1, SHAPE_LIMITS["img_size"], "img_size")
         if not 1 <= self.patch_size <= self.img_size:
             raise ConfigError(
                 f"patch-size={self.patch_size} is out of range: must be >= 1 and <= "
                 f"img-size={self.img_size}, and divide it"
             )
-        _ints(self, 1, 48, "depth")
-        _ints(self, 1, 4096, "embed_dim")
-        _ints(self, 1, 64, "num_heads")
-        _ints(self, 0, 1024, "num_prompts")
+        _ints(self, 1, SHAPE_LIMITS["depth"], "depth")
+        _ints(self, 1, SHAPE_LIMITS["embed_dim"], "embed_dim")
+        _ints(self, 1, SHAPE_LIMITS["num_heads"], "num_heads")
+        _ints(self, 0, SHAPE_LIMITS["num_prompts"], "num_prompts")
         if self.img_size % self.patch_size:
             raise ConfigError(
                 f"patch-size={self.patch_size} must divide img-size={self.img_size} (the image "
-                f"is cut into patch-size tiles); valid: {_divisors(self.img_size, 1024)}"
+                f"is cut into patch-size tiles); valid: "
+                f"{_divisors(self.img_size, SHAPE_LIMITS['img_size'])}"
             )
-        if (patches := (self.img_size // self.patch_size) ** 2) > 4096:
+        if (patches := (self.img_size // self.patch_size) ** 2) > MAX_PATCHES:
             raise ConfigError(
                 f"img-size={self.img_size} with patch-size={self.patch_size} makes {patches} "
-                f"patches; at most 4096 (raise patch-size or lower img-size)"
+                f"patches; at most {MAX_PATCHES} (raise patch-size or lower img-size)"
             )
         if self.embed_dim % self.num_heads:
             raise ConfigError(
                 f"num-heads={self.num_heads} must divide embed-dim={self.embed_dim} (each head "
-                f"gets embed-dim / num-heads channels); valid: {_divisors(self.embed_dim, 64)}"
+                f"gets embed-dim / num-heads channels); valid: "
+                f"{_divisors(self.embed_dim, SHAPE_LIMITS['num_heads'])}"
             )
         if self.mode in ("linear", "full") and self.num_prompts:
             raise ConfigError(f"mode {self.mode!r} trains no prompts: set num-prompts=0")
@@ -308,7 +316,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _choice("planner", self.planner, PLANNERS)
-        _ints(self, 1, 48, "peers_per_cluster")
+        _ints(self, 1, SHAPE_LIMITS["depth"], "peers_per_cluster")  # one block each at least
         if self.peer_speeds.strip():
             _positive_list("peer-speeds", self.peer_speeds, self.speeds(), self.peers_per_cluster)
 

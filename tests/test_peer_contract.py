@@ -320,10 +320,10 @@ def test_weights_that_do_not_hash_to_their_key_or_hold_nan_are_refused(peers: Pe
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
-        ({"depth": 1500}, "model depth must be an integer in [1, 64], got 1500"),
+        ({"depth": 1500}, "model depth must be an integer in [1, 48], got 1500"),
         ({"img_size": 10**9}, "model img_size must be an integer in [1, 1024]"),
         ({"embed_dim": 10**9}, "model embed_dim must be an integer in [1, 4096]"),
-        ({"num_prompts": 10**9}, "model num_prompts must be an integer in [0, 1000]"),
+        ({"num_prompts": 10**9}, "model num_prompts must be an integer in [0, 1024]"),
         ({"num_classes": 0}, "model num_classes must be an integer in [1, 100000]"),
         ({"depth": 2.5}, "model depth must be an integer"),
         ({"num_heads": 5}, "num_heads=5 does not divide embed_dim=32"),

@@ -66,7 +66,13 @@ from gaisnet_flwr.split.chain import OPTIMIZERS, ChainNode, OptimizerSpec, Segme
 from gaisnet_flwr.split.link import LinkError, pack_message, unpack_message
 from gaisnet_flwr.split.plan import SplitPlan, node_names
 from gaisnet_flwr.split.segments import segment_parameters
-from gaisnet_flwr.vit.model import MODES, PromptedViT, build_prompted_vit
+from gaisnet_flwr.vit.model import (
+    MAX_PATCHES,
+    MODES,
+    SHAPE_LIMITS,
+    PromptedViT,
+    build_prompted_vit,
+)
 
 log = logging.getLogger("gaisnet.peer")
 WEIGHTS_KEPT = 2  # frozen-weight sets kept in memory (a restart of the run reuses them)
@@ -76,14 +82,13 @@ WEIGHTS_KEPT = 2  # frozen-weight sets kept in memory (a restart of the run reus
 # model's own, which is checked against the same bounds once built (on the meta device).
 SPEC_BOUNDS: dict[str, tuple[int, int]] = {
     "num_classes": (1, 100_000),
-    "num_prompts": (0, 1_000),
-    "img_size": (1, 1_024),
-    "patch_size": (1, 1_024),
-    "depth": (1, 64),
-    "embed_dim": (1, 4_096),
-    "num_heads": (1, 64),
+    "num_prompts": (0, SHAPE_LIMITS["num_prompts"]),
+    "img_size": (1, SHAPE_LIMITS["img_size"]),
+    "patch_size": (1, SHAPE_LIMITS["img_size"]),
+    "depth": (1, SHAPE_LIMITS["depth"]),
+    "embed_dim": (1, SHAPE_LIMITS["embed_dim"]),
+    "num_heads": (1, SHAPE_LIMITS["num_heads"]),
 }
-MAX_PATCHES = 4_096  # (img_size / patch_size) ** 2: 1024 px at patch 16
 SPEC_KEYS = ("model_name", "mode", *SPEC_BOUNDS)
 VIT_MODULES = ["vision_transformer", "deit"]  # timm modules whose models are VisionTransformers
 MAX_ID_CHARS = 128  # session ids and names
