@@ -5,13 +5,16 @@
 
 Each segment runs on its own device, owns an optimizer over its own tunable parameters (the end
 point owns the head) and steps it as soon as its gradient is known. Every hop goes through a
-`Link`, which serializes what it carries and counts the bytes. A hop backwards is only made where
+`Link`, which delivers what it carries to the receiving node's device (where that segment's
+parameters live) and counts the bytes the wire carries. A hop backwards is only made where
 something upstream trains: under prompt tuning the start point's embedding is frozen, so no
-gradient is ever sent back to it.
+gradient is ever sent back to it. Each segment computes in the run's `Precision` (fp32, tf32 or
+bf16 autocast) and its hops carry smashed data in the chosen dtype (split/precision.py).
 
 One training step of the chain equals one step of the unsplit `PromptedViT` with the same
-optimizer (tests/test_chain.py): the optimizers are per-parameter, the loss is the same mean
-cross-entropy, and the end point's step happens after all gradients of the step are computed.
+optimizer (tests/test_chain.py, tests/test_exactness.py; bit for bit on a CPU in fp32 with fp32
+smashed data): the optimizers are per-parameter, the loss is the same mean cross-entropy, and the
+end point's step happens after all gradients of the step are computed.
 
 A step is a nested call along the chain, as it is on real devices: each `ChainNode` runs its
 segment, hands its output to the next node through a `Hop` and gets back the gradient of that
@@ -33,6 +36,7 @@ from torch import nn
 from gaisnet_flwr.split.flops import SegmentFlops, chain_flops
 from gaisnet_flwr.split.link import InProcessLink, Link, LinkStats
 from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.split.precision import FP32, Precision, tensor_device
 from gaisnet_flwr.split.segments import SegmentSpec, describe_segments
 from gaisnet_flwr.vit.model import PromptedViT
 
@@ -69,6 +73,8 @@ class Segment:
 
     `spec` describes it (`segments.describe_segments`): its name, whether its input needs a
     gradient. `forward` keeps what `backward` needs (its input and output) for one step at a time.
+    `device` is where its parameters (`held`, frozen ones too) live: the node's device, to which
+    the hops into this segment deliver.
     """
 
     def __init__(
@@ -78,10 +84,14 @@ class Segment:
         params: list[nn.Parameter],
         make_optimizer: OptimizerFactory | None,
         flops: SegmentFlops,
+        device: torch.device | None = None,
+        precision: Precision = FP32,
     ) -> None:
         self.spec = spec
         self.fn = fn
         self.params = params
+        self.device = device or tensor_device(params, torch.device("cpu"))
+        self.precision = precision
         self.optimizer = make_optimizer(params) if (params and make_optimizer) else None
         self.flops = flops
         self.flops_done = 0
@@ -110,13 +120,14 @@ class Segment:
 
     def forward(self, h: torch.Tensor, train: bool) -> torch.Tensor:
         if not train:
-            with torch.no_grad():
+            with torch.no_grad(), self.precision.forward(self.device):
                 out = self.fn(h)
             self.flops_done += self.flops.forward * h.shape[0]
             return out
         if self.needs_input_grad:
             h = h.requires_grad_(True)
-        out = self.fn(h)
+        with self.precision.forward(self.device):
+            out = self.fn(h)
         self._input, self._output = h, out
         self.flops_done += self.flops.forward * h.shape[0]
         return out
@@ -130,10 +141,11 @@ class Segment:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         if self.trains or self.needs_input_grad:
-            if loss is not None:
-                loss.backward()
-            else:
-                self._output.backward(grad_output)
+            with self.precision.backward(self.device):
+                if loss is not None:
+                    loss.backward()
+                else:
+                    self._output.backward(grad_output)
             self.flops_done += self.flops.backward * self._input.shape[0]
         grad_input = self._input.grad if self.needs_input_grad else None
         if self.optimizer is not None:
@@ -188,7 +200,7 @@ class ChainNode:
         out = self.segment.forward(h, train=True)
         if self.next_hop is None:  # end point: the loss, then the first backward
             labels = y.to(out.device)
-            loss = F.cross_entropy(out, labels)
+            loss = F.cross_entropy(out.float(), labels)  # float32 loss under bf16 autocast too
             grad_in = self.segment.backward(None, loss=loss)
             correct = int((out.detach().argmax(dim=1) == labels).sum())
             return grad_in, StepResult(float(loss.detach()), correct, int(labels.shape[0]))
@@ -269,8 +281,11 @@ class SplitChain:
             in-process objects, each touching only its own slice).
         plan: the peers' block ranges.
         make_optimizer: builds one optimizer per segment over that segment's parameters.
-        links: K + 1 links (start->peer 1, ..., peer K->end); in-process links by default.
-        result_link: end point -> start point link for inference results (paper Fig. 5).
+        links: K + 1 links (start->peer 1, ..., peer K->end); by default in-process links, each
+            delivering to its receiving segment's device in `precision`'s smashed-data dtype.
+        result_link: end point -> start point link for inference results (paper Fig. 5); by
+            default in-process, delivering to the start point's device (results are not
+            smashed data: they travel in the dtype the end point computed them in).
         remote: peers on other devices (deployment): only the start point's segment runs here;
             call `close()` after the last step to take the trained modules back.
     """
@@ -285,6 +300,7 @@ class SplitChain:
         remote: RemotePeers | None = None,
         train: bool = True,
         proximal_mu: float = 0.0,
+        precision: Precision = FP32,
     ) -> None:
         if plan.num_blocks != model.depth:
             raise ValueError(f"plan covers {plan.num_blocks} blocks, the model has {model.depth}")
@@ -293,17 +309,20 @@ class SplitChain:
         self.model = model
         self.plan = plan
         self.remote = remote
-        self.result_link: Link = result_link or InProcessLink()
+        self.precision = precision
         if remote is not None:  # the start point runs here, everything after it over the network
-            self.segments = build_segments(model, plan, make_optimizer, only=0)
+            self.segments = build_segments(model, plan, make_optimizer, only=0, precision=precision)
             self.links: list[Link] = []
             self.first_hop = remote.open(model, plan, train=train, proximal_mu=proximal_mu)
         else:
-            self.segments = build_segments(model, plan, make_optimizer)
+            self.segments = build_segments(model, plan, make_optimizer, precision=precision)
             self.links = (
                 list(links)
                 if links is not None
-                else [InProcessLink() for _ in range(plan.num_peers + 1)]
+                else [
+                    InProcessLink(receiver.device, precision.wire_dtype)
+                    for receiver in self.segments[1:]
+                ]
             )
             if len(self.links) != plan.num_peers + 1:
                 raise ValueError(f"need {plan.num_peers + 1} links, got {len(self.links)}")
@@ -312,6 +331,7 @@ class SplitChain:
                 hop = InProcessHop(link, node)
                 node = ChainNode(segment, hop)
             self.first_hop = hop
+        self.result_link: Link = result_link or InProcessLink(self.segments[0].device)
         self.start = ChainNode(self.segments[0], self.first_hop)
         self.set_proximal(proximal_mu)
         self._remote_stats: RemoteStats | None = None
@@ -367,13 +387,16 @@ def build_segments(
     plan: SplitPlan,
     make_optimizer: OptimizerFactory | None,
     only: int | None = None,
+    precision: Precision = FP32,
 ) -> list[Segment]:
     """The chain's segments in order: start point, peers, end point (or just segment `only`,
     the one a device holds), as `describe_segments` describes them: each trains its trainable
-    parameters and asks for the gradient of its input only if something upstream trains."""
+    parameters and asks for the gradient of its input only if something upstream trains, and
+    computes on the device its parameters lie on (the model's first device if it holds none)."""
     chain = describe_segments(model, plan)
     flops = chain_flops(chain)
     named = dict(model.named_parameters())
+    fallback = next(iter(named.values())).device
     segments = []
     for spec, seg_flops in zip(chain, flops, strict=True):
         if only is not None and spec.index != only:
@@ -386,7 +409,10 @@ def build_segments(
         else:
             fn = model.head_forward
         params = [named[n] for n in spec.trainable]
-        segments.append(Segment(spec, fn, params, make_optimizer, seg_flops))
+        device = tensor_device([named[n] for n in spec.params], fallback)
+        segments.append(
+            Segment(spec, fn, params, make_optimizer, seg_flops, device=device, precision=precision)
+        )
     return segments
 
 

@@ -1,9 +1,13 @@
 """D2D links between split-learning segments (paper Sec. III-C.1: smashed data and gradients).
 
-Every hop serializes the tensor it hands on, so the bytes we count are the bytes a real link would
-carry. `InProcessLink` is the simulation's link: it serializes, counts and deserializes in the same
-process. A network link (gRPC between lab devices) implements the same `Link` protocol, so the chain
-never changes when the transport does.
+A link counts the bytes its wire format carries. The network transport (gRPC between lab
+devices, deploy/remote.py) really serializes every tensor (`serialize_tensor`). The simulation's
+`InProcessLink` does not copy: it hands the tensor on (detached, on the receiving node's device,
+in the hop's smashed-data dtype) and counts `wire_bytes`, the length `serialize_tensor` would
+give, from the tensor's dtype, shape and layout. Both take the header's size from
+`header_bytes`, so the count and the wire cannot drift (tests/test_link.py checks every dtype
+and shape the chain sends). Round-tripping every hop through host bytes made a split step on a
+GPU 2.25x-8x slower than the unsplit model (issue 14's H200 measurement).
 
 A hop keeps the tensor's memory layout: a dense tensor whose dimensions lie in memory in another
 order than its shape (a prefix-free ViT's tokens straight from the patch convolution are
@@ -60,6 +64,21 @@ def dim_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
     return order if tensor.permute(order).is_contiguous() else None
 
 
+def header_bytes(ndim: int, permuted: bool) -> int:
+    """Size of a tensor's header on the wire: dtype and ndim bytes, ndim int64 sizes, and the
+    ndim bytes of the dim order of a `permuted` layout."""
+    return _HEADER.size + 8 * ndim + (ndim if permuted else 0)
+
+
+def wire_bytes(tensor: torch.Tensor) -> int:
+    """Bytes `serialize_tensor(tensor)` produces, without producing them: the header and the
+    raw data (a function of dtype, shape and whether the layout is permuted)."""
+    if tensor.dtype not in _DTYPES:
+        raise LinkError(f"dtype {tensor.dtype} cannot be sent; supported: {list(_DTYPES)}")
+    permuted = dim_order(tensor) is not None
+    return header_bytes(tensor.dim(), permuted) + tensor.numel() * tensor.dtype.itemsize
+
+
 def serialize_tensor(tensor: torch.Tensor) -> bytes:
     """Tensor -> bytes: a small header (dtype, shape, and the dim order of a permuted layout)
     and the raw little-endian data in memory order."""
@@ -71,6 +90,7 @@ def serialize_tensor(tensor: torch.Tensor) -> bytes:
     flag = 0 if order is None else _DIM_ORDER
     header = _HEADER.pack(_DTYPES.index(t.dtype), t.dim() | flag)
     header += struct.pack(f"<{t.dim()}q", *t.shape) + bytes(order or ())
+    assert len(header) == header_bytes(t.dim(), order is not None)  # what `wire_bytes` counts
     return header + data.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -85,7 +105,7 @@ def deserialize_tensor(payload: bytes, device: torch.device | str = "cpu") -> to
     permuted, ndim = bool(ndim & _DIM_ORDER), ndim & ~_DIM_ORDER
     if ndim > MAX_DIMS:
         raise LinkError(f"tensor header claims {ndim} dimensions; at most {MAX_DIMS} are allowed")
-    offset = _HEADER.size + 8 * ndim + (ndim if permuted else 0)
+    offset = header_bytes(ndim, permuted)
     if len(payload) < offset:
         raise LinkError(f"payload of {len(payload)} bytes is shorter than its header ({offset})")
     shape = struct.unpack_from(f"<{ndim}q", payload, _HEADER.size)
@@ -140,16 +160,32 @@ class Link(Protocol):
 
 
 class InProcessLink:
-    """Simulated D2D link: serialize, count the bytes, deserialize onto the receiver's device."""
+    """Simulated D2D link: hand the tensor on without copying it, count its wire bytes.
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    The receiver gets the tensor detached from the sender's graph (its own leaf, as after a
+    real transfer), on `device` (the receiving node's) and, for floating tensors, rounded
+    through `wire_dtype` (the smashed-data dtype) back to the dtype it left with. Nothing is
+    copied unless the device or the dtype changes; a dense tensor keeps its memory layout (as
+    `serialize_tensor` keeps it), a non-dense view arrives as the contiguous copy the wire
+    would deliver. The bytes counted are `wire_bytes` of what was put on the wire.
+    """
+
+    def __init__(
+        self, device: torch.device | str = "cpu", wire_dtype: torch.dtype = torch.float32
+    ) -> None:
         self.device = torch.device(device)
+        self.wire_dtype = wire_dtype
         self.stats = LinkStats()
 
     def send(self, tensor: torch.Tensor, direction: Direction) -> torch.Tensor:
-        payload = serialize_tensor(tensor)
-        self.stats.add(direction, len(payload))
-        return deserialize_tensor(payload, self.device)
+        sent = tensor.detach()
+        if sent.is_floating_point() and sent.dtype != self.wire_dtype:
+            sent = sent.to(self.wire_dtype)
+        if not sent.is_contiguous() and dim_order(sent) is None:
+            sent = sent.contiguous()  # not dense: the wire carries (and delivers) a packed copy
+        self.stats.add(direction, wire_bytes(sent))
+        # `to` keeps the strides of a dense tensor and is a no-op on the same device and dtype.
+        return sent.to(device=self.device, dtype=tensor.dtype)
 
 
 # -- framed messages (the network transport's payloads) ----------------------------------------

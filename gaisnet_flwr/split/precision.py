@@ -1,0 +1,104 @@
+"""How a node computes and what its D2D hops carry: the run's numeric precision.
+
+Two independent choices (run-config `precision` and `smashed-dtype`, checked in config.py):
+
+* compute precision, per node, around its segment:
+    fp32   plain float32 everywhere (the default; on a CPU the split chain then trains bit for
+           bit like the unsplit model, README "Exactness")
+    tf32   float32 tensors, matmuls and convolutions on CUDA tensor cores in TF32 (10-bit
+           mantissa). TF32 is a CUDA format: on a CPU this is exactly fp32.
+    bf16   `torch.autocast` to bfloat16 in every forward pass. Parameters (prompts, head, the
+           frozen backbone), their gradients and the optimizer state stay float32; autocast
+           only runs matmuls and convolutions in bfloat16, and timm's residual stream stays
+           float32 (a float32 input plus a bfloat16 branch is float32).
+* smashed-data dtype, per D2D hop: the floating tensors a hop carries (smashed data forward,
+  their gradients back) are cast to fp32 / bf16 / fp16 on the sender and back to the dtype
+  they left with on the receiver. bf16 and fp16 halve the D2D bytes the paper counts
+  (Sec. III-C.2); the cost model prices the bytes counted, i.e. what actually travelled.
+  Labels (int64) and inference results are not smashed data and travel as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+SMASHED_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The compute precision of the segments and the dtype of the smashed data on the wire."""
+
+    compute: str = "fp32"  # one of PRECISIONS
+    smashed: str = "fp32"  # one of SMASHED_DTYPES
+
+    def __post_init__(self) -> None:
+        if self.compute not in PRECISIONS:
+            raise ValueError(
+                f"precision={self.compute!r} is not valid; choose one of {', '.join(PRECISIONS)}"
+            )
+        if self.smashed not in SMASHED_DTYPES:
+            raise ValueError(
+                f"smashed-dtype={self.smashed!r} is not valid; choose one of "
+                f"{', '.join(SMASHED_DTYPES)}"
+            )
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype a D2D hop puts floating tensors in."""
+        return SMASHED_DTYPES[self.smashed]
+
+    @contextlib.contextmanager
+    def forward(self, device: torch.device) -> Iterator[None]:
+        """A forward pass on `device`: TF32 matmuls (CUDA) or bf16 autocast, as chosen."""
+        with self.backward(device):
+            if self.compute == "bf16":
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    yield
+            else:
+                yield
+
+    @contextlib.contextmanager
+    def backward(self, device: torch.device) -> Iterator[None]:
+        """A backward pass (autocast is a forward-only context: its backward ops run in the
+        dtypes the forward chose); with tf32 on CUDA, matmuls and convolutions use TF32."""
+        if self.compute != "tf32" or device.type != "cuda":
+            yield
+            return
+        # Process-wide flags, set for the pass and restored. The `fp32_precision` API only:
+        # torch refuses a mix of it and the legacy `allow_tf32` flags.
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        saved = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision = conv.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
+
+FP32 = Precision()
+
+
+def to_wire(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What a hop puts on the wire: floating tensors in `dtype`, anything else as it is."""
+    if tensor.is_floating_point() and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor
+
+
+def tensor_device(params: list[torch.nn.Parameter], fallback: torch.device) -> torch.device:
+    """The device a segment computes on: where its parameters live (`fallback` if it holds
+    none). A segment spread over several devices is refused: its node would not be one
+    device."""
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"a segment's parameters lie on several devices: {sorted(map(str, devices))}")
+    return devices.pop() if devices else fallback
