@@ -25,6 +25,7 @@ from gaisnet_flwr.costs.pricing import ClusterProfile, inference_cost
 from gaisnet_flwr.split.chain import RemotePeers, SplitChain
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.split.precision import FP32, Precision
 from gaisnet_flwr.vit.model import ModelError, PromptedViT
 
 
@@ -81,13 +82,17 @@ def serve(
     labels: torch.Tensor | None,
     download_bytes: int,
     remote: RemotePeers | None = None,
+    device: torch.device | None = None,
+    precision: Precision = FP32,
 ) -> RecordDict:
-    """Run the chain on `images` (over `remote` peers in a deployment) and price the request
-    with the cost model."""
-    chain = SplitChain(model, plan, remote=remote, train=False)
-    logits = chain.infer(images)
+    """Run the chain on `images` (over `remote` peers in a deployment) on `device` in
+    `precision`, and price the request with the cost model."""
+    device = device or torch.device("cpu")
+    model.to(device)
+    chain = SplitChain(model, plan, remote=remote, train=False, precision=precision)
+    logits = chain.infer(images.to(device))
     chain.close()
-    predictions = logits.argmax(dim=1)
+    predictions = logits.argmax(dim=1).cpu()
     stats = chain.stats()
     n = int(images.shape[0])
     cost = inference_cost(

@@ -144,7 +144,8 @@ class SplitClusterClient:
         self.cfg = cfg
         self.identity = identity
         self.peers = peers
-        self.device = cfg.run.torch_device()
+        self.device = cfg.run.torch_device()  # auto: the GPU Ray gave this node, if any
+        self.precision = cfg.run.torch_precision()
         spec = cfg.data_spec()
         edge = identity.edge_id
         self.data: ImageData = edge_image_data(
@@ -171,7 +172,9 @@ class SplitClusterClient:
         if self.peers is None:
             return None
         spec = model_spec(model_kwargs(self.cfg.model, self.cfg.cloud), num_classes)
-        return NetworkPeers(self.peers, spec, optimizer_spec(self.cfg.training))
+        return NetworkPeers(
+            self.peers, spec, optimizer_spec(self.cfg.training), precision=self.precision
+        )
 
     def _seed(self, server_round: int) -> int:
         ident = self.identity
@@ -191,6 +194,7 @@ class SplitClusterClient:
             proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
             device=self.device,
             remote=self._remote(self.data.num_classes),
+            precision=self.precision,
         )
         state = model.tunable_state()
         bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
@@ -269,6 +273,8 @@ class SplitClusterClient:
             labels,
             download_bytes=delivered.count_bytes(),
             remote=self._remote(self.data.num_classes),
+            device=self.device,
+            precision=self.precision,
         )
         metrics = reply.metric_records["metrics"]
         metrics["edge-id"] = self.identity.edge_id
@@ -276,7 +282,9 @@ class SplitClusterClient:
         return reply
 
     def evaluate(self, arrays: ArrayRecord) -> RecordDict:
-        result = evaluate(self._model(arrays), self.val_set, device=self.device)
+        result = evaluate(
+            self._model(arrays), self.val_set, device=self.device, precision=self.precision
+        )
         return RecordDict(
             {
                 "metrics": MetricRecord(

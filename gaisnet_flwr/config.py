@@ -50,6 +50,7 @@ from gaisnet_flwr.data.images import DATASETS, DOMAINS, PARTITIONINGS, DataSpec,
 from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
 from gaisnet_flwr.split.plan import PLANNERS, SplitPlan, make_plan
+from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision
 from gaisnet_flwr.vit.model import (
     MAX_PATCHES,
     MODES,
@@ -572,28 +573,44 @@ class HierarchyConfig:
 
 @dataclass(frozen=True)
 class RunSection:
-    """What the whole run shares: its seed, its torch device and where results go (files and
-    TensorBoard events in output-dir; an MLflow run too when mlflow-tracking-uri is set).
+    """What the whole run shares: its seed, its torch device and numeric precision, and where
+    results go (files and TensorBoard events in output-dir; an MLflow run too when
+    mlflow-tracking-uri is set).
+
+    precision (split/precision.py): fp32, tf32 (CUDA tensor cores; fp32 on a CPU) or bf16
+    (autocast; prompts, head and optimizer state stay float32); smashed-dtype: the dtype the
+    D2D hops carry smashed data and gradients in (fp32, bf16 or fp16; bf16/fp16 halve the D2D
+    bytes the cost model prices).
 
     Limits: seed in [0, 2**32 - 1] (numpy's range); output-dir must be a folder (or creatable
     as one)."""
 
     seed: int = 0
     device: str = "auto"  # one of DEVICES; auto = cuda when available
+    precision: str = "fp32"  # one of PRECISIONS
+    smashed_dtype: str = "fp32"  # one of SMASHED_DTYPES: what the D2D hops carry
     output_dir: str = "outputs"
     # "" = no MLflow; e.g. "file:///abs/mlruns" (offline) or a tracking server's http(s) URI
     mlflow_tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("smashed_dtype", self.smashed_dtype, tuple(SMASHED_DTYPES))
         _ints(self, 0, SEED_MAX, "seed")
         if not self.output_dir.strip():
             raise ConfigError("output-dir='' is not valid: name a folder for the results")
 
     def torch_device(self) -> torch.device:
+        """auto: the GPU this process sees, if any. Under Flower's Ray simulation that is the
+        one Ray assigned this ClientApp (client-resources-num-gpus > 0 sets
+        CUDA_VISIBLE_DEVICES; with 0 GPUs Ray hides them all and the node runs on the CPU)."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def torch_precision(self) -> Precision:
+        return Precision(self.precision, self.smashed_dtype)
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -744,6 +761,11 @@ class RunConfig:
             )
         if self.run.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        on_cuda = self.run.torch_device().type == "cuda"
+        if self.run.precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+            raise ConfigError(
+                "precision='bf16' but this GPU has no bfloat16 support; use 'tf32' or 'fp32'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The flat run-config (hyphenated keys), as Flower and config.json have it."""

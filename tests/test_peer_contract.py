@@ -345,7 +345,9 @@ def test_model_specs_are_bounded(peers: Peers, change: dict, fragment: str) -> N
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
-        ({"version": 2}, "protocol version 2 != this peer's 3"),
+        ({"version": 3}, "protocol version 3 != this peer's 4"),
+        ({"precision": "fp8"}, "'precision' 'fp8' is not one of fp32, tf32, bf16"),
+        ({"smashed-dtype": "int8"}, "'smashed-dtype' 'int8' is not one of fp32, bf16, fp16"),
         ({"index": 3}, "'index' must be an integer in [1, 2], got 3"),
         ({"ranges": [[0, 1], [2, 3]]}, "'ranges' is not a split plan"),
         ({"ranges": "all"}, "'ranges' must be a list of [start, stop] integer pairs"),

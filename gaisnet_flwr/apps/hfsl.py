@@ -134,7 +134,14 @@ class HfslRun:
     def evaluate_edge(self, edge: int, modules: ArrayRecord) -> tuple[float, float]:
         """Accuracy and loss of edge `edge`'s model on its domain's test set."""
         self.model.load_tunable_state(modules.to_torch_state_dict())
-        result = evaluate(self.model, self.edges[edge].test, device=self.cfg.run.torch_device())
+        # Server-side evaluation on the server's GPU when there is one (device='auto').
+        run = self.cfg.run
+        result = evaluate(
+            self.model,
+            self.edges[edge].test,
+            device=run.torch_device(),
+            precision=run.torch_precision(),
+        )
         return result.accuracy, result.loss
 
     def central_evaluation(self, arrays: ArrayRecord) -> dict[str, float]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from gaisnet_flwr.costs.profiles import CostConfigError, DeviceProfile, LinkProfile, Profiles
 from gaisnet_flwr.split.flops import SegmentFlops
+from gaisnet_flwr.split.link import header_bytes
 from gaisnet_flwr.split.plan import node_names
 
 
@@ -46,9 +47,11 @@ def tx_energy_j(num_bytes: float, link: LinkProfile) -> float:
 
 
 def tensor_wire_bytes(shape: Sequence[int], element_size: int = 4, permuted: bool = False) -> int:
-    """Bytes `link.serialize_tensor` puts on the wire: a 2 + 8 * ndim header (+ ndim bytes of
-    dim order for a `permuted` layout, e.g. a prefix-free ViT's tokens) and the data."""
-    return 2 + 8 * len(shape) + (len(shape) if permuted else 0) + math.prod(shape) * element_size
+    """Bytes `link.serialize_tensor` puts on the wire for a tensor of `shape` whose elements
+    take `element_size` bytes (4: float32; 2: bf16 / fp16 smashed data): the link's header
+    (`link.header_bytes`, with the dim order of a `permuted` layout, e.g. a prefix-free ViT's
+    tokens) and the data."""
+    return header_bytes(len(shape), permuted) + math.prod(shape) * element_size
 
 
 # -- a cluster and its costs ----------------------------------------------------------------------

@@ -65,6 +65,7 @@ from gaisnet_flwr.deploy.remote import (
 from gaisnet_flwr.split.chain import OPTIMIZERS, ChainNode, OptimizerSpec, Segment, build_segments
 from gaisnet_flwr.split.link import LinkError, pack_message, unpack_message
 from gaisnet_flwr.split.plan import SplitPlan, node_names
+from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision, to_wire
 from gaisnet_flwr.split.segments import segment_parameters
 from gaisnet_flwr.vit.model import (
     MAX_PATCHES,
@@ -144,6 +145,7 @@ class Session:
     tunable_keys: list[str]
     tokens: tuple[int, int]  # expected [tokens, dim] of what arrives
     train: bool
+    precision: Precision = field(default_factory=Precision)
     steps: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -297,6 +299,42 @@ def check_optimizer(spec: Any) -> OptimizerSpec:
     return OptimizerSpec(spec["name"], lr, momentum, decay)
 
 
+def check_precision(header: dict) -> Precision:
+    """The session's compute precision and smashed-data dtype (fp32 when not given)."""
+    compute = header.get("precision", "fp32")
+    smashed = header.get("smashed-dtype", "fp32")
+    if compute not in PRECISIONS:
+        raise invalid(f"Open: 'precision' {compute!r:.40} is not one of {', '.join(PRECISIONS)}")
+    if smashed not in SMASHED_DTYPES:
+        raise invalid(
+            f"Open: 'smashed-dtype' {smashed!r:.40} is not one of {', '.join(SMASHED_DTYPES)}"
+        )
+    return Precision(compute, smashed)
+
+
+def check_device(text: str) -> torch.device:
+    """A `--device` this machine has: cpu, cuda or cuda:N (N below the GPU count)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {text!r} is not a torch device (e.g. cpu, cuda:0)") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: a peer runs on cpu or cuda[:N], not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {text!r} but no CUDA device is available here (torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device {text!r} but this machine has {count} CUDA device(s): "
+                f"cuda:0..cuda:{count - 1}"
+            )
+    return device
+
+
 def check_ranges(value: Any) -> SplitPlan:
     if (
         not isinstance(value, list)
@@ -316,10 +354,13 @@ class PeerService:
     """The peer's state and request handlers (transport-free, so tests can call them)."""
 
     def __init__(
-        self, transport: TransportSettings, device: str = "cpu", limits: PeerLimits | None = None
+        self,
+        transport: TransportSettings,
+        device: str | torch.device = "cpu",
+        limits: PeerLimits | None = None,
     ) -> None:
         self.transport = transport
-        self.device = torch.device(device)
+        self.device = check_device(device) if isinstance(device, str) else device
         self.limits = limits or PeerLimits()
         self.session: Session | None = None
         self._weights: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
@@ -418,6 +459,7 @@ class PeerService:
         if not isinstance(train, bool):
             raise invalid(f"Open: 'train' must be true or false, got {train!r:.80}")
         optimizer = check_optimizer(_get(header, "optimizer", "Open")) if train else None
+        precision = check_precision(header)
         mu = _float(header, "proximal-mu", "Open", 0.0, 1e6, 0.0)
         last = index == plan.num_peers + 1
         next_address, next_token = header.get("next"), header.get("next-token")
@@ -454,7 +496,11 @@ class PeerService:
         try:
             model.load_tunable_state(tensors, strict=False)
             (segment,) = build_segments(
-                model, plan, optimizer.factory() if optimizer else None, only=index
+                model,
+                plan,
+                optimizer.factory() if optimizer else None,
+                only=index,
+                precision=precision,
             )
         except (ValueError, RuntimeError) as err:  # ModelError: shapes; torch: size mismatch
             raise invalid(f"Open: cannot open session: {str(err).splitlines()[0][:300]}") from err
@@ -464,7 +510,7 @@ class PeerService:
             client = PeerClient(
                 node_names(plan.num_peers)[index + 1], str(next_address), self.transport
             )
-            hop = GrpcHop(client, session_id, str(next_token))
+            hop = GrpcHop(client, session_id, str(next_token), wire_dtype=precision.wire_dtype)
         if self.session is not None:
             log.warning("session %s (idle) replaced by %s", self.session.id[:8], session_id[:8])
             self._close_hop(self.session)
@@ -481,6 +527,7 @@ class PeerService:
             tunable_keys=keys,
             tokens=(segment.spec.in_shape[0], segment.spec.in_shape[1]),
             train=train,
+            precision=precision,
         )
         self._weights.move_to_end(key)
         role = "end point" if hop is None else f"blocks {plan.ranges[index - 1]}"
@@ -516,7 +563,8 @@ class PeerService:
                 f"Train: step {session.steps} of session {session.id[:8]} diverged (loss "
                 f"{result.loss}, or a non-finite gradient); lower the learning rate",
             )
-        out = {"grad": grad} if grad is not None else {}
+        # The gradient travels back in the session's smashed-data dtype, as the data came.
+        out = {"grad": to_wire(grad, session.precision.wire_dtype)} if grad is not None else {}
         return {"loss": result.loss, "correct": result.correct, "n": result.num_examples}, out
 
     def infer(self, header: dict, tensors: dict, time_left: float | None) -> tuple[dict, dict]:
@@ -659,19 +707,19 @@ class PeerService:
     def _smashed(self, session: Session, tensors: dict, method: str) -> torch.Tensor:
         h = tensors.get("h")
         tokens, dim = session.tokens
-        if (
-            h is None
-            or h.dtype != torch.float32
-            or h.dim() != 3
-            or tuple(h.shape[1:]) != (tokens, dim)
-        ):
+        wire = session.precision.wire_dtype
+        if h is None or h.dtype != wire or h.dim() != 3 or tuple(h.shape[1:]) != (tokens, dim):
             got = None if h is None else f"{h.dtype} {tuple(h.shape)}"
-            raise invalid(f"{method}: smashed data must be float32 [B, {tokens}, {dim}], got {got}")
+            raise invalid(
+                f"{method}: smashed data must be {str(wire).removeprefix('torch.')} "
+                f"[B, {tokens}, {dim}] (the session's smashed-dtype), got {got}"
+            )
         if h.shape[0] < 1:
             raise invalid(f"{method}: smashed data holds no samples (an empty batch)")
         if not bool(torch.isfinite(h).all()):
             raise invalid(f"{method}: smashed data holds NaN or inf")
-        return h.to(self.device)
+        # On this peer's device, back in float32 (the residual stream's dtype) to compute on.
+        return h.to(device=self.device, dtype=torch.float32)
 
     def _narrow_deadline(self, session: Session, time_left: float | None) -> None:
         """The next hop must answer before our own caller gives up on us."""
@@ -769,7 +817,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-message-mb", type=float, default=256.0)
     parser.add_argument("--timeout-s", type=float, default=60.0, help="deadline of calls it makes")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device: cpu, cuda or cuda:N (checked at start)"
+    )
     defaults = PeerLimits()
     parser.add_argument(
         "--max-upload-mb", type=float, default=defaults.max_upload_mb,
@@ -815,6 +865,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"file {path!r} does not exist")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 

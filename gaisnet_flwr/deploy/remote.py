@@ -41,16 +41,18 @@ from gaisnet_flwr.split.link import (
     LinkError,
     LinkStats,
     pack_message,
-    serialize_tensor,
     unpack_message,
+    wire_bytes,
 )
 from gaisnet_flwr.split.plan import SplitPlan, node_names
+from gaisnet_flwr.split.precision import FP32, Precision, to_wire
 from gaisnet_flwr.split.segments import segment_parameters
 from gaisnet_flwr.vit.model import PromptedViT
 
 SERVICE = "gaisnet.Peer"
-# 2: tensors keep their memory layout on the wire (split/link.py); 3: sessions have tokens
-PROTOCOL_VERSION = 3
+# 2: tensors keep their memory layout on the wire (split/link.py); 3: sessions have tokens;
+# 4: a session has a precision and a smashed-data dtype (smashed data may travel as bf16 / fp16)
+PROTOCOL_VERSION = 4
 MB = 2**20
 
 
@@ -217,8 +219,10 @@ class PeerClient:
 
 class GrpcHop:
     """The hop to the next device: one `Train` call per step carries the smashed data there
-    and brings the gradient back. Counts what a link counts: serialized tensors per direction.
-    `on_failure` runs when a call fails (the start point releases its sessions on every member).
+    (in `wire_dtype`, the session's smashed-data dtype) and brings the gradient back (in the
+    same dtype, restored here to the smashed data's own). Counts what a link counts: the wire
+    bytes of each serialized tensor, per direction. `on_failure` runs when a call fails (the
+    start point releases its sessions on every member).
     """
 
     def __init__(
@@ -227,11 +231,13 @@ class GrpcHop:
         session: str,
         token: str = "",
         on_failure: Callable[[], None] | None = None,
+        wire_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.client = client
         self.session = session
         self.token = token
         self.on_failure = on_failure
+        self.wire_dtype = wire_dtype
         self.stats = LinkStats()
         self.timeout_s: float | None = None  # a peer narrows it to its own caller's deadline
 
@@ -245,21 +251,24 @@ class GrpcHop:
         return err
 
     def train(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, StepResult]:
-        self.stats.add("forward", len(serialize_tensor(h)))
+        sent = to_wire(h.detach(), self.wire_dtype)
+        self.stats.add("forward", wire_bytes(sent))
         where = f"{self.client.name} at {self.client.address}"
         try:
-            header, tensors = self.client.call("Train", self._ids, {"h": h, "y": y}, self.timeout_s)
+            header, tensors = self.client.call(
+                "Train", self._ids, {"h": sent, "y": y}, self.timeout_s
+            )
             grad = tensors.get("grad")
             if grad is not None:
-                if grad.shape != h.shape or grad.dtype != h.dtype:
+                if grad.shape != h.shape or grad.dtype != sent.dtype:
                     raise PeerError(
                         f"{where} sent a gradient of shape {tuple(grad.shape)} {grad.dtype} for "
-                        f"smashed data {tuple(h.shape)} {h.dtype}"
+                        f"smashed data {tuple(h.shape)} {sent.dtype}"
                     )
                 if not bool(torch.isfinite(grad).all()):
                     raise PeerError(f"{where} sent a gradient holding NaN or inf")
-                self.stats.add("backward", len(serialize_tensor(grad)))
-                grad = grad.to(h.device)
+                self.stats.add("backward", wire_bytes(grad))
+                grad = grad.to(device=h.device, dtype=h.dtype)
             try:
                 loss, correct, n = float(header["loss"]), int(header["correct"]), int(header["n"])
             except (KeyError, TypeError, ValueError) as err:
@@ -269,9 +278,10 @@ class GrpcHop:
         return grad, StepResult(loss, correct, n)
 
     def infer(self, h: torch.Tensor) -> torch.Tensor:
-        self.stats.add("forward", len(serialize_tensor(h)))
+        sent = to_wire(h.detach(), self.wire_dtype)
+        self.stats.add("forward", wire_bytes(sent))
         try:
-            _, tensors = self.client.call("Infer", self._ids, {"h": h}, self.timeout_s)
+            _, tensors = self.client.call("Infer", self._ids, {"h": sent}, self.timeout_s)
             if "logits" not in tensors or tensors["logits"].shape[0] != h.shape[0]:
                 raise PeerError(f"{self.client.name} at {self.client.address} sent no logits for h")
         except PeerError as err:
@@ -329,14 +339,20 @@ class NetworkPeers:
         settings: the members' addresses (chain order) and the transport.
         model_spec: how to build the architecture (`model_spec(model_kwargs(...), classes)`).
         optimizer: the segments' optimizer (each remote segment builds its own).
+        precision: how each member computes and what dtype its hop carries smashed data in.
     """
 
     def __init__(
-        self, settings: PeerSettings, model_spec: dict[str, Any], optimizer: OptimizerSpec
+        self,
+        settings: PeerSettings,
+        model_spec: dict[str, Any],
+        optimizer: OptimizerSpec,
+        precision: Precision = FP32,
     ) -> None:
         self.settings = settings
         self.model_spec = model_spec
         self.optimizer = optimizer
+        self.precision = precision
         self.session = ""
         self._clients: list[PeerClient] = []
         self._tokens: list[str] = []  # each member's session token ("" once released)
@@ -366,7 +382,13 @@ class NetworkPeers:
         except BaseException:
             self.release()
             raise
-        return GrpcHop(self._clients[0], self.session, self._tokens[0], on_failure=self.release)
+        return GrpcHop(
+            self._clients[0],
+            self.session,
+            self._tokens[0],
+            on_failure=self.release,
+            wire_dtype=self.precision.wire_dtype,
+        )
 
     def _open_member(
         self,
@@ -390,6 +412,8 @@ class NetworkPeers:
             "optimizer": asdict(self.optimizer),
             "train": train,
             "proximal-mu": proximal_mu,
+            "precision": self.precision.compute,
+            "smashed-dtype": self.precision.smashed,
             "next": None if last else self.settings.addresses[k + 1],
             "next-token": None if last else self._tokens[k + 1],
             "weights-key": weights_key(weights),

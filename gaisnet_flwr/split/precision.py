@@ -76,13 +76,15 @@ class Precision:
             return
         # Process-wide flags, set for the pass and restored. The `fp32_precision` API only:
         # torch refuses a mix of it and the legacy `allow_tf32` flags.
-        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        matmul = torch.backends.cuda.matmul
+        conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]
         saved = (matmul.fp32_precision, conv.fp32_precision)
         matmul.fp32_precision = conv.fp32_precision = "tf32"
         try:
             yield
         finally:
             matmul.fp32_precision, conv.fp32_precision = saved
+
 
 FP32 = Precision()
 
@@ -100,5 +102,6 @@ def tensor_device(params: list[torch.nn.Parameter], fallback: torch.device) -> t
     device."""
     devices = {p.device for p in params}
     if len(devices) > 1:
-        raise ValueError(f"a segment's parameters lie on several devices: {sorted(map(str, devices))}")
+        where = sorted(map(str, devices))
+        raise ValueError(f"a segment's parameters lie on several devices: {where}")
     return devices.pop() if devices else fallback

@@ -28,6 +28,7 @@ from gaisnet_flwr.split.chain import (
     SplitChain,
 )
 from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.split.precision import FP32, Precision
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 
 
@@ -94,14 +95,21 @@ def train_cluster(
     proximal_mu: float = 0.0,
     device: torch.device | None = None,
     remote: RemotePeers | None = None,
+    precision: Precision = FP32,
 ) -> TrainResult:
     """Split-learning fine-tuning inside one cluster for `training.local_epochs` epochs; with
     `remote`, the peers and end point are other devices and `model` gets their trained
-    modules back at the end."""
+    modules back at the end. In simulation every segment lives on `device` (the links deliver
+    there) and computes in `precision`, whose smashed-data dtype the hops carry."""
     device = device or torch.device("cpu")
     model.to(device)
     chain = SplitChain(
-        model, plan, optimizer_factory(training), remote=remote, proximal_mu=proximal_mu
+        model,
+        plan,
+        optimizer_factory(training),
+        remote=remote,
+        proximal_mu=proximal_mu,
+        precision=precision,
     )
     total_loss, correct, seen = 0.0, 0, 0
     try:
@@ -141,14 +149,19 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | None = None
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    precision: Precision = FP32,
 ) -> EvalResult:
     device = device or torch.device("cpu")
     model.to(device).eval()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in loader(dataset, batch_size, seed=None):
         x, y = x.to(device), y.to(device)
-        logits = model(x)
+        with precision.forward(device):
+            logits = model(x).float()
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         seen += int(y.shape[0])
@@ -163,6 +176,7 @@ def train_centralised(
     seed: int,
     on_epoch: Callable[[int, PromptedViT], None] | None = None,
     device: torch.device | None = None,
+    precision: Precision = FP32,
 ) -> None:
     """Prompt tuning of the unsplit model on pooled data: HFSL's reference point."""
     device = device or torch.device("cpu")
@@ -172,7 +186,10 @@ def train_centralised(
         model.train()
         for x, y in loader(dataset, training.batch_size, seed=seed * 1000 + epoch):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            with precision.forward(device):
+                logits = model(x.to(device))
+            with precision.backward(device):
+                F.cross_entropy(logits.float(), y.to(device)).backward()
             opt.step()
         if on_epoch:
             on_epoch(epoch + 1, model)
