@@ -85,6 +85,7 @@ def network(
         settings,
         model_spec(model_kwargs(cfg.model, cfg.cloud), num_classes),
         optimizer_spec(cfg.training),
+        precision=cfg.run.torch_precision(),
     )
 
 
@@ -137,6 +138,26 @@ def test_an_attention_pooled_model_trains_over_the_network_bit_for_bit(
     assert got.loss == expected.loss and got.chain == expected.chain
     end = lab.services[-1]
     assert end.session is None  # closed, the pool handed back with the head
+
+
+def test_bf16_smashed_data_over_the_network_equal_the_in_process_chain(
+    lab: Lab, cluster_data
+) -> None:
+    # The session carries the precision and the smashed-data dtype: bf16 on the wire both ways
+    # (half the D2D bytes), bf16 autocast on every member; the same ops as in process.
+    cfg = CFG.replace(precision="bf16", smashed_dtype="bf16")
+    num_classes, train, _ = cluster_data
+    small = torch.utils.data.Subset(train, range(40))
+    local, remote = model_pair(num_classes)
+    plan, precision = cfg.plan(), cfg.run.torch_precision()
+    expected = train_cluster(local, plan, small, cfg.training, seed=3, precision=precision)
+    net = network(lab, num_classes, cfg=cfg)
+    got = train_cluster(remote, plan, small, cfg.training, seed=3, remote=net, precision=precision)
+    for key, value in local.tunable_state().items():
+        assert torch.equal(remote.tunable_state()[key], value), key
+    assert got.loss == expected.loss and got.chain == expected.chain
+    full = train_cluster(copy.deepcopy(local), plan, small, cfg.training, seed=3).chain
+    assert got.chain.d2d_bytes_forward < 0.51 * full.d2d_bytes_forward
 
 
 def test_network_inference_equals_in_process_inference(lab: Lab, cluster_data) -> None:
