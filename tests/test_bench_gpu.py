@@ -1,0 +1,54 @@
+"""`gaisnet-bench-gpu` runs end to end (--smoke: a tiny ViT on the CPU) and, without a GPU,
+says that it needs one (issue 14). Its real figures need a GPU: README "GPU"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gaisnet_flwr.experiments.bench_gpu import main
+
+
+def test_the_smoke_run_covers_every_part(tmp_path: Path) -> None:
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert report["meta"]["smoke"] and report["device"] == "cpu"
+    steps = report["steps"]
+    assert [(r["batch"], r["precision"]) for r in steps] == [
+        (b, p) for b in (2, 4) for p in ("fp32", "tf32", "bf16")
+    ]
+    for row in steps:
+        for peers in (1, 3, 6):
+            assert row[f"split {peers} peers ms"] > 0
+            assert row[f"split {peers} peers / unsplit"] == pytest.approx(
+                row[f"split {peers} peers ms"] / row["unsplit ms"]
+            )
+    assert all(
+        "split 3 peers, serializing links ms" in r for r in steps if r["precision"] == "fp32"
+    )
+    assert [r["precision"] for r in report["inference"]] == ["fp32", "tf32", "bf16"]
+    assert {(r["batch"], r["precision"]) for r in report["modes"]} == {
+        (b, p) for b in (2, 4) for p in ("fp32", "bf16")
+    }
+    memory = {r["mode"]: r["trainable parameters"] for r in report["memory"]}
+    assert memory["full"] > memory["vpt-deep"] > memory["linear"] > 0
+    rounds = {r["mode"]: r for r in report["rounds"]}
+    assert set(rounds) == {"vpt-deep", "full"}
+    for row in rounds.values():
+        assert row["D2D bytes"] > 0 and 0.0 <= row["test accuracy after the round"] <= 1.0
+        assert row["epoch s (4 clusters in turn)"] >= row["slowest cluster s"] > 0
+    text = (tmp_path / "bench_gpu.md").read_text()
+    assert "Smoke run" in text and "HFSL rounds completed: 2 of 2" in text
+
+
+def test_without_a_gpu_it_says_it_needs_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU and none is available" in err and "--smoke" in err
+    assert not (tmp_path / "bench_gpu.json").exists()
