@@ -4,8 +4,13 @@
 #   bash scripts/run.sh                                   # 5 rounds, 4 client clusters, digits
 #   bash scripts/run.sh --run-config "num-rounds=10 lr=0.1"   # any extra `flwr run` arguments
 #
+#   GAISNET_CLIENT_GPUS=0.25 bash scripts/run.sh          # on a GPU: 4 clusters share it
+#
 # Environment: GAISNET_CLUSTERS (4) simulated client clusters; GAISNET_CLIENT_CPUS (1) and
-# GAISNET_CLIENT_GPUS (0) Ray resources per cluster; GAISNET_OUTPUT_DIR (outputs/<time>);
+# GAISNET_CLIENT_GPUS (0) Ray resources per cluster (client-resources-num-cpus / -num-gpus; a
+# fraction of a GPU lets several clusters share one, and device='auto' then puts each cluster's
+# chain on the GPU Ray gave it; the ServerApp's evaluation and the cloud's pre-training use the
+# GPU too when one is present); GAISNET_OUTPUT_DIR (outputs/<time>);
 # FLWR_LOCAL_SUPERLINK_HTTP_API_PORT (39191) and FLWR_LOCAL_CONTROL_API_PORT (39193).
 # Results, config and run.log land in the output directory; the SuperLink this script starts is
 # stopped when it exits, and the run is checked (`flwr run --stream` exits 0 even on failure).

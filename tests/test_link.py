@@ -18,6 +18,7 @@ import gaisnet_flwr.split.chain as chain_module
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.costs.pricing import fine_tuning_round_cost, tensor_wire_bytes
 from gaisnet_flwr.deploy.peer import check_device, parse_args
+from gaisnet_flwr.experiments.flwr_local import check_client_gpus
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.link import (
@@ -325,3 +326,20 @@ def test_gaisnet_peer_refuses_cuda_without_a_gpu(
     with pytest.raises(SystemExit):
         parse_args(["--listen", "127.0.0.1:0", "--insecure", "--device", "cuda:0"])
     assert "no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_the_simulation_asks_ray_only_for_gpus_that_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_client_gpus(0.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU is available here"):
+        check_client_gpus(0.25)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_client_gpus(0.25)  # four clusters share the GPU
+    check_client_gpus(1.0)
+    with pytest.raises(ValueError, match="a fraction of one GPU"):
+        check_client_gpus(1.5)
+    with pytest.raises(ValueError, match="this machine has 1 GPU"):
+        check_client_gpus(2.0)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        check_client_gpus(-1.0)

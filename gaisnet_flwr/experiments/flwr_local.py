@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -274,6 +275,31 @@ def stream_run(
     return RunOutcome(rc, run_id, "not started", final, log_path.parent, log_path, failure=failure)
 
 
+def check_client_gpus(gpus: float) -> None:
+    """Ray's GPUs per ClientApp (`client-resources-num-gpus`): a fraction lets several
+    clusters share one GPU (0.25: four ClientApps per GPU, each with its own CUDA context),
+    a whole number gives each that many GPUs. Asking for GPUs that are not there would leave
+    Ray waiting for them forever: refuse it before anything starts."""
+    if not (math.isfinite(gpus) and gpus >= 0):
+        raise ValueError(f"--client-gpus {gpus} must be a finite number >= 0")
+    if gpus > 1 and not gpus.is_integer():
+        raise ValueError(
+            f"--client-gpus {gpus}: Ray takes a fraction of one GPU (<= 1) or whole GPUs"
+        )
+    if gpus > 0:
+        import torch  # only here: the stop command needs no torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--client-gpus {gpus} (GAISNET_CLIENT_GPUS) but no CUDA GPU is available "
+                f"here (torch {torch.__version__}); use 0"
+            )
+        if gpus > torch.cuda.device_count():
+            raise ValueError(
+                f"--client-gpus {gpus}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+
+
 def run(
     app: Path, output_dir: Path, num_supernodes: int, cpus: int, gpus: float, extra: list[str]
 ) -> int:
@@ -346,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in stopped:
             print(f"[flwr_local] stopped {p.pid} {p.args[:100]}")
         return 0
+    try:
+        check_client_gpus(args.client_gpus)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         return run(
             args.app.resolve(),
