@@ -36,6 +36,7 @@ from gaisnet_flwr.costs.pricing import (
 from gaisnet_flwr.costs.profiles import Profiles, load_profiles
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import SplitPlan, plan_min_max
+from gaisnet_flwr.split.precision import SMASHED_DTYPES
 from gaisnet_flwr.split.segments import ViTShape, describe_segments
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 
@@ -63,14 +64,18 @@ def batch_sizes(samples: int, batch_size: int) -> list[int]:
 
 
 def hop_bytes(
-    model: PromptedViT, plan: SplitPlan, samples: int, batch_size: int
+    model: PromptedViT, plan: SplitPlan, samples: int, batch_size: int, element_size: int = 4
 ) -> tuple[list[int], list[int]]:
     """Bytes per hop over a round: one smashed tensor [B, tokens, D] per batch forward, and its
-    gradient backward wherever the segment description says one is sent back."""
+    gradient backward wherever the segment description says one is sent back; `element_size`
+    bytes per value (4: fp32 smashed data; 2: bf16 / fp16)."""
     chain = describe_segments(model, plan)
     hops = range(plan.num_peers + 1)
     per_round = [
-        sum(tensor_wire_bytes((b, *chain.hop_shape(k))) for b in batch_sizes(samples, batch_size))
+        sum(
+            tensor_wire_bytes((b, *chain.hop_shape(k)), element_size)
+            for b in batch_sizes(samples, batch_size)
+        )
         for k in hops
     ]
     backward = [per_round[k] if chain.hop_sends_grad(k) else 0 for k in hops]
@@ -131,6 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edge", default="edge-server", help="device that runs FedAvg")
     parser.add_argument("--clusters", type=int, default=5, help="identical clusters per edge round")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    parser.add_argument(
+        "--smashed-dtype",
+        default="fp32",
+        choices=list(SMASHED_DTYPES),
+        help="what the D2D hops carry (run-config smashed-dtype)",
+    )
     parser.add_argument("--memory-peers", type=int, default=3, help="cluster size of table 4")
     parser.add_argument("--num-prompts", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=102, help="Oxford Flowers102")
@@ -141,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     s = ViTShape.of(model)
     print(
         f"ViT-B/16 VPT-deep: {s.num_prefix_tokens + s.num_patches} tokens + {s.num_prompts} "
-        f"prompts, d={s.embed_dim}, {s.depth} blocks, {s.num_classes} classes; fp32; "
+        f"prompts, d={s.embed_dim}, {s.depth} blocks, {s.num_classes} classes; "
+        f"{args.smashed_dtype} smashed data; "
         f"MB = 1e6 bytes\n"
     )
     tunable_bytes = print_distribution(model, profiles, [args.uplink, args.d2d, "backhaul-1gbps"])
@@ -168,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         speeds = [d.flops_per_second for d in cluster.devices[1:-1]]
         plan = plan_min_max([1.0] * s.depth, speeds)
         flops = segment_flops(model, plan)
-        fwd, bwd = hop_bytes(model, plan, args.samples, args.batch_size)
+        itemsize = SMASHED_DTYPES[args.smashed_dtype].itemsize
+        fwd, bwd = hop_bytes(model, plan, args.samples, args.batch_size, itemsize)
         cost = fine_tuning_round_cost(
             cluster,
             flops,
@@ -191,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{cost.d2d_backward_bytes / MB:11.1f} {cost.cs_bytes / MB:6.2f} "
             f"{f'{biggest.training / MB:.0f} ({biggest.name})':>17} {edge_s:13.1f}"
         )
-        one = tensor_wire_bytes((1, s.num_prefix_tokens + s.num_patches, s.embed_dim))
+        one = tensor_wire_bytes((1, s.num_prefix_tokens + s.num_patches, s.embed_dim), itemsize)
         result = tensor_wire_bytes((1, s.num_classes))
         inference.append((k, inference_cost(cluster, flops, [one] * (k + 1), result)))
     print(
