@@ -35,6 +35,7 @@ from gaisnet_flwr.data.images import DATASETS, DOMAINS, PARTITIONINGS
 from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
 from gaisnet_flwr.split.plan import PLANNERS
+from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES
 from gaisnet_flwr.vit.model import MODES
 from strategies.registry import STRATEGIES
 
@@ -150,6 +151,8 @@ def string_values(files: dict[str, str]) -> dict[str, st.SearchStrategy[str]]:
             ]
         ),  # fmt: skip
         "device": choices(*DEVICES),
+        "precision": choices(*PRECISIONS),
+        "smashed-dtype": choices(*SMASHED_DTYPES),
     }
 
 
