@@ -164,14 +164,15 @@ class InProcessLink:
 
     The receiver gets the tensor detached from the sender's graph (its own leaf, as after a
     real transfer), on `device` (the receiving node's) and, for floating tensors, rounded
-    through `wire_dtype` (the smashed-data dtype) back to the dtype it left with. Nothing is
+    through `wire_dtype` (the smashed-data dtype; None: as it is) back to the dtype it left
+    with. Nothing is
     copied unless the device or the dtype changes; a dense tensor keeps its memory layout (as
     `serialize_tensor` keeps it), a non-dense view arrives as the contiguous copy the wire
     would deliver. The bytes counted are `wire_bytes` of what was put on the wire.
     """
 
     def __init__(
-        self, device: torch.device | str = "cpu", wire_dtype: torch.dtype = torch.float32
+        self, device: torch.device | str = "cpu", wire_dtype: torch.dtype | None = None
     ) -> None:
         self.device = torch.device(device)
         self.wire_dtype = wire_dtype
@@ -179,8 +180,9 @@ class InProcessLink:
 
     def send(self, tensor: torch.Tensor, direction: Direction) -> torch.Tensor:
         sent = tensor.detach()
-        if sent.is_floating_point() and sent.dtype != self.wire_dtype:
-            sent = sent.to(self.wire_dtype)
+        wire = self.wire_dtype
+        if wire is not None and sent.is_floating_point() and sent.dtype != wire:
+            sent = sent.to(wire)
         if not sent.is_contiguous() and dim_order(sent) is None:
             sent = sent.contiguous()  # not dense: the wire carries (and delivers) a packed copy
         self.stats.add(direction, wire_bytes(sent))
