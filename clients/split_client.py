@@ -9,7 +9,13 @@ Contract of a `train` reply (what the edge's strategy may rely on):
   * one ArrayRecord "arrays" holding ONLY the tunable modules (`prompt.i`, `head.*`);
   * one MetricRecord "metrics" with `num-examples` (the FedAvg weight), `train-loss`,
     `train-acc`, `d2d-bytes-fwd`, `d2d-bytes-bwd`, `upload-bytes`, `compute-flops`,
-    `partition-id` and `train-time-s`.
+    `partition-id`, `cluster-id` and `train-time-s`, and the cost model's price of the round
+    (`latency-s`, `bottleneck-s`; sensing, compute and D2D time and energy side by side).
+
+With a device population (run-config `population`) the cluster's devices, links and split plan
+are those of its formed cluster (`population.layout`), derived from the run-config as the
+ServerApp derives them; an inference request that names a `requester` runs over that device's
+own inference cluster.
 """
 
 from __future__ import annotations
@@ -22,11 +28,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch.utils.data import Dataset
 
-from clients.inference import load_delivered_model, request_images, serve
+from clients.inference import InferenceRequestError, load_delivered_model, request_images, serve
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.memory import segment_memory
-from gaisnet_flwr.costs.pricing import fine_tuning_round_cost
+from gaisnet_flwr.costs.pricing import ClusterProfile, fine_tuning_round_cost
 from gaisnet_flwr.data.images import (
     ImageData,
     class_pool,
@@ -35,7 +41,9 @@ from gaisnet_flwr.data.images import (
     load_image_data,
 )
 from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, model_spec
+from gaisnet_flwr.population.layout import ClusterLayout, FormedCluster
 from gaisnet_flwr.split.flops import segment_flops
+from gaisnet_flwr.split.plan import SplitPlan
 from gaisnet_flwr.training.loops import (
     NonFiniteError,
     evaluate,
@@ -58,11 +66,16 @@ class ClusterIdentity:
     Deployment: node-config "edge-id=1 partition-id=0 num-partitions=3" (partition within the
     edge). Simulation sets only partition-id / num-partitions over all N nodes; node p then
     belongs to edge p * E // N (contiguous blocks of nodes per edge).
+
+    With a device population (run-config `population`), the node runs fine-tuning cluster
+    `cluster_id` of the population's layout: node-config `cluster-id` in deployment, else the
+    simulation's partition-id over all nodes.
     """
 
     edge_id: int
     partition_id: int  # within the edge
     num_partitions: int  # clusters of this edge
+    cluster_id: int = 0  # the population's fine-tuning cluster this node runs
 
     @classmethod
     def from_node_config(cls, node_config: dict, num_edges: int = 1) -> ClusterIdentity:
@@ -76,32 +89,35 @@ class ClusterIdentity:
             ) from err
         if not 0 <= pid < num:
             raise ValueError(f"partition-id={pid} must be in [0, num-partitions={num})")
+        cluster = int(node_config.get("cluster-id", pid))
+        if cluster < 0:
+            raise ValueError(f"cluster-id={cluster} must be >= 0")
         if "edge-id" in node_config:
             edge = int(node_config["edge-id"])
             if not 0 <= edge < num_edges:
                 raise ValueError(f"edge-id={edge} must be in [0, {num_edges}) (edge-domains)")
-            return cls(edge, pid, num)
+            return cls(edge, pid, num, cluster)
         if num < num_edges:
             raise ValueError(
                 f"{num} client clusters for {num_edges} edge servers: every edge needs one"
             )
         edge = pid * num_edges // num
         members = [p for p in range(num) if p * num_edges // num == edge]
-        return cls(edge, members.index(pid), len(members))
+        return cls(edge, members.index(pid), len(members), cluster)
 
-    def record(self) -> RecordDict:
-        """Answer to the edge's `query.identity`: which edge and partition this node is."""
-        return RecordDict(
-            {
-                "metrics": MetricRecord(
-                    {
-                        "edge-id": self.edge_id,
-                        "partition-id": self.partition_id,
-                        "num-partitions": self.num_partitions,
-                    }
-                )
-            }
-        )
+    def record(self, layout: ClusterLayout | None = None) -> RecordDict:
+        """Answer to the edge's `query.identity`: which edge, partition and cluster this node
+        is, and (with a population) the digest of the layout it derived, which the ServerApp
+        checks against its own."""
+        metrics: dict[str, int] = {
+            "edge-id": self.edge_id,
+            "partition-id": self.partition_id,
+            "num-partitions": self.num_partitions,
+            "cluster-id": self.cluster_id,
+        }
+        if layout is not None:
+            metrics["layout-digest"] = layout.digest()
+        return RecordDict({"metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -162,6 +178,36 @@ class SplitClusterClient:
         self.train_set, self.val_set = cluster_datasets(
             self.data, identity.partition_id, identity.num_partitions, spec
         )
+        # With a population, this node runs its own formed cluster (devices, links, plan);
+        # without one, every cluster is the run-config's identical cluster.
+        self.layout = cfg.cluster_layout()
+        self.formed: FormedCluster | None = None
+        if self.layout is not None:
+            clusters = self.layout.fine_tuning
+            if identity.cluster_id >= len(clusters):
+                raise ValueError(
+                    f"cluster-id={identity.cluster_id}: the population "
+                    f"{self.layout.population.source!r} formed {len(clusters)} fine-tuning "
+                    f"cluster(s) (0..{len(clusters) - 1})"
+                )
+            self.formed = clusters[identity.cluster_id]
+
+    def plan_and_profile(self, requester: str = "") -> tuple[SplitPlan, ClusterProfile]:
+        """The split plan and cost-model profile of the cluster that runs: the requester's
+        inference cluster, this node's formed cluster, or the run-config's identical one."""
+        if requester:
+            if self.layout is None:
+                raise InferenceRequestError(
+                    f"the request names requester {requester!r}, but the run has no population"
+                )
+            try:
+                formed = self.layout.inference_for(requester)
+            except ValueError as err:
+                raise InferenceRequestError(str(err)) from err
+            return formed.plan, formed.profile
+        if self.formed is not None:
+            return self.formed.plan, self.formed.profile
+        return self.cfg.plan(), self.cfg.cluster_profile()
 
     def _model(self, arrays: ArrayRecord) -> PromptedViT:
         model = Foundation.of(self.cfg).load(self.data.num_classes)
@@ -184,7 +230,7 @@ class SplitClusterClient:
         started = time.perf_counter()
         model = self._model(arrays)
         server_round = int(cast(int, config.get("server-round", 0)))
-        plan = self.cfg.plan()
+        plan, profile = self.plan_and_profile()
         result = train_cluster(
             model,
             plan,
@@ -208,13 +254,14 @@ class SplitClusterClient:
         # The paper's metrics (Sec. III-C.2) for this cluster's round, priced by the cost model
         # from the FLOPs and the bytes the chain actually moved.
         cost = fine_tuning_round_cost(
-            self.cfg.cluster_profile(),
+            profile,
             segment_flops(model, plan),
             result.chain.hop_bytes_forward,
             result.chain.hop_bytes_backward,
             samples=result.num_examples * self.cfg.training.local_epochs,
             upload_bytes=upload.count_bytes(),
             download_bytes=arrays.count_bytes(),
+            sensed_samples=result.num_examples,  # each training sample captured once a round
         )
         memory = segment_memory(
             model,
@@ -230,7 +277,13 @@ class SplitClusterClient:
         metrics = MetricRecord(
             {
                 "latency-s": cost.latency_s,
+                "bottleneck-s": cost.bottleneck_s,
+                # the paper's costs side by side: sensing, computing, communicating
+                "sensing-s": cost.sensing_s,
+                "compute-s": cost.compute_s,
+                "d2d-s": cost.d2d_s,
                 "energy-j": cost.energy_j,
+                "sensing-j": cost.sensing_j,
                 "compute-j": cost.compute_j,
                 "tx-j": cost.tx_j,
                 "cs-bytes": cost.cs_bytes,
@@ -245,6 +298,7 @@ class SplitClusterClient:
                 "compute-flops": sum(result.chain.segment_flops.values()),
                 "partition-id": self.identity.partition_id,
                 "edge-id": self.identity.edge_id,
+                "cluster-id": self.identity.cluster_id,
                 "train-time-s": time.perf_counter() - started,
             }
         )
@@ -254,6 +308,7 @@ class SplitClusterClient:
         """Serve one `query.infer` request (see clients/inference.py for its contract)."""
         config = request.config_records.get("config", ConfigRecord())
         distribution = str(config.get("distribution", "efficient"))
+        plan, profile = self.plan_and_profile(str(config.get("requester", "")))
         delivered = request.array_records.get("model")
         images = request_images(request.array_records.get("inputs"), self.cfg.model.img_size)
         # The frozen foundation is already on the devices (synchronised independently).
@@ -267,8 +322,8 @@ class SplitClusterClient:
         assert delivered is not None  # load_delivered_model refused an empty delivery
         reply = serve(
             model,
-            self.cfg.plan(),
-            self.cfg.cluster_profile(),
+            plan,
+            profile,
             images,
             labels,
             download_bytes=delivered.count_bytes(),

@@ -8,7 +8,8 @@ choices. Each part of the code takes only the section it needs:
 
     model       the timm ViT and how it is prompted            -> vit, split, costs
     cloud       where the frozen foundation comes from          -> cloud
-    cluster     D2D peers per cluster and how the plan is made  -> split (planner)
+    cluster     D2D peers per cluster, the device population,   -> split (planner), population
+                and how the plan is made
     training    a cluster's local optimisation                  -> training
     data        dataset and its partitioning                    -> data
     costs       device and link profiles of the cost model      -> costs
@@ -47,15 +48,19 @@ from gaisnet_flwr.costs.profiles import (
     load_profiles,
 )
 from gaisnet_flwr.data.images import DATASETS, DOMAINS, PARTITIONINGS, DataSpec, dataset_classes
+from gaisnet_flwr.population.devices import PopulationError, check_spec, load_spec
+from gaisnet_flwr.population.layout import ClusterLayout, form_layout
+from gaisnet_flwr.population.planning import RangeCosts, Workload, plan_cluster
 from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
-from gaisnet_flwr.split.plan import PLANNERS, SplitPlan, make_plan
+from gaisnet_flwr.split.plan import COMPUTE_PLANNERS, PLANNERS, PlanError, SplitPlan, make_plan
 from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision
 from gaisnet_flwr.vit.model import (
     MAX_PATCHES,
     MODES,
     SHAPE_LIMITS,
     ModelError,
+    PromptedViT,
     build_prompted_vit,
 )
 
@@ -308,15 +313,26 @@ class FoundationConfig:
 class ClusterConfig:
     """A client cluster: start point -> `peers_per_cluster` D2D peers -> end point (Fig. 4).
 
+    `population` "" makes every cluster the same (the cost model's start/peer/end devices);
+    otherwise clusters are formed from a device population (gaisnet_flwr/population: a TOML or
+    CSV file, or "generated:N:SEED"), each with its own devices, links and plan. The planner
+    "comm-aware" also counts the hops each peer sends and its memory; "minmax" and "even" are
+    compute-only.
+
     Limits: peers-per-cluster 1..48 (and at most depth); peer-speeds finite numbers > 0.
     """
 
     peers_per_cluster: int = 3
     peer_speeds: str = ""  # relative compute speeds, e.g. "1,2,1"; "" = the peers' devices
     planner: str = "minmax"  # one of PLANNERS
+    population: str = ""  # "" | "generated:N:SEED" | a .toml / .csv file of devices
 
     def __post_init__(self) -> None:
         _choice("planner", self.planner, PLANNERS)
+        try:
+            check_spec(self.population)
+        except PopulationError as err:
+            raise ConfigError(str(err)) from err
         _ints(self, 1, SHAPE_LIMITS["depth"], "peers_per_cluster")  # one block each at least
         if self.peer_speeds.strip():
             _positive_list("peer-speeds", self.peer_speeds, self.speeds(), self.peers_per_cluster)
@@ -657,6 +673,43 @@ def check_model(model: ModelConfig) -> None:
         )
 
 
+@functools.lru_cache(maxsize=8)
+def _meta_model(model: ModelConfig, num_classes: int) -> PromptedViT:
+    with torch.device("meta"):
+        return build_prompted_vit(
+            model.model_name,
+            mode=model.mode,
+            num_prompts=model.num_prompts,
+            num_classes=num_classes,
+            img_size=model.img_size,
+            patch_size=model.patch_size,
+            depth=model.depth,
+            embed_dim=model.embed_dim,
+            num_heads=model.num_heads,
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _range_costs(model: PromptedViT, workload: Workload) -> RangeCosts:
+    return RangeCosts(model, workload)
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(cfg: RunConfig) -> ClusterLayout:
+    """Form the clusters once per config (the ClientApp asks on every message)."""
+    c = cfg.costs
+    profiles = c.profiles
+    return form_layout(
+        load_spec(cfg.cluster.population, profiles),
+        profiles,
+        profiles.link(c.d2d_link),
+        profiles.link(c.uplink),
+        cfg.cluster.peers_per_cluster,
+        cfg.cluster.planner,
+        cfg.range_costs(),
+    )
+
+
 # -- the whole run --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunConfig:
@@ -674,6 +727,12 @@ class RunConfig:
     run: RunSection = RunSection()
 
     def __post_init__(self) -> None:
+        if self.cluster.population.strip() and self.cluster.peer_speeds.strip():
+            raise ConfigError(
+                f"peer-speeds={self.cluster.peer_speeds!r} is for identical clusters; with "
+                f"population={self.cluster.population!r} each cluster's devices set its speeds "
+                f"(set peer-speeds='')"
+            )
         if self.cluster.peers_per_cluster > self.model.depth:
             raise ConfigError(
                 f"peers-per-cluster={self.cluster.peers_per_cluster} exceeds depth="
@@ -766,6 +825,24 @@ class RunConfig:
             raise ConfigError(
                 "precision='bf16' but this GPU has no bfloat16 support; use 'tf32' or 'fp32'"
             )
+        if self.cluster.planner == "comm-aware":
+            try:
+                self.plan()
+            except PlanError as err:
+                raise ConfigError(f"planner='comm-aware': {err}") from err
+        if self.cluster.population.strip():
+            spec = self.cluster.population
+            try:
+                layout = self.cluster_layout()
+            except (PopulationError, CostConfigError, PlanError, OSError) as err:
+                raise ConfigError(f"population={spec!r}: {err}") from err
+            assert layout is not None
+            if not layout.fine_tuning:
+                unplaced = "; ".join(f"{d}: {why}" for d, why in list(layout.unplaced.items())[:5])
+                raise ConfigError(
+                    f"population={spec!r} forms no fine-tuning cluster of "
+                    f"{self.cluster.peers_per_cluster + 2} devices ({unplaced})"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The flat run-config (hyphenated keys), as Flower and config.json have it."""
@@ -782,10 +859,29 @@ class RunConfig:
         ]
 
     def plan(self) -> SplitPlan:
-        """The cluster's split plan: `peers_per_cluster` contiguous block ranges."""
+        """The identical clusters' split plan: `peers_per_cluster` contiguous block ranges
+        (compute-only over peer-speeds or the peers' devices; comm-aware over their links too)."""
+        if self.cluster.planner not in COMPUTE_PLANNERS:
+            return plan_cluster(self.cluster.planner, self.range_costs(), self.cluster_profile())
         speeds = self.peer_speeds()
         assert len(speeds) == self.cluster.peers_per_cluster  # checked at the boundary
         return make_plan(self.cluster.planner, self.model.depth, speeds)
+
+    def meta_model(self) -> PromptedViT:
+        """The model on the meta device (shapes only): what planning and prediction read."""
+        return _meta_model(self.model, dataset_classes(self.data_spec()))
+
+    def range_costs(self) -> RangeCosts:
+        """What each range of blocks costs a peer. Plans are sized on one batch: a round's
+        compute and hop bytes grow together with its batches, so one batch decides the split,
+        and every party (ServerApp, ClientApps) sizes it the same way without the data."""
+        t = self.training
+        workload = Workload(t.batch_size, t.batch_size, 1, t.optimizer, t.momentum)
+        return _range_costs(self.meta_model(), workload)
+
+    def cluster_layout(self) -> ClusterLayout | None:
+        """The clusters formed from `population` (None without one); one per config."""
+        return _layout(self) if self.cluster.population.strip() else None
 
     def data_spec(self) -> DataSpec:
         d = self.data

@@ -28,6 +28,9 @@ LAYERS: list[tuple[str, ...]] = [
         "gaisnet_flwr.deploy",  # the peer process, PKI, remote segments
         "gaisnet_flwr.service",  # fine-tune-or-serve scheduling, clustering
     ),
+    # a device population and its clusters: combines costs (devices, links, pricing, memory)
+    # and service (clustering), so it sits above both and below the config that reads it
+    ("gaisnet_flwr.population",),
     ("gaisnet_flwr.config",),  # RunConfig, read once at the app boundary
     ("gaisnet_flwr.training",),  # local loops
     ("gaisnet_flwr.cloud",),  # the cloud's foundation model
@@ -46,6 +49,7 @@ NO_FLOWER = {
     "gaisnet_flwr.split": {"flwr", "flwr_datasets"},
     "gaisnet_flwr.costs": {"flwr", "flwr_datasets"},
     "gaisnet_flwr.data": {"flwr"},  # Flower Datasets' partitioners are allowed
+    "gaisnet_flwr.population": {"flwr", "flwr_datasets"},
 }
 SCRIPTS_MAY_IMPORT = "gaisnet_flwr.experiments"
 FIRST_PARTY = {"gaisnet_flwr", "strategies", "clients", "scripts", "tests"}

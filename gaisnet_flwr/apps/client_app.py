@@ -82,7 +82,8 @@ def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> Clien
     @client.query("identity")
     def identity(msg: Message, context: Context) -> Message:
         # Who this node is needs no data: do not load any.
-        return Message(content=identify(context, config(context)).record(), reply_to=msg)
+        cfg = config(context)
+        return Message(content=identify(context, cfg).record(cfg.cluster_layout()), reply_to=msg)
 
     return client
 

@@ -23,6 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
 from gaisnet_flwr.apps.recorder import RoundRecorder, aggregate_train_metrics
 from gaisnet_flwr.apps.rounds import RecordedRounds
 from gaisnet_flwr.apps.serving import inference_message, inference_row
@@ -56,22 +57,29 @@ def wait_for_clusters(grid: Grid, minimum: int = 1, timeout_s: float = 120.0) ->
     return nodes
 
 
-def identify_clusters(grid: Grid, nodes: list[int], num_edges: int) -> dict[int, int]:
-    """Ask every node which edge server it belongs to: node id -> edge id."""
+def query_identities(grid: Grid, nodes: list[int], num_edges: int) -> dict[int, dict[str, int]]:
+    """Ask every node who it is: node id -> its identity (edge-id, partition-id,
+    num-partitions, cluster-id, and with a population the layout's digest)."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type="query.identity") for n in nodes]
-    node_edges: dict[int, int] = {}
+    identities: dict[int, dict[str, int]] = {}
     for reply in grid.send_and_receive(messages, timeout=120):
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise RuntimeError(f"node {node} could not identify itself: {reply.error.reason}")
-        edge = int(reply.content.metric_records["metrics"]["edge-id"])  # type: ignore[arg-type]
+        ident = {k: int(v) for k, v in reply.content.metric_records["metrics"].items()}  # type: ignore[arg-type]
+        edge = ident["edge-id"]
         if not 0 <= edge < num_edges:
             raise RuntimeError(f"node {node} says edge-id={edge}; edges are 0..{num_edges - 1}")
-        node_edges[node] = edge
-    missing = sorted(set(nodes) - set(node_edges))
+        identities[node] = ident
+    missing = sorted(set(nodes) - set(identities))
     if missing:
         raise RuntimeError(f"node(s) {missing} did not answer the identity query")
-    return node_edges
+    return identities
+
+
+def identify_clusters(grid: Grid, nodes: list[int], num_edges: int) -> dict[int, int]:
+    """Ask every node which edge server it belongs to: node id -> edge id."""
+    return {n: i["edge-id"] for n, i in query_identities(grid, nodes, num_edges).items()}
 
 
 # Clusters per edge assumed when the strategy is checked before any node is known (every
@@ -121,8 +129,10 @@ class HfslRun:
     output_dir: Path
     model: PromptedViT  # the edge model on the frozen foundation (modules loaded as needed)
     edges: list[ImageData]  # per edge server: its domain's data (the test split evaluates it)
-    node_edges: dict[int, int]  # node id -> edge id
+    node_edges: dict[int, int]  # node id -> edge id (the nodes that run a cluster)
     strategy: CloudEdgeStrategy
+    population: PopulationRun | None = None  # with run-config population: who runs what
+    _requester: str = ""  # the device the latest inference request came from
 
     @property
     def clusters_per_edge(self) -> dict[int, int]:
@@ -183,13 +193,20 @@ class HfslRun:
         return central_evaluate
 
     def inference_request(self, modules: ArrayRecord, node: int) -> Message:
-        return inference_message(self.cfg, self.model, modules, node)
+        """A request to `node`; with a population it comes from the next requesting device and
+        runs over that device's inference cluster."""
+        self._requester = self.population.next_requester() if self.population else ""
+        return inference_message(self.cfg, self.model, modules, node, self._requester)
 
     def served(self, reply: Message | None, node: int, edge: int, index: int) -> dict[str, Any]:
         """The row of a served request (an error row when there was no reply)."""
         if reply is None:
-            return {"request": index, "node": node, "edge": edge, "error": "no reply"}
-        return inference_row(reply, self.cfg.inference.distribution, node, edge, index)
+            row = {"request": index, "node": node, "edge": edge, "error": "no reply"}
+        else:
+            row = inference_row(reply, self.cfg.inference.distribution, node, edge, index)
+        if self._requester:
+            row["requester"] = self._requester
+        return row
 
     def serving_strategy(self) -> ServeRequests:
         """`inference-requests` SL inference requests after fine-tuning; inference.json keeps
@@ -236,9 +253,21 @@ def prepare(grid: Grid, cfg: RunConfig) -> HfslRun:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     num_edges = cfg.hierarchy.num_edges()
-    node_edges = identify_clusters(
+    identities = query_identities(
         grid, wait_for_clusters(grid, cfg.hierarchy.min_clusters), num_edges
     )
+    node_edges = {n: i["edge-id"] for n, i in identities.items()}
+    population = None
+    layout = cfg.cluster_layout()
+    if layout is not None:  # only the nodes that run a formed cluster train
+        population = assign_nodes(layout, identities)
+        node_edges = {n: e for n, e in node_edges.items() if n in population.node_clusters}
+        if not node_edges:
+            raise RuntimeError(
+                f"no node runs a formed cluster: {len(identities)} node(s), "
+                f"{len(layout.fine_tuning)} fine-tuning cluster(s) (cluster-ids: "
+                f"{sorted(i['cluster-id'] for i in identities.values())})"
+            )
     per_edge = {e: list(node_edges.values()).count(e) for e in range(num_edges)}
     if empty := [e for e, n in per_edge.items() if n == 0]:
         raise RuntimeError(
@@ -282,6 +311,16 @@ def prepare(grid: Grid, cfg: RunConfig) -> HfslRun:
             per_edge[e],
             len(edges[e].train_labels),
         )
-    plan = cfg.plan()
-    log(INFO, "each cluster: start point -> %d peers %s -> end point", plan.num_peers, plan.sizes())
-    return HfslRun(cfg, output_dir, model, edges, node_edges, strategy)
+    if population is not None:
+        report = cluster_report(cfg, population, model, edges, identities)
+        (output_dir / "clusters.json").write_text(json.dumps(report, indent=2))
+        log_report(report)
+    else:
+        plan = cfg.plan()
+        log(
+            INFO,
+            "each cluster: start point -> %d peers %s -> end point",
+            plan.num_peers,
+            plan.sizes(),
+        )
+    return HfslRun(cfg, output_dir, model, edges, node_edges, strategy, population)

@@ -30,14 +30,25 @@ SUMMED = (
     "upload-bytes",
     "compute-flops",
     "energy-j",
+    "sensing-j",
     "compute-j",
     "tx-j",
     "cs-bytes",
 )
 # Clusters train in parallel: the round's simulated convergence latency is the slowest cluster's;
 # per-node memory is reported as the largest any cluster needs at that role.
-MAXED = ("train-time-s", "latency-s", "memory-max-bytes", "memory-bytes")
-NOT_AGGREGATED = ("partition-id", "edge-id")
+# Each cluster's sensing, compute and D2D time likewise: the largest any cluster spent.
+MAXED = (
+    "train-time-s",
+    "latency-s",
+    "bottleneck-s",
+    "sensing-s",
+    "compute-s",
+    "d2d-s",
+    "memory-max-bytes",
+    "memory-bytes",
+)
+NOT_AGGREGATED = ("partition-id", "edge-id", "cluster-id")
 
 
 def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:

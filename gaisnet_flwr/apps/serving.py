@@ -16,18 +16,23 @@ from gaisnet_flwr.vit.model import PromptedViT
 
 
 def inference_message(
-    cfg: RunConfig, model: PromptedViT, delivered: ArrayRecord, node: int
+    cfg: RunConfig, model: PromptedViT, delivered: ArrayRecord, node: int, requester: str = ""
 ) -> Message:
     """A `query.infer` request to `node` carrying its edge's model (`delivered`: the tunable
-    modules; with distribution "full", every weight: the foundation plus those modules)."""
+    modules; with distribution "full", every weight: the foundation plus those modules). With a
+    population, `requester` names the device that asks: the node runs that device's inference
+    cluster (formed around it: its start point, which gets the result back)."""
     if cfg.inference.distribution == "full":
         model.load_tunable_state(delivered.to_torch_state_dict())
         delivered = ArrayRecord(model.state_dict())
+    config: dict[str, Any] = {"distribution": cfg.inference.distribution}
+    if requester:
+        config["requester"] = requester
     return Message(
         RecordDict(
             {
                 "model": delivered,
-                "config": ConfigRecord({"distribution": cfg.inference.distribution}),
+                "config": ConfigRecord(config),
             }
         ),
         dst_node_id=node,

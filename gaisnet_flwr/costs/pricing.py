@@ -11,6 +11,8 @@ Conventions (shared/notes/anchors.md, "Cost model conventions used in split-lear
     compute time     t = FLOPs / (f * phi)               f clock (Hz), phi FLOPs per cycle
     compute energy   E = kappa * cycles * f^2            cycles = FLOPs / phi, kappa ~ 1e-28
     transmission     t = 8 * bytes / r,  E = p * t       the sender pays; r: profiles.LinkProfile
+    sensing          t = n * s_t,  E = n * s_E           n samples the start point captured;
+                                                         s_t, s_E per sample (DeviceProfile)
 """
 
 from __future__ import annotations
@@ -141,10 +143,17 @@ class NodeCost:
     tx_bytes: int
     tx_s: float
     tx_j: float
+    sensing_s: float = 0.0  # capturing the samples it fed the chain (the start point only)
+    sensing_j: float = 0.0
+
+    @property
+    def busy_s(self) -> float:
+        """Its sensing, computing and sending, one after another."""
+        return self.sensing_s + self.compute_s + self.tx_s
 
     @property
     def energy_j(self) -> float:
-        return self.compute_j + self.tx_j
+        return self.sensing_j + self.compute_j + self.tx_j
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,7 @@ class RoundCost:
 
     Communication is kept apart by link (client-server vs D2D) and direction. `latency_s` is the
     serial critical path (see `fine_tuning_round_cost`); `bottleneck_s` is the busiest node's
-    compute + transmit time, a lower bound for the round under any pipelined schedule.
+    sensing + compute + transmit time, a lower bound for the round under any pipelined schedule.
     """
 
     nodes: tuple[NodeCost, ...]
@@ -187,9 +196,18 @@ class RoundCost:
         return sum(n.tx_j for n in self.nodes)
 
     @property
+    def sensing_s(self) -> float:
+        return sum(n.sensing_s for n in self.nodes)
+
+    @property
+    def sensing_j(self) -> float:
+        return sum(n.sensing_j for n in self.nodes)
+
+    @property
     def energy_j(self) -> float:
-        """The cluster's energy: its nodes' computing and transmitting (the edge's not counted)."""
-        return self.compute_j + self.tx_j
+        """The cluster's energy: its nodes' sensing, computing and transmitting (the edge's not
+        counted)."""
+        return self.sensing_j + self.compute_j + self.tx_j
 
     @property
     def cs_bytes(self) -> int:
@@ -201,7 +219,7 @@ class RoundCost:
 
     @property
     def bottleneck_s(self) -> float:
-        return max(n.compute_s + n.tx_s for n in self.nodes)
+        return max(n.busy_s for n in self.nodes)
 
 
 def fine_tuning_round_cost(
@@ -212,6 +230,7 @@ def fine_tuning_round_cost(
     samples: int,
     upload_bytes: int,
     download_bytes: int,
+    sensed_samples: int = 0,
 ) -> RoundCost:
     """One cluster's fine-tuning round (paper Sec. III-C.2).
 
@@ -226,15 +245,22 @@ def fine_tuning_round_cost(
             start point on the cluster's uplink.
         download_bytes: the edge model's tunable modules delivered to the cluster at the start
             of the round; sent by the edge, so it costs the cluster time but no energy.
+        sensed_samples: samples the start point captured for the round ("sensing data
+            generation"): the distinct training samples, not once per local epoch.
 
-    Latency is the critical path of strictly sequential split learning: every segment's forward
-    and backward work and every hop's transmission happen one after another (no pipelining
-    across batches), between the download and the upload:
+    Latency is the critical path of strictly sequential split learning: sensing, every
+    segment's forward and backward work and every hop's transmission happen one after another
+    (no pipelining across batches), between the download and the upload:
 
-        latency = download + sum(compute) + sum(hop transmissions) + upload
+        latency = download + sensing + sum(compute) + sum(hop transmissions) + upload
     """
     n = _check_lengths(cluster, flops, forward=hop_bytes_forward, backward=hop_bytes_backward)
-    _check_counts(samples=samples, upload_bytes=upload_bytes, download_bytes=download_bytes)
+    _check_counts(
+        samples=samples,
+        upload_bytes=upload_bytes,
+        download_bytes=download_bytes,
+        sensed_samples=sensed_samples,
+    )
     sent: list[list[tuple[int, LinkProfile]]] = [[] for _ in range(n)]
     for k, link in enumerate(cluster.hops):
         sent[k].append((hop_bytes_forward[k], link))
@@ -248,6 +274,7 @@ def fine_tuning_round_cost(
         upload_bytes=upload_bytes,
         d2d_forward_bytes=sum(hop_bytes_forward),
         d2d_backward_bytes=sum(hop_bytes_backward),
+        sensed=sensed_samples,
     )
 
 
@@ -262,10 +289,11 @@ def inference_cost(
     """One inference request (paper Sec. III-D.2): forward only, then the end point sends the
     result back to the start point on `cluster.result`.
 
-    `hop_bytes` are the smashed data per hop for the whole request, `samples` the inputs in it.
-    `download_bytes` (0 by default) adds delivering the fine-tuned modules when the request
-    also sets the cluster up. Latency = download + sum(forward compute) + hops + result hop.
-    The result hop counts as D2D forward traffic.
+    `hop_bytes` are the smashed data per hop for the whole request, `samples` the inputs in it,
+    each sensed by the start point (the requester: "unlabeled sensing data as the inference
+    task"). `download_bytes` (0 by default) adds delivering the fine-tuned modules when the
+    request also sets the cluster up. Latency = download + sensing + sum(forward compute) + hops
+    + result hop. The result hop counts as D2D forward traffic.
     """
     n = _check_lengths(cluster, flops, forward=hop_bytes)
     _check_counts(samples=samples, result_bytes=result_bytes, download_bytes=download_bytes)
@@ -281,6 +309,7 @@ def inference_cost(
         upload_bytes=0,
         d2d_forward_bytes=sum(hop_bytes) + result_bytes,
         d2d_backward_bytes=0,
+        sensed=samples,
     )
 
 
@@ -324,12 +353,15 @@ def _chain_cost(
     upload_bytes: int,
     d2d_forward_bytes: int,
     d2d_backward_bytes: int,
+    sensed: int,
 ) -> RoundCost:
-    """Per node: compute `work[k]` FLOPs, send `sent[k]` (bytes, link); all of it in series."""
+    """Per node: compute `work[k]` FLOPs, send `sent[k]` (bytes, link); all of it in series.
+    The start point (node 0) first senses `sensed` samples."""
     nodes = []
-    for name, device, flops, messages in zip(
-        cluster.names, cluster.devices, work, sent, strict=True
+    for k, (name, device, flops, messages) in enumerate(
+        zip(cluster.names, cluster.devices, work, sent, strict=True)
     ):
+        captured = sensed if k == 0 else 0
         nodes.append(
             NodeCost(
                 name=name,
@@ -340,12 +372,14 @@ def _chain_cost(
                 tx_bytes=sum(b for b, _ in messages),
                 tx_s=sum(tx_time_s(b, link) for b, link in messages),
                 tx_j=sum(tx_energy_j(b, link) for b, link in messages),
+                sensing_s=captured * device.sensing_s_per_sample,
+                sensing_j=captured * device.sensing_j_per_sample,
             )
         )
     download_s = tx_time_s(download_bytes, cluster.uplink)
     return RoundCost(
         nodes=tuple(nodes),
-        latency_s=download_s + sum(node.compute_s + node.tx_s for node in nodes),
+        latency_s=download_s + sum(node.busy_s for node in nodes),
         download_s=download_s,
         upload_s=tx_time_s(upload_bytes, cluster.uplink),
         cs_download_bytes=download_bytes,

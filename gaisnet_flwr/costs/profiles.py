@@ -32,7 +32,10 @@ class CostConfigError(ValueError):
 # -- profiles -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A node's compute speed, energy constant, transmit-power cap and memory."""
+    """A node's compute speed, energy constant, transmit-power cap, memory, and what sensing one
+    data sample costs it (paper Sec. III-C.2: "sensing data generation", "data acquisition"):
+    the time and energy to capture one input, paid by the start point for each sample it feeds
+    the chain (0 for a device that never senses, e.g. the edge server)."""
 
     name: str
     clock_hz: float
@@ -40,10 +43,14 @@ class DeviceProfile:
     kappa: float = 1e-28  # effective switched capacitance (anchors.md)
     tx_power_w: float = 0.2  # the most it transmits with; a phone's 0.2 W (anchors.md)
     memory_bytes: int = 4 * 2**30
+    sensing_s_per_sample: float = 0.0
+    sensing_j_per_sample: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive("device", self, "clock_hz", "flops_per_cycle", "memory_bytes")
-        _check_non_negative("device", self, "kappa", "tx_power_w")
+        _check_non_negative(
+            "device", self, "kappa", "tx_power_w", "sensing_s_per_sample", "sensing_j_per_sample"
+        )
 
     @property
     def flops_per_second(self) -> float:
@@ -124,15 +131,20 @@ def _check_non_negative(kind: str, profile: Any, *names: str) -> None:
 
 # Presets. Clients: f in [0.5, 2] GHz, phi 8-16 FLOPs/cycle, 0.2 W; edge: 2.5-3.5 GHz multi-core;
 # D2D bandwidth 1-20 MHz; edge <-> cloud wired (anchors.md). Memory sizes and distances are our
-# assumptions (typical phones; a client inside a small cell's 200 m radius).
+# assumptions (typical phones; a client inside a small cell's 200 m radius). Sensing is our
+# assumption too: one camera frame per sample at 30 frames/s (1/30 s) with the camera module
+# drawing about 1 W while it captures (so ~0.033 J per sample); the same for every phone.
 GiB = 2**30
+FRAME_S = 1 / 30
+CAMERA_W = 1.0
+PHONE_SENSING = dict(sensing_s_per_sample=FRAME_S, sensing_j_per_sample=CAMERA_W * FRAME_S)
 DEVICE_PRESETS: Mapping[str, DeviceProfile] = MappingProxyType(
     {
         p.name: p
         for p in (
-            DeviceProfile("phone-low", 0.5e9, 8, memory_bytes=2 * GiB),
-            DeviceProfile("phone-mid", 1.0e9, 12, memory_bytes=4 * GiB),
-            DeviceProfile("phone-high", 2.0e9, 16, memory_bytes=8 * GiB),
+            DeviceProfile("phone-low", 0.5e9, 8, memory_bytes=2 * GiB, **PHONE_SENSING),
+            DeviceProfile("phone-mid", 1.0e9, 12, memory_bytes=4 * GiB, **PHONE_SENSING),
+            DeviceProfile("phone-high", 2.0e9, 16, memory_bytes=8 * GiB, **PHONE_SENSING),
             # 16 cores x 16 FLOPs/cycle at 3 GHz; transmits at a small cell's 1 W (assumption).
             DeviceProfile("edge-server", 3.0e9, 16 * 16, tx_power_w=1.0, memory_bytes=64 * GiB),
         )

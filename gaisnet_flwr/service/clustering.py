@@ -9,12 +9,16 @@ planner over its peers' compute speeds.
 The search is a depth-first search over simple paths that tries faster devices first: exact for
 the small device graphs of a cell (it finds a chain whenever one exists), with a step budget so a
 large graph cannot stall a run. Devices that end up in no cluster are reported with the reason.
+
+`plan_chain` lets the caller plan each candidate chain with its own devices and links (e.g. the
+communication-aware planner with per-device memory, gaisnet_flwr/population); a chain it cannot
+plan (None) is passed over and the search goes on.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gaisnet_flwr.split.plan import SplitPlan, plan_min_max
@@ -60,11 +64,21 @@ class Clustering:
     unplaced: dict[str, str] = field(default_factory=dict)  # device -> why
 
 
+# A chain in chain order -> its split plan, or None when it cannot be planned (e.g. memory).
+ChainPlanner = Callable[[Sequence[Device]], SplitPlan | None]
+
+
 def _find_chain(
-    start: Device, free: Sequence[Device], length: int, close_loop: bool, budget: int = 100_000
+    start: Device,
+    free: Sequence[Device],
+    length: int,
+    close_loop: bool,
+    accept: Callable[[list[Device]], bool] | None = None,
+    budget: int = 100_000,
 ) -> list[Device] | None:
     """A simple path of `length` devices from `start` through `free` (consecutive devices
-    reachable); with `close_loop`, the last device must also reach `start`."""
+    reachable); with `close_loop`, the last device must also reach `start`; with `accept`, the
+    first such path it accepts."""
     candidates = sorted(free, key=lambda d: -d.flops_per_second)
     steps = 0
 
@@ -74,7 +88,9 @@ def _find_chain(
         if steps > budget:
             return None
         if len(path) == length:
-            return path if not close_loop or reachable(path[-1], start) else None
+            if close_loop and not reachable(path[-1], start):
+                return None
+            return path if accept is None or accept(path) else None
         for device in candidates:
             if device not in path and reachable(path[-1], device):
                 found = extend([*path, device])
@@ -90,9 +106,13 @@ def form_clusters(
     peers_per_cluster: int,
     num_blocks: int,
     inference_starts: Sequence[str] = (),
+    plan_chain: ChainPlanner | None = None,
 ) -> Clustering:
     """Form inference clusters for the requesting devices first, then fine-tuning clusters
-    from the data holders, each start -> `peers_per_cluster` peers -> end point."""
+    from the data holders, each start -> `peers_per_cluster` peers -> end point.
+
+    Each chain is planned by `plan_chain` (default: compute-only min-max over the peers' speeds);
+    chains it cannot plan are skipped."""
     if peers_per_cluster < 1 or peers_per_cluster > num_blocks:
         raise ValueError(
             f"need 1 <= peers_per_cluster <= {num_blocks} blocks, got {peers_per_cluster}"
@@ -108,17 +128,37 @@ def form_clusters(
     result = Clustering()
     used: set[str] = set()
 
+    def compute_only(chain: Sequence[Device]) -> SplitPlan:
+        return plan_min_max([1.0] * num_blocks, [d.flops_per_second for d in chain[1:-1]])
+
+    planner = plan_chain or compute_only
+
     def place(kind: str, start: Device, close_loop: bool) -> None:
         free = [d for d in devices if d.name not in used and d.name != start.name]
-        chain = _find_chain(start, free, length, close_loop)
+        plans: dict[tuple[str, ...], SplitPlan] = {}
+        rejected = 0
+
+        def accept(chain: list[Device]) -> bool:
+            nonlocal rejected
+            plan = planner(chain)
+            if plan is None:
+                rejected += 1
+                return False
+            plans[tuple(d.name for d in chain)] = plan
+            return True
+
+        chain = _find_chain(start, free, length, close_loop, accept)
         if chain is None:
             loop = " whose end point reaches it back" if close_loop else ""
             why = f"no D2D chain of {length} devices{loop} from it"
+            if used:
+                why += f" through the {len(free)} device(s) not yet in a cluster"
+            if rejected:
+                why += f" that can be planned ({rejected} chain(s) found, none fits memory)"
             result.unplaced[start.name] = f"{kind} start point: {why}"
             return
         used.update(d.name for d in chain)
-        plan = plan_min_max([1.0] * num_blocks, [d.flops_per_second for d in chain[1:-1]])
-        result.clusters.append(Cluster(kind, chain, plan))
+        result.clusters.append(Cluster(kind, chain, plans[tuple(d.name for d in chain)]))
 
     for name in inference_starts:
         if name not in used:

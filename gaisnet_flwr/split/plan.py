@@ -10,11 +10,16 @@ total compute time (a second exact DP restricted to stages within the optimal bo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
-PLANNERS = ("minmax", "even")
+# Compute-only planners size the ranges to the peers' speeds alone (or ignore them); "comm-aware"
+# also counts the hop each peer sends and its memory (it needs the cluster's links and the model:
+# gaisnet_flwr/population/planning.py).
+COMPUTE_PLANNERS = ("minmax", "even")
+PLANNERS = (*COMPUTE_PLANNERS, "comm-aware")
 
 
 class PlanError(ValueError):
@@ -155,9 +160,85 @@ def make_plan(planner: str, num_blocks: int, speeds: Sequence[float]) -> SplitPl
         return plan_min_max([1.0] * num_blocks, speeds)
     if planner == "even":
         return plan_even(num_blocks, len(speeds))
+    if planner == "comm-aware":
+        raise PlanError(
+            "planner 'comm-aware' needs the cluster's links and the model: use "
+            "gaisnet_flwr.population.planning.plan_cluster"
+        )
     raise PlanError(f"unknown planner {planner!r}; valid planners: {', '.join(PLANNERS)}")
 
 
 def node_names(num_peers: int) -> list[str]:
     """Chain order, the names segments, costs and metrics use: start, peer1 .. peerK, end."""
     return ["start", *(f"peer{k + 1}" for k in range(num_peers)), "end"]
+
+
+# (peer, first block, stop block) -> that peer's time with blocks [first, stop); inf = cannot
+StageTime = Callable[[int, int, int], float]
+
+
+def plan_min_max_stages(num_blocks: int, num_peers: int, stage_time: StageTime) -> SplitPlan:
+    """Exact min-max partition where each stage's time is any function of its peer and range.
+
+    The communication-aware planner (paper Sec. IV-A: "the computing resources of the working
+    clients, as well as the communication resources") passes a peer's compute time for blocks
+    [first, stop) plus the time to send what those blocks produce (and the gradient of what they
+    received), each over that peer's own link; a range that does not fit the peer's memory is
+    `math.inf`. The same two DPs as `plan_min_max`: the least possible bottleneck, then the least
+    total time among plans within it.
+
+    Raises:
+        PlanError: no plan gives every peer a range it can take (every choice is `inf`).
+    """
+    if num_peers < 1 or num_peers > num_blocks:
+        raise PlanError(f"need 1 <= peers <= blocks, got {num_peers} peers for {num_blocks} blocks")
+
+    def stops(first_block: int, peer: int) -> range:
+        if peer == num_peers - 1:
+            return range(num_blocks, num_blocks + 1)
+        return range(first_block + 1, num_blocks - (num_peers - peer) + 2)
+
+    @cache
+    def time(first_block: int, stop: int, peer: int) -> float:
+        value = float(stage_time(peer, first_block, stop))
+        if math.isnan(value) or value < 0:
+            raise PlanError(f"stage time of peer {peer} on [{first_block}, {stop}) is {value}")
+        return value
+
+    @cache
+    def bottleneck_from(first_block: int, peer: int) -> float:
+        if peer == num_peers:
+            return 0.0
+        return min(
+            max(time(first_block, stop, peer), bottleneck_from(stop, peer + 1))
+            for stop in stops(first_block, peer)
+        )
+
+    best = bottleneck_from(0, 0)
+    if math.isinf(best):
+        raise PlanError(
+            f"no split of {num_blocks} blocks over {num_peers} peers fits every peer (each "
+            f"choice leaves some peer a range it cannot take, e.g. too little memory)"
+        )
+    limit = best * (1 + 1e-12)
+
+    @cache
+    def least_total(first_block: int, peer: int) -> tuple[float, tuple[int, ...]]:
+        if peer == num_peers:
+            return (0.0, ()) if first_block == num_blocks else (math.inf, ())
+        result: tuple[float, tuple[int, ...]] = (math.inf, ())
+        for stop in stops(first_block, peer):
+            here = time(first_block, stop, peer)
+            if here > limit:
+                continue
+            rest, sizes = least_total(stop, peer + 1)
+            if here + rest < result[0]:
+                result = (here + rest, (stop - first_block, *sizes))
+        return result
+
+    return SplitPlan.from_sizes(least_total(0, 0)[1])
+
+
+def plan_bottleneck(plan: SplitPlan, stage_time: StageTime) -> float:
+    """The busiest peer's time under `stage_time` (what `plan_min_max_stages` minimises)."""
+    return max(stage_time(k, start, stop) for k, (start, stop) in enumerate(plan.ranges))

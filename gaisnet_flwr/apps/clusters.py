@@ -1,0 +1,183 @@
+"""The ServerApp's side of a population run: which SuperNode runs which formed cluster, what
+each cluster's round is predicted to cost, and `clusters.json` (paper Sec. III-C/D, IV-B).
+
+The layout (`population.layout`) is a pure function of the run-config, so the ServerApp and
+every ClientApp derive it themselves (a SuperNode needs the population file, as it needs the
+cost-profiles file); nothing about a cluster travels in the messages except, for an inference
+request, the requester's name. Each node's identity reply carries the layout's digest and the
+ServerApp refuses a node that derived another one (a different file on that machine).
+
+Fine-tuning cluster c runs on the node whose cluster-id is c (simulation: partition-id; a
+deployment: node-config `cluster-id`). Nodes without a cluster and clusters without a node are
+reported in clusters.json and the log, never dropped silently; so are the devices the
+clustering could not place.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+
+from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.data.images import ImageData, cluster_datasets
+from gaisnet_flwr.population.layout import ClusterLayout, round_summary
+from gaisnet_flwr.population.planning import (
+    RangeCosts,
+    Workload,
+    predicted_inference_cost,
+    predicted_round_cost,
+)
+from gaisnet_flwr.vit.model import PromptedViT
+
+
+class LayoutMismatchError(RuntimeError):
+    """A node derived another cluster layout than the ServerApp (another population file)."""
+
+
+@dataclass
+class PopulationRun:
+    """A population run's clusters on its nodes (see the module docstring)."""
+
+    layout: ClusterLayout
+    node_clusters: dict[int, int]  # node id -> fine-tuning cluster index
+    idle_nodes: dict[int, str]  # node id -> why it runs no cluster
+    unserved: list[int]  # fine-tuning clusters no node runs
+    _requesters: Iterator[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._requesters = itertools.cycle([c.start.name for c in self.layout.inference])
+
+    def next_requester(self) -> str:
+        """The device the next inference request comes from (the requesters in turn); "" when
+        no inference cluster was formed (the request then runs on the node's own cluster)."""
+        return next(self._requesters, "")
+
+
+def assign_nodes(
+    layout: ClusterLayout, identities: Mapping[int, Mapping[str, int]]
+) -> PopulationRun:
+    """Map nodes to fine-tuning clusters by their cluster-id, checking each node's digest."""
+    digest = layout.digest()
+    node_clusters: dict[int, int] = {}
+    idle: dict[int, str] = {}
+    owner: dict[int, int] = {}
+    for node, ident in sorted(identities.items()):
+        if int(ident.get("layout-digest", -1)) != digest:
+            raise LayoutMismatchError(
+                f"node {node} derived another cluster layout from population="
+                f"{layout.population.source!r} than the ServerApp (digest "
+                f"{ident.get('layout-digest')} vs {digest}): every SuperNode needs the same "
+                f"population file and cost-profiles"
+            )
+        cluster = int(ident["cluster-id"])
+        if cluster >= len(layout.fine_tuning):
+            idle[node] = (
+                f"cluster-id {cluster}: the population formed {len(layout.fine_tuning)} "
+                f"fine-tuning cluster(s)"
+            )
+        elif cluster in owner:
+            raise RuntimeError(f"nodes {owner[cluster]} and {node} both say cluster-id={cluster}")
+        else:
+            owner[cluster] = node
+            node_clusters[node] = cluster
+    unserved = [c for c in range(len(layout.fine_tuning)) if c not in owner]
+    return PopulationRun(layout, node_clusters, idle, unserved)
+
+
+def cluster_report(
+    cfg: RunConfig,
+    run: PopulationRun,
+    model: PromptedViT,
+    edges: list[ImageData],
+    identities: Mapping[int, Mapping[str, int]],
+) -> dict[str, Any]:
+    """clusters.json: every formed cluster (members, links, plan), the node that runs it and
+    its predicted round by the cost model (sensing, compute and communication side by side),
+    the inference clusters with a one-image request, and what was left out."""
+    layout = run.layout
+    t = cfg.training
+    modules = ArrayRecord(model.tunable_state()).count_bytes()  # download = upload
+    meta = cfg.meta_model()
+    by_cluster = {c: n for n, c in run.node_clusters.items()}
+    fine_tuning = []
+    for cluster in layout.fine_tuning:
+        row = cluster.describe()
+        node = by_cluster.get(cluster.index)
+        row["node"] = node
+        if node is not None:
+            ident = identities[node]
+            edge = int(ident["edge-id"])
+            train_set, _ = cluster_datasets(
+                edges[edge], int(ident["partition-id"]), int(ident["num-partitions"]),
+                cfg.data_spec(),
+            )  # fmt: skip
+            samples = len(train_set)  # type: ignore[arg-type]  # a Subset
+            costs = RangeCosts(
+                meta, Workload(samples, t.batch_size, t.local_epochs, t.optimizer, t.momentum)
+            )
+            cost = predicted_round_cost(costs, cluster.profile, cluster.plan, modules, modules)
+            row.update(edge=edge, samples=samples, predicted_round=round_summary(cost))
+        fine_tuning.append(row)
+    inference = []
+    for cluster in layout.inference:
+        row = cluster.describe()
+        cost = predicted_inference_cost(meta, cluster.profile, cluster.plan, 1, modules)
+        row["predicted_request_one_image"] = round_summary(cost)
+        inference.append(row)
+    latencies = [r["predicted_round"]["latency_s"] for r in fine_tuning if "predicted_round" in r]
+    return {
+        "population": layout.population.source,
+        "devices": len(layout.population),
+        "planner": layout.planner,
+        "peers_per_cluster": cfg.cluster.peers_per_cluster,
+        # clusters train in parallel: the round waits for the slowest (paper Fig. 4)
+        "predicted_round_latency_s": max(latencies),
+        "fine_tuning": fine_tuning,
+        "inference": inference,
+        "unplaced_devices": dict(layout.unplaced),
+        "idle_nodes": {str(n): why for n, why in run.idle_nodes.items()},
+        "clusters_without_node": run.unserved,
+    }
+
+
+def log_report(report: Mapping[str, Any]) -> None:
+    """The clusters in the log: one line each, then whatever was left out."""
+    log(
+        INFO,
+        "population %s: %d devices -> %d fine-tuning cluster(s), %d inference cluster(s) "
+        "(planner %s); predicted round latency %.3f s (the slowest cluster)",
+        report["population"],
+        report["devices"],
+        len(report["fine_tuning"]),
+        len(report["inference"]),
+        report["planner"],
+        report["predicted_round_latency_s"],
+    )
+    for row in report["fine_tuning"]:
+        members = " -> ".join(m["device"] for m in row["members"])
+        predicted = row.get("predicted_round", {}).get("latency_s", float("nan"))
+        log(
+            INFO,
+            "  fine-tuning %d on node %s: %s, plan %s, predicted round %.3f s",
+            row["index"], row["node"], members, row["plan"], predicted,
+        )  # fmt: skip
+    for row in report["inference"]:
+        members = " -> ".join(m["device"] for m in row["members"])
+        log(INFO, "  inference around %s: %s -> back, plan %s", row["start"], members, row["plan"])
+    for device, why in report["unplaced_devices"].items():
+        log(WARNING, "  device %s in no cluster: %s", device, why)
+    for node, why in report["idle_nodes"].items():
+        log(WARNING, "  node %s runs no cluster: %s", node, why)
+    if report["clusters_without_node"]:
+        log(
+            WARNING,
+            "  fine-tuning cluster(s) %s have no SuperNode to run them (start more nodes: "
+            "num-supernodes, or node-config cluster-id)",
+            report["clusters_without_node"],
+        )

@@ -1,0 +1,250 @@
+"""The clusters a run forms from its device population (paper Sec. III-C/D, IV-B).
+
+`form_layout` runs the clustering of service/clustering.py over the population: first an
+inference cluster (a closed loop: start point -> peers -> end point -> start point) around every
+device that requests inference, then fine-tuning clusters (chains) from the devices that hold
+data. Every cluster gets its own devices (their profiles), its own links (one D2D link per hop,
+its rate from the distance between the two devices: the `d2d-link` profile's bandwidth and power
+at that distance, Shannon) and therefore its own split plan, priced by the cost model. A chain
+that no plan fits (memory) is passed over. Devices left out are reported with the reason;
+nothing is dropped silently.
+
+The layout is a pure function of the run-config (population, profiles, model, planner,
+peers-per-cluster, batch size, optimizer), so the ServerApp and every ClientApp derive the same
+one; `digest` lets the ServerApp check that they did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gaisnet_flwr.costs.pricing import ClusterProfile, RoundCost
+from gaisnet_flwr.costs.profiles import CostConfigError, LinkProfile, Profiles
+from gaisnet_flwr.population.devices import Population, PopulationDevice, PopulationError
+from gaisnet_flwr.population.planning import RangeCosts, fits_memory, plan_cluster
+from gaisnet_flwr.service.clustering import Device, form_clusters
+from gaisnet_flwr.split.plan import PlanError, SplitPlan, node_names
+
+KINDS = ("fine-tuning", "inference")
+MIN_DISTANCE_M = 1.0  # two devices at one spot: the path-loss formula needs d > 0
+
+
+@dataclass(frozen=True)
+class FormedCluster:
+    """One cluster: its members in chain order (start point, peers, end point), its cost-model
+    profile (their devices and links) and its split plan."""
+
+    kind: str  # one of KINDS
+    index: int  # among the clusters of its kind, in the order they were formed
+    members: tuple[PopulationDevice, ...]
+    profile: ClusterProfile
+    plan: SplitPlan
+
+    @property
+    def start(self) -> PopulationDevice:
+        return self.members[0]
+
+    def describe(self) -> dict[str, Any]:
+        """Members, links and plan as plain data (clusters.json)."""
+        roles = node_names(self.plan.num_peers)
+        p = self.profile
+        return {
+            "kind": self.kind,
+            "index": self.index,
+            "start": self.start.name,
+            "members": [
+                {
+                    "role": role,
+                    "device": d.name,
+                    "profile": d.profile,
+                    "x_m": d.x_m,
+                    "y_m": d.y_m,
+                    "blocks": list(self.plan.ranges[k - 1]) if 0 < k <= self.plan.num_peers else [],
+                }
+                for k, (role, d) in enumerate(zip(roles, self.members, strict=True))
+            ],
+            "hops": [
+                {"from": a, "to": b, "distance_m": link.distance_m, "rate_bps": link.rate_bps()}
+                for a, b, link in zip(roles, roles[1:], p.hops, strict=False)
+            ],
+            "result_link": {"distance_m": p.result.distance_m, "rate_bps": p.result.rate_bps()}
+            if self.kind == "inference"
+            else None,
+            "plan": self.plan.sizes(),
+        }
+
+
+@dataclass(frozen=True)
+class ClusterLayout:
+    """Every cluster formed from a population, and the devices in none (device -> why)."""
+
+    population: Population
+    planner: str
+    fine_tuning: tuple[FormedCluster, ...]
+    inference: tuple[FormedCluster, ...]
+    unplaced: Mapping[str, str]
+
+    def inference_for(self, requester: str) -> FormedCluster:
+        for cluster in self.inference:
+            if cluster.start.name == requester:
+                return cluster
+        formed = [c.start.name for c in self.inference]
+        why = self.unplaced.get(requester, "it does not request inference")
+        raise PopulationError(
+            f"device {requester!r} has no inference cluster ({why}); requesters with one: {formed}"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "population": self.population.source,
+            "devices": len(self.population),
+            "planner": self.planner,
+            "fine_tuning": [c.describe() for c in self.fine_tuning],
+            "inference": [c.describe() for c in self.inference],
+            "unplaced": dict(self.unplaced),
+        }
+
+    def digest(self) -> int:
+        """A 48-bit fingerprint of the layout (members and plans), equal on every party that
+        formed the same one; fits a MetricRecord int exactly."""
+        text = json.dumps(self.describe(), sort_keys=True)
+        return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+
+def d2d_link(
+    template: LinkProfile, sender: PopulationDevice, receiver: PopulationDevice, tx_power_w: float
+) -> LinkProfile:
+    """The D2D link from `sender` to `receiver`: `template` (the d2d-link profile) at their
+    distance, transmitting at most what the sender's device can. A wired template is kept."""
+    if template.wired_rate_bps is not None:
+        return dataclasses.replace(template, name=f"{sender.name}->{receiver.name}")
+    assert template.tx_power_w is not None
+    return dataclasses.replace(
+        template,
+        name=f"{sender.name}->{receiver.name}",
+        distance_m=max(sender.distance_m(receiver), MIN_DISTANCE_M),
+        tx_power_w=min(template.tx_power_w, tx_power_w),
+    )
+
+
+def cluster_profile(
+    members: Sequence[PopulationDevice],
+    profiles: Profiles,
+    d2d: LinkProfile,
+    uplink: LinkProfile,
+    loop: bool,
+) -> ClusterProfile:
+    """Devices and links of a chain of population devices (with the result link end -> start
+    for an inference loop)."""
+    devices = tuple(profiles.device(m.profile) for m in members)
+    hops = tuple(
+        d2d_link(d2d, a, b, dev.tx_power_w)
+        for a, b, dev in zip(members, members[1:], devices, strict=False)
+    )
+    result = d2d_link(d2d, members[-1], members[0], devices[-1].tx_power_w) if loop else None
+    up = (
+        dataclasses.replace(uplink, tx_power_w=min(uplink.power_w, devices[0].tx_power_w))
+        if (uplink.wired_rate_bps is None)
+        else uplink
+    )
+    return ClusterProfile(devices, hops, up, result)
+
+
+def check_memory(population: Population, profiles: Profiles, costs: RangeCosts) -> None:
+    """Refuse, naming the device, one whose memory holds no segment at all (neither the start
+    point's, the end point's, nor one block's): no cluster can take it."""
+    need = min(costs.start.memory_bytes, costs.end.memory_bytes, costs.smallest_peer_memory())
+    for d in population.devices:
+        have = profiles.device(d.profile).memory_bytes
+        if have < need:
+            raise PopulationError(
+                f"{population.source}: device {d.name!r} ({d.profile}) has {have / 2**20:.1f} MiB "
+                f"of memory; the smallest segment of this model needs {need / 2**20:.1f} MiB: no "
+                f"cluster can take it"
+            )
+
+
+def form_layout(
+    population: Population,
+    profiles: Profiles,
+    d2d: LinkProfile,
+    uplink: LinkProfile,
+    peers_per_cluster: int,
+    planner: str,
+    costs: RangeCosts,
+) -> ClusterLayout:
+    """The clusters of `population` (module docstring); `costs` holds the model and the
+    workload the plans are sized on."""
+    check_memory(population, profiles, costs)
+    by_name = {d.name: d for d in population.devices}
+    graph = [
+        Device(
+            d.name,
+            d.x_m,
+            d.y_m,
+            profiles.device(d.profile).flops_per_second,
+            d2d_range_m=d.d2d_range_m,
+            has_data=d.data,
+        )
+        for d in population.devices
+    ]
+    loops = set(population.requesters)
+
+    def plan_chain(chain: Sequence[Device]) -> SplitPlan | None:
+        members = [by_name[c.name] for c in chain]
+        try:
+            profile = cluster_profile(members, profiles, d2d, uplink, chain[0].name in loops)
+            plan = plan_cluster(planner, costs, profile)
+        except (PlanError, CostConfigError):
+            return None
+        return None if fits_memory(costs, profile, plan) else plan
+
+    clustering = form_clusters(
+        graph,
+        peers_per_cluster,
+        costs.depth,
+        inference_starts=population.requesters,
+        plan_chain=plan_chain,
+    )
+    formed: dict[str, list[FormedCluster]] = {kind: [] for kind in KINDS}
+    for c in clustering.clusters:
+        members = tuple(by_name[d.name] for d in c.chain)
+        profile = cluster_profile(members, profiles, d2d, uplink, c.kind == "inference")
+        formed[c.kind].append(FormedCluster(c.kind, len(formed[c.kind]), members, profile, c.plan))
+    return ClusterLayout(
+        population,
+        planner,
+        tuple(formed["fine-tuning"]),
+        tuple(formed["inference"]),
+        dict(clustering.unplaced),
+    )
+
+
+def round_summary(cost: RoundCost) -> dict[str, float]:
+    """A predicted round (or request) by the paper's metrics: latency, the busiest node, and
+    sensing, compute and communication side by side."""
+    return {
+        "latency_s": cost.latency_s,
+        "bottleneck_s": cost.bottleneck_s,
+        "sensing_s": cost.sensing_s,
+        "compute_s": cost.compute_s,
+        "d2d_s": cost.d2d_s,
+        "download_s": cost.download_s,
+        "upload_s": cost.upload_s,
+        "energy_j": cost.energy_j,
+        "sensing_j": cost.sensing_j,
+        "compute_j": cost.compute_j,
+        "tx_j": cost.tx_j,
+        "d2d_bytes": cost.d2d_bytes,
+        "cs_bytes": cost.cs_bytes,
+    }
+
+
+def finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
