@@ -6,7 +6,8 @@ an inference cluster starts at the requesting device and must also let its end p
 start point, which receives the result (paper Fig. 5). Each cluster is then split with the
 planner over its peers' compute speeds.
 
-The search is a depth-first search over simple paths that tries faster devices first: exact for
+The search is a depth-first search over simple paths that tries devices without data first
+(data holders stay free to start fine-tuning clusters) and faster devices first: exact for
 the small device graphs of a cell (it finds a chain whenever one exists), with a step budget so a
 large graph cannot stall a run. Devices that end up in no cluster are reported with the reason.
 
@@ -79,7 +80,9 @@ def _find_chain(
     """A simple path of `length` devices from `start` through `free` (consecutive devices
     reachable); with `close_loop`, the last device must also reach `start`; with `accept`, the
     first such path it accepts."""
-    candidates = sorted(free, key=lambda d: -d.flops_per_second)
+    # Devices without data first (data holders stay free to start their own fine-tuning
+    # clusters), faster ones first among those.
+    candidates = sorted(free, key=lambda d: (d.has_data, -d.flops_per_second))
     steps = 0
 
     def extend(path: list[Device]) -> list[Device] | None:
