@@ -359,3 +359,12 @@ def test_sensing_is_priced_at_the_start_point_beside_compute_and_communication()
     request = inference_cost(cluster, flops, [0, 0], result_bytes=0, samples=3)
     assert request.sensing_s == 1.5 and request.sensing_j == 0.75  # every input is sensed
     assert PROFILES.device("phone-mid").sensing_s_per_sample == pytest.approx(1 / 30)
+
+
+def test_the_planner_benchmark_finds_comm_aware_never_worse(tmp_path: Path) -> None:
+    from gaisnet_flwr.experiments.bench_planner import main
+
+    out = tmp_path / "rows.csv"
+    args = ["--model", "tiny", "--samples", "64", "--bandwidths-mhz", "1,0.05", "--csv", str(out)]
+    assert main(args) == 0  # exit 1 if comm-aware were worse anywhere
+    assert len(out.read_text().splitlines()) > 3

@@ -88,3 +88,26 @@ def test_a_population_run_forms_reports_trains_and_prices_its_clusters(tmp_path:
             cfg.meta_model(), cluster.profile, cluster.plan, row["num-samples"], modules
         )
         assert row["latency-s"] == pytest.approx(price.latency_s, rel=1e-12)
+
+
+@pytest.mark.simulation
+def test_flwr_run_ray_clientapps_derive_the_same_clusters(tmp_path: Path) -> None:
+    """A real `flwr run` (Ray simulation, 2 SuperNodes): every ClientApp process derives the
+    layout from the run-config and the ServerApp accepts their digests; the 2 nodes run
+    clusters 0 and 1, the other clusters are reported without a node, and each round's latency
+    is the slowest running cluster's prediction."""
+    from tests.test_flwr_run import flwr_run
+
+    settings = {**RUN, "num-rounds": 1, "inference-requests": 1}
+    text = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+    result, out = flwr_run(tmp_path, text)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "clusters.json").read_text())
+    running = [c for c in report["fine_tuning"] if c["node"] is not None]
+    assert [c["index"] for c in running] == [0, 1]
+    assert report["clusters_without_node"] == list(range(2, len(report["fine_tuning"])))
+    (row,) = [r for r in json.loads((out / "metrics.json").read_text()) if r["round"] == 1]
+    slowest = max(c["predicted_round"]["latency_s"] for c in running)
+    assert row["train/latency-s"] == pytest.approx(slowest, rel=1e-12)
+    (served,) = json.loads((out / "inference.json").read_text())
+    assert served["requester"] == report["inference"][0]["start"] and "error" not in served

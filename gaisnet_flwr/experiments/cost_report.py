@@ -162,12 +162,14 @@ def main(argv: list[str] | None = None) -> None:
         f"\n2. One fine-tuning round of one cluster: {args.samples} samples (all local epochs), "
         f"batch {args.batch_size}, start {args.start}, peers {args.peers} (cycled), "
         f"end {args.end}, hops {args.d2d}, uplink {args.uplink}, blocks by the min-max planner"
-        f"\n   latency = download + every segment's compute + every hop + upload, in series; "
+        f"\n   latency = download + sensing + every segment's compute + every hop + upload, in "
+        f"series (one local epoch: each sample sensed once); "
         f"bottleneck = busiest node (the floor for a pipelined schedule)"
     )
     cols = (
-        f"{'K':>2} {'blocks':<14} {'latency s':>10} {'compute s':>10} {'D2D s':>8} {'CS s':>6} "
-        f"{'bottlnk s':>10} {'compute J':>10} {'tx J':>7} {'D2D fwd MB':>11} {'D2D bwd MB':>11} "
+        f"{'K':>2} {'blocks':<14} {'latency s':>10} {'sensing s':>10} {'compute s':>10} "
+        f"{'D2D s':>8} {'CS s':>6} {'bottlnk s':>10} {'sensing J':>10} {'compute J':>10} "
+        f"{'tx J':>7} {'D2D fwd MB':>11} {'D2D bwd MB':>11} "
         f"{'CS MB':>6} {'max node mem MB':>17} {'edge round s':>13}"
     )
     print(cols)
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             args.samples,
             upload_bytes=tunable_bytes,
             download_bytes=tunable_bytes,
+            sensed_samples=args.samples,
         )
         memory = segment_memory(model, plan, args.batch_size, args.optimizer)
         biggest = max(memory, key=lambda m: m.training)
@@ -198,9 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(
             f"{k:2d} {'-'.join(map(str, plan.sizes())):<14} {cost.latency_s:10.1f} "
-            f"{cost.compute_s:10.1f} "
+            f"{cost.sensing_s:10.1f} {cost.compute_s:10.1f} "
             f"{cost.d2d_s:8.1f} {cost.download_s + cost.upload_s:6.2f} {cost.bottleneck_s:10.1f} "
-            f"{cost.compute_j:10.1f} {cost.tx_j:7.1f} {cost.d2d_forward_bytes / MB:11.1f} "
+            f"{cost.sensing_j:10.1f} {cost.compute_j:10.1f} {cost.tx_j:7.1f} "
+            f"{cost.d2d_forward_bytes / MB:11.1f} "
             f"{cost.d2d_backward_bytes / MB:11.1f} {cost.cs_bytes / MB:6.2f} "
             f"{f'{biggest.training / MB:.0f} ({biggest.name})':>17} {edge_s:13.1f}"
         )
@@ -213,14 +217,18 @@ def main(argv: list[str] | None = None) -> None:
         f"({aggregation_s * 1e3:.3f} ms)"
     )
 
-    print("\n3. One inference request (one image; the result hop goes end -> start)")
     print(
-        f"{'K':>2} {'latency s':>10} {'compute s':>10} {'D2D s':>8} {'energy J':>9} {'D2D MB':>8}"
+        "\n3. One inference request (one image, sensed by the start point; the result hop goes "
+        "end -> start)"
+    )
+    print(
+        f"{'K':>2} {'latency s':>10} {'sensing s':>10} {'compute s':>10} {'D2D s':>8} "
+        f"{'energy J':>9} {'D2D MB':>8}"
     )
     for k, cost in inference:
         print(
-            f"{k:2d} {cost.latency_s:10.2f} {cost.compute_s:10.2f} {cost.d2d_s:8.2f} "
-            f"{cost.energy_j:9.2f} {cost.d2d_bytes / MB:8.2f}"
+            f"{k:2d} {cost.latency_s:10.2f} {cost.sensing_s:10.3f} {cost.compute_s:10.2f} "
+            f"{cost.d2d_s:8.2f} {cost.energy_j:9.2f} {cost.d2d_bytes / MB:8.2f}"
         )
 
     k = args.memory_peers
