@@ -40,6 +40,7 @@ from gaisnet_flwr.vit.model import MODES
 from strategies.registry import STRATEGIES
 
 DEFAULTS = RunConfig().to_dict()
+EXAMPLE_POPULATION = Path(__file__).resolve().parents[1] / "conf" / "population-example.toml"
 FUZZED_KEYS = sorted(k for k in DEFAULTS if k != "mlflow-tracking-uri")  # checked by Tracking
 CASES = 500
 NAN, INF = math.nan, math.inf
@@ -92,6 +93,23 @@ def string_values(files: dict[str, str]) -> dict[str, st.SearchStrategy[str]]:
         "edge-shares": NUMBER_LISTS,
         "demand": NUMBER_LISTS,
         "planner": choices(*PLANNERS),
+        "population": st.one_of(
+            st.sampled_from(
+                [
+                    "",
+                    "generated:60:0",
+                    "generated:12:3",
+                    "generated:2:0",
+                    "generated:x:1",
+                    "cells.txt",
+                    files["missing"] + ".toml",
+                    files["file"],
+                    str(EXAMPLE_POPULATION),
+                    str(EXAMPLE_POPULATION.with_suffix(".csv")),
+                ]
+            ),
+            st.text(max_size=8),
+        ),
         "optimizer": choices(*OPTIMIZERS),
         "dataset": choices(*DATASETS),
         "partitioning": choices(*PARTITIONINGS),

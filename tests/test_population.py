@@ -132,7 +132,7 @@ def test_other_file_errors(tmp_path: Path) -> None:
 def test_the_run_config_refuses_a_bad_population_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="population='cells.txt' is not valid; give ''"):
         RunConfig.of(population="cells.txt")
-    with pytest.raises(ConfigError, match=r"N must be in \[3, 10000\]"):
+    with pytest.raises(ConfigError, match=r"N must be in \[3, 2000\]"):
         RunConfig.of(population="generated:2:0")
     with pytest.raises(ConfigError, match="whole numbers N and SEED"):
         RunConfig.of(population="generated:sixty:0")

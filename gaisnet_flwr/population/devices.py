@@ -33,7 +33,7 @@ from gaisnet_flwr.costs.profiles import Profiles
 
 GENERATED = "generated"
 FILE_KINDS = (".toml", ".csv")
-MAX_DEVICES = 10_000
+MAX_DEVICES = 2000  # one cell; the distance checks hold an N x N matrix (N = 2000: 32 MB)
 # generate_population's distributions (stated in its docstring and in docs/configure.md)
 GENERATED_PROFILES = ("phone-low", "phone-mid", "phone-high")
 GENERATED_RANGE_M = 100.0

@@ -75,17 +75,23 @@ def _find_chain(
     length: int,
     close_loop: bool,
     accept: Callable[[list[Device]], bool] | None = None,
-    budget: int = 100_000,
+    budget: int = 20_000,
 ) -> list[Device] | None:
     """A simple path of `length` devices from `start` through `free` (consecutive devices
     reachable); with `close_loop`, the last device must also reach `start`; with `accept`, the
-    first such path it accepts."""
+    first such path it accepts. At most `budget` steps (one per partial path tried)."""
     # Devices without data first (data holders stay free to start their own fine-tuning
     # clusters), faster ones first among those.
     candidates = sorted(free, key=lambda d: (d.has_data, -d.flops_per_second))
+    neighbours: dict[str, list[Device]] = {}  # each device's reachable candidates, in order
     steps = 0
 
-    def extend(path: list[Device]) -> list[Device] | None:
+    def near(device: Device) -> list[Device]:
+        if device.name not in neighbours:
+            neighbours[device.name] = [c for c in candidates if reachable(device, c)]
+        return neighbours[device.name]
+
+    def extend(path: list[Device], names: set[str]) -> list[Device] | None:
         nonlocal steps
         steps += 1
         if steps > budget:
@@ -94,14 +100,14 @@ def _find_chain(
             if close_loop and not reachable(path[-1], start):
                 return None
             return path if accept is None or accept(path) else None
-        for device in candidates:
-            if device not in path and reachable(path[-1], device):
-                found = extend([*path, device])
+        for device in near(path[-1]):
+            if device.name not in names:
+                found = extend([*path, device], names | {device.name})
                 if found:
                     return found
         return None
 
-    return extend([start])
+    return extend([start], {start.name})
 
 
 def form_clusters(
