@@ -825,7 +825,7 @@ class RunConfig:
             raise ConfigError(
                 "precision='bf16' but this GPU has no bfloat16 support; use 'tf32' or 'fp32'"
             )
-        if self.cluster.planner == "comm-aware":
+        if self.cluster.planner == "comm-aware" and not self.cluster.population.strip():
             try:
                 self.plan()
             except PlanError as err:

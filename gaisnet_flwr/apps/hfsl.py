@@ -4,7 +4,9 @@ The cloud makes sure the foundation model is pre-trained, every node says which 
 to (a `query.identity` message), each edge gets its own instance of the configured strategy,
 and `CloudEdgeStrategy` puts them under the cloud. The pieces the rounds need are small
 callables: the central evaluation of every edge model, the round's latency through the
-hierarchy, the integrated strategy's edge evaluation and its inference requests.
+hierarchy, the integrated strategy's edge evaluation and its inference requests. With a device
+population (run-config `population`), each node runs the formed cluster of its cluster-id, and
+clusters.json reports the clusters (apps/clusters.py).
 """
 
 from __future__ import annotations
@@ -75,11 +77,6 @@ def query_identities(grid: Grid, nodes: list[int], num_edges: int) -> dict[int, 
     if missing:
         raise RuntimeError(f"node(s) {missing} did not answer the identity query")
     return identities
-
-
-def identify_clusters(grid: Grid, nodes: list[int], num_edges: int) -> dict[int, int]:
-    """Ask every node which edge server it belongs to: node id -> edge id."""
-    return {n: i["edge-id"] for n, i in query_identities(grid, nodes, num_edges).items()}
 
 
 # Clusters per edge assumed when the strategy is checked before any node is known (every
