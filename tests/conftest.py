@@ -110,3 +110,45 @@ def run_simulated(config: dict[str, Any], num_clusters: int) -> None:
             num_supernodes=num_clusters,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
+
+
+def flwr_run_local(tmp_path: Any, run_config: str, num_supernodes: int = 2) -> tuple[Any, Any]:
+    """A real `flwr run` of this app on a private managed SuperLink (own FLWR_HOME and ports),
+    through scripts/flwr_local.py, which stops the SuperLink and Ray afterwards. Returns the
+    finished process and the run's output-dir."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gaisnet_flwr.experiments.flwr_local import stop_local_superlink
+
+    repo = Path(__file__).resolve().parents[1]
+    home, out = Path(tmp_path) / "flwr-home", Path(tmp_path) / "out"
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1]),
+    }
+    cmd = [
+        sys.executable, str(repo / "scripts" / "flwr_local.py"), "run", "--app", str(repo),
+        "--output-dir", str(out), "--num-supernodes", str(num_supernodes),
+        "--", "--run-config", run_config,
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
+        )
+    finally:
+        stop_local_superlink(home)  # a no-op unless the wrapper itself died
+    return result, out

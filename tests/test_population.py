@@ -368,3 +368,18 @@ def test_the_planner_benchmark_finds_comm_aware_never_worse(tmp_path: Path) -> N
     args = ["--model", "tiny", "--samples", "64", "--bandwidths-mhz", "1,0.05", "--csv", str(out)]
     assert main(args) == 0  # exit 1 if comm-aware were worse anywhere
     assert len(out.read_text().splitlines()) > 3
+
+
+def test_a_node_says_which_cluster_it_runs() -> None:
+    from clients.split_client import ClusterIdentity
+
+    simulated = ClusterIdentity.from_node_config({"partition-id": 3, "num-partitions": 4}, 2)
+    assert (simulated.edge_id, simulated.partition_id, simulated.cluster_id) == (1, 1, 3)
+    deployed = ClusterIdentity.from_node_config(
+        {"partition-id": 0, "num-partitions": 1, "edge-id": 0, "cluster-id": 7}, 1
+    )
+    assert deployed.cluster_id == 7
+    record = deployed.record().metric_records["metrics"]
+    assert record["cluster-id"] == 7 and "layout-digest" not in record
+    with pytest.raises(ValueError, match="cluster-id=-1 must be >= 0"):
+        ClusterIdentity.from_node_config({"partition-id": 0, "num-partitions": 1, "cluster-id": -1})

@@ -11,6 +11,7 @@ import pytest
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.population.planning import predicted_inference_cost
+from tests.conftest import flwr_run_local
 
 pytestmark = pytest.mark.slow
 
@@ -96,11 +97,9 @@ def test_flwr_run_ray_clientapps_derive_the_same_clusters(tmp_path: Path) -> Non
     layout from the run-config and the ServerApp accepts their digests; the 2 nodes run
     clusters 0 and 1, the other clusters are reported without a node, and each round's latency
     is the slowest running cluster's prediction."""
-    from tests.test_flwr_run import flwr_run
-
     settings = {**RUN, "num-rounds": 1, "inference-requests": 1}
     text = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
-    result, out = flwr_run(tmp_path, text)
+    result, out = flwr_run_local(tmp_path, text)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "clusters.json").read_text())
     running = [c for c in report["fine_tuning"] if c["node"] is not None]

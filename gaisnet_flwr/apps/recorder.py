@@ -164,7 +164,9 @@ class RoundRecorder:
             f"bwd {row.get('train/d2d-bytes-bwd', 0) / 1e6:.2f} MB | "
             f"upload {row.get('train/upload-bytes', 0) / 1e3:.1f} kB | "
             f"sim latency {row.get('train/round-latency-s', 0):.1f} s, "
-            f"energy {row.get('train/energy-j', 0):.1f} J, "
+            f"energy {row.get('train/energy-j', 0):.1f} J (sensing "
+            f"{row.get('train/sensing-j', 0):.1f}, compute {row.get('train/compute-j', 0):.1f}, "
+            f"tx {row.get('train/tx-j', 0):.1f}), "
             f"max node mem {row.get('train/memory-max-bytes', 0) / 1e6:.1f} MB | "
             f"{row['round-time-s']:.1f} s"
         )
