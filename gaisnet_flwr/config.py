@@ -876,8 +876,14 @@ class RunConfig:
         compute and hop bytes grow together with its batches, so one batch decides the split,
         and every party (ServerApp, ClientApps) sizes it the same way without the data."""
         t = self.training
-        workload = Workload(t.batch_size, t.batch_size, 1, t.optimizer, t.momentum)
+        workload = Workload(
+            t.batch_size, t.batch_size, 1, t.optimizer, t.momentum, self.smashed_element_size()
+        )
         return _range_costs(self.meta_model(), workload)
+
+    def smashed_element_size(self) -> int:
+        """Bytes per value the D2D hops carry (smashed-dtype)."""
+        return SMASHED_DTYPES[self.run.smashed_dtype].itemsize
 
     def cluster_layout(self) -> ClusterLayout | None:
         """The clusters formed from `population` (None without one); one per config."""

@@ -39,6 +39,7 @@ from gaisnet_flwr.population.planning import (
 )
 from gaisnet_flwr.split.flops import SegmentFlops
 from gaisnet_flwr.split.plan import PlanError, SplitPlan, plan_bottleneck, plan_min_max_stages
+from gaisnet_flwr.split.precision import Precision
 from gaisnet_flwr.training.loops import train_cluster
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 from tests.conftest import TINY
@@ -321,16 +322,20 @@ def test_comm_aware_respects_memory_and_says_when_nothing_fits() -> None:
         plan_cluster("comm-aware", RangeCosts(meta_model(depth=9), Workload(32, 32)), tight)
 
 
-def test_predicted_hop_bytes_and_flops_equal_what_the_chain_counts() -> None:
-    """The planner prices exactly what a real chain moves: per hop, forward and backward."""
+@pytest.mark.parametrize("smashed", ["fp32", "bf16"])
+def test_predicted_hop_bytes_and_flops_equal_what_the_chain_counts(smashed: str) -> None:
+    """The planner prices exactly what a real chain moves: per hop, forward and backward, in
+    the smashed-data dtype the hops carry."""
     model = build_prompted_vit(
         "vit_tiny_patch16_224", mode="vpt-deep", num_prompts=4, num_classes=10, **TINY
     )
     data = TensorDataset(torch.randn(37, 3, 32, 32), torch.randint(0, 10, (37,)))
     training = TrainingConfig(local_epochs=2, batch_size=16)
     plan = SplitPlan.from_sizes([1, 3, 2])
-    result = train_cluster(model, plan, data, training, seed=0)
-    costs = RangeCosts(model, Workload(37, 16, epochs=2))
+    precision = Precision("fp32", smashed)
+    result = train_cluster(model, plan, data, training, seed=0, precision=precision)
+    element_size = precision.wire_dtype.itemsize
+    costs = RangeCosts(model, Workload(37, 16, epochs=2, element_size=element_size))
     segments = [costs.start, *(costs.peer(a, b) for a, b in plan.ranges), costs.end]
     assert [s.forward_bytes for s in segments[:-1]] == result.chain.hop_bytes_forward
     assert [s.backward_bytes for s in segments[1:]] == result.chain.hop_bytes_backward

@@ -118,16 +118,24 @@ def cluster_report(
                 cfg.data_spec(),
             )  # fmt: skip
             samples = len(train_set)  # type: ignore[arg-type]  # a Subset
-            costs = RangeCosts(
-                meta, Workload(samples, t.batch_size, t.local_epochs, t.optimizer, t.momentum)
+            workload = Workload(
+                samples,
+                t.batch_size,
+                t.local_epochs,
+                t.optimizer,
+                t.momentum,
+                cfg.smashed_element_size(),
             )
+            costs = RangeCosts(meta, workload)
             cost = predicted_round_cost(costs, cluster.profile, cluster.plan, modules, modules)
             row.update(edge=edge, samples=samples, predicted_round=round_summary(cost))
         fine_tuning.append(row)
     inference = []
     for cluster in layout.inference:
         row = cluster.describe()
-        cost = predicted_inference_cost(meta, cluster.profile, cluster.plan, 1, modules)
+        cost = predicted_inference_cost(
+            meta, cluster.profile, cluster.plan, 1, modules, cfg.smashed_element_size()
+        )
         row["predicted_request_one_image"] = round_summary(cost)
         inference.append(row)
     latencies = [r["predicted_round"]["latency_s"] for r in fine_tuning if "predicted_round" in r]

@@ -47,18 +47,20 @@ def batch_sizes(samples: int, batch_size: int) -> list[int]:
 @dataclass(frozen=True)
 class Workload:
     """What one fine-tuning round asks of a cluster: `samples` training samples per epoch in
-    batches of `batch_size`, for `epochs` epochs, with `optimizer` (and `momentum`)."""
+    batches of `batch_size`, for `epochs` epochs, with `optimizer` (and `momentum`); the D2D
+    hops carry `element_size` bytes per value (4: fp32 smashed data; 2: bf16 / fp16)."""
 
     samples: int
     batch_size: int
     epochs: int = 1
     optimizer: str = "sgd"
     momentum: float = 0.9
+    element_size: int = 4
 
-    def hop_bytes(self, sample_shape: tuple[int, ...], element_size: int = 4) -> int:
+    def hop_bytes(self, sample_shape: tuple[int, ...]) -> int:
         """Wire bytes of one tensor per batch of a round (`link.serialize_tensor`'s format)."""
         per_epoch = sum(
-            tensor_wire_bytes((b, *sample_shape), element_size)
+            tensor_wire_bytes((b, *sample_shape), self.element_size)
             for b in batch_sizes(self.samples, self.batch_size)
         )
         return self.epochs * per_epoch
@@ -209,11 +211,20 @@ def predicted_round_cost(
 
 
 def predicted_inference_cost(
-    model: PromptedViT, cluster: ClusterProfile, plan: SplitPlan, samples: int, download_bytes: int
+    model: PromptedViT,
+    cluster: ClusterProfile,
+    plan: SplitPlan,
+    samples: int,
+    download_bytes: int,
+    element_size: int = 4,
 ) -> RoundCost:
-    """The cost model's price of one inference request of `samples` inputs, one batch."""
+    """The cost model's price of one inference request of `samples` inputs, one batch, its
+    hops carrying `element_size` bytes per value (the logits go back as float32)."""
     chain = describe_segments(model, plan)
     flops = chain_flops(chain)
-    hops = [tensor_wire_bytes((samples, *chain.hop_shape(k))) for k in range(plan.num_peers + 1)]
+    hops = [
+        tensor_wire_bytes((samples, *chain.hop_shape(k)), element_size)
+        for k in range(plan.num_peers + 1)
+    ]
     result = tensor_wire_bytes((samples, *chain[-1].out_shape))  # the logits, back to the start
     return inference_cost(cluster, flops, hops, result, samples, download_bytes)
