@@ -21,9 +21,11 @@ own inference cluster.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch.utils.data import Dataset
@@ -33,12 +35,15 @@ from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.memory import segment_memory
 from gaisnet_flwr.costs.pricing import ClusterProfile, fine_tuning_round_cost
+from gaisnet_flwr.data.cluster_sample import cluster_sample
 from gaisnet_flwr.data.images import (
+    DataSpec,
     ImageData,
     class_pool,
-    cluster_datasets,
+    cluster_split,
     edge_image_data,
     load_image_data,
+    partition_indices,
 )
 from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, model_spec
 from gaisnet_flwr.population.layout import ClusterLayout, FormedCluster
@@ -142,12 +147,82 @@ class TrainPool:
         return cls(int(node_config["train-classes"]), int(node_config["train-images"]))
 
 
+@dataclass(frozen=True)
+class EdgeDataKey:
+    """Everything an edge's data depends on (hashable: the ClientApp caches by it)."""
+
+    spec: DataSpec
+    edge: int
+    shares: tuple[float, ...]
+    domain: str
+    pool: TrainPool | None
+
+    @classmethod
+    def of(cls, cfg: RunConfig, edge: int, pool: TrainPool | None) -> EdgeDataKey:
+        h = cfg.hierarchy
+        return cls(cfg.data_spec(), edge, tuple(h.shares()), h.domains()[edge], pool)
+
+    def build(self, loaded: ImageData | None = None) -> ImageData:
+        """The edge's data: its share of the train pool and the test split in its domain,
+        shrunk to the node's train pool if it has one. `loaded`: `load_image_data(spec)`."""
+        data = edge_image_data(
+            loaded if loaded is not None else load_image_data(self.spec),
+            self.edge,
+            list(self.shares),
+            self.domain,
+            seed=self.spec.seed,
+        )
+        if self.pool is not None:
+            data = class_pool(data, self.pool.classes, self.pool.images, seed=self.spec.seed)
+        return data
+
+
+@dataclass(frozen=True)
+class ClusterData:
+    """One cluster's data: its edge's data and its own train / validation views of it."""
+
+    data: ImageData
+    train_set: Dataset
+    val_set: Dataset
+
+    @classmethod
+    def build(
+        cls,
+        cfg: RunConfig,
+        identity: ClusterIdentity,
+        pool: TrainPool | None = None,
+        *,
+        edge_data: ImageData | None = None,
+        partitions: Callable[[], list[np.ndarray]] | None = None,
+    ) -> ClusterData:
+        """Build from scratch, or from the edge's data and its clusters' partitions when the
+        caller has them (the ClientApp's per-process cache: apps/client_cache.py).
+
+        `cluster-samples = K > 0`: the cluster draws its own K images (O(K), whatever the
+        number of clusters); 0: its share of the edge's pool split among the edge's clusters."""
+        key = EdgeDataKey.of(cfg, identity.edge_id, pool)
+        data = edge_data if edge_data is not None else key.build()
+        pid = identity.partition_id
+        if cfg.data.cluster_samples:
+            part = cluster_sample(
+                data.train_labels, cfg.data.cluster_samples, pid, key.spec, identity.edge_id
+            )
+        elif partitions is not None:
+            part = partitions()[pid]
+        else:
+            part = partition_indices(data.train_labels, identity.num_partitions, key.spec)[pid]
+        train, val = cluster_split(data, part, pid, key.spec)
+        return cls(data, train, val)
+
+
 class SplitClusterClient:
     """The cluster's work for one message: build the edge model, load the modules, run.
 
     `peers` (from node-config in a lab deployment) puts the D2D peers and the end point on
     other devices, reached over gRPC; without it they are in-process segments (simulation).
-    The chain code is the same either way.
+    The chain code is the same either way. `data` and `foundation` (the edge model on the
+    frozen foundation, by number of classes) default to building afresh; the ClientApp passes
+    its per-process caches of both.
     """
 
     def __init__(
@@ -156,28 +231,20 @@ class SplitClusterClient:
         identity: ClusterIdentity,
         peers: PeerSettings | None = None,
         pool: TrainPool | None = None,
+        *,
+        data: ClusterData | None = None,
+        foundation: Callable[[int], PromptedViT] | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
         self.peers = peers
         self.device = cfg.run.torch_device()  # auto: the GPU Ray gave this node, if any
         self.precision = cfg.run.torch_precision()
-        spec = cfg.data_spec()
-        edge = identity.edge_id
-        self.data: ImageData = edge_image_data(
-            load_image_data(spec),
-            edge,
-            cfg.hierarchy.shares(),
-            cfg.hierarchy.domains()[edge],
-            seed=cfg.run.seed,
-        )
-        if pool is not None:
-            self.data = class_pool(self.data, pool.classes, pool.images, seed=cfg.run.seed)
-        self.train_set: Dataset
-        self.val_set: Dataset
-        self.train_set, self.val_set = cluster_datasets(
-            self.data, identity.partition_id, identity.num_partitions, spec
-        )
+        cluster = data if data is not None else ClusterData.build(cfg, identity, pool)
+        self.data: ImageData = cluster.data
+        self.train_set: Dataset = cluster.train_set
+        self.val_set: Dataset = cluster.val_set
+        self.foundation = foundation or Foundation.of(cfg).load
         # With a population, this node runs its own formed cluster (devices, links, plan);
         # without one, every cluster is the run-config's identical cluster.
         self.layout = cfg.cluster_layout()
@@ -210,7 +277,7 @@ class SplitClusterClient:
         return self.cfg.plan(), self.cfg.cluster_profile()
 
     def _model(self, arrays: ArrayRecord) -> PromptedViT:
-        model = Foundation.of(self.cfg).load(self.data.num_classes)
+        model = self.foundation(self.data.num_classes)
         model.load_tunable_state(arrays.to_torch_state_dict())
         return model
 
@@ -312,7 +379,7 @@ class SplitClusterClient:
         delivered = request.array_records.get("model")
         images = request_images(request.array_records.get("inputs"), self.cfg.model.img_size)
         # The frozen foundation is already on the devices (synchronised independently).
-        model = Foundation.of(self.cfg).load(self.data.num_classes)
+        model = self.foundation(self.data.num_classes)
         load_delivered_model(model, delivered, distribution)
         labels = None
         if images is None:  # the start point's own sensing data; its labels only score it

@@ -372,7 +372,7 @@ class DataConfig:
 
     Limits: classes-per-cluster >= 1 (with partitioning='classes', at most the dataset's
     classes: digits 10, flowers102 102, imagefolder its class folders), dirichlet-alpha a
-    finite number in (0, 1e6], val-fraction in (0, 1).
+    finite number in (0, 1e6], val-fraction in (0, 1), cluster-samples 0..100000.
     """
 
     dataset: str = "digits"  # one of DATASETS; digits ships with scikit-learn (no download)
@@ -381,6 +381,10 @@ class DataConfig:
     classes_per_cluster: int = 2
     dirichlet_alpha: float = 0.5
     val_fraction: float = 0.2
+    # 0: the edge's pool is split among its clusters (pool / N images each). K > 0: every
+    # cluster draws its own K images from the pool (data/cluster_sample.py), the same amount
+    # whatever the number of clusters; what thousands of clusters need.
+    cluster_samples: int = 0
 
     def __post_init__(self) -> None:
         _choice("dataset", self.dataset, DATASETS)
@@ -390,6 +394,7 @@ class DataConfig:
             )
         _choice("partitioning", self.partitioning, PARTITIONINGS)
         _ints(self, 1, 100_000, "classes_per_cluster")
+        _ints(self, 0, 100_000, "cluster_samples")
         _floats(self, 0, 1e6, "dirichlet_alpha", low_open=True)
 
 
@@ -523,10 +528,10 @@ class HierarchyConfig:
     (paper Sec. III-B).
 
     Limits: num-rounds 1..10000, cloud-every 0..10000, cloud-mix and fraction-evaluate in
-    [0, 1], min-clusters 0..10000, at most 64 edge-domains, edge-shares finite numbers > 0,
-    strategy-options values finite numbers, strings or booleans. The strategy's name and
-    options are resolved by the apps (`apps/hfsl.py: check_run_config`: building the strategy
-    once), which may import the strategies.
+    [0, 1], min-clusters 0..10000, max-in-flight 0..1000000, at most 64 edge-domains,
+    edge-shares finite numbers > 0, strategy-options values finite numbers, strings or
+    booleans. The strategy's name and options are resolved by the apps (`apps/hfsl.py:
+    check_run_config`: building the strategy once), which may import the strategies.
     """
 
     num_rounds: int = 5
@@ -539,10 +544,17 @@ class HierarchyConfig:
     strategy_options: str = ""  # extra strategy kwargs as TOML, e.g. "proximal_mu=0.1"
     fraction_evaluate: float = 1.0
     min_clusters: int = 0  # deployment: wait for this many SuperNodes; 0 = whoever is there
+    # Messages the ServerApp keeps in flight at once (apps/in_flight.py); 0 = all of a round at
+    # once, as Flower's own send_and_receive. Flower's simulation loop scans every stored
+    # message for every node each 0.1 s, so all N in flight cost O(N^2) per scan. 16 keeps the
+    # actors of a 2-core machine busy; at N = 1000, 64 doubled the cost of Flower's loop
+    # (docs/running.md#many-clusters).
+    max_in_flight: int = 16
 
     def __post_init__(self) -> None:
         _ints(self, 1, 10_000, "num_rounds")
         _ints(self, 0, 10_000, "min_clusters", "cloud_every")
+        _ints(self, 0, 1_000_000, "max_in_flight")
         _choice("cloud_modules", self.cloud_modules, CLOUD_MODULES)
         if self.num_edges() > 64:
             raise ConfigError(f"edge-domains lists {self.num_edges()} edges; at most 64")

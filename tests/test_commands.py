@@ -22,7 +22,7 @@ SCRIPTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["
 def test_the_commands_users_run_are_there() -> None:
     wanted = {"gaisnet-lab", "gaisnet-section5", "gaisnet-fig6", "gaisnet-bench-chain"}
     wanted |= {"gaisnet-bench-round", "gaisnet-bench-network", "gaisnet-cost-report"}
-    wanted |= {"gaisnet-centralised", "gaisnet-peer"}
+    wanted |= {"gaisnet-centralised", "gaisnet-peer", "gaisnet-bench-scale"}
     assert wanted <= set(SCRIPTS)
     # scripts/ keeps a thin wrapper of each experiment command (and the shell entry points)
     for target in SCRIPTS.values():

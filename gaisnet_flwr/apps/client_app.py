@@ -1,90 +1,55 @@
 """ClientApp: a fine-tuning client cluster's start point (paper Sec. III-C; clients/).
 
-Thin by design: read the run-config once, identify the cluster from node-config, hand the work
-to `clients.SplitClusterClient`.
+Thin by design, and light: this module imports only Flower. The work (read the run-config once,
+identify the cluster from node-config, hand the message to `clients.SplitClusterClient`, with a
+per-process cache of what does not change within a run) lives in `apps/cluster_node.py`, which
+is imported at the first message. Flower's simulation engine loads the ClientApp in its own
+process before it starts Ray, and each Ray actor loads it again: neither waits for torch.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
-from typing import Any
+import importlib
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.inference import InferenceRequestError
-from clients.split_client import ClusterIdentity, SplitClusterClient, TrainPool
-from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
-from gaisnet_flwr.training.loops import NonFiniteError
+if TYPE_CHECKING:
+    from gaisnet_flwr.apps.client_cache import ClientCache
+    from gaisnet_flwr.apps.cluster_node import ClusterNode
 
 INFERENCE_REQUEST_ERROR = 400  # our code for "this request cannot be served", with the reason
 PEER_FAILURE = 503  # a D2D peer of this cluster was down, too slow or refused: this cluster failed
 NON_FINITE = 422  # the cluster's training went to NaN / inf: it stopped, this cluster failed
 
 
-@functools.lru_cache(maxsize=8)
-def run_config_of(items: tuple[tuple[str, Any], ...]) -> RunConfig:
-    """Parse and check a run-config once per process, not once per message: keyed by every
-    key and value, so another run's config never gets this one's."""
-    return RunConfig.from_run_config(dict(items))
-
-
-def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; `fallback_config` serves `run_simulation`, which passes no run-config."""
+def create_client_app(
+    fallback_config: Mapping[str, Any] | None = None, cache: ClientCache | None = None
+) -> ClientApp:
+    """A ClientApp; `fallback_config` serves `run_simulation`, which passes no run-config.
+    `cache`: what it keeps between messages (by default the process's: `apps/cluster_node.py`
+    says why not the app's)."""
     client = ClientApp()
+    made: list[ClusterNode] = []
 
-    def config(context: Context) -> RunConfig:
-        return run_config_of(tuple(sorted((context.run_config or fallback_config or {}).items())))
+    def node() -> ClusterNode:
+        if not made:  # the first message imports the work (torch, timm, the model code)
+            module = importlib.import_module("gaisnet_flwr.apps.cluster_node")
+            made.append(module.ClusterNode(fallback_config, cache))
+        return made[0]
 
-    def identify(context: Context, cfg: RunConfig) -> ClusterIdentity:
-        return ClusterIdentity.from_node_config(
-            dict(context.node_config), cfg.hierarchy.num_edges()
-        )
+    def handler(name: str) -> Callable[[Message, Context], Message]:
+        def handle(msg: Message, context: Context) -> Message:
+            return getattr(node(), name)(msg, context)  # type: ignore[no-any-return]
 
-    def cluster(context: Context) -> SplitClusterClient:
-        cfg = config(context)
-        node_config = dict(context.node_config)
-        peers = PeerSettings.from_node_config(node_config)
-        pool = TrainPool.from_node_config(node_config)
-        return SplitClusterClient(cfg, identify(context, cfg), peers, pool)
+        return handle
 
-    @client.train()
-    def train(msg: Message, context: Context) -> Message:
-        try:
-            content = cluster(context).train(
-                msg.content.array_records["arrays"], msg.content.config_records["config"]
-            )
-        except PeerError as err:
-            # A dead or slow peer costs this cluster's contribution to the round, nothing more.
-            return Message(Error(code=PEER_FAILURE, reason=str(err)), reply_to=msg)
-        except NonFiniteError as err:  # so does a loss or module gone NaN / inf
-            return Message(Error(code=NON_FINITE, reason=str(err)), reply_to=msg)
-        return Message(content=content, reply_to=msg)
-
-    @client.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return Message(
-            content=cluster(context).evaluate(msg.content.array_records["arrays"]), reply_to=msg
-        )
-
-    @client.query("infer")
-    def infer(msg: Message, context: Context) -> Message:
-        try:
-            return Message(content=cluster(context).infer(msg.content), reply_to=msg)
-        except InferenceRequestError as err:
-            # A bad request costs only itself: a clear error reply, the node serves on.
-            return Message(Error(code=INFERENCE_REQUEST_ERROR, reason=str(err)), reply_to=msg)
-        except PeerError as err:
-            return Message(Error(code=PEER_FAILURE, reason=str(err)), reply_to=msg)
-
-    @client.query("identity")
-    def identity(msg: Message, context: Context) -> Message:
-        # Who this node is needs no data: do not load any.
-        cfg = config(context)
-        return Message(content=identify(context, cfg).record(cfg.cluster_layout()), reply_to=msg)
-
+    client.train()(handler("train"))
+    client.evaluate()(handler("evaluate"))
+    client.query("infer")(handler("infer"))
+    client.query("identity")(handler("identity"))
     return client
 
 

@@ -19,21 +19,22 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
-from sklearn.datasets import load_digits
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 from torchvision import transforms
-from torchvision.datasets import Flowers102, ImageFolder
+
+from gaisnet_flwr.data.digits_file import load_digits
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
+
+# Hugging Face `datasets`, Flower Datasets (which imports matplotlib and seaborn for its plots)
+# and torchvision's dataset classes are imported where they are used: a ClientApp that draws
+# `cluster-samples` from the embedded digits never needs them (issue 16: light actors).
 
 DATASETS = ("digits", "flowers102", "imagefolder")
 PARTITIONINGS = ("iid", "classes", "dirichlet")
@@ -198,6 +199,8 @@ def partition_indices(labels: np.ndarray, num_partitions: int, spec: DataSpec) -
     if spec.partitioning == "iid":
         # IidPartitioner cuts contiguous shards, so shuffle the rows first.
         order = np.random.default_rng(spec.seed).permutation(len(labels))
+    import datasets
+
     partitioner = _make_partitioner(spec, num_partitions, len(labels))
     # Only labels and positions go to the partitioner: no image is copied or decoded.
     partitioner.dataset = datasets.Dataset.from_dict({"label": labels[order], "idx": order})
@@ -248,6 +251,14 @@ def cluster_datasets(
         )
     spec.validate()
     part = partition_indices(data.train_labels, num_partitions, spec)[partition_id]
+    return cluster_split(data, part, partition_id, spec)
+
+
+def cluster_split(
+    data: ImageData, part: np.ndarray, partition_id: int, spec: DataSpec
+) -> tuple[Dataset, Dataset]:
+    """Cluster ``partition_id``'s positions ``part`` (into ``data.train``) as ``(train, val)``
+    views, split at random as :func:`cluster_datasets` describes."""
     # Seed per cluster so clusters do not share one split pattern.
     rng = np.random.default_rng([spec.seed, partition_id])
     part = rng.permutation(part)
@@ -432,6 +443,8 @@ def _image_transform(img_size: int) -> transforms.Compose:
 
 
 def _load_flowers102(data_dir: str, img_size: int) -> ImageData:
+    from torchvision.datasets import Flowers102
+
     tf = _image_transform(img_size)
     try:
         # The official train and val splits have 10 images per class each; together they are
@@ -453,6 +466,8 @@ def _load_flowers102(data_dir: str, img_size: int) -> ImageData:
 
 
 def _load_imagefolder(data_dir: str, img_size: int) -> ImageData:
+    from torchvision.datasets import ImageFolder
+
     try:
         full = ImageFolder(data_dir, transform=_image_transform(img_size))
     except FileNotFoundError as err:  # no class folders, or a class folder with no images
@@ -500,6 +515,12 @@ def _stratified_split(
 
 
 def _make_partitioner(spec: DataSpec, num_partitions: int, num_samples: int) -> Partitioner:
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
     if spec.partitioning == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if spec.partitioning == "classes":

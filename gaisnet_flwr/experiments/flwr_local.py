@@ -300,8 +300,42 @@ def check_client_gpus(gpus: float) -> None:
             )
 
 
+def federation_config(
+    num_supernodes: int,
+    cpus: float,
+    gpus: float,
+    cores: int | None = None,
+    ray_address: str | None = None,
+) -> str:
+    """`--federation-config` for N simulated SuperNodes with `cpus` CPUs per ClientApp.
+
+    Flower 1.42 carries `client-resources-num-cpus` as a whole number (a uint32 in its
+    SimulationConfig), so `client-resources-num-cpus=0.5` fails in `flwr run` itself ("'float'
+    object cannot be interpreted as an integer"). What 0.5 means, two ClientApps per core, is
+    said another way: each ClientApp takes 1 of Ray's CPUs and Ray is told of cores / cpus CPUs
+    (`init-args-num-cpus`). Ray may not be told its CPUs when it joins an existing cluster
+    (RAY_ADDRESS): there, start each node with `ray start --num-cpus=...` instead."""
+    if not cpus > 0:
+        raise ValueError(f"client-cpus={cpus} must be > 0 (e.g. 1, 2 or 0.5)")
+    base = f"num-supernodes={num_supernodes}"
+    if float(cpus).is_integer():
+        return f"{base} client-resources-num-cpus={int(cpus)} client-resources-num-gpus={gpus}"
+    if ray_address:
+        raise ValueError(
+            f"client-cpus={cpus} is fractional, which Flower cannot pass on, and RAY_ADDRESS="
+            f"{ray_address} joins an existing Ray cluster, whose CPUs the run may not change: "
+            f"give whole CPUs, or start the Ray nodes with `ray start --num-cpus=<{1 / cpus:g} x "
+            f"their cores>` and use client-cpus=1"
+        )
+    ray_cpus = max(1, int((cores or os.cpu_count() or 1) / cpus))
+    return (
+        f"{base} client-resources-num-cpus=1 client-resources-num-gpus={gpus} "
+        f"init-args-num-cpus={ray_cpus}"
+    )
+
+
 def run(
-    app: Path, output_dir: Path, num_supernodes: int, cpus: int, gpus: float, extra: list[str]
+    app: Path, output_dir: Path, num_supernodes: int, cpus: float, gpus: float, extra: list[str]
 ) -> int:
     home = flwr_home()
     ports = [int(os.environ.get(k, v)) for k, v in DEFAULT_PORTS.items()]
@@ -310,6 +344,12 @@ def run(
     # Flower launches `flower-superlink` by name: make sure it is this environment's.
     os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
 
+    try:
+        federation = federation_config(
+            num_supernodes, cpus, gpus, ray_address=os.environ.get("RAY_ADDRESS")
+        )
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     stale = stop_local_superlink(home)  # a SuperLink left by a killed run would be reused
     if stale:
         print(f"[flwr_local] stopped a stale SuperLink of {home} ({len(stale)} processes)")
@@ -318,9 +358,7 @@ def run(
     log_path = output_dir / "run.log"
     cmd = [
         str(flwr), "run", str(app), "--stream",
-        "--federation-config",
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
-        f"client-resources-num-gpus={gpus}",
+        "--federation-config", federation,
         "--run-config", f"output-dir={json.dumps(str(output_dir))}",  # a TOML string
         *extra,
     ]  # fmt: skip
@@ -355,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--app", type=Path, default=Path("."))
     p_run.add_argument("--output-dir", type=Path, required=True)
     p_run.add_argument("--num-supernodes", type=int, default=4)
-    p_run.add_argument("--client-cpus", type=int, default=1)  # Flower wants an int
+    # Flower takes whole CPUs; a fraction (0.5: two ClientApps per core) goes through Ray's CPU
+    # count instead (see federation_config)
+    p_run.add_argument("--client-cpus", type=float, default=1)
     p_run.add_argument("--client-gpus", type=float, default=0.0)
     p_run.add_argument("extra", nargs="*", help="more `flwr run` arguments (after --)")
     sub.add_parser("stop", help="stop the managed SuperLink of $FLWR_HOME and its children")

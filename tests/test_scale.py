@@ -1,0 +1,458 @@
+"""Many client clusters (issue 16): what the ClientApp keeps between messages equals what it would
+build afresh and follows the run-config; a fixed number of images per cluster; a light
+ClientApp import; at most K messages in flight; what `flwr_local` does with fractional CPUs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from torch.utils.data import Subset
+
+from clients.split_client import ClusterData, ClusterIdentity, TrainPool
+from gaisnet_flwr.apps.client_cache import ClientCache
+from gaisnet_flwr.apps.in_flight import InFlightWindow
+from gaisnet_flwr.cloud.foundation import CheckpointError, Foundation, save_checkpoint
+from gaisnet_flwr.config import ConfigError, RunConfig
+from gaisnet_flwr.data.cluster_sample import cluster_sample
+from gaisnet_flwr.data.digits_file import load_digits
+from gaisnet_flwr.data.images import DataError, DataSpec
+from gaisnet_flwr.experiments.flwr_local import federation_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(depth=2, embed_dim=32, num_heads=2, peers_per_cluster=2, img_size=16, patch_size=8)
+
+
+def indices(dataset: object) -> list[int]:
+    assert isinstance(dataset, Subset)
+    return list(dataset.indices)
+
+
+def same_cluster(a: ClusterData, b: ClusterData) -> None:
+    assert indices(a.train_set) == indices(b.train_set)
+    assert indices(a.val_set) == indices(b.val_set)
+    assert np.array_equal(a.data.train_labels, b.data.train_labels)
+    xa = torch.stack([a.train_set[i][0] for i in range(len(a.train_set))])  # type: ignore[arg-type]
+    xb = torch.stack([b.train_set[i][0] for i in range(len(b.train_set))])  # type: ignore[arg-type]
+    assert torch.equal(xa, xb)
+
+
+# -- the digits without scikit-learn ---------------------------------------------------------------
+def test_digits_file_equals_scikit_learns_load_digits() -> None:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    ours, theirs = load_digits(), sklearn_digits()
+    assert np.array_equal(ours.images, theirs.images)
+    assert np.array_equal(ours.target, theirs.target)
+    assert ours.images.shape == (1797, 8, 8)
+
+
+# -- a fixed number of images per cluster ---------------------------------------------------------
+LABELS = np.repeat(np.arange(10), 20)  # 200 images, 20 per class
+
+
+@pytest.mark.parametrize("partitioning", ["iid", "classes", "dirichlet"])
+def test_cluster_sample_is_k_images_replayable_and_per_cluster(partitioning: str) -> None:
+    spec = DataSpec(partitioning=partitioning, classes_per_cluster=3, seed=4)
+    a = cluster_sample(LABELS, 16, 5, spec)
+    assert len(a) == 16 and np.all(np.diff(a) >= 0)
+    assert np.array_equal(a, cluster_sample(LABELS, 16, 5, spec))  # replayable
+    assert not np.array_equal(a, cluster_sample(LABELS, 16, 6, spec))  # another cluster
+    assert not np.array_equal(a, cluster_sample(LABELS, 16, 5, spec, edge_id=1))  # another edge
+    seeded = dataclasses.replace(spec, seed=5)
+    assert not np.array_equal(a, cluster_sample(LABELS, 16, 5, seeded))  # another run seed
+
+
+def test_cluster_sample_classes_holds_its_classes_only_first_class_as_the_split() -> None:
+    spec = DataSpec(partitioning="classes", classes_per_cluster=2)
+    for pid in (0, 7, 13, 999):
+        labels = set(LABELS[cluster_sample(LABELS, 12, pid, spec)].tolist())
+        assert pid % 10 in labels and len(labels) <= 2
+
+
+def test_cluster_sample_draws_distinct_images_while_the_pool_allows() -> None:
+    iid = DataSpec(partitioning="iid")
+    assert len(set(cluster_sample(LABELS, 200, 3, iid).tolist())) == 200  # the whole pool
+    big = cluster_sample(LABELS, 500, 3, iid)  # more than the pool: with replacement
+    assert len(big) == 500 and set(big.tolist()) <= set(range(200))
+
+
+def test_cluster_sample_refuses_bad_counts_and_classes() -> None:
+    with pytest.raises(DataError, match="cluster-samples=0 must be >= 1"):
+        cluster_sample(LABELS, 0, 0, DataSpec())
+    with pytest.raises(DataError, match="classes_per_cluster=11 must be in \\[1, 10\\]"):
+        cluster_sample(LABELS, 4, 0, DataSpec(partitioning="classes", classes_per_cluster=11))
+
+
+def test_cluster_samples_is_range_checked() -> None:
+    with pytest.raises(ConfigError, match="cluster-samples"):
+        RunConfig.of(cluster_samples=-1)
+    with pytest.raises(ConfigError, match="max-in-flight"):
+        RunConfig.of(max_in_flight=-1)
+
+
+# -- the ClientApp's per-process cache ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # a share of the edge's pool split among the clusters (flwr-datasets)
+        {"partitioning": "dirichlet"},
+        {"cluster_samples": 12},  # a fixed number of images per cluster
+        {"cluster_samples": 12, "partitioning": "classes", "edge_domains": "none,invert"},
+    ],
+)
+def test_cached_cluster_data_equals_freshly_built(settings: dict) -> None:
+    cfg = RunConfig.of(**TINY, **settings)
+    cache = ClientCache()
+    edges = cfg.hierarchy.num_edges()
+    for pid in (0, 5, 9):
+        ident = ClusterIdentity.from_node_config({"partition-id": pid, "num-partitions": 10}, edges)
+        first = cache.cluster_data(cfg, ident, None)
+        same_cluster(first, ClusterData.build(cfg, ident))  # cached == fresh
+        assert cache.cluster_data(cfg, ident, None) is first  # and served from the cache
+    # one load, one edge's data (or two), one partitioning of the pool for all clusters
+    info = cache.info()
+    assert info["datasets"][2] == 1 and info["edges"][2] == edges
+    assert info["partitions"][2] == (0 if cfg.data.cluster_samples else edges)
+
+
+def test_a_changed_run_config_changes_the_data_used() -> None:
+    cache = ClientCache()
+    ident = ClusterIdentity.from_node_config({"partition-id": 3, "num-partitions": 10})
+    base = RunConfig.of(**TINY, cluster_samples=12)
+    used = indices(cache.cluster_data(base, ident, None).train_set)
+    for change in (
+        {"seed": 1},
+        {"cluster_samples": 20},
+        {"cluster_samples": 0},
+        {"partitioning": "classes"},
+        {"val_fraction": 0.5},
+    ):
+        other = base.replace(**change)
+        got = cache.cluster_data(other, ident, None)
+        assert indices(got.train_set) != used, change
+        same_cluster(got, ClusterData.build(other, ident))
+    # another number of clusters, another node train pool: other partitions as well
+    for ident2, pool in (
+        (ClusterIdentity.from_node_config({"partition-id": 3, "num-partitions": 11}), None),
+        (ident, TrainPool(classes=2, images=40)),
+    ):
+        got = cache.cluster_data(base.replace(cluster_samples=0), ident2, pool)
+        same_cluster(got, ClusterData.build(base.replace(cluster_samples=0), ident2, pool))
+    # a changed img-size changes the images themselves
+    small = cache.cluster_data(base.replace(img_size=8, patch_size=4), ident, None)
+    assert small.train_set[0][0].shape[-1] == 8
+
+
+def test_the_caches_are_bounded() -> None:
+    cache = ClientCache(max_clusters=3)
+    cfg = RunConfig.of(**TINY, cluster_samples=4)
+    for pid in range(10):
+        ident = ClusterIdentity.from_node_config({"partition-id": pid, "num-partitions": 10})
+        cache.cluster_data(cfg, ident, None)
+    assert cache.info()["clusters"][0] == 3
+
+
+@pytest.fixture
+def cloud_cfg(tmp_path: Path) -> RunConfig:
+    """A 'cloud' foundation whose checkpoint is written here (not pre-trained: weights of a
+    seeded build, saved as the cloud would)."""
+    cfg = RunConfig.of(**TINY, foundation_dir=str(tmp_path))
+    write_checkpoint(cfg, seed=0)
+    return cfg
+
+
+def write_checkpoint(cfg: RunConfig, seed: int) -> Path:
+    foundation = Foundation.of(cfg)
+    torch.manual_seed(seed)
+    state = {k: v.clone() for k, v in foundation.build(10).backbone.state_dict().items()}
+    for v in state.values():
+        if v.is_floating_point():
+            v.add_(torch.randn_like(v) * 0.01 * (seed + 1))
+    path = foundation.checkpoint_path(10)
+    save_checkpoint(path, state, foundation.meta(10))
+    return path
+
+
+def test_cached_foundation_equals_freshly_loaded(cloud_cfg: RunConfig) -> None:
+    cache, foundation = ClientCache(), Foundation.of(cloud_cfg)
+    cached = cache.model(foundation, 10)
+    fresh = foundation.load(10)
+    after_fresh = torch.get_rng_state()
+    again = cache.model(foundation, 10)
+    assert torch.equal(torch.get_rng_state(), after_fresh)  # the RNG as a fresh build leaves it
+    for model in (cached, again):
+        ours, theirs = model.state_dict(), fresh.state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert again is not cached  # every message trains its own copy
+    next(again.parameters()).data.add_(1.0)
+    assert torch.equal(next(cache.model(foundation, 10).parameters()), next(fresh.parameters()))
+    assert cache.info()["models"] == (1, 2, 1)  # read and verified once
+
+
+def test_a_rewritten_checkpoint_is_read_again_and_a_corrupt_one_refused(
+    cloud_cfg: RunConfig,
+) -> None:
+    cache, foundation = ClientCache(), Foundation.of(cloud_cfg)
+    before = cache.model(foundation, 10).backbone.state_dict()
+    path = write_checkpoint(cloud_cfg, seed=1)  # the cloud re-trained it
+    after = cache.model(foundation, 10).backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(
+        torch.equal(after[k], v) for k, v in foundation.load(10).backbone.state_dict().items()
+    )
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte; the sidecar is unchanged
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(1, 1))  # even with an old mtime: the size or inode tells, not only time
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        cache.model(foundation, 10)
+
+
+def test_another_foundation_config_is_another_entry(cloud_cfg: RunConfig) -> None:
+    cache = ClientCache()
+    a = cache.model(Foundation.of(cloud_cfg), 10)
+    b = cache.model(Foundation.of(cloud_cfg.replace(foundation="none", seed=3)), 10)
+    assert any(
+        not torch.equal(x, y)
+        for x, y in zip(
+            a.backbone.state_dict().values(), b.backbone.state_dict().values(), strict=True
+        )
+    )
+    assert cache.info()["models"][2] == 2
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_fresh_copy_of_the_client_app_per_message_still_hits_the_process_cache(
+    tmp_path: Path,
+) -> None:
+    """Flower's simulation engine pickles the ClientApp with every message it hands a Ray actor:
+    what is cached must outlive the app object, in the process."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context
+    from ray import cloudpickle
+
+    from gaisnet_flwr.apps.client_app import create_client_app
+    from gaisnet_flwr.apps.cluster_node import PROCESS_CACHE
+
+    run_config = {
+        "depth": 2, "embed-dim": 32, "num-heads": 2, "peers-per-cluster": 2,
+        "foundation": "none", "cluster-samples": 8, "seed": 12345, "output-dir": str(tmp_path),
+    }  # fmt: skip
+    cfg = RunConfig.from_run_config(run_config)
+    arrays = ArrayRecord(Foundation.of(cfg).load(10).tunable_state())
+    app = create_client_app()
+
+    def app_fn():  # what Flower's simulation engine sends along with each message
+        return app
+
+    before = PROCESS_CACHE.info()
+    for n in range(3):
+        fresh = cloudpickle.loads(cloudpickle.dumps(app_fn))()
+        assert fresh is not app
+        msg = Message(
+            RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+            dst_node_id=5,
+            message_type="train",
+        )
+        msg.metadata.__dict__["_message_id"] = f"m{n}"
+        ctx = Context(
+            run_id=1,
+            node_id=5,
+            node_config={"partition-id": 2, "num-partitions": 500},
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        reply = fresh(message=msg, context=ctx)
+        assert not reply.has_error(), reply.error
+    after = PROCESS_CACHE.info()
+    for table in ("clusters", "models"):  # built once, then served twice
+        assert after[table][2] - before[table][2] == 1, table
+        assert after[table][1] - before[table][1] == 2, table
+
+
+# -- a light ClientApp ----------------------------------------------------------------------------
+HEAVY = (
+    "matplotlib",
+    "seaborn",
+    "pandas",
+    "scipy",
+    "sklearn",
+    "datasets",
+    "flwr_datasets",
+    "pyarrow",
+)
+
+LIGHT_SCRIPT = """
+import json, sys
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+import gaisnet_flwr.apps.client_app as client_app
+heavy = json.loads(sys.argv[1])
+on_import = sorted(m for m in [*heavy, "torch", "timm"] if m in sys.modules)
+TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = 1
+from gaisnet_flwr.cloud.foundation import Foundation
+from gaisnet_flwr.config import RunConfig
+run_config = json.loads(sys.argv[2])
+cfg = RunConfig.from_run_config(run_config)
+arrays = ArrayRecord(Foundation.of(cfg).load(10).tunable_state())
+msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+              dst_node_id=5, message_type="train")
+msg.metadata.__dict__["_message_id"] = "m1"
+ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 1000},
+              state=RecordDict(), run_config=run_config)
+reply = client_app.app(message=msg, context=ctx)
+assert not reply.has_error(), reply.error
+on_message = sorted(m for m in heavy if m in sys.modules)
+print(json.dumps({"import": on_import, "message": on_message,
+                  "examples": reply.content.metric_records["metrics"]["num-examples"]}))
+"""
+
+
+@pytest.mark.slow
+def test_the_client_app_imports_no_plotting_and_no_unused_dataset_stack(tmp_path: Path) -> None:
+    run_config = {
+        "depth": 2,
+        "embed-dim": 32,
+        "num-heads": 2,
+        "peers-per-cluster": 2,
+        "foundation": "none",
+        "cluster-samples": 10,
+        "output-dir": str(tmp_path),
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", LIGHT_SCRIPT, json.dumps(HEAVY), json.dumps(run_config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # loading the ClientApp (Flower does it in the simulation process before Ray starts, and
+    # in every actor) imports not even torch; the first message imports what it needs
+    assert got["import"] == [], f"importing the ClientApp imported {got['import']}"
+    assert got["message"] == [], f"a train message imported {got['message']}"
+    assert got["examples"] == 8  # cluster-samples=10, 2 held out for validation
+
+
+# -- at most K messages in flight -----------------------------------------------------------------
+class CountingGrid(Grid):
+    """A Grid that answers one message per pull and records how many were in flight."""
+
+    def __init__(self) -> None:
+        self.in_flight: list[str] = []
+        self.most = 0
+        self.pushed: list[int] = []
+        self.pulls = 0
+
+    def set_run(self, run: Run) -> None:  # pragma: no cover - not used
+        pass
+
+    @property
+    def run(self) -> Run:  # pragma: no cover - not used
+        return Run.create_empty(1)
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return range(1, 101)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for m in messages:
+            mid = f"m{m.metadata.dst_node_id}"
+            m.metadata.__dict__["_message_id"] = mid
+            self.in_flight.append(mid)
+            self.pushed.append(m.metadata.dst_node_id)
+            ids.append(mid)
+        self.most = max(self.most, len(self.in_flight))
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        wanted = set(message_ids)
+        done = [m for m in self.in_flight if m in wanted][:1]
+        for mid in done:
+            self.in_flight.remove(mid)
+        return [Message(RecordDict(), reply_to=_sent(int(mid[1:]), mid)) for mid in done]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        return [r for _ in ids for r in self.pull_messages(ids)]
+
+
+def _sent(node: int, mid: str) -> Message:
+    msg = Message(RecordDict(), dst_node_id=node, message_type="train")
+    msg.metadata.__dict__["_message_id"] = mid
+    return msg
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("window", [1, 7, 64])
+def test_in_flight_window_keeps_at_most_k_and_returns_every_reply(window: int) -> None:
+    grid = CountingGrid()
+    wrapped = InFlightWindow(grid, window, pull_interval_s=0.0)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(1, 51)]
+    replies = list(wrapped.send_and_receive(messages, timeout=60))
+    assert grid.most == min(window, 50)
+    assert grid.pushed == list(range(1, 51))  # in the caller's order
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(
+        f"m{n}" for n in range(1, 51)
+    )
+    assert list(wrapped.get_node_ids()) == list(range(1, 101))  # the rest is the grid's
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_in_flight_window_zero_is_flowers_all_at_once_and_timeout_is_kept() -> None:
+    grid = CountingGrid()
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(1, 11)]
+    assert len(list(InFlightWindow(grid, 0).send_and_receive(messages))) == 10
+    assert grid.most == 10
+    never = CountingGrid()
+    never.pull_messages = lambda ids: []  # type: ignore[method-assign]
+    got = InFlightWindow(never, 3, pull_interval_s=0.01).send_and_receive(
+        [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(1, 11)],
+        timeout=0.1,
+    )
+    assert list(got) == [] and never.most == 3  # the rest was never sent
+    with pytest.raises(ValueError, match="max-in-flight=-1"):
+        InFlightWindow(grid, -1)
+
+
+# -- CPUs per ClientApp ---------------------------------------------------------------------------
+def test_whole_cpus_go_to_flower_as_they_are() -> None:
+    assert federation_config(8, 1, 0.0, cores=2) == (
+        "num-supernodes=8 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
+    )
+
+
+def test_fractional_cpus_become_more_ray_cpus() -> None:
+    # 0.5 CPU each on 2 cores = 4 ClientApps at once: Ray is told of 4 CPUs, each takes 1
+    assert federation_config(8, 0.5, 0.0, cores=2) == (
+        "num-supernodes=8 client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+        "init-args-num-cpus=4"
+    )
+
+
+def test_bad_cpus_are_refused_with_what_works() -> None:
+    with pytest.raises(ValueError, match="client-cpus=0 must be > 0"):
+        federation_config(8, 0, 0.0, cores=2)
+    with pytest.raises(ValueError, match="RAY_ADDRESS"):
+        federation_config(8, 0.5, 0.0, cores=2, ray_address="127.0.0.1:6379")
