@@ -60,14 +60,15 @@ def ours(temp_dir: Path) -> set[int]:
 def ray_cluster() -> Iterator[tuple[str, Path]]:
     # A short path: Ray's Unix sockets live under it (at most ~107 bytes per path).
     temp_dir = Path(tempfile.mkdtemp(prefix="gr-", dir="/tmp"))
-    gcs, client = free_ports(2)
+    gcs, client, dashboard = free_ports(3)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     address = f"127.0.0.1:{gcs}"
     started: set[int] = set()
     try:
         for extra in (
+            # even without the dashboard, the head starts its API server on --dashboard-port
             ["--head", f"--port={gcs}", f"--ray-client-server-port={client}",
-             "--include-dashboard=false"],
+             "--include-dashboard=false", f"--dashboard-port={dashboard}"],
             [f"--address={address}"],
         ):  # fmt: skip
             subprocess.run(

@@ -62,7 +62,7 @@ class Proc:
 
 def processes() -> dict[int, Proc]:
     out = subprocess.run(
-        ["ps", "-A", "-o", "pid=,ppid=,pgid=,stat=,args="],
+        ["ps", "-A", "-ww", "-o", "pid=,ppid=,pgid=,stat=,args="],
         capture_output=True,
         text=True,
         check=True,
