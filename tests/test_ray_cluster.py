@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,12 +27,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_flwr_run import REPO, free_ports, started_by, tiny
-
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 
+REPO = Path(__file__).resolve().parents[1]
 flwr_local = importlib.import_module("gaisnet_flwr.experiments.flwr_local")
 RAY = str(Path(sys.executable).parent / "ray")
+# 2 rounds of a 2-block model, 16 images per cluster, a 1-epoch cloud foundation in tmp
+TINY = (
+    "depth=2 embed-dim=32 num-heads=2 peers-per-cluster=2 num-rounds=2 pretrain-epochs=1 "
+    "cluster-samples=16 device='cpu'"
+)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def ray_node_args(temp_dir: Path) -> list[str]:
@@ -130,7 +146,7 @@ def test_flwr_run_puts_the_clusters_on_both_nodes_of_a_ray_cluster(
     cmd = [
         sys.executable, str(REPO / "scripts" / "flwr_local.py"), "run",
         "--app", str(REPO), "--output-dir", str(tmp_path / "out"), "--num-supernodes", "6",
-        "--", "--run-config", tiny(tmp_path, **{"cluster-samples": "16"}),
+        "--", "--run-config", f"{TINY} foundation-dir='{tmp_path / 'foundation'}'",
     ]  # fmt: skip
     watch = ActorWatch(raylets)
     watch.start()
@@ -148,6 +164,5 @@ def test_flwr_run_puts_the_clusters_on_both_nodes_of_a_ray_cluster(
         f"ClientApps ran messages under raylets {sorted(watch.ran_on)}; "
         f"the cluster's raylets are {sorted(raylets)}"
     )
-    # Flower started no Ray of its own: no raylet outside our two ran a ClientApp, and the
-    # run's own processes are gone.
-    assert not started_by(home, ports)
+    # and the run's own processes (SuperLink, SuperExec, simulation) are gone
+    assert not [p for p in flwr_local.superlink_family(home) if p.alive]

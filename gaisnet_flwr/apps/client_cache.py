@@ -100,7 +100,12 @@ class ClientCache:
         max_clusters: int = 4096,
         max_models: int = 2,
     ) -> None:
-        self.max_clusters = max_clusters
+        self.sizes = (max_datasets, max_edges, max_clusters, max_models)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything (and the counts)."""
+        max_datasets, max_edges, self.max_clusters, max_models = self.sizes
         self.datasets: Lru[ImageData] = Lru(max_datasets)
         self.edges: Lru[_Edge] = Lru(max_edges)
         self.models: Lru[_Model] = Lru(max_models)
