@@ -5,6 +5,9 @@
 #   bash scripts/run.sh --run-config "num-rounds=10 lr=0.1"   # any extra `flwr run` arguments
 #
 #   GAISNET_CLIENT_GPUS=0.25 bash scripts/run.sh          # on a GPU: 4 clusters share it
+#   GAISNET_CLIENT_CPUS=0.5 bash scripts/run.sh           # 2 clusters per core (Ray is told of
+#                                                         # 2x the cores: init-args-num-cpus)
+#   RAY_ADDRESS=HEAD:6379 bash scripts/run.sh             # on an existing Ray cluster
 #
 # Environment: GAISNET_CLUSTERS (4) simulated client clusters; GAISNET_CLIENT_CPUS (1) and
 # GAISNET_CLIENT_GPUS (0) Ray resources per cluster (client-resources-num-cpus / -num-gpus; a
