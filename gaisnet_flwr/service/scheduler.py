@@ -110,6 +110,29 @@ def run_policy(
     return Schedule(actions, profits)
 
 
+def replay(model: ProfitModel, demand: Sequence[str | None], decisions: Sequence[str]) -> Schedule:
+    """Price a given schedule in the paper's notation (Table V): a capital letter produces
+    the demanded good (it must be that round's demand), a small letter upgrades that model."""
+    if len(decisions) != len(demand):
+        raise ValueError(f"{len(decisions)} decisions for {len(demand)} rounds of demand")
+    levels = tuple(0 for _ in model.models)
+    actions, profits = [], []
+    for t, (decision, good) in enumerate(zip(decisions, demand, strict=True)):
+        if decision in model.models:
+            action = decision
+        elif decision == good:
+            action = SERVE
+        else:
+            raise ValueError(
+                f"round {t + 1}: decision {decision!r} is neither a model to upgrade "
+                f"({', '.join(model.models)}) nor the demanded good {good!r}"
+            )
+        profit, levels = model.apply(action, good, levels)
+        actions.append(action)
+        profits.append(profit)
+    return Schedule(actions, profits)
+
+
 def mlcp_plan(model: ProfitModel, demand: tuple[str | None, ...]) -> list[str]:
     """Exact DP: the action sequence maximising cumulative profit over the known demand."""
 
