@@ -47,7 +47,14 @@ from gaisnet_flwr.costs.profiles import (
     Profiles,
     load_profiles,
 )
-from gaisnet_flwr.data.images import DATASETS, DOMAINS, PARTITIONINGS, DataSpec, dataset_classes
+from gaisnet_flwr.data.images import (
+    DATASETS,
+    DOMAINS,
+    EDGE_TASKS,
+    PARTITIONINGS,
+    DataSpec,
+    dataset_classes,
+)
 from gaisnet_flwr.population.devices import PopulationError, check_spec, load_spec
 from gaisnet_flwr.population.layout import ClusterLayout, form_layout
 from gaisnet_flwr.population.planning import RangeCosts, Workload, plan_cluster
@@ -288,19 +295,26 @@ class ModelConfig:
 class FoundationConfig:
     """The frozen foundation model: one of FOUNDATIONS (see gaisnet_flwr/cloud/foundation.py).
 
-    Limits: pretrain-epochs 0..1000, pretrain-lr a finite number in (0, 10]; foundation-dir
+    Limits: pretrain-epochs 0..1000, pretrain-lr a finite number in (0, 10], pretrain-seed
+    in [0, 2**32 - 1]; foundation-dir
     must be a folder (or creatable as one).
     """
 
     foundation: str = "cloud"
     checkpoint_path: str = ""  # weights file for foundation = "file"
     foundation_dir: str = ""  # where cloud checkpoints live; "" = ~/.cache/gaisnet-flwr
-    pretrain_epochs: int = 30  # cloud pre-training of the full model on the cloud corpus
+    # cloud pre-training of the full model: epochs over the cloud corpus (with the default
+    # new-classes task, over its 11 views: 4 epochs see each image 44 times)
+    pretrain_epochs: int = 4
     pretrain_lr: float = 1e-3
+    # the cloud's own seed: one foundation serves runs of every `seed` (which seeds the edges:
+    # fresh heads, prompts, partitions, shuffles), so seeds measure fine-tuning's spread
+    pretrain_seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("foundation", self.foundation, FOUNDATIONS)
         _ints(self, 0, 1000, "pretrain_epochs")
+        _ints(self, 0, SEED_MAX, "pretrain_seed")
         _floats(self, 0, 10, "pretrain_lr", low_open=True)
 
     def directory(self) -> Path:
@@ -355,7 +369,7 @@ class TrainingConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
-    batch_size: int = 32
+    batch_size: int = 10  # the paper's (Sec. V); a cluster's few shots make a few batches
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -371,8 +385,9 @@ class DataConfig:
     """The dataset and how the edge's data is partitioned into clusters.
 
     Limits: classes-per-cluster >= 1 (with partitioning='classes', at most the dataset's
-    classes: digits 10, flowers102 102, imagefolder its class folders), dirichlet-alpha a
-    finite number in (0, 1e6], val-fraction in (0, 1), cluster-samples 0..100000.
+    classes: digits 5 with edge-task 'new-classes' and 10 with 'same-classes', flowers102 102,
+    imagefolder its class folders), dirichlet-alpha a finite number in (0, 1e6], val-fraction
+    in (0, 1), cluster-samples and shots 0..100000.
     """
 
     dataset: str = "digits"  # one of DATASETS; digits ships with scikit-learn (no download)
@@ -385,6 +400,10 @@ class DataConfig:
     # cluster draws its own K images from the pool (data/cluster_sample.py), the same amount
     # whatever the number of clusters; what thousands of clusters need.
     cluster_samples: int = 0
+    # digits: the edges learn digits the cloud never saw (new-classes: cloud 0-4, edges 5-9) or
+    # the cloud's own ten (same-classes, the earlier default); one of EDGE_TASKS
+    edge_task: str = "new-classes"
+    shots: int = 10  # at most this many training images per class in each cluster; 0 = all
 
     def __post_init__(self) -> None:
         _choice("dataset", self.dataset, DATASETS)
@@ -393,8 +412,10 @@ class DataConfig:
                 f"val-fraction={self.val_fraction} must be in the open interval (0, 1)"
             )
         _choice("partitioning", self.partitioning, PARTITIONINGS)
+        _choice("edge_task", self.edge_task, EDGE_TASKS)
         _ints(self, 1, 100_000, "classes_per_cluster")
         _ints(self, 0, 100_000, "cluster_samples")
+        _ints(self, 0, 100_000, "shots")
         _floats(self, 0, 1e6, "dirichlet_alpha", low_open=True)
 
 
@@ -912,6 +933,8 @@ class RunConfig:
             dirichlet_alpha=d.dirichlet_alpha,
             val_fraction=d.val_fraction,
             seed=self.run.seed,
+            edge_task=d.edge_task,
+            shots=d.shots,
         )
 
     def _sections(self) -> Iterator[Any]:

@@ -58,11 +58,11 @@ def test_checkpoint_is_built_once_then_reused(
     cfg: RunConfig, data: ImageData, count_pretraining: list[int]
 ) -> None:
     path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
-    assert path == Foundation.of(cfg).checkpoint_path(10) and path.is_file()
+    assert path == Foundation.of(cfg).checkpoint_path() and path.is_file()
     assert Foundation.of(cfg).ensure(data, cfg.run.torch_device()) == path
     assert count_pretraining == [1]
     # Every party builds the same model on top of it: pre-trained backbone, same prompts.
-    a, b = Foundation.of(cfg).load(10), Foundation.of(cfg).load(10)
+    a, b = Foundation.of(cfg).load(5), Foundation.of(cfg).load(5)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     random_start = build_model(cfg.model, cfg.cloud, 10, cfg.run.seed).backbone.state_dict()
@@ -80,44 +80,65 @@ def test_corrupt_checkpoint_is_detected_and_rebuilt(
     payload[len(payload) // 2] ^= 0xFF  # one flipped byte
     path.write_bytes(bytes(payload))
     with pytest.raises(CheckpointError, match="does not match its SHA-256 sidecar"):
-        Foundation.of(cfg).load(10)
+        Foundation.of(cfg).load(5)
     Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     assert count_pretraining == [1, 1]
-    Foundation.of(cfg).load(10)  # sound again
+    Foundation.of(cfg).load(5)  # sound again
 
 
 def test_truncated_checkpoint_is_rejected(cfg: RunConfig, data: ImageData) -> None:
     path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or partial"):
-        Foundation.of(cfg).load(10)
+        Foundation.of(cfg).load(5)
 
 
 def test_checkpoint_of_another_configuration_is_rejected(cfg: RunConfig, data: ImageData) -> None:
     path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     other = cfg.replace(pretrain_epochs=2)
     assert (
-        Foundation.of(other).checkpoint_path(10) != path
+        Foundation.of(other).checkpoint_path() != path
     )  # a different key, so a different file...
     reference = build_model(cfg.model, cfg.cloud, 10, cfg.run.seed).backbone.state_dict()
     # ...and a file whose recorded configuration differs is refused even under the right name.
     with pytest.raises(
         CheckpointError, match=r"another configuration \(differs in \['pretrain-epochs'\]"
     ):
-        read_checkpoint(path, cloud.Foundation.of(other).meta(10), reference)
+        read_checkpoint(path, cloud.Foundation.of(other).meta(), reference)
     wider = build_model(
         cfg.replace(embed_dim=64).model, cfg.cloud, 10, cfg.run.seed
     ).backbone.state_dict()
     with pytest.raises(CheckpointError, match="does not fit the model's weights"):
-        read_checkpoint(path, cloud.Foundation.of(cfg).meta(10), wider)
+        read_checkpoint(path, cloud.Foundation.of(cfg).meta(), wider)
 
 
 def test_missing_checkpoint_names_the_fix(cfg: RunConfig, data: ImageData) -> None:
     with pytest.raises(CheckpointError, match="no foundation checkpoint at .* copy foundation-"):
-        Foundation.of(cfg).load(10)
+        Foundation.of(cfg).load(5)
 
 
 def test_other_foundations_need_no_checkpoint(cfg: RunConfig, data: ImageData) -> None:
     none = cfg.replace(foundation="none")
     assert Foundation.of(none).ensure(data, none.run.torch_device()) is None
-    Foundation.of(none).load(10)
+    Foundation.of(none).load(5)
+
+
+def test_pretraining_gives_the_same_bytes_at_any_thread_count(
+    cfg: RunConfig, data: ImageData
+) -> None:
+    """The foundation's weights do not depend on the caller's torch threads (pre-training pins
+    its own count and restores the caller's)."""
+    saved = torch.get_num_threads()
+    digests = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            state = Foundation.of(cfg).pretrain(data.cloud, 10, torch.device("cpu"))
+            assert torch.get_num_threads() == threads  # the caller's setting is back
+            digests.append(cloud.weights_digest(state))
+    finally:
+        torch.set_num_threads(saved)
+    assert digests[0] == digests[1]
+    # The fingerprint sees every byte: one changed weight changes it.
+    state["blocks.0.attn.qkv.weight"].view(-1)[0] += 1e-6
+    assert cloud.weights_digest(state) != digests[0]

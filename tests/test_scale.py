@@ -176,21 +176,22 @@ def cloud_cfg(tmp_path: Path) -> RunConfig:
 def write_checkpoint(cfg: RunConfig, seed: int) -> Path:
     foundation = Foundation.of(cfg)
     torch.manual_seed(seed)
-    state = {k: v.clone() for k, v in foundation.build(10).backbone.state_dict().items()}
+    shipped = foundation.shipped(foundation.build(foundation.cloud_classes()))
+    state = {k: v.clone() for k, v in shipped.items()}
     for v in state.values():
         if v.is_floating_point():
             v.add_(torch.randn_like(v) * 0.01 * (seed + 1))
-    path = foundation.checkpoint_path(10)
-    save_checkpoint(path, state, foundation.meta(10))
+    path = foundation.checkpoint_path()
+    save_checkpoint(path, state, foundation.meta())
     return path
 
 
 def test_cached_foundation_equals_freshly_loaded(cloud_cfg: RunConfig) -> None:
     cache, foundation = ClientCache(), Foundation.of(cloud_cfg)
-    cached = cache.model(foundation, 10)
-    fresh = foundation.load(10)
+    cached = cache.model(foundation, 5)
+    fresh = foundation.load(5)
     after_fresh = torch.get_rng_state()
-    again = cache.model(foundation, 10)
+    again = cache.model(foundation, 5)
     assert torch.equal(torch.get_rng_state(), after_fresh)  # the RNG as a fresh build leaves it
     for model in (cached, again):
         ours, theirs = model.state_dict(), fresh.state_dict()
@@ -198,7 +199,7 @@ def test_cached_foundation_equals_freshly_loaded(cloud_cfg: RunConfig) -> None:
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert again is not cached  # every message trains its own copy
     next(again.parameters()).data.add_(1.0)
-    assert torch.equal(next(cache.model(foundation, 10).parameters()), next(fresh.parameters()))
+    assert torch.equal(next(cache.model(foundation, 5).parameters()), next(fresh.parameters()))
     assert cache.info()["models"] == (1, 2, 1)  # read and verified once
 
 
@@ -206,19 +207,19 @@ def test_a_rewritten_checkpoint_is_read_again_and_a_corrupt_one_refused(
     cloud_cfg: RunConfig,
 ) -> None:
     cache, foundation = ClientCache(), Foundation.of(cloud_cfg)
-    before = cache.model(foundation, 10).backbone.state_dict()
+    before = cache.model(foundation, 5).backbone.state_dict()
     path = write_checkpoint(cloud_cfg, seed=1)  # the cloud re-trained it
-    after = cache.model(foundation, 10).backbone.state_dict()
+    after = cache.model(foundation, 5).backbone.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(
-        torch.equal(after[k], v) for k, v in foundation.load(10).backbone.state_dict().items()
+        torch.equal(after[k], v) for k, v in foundation.load(5).backbone.state_dict().items()
     )
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # a flipped byte; the sidecar is unchanged
     path.write_bytes(bytes(data))
     os.utime(path, ns=(1, 1))  # even with an old mtime: the size or inode tells, not only time
     with pytest.raises(CheckpointError, match="SHA-256"):
-        cache.model(foundation, 10)
+        cache.model(foundation, 5)
 
 
 def test_another_foundation_config_is_another_entry(cloud_cfg: RunConfig) -> None:
@@ -251,7 +252,7 @@ def test_a_fresh_copy_of_the_client_app_per_message_still_hits_the_process_cache
         "foundation": "none", "cluster-samples": 8, "seed": 12345, "output-dir": str(tmp_path),
     }  # fmt: skip
     cfg = RunConfig.from_run_config(run_config)
-    arrays = ArrayRecord(Foundation.of(cfg).load(10).tunable_state())
+    arrays = ArrayRecord(Foundation.of(cfg).load(5).tunable_state())
     app = create_client_app()
 
     def app_fn():  # what Flower's simulation engine sends along with each message
@@ -305,7 +306,7 @@ from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 run_config = json.loads(sys.argv[2])
 cfg = RunConfig.from_run_config(run_config)
-arrays = ArrayRecord(Foundation.of(cfg).load(10).tunable_state())
+arrays = ArrayRecord(Foundation.of(cfg).load(5).tunable_state())
 msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
               dst_node_id=5, message_type="train")
 msg.metadata.__dict__["_message_id"] = "m1"

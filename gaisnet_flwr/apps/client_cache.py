@@ -185,7 +185,7 @@ def foundation_stamp(foundation: Foundation, num_classes: int) -> tuple[object, 
     timm's named weights or a seeded random backbone."""
     cloud = foundation.cloud
     if cloud.foundation == "cloud":
-        path = foundation.checkpoint_path(num_classes)
+        path = foundation.checkpoint_path()
         sidecar = path.with_name(path.name + ".sha256")
         try:
             recorded = sidecar.read_text(encoding="ascii").strip()

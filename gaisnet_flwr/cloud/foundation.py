@@ -6,8 +6,11 @@ exactly this: fine-tuning from a pre-trained foundation model is far ahead of fi
 a random one.
 
 Foundations (`foundation` in run-config):
-  * `cloud`: pre-train on the embedded corpus (digits: a fixed 40 % share disjoint from all
-    edge data), once per configuration; the checkpoint is reused by later runs.
+  * `cloud`: pre-train on the embedded corpus, once per configuration; the checkpoint is
+    reused by later runs. With the default `edge-task = "new-classes"` the corpus is every
+    image of digits 0-4 and the edges learn digits 5-9 on a fresh head: the cloud ships the
+    backbone only. With "same-classes" (the earlier setting) it is a fixed 40 % share of all ten
+    digits, disjoint from the edge data, and the cloud's head ships too.
   * `timm`: timm's pretrained weights by model name (needs internet once, e.g. ViT-B/16).
   * `file`: a local weights file (`checkpoint-path`), loaded by timm.
   * `none`: a randomly initialised backbone (the paper's "without pre-training").
@@ -24,6 +27,8 @@ import io
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -32,15 +37,42 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from flwr.common.logger import log
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from gaisnet_flwr.config import FoundationConfig, ModelConfig, RunConfig
-from gaisnet_flwr.data.images import CLOUD_FRACTION, ImageData
+from gaisnet_flwr.data.images import CLOUD_DIGITS, CLOUD_FRACTION, ImageData, cloud_views
 from gaisnet_flwr.training.loops import NonFiniteError, build_model, evaluate, loader
 from gaisnet_flwr.vit.model import PromptedViT
 
 CHECKPOINT_FORMAT = 1  # bump when the meaning of a checkpoint changes
 PRETRAIN_BATCH_SIZE = 32
+# Pre-training runs at this many torch threads whatever the caller's setting: the thread count
+# changes how float sums are split (matmuls, reductions), so at 1 and 2 threads the same seed
+# gave different weights (edge accuracies 0.912 vs 0.907). At one thread the foundation's bytes
+# depend only on its configuration (tests/test_cloud.py checks 1 vs 2 threads).
+PRETRAIN_THREADS = 1
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op threads set to `threads` inside the block, the caller's restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the weights themselves (names, dtypes, shapes and bytes, in name order): the
+    foundation's fingerprint that reports print, independent of how the file was written."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class CheckpointError(RuntimeError):
@@ -57,13 +89,31 @@ class Foundation:
     cloud: FoundationConfig
     corpus: str  # the dataset whose cloud share pre-trains the backbone
     seed: int
+    edge_task: str = "new-classes"  # digits: what the cloud's corpus holds (data.EDGE_TASKS)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> Foundation:
-        return cls(cfg.model, cfg.cloud, cfg.data.dataset, cfg.run.seed)
+        return cls(cfg.model, cfg.cloud, cfg.data.dataset, cfg.run.seed, cfg.data.edge_task)
 
-    def meta(self, num_classes: int) -> dict[str, Any]:
+    @property
+    def ships_head(self) -> bool:
+        """Whether the edges get the cloud's classifier with the backbone: only when they learn
+        the cloud's own classes (same-classes). On a new task each edge starts a fresh head
+        (VPT), and the cloud hands over the backbone alone."""
+        return self.edge_task == "same-classes"
+
+    def cloud_classes(self) -> int:
+        """The label space of the cloud's corpus (its own classifier's)."""
+        return len(CLOUD_DIGITS) if self.edge_task == "new-classes" else 10
+
+    def _corpus_name(self) -> str:
+        if self.edge_task == "new-classes":
+            return f"{self.corpus}-classes-{'-'.join(map(str, CLOUD_DIGITS))}"
+        return f"{self.corpus}-cloud-{CLOUD_FRACTION}"
+
+    def meta(self) -> dict[str, Any]:
         """Everything the pre-trained weights depend on (and nothing they do not)."""
+        num_classes = self.cloud_classes()
         m = self.model
         return {
             "format": CHECKPOINT_FORMAT,
@@ -74,14 +124,16 @@ class Foundation:
             "embed-dim": m.embed_dim,
             "num-heads": m.num_heads,
             "num-classes": num_classes,
-            "corpus": f"{self.corpus}-cloud-{CLOUD_FRACTION}",
+            "corpus": self._corpus_name(),
+            "views": "shift-1/8-1/4-rotate-20" if self.edge_task == "new-classes" else "none",
+            "ships-head": self.ships_head,
             "pretrain-epochs": self.cloud.pretrain_epochs,
             "pretrain-lr": self.cloud.pretrain_lr,
-            "seed": self.seed,
+            "seed": self.cloud.pretrain_seed,
         }
 
-    def checkpoint_path(self, num_classes: int) -> Path:
-        meta = self.meta(num_classes)
+    def checkpoint_path(self) -> Path:
+        meta = self.meta()
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
         return self.cloud.directory() / f"foundation-{self.model.model_name}-{key}.pt"
 
@@ -96,18 +148,29 @@ class Foundation:
         device: torch.device,
         test: Dataset | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Full-model supervised pre-training on the cloud corpus; returns the backbone weights."""
-        torch.manual_seed(self.seed)
+        """Full-model supervised pre-training on the cloud corpus; returns the backbone weights.
+        Runs at PRETRAIN_THREADS torch threads (the caller's count is restored after), so the
+        weights are the same bytes whatever the caller's thread setting."""
+        with torch_threads(PRETRAIN_THREADS):
+            return self._pretrain(corpus, num_classes, device, test)
+
+    def _pretrain(
+        self, corpus: Dataset, num_classes: int, device: torch.device, test: Dataset | None
+    ) -> dict[str, torch.Tensor]:
+        seed = self.cloud.pretrain_seed
+        if self.edge_task == "new-classes" and isinstance(corpus, TensorDataset):
+            corpus = cloud_views(corpus)  # shifted and rotated views: features that transfer
+        torch.manual_seed(seed)
         full = dataclasses.replace(self.model, mode="full", num_prompts=0)
         none = dataclasses.replace(self.cloud, foundation="none")
-        model = build_model(full, none, num_classes, self.seed)
+        model = build_model(full, none, num_classes, seed)
         model.to(device)
         epochs = self.cloud.pretrain_epochs
         opt = torch.optim.AdamW(model.parameters(), lr=self.cloud.pretrain_lr, weight_decay=0.05)
         started = time.perf_counter()
         for epoch in range(1, epochs + 1):
             model.train()
-            for x, y in loader(corpus, PRETRAIN_BATCH_SIZE, seed=self.seed * 1000 + epoch):
+            for x, y in loader(corpus, PRETRAIN_BATCH_SIZE, seed=seed * 1000 + epoch):
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x.to(device)), y.to(device))
                 if not torch.isfinite(loss):
@@ -139,6 +202,15 @@ class Foundation:
             )
         return state
 
+    def shipped(self, model: PromptedViT) -> dict[str, torch.Tensor]:
+        """What the cloud hands the edges out of `model`'s backbone: every weight, less the
+        classifier head (and a MAP model's attention pool) unless `ships_head`."""
+        state = model.backbone.state_dict()
+        if self.ships_head:
+            return state
+        heads = tuple(f"{name}." for name in model.tuned_head_modules())
+        return {k: v for k, v in state.items() if not k.startswith(heads)}
+
     def ensure(self, data: ImageData, device: torch.device) -> Path | None:
         """Cloud side: make sure the foundation checkpoint exists and is sound; pre-train if
         not."""
@@ -146,10 +218,9 @@ class Foundation:
             return None
         if data.cloud is None:
             raise CheckpointError(f"dataset {self.corpus!r} ships no cloud corpus")
-        path = self.checkpoint_path(data.num_classes)
-        meta = self.meta(data.num_classes)
+        path, meta, classes = self.checkpoint_path(), self.meta(), self.cloud_classes()
         with torch.device("meta"):  # only the shapes are needed: allocate nothing
-            reference = self.build(data.num_classes).backbone.state_dict()
+            reference = self.shipped(self.build(classes))
         try:
             read_checkpoint(path, meta, reference)
             log(INFO, "cloud: reusing foundation checkpoint %s", path)
@@ -164,26 +235,46 @@ class Foundation:
             size,
             self.cloud.pretrain_epochs,
         )
-        state = self.pretrain(data.cloud, data.num_classes, device, test=data.test)
+        # The edge test set scores the cloud's head only when the edges share its classes.
+        test = data.test if self.ships_head else None
+        state = self.pretrain(data.cloud, classes, device, test=test)
+        state = {k: v for k, v in state.items() if k in reference}
         save_checkpoint(path, state, meta)
-        log(INFO, "cloud: foundation checkpoint saved to %s", path)
+        log(
+            INFO,
+            "cloud: foundation checkpoint saved to %s (weights sha256 %s)",
+            path,
+            weights_digest(state)[:16],
+        )
         return path
+
+    def fingerprint(self, num_classes: int) -> str:
+        """SHA-256 of the frozen foundation's weights every party loads (`weights_digest`, the
+        backbone without a fresh head): for a given configuration, the same bytes at any torch
+        thread count."""
+        return weights_digest(self.shipped(self.load(num_classes)))
 
     def load(self, num_classes: int) -> PromptedViT:
         """Every party: the edge model on top of the shared frozen foundation (paper Sec.
-        III-B: the backbone is synchronised independently; only tunable modules travel)."""
+        III-B: the backbone is synchronised independently; only tunable modules travel). The
+        head is the cloud's when it ships one, else fresh (seeded by the run seed)."""
         model = self.build(num_classes)
         if self.cloud.foundation == "cloud":
-            path = self.checkpoint_path(num_classes)
+            path = self.checkpoint_path()
+            if self.ships_head and num_classes != self.cloud_classes():
+                raise CheckpointError(
+                    f"the cloud's head has {self.cloud_classes()} classes; the edge model "
+                    f"{num_classes}"
+                )
             try:
-                state = read_checkpoint(path, self.meta(num_classes), model.backbone.state_dict())
+                state = read_checkpoint(path, self.meta(), self.shipped(model))
             except CheckpointError as err:
                 raise CheckpointError(
                     f"{err}. The cloud (ServerApp) pre-trains it at start-up; on separate "
                     f"devices copy {path.name} and its .sha256 into foundation-dir "
                     f"({path.parent})"
                 ) from err
-            model.backbone.load_state_dict(state)
+            model.backbone.load_state_dict(state, strict=self.ships_head)
         return model
 
 

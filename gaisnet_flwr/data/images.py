@@ -4,7 +4,11 @@ cluster's share into train and validation.
 Three sources, one shape (images are float tensors ``[3, img_size, img_size]``, labels are ints):
 
 - ``digits`` — the embedded default. scikit-learn's 1797 real 8x8 digit images ship inside the
-  package, so the app runs offline with no download. Kept in memory as tensors.
+  package, so the app runs offline with no download. Kept in memory as tensors. Its edge task
+  (``DataSpec.edge_task``) is, by default, a few-shot task on classes the cloud never saw:
+  ``new-classes`` gives the cloud every image of digits 0-4 to pre-train on and the edges digits
+  5-9 (labels 0-4), with a fixed test set of 80 images per class; ``same-classes`` is the
+  earlier setting (the cloud a 40 % share of all ten digits, the edges the rest).
 - ``flowers102`` — the paper's dataset (Sec. V: ViT-B/16 on flower classification), read lazily by
   torchvision from ``data_dir``. It must have been downloaded once on a machine with internet.
 - ``imagefolder`` — any ``data_dir/<class>/<image>`` tree, read lazily by torchvision.
@@ -38,6 +42,15 @@ if TYPE_CHECKING:
 
 DATASETS = ("digits", "flowers102", "imagefolder")
 PARTITIONINGS = ("iid", "classes", "dirichlet")
+# What the edges of the embedded digits learn, next to what the cloud pre-trained on.
+EDGE_TASKS = ("new-classes", "same-classes")
+# new-classes: the cloud pre-trains on every image of these digits, the edges learn the others
+# (5-9, relabelled 0-4): a foundation meets a task it was never taught, as ImageNet's ViT-B/16
+# meets Flowers102 in the paper.
+CLOUD_DIGITS = (0, 1, 2, 3, 4)
+# new-classes: a fixed test set of this many edge images per class (400 in all: one image is
+# 0.25 points), drawn once with TEST_SPLIT_SEED; the remaining ~100 per class are the train pool.
+EDGE_TEST_PER_CLASS = 80
 
 # The held-out test split must not move with DataSpec.seed: every run, whatever its seed, is
 # evaluated on the same images, so results stay comparable across seeds.
@@ -76,6 +89,9 @@ class DataSpec:
             smaller means more skewed clusters.
         val_fraction: share of each cluster's data held out for cluster-side evaluation.
         seed: drives partitioning and the cluster train/val splits (not the fixed test split).
+        edge_task: for ``digits``: one of :data:`EDGE_TASKS` (see the module docstring).
+        shots: at most this many training images per class in each cluster (few-shot
+            fine-tuning, the paper's Flowers102 has 10-20 per class); 0 keeps them all.
     """
 
     dataset: str = "digits"
@@ -86,6 +102,8 @@ class DataSpec:
     dirichlet_alpha: float = 0.5
     val_fraction: float = 0.2
     seed: int = 0
+    edge_task: str = "new-classes"
+    shots: int = 10
 
     def validate(self) -> None:
         """Raise :class:`DataError` naming the first invalid field and its valid choices.
@@ -106,6 +124,13 @@ class DataSpec:
             raise DataError(
                 f"DataSpec.val_fraction={self.val_fraction} must be in the open interval (0, 1)"
             )
+        if self.edge_task not in EDGE_TASKS:
+            raise DataError(
+                f"DataSpec.edge_task={self.edge_task!r} is not supported; "
+                f"valid choices: {', '.join(EDGE_TASKS)}"
+            )
+        if self.shots < 0:
+            raise DataError(f"DataSpec.shots={self.shots} must be >= 0 (0: no limit)")
         _check_partitioning(self)
         if self.dataset != "digits":
             _check_data_dir(self)
@@ -124,6 +149,7 @@ class ImageData:
         num_classes: size of the label space (labels are ``0 .. num_classes - 1``).
         cloud: the cloud's pre-training corpus, disjoint from ``train`` and ``test``; only the
             embedded default ships one (users of other data start from timm's weights).
+        cloud_classes: the size of the cloud corpus's label space (its own classifier's).
     """
 
     train: Dataset
@@ -131,6 +157,7 @@ class ImageData:
     train_labels: np.ndarray
     num_classes: int
     cloud: Dataset | None = None
+    cloud_classes: int = 0
 
 
 def load_image_data(spec: DataSpec) -> ImageData:
@@ -142,7 +169,7 @@ def load_image_data(spec: DataSpec) -> ImageData:
     """
     spec.validate()
     if spec.dataset == "digits":
-        return _load_digits(spec.img_size)
+        return _load_digits(spec.img_size, spec.edge_task)
     if spec.dataset == "flowers102":
         return _load_flowers102(spec.data_dir, spec.img_size)
     return _load_imagefolder(spec.data_dir, spec.img_size)
@@ -153,7 +180,7 @@ def dataset_classes(spec: DataSpec) -> int:
     102, an image folder its class sub-folders (what ``ImageFolder`` finds). Call after
     :meth:`DataSpec.validate`."""
     if spec.dataset == "digits":
-        return 10
+        return 10 - len(CLOUD_DIGITS) if spec.edge_task == "new-classes" else 10
     if spec.dataset == "flowers102":
         return 102
     return sum(1 for entry in os.scandir(spec.data_dir) if entry.is_dir())
@@ -241,8 +268,9 @@ def cluster_datasets(
 
     The cluster's partition (see :func:`partition_indices`) is split at random, seeded by
     ``spec.seed`` and ``partition_id``, into ``val_fraction`` validation and the rest training;
-    each side gets at least one sample when the partition has two or more. Same arguments, same
-    result.
+    each side gets at least one sample when the partition has two or more; with
+    ``spec.shots``, the training side keeps at most that many images per class (few-shot).
+    Same arguments, same result.
     """
     if not 0 <= partition_id < num_partitions:
         raise DataError(
@@ -264,6 +292,8 @@ def cluster_split(
     part = rng.permutation(part)
     n_val = _held_out_count(len(part), spec.val_fraction)
     val, train = part[:n_val], part[n_val:]
+    if spec.shots:
+        train = _first_per_class(train, data.train_labels, spec.shots)
     return Subset(data.train, train.tolist()), Subset(data.train, val.tolist())
 
 
@@ -355,6 +385,49 @@ def class_pool(data: ImageData, classes: int, images: int, seed: int = 0) -> Ima
     )
 
 
+def _first_per_class(positions: np.ndarray, labels: np.ndarray, shots: int) -> np.ndarray:
+    """The first `shots` positions of each class, in the given (random) order: few-shot."""
+    taken: dict[int, int] = {}
+    keep = []
+    for i in positions.tolist():
+        c = int(labels[i])
+        taken[c] = taken.get(c, 0) + 1
+        if taken[c] <= shots:
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
+# --- the cloud's corpus, seen in more views ----------------------------------------------------
+
+# new-classes: the cloud pre-trains on every image of its corpus in these views: shifted by 1/8
+# and 1/4 of the image side in each of the four directions, and rotated by -20 and +20 degrees
+# (11 views with the original). A backbone that learned strokes wherever they sit transfers to
+# digits it never saw (a linear probe on 8 images per new class: 0.63 test accuracy, against
+# 0.45 without these views and 0.54 for a random backbone; measured once on this machine).
+CLOUD_SHIFTS = (1 / 8, 1 / 4)
+CLOUD_ANGLES = (-20.0, 20.0)
+
+
+def cloud_views(corpus: TensorDataset) -> TensorDataset:
+    """`corpus` (normalised images ``[n, C, H, W]`` with background -1, and their labels) in
+    every view of CLOUD_SHIFTS and CLOUD_ANGLES, the originals first. Deterministic."""
+    x, y = corpus.tensors
+    side = x.shape[-1]
+    views = [x]
+    for fraction in CLOUD_SHIFTS:
+        step = max(1, round(fraction * side))
+        for dy, dx in ((0, step), (0, -step), (step, 0), (-step, 0)):
+            views.append(torch.roll(x, shifts=(dy, dx), dims=(2, 3)))
+    for degrees in CLOUD_ANGLES:
+        angle = torch.tensor(degrees * torch.pi / 180)
+        cos, sin = torch.cos(angle).item(), torch.sin(angle).item()
+        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]]).expand(len(x), 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        # rotate the ink (x + 1 is 0 on the background) so the corners fill with background
+        views.append(F.grid_sample(x + 1, grid, align_corners=False) - 1)
+    return TensorDataset(torch.cat(views), y.repeat(len(views)))
+
+
 # --- validation helpers -----------------------------------------------------------------------
 
 
@@ -406,14 +479,27 @@ _FLOWERS_HINT = (
 # --- loaders ----------------------------------------------------------------------------------
 
 
-def _load_digits(img_size: int) -> ImageData:
+def _load_digits(img_size: int, edge_task: str = "new-classes") -> ImageData:
     digits = load_digits()
     # 0..16 -> [0, 1] -> normalised with mean 0.5, std 0.5 -> [-1, 1]. Normalising the 8x8
     # originals first is exact (interpolation weights sum to 1) and far cheaper than after resizing.
     grey = torch.from_numpy(digits.images / 16.0).float().sub_(0.5).div_(0.5).unsqueeze(1)
-    y = torch.from_numpy(digits.target).long()
-    edge_idx, cloud_idx = _stratified_split(digits.target, CLOUD_FRACTION, CLOUD_SPLIT_SEED)
-    train_pos, test_pos = _stratified_split(digits.target[edge_idx], TEST_FRACTION, TEST_SPLIT_SEED)
+    target = digits.target.astype(np.int64)
+    if edge_task == "new-classes":
+        # The cloud's digits are not the edges': the edges' classes are relabelled 0..4.
+        cloud_idx = np.flatnonzero(np.isin(target, CLOUD_DIGITS))
+        edge_idx = np.flatnonzero(~np.isin(target, CLOUD_DIGITS))
+        edge_digits = np.unique(target[edge_idx])
+        labels = target.copy()
+        labels[edge_idx] = np.searchsorted(edge_digits, target[edge_idx])
+        train_pos, test_pos = _fixed_per_class(labels[edge_idx], EDGE_TEST_PER_CLASS)
+        num_classes, cloud_classes = len(edge_digits), len(CLOUD_DIGITS)
+    else:
+        labels = target
+        edge_idx, cloud_idx = _stratified_split(target, CLOUD_FRACTION, CLOUD_SPLIT_SEED)
+        train_pos, test_pos = _stratified_split(target[edge_idx], TEST_FRACTION, TEST_SPLIT_SEED)
+        num_classes = cloud_classes = 10
+    y = torch.from_numpy(labels).long()
     train_idx, test_idx = edge_idx[train_pos], edge_idx[test_pos]
 
     def images(idx: np.ndarray) -> torch.Tensor:
@@ -424,9 +510,10 @@ def _load_digits(img_size: int) -> ImageData:
     return ImageData(
         train=TensorDataset(images(train_idx), y[train_idx]),
         test=TensorDataset(images(test_idx), y[test_idx]),
-        train_labels=digits.target[train_idx].astype(np.int64),
-        num_classes=10,
+        train_labels=labels[train_idx],
+        num_classes=num_classes,
         cloud=TensorDataset(images(cloud_idx), y[cloud_idx]),
+        cloud_classes=cloud_classes,
     )
 
 
@@ -493,6 +580,19 @@ def _held_out_count(n: int, fraction: float) -> int:
     if n < 2:
         return 0
     return min(max(round(fraction * n), 1), n - 1)
+
+
+def _fixed_per_class(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, `per_class` samples at random (TEST_SPLIT_SEED) held out (fewer if the class
+    is smaller, leaving it at least one training sample). Sorted ``(train, test)`` positions."""
+    rng = np.random.default_rng(TEST_SPLIT_SEED)
+    train, test = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_test = min(per_class, len(members) - 1)
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def _stratified_split(
