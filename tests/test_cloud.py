@@ -96,9 +96,7 @@ def test_truncated_checkpoint_is_rejected(cfg: RunConfig, data: ImageData) -> No
 def test_checkpoint_of_another_configuration_is_rejected(cfg: RunConfig, data: ImageData) -> None:
     path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
     other = cfg.replace(pretrain_epochs=2)
-    assert (
-        Foundation.of(other).checkpoint_path() != path
-    )  # a different key, so a different file...
+    assert Foundation.of(other).checkpoint_path() != path  # a different key, so a different file...
     reference = build_model(cfg.model, cfg.cloud, 10, cfg.run.seed).backbone.state_dict()
     # ...and a file whose recorded configuration differs is refused even under the right name.
     with pytest.raises(

@@ -202,8 +202,8 @@ ISSUE_17 = [
     ),
     (
         {"partitioning": "classes", "classes-per-cluster": 11},
-        "classes-per-cluster=11 is out of range: dataset='digits' has 10 classes; must be >= 1 "
-        "and <= 10",
+        "classes-per-cluster=11 is out of range: dataset='digits' has 5 classes; must be >= 1 "
+        "and <= 5",
     ),
     ({"classes-per-cluster": 0}, "classes-per-cluster=0 is out of range: must be >= 1"),
     (

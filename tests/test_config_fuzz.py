@@ -31,7 +31,7 @@ from gaisnet_flwr.apps.hfsl import check_run_config
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.config import DEVICES, ConfigError, RunConfig
 from gaisnet_flwr.costs.profiles import DEVICE_PRESETS, LINK_PRESETS
-from gaisnet_flwr.data.images import DATASETS, DOMAINS, PARTITIONINGS
+from gaisnet_flwr.data.images import DATASETS, DOMAINS, EDGE_TASKS, PARTITIONINGS
 from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
 from gaisnet_flwr.split.plan import PLANNERS
@@ -113,6 +113,7 @@ def string_values(files: dict[str, str]) -> dict[str, st.SearchStrategy[str]]:
         "optimizer": choices(*OPTIMIZERS),
         "dataset": choices(*DATASETS),
         "partitioning": choices(*PARTITIONINGS),
+        "edge-task": choices(*EDGE_TASKS),
         "cost-profiles": st.sampled_from(
             [
                 "",
@@ -279,7 +280,7 @@ def tiny_run_configs(draw: st.DrawFn) -> dict[str, Any]:
         "weight-decay": draw(st.floats(0.0, 0.1)),
         "batch-size": draw(st.integers(16, 256)),
         "partitioning": partitioning,
-        "classes-per-cluster": draw(st.integers(5, 10)),
+        "classes-per-cluster": draw(st.integers(3, 5)),  # of the default 5 edge classes
         "dirichlet-alpha": draw(st.floats(0.5, 100.0)),
         "val-fraction": draw(st.floats(0.05, 0.5)),
         "edge-domains": draw(st.sampled_from(["none", "none,invert"])),

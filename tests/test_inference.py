@@ -33,7 +33,7 @@ def client(**overrides: object) -> SplitClusterClient:
 
 def fine_tuned(c: SplitClusterClient) -> ArrayRecord:
     """Tunable modules that differ from the initial ones, as after fine-tuning."""
-    model = Foundation.of(c.cfg).load(10)
+    model = Foundation.of(c.cfg).load(c.data.num_classes)
     torch.manual_seed(1)
     state = {k: v + 0.1 * torch.randn_like(v) for k, v in model.tunable_state().items()}
     return ArrayRecord(state)
@@ -57,7 +57,7 @@ def test_split_inference_predictions_equal_the_unsplit_model(peers: int, speeds:
     reply = c.infer(request(modules))
     predictions = reply.array_records["predictions"]["predictions"].numpy()
 
-    whole = Foundation.of(c.cfg).load(10)
+    whole = Foundation.of(c.cfg).load(c.data.num_classes)
     whole.load_tunable_state(modules.to_torch_state_dict())
     images = torch.stack([c.val_set[i][0] for i in range(len(c.val_set))])
     expected = whole.eval()(images).argmax(1).numpy()
@@ -71,7 +71,7 @@ def test_split_inference_predictions_equal_the_unsplit_model(peers: int, speeds:
 def test_parameter_efficient_and_full_distribution_agree_and_differ_in_bytes() -> None:
     c = client()
     modules = fine_tuned(c)
-    model = Foundation.of(c.cfg).load(10)
+    model = Foundation.of(c.cfg).load(c.data.num_classes)
     model.load_tunable_state(modules.to_torch_state_dict())
     full = ArrayRecord(model.state_dict())
     efficient_reply = c.infer(request(modules, "efficient"))

@@ -35,16 +35,16 @@ def test_table_v_msip_earns_500_and_mlcp_650() -> None:
 
 def test_the_papers_rs_row_of_table_v_earns_minus_75() -> None:
     model, demand = table_v()
-    rs = replay(model, demand, "a b a C b C a C c C".split())
+    rs = replay(model, demand, ["a", "b", "a", "C", "b", "C", "a", "C", "c", "C"])
     # upgrades a, b, a (-150); C at 50; b (-50); C at 50; a is capped (-50); C at 50; c (-50);
     # C at 75 after one upgrade of c
     assert rs.profits == [-50, -50, -50, 50, -50, 50, -50, 50, -50, 75]
     assert rs.total == -75
     # the paper's MSIP and MLCP rows price to their totals too
-    assert replay(model, demand, "A A B C C C C C C C".split()).total == 500
-    assert replay(model, demand, "A c c C C C C C C C".split()).total == 650
+    assert replay(model, demand, ["A", "A", "B", "C", "C", "C", "C", "C", "C", "C"]).total == 500
+    assert replay(model, demand, ["A", "c", "c", "C", "C", "C", "C", "C", "C", "C"]).total == 650
     with pytest.raises(ValueError, match="round 1: decision 'B' is neither"):
-        replay(model, demand, "B A B C C C C C C C".split())
+        replay(model, demand, ["B", "A", "B", "C", "C", "C", "C", "C", "C", "C"])
 
 
 def test_rs_is_seeded_and_never_beats_mlcp() -> None:

@@ -25,13 +25,28 @@ PAPER_PRESET = REPO / "conf" / "paper-vitb16-flowers102.toml"
 
 EXPECTED = {
     "fig6": ["fig6_pretraining.csv", "fig6_pretraining.png"],
-    "fig7": ["fig7_frozen_vs_full.csv", "fig7_paper_scale.csv", "fig7_frozen_vs_full.png"],
+    "fig7": [
+        "fig7_frozen_vs_full.csv",
+        "fig7_epoch_times.csv",
+        "fig7_paper_scale.csv",
+        "fig7_frozen_vs_full.png",
+    ],
     "table3": ["table3_noniid.csv", "table3_noniid.png"],
     "table4": ["table4_clusters.csv", "table4_clusters.png"],
     "table5": ["table5_scheduling.csv", "table5_rs_seeds.csv", "fig8_cumulative_profit.png"],
     "comm": ["comm_per_round.csv", "peers_latency_energy.csv", "comm_and_peers.png"],
+    "hfsl": ["hfsl_vs_central.csv", "cloud_edge.csv", "hfsl_vs_central.png"],
 }
-TITLES = ("Fig. 6", "Fig. 7", "Table III", "Table IV", "Table V and Fig. 8", "Beyond the paper")
+TITLES = (
+    "Fig. 6",
+    "Fig. 7",
+    "Table III",
+    "Table IV",
+    "Table V and Fig. 8",
+    "Beyond the paper",
+    "HFSL vs centralised",
+)
+SEEDS = 2  # the slow test's seeds (the commands' default is 3)
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
@@ -57,6 +72,57 @@ def test_relative_links_prefix_local_files_only() -> None:
     assert common.relative_links(text, "fig6") == (
         "![F](fig6/f.png) [csv](fig6/a.csv) [web](https://x.org/a) [top](#fig-6) [abs](/etc/x)"
     )
+
+
+def test_mean_sd_and_pm_over_seeds() -> None:
+    assert common.mean_sd([0.5]) == (0.5, 0.0)
+    mean, sd = common.mean_sd([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2) and sd == pytest.approx(0.1)
+    assert common.pm([0.1, 0.2, 0.3]) == "0.200 ± 0.100"
+    assert common.pm([0.1, 0.2, 0.3], 1, 100) == "20.0 ± 10.0"
+
+
+@pytest.mark.parametrize(
+    ("effects", "sign", "expected"),
+    [
+        ([0.10, 0.12, 0.11], +1, "agrees"),  # mean 0.11, sd 0.01: far beyond 2 sd
+        ([0.10, 0.12, 0.11], -1, "differs"),
+        ([0.05, -0.03, 0.01], +1, "within noise"),  # mean 0.01, sd 0.04
+        ([0.02, 0.02, 0.02], +1, "agrees"),  # no spread at all: any effect counts
+        ([0.0, 0.0, 0.0], +1, "within noise"),  # but no effect is none
+    ],
+)
+def test_verdicts_need_an_effect_beyond_two_sd_of_the_seeds(
+    effects: list[float], sign: int, expected: str
+) -> None:
+    assert common.verdict(effects, sign) == expected
+
+
+def test_seeds_count_from_the_run_configs_seed() -> None:
+    class Args:
+        seeds = 3
+
+    assert common.run_seeds(RunConfig.of(seed=5), Args()) == [5, 6, 7]  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_an_experiment_reproduces_its_numbers_bit_for_bit(tmp_path: Path) -> None:
+    """The same command twice: the same CSV, byte for byte (a tiny model, one epoch)."""
+    from gaisnet_flwr.experiments import fig6_pretraining
+
+    tiny = (
+        "depth=2 embed-dim=32 num-heads=2 peers-per-cluster=2 img-size=16 pretrain-epochs=1 "
+        f"foundation-dir='{tmp_path / 'fd'}'"
+    )
+    csvs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        fig6_pretraining.main(
+            ["--epochs", "1", "--seeds", "2", "--out", str(out), "--run-config", tiny]
+        )
+        csvs.append((out / "fig6_pretraining.csv").read_bytes())
+    assert csvs[0] == csvs[1]
+    assert len(csvs[0].splitlines()) == 1 + 2 * 2  # header, 2 seeds x (start + epoch 1)
 
 
 def test_with_defaults_applies_only_to_keys_the_user_did_not_set() -> None:
@@ -177,7 +243,15 @@ def accuracies(path: Path, *columns: str) -> list[float]:
 def test_quick_variant_writes_every_figure_table_and_the_report(tmp_path: Path) -> None:
     out = tmp_path / "section5"
     done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "section5.py"), "--quick", "--out", str(out)],
+        [
+            sys.executable,
+            str(SCRIPTS / "section5.py"),
+            "--quick",
+            "--seeds",
+            str(SEEDS),
+            "--out",
+            str(out),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -205,16 +279,16 @@ def test_quick_variant_writes_every_figure_table_and_the_report(tmp_path: Path) 
     assert total, "the report states the total wall time"
     print(f"quick variant of Section V: {total.group(1)} s")
 
-    # Fig. 6 and Fig. 7: accuracies are fractions, one row per epoch (quick: 2 epochs + start)
+    # Fig. 6 and Fig. 7: accuracies are fractions, one row per seed and epoch (quick: 2 + start)
     fig6 = out / "fig6" / "fig6_pretraining.csv"
-    assert len(rows(fig6)) == 3
+    assert len(rows(fig6)) == SEEDS * 3
     fig7 = out / "fig7" / "fig7_frozen_vs_full.csv"
     for path, cols in (
-        (fig6, ("pretrained", "random")),
+        (fig6, ("pretrained", "random_frozen", "scratch")),
         (fig7, ("prompt_accuracy", "full_accuracy")),
     ):
         assert all(0.0 <= a <= 1.0 for a in accuracies(path, *cols))
-    assert all(float(r["prompt_epoch_s"]) > 0 for r in rows(fig7)[1:])
+    assert all(float(r["prompt_epoch_s"]) > 0 for r in rows(out / "fig7" / "fig7_epoch_times.csv"))
     scale = {r["mode"]: r for r in rows(out / "fig7" / "fig7_paper_scale.csv")}
     # analytic: full fine-tuning also computes every weight gradient
     assert float(scale["full"]["vitb16_train_gflops_per_sample"]) > float(
@@ -225,8 +299,10 @@ def test_quick_variant_writes_every_figure_table_and_the_report(tmp_path: Path) 
     # Table III: fractions; in reading A one class of five ends well below all five
     t3 = rows(out / "table3" / "table3_noniid.csv")
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in t3)
-    end = {int(r["classes"]): float(r["accuracy"]) for r in t3 if r["reading"] == "A"}
-    assert end[1] < end[5]
+    end = {
+        (int(r["seed"]), int(r["classes"])): float(r["accuracy"]) for r in t3 if r["reading"] == "A"
+    }
+    assert all(end[(seed, 1)] < end[(seed, 5)] for seed in range(SEEDS))
 
     # Table IV: every cluster count and domain ran every round
     t4 = rows(out / "table4" / "table4_clusters.csv")
@@ -246,6 +322,12 @@ def test_quick_variant_writes_every_figure_table_and_the_report(tmp_path: Path) 
     for r in rows(out / "comm" / "comm_per_round.csv"):
         d2d = float(r["d2d_forward_bytes"]) + float(r["d2d_backward_bytes"])
         assert d2d > float(r["upload_bytes"]) > 0
+    # HFSL vs centralised and the cloud tier: fractions for every seed and round
+    hfsl = rows(out / "hfsl" / "hfsl_vs_central.csv")
+    assert {int(r["seed"]) for r in hfsl} == set(range(SEEDS))
+    assert all(0.0 <= float(r["hfsl_accuracy"]) <= 1.0 for r in hfsl)
+    tiers = rows(out / "hfsl" / "cloud_edge.csv")
+    assert {r["aggregation"] for r in tiers} == {"cloud-edge", "isolated"}
     peers = rows(out / "comm" / "peers_latency_energy.csv")
     assert {int(r["peers"]) for r in peers} == set(range(1, 7))
     assert all(float(r["latency_s"]) > 0 and float(r["energy_j"]) > 0 for r in peers)

@@ -1,14 +1,17 @@
 """The paper's Fig. 7 (Sec. V-C): fine-tuning with a frozen backbone (prompt tuning) vs full
 fine-tuning of every weight, accuracy per epoch and training time per epoch, side by side.
 
-Both start from the same pre-trained foundation and train on the same edge data with the same
-optimizer, learning rate and batch size; only what trains differs (`mode`: the run's prompt
-mode vs `full`). Time per epoch is the training loop alone (evaluation excluded). Because the
+Both start from the same pre-trained foundation and train on the same few-shot edge data (4
+clusters' training splits, pooled) with the same optimizer, learning rate and batch size; only
+what trains differs (`mode`: the run's prompt mode vs `full`), over several seeds. As in the
+paper: AdamW at lr 0.001, and prompts that are about 5 % of the tokens (ViT-B/16: 10 of 197; the
+embedded model: 1 of 17, so `num-prompts=1` unless the run-config sets it). Time per epoch is
+the training loop alone (evaluation excluded). Because the
 embedded model is tiny, the same comparison is also timed at the paper's scale: training steps
 of ViT-B/16 (224 px, 102 classes, random weights: speed does not depend on them) on random
 images, the two modes interleaved, plus the analytic FLOPs per sample of each mode.
 
-    python scripts/fig7_frozen_vs_full.py            # 15 epochs, outputs/section5/fig7
+    python scripts/fig7_frozen_vs_full.py            # 12 epochs, outputs/section5/fig7
     python scripts/fig7_frozen_vs_full.py --quick    # 2 epochs, short ViT-B/16 timing
 """
 
@@ -26,18 +29,24 @@ from torch.utils.data import TensorDataset
 
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import ConfigError, RunConfig
-from gaisnet_flwr.data.images import edge_image_data, load_image_data
+from gaisnet_flwr.data.images import load_image_data
 from gaisnet_flwr.experiments.section5_common import (
+    NOISE_RULE,
     PAPER,
     Progress,
     Series,
     Turns,
     add_common_arguments,
-    fmt,
     line_plot,
     md_table,
+    pm,
+    pooled_edge_data,
+    run_seeds,
     save,
     script_main,
+    seed_series,
+    verdict,
+    with_defaults,
     write_csv,
 )
 from gaisnet_flwr.split.flops import segment_flops
@@ -47,9 +56,13 @@ from gaisnet_flwr.vit.model import build_prompted_vit
 
 NAME = "fig7"
 TITLE = "Fig. 7: frozen backbone (prompt tuning) vs full fine-tuning"
-EPOCHS = {"quick": 2, "full": 15}
+EPOCHS = {"quick": 2, "full": 12}
+CLUSTERS = 4  # the edge data: what 4 clusters hold, pooled
+# The paper's optimizer setting, and prompts at ~5 % of the tokens (1 of the embedded model's
+# 17; ViT-B/16's 10 of 197), where the user's run-config does not set them.
+DEFAULTS = {"optimizer": "adamw", "lr": 1e-3, "num_prompts": 1}
 # ViT-B/16 timing: (batch, timed steps per mode); one untimed warm-up step per mode first.
-PAPER_SCALE = {"quick": (2, 1), "full": (4, 3)}
+PAPER_SCALE = {"quick": (1, 1), "full": (4, 3)}
 VIT_B16 = dict(
     model_name="vit_base_patch16_224",
     img_size=224,
@@ -63,7 +76,7 @@ VIT_B16 = dict(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "outputs/section5/fig7")
-    parser.add_argument("--epochs", type=int, default=0, help="default: 15 (2 with --quick)")
+    parser.add_argument("--epochs", type=int, default=0, help="default: 12 (2 with --quick)")
     return parser
 
 
@@ -85,12 +98,12 @@ def train_curves(
     first = next(iter(configs.values()))
     data = load_image_data(first.data_spec())  # the modes differ only in what trains
     Foundation.of(first).ensure(data, first.run.torch_device())
-    edge = edge_image_data(data, 0, [1.0], first.hierarchy.domains()[0], seed=first.run.seed)
+    train, test = pooled_edge_data(first, CLUSTERS)
     device = first.run.torch_device()
     names = list(configs)
     models = {k: Foundation.of(c).load(data.num_classes) for k, c in configs.items()}
     curves: dict[str, tuple[list[float], list[float]]] = {
-        k: ([evaluate(models[k], edge.test, device=device).accuracy], []) for k in names
+        k: ([evaluate(models[k], test, device=device).accuracy], []) for k in names
     }
     turns = Turns(len(names))
 
@@ -102,16 +115,18 @@ def train_curves(
         def record(epoch: int, m: object) -> None:
             nonlocal mark
             seconds.append(time.perf_counter() - mark)
-            accuracy.append(evaluate(m, edge.test, device=device).accuracy)  # type: ignore[arg-type]
-            progress.step(
-                f"{name} epoch {epoch}: accuracy {accuracy[-1]:.4f}, {seconds[-1]:.2f} s/epoch"
-            )
+            accuracy.append(evaluate(m, test, device=device).accuracy)  # type: ignore[arg-type]
+            if epoch == epochs:
+                progress.step(
+                    f"seed {first.run.seed} {name}: accuracy {accuracy[-1]:.4f}, "
+                    f"{seconds[-1]:.2f} s/epoch"
+                )
             turns.yield_turn(i)
             mark = time.perf_counter()  # neither evaluation nor the other mode's turn count
 
         train_centralised(
             models[name],
-            edge.train,
+            train,
             configs[name].training,
             epochs,
             configs[name].run.seed,
@@ -167,41 +182,50 @@ def analytic_flops() -> dict[str, float]:
 
 
 def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
+    cfg = with_defaults(cfg, args, **DEFAULTS)
     epochs = args.epochs or EPOCHS["quick" if args.quick else "full"]
-    configs = modes(cfg)
+    seeds = run_seeds(cfg, args)
     batch, repeats = PAPER_SCALE["quick" if args.quick else "full"]
-    progress = Progress(NAME, 2 * epochs + repeats)
-    curves = train_curves(configs, epochs, progress)
+    progress = Progress(NAME, 2 * len(seeds) + repeats)
+    runs = [train_curves(modes(cfg.replace(seed=seed)), epochs, progress) for seed in seeds]
     step_s = paper_scale_step_s(cfg, batch, repeats, progress)
     flops = analytic_flops()
-    (pa, ps), (fa, fs) = curves["prompt"], curves["full"]
+    pas = [r["prompt"][0] for r in runs]  # accuracy per epoch, one list per seed
+    fas = [r["full"][0] for r in runs]
+    ps = [t for r in runs for t in r["prompt"][1]]  # seconds per epoch, every seed
+    fs = [t for r in runs for t in r["full"][1]]
     write_csv(
         out / "fig7_frozen_vs_full.csv",
-        ["epoch", "prompt_accuracy", "full_accuracy", "prompt_epoch_s", "full_epoch_s"],
-        [
-            [e, pa[e], fa[e], ps[e - 1] if e else "", fs[e - 1] if e else ""]
-            for e in range(epochs + 1)
-        ],
-    )
+        ["seed", "epoch", "prompt_accuracy", "full_accuracy"],
+        [[seed, e, pa[e], fa[e]] for seed, pa, fa in zip(seeds, pas, fas, strict=True)
+         for e in range(epochs + 1)],
+    )  # fmt: skip
+    # times vary from run to run (machine load): a file of their own, apart from the accuracies
+    write_csv(
+        out / "fig7_epoch_times.csv",
+        ["seed", "epoch", "prompt_epoch_s", "full_epoch_s"],
+        [[seed, e + 1, r["prompt"][1][e], r["full"][1][e]]
+         for seed, r in zip(seeds, runs, strict=True) for e in range(epochs)],
+    )  # fmt: skip
     write_csv(
         out / "fig7_paper_scale.csv",
         ["mode", "vitb16_step_s", "vitb16_batch", "vitb16_train_gflops_per_sample"],
         [[k, step_s[k], batch, flops[k] / 1e9] for k in ("prompt", "full")],
     )
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    xs = range(epochs + 1)
+    xs, ticks = range(epochs + 1), range(1, epochs + 1)
     line_plot(
         out / "fig7_frozen_vs_full.png",
-        "Fig. 7: accuracy per epoch",
+        f"Fig. 7: accuracy per epoch (mean ± sd, {len(seeds)} seeds)",
         "epoch (0 = before fine-tuning)",
         "test accuracy (fraction)",
         [
-            Series(f"frozen backbone ({cfg.model.mode})", xs, pa),
-            Series("full fine-tuning", xs, fa, "-s"),
+            seed_series(f"frozen backbone ({cfg.model.mode})", xs, pas),
+            seed_series("full fine-tuning", xs, fas, "-s"),
         ],
         ax=left,
         ylim=(0, 1.02),
-    )
+    )  # fmt: skip
     line_plot(
         out / "fig7_frozen_vs_full.png",
         f"training time per epoch ({cfg.run.torch_device()}, "
@@ -209,16 +233,15 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
         "epoch",
         "seconds per epoch (s)",
         [
-            Series(f"frozen backbone ({cfg.model.mode})", range(1, epochs + 1), ps),
-            Series("full fine-tuning", range(1, epochs + 1), fs, "-s"),
+            Series(f"frozen backbone ({cfg.model.mode})", ticks, runs[0]["prompt"][1]),
+            Series("full fine-tuning", ticks, runs[0]["full"][1], "-s"),
         ],
         ax=right,
-    )
+    )  # fmt: skip
     save(fig, out / "fig7_frozen_vs_full.png")
 
-    mp, mf = statistics.median(ps), statistics.median(fs)
+    mp, mf = statistics.median(ps), statistics.median(fs)  # over every seed's epochs
     last = min(3, epochs)
-    conv_p, conv_f = statistics.mean(pa[-last:]), statistics.mean(fa[-last:])
     paper_ratio = PAPER["fig7_full_epoch_s"] / PAPER["fig7_prompt_epoch_s"]
     table = md_table(
         ["", "paper (ViT-B/16, RTX 4060)", f"ours, embedded ({cfg.model.model_name} "
@@ -237,41 +260,28 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
         ],
     )  # fmt: skip
     acc_table = md_table(
-        ["epoch", "frozen backbone", "full fine-tuning"],
-        [[e, pa[e], fa[e]] for e in sorted({0, 1, epochs // 2, epochs})],
-    )
+        ["epoch", "frozen backbone", "full fine-tuning", "frozen - full (points)"],
+        [
+            [e, pm([a[e] for a in pas]), pm([a[e] for a in fas]),
+             pm([p[e] - f[e] for p, f in zip(pas, fas, strict=True)], 1, 100)]
+            for e in sorted({0, 1, epochs // 2, epochs})
+        ],
+    )  # fmt: skip
     tokens = (cfg.model.img_size // cfg.model.patch_size) ** 2 + 1  # patches + class token
-    data = load_image_data(cfg.data_spec())
-    test = edge_image_data(data, 0, [1.0], cfg.hierarchy.domains()[0], seed=cfg.run.seed).test
-    one_image = 1 / len(test)  # type: ignore[arg-type]
-    # the first epoch at which full fine-tuning is back within one point of the frozen backbone
-    caught_up = next((e for e in range(1, epochs + 1) if fa[e] >= pa[e] - 0.01), None)
-    recovery = (
-        f"full fine-tuning first drops to {fmt(fa[1])} (epoch 1; frozen: {fmt(pa[1])}) and is "
-        + (
-            f"back within a point of the frozen backbone from epoch {caught_up}"
-            if caught_up
-            else f"still behind after {epochs} epochs"
-        )
+    share = cfg.model.num_prompts / (tokens + cfg.model.num_prompts)
+    # converged: the mean of the last epochs, per seed; the paper: frozen ends higher
+    ends = [
+        statistics.mean(p[-last:]) - statistics.mean(f[-last:])
+        for p, f in zip(pas, fas, strict=True)
+    ]
+    firsts = [p[1] - f[1] for p, f in zip(pas, fas, strict=True)]
+    said = verdict(ends, +1)
+    accuracy_verdict = (
+        f"**Accuracy {said}** with the paper (frozen backbone converges higher after few-shot "
+        f"fine-tuning): frozen minus full, mean of the last {last} epochs, "
+        f"{pm(ends, 1, 100)} points over {len(seeds)} seeds; after epoch 1 {pm(firsts, 1, 100)} "
+        f"points."
     )
-    if abs(conv_p - conv_f) < 2 * one_image:
-        accuracy_verdict = (
-            f"**Accuracy only partly agrees with the paper:** the frozen backbone never loses "
-            f"accuracy, while {recovery}; at the end the two tie (mean of the last {last} epochs "
-            f"{fmt(conv_p)} frozen vs {fmt(conv_f)} full: less than two of the "
-            f"{round(1 / one_image)} test images apart)."
-        )
-    elif conv_p > conv_f:
-        accuracy_verdict = (
-            f"**Accuracy agrees with the paper:** the frozen backbone ends higher (mean of the "
-            f"last {last} epochs {fmt(conv_p)} vs {fmt(conv_f)} for full fine-tuning); {recovery}."
-        )
-    else:
-        accuracy_verdict = (
-            f"**Accuracy disagrees with the paper:** full fine-tuning ends higher here (mean of "
-            f"the last {last} epochs {fmt(conv_f)} vs {fmt(conv_p)} with the frozen backbone); "
-            f"{recovery}."
-        )
     if mf > 1.1 * mp:
         time_verdict = f"agrees in direction ({mf / mp:.2f}x, not 6x)"
     elif mp > 1.1 * mf:
@@ -285,10 +295,9 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
             f"epoch (full / frozen {mf / mp:.2f}x)"
         )
     small_model = (
-        f"The embedded model has {tokens} tokens, so {cfg.model.num_prompts} prompts add "
-        f"{100 * cfg.model.num_prompts / tokens:.0f} % more tokens to every block, "
-        f"and its weights are "
-        f"few: "
+        f"The embedded model has {tokens} tokens, so {cfg.model.num_prompts} prompt(s) per "
+        f"layer make {100 * share:.1f} % of the tokens every block sees (ViT-B/16's 10 of 207: "
+        f"4.8 %), and its weights are few: "
         + (
             f"the frozen backbone's saving shrinks to {mf / mp:.2f}x."
             if mf >= mp
@@ -297,20 +306,20 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
         )
     )
     return f"""
-Centralised fine-tuning of the edge's whole training split from the pre-trained foundation
-(`foundation='{cfg.cloud.foundation}'`): the frozen backbone trains
-{cfg.model.num_prompts} prompts per layer
-and the head ({cfg.model.mode}); full fine-tuning trains every weight. Same data, optimizer
-({cfg.training.optimizer}, lr {cfg.training.lr}), batch {cfg.training.batch_size},
-{epochs} epochs each.
+Centralised fine-tuning from the pre-trained foundation (`foundation='{cfg.cloud.foundation}'`)
+on the edge's few-shot data ({CLUSTERS} clusters' training splits, pooled,
+{cfg.data.shots} images per class per cluster): the frozen backbone trains
+{cfg.model.num_prompts} prompt(s) per layer ({100 * share:.1f} % of the tokens, as ViT-B/16's 10
+prompts are of its 207) and a fresh head ({cfg.model.mode}); full fine-tuning trains every
+weight, the head fresh too. Same data, optimizer ({cfg.training.optimizer}, lr
+{cfg.training.lr}, the paper's), batch {cfg.training.batch_size}, {epochs} epochs each, seeds
+{", ".join(map(str, seeds))}.
 
 ![Fig. 7](fig7_frozen_vs_full.png)
 
 {acc_table}
 
-{accuracy_verdict} The paper reports the frozen backbone converging higher after few-shot
-fine-tuning. Full fine-tuning moves every pre-trained weight at the same learning rate, which
-first costs accuracy; with the embedded default's plentiful in-domain data it recovers.
+{accuracy_verdict} {NOISE_RULE}
 
 Time (median over epochs / steps; the two modes take turns epoch by epoch and step by step, so
 load from other processes on the machine hits both alike):
@@ -326,8 +335,8 @@ optimizer's update of 86 M weights is extra work they leave out). Neither reache
 prompts still need input gradients down to block 1, which bounds the saving near 1.5x in FLOPs;
 the rest of the paper's gap is not explained by arithmetic (GPU memory traffic of 86 M weights'
 gradients and optimizer state, or differences in their setup we cannot see).
-CSV: [fig7_frozen_vs_full.csv](fig7_frozen_vs_full.csv),
-[fig7_paper_scale.csv](fig7_paper_scale.csv).
+CSV: [fig7_frozen_vs_full.csv](fig7_frozen_vs_full.csv) (every seed and epoch),
+[fig7_epoch_times.csv](fig7_epoch_times.csv), [fig7_paper_scale.csv](fig7_paper_scale.csv).
 """
 
 

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import gaisnet_flwr.experiments.comm_and_peers as comm_and_peers  # noqa: E402
 import gaisnet_flwr.experiments.fig6_pretraining as fig6_pretraining  # noqa: E402
 import gaisnet_flwr.experiments.fig7_frozen_vs_full as fig7_frozen_vs_full  # noqa: E402
+import gaisnet_flwr.experiments.hfsl_vs_central as hfsl_vs_central  # noqa: E402
 import gaisnet_flwr.experiments.section5_common as common  # noqa: E402
 import gaisnet_flwr.experiments.table3_noniid as table3_noniid  # noqa: E402
 import gaisnet_flwr.experiments.table4_clusters as table4_clusters  # noqa: E402
@@ -46,6 +47,7 @@ EXPERIMENTS = {
         table4_clusters,
         table5_scheduling,
         comm_and_peers,
+        hfsl_vs_central,
     )
 }
 
@@ -71,7 +73,7 @@ def selected(parser: argparse.ArgumentParser, only: str) -> list[str]:
 
 
 def sub_argv(args: argparse.Namespace, out: Path) -> list[str]:
-    argv = ["--out", str(out), "--threads", str(args.threads)]
+    argv = ["--out", str(out), "--threads", str(args.threads), "--seeds", str(args.seeds)]
     if args.quick:
         argv.append("--quick")
     for preset in args.preset:
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     torch.set_num_threads(args.threads)  # after every check: bad input changes nothing
     out.mkdir(parents=True, exist_ok=True)
+    foundation = common.foundation_note(cfg)  # pre-trains it once, before the timed parts
     startup = time.perf_counter() - START
     results, failures = [], []
     print(f"Section V: {', '.join(names)} into {out} (start-up {startup:.0f} s)", flush=True)
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append((module, result))
         print(f"[{name}] done in {result.seconds:.0f} s", flush=True)
     total = time.perf_counter() - START
-    write_report(out / "report.md", args, cfg, argv, results, failures, startup, total)
+    write_report(out / "report.md", args, cfg, argv, results, failures, startup, total, foundation)
     print(f"Section V report: {out / 'report.md'} ({total:.0f} s in all)", flush=True)
     return 1 if failures else 0
 
@@ -125,6 +128,7 @@ def write_report(
     failures: list[tuple[str, str]],
     startup: float,
     total: float,
+    foundation: str,
 ) -> None:
     command = shlex.join(
         ["python", "scripts/section5.py", *(sys.argv[1:] if argv is None else argv)]
@@ -140,8 +144,8 @@ def write_report(
             ]
             for m, r in results
         ]
-        + [["Python start-up and imports (once; every standalone command pays it too)", "",
-            f"{startup:.0f} s"]]
+        + [["Python start-up, imports and the foundation (once; every standalone command "
+            "pays them too)", "", f"{startup:.0f} s"]]
         + [["**all of the above**", f"`{command}`", f"**{total:.0f} s ({total / 60:.1f} min)**"]],
     )  # fmt: skip
     failed = "".join(f"\n\n**{name} FAILED:**\n\n```\n{tb}```" for name, tb in failures)
@@ -156,9 +160,11 @@ command (the paper's numbers are quoted from its Section V). The paper ran ViT-B
 Flowers on an RTX 4060; this run: `{cfg.model.model_name}` at {cfg.model.img_size} px (depth {
             cfg.model.depth
         },
-width {cfg.model.embed_dim}), foundation `{cfg.cloud.foundation}`, dataset `{cfg.data.dataset}`{
-            DIGITS_NOTE if cfg.data.dataset == "digits" else ""
-        }.
+width {cfg.model.embed_dim}), {foundation}, dataset `{cfg.data.dataset}`{
+            DIGITS_NOTE[cfg.data.edge_task] if cfg.data.dataset == "digits" else ""
+        }. Every setting ran {args.seeds} seeds ({
+            ", ".join(map(str, common.run_seeds(cfg, args)))
+        }); tables give mean ± sd over them. {common.NOISE_RULE}
 
 {timing}{failed}
 
@@ -167,10 +173,18 @@ width {cfg.model.embed_dim}), foundation `{cfg.cloud.foundation}`, dataset `{cfg
     )
 
 
-DIGITS_NOTE = (
-    " (the embedded default: scikit-learn's 8x8 digits, resized; with `foundation='cloud'` the "
-    "cloud pre-trains the backbone on a share of the digits that no edge sees)"
-)
+DIGITS_NOTE = {
+    "new-classes": (
+        " (the embedded default: scikit-learn's 8x8 digits, resized; with `foundation='cloud'` "
+        "the cloud pre-trains the backbone on digits 0-4 and ships it without its head; the "
+        "edges learn digits 5-9 on a fresh head from `shots` images per class per cluster and "
+        "are tested on a fixed 400 images)"
+    ),
+    "same-classes": (
+        " (the earlier setting, `edge-task='same-classes'`: the cloud pre-trains on a share of "
+        "all ten digits that no edge sees and ships its head too)"
+    ),
+}
 
 
 def anchor(title: str) -> str:

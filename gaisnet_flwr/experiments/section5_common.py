@@ -30,12 +30,16 @@ matplotlib.use("Agg")  # files only, no display: runs headless on servers and in
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
+from torch.utils.data import ConcatDataset, Dataset  # noqa: E402
 
 from gaisnet_flwr.apps.inprocess import run_inprocess  # noqa: E402
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
-from gaisnet_flwr.data.images import load_image_data  # noqa: E402
+from gaisnet_flwr.data.images import (  # noqa: E402
+    cluster_datasets,
+    edge_image_data,
+    load_image_data,
+)
 from gaisnet_flwr.training.loops import evaluate  # noqa: E402
 from gaisnet_flwr.vit.model import PromptedViT  # noqa: E402
 
@@ -63,6 +67,55 @@ PAPER: dict[str, Any] = {
 }
 
 
+# Every Section V setting runs this many seeds (run-config `seed`, `seed + 1`, ...): the edges'
+# fresh heads, prompts, partitions and shuffles; the cloud's foundation has its own
+# `pretrain-seed`, so one foundation serves them all.
+SEEDS = 3
+
+
+# -- seeds, spreads and verdicts ------------------------------------------------------------------
+
+
+def run_seeds(cfg: RunConfig, args: argparse.Namespace) -> list[int]:
+    """The seeds a setting runs: `--seeds` of them from the run-config's `seed` on."""
+    return [cfg.run.seed + i for i in range(getattr(args, "seeds", SEEDS))]
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    vals = [float(v) for v in values]
+    mean = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, sd
+
+
+def pm(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
+    """'mean ± sd' over seeds, e.g. '0.612 ± 0.014' (scale=100: points)."""
+    mean, sd = mean_sd([scale * v for v in values])
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def beyond_noise(effects: Sequence[float]) -> bool:
+    """Whether per-seed effects (differences measured seed by seed) stand out of their own
+    spread: |mean| > 2 sd. With identical effects (sd 0) any non-zero mean does."""
+    mean, sd = mean_sd(effects)
+    return abs(mean) > 2 * sd and mean != 0
+
+
+def verdict(effects: Sequence[float], paper_sign: int) -> str:
+    """'agrees' / 'differs' with the paper's direction (`paper_sign` +1 or -1) when the
+    per-seed effects exceed their spread (`beyond_noise`), else 'within noise'."""
+    if not beyond_noise(effects):
+        return "within noise"
+    return "agrees" if mean_sd(effects)[0] * paper_sign > 0 else "differs"
+
+
+NOISE_RULE = (
+    "A verdict compares per-seed effects with their own spread: *agrees* or *differs* (with the "
+    "paper's direction) only when |mean| > 2 sd over the seeds, else *within noise*."
+)
+
+
 # -- command line ---------------------------------------------------------------------------------
 
 
@@ -83,6 +136,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
         "--run-config",
         default="",
         help='overrides in flwr\'s syntax, applied after the presets, e.g. "lr=0.01 seed=1"',
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=SEEDS,
+        help=f"run seeds per setting, from the run-config's seed on (default {SEEDS}); tables "
+        "report mean ± sd over them and a verdict only when an effect exceeds their spread",
     )
     parser.add_argument(
         "--threads",
@@ -257,6 +317,15 @@ class Series:
     x: Sequence[float]
     y: Sequence[float]
     style: str = "-o"
+    sd: Sequence[float] | None = None  # drawn as a band of mean ± sd over seeds
+
+
+def seed_series(
+    label: str, x: Sequence[float], runs: Sequence[Sequence[float]], style: str = "-o"
+) -> Series:
+    """The mean over seeds of `runs` (one sequence per seed), with its sd band."""
+    stats = [mean_sd(values) for values in zip(*runs, strict=True)]
+    return Series(label, x, [m for m, _ in stats], style, [sd for _, sd in stats])
 
 
 def line_plot(
@@ -275,7 +344,11 @@ def line_plot(
     if own:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for s in series:
-        ax.plot(s.x, s.y, s.style, label=s.label, markersize=4)
+        (line,) = ax.plot(s.x, s.y, s.style, label=s.label, markersize=4)
+        if s.sd is not None and any(s.sd):
+            low = [m - d for m, d in zip(s.y, s.sd, strict=True)]
+            high = [m + d for m, d in zip(s.y, s.sd, strict=True)]
+            ax.fill_between(list(s.x), low, high, color=line.get_color(), alpha=0.2)
     ax.set_title(title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, rounds, peers: whole numbers
     ax.set_xlabel(xlabel)
@@ -332,12 +405,22 @@ def execute(
     markdown = (
         f"## {experiment.TITLE}\n\n{body.strip()}\n\n"
         f"*Measured wall time: {seconds:.0f} s ({variant}, {cfg.run.torch_device()}, "
-        f"torch threads: "
-        f"{torch.get_num_threads()}).*\n"
+        f"torch threads: {torch.get_num_threads()}, seeds "
+        f"{', '.join(map(str, run_seeds(cfg, args)))}; {foundation_note(cfg)}).*\n"
     )
     (out / "report.md").write_text(markdown)
     files = sorted(p for p in out.iterdir() if p.suffix in (".csv", ".png"))
     return SectionResult(experiment.NAME, experiment.TITLE, markdown, seconds, files)
+
+
+def foundation_note(cfg: RunConfig) -> str:
+    """Which foundation the numbers stand on: its kind and the SHA-256 of its weights (the
+    same at any thread count, `Foundation.fingerprint`), after making sure it exists."""
+    data = load_image_data(cfg.data_spec())
+    foundation = Foundation.of(cfg)
+    foundation.ensure(data, cfg.run.torch_device())
+    digest = foundation.fingerprint(data.num_classes)
+    return f"foundation `{cfg.cloud.foundation}`, weights sha256 `{digest[:16]}`"
 
 
 def script_main(experiment: Experiment, argv: Sequence[str] | None = None) -> SectionResult:
@@ -430,6 +513,19 @@ def hfsl_rounds(
         if on_round:
             on_round(row)
     return rows
+
+
+def pooled_edge_data(cfg: RunConfig, clusters: int) -> tuple[Dataset, Dataset]:
+    """Edge 0's training data as `clusters` clusters hold it (their training splits, pooled:
+    what centralised training on the same data sees) and its test set."""
+    spec = cfg.data_spec()
+    edge = edge_image_data(
+        load_image_data(spec), 0, [1.0], cfg.hierarchy.domains()[0], seed=cfg.run.seed
+    )
+    pool: ConcatDataset = ConcatDataset(
+        [cluster_datasets(edge, c, clusters, spec)[0] for c in range(clusters)]
+    )
+    return pool, edge.test
 
 
 def fresh_head_config(cfg: RunConfig, folder: Path, seed: int) -> RunConfig:
