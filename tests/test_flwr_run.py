@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,17 +33,6 @@ def _load_flwr_local() -> ModuleType:
 flwr_local = _load_flwr_local()
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def started_by(home: Path, ports: list[int]) -> list[str]:
     """Live Flower/Ray processes that belong to this test's SuperLink: by command line (home,
     ports) or, on Linux, by the FLWR_HOME they inherited (Ray workers name neither)."""
@@ -65,7 +53,7 @@ def started_by(home: Path, ports: list[int]) -> list[str]:
 
 def flwr_run(tmp_path: Path, run_config: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     home = tmp_path / "flwr-home"
-    ports = free_ports(2)
+    ports = flwr_local.free_ports(2)
     env = {
         **os.environ,
         "FLWR_HOME": str(home),

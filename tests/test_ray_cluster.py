@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,20 +38,9 @@ TINY = (
 )
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def ray_node_args(temp_dir: Path) -> list[str]:
     """Ports of this node's own (Ray's fixed defaults would meet other clusters' nodes)."""
-    agent, grpc, runtime_env, metrics, manager, objects = free_ports(6)
+    agent, grpc, runtime_env, metrics, manager, objects = flwr_local.free_ports(6)
     return [
         "--node-ip-address=127.0.0.1",
         "--num-cpus=1",
@@ -76,7 +64,7 @@ def ours(temp_dir: Path) -> set[int]:
 def ray_cluster() -> Iterator[tuple[str, Path]]:
     # A short path: Ray's Unix sockets live under it (at most ~107 bytes per path).
     temp_dir = Path(tempfile.mkdtemp(prefix="gr-", dir="/tmp"))
-    gcs, client, dashboard = free_ports(3)
+    gcs, client, dashboard = flwr_local.free_ports(3)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     address = f"127.0.0.1:{gcs}"
     started: set[int] = set()
@@ -133,7 +121,7 @@ def test_flwr_run_puts_the_clusters_on_both_nodes_of_a_ray_cluster(
     }
     assert len(raylets) == 2, "two Ray nodes should be up"
     home = tmp_path / "flwr-home"
-    ports = free_ports(2)
+    ports = flwr_local.free_ports(2)
     env = {
         **os.environ,
         "RAY_ADDRESS": address,  # what makes Flower's ray.init() join this cluster

@@ -35,7 +35,6 @@ import csv
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from typing import Any
 
 from gaisnet_flwr.experiments.flwr_local import (
     RunOutcome,
+    free_ports,
     processes,
     stop_local_superlink,
     superlink_family,
@@ -130,17 +130,6 @@ class Sampler(threading.Thread):
 
 def _minus(later: dict[str, float], earlier: dict[str, float]) -> dict[str, float]:
     return {k: v - earlier.get(k, 0.0) for k, v in later.items()}
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def run_one(args: argparse.Namespace, clusters: int, work: Path) -> ScaleRow:

@@ -161,6 +161,19 @@ def stop_processes(pids: set[int], timeout_s: float = 20.0) -> list[Proc]:
     return stop_family(lambda groups: family(seeds, groups), "the lab's processes", timeout_s)
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports free right now (the OS picks them; all held until all are
+    picked, so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def check_ports_free(ports: list[int]) -> None:
     """Fail early if a port is taken: `flwr run` would silently use whatever SuperLink is there."""
     for port in ports:

@@ -35,17 +35,6 @@ BIN = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind((LOOPBACK, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def wait_for_port(port: int, proc: subprocess.Popen, name: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -114,7 +103,7 @@ class Lab:
 
     def start_peer(self, cluster: int, member: int) -> subprocess.Popen:
         """Member `member` of `cluster`: 1..K are the peers, K + 1 the end point."""
-        port = self.peer_ports.setdefault((cluster, member), free_ports(1)[0])
+        port = self.peer_ports.setdefault((cluster, member), flwr_local.free_ports(1)[0])
         cmd = [str(BIN / "gaisnet-peer"), "--listen", f"{LOOPBACK}:{port}"]
         if self.tls:
             pki = self.pki()  # mutual TLS: callers (start point, previous peer) need a cert
@@ -160,7 +149,7 @@ class Lab:
         for c in range(self.clusters):
             for m in range(1, self.peers_per_cluster + 2):
                 self.start_peer(c, m)
-        self.superlink_port, *node_ports = free_ports(1 + self.clusters)
+        self.superlink_port, *node_ports = flwr_local.free_ports(1 + self.clusters)
         self._spawn(
             "superlink",
             [str(BIN / "flower-superlink"), *tls_link, "--port", str(self.superlink_port),

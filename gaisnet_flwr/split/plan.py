@@ -106,44 +106,11 @@ def plan_min_max(block_costs: Sequence[float], speeds: Sequence[float]) -> Split
     prefix = [0.0]
     for c in block_costs:
         prefix.append(prefix[-1] + c)
-
-    def time(start: int, stop: int, peer: int) -> float:
-        return (prefix[stop] - prefix[start]) / speeds[peer]
-
-    def stops(first_block: int, peer: int) -> range:
-        # Leave at least one block for each later peer; the last peer takes the rest.
-        if peer == num_peers - 1:
-            return range(num_blocks, num_blocks + 1)
-        return range(first_block + 1, num_blocks - (num_peers - peer) + 2)
-
-    @cache
-    def bottleneck_from(first_block: int, peer: int) -> float:
-        """Min bottleneck for blocks [first_block, L) on peers [peer, K)."""
-        if peer == num_peers:
-            return 0.0
-        return min(
-            max(time(first_block, stop, peer), bottleneck_from(stop, peer + 1))
-            for stop in stops(first_block, peer)
-        )
-
-    limit = bottleneck_from(0, 0) * (1 + 1e-12)  # float slack for ties
-
-    @cache
-    def least_total(first_block: int, peer: int) -> tuple[float, tuple[int, ...]]:
-        """Min total time for blocks [first_block, L) on peers [peer, K), no stage over limit."""
-        if peer == num_peers:
-            return (0.0, ()) if first_block == num_blocks else (float("inf"), ())
-        best: tuple[float, tuple[int, ...]] = (float("inf"), ())
-        for stop in stops(first_block, peer):
-            here = time(first_block, stop, peer)
-            if here > limit:
-                continue
-            rest, sizes = least_total(stop, peer + 1)
-            if here + rest < best[0]:
-                best = (here + rest, (stop - first_block, *sizes))
-        return best
-
-    return SplitPlan.from_sizes(least_total(0, 0)[1])
+    return plan_min_max_stages(
+        num_blocks,
+        num_peers,
+        lambda peer, start, stop: (prefix[stop] - prefix[start]) / speeds[peer],
+    )
 
 
 def plan_even(num_blocks: int, num_peers: int) -> SplitPlan:
