@@ -18,7 +18,9 @@ import csv
 import statistics
 import sys
 import time
+from collections.abc import Sized
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     base = RunConfig.of(
         **{k.replace("-", "_"): v for k, v in parse_overrides(args.run_config).items()}
     )
-    Foundation.of(base).ensure(load_image_data(base.data_spec()), base.run.torch_device())
+    data = load_image_data(base.data_spec())
+    Foundation.of(base).ensure(data, base.run.torch_device())
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, object]] = []
     for seed in args.seeds:
@@ -80,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (args.out / "report.md").write_text(report(rows, args, base))
+    test_images = len(cast(Sized, data.test))
+    (args.out / "report.md").write_text(report(rows, args, base, test_images))
     print((args.out / "report.md").read_text())
     return 0
 
 
-def report(rows: list[dict[str, object]], args: argparse.Namespace, base: RunConfig) -> str:
+def report(
+    rows: list[dict[str, object]], args: argparse.Namespace, base: RunConfig, test_images: int
+) -> str:
     def accuracy(seed: object, p: str, s: str) -> float:
         return float(
             next(
@@ -104,7 +110,8 @@ def report(rows: list[dict[str, object]], args: argparse.Namespace, base: RunCon
         + (f' --run-config "{args.run_config}"' if args.run_config else "")
         + f"` (CPU, {args.threads} torch thread(s); {base.hierarchy.num_rounds} rounds, "
         f"{args.clusters} clusters, the embedded default otherwise). Edge test accuracy after "
-        "the last round, in percent (the test set has 216 images: one image is 0.46 points); "
+        f"the last round, in percent (the test set has {test_images} images: one image is "
+        f"{100 / test_images:.2f} points); "
         "difference to fp32 paired by seed; the edge's mean test loss shows that every "
         "setting did change training.",
         "",
