@@ -178,14 +178,10 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
-    import torch  # only when asked: the grid itself needs no torch
+    from gaisnet_flwr.cloud.foundation import torch_threads as scoped  # torch only when asked
 
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with scoped(threads):
         yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 @contextmanager
