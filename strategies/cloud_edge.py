@@ -165,6 +165,21 @@ class EdgeGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
+class CentralEvaluationOnly(Strategy):
+    """A strategy with no federated evaluation: its models are measured centrally (the
+    ServerApp's `evaluate_fn`), so the evaluate half of a round sends nothing."""
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+
 class CloudEdgeStrategy(Strategy):
     """Two-level aggregation: per-edge strategies, and the cloud every `cloud_every` rounds.
 

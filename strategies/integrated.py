@@ -30,7 +30,13 @@ from flwr.serverapp.strategy import Strategy
 
 from gaisnet_flwr.service.integrated import fitted_gain
 from gaisnet_flwr.service.scheduler import SERVE, QualityModel, choose_action
-from strategies.cloud_edge import EdgeGrid, RunFailedError, join_edges, split_edges
+from strategies.cloud_edge import (
+    CentralEvaluationOnly,
+    EdgeGrid,
+    RunFailedError,
+    join_edges,
+    split_edges,
+)
 
 # (edge, its modules) -> the accuracy of that edge model on its domain's test set
 EdgeEvaluator = Callable[[int, ArrayRecord], float]
@@ -40,7 +46,7 @@ RequestBuilder = Callable[[ArrayRecord, int], Message]
 ServedReport = Callable[[Message | None, int, int, int], dict[str, Any]]
 
 
-class IntegratedStrategy(Strategy):
+class IntegratedStrategy(CentralEvaluationOnly):
     """Each round: fine-tune one edge model or serve that round's request (module docstring)."""
 
     def __init__(  # noqa: PLR0913 - the economics are explicit parameters
@@ -187,17 +193,6 @@ class IntegratedStrategy(Strategy):
             "accuracy": list(self.accuracy),
         }
         return join_edges(self._modules), MetricRecord(metrics)  # type: ignore[arg-type]
-
-    # -- no federated evaluation: every edge model is measured centrally --------------------------
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return None
 
     def summary(self) -> None:
         log(

@@ -16,9 +16,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from strategies.cloud_edge import split_edges
+from strategies.cloud_edge import CentralEvaluationOnly, split_edges
 
 # (edge's modules, node) -> the query.infer message that asks `node` to serve with them
 RequestBuilder = Callable[[ArrayRecord, int], Message]
@@ -26,7 +25,7 @@ RequestBuilder = Callable[[ArrayRecord, int], Message]
 ServedReport = Callable[[Message | None, int, int, int], dict[str, Any]]
 
 
-class ServeRequests(Strategy):
+class ServeRequests(CentralEvaluationOnly):
     """One inference request per round, round-robin over the clusters (module docstring)."""
 
     def __init__(
@@ -61,16 +60,6 @@ class ServeRequests(Strategy):
             k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)
         }
         return None, MetricRecord(numbers)  # type: ignore[arg-type]  # modules stay as delivered
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return None
 
     def summary(self) -> None:
         log(INFO, "\t├── ServeRequests: round-robin over %d cluster(s)", len(self.node_edges))
