@@ -27,6 +27,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from gaisnet_flwr.split.precision import to_wire
+
 Direction = Literal["forward", "backward"]
 
 # One byte per dtype on the wire; extend as needed (the receiver validates against this table).
@@ -180,9 +182,8 @@ class InProcessLink:
 
     def send(self, tensor: torch.Tensor, direction: Direction) -> torch.Tensor:
         sent = tensor.detach()
-        wire = self.wire_dtype
-        if wire is not None and sent.is_floating_point() and sent.dtype != wire:
-            sent = sent.to(wire)
+        if self.wire_dtype is not None:
+            sent = to_wire(sent, self.wire_dtype)
         if not sent.is_contiguous() and dim_order(sent) is None:
             sent = sent.contiguous()  # not dense: the wire carries (and delivers) a packed copy
         self.stats.add(direction, wire_bytes(sent))
