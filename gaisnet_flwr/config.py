@@ -115,10 +115,28 @@ def _known(run_config: Mapping[str, Any]) -> Mapping[str, Any]:
     return run_config
 
 
+_OVERRIDE = re.compile(r"""[^\s=]+\s*=\s*(?:'[^']*'|"[^"]*"|\S+)""")
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
-    """Flower's `--run-config` syntax for scripts: "num-rounds=3 mode='vpt-shallow'"."""
+    """Flower's `--run-config` syntax for scripts: "num-rounds=3 mode='vpt-shallow'", or, as in
+    `flwr run`, the path of a TOML file of flat `key = value` lines (`conf/*.toml`). Anything
+    else is refused, so a mistyped path or item never runs the default silently."""
+    stripped = text.strip()
+    if stripped.endswith(".toml") and "=" not in stripped:
+        try:
+            with open(stripped, "rb") as f:
+                return tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"cannot read run-config file {stripped!r}: {err}") from err
+    leftover = _OVERRIDE.sub(" ", text).split()
+    if leftover:
+        raise ConfigError(
+            f"cannot read {' '.join(leftover)!r} in --run-config {text!r}: give key=value items "
+            "(e.g. \"num-rounds=3 mode='vpt-shallow'\") or the path of a .toml file"
+        )
     overrides: dict[str, Any] = {}
-    for item in re.findall(r"""[^\s=]+\s*=\s*(?:'[^']*'|"[^"]*"|\S+)""", text):
+    for item in _OVERRIDE.findall(text):
         try:
             overrides.update(tomllib.loads(item))
         except tomllib.TOMLDecodeError as err:

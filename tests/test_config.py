@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from gaisnet_flwr.config import DEVICES, OPTIMIZERS, ConfigError, RunConfig
+from gaisnet_flwr.config import DEVICES, OPTIMIZERS, ConfigError, RunConfig, parse_overrides
 from gaisnet_flwr.data.images import DATASETS, PARTITIONINGS
 from gaisnet_flwr.split.plan import PLANNERS
 from gaisnet_flwr.vit.model import MODES
@@ -303,3 +303,19 @@ def test_the_largest_accepted_shapes_build_on_the_meta_device_in_seconds() -> No
          "num-prompts": 1024, "peers-per-cluster": 48}
     )  # fmt: skip
     assert time.perf_counter() - started < 10
+
+
+def test_script_run_config_takes_items_or_a_toml_file_and_refuses_anything_else(
+    tmp_path: Path,
+) -> None:
+    preset = tmp_path / "preset.toml"
+    preset.write_text("edge-task = 'same-classes'\nshots = 0\n")
+    assert parse_overrides(str(preset)) == {"edge-task": "same-classes", "shots": 0}
+    assert parse_overrides("num-rounds=3 mode='vpt-shallow'") == {
+        "num-rounds": 3,
+        "mode": "vpt-shallow",
+    }
+    with pytest.raises(ConfigError, match="cannot read run-config file"):
+        parse_overrides(str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="cannot read 'oops'"):
+        parse_overrides("num-rounds=3 oops")
