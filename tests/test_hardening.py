@@ -302,4 +302,6 @@ def test_a_completed_run_says_how_many_clusters_failed(tmp_path: Path) -> None:
     assert outcome.cluster_failures == "3 cluster failure(s) in 2 round(s)"
     outcome.final = final.replace("3 cluster failure(s) in 2", "0 cluster failure(s) in 0")
     assert outcome.cluster_failures == "every cluster trained every round"
+    outcome.final = "FINAL: served 3 requests; results in /x"  # no count: not "every cluster ..."
+    assert outcome.cluster_failures == "cluster failures: not reported"
     json.dumps(outcome.cluster_failures)

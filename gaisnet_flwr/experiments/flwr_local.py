@@ -230,10 +230,13 @@ class RunOutcome:
 
     @property
     def cluster_failures(self) -> str:
-        """What the FINAL line says about failed clusters: "every cluster trained every round"
-        or "3 cluster failure(s) in 2 round(s)"."""
+        """What the FINAL line says about failed clusters: "every cluster trained every round",
+        "3 cluster failure(s) in 2 round(s)", or "cluster failures: not reported" (a FINAL line
+        without the count, e.g. the integrated service's, or none at all)."""
         found = re.search(r"(\d+) cluster failure\(s\) in (\d+) round\(s\)", self.final or "")
-        if found is None or found.group(1) == "0":
+        if found is None:
+            return "cluster failures: not reported"
+        if found.group(1) == "0":
             return "every cluster trained every round"
         return found.group(0)
 
