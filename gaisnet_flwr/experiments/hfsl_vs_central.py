@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
@@ -92,7 +94,12 @@ def cloud_edge(cfg: RunConfig, rounds: int, cloud_every: int) -> list[dict]:
     }
     with tempfile.TemporaryDirectory(prefix="cloud-edge-") as tmp:
         clusters = CLUSTERS_PER_EDGE * len(EDGES["edge-domains"].split(","))
-        return run_inprocess({**settings, "output-dir": tmp}, clusters).metrics()
+        run = run_inprocess(
+            {**settings, "output-dir": tmp},
+            clusters,
+            client_threads=torch.get_num_threads(),  # --threads, as hfsl_rounds passes it
+        )
+        return run.metrics()
 
 
 def converged(accuracy: list[float], last: int) -> float:
