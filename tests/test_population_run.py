@@ -91,6 +91,25 @@ def test_a_population_run_forms_reports_trains_and_prices_its_clusters(tmp_path:
         assert row["latency-s"] == pytest.approx(price.latency_s, rel=1e-12)
 
 
+def test_the_cluster_report_counts_the_images_the_clusters_train_on(tmp_path: Path) -> None:
+    """With `cluster-samples`, each ClientApp draws its own K images: clusters.json predicts
+    from that K (the ClientApp's rule), so the priced round still equals the prediction."""
+    config = {
+        **RUN,
+        "cluster-samples": 8,
+        "num-rounds": 1,
+        "inference-requests": 0,
+        "output-dir": str(tmp_path),
+    }
+    formed = len(RunConfig.from_run_config(config).cluster_layout().fine_tuning)  # type: ignore[union-attr]
+    run = run_inprocess(config, formed)
+    report = json.loads((tmp_path / "clusters.json").read_text())
+    (row,) = [r for r in run.metrics() if r["round"] == 1]
+    # what the server predicted from is what the clusters reported training on
+    assert sum(c["samples"] for c in report["fine_tuning"]) == row["train/num-examples"]
+    assert row["train/latency-s"] == pytest.approx(report["predicted_round_latency_s"], rel=1e-12)
+
+
 @pytest.mark.simulation
 def test_flwr_run_ray_clientapps_derive_the_same_clusters(tmp_path: Path) -> None:
     """A real `flwr run` (Ray simulation, 2 SuperNodes): every ClientApp process derives the

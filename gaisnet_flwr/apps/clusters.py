@@ -15,17 +15,20 @@ clustering could not place.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
+from clients.split_client import ClusterData, ClusterIdentity
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data.images import ImageData, cluster_datasets
+from gaisnet_flwr.data.images import ImageData, partition_indices
 from gaisnet_flwr.population.layout import ClusterLayout, round_summary
 from gaisnet_flwr.population.planning import (
     RangeCosts,
@@ -105,6 +108,8 @@ def cluster_report(
     modules = ArrayRecord(model.tunable_state()).count_bytes()  # download = upload
     meta = cfg.meta_model()
     by_cluster = {c: n for n, c in run.node_clusters.items()}
+    spec = cfg.data_spec()
+    split: dict[tuple[int, int], list[np.ndarray]] = {}  # (edge, clusters) -> partitions
     fine_tuning = []
     for cluster in layout.fine_tuning:
         row = cluster.describe()
@@ -113,10 +118,18 @@ def cluster_report(
         if node is not None:
             ident = identities[node]
             edge = int(ident["edge-id"])
-            train_set, _ = cluster_datasets(
-                edges[edge], int(ident["partition-id"]), int(ident["num-partitions"]),
-                cfg.data_spec(),
-            )  # fmt: skip
+            identity = ClusterIdentity(
+                edge, int(ident["partition-id"]), int(ident["num-partitions"]), cluster.index
+            )
+
+            # The ClientApp's own rule (cluster-samples, or its share of the edge's split),
+            # with each edge's partitions computed once, not once per cluster.
+            part = (edge, identity.num_partitions)
+            if not cfg.data.cluster_samples and part not in split:
+                split[part] = partition_indices(edges[edge].train_labels, part[1], spec)
+            partitions = functools.partial(split.__getitem__, part)
+            data = ClusterData.build(cfg, identity, edge_data=edges[edge], partitions=partitions)
+            train_set = data.train_set
             samples = len(train_set)  # type: ignore[arg-type]  # a Subset
             workload = Workload(
                 samples,
