@@ -4,12 +4,13 @@ fine-tuning of every weight, accuracy per epoch and training time per epoch, sid
 Both start from the same pre-trained foundation and train on the same few-shot edge data (4
 clusters' training splits, pooled) with the same optimizer, learning rate and batch size; only
 what trains differs (`mode`: the run's prompt mode vs `full`), over several seeds. As in the
-paper: AdamW at lr 0.001, and prompts that are about 5 % of the tokens (ViT-B/16: 10 of 197; the
-embedded model: 1 of 17, so `num-prompts=1` unless the run-config sets it). Time per epoch is
-the training loop alone (evaluation excluded). Because the
-embedded model is tiny, the same comparison is also timed at the paper's scale: training steps
-of ViT-B/16 (224 px, 102 classes, random weights: speed does not depend on them) on random
-images, the two modes interleaved, plus the analytic FLOPs per sample of each mode.
+paper: AdamW at lr 0.001, and prompts that are about 5 % of the tokens a block sees (ViT-B/16:
+10 prompts with its 197 tokens, 4.8 %; the embedded model: 1 with its 17, 5.6 %; so
+`num-prompts=1` unless the run-config sets it). Time per epoch is the training loop alone
+(evaluation excluded). Because the embedded model is tiny, the same comparison is also timed
+at the paper's scale: training steps of ViT-B/16 (224 px, 102 classes, random weights: speed
+does not depend on them) on random images, the two modes interleaved, plus the analytic FLOPs
+per sample of each mode.
 
     python scripts/fig7_frozen_vs_full.py            # 12 epochs, outputs/section5/fig7
     python scripts/fig7_frozen_vs_full.py --quick    # 2 epochs, short ViT-B/16 timing
@@ -58,8 +59,8 @@ NAME = "fig7"
 TITLE = "Fig. 7: frozen backbone (prompt tuning) vs full fine-tuning"
 EPOCHS = {"quick": 2, "full": 12}
 CLUSTERS = 4  # the edge data: what 4 clusters hold, pooled
-# The paper's optimizer setting, and prompts at ~5 % of the tokens (1 of the embedded model's
-# 17; ViT-B/16's 10 of 197), where the user's run-config does not set them.
+# The paper's optimizer setting, and prompts at ~5 % of the tokens a block sees (1 prompt with
+# the embedded model's 17 tokens; ViT-B/16: 10 with 197), where the run-config does not set them.
 DEFAULTS = {"optimizer": "adamw", "lr": 1e-3, "num_prompts": 1}
 # ViT-B/16 timing: (batch, timed steps per mode); one untimed warm-up step per mode first.
 PAPER_SCALE = {"quick": (1, 1), "full": (4, 3)}

@@ -283,8 +283,9 @@ def generate_population(n: int, seed: int, profiles: Profiles | None = None) -> 
 
       * profile: uniform over phone-low, phone-mid, phone-high;
       * position: uniform in a square of side r * sqrt(N * pi / 8) (r = 100 m, every device's
-        D2D range), so a device has 8 others within range on average; a device that would reach
-        no other is drawn again (so none is out of every range);
+        D2D range), so a device has 8 others within range on average away from the square's
+        edges (fewer near them, so fewer on average over a small population); a device that
+        would reach no other is drawn again (so none is out of every range);
       * data: each device holds labeled data with probability 1/2;
       * requests: round(N / 20) devices (at least 1), drawn from those without data, ask for
         inference.
