@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -77,12 +77,6 @@ class Population:
 
     def __len__(self) -> int:
         return len(self.devices)
-
-    def device(self, name: str) -> PopulationDevice:
-        for d in self.devices:
-            if d.name == name:
-                return d
-        raise PopulationError(f"no device {name!r} in the population ({self.source})")
 
     @property
     def requesters(self) -> list[str]:
@@ -322,8 +316,3 @@ def generate_population(n: int, seed: int, profiles: Profiles | None = None) -> 
     )
     population = Population(devices, f"{GENERATED}:{n}:{seed}")
     return check_population(population, profiles) if profiles is not None else population
-
-
-def as_rows(devices: Sequence[PopulationDevice]) -> list[dict[str, Any]]:
-    """The devices as plain rows (for JSON reports and CSV files)."""
-    return [{k: getattr(d, k) for k in KEYS} for d in devices]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -244,7 +243,3 @@ def round_summary(cost: RoundCost) -> dict[str, float]:
         "d2d_bytes": cost.d2d_bytes,
         "cs_bytes": cost.cs_bytes,
     }
-
-
-def finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
