@@ -27,17 +27,16 @@ from gaisnet_flwr.experiments.section5_common import (
     PAPER,
     Progress,
     add_common_arguments,
+    centralised_curve,
     line_plot,
     md_table,
     pm,
-    pooled_edge_data,
     run_seeds,
     script_main,
     seed_series,
     verdict,
     write_csv,
 )
-from gaisnet_flwr.training.loops import evaluate, train_centralised
 
 NAME = "fig6"
 TITLE = "Fig. 6: fine-tuning with vs without pre-training"
@@ -64,23 +63,9 @@ def configs(cfg: RunConfig) -> dict[str, RunConfig]:
 
 def curve(cfg: RunConfig, epochs: int, progress: Progress, label: str) -> list[float]:
     """Test accuracy before fine-tuning and after each epoch of centralised training."""
-    data = load_image_data(cfg.data_spec())
-    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
-    train, test = pooled_edge_data(cfg, CLUSTERS)
-    device = cfg.run.torch_device()
-    model = Foundation.of(cfg).load(data.num_classes)
-    accuracy = [evaluate(model, test, device=device).accuracy]
-
-    def record(epoch: int, m: object) -> None:
-        accuracy.append(evaluate(m, test, device=device).accuracy)  # type: ignore[arg-type]
-        if epoch == epochs:
-            progress.step(
-                f"{label}: accuracy {accuracy[1]:.3f} at 1, {accuracy[-1]:.3f} at {epochs}"
-            )
-
-    train_centralised(
-        model, train, cfg.training, epochs, cfg.run.seed, on_epoch=record, device=device
-    )
+    Foundation.of(cfg).ensure(load_image_data(cfg.data_spec()), cfg.run.torch_device())
+    accuracy = centralised_curve(cfg, CLUSTERS, epochs)
+    progress.step(f"{label}: accuracy {accuracy[1]:.3f} at 1, {accuracy[-1]:.3f} at {epochs}")
     return accuracy
 
 

@@ -34,19 +34,18 @@ from gaisnet_flwr.experiments.section5_common import (
     NOISE_RULE,
     Progress,
     add_common_arguments,
+    centralised_curve,
     hfsl_rounds,
     line_plot,
     md_table,
     mean_sd,
     pm,
-    pooled_edge_data,
     run_seeds,
     script_main,
     seed_series,
     verdict,
     write_csv,
 )
-from gaisnet_flwr.training.loops import evaluate, train_centralised
 
 NAME = "hfsl"
 TITLE = "HFSL vs centralised prompt tuning, and the cloud tier over three edges"
@@ -62,24 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser, "outputs/section5/hfsl")
     parser.add_argument("--rounds", type=int, default=0, help="default: 15 (1 with --quick)")
     return parser
-
-
-def centralised(cfg: RunConfig, clusters: int, epochs: int) -> list[float]:
-    """Test accuracy before and after each epoch of prompt tuning on the clusters' data, pooled."""
-    train, test = pooled_edge_data(cfg, clusters)
-    model = Foundation.of(cfg).load(load_image_data(cfg.data_spec()).num_classes)
-    device = cfg.run.torch_device()
-    accuracy = [evaluate(model, test, device=device).accuracy]
-    train_centralised(
-        model,
-        train,
-        cfg.training,
-        epochs,
-        cfg.run.seed,
-        on_epoch=lambda _, m: accuracy.append(evaluate(m, test, device=device).accuracy),
-        device=device,
-    )
-    return accuracy
 
 
 def cloud_edge(cfg: RunConfig, rounds: int, cloud_every: int) -> list[dict]:
@@ -121,7 +102,7 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
             s = iid.replace(seed=seed)
             hfsl[c].append([r.accuracy for r in hfsl_rounds(s, rounds, c)])
             progress.step(f"seed {seed}: HFSL, {c} clusters: {hfsl[c][-1][-1]:.4f}")
-            central[c].append(centralised(s, c, rounds))
+            central[c].append(centralised_curve(s, c, rounds))
             progress.step(f"seed {seed}: centralised, {c} clusters' data: {central[c][-1][-1]:.4f}")
     edges = EDGES["edge-domains"].split(",")
     tiers: dict[str, list[list[dict]]] = {"cloud-edge": [], "isolated": []}

@@ -40,7 +40,7 @@ from gaisnet_flwr.data.images import (  # noqa: E402
     edge_image_data,
     load_image_data,
 )
-from gaisnet_flwr.training.loops import evaluate  # noqa: E402
+from gaisnet_flwr.training.loops import evaluate, train_centralised  # noqa: E402
 from gaisnet_flwr.vit.model import PromptedViT  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (an editable install): conf/ presets
@@ -526,6 +526,25 @@ def pooled_edge_data(cfg: RunConfig, clusters: int) -> tuple[Dataset, Dataset]:
         [cluster_datasets(edge, c, clusters, spec)[0] for c in range(clusters)]
     )
     return pool, edge.test
+
+
+def centralised_curve(cfg: RunConfig, clusters: int, epochs: int) -> list[float]:
+    """Test accuracy before and after each epoch of centralised training (the run-config's
+    mode) on edge 0's data as `clusters` clusters hold it, pooled (`pooled_edge_data`)."""
+    train, test = pooled_edge_data(cfg, clusters)
+    model = Foundation.of(cfg).load(load_image_data(cfg.data_spec()).num_classes)
+    device = cfg.run.torch_device()
+    accuracy = [evaluate(model, test, device=device).accuracy]
+    train_centralised(
+        model,
+        train,
+        cfg.training,
+        epochs,
+        cfg.run.seed,
+        on_epoch=lambda _, m: accuracy.append(evaluate(m, test, device=device).accuracy),
+        device=device,
+    )
+    return accuracy
 
 
 def fresh_head_config(cfg: RunConfig, folder: Path, seed: int) -> RunConfig:
