@@ -139,7 +139,7 @@ def report(
             f"| {p} | {s} | "
             + " | ".join(f"{a:.2f}" for a in acc)
             + f" | {statistics.mean(acc):.2f} | {statistics.mean(diff):+.2f} "
-            f"({min(diff):+.2f}, {max(diff):+.2f}) | {loss:.4f} | {d2d:,} |"
+            f"({min(diff):+.2f}, {max(diff):+.2f}) | {loss:.6f} | {d2d:,} |"
         )
     lines += ["", "CSV: [precision_accuracy.csv](precision_accuracy.csv).", ""]
     return "\n".join(lines)
