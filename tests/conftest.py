@@ -112,28 +112,50 @@ def run_simulated(config: dict[str, Any], num_clusters: int) -> None:
         )
 
 
-def flwr_run_local(tmp_path: Any, run_config: str, num_supernodes: int = 2) -> tuple[Any, Any]:
+def started_by(home: Any, ports: list[int]) -> list[str]:
+    """Live Flower/Ray processes that belong to a test's SuperLink: by command line (home,
+    ports) or, on Linux, by the FLWR_HOME they inherited (Ray workers name neither)."""
+    from pathlib import Path
+
+    from gaisnet_flwr.experiments import flwr_local
+
+    needles = [str(home), *(f":{p}" for p in ports)]
+    marker = f"FLWR_HOME={home}\0".encode()
+    found = []
+    for p in flwr_local.processes().values():
+        if not p.alive or not any(name in p.args for name in (*flwr_local.FLOWER_AND_RAY, "/ray/")):
+            continue
+        try:
+            inherited = marker in Path(f"/proc/{p.pid}/environ").read_bytes()
+        except OSError:  # not Linux, or already gone
+            inherited = False
+        if inherited or any(n in p.args for n in needles):
+            found.append(f"{p.pid} {p.args[:100]}")
+    return found
+
+
+def flwr_run_local(
+    tmp_path: Any,
+    run_config: str,
+    num_supernodes: int = 2,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[Any, Any]:
     """A real `flwr run` of this app on a private managed SuperLink (own FLWR_HOME and ports),
-    through scripts/flwr_local.py, which stops the SuperLink and Ray afterwards. Returns the
-    finished process and the run's output-dir."""
+    through scripts/flwr_local.py, which stops the SuperLink and Ray afterwards; fails if any
+    process of it is left running. Returns the finished process and the run's output-dir."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    from gaisnet_flwr.experiments.flwr_local import stop_local_superlink
+    from gaisnet_flwr.experiments import flwr_local
 
     repo = Path(__file__).resolve().parents[1]
     home, out = Path(tmp_path) / "flwr-home", Path(tmp_path) / "out"
-    sockets = [socket.socket() for _ in range(2)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    ports = flwr_local.free_ports(2)
     env = {
         **os.environ,
+        **(extra_env or {}),
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -150,5 +172,7 @@ def flwr_run_local(tmp_path: Any, run_config: str, num_supernodes: int = 2) -> t
             cmd, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
         )
     finally:
-        stop_local_superlink(home)  # a no-op unless the wrapper itself died
+        flwr_local.stop_local_superlink(home)  # a no-op unless the wrapper itself died
+    left = started_by(home, ports)
+    assert not left, f"processes left running after `flwr run`: {left}"
     return result, out

@@ -8,79 +8,17 @@ SuperLink. Afterwards no process this test started may be left: the managed Supe
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 from gaisnet_flwr.apps.inprocess import run_inprocess
+from tests.conftest import flwr_run_local
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_flwr_local() -> ModuleType:
-    return importlib.import_module("gaisnet_flwr.experiments.flwr_local")
-
-
-flwr_local = _load_flwr_local()
-
-
-def started_by(home: Path, ports: list[int]) -> list[str]:
-    """Live Flower/Ray processes that belong to this test's SuperLink: by command line (home,
-    ports) or, on Linux, by the FLWR_HOME they inherited (Ray workers name neither)."""
-    needles = [str(home), *(f":{p}" for p in ports)]
-    marker = f"FLWR_HOME={home}\0".encode()
-    found = []
-    for p in flwr_local.processes().values():
-        if not p.alive or not any(name in p.args for name in (*flwr_local.FLOWER_AND_RAY, "/ray/")):
-            continue
-        try:
-            inherited = marker in Path(f"/proc/{p.pid}/environ").read_bytes()
-        except OSError:  # not Linux, or already gone
-            inherited = False
-        if inherited or any(n in p.args for n in needles):
-            found.append(f"{p.pid} {p.args[:100]}")
-    return found
-
-
-def flwr_run(tmp_path: Path, run_config: str) -> tuple[subprocess.CompletedProcess[str], Path]:
-    home = tmp_path / "flwr-home"
-    ports = flwr_local.free_ports(2)
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1]),
-    }
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        str(REPO / "scripts" / "flwr_local.py"),
-        "run",
-        "--app", str(REPO),
-        "--output-dir", str(out),
-        "--num-supernodes", "2",
-        "--", "--run-config", run_config,
-    ]  # fmt: skip
-    try:
-        result = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
-        )
-    finally:
-        flwr_local.stop_local_superlink(home)  # a no-op unless the wrapper itself died
-    left = started_by(home, ports)
-    assert not left, f"processes left running after `flwr run`: {left}"
-    return result, out
 
 
 # 2 rounds of a 2-block model on the CPU (bit-for-bit results are promised on one device type).
@@ -110,7 +48,7 @@ def flwr_run_result(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     tmp_path = tmp_path_factory.mktemp("flwr-run")
-    result, out = flwr_run(tmp_path, tiny(tmp_path))
+    result, out = flwr_run_local(tmp_path, tiny(tmp_path))
     return result, out, tmp_path / "foundation"
 
 
@@ -153,7 +91,7 @@ def test_in_process_run_gives_the_flwr_run_modules_exactly(
 def test_a_failed_run_is_reported_as_a_failure(tmp_path: Path) -> None:
     # Flower accepts the value (a string), the ServerApp refuses it: `flwr run --stream` still
     # exits 0, so only the wrapper's checks can turn this into a non-zero exit.
-    result, _ = flwr_run(tmp_path, tiny(tmp_path, mode="'bogus'"))
+    result, _ = flwr_run_local(tmp_path, tiny(tmp_path, mode="'bogus'"))
     assert result.returncode != 0
     assert "RUN FAILED" in result.stderr
     assert "status is 'finished:failed'" in result.stderr, result.stderr[-2000:]

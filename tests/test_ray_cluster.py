@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import flwr_run_local
+
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,37 +122,23 @@ def test_flwr_run_puts_the_clusters_on_both_nodes_of_a_ray_cluster(
         if "raylet" in p.args.split()[0] and str(temp_dir) in p.args
     }
     assert len(raylets) == 2, "two Ray nodes should be up"
-    home = tmp_path / "flwr-home"
-    ports = flwr_local.free_ports(2)
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": address,  # what makes Flower's ray.init() join this cluster
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1]),
-    }
-    cmd = [
-        sys.executable, str(REPO / "scripts" / "flwr_local.py"), "run",
-        "--app", str(REPO), "--output-dir", str(tmp_path / "out"), "--num-supernodes", "6",
-        "--", "--run-config", f"{TINY} foundation-dir='{tmp_path / 'foundation'}'",
-    ]  # fmt: skip
     watch = ActorWatch(raylets)
     watch.start()
     try:
-        result = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
+        result, _ = flwr_run_local(
+            tmp_path,
+            f"{TINY} foundation-dir='{tmp_path / 'foundation'}'",
+            num_supernodes=6,
+            extra_env={"RAY_ADDRESS": address},  # what makes Flower's ray.init() join it
         )
     finally:
         watch.stop.set()
         watch.join()
-        flwr_local.stop_local_superlink(home)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "every cluster trained every round" in result.stdout
     assert set(watch.ran_on) == raylets, (
         f"ClientApps ran messages under raylets {sorted(watch.ran_on)}; "
         f"the cluster's raylets are {sorted(raylets)}"
     )
-    # and the run's own processes (SuperLink, SuperExec, simulation) are gone
-    assert not [p for p in flwr_local.superlink_family(home) if p.alive]
+    # and the run's own processes (SuperLink, SuperExec, simulation) are gone: flwr_run_local
+    # checks that none is left
