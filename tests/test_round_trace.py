@@ -71,8 +71,8 @@ def table(per_file: dict[Path, set[int]]) -> Iterator[str]:
     sizes = {f: len((REPO / f).read_text().splitlines()) for f in per_file}
     for f, executed in per_file.items():
         yield f"{len(executed):5d} of {sizes[f]:5d}  {f}"
-    total = sum(len(e) for e in per_file.values())
-    yield f"{len(per_file)} files, {total:,} distinct lines (files of {sum(sizes.values()):,} lines)"
+    total, size = sum(len(e) for e in per_file.values()), sum(sizes.values())
+    yield f"{len(per_file)} files, {total:,} distinct lines (files of {size:,} lines)"
 
 
 @pytest.fixture(scope="module")
