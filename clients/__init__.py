@@ -1,5 +1,5 @@
-"""Client-side pieces: the split-client wrapper that drives a cluster's D2D chain."""
+"""Client-side pieces: the split client that drives a cluster's D2D chain, and SL inference."""
 
-from clients.split_client import ClusterIdentity, SplitClusterClient
+from clients.split_client import SplitClusterClient
 
-__all__ = ["ClusterIdentity", "SplitClusterClient"]
+__all__ = ["SplitClusterClient"]

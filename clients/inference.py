@@ -7,21 +7,31 @@ The edge delivers the fine-tuned model to the cluster's working clients, either
 then the start point embeds its unlabeled data, the chain runs start -> peers -> end point, and
 the end point sends the result back to the start point.
 
-Contract of a `query.infer` request: an ArrayRecord "model" (the delivered weights, module keys),
-an optional ArrayRecord "inputs" with one float32 array "images" [N, 3, H, W] (else the start
-point uses its own held-out images), and a ConfigRecord "config" with "distribution"
-("efficient" | "full"). The reply carries an ArrayRecord "predictions" and a MetricRecord
-"metrics"; a bad request gets an error reply that says what was wrong.
+What a request holds and its reply carry is `contract.InferRequest` and
+`contract.predictions_content`; a bad request gets an error reply that says what was wrong.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord
 
 from gaisnet_flwr.config import DISTRIBUTIONS
+from gaisnet_flwr.contract import (
+    ACCURACY,
+    COMPUTE_FLOPS,
+    D2D_BYTES,
+    DOWNLOAD,
+    ENERGY,
+    IMAGES,
+    LATENCY,
+    MEMORY,
+    NUM_SAMPLES,
+)
 from gaisnet_flwr.costs.memory import segment_memory
-from gaisnet_flwr.costs.pricing import ClusterProfile, inference_cost
+from gaisnet_flwr.costs.pricing import inference_cost
+from gaisnet_flwr.costs.profiles import ClusterProfile
 from gaisnet_flwr.split.chain import RemotePeers, SplitChain
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import SplitPlan
@@ -62,9 +72,9 @@ def request_images(inputs: ArrayRecord | None, img_size: int) -> torch.Tensor | 
     """Validate the images a request carries: float32 [N, 3, img_size, img_size], N >= 1."""
     if inputs is None:
         return None
-    if "images" not in inputs:
+    if IMAGES not in inputs:
         raise InferenceRequestError(f"'inputs' must hold an array 'images'; got {list(inputs)}")
-    array = inputs["images"]
+    array = inputs[IMAGES]
     expected = ["N", 3, img_size, img_size]
     shape = list(array.shape)
     if len(shape) != 4 or shape[1:] != expected[1:] or shape[0] < 1:
@@ -84,9 +94,10 @@ def serve(
     remote: RemotePeers | None = None,
     device: torch.device | None = None,
     precision: Precision = FP32,
-) -> RecordDict:
+) -> tuple[np.ndarray, dict[str, float | int]]:
     """Run the chain on `images` (over `remote` peers in a deployment) on `device` in
-    `precision`, and price the request with the cost model."""
+    `precision`, and price the request with the cost model: the predicted classes and the
+    request's metrics."""
     device = device or torch.device("cpu")
     model.to(device)
     chain = SplitChain(model, plan, remote=remote, train=False, precision=precision)
@@ -105,21 +116,16 @@ def serve(
     )
     memory = segment_memory(model, plan, n)
     metrics: dict[str, float | int] = {
-        "num-samples": n,
-        "latency-s": cost.latency_s,
-        "energy-j": cost.energy_j,
-        "d2d-bytes": cost.d2d_bytes,
-        "download-bytes": download_bytes,
-        "compute-flops": cost.compute_flops,
+        NUM_SAMPLES: n,
+        LATENCY: cost.latency_s,
+        ENERGY: cost.energy_j,
+        D2D_BYTES: cost.d2d_bytes,
+        DOWNLOAD: download_bytes,
+        COMPUTE_FLOPS: cost.compute_flops,
     }
     for node, footprint in zip(cost.nodes, memory, strict=True):
-        metrics[f"memory-bytes/{node.name}"] = footprint.inference
-        metrics[f"energy-j/{node.name}"] = node.energy_j
+        metrics[f"{MEMORY}/{node.name}"] = footprint.inference
+        metrics[f"{ENERGY}/{node.name}"] = node.energy_j
     if labels is not None:
-        metrics["accuracy"] = float((predictions == labels).float().mean())
-    return RecordDict(
-        {
-            "predictions": ArrayRecord({"predictions": Array(predictions.numpy())}),
-            "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
-        }
-    )
+        metrics[ACCURACY] = float((predictions == labels).float().mean())
+    return predictions.numpy(), metrics

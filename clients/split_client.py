@@ -1,40 +1,38 @@
-"""The split-client wrapper: one Flower node = one fine-tuning client cluster (paper Fig. 4).
+"""The split client: one Flower node = one fine-tuning client cluster (paper Fig. 4).
 
 The node is the cluster's start point: it holds the cluster's private data partition and the
 embedding, and drives the D2D chain of prompt segments down to the end point (head). In
 simulation the D2D peers are in-process segments, each with its own slice of the model and its
-own optimizer; every hop still serializes its tensor, so the D2D bytes reported are real.
+own optimizer; every hop still counts the bytes its wire format carries, so the D2D bytes
+reported are real.
 
-Contract of a `train` reply (what the edge's strategy may rely on):
-  * one ArrayRecord "arrays" holding ONLY the tunable modules (`prompt.i`, `head.*`);
-  * one MetricRecord "metrics" with `num-examples` (the FedAvg weight), `train-loss`,
-    `train-acc`, `d2d-bytes-fwd`, `d2d-bytes-bwd`, `upload-bytes`, `compute-flops`,
-    `partition-id`, `cluster-id` and `train-time-s`, and the cost model's price of the round
-    (`latency-s`, `bottleneck-s`; sensing, compute and D2D time and energy side by side).
-
-With a device population (run-config `population`) the cluster's devices, links and split plan
-are those of its formed cluster (`population.layout`), derived from the run-config as the
-ServerApp derives them; an inference request that names a `requester` runs over that device's
-own inference cluster.
+What the cluster runs comes in the message: its `contract.ClusterTask` (edge, data share, block
+ranges, devices and links, the plan's FLOPs and memory), built once by the ServerApp. The node
+checks it and derives nothing. A train reply holds ONLY the tunable modules (`prompt.i`,
+`head.*`: the cluster's complete tunable state, which per-module FedAvg relies on) and the
+metrics `contract.METRICS` declares: `num-examples` (the FedAvg weight), loss and accuracy, the
+D2D and client-server bytes, the FLOPs and wall time, and the cost model's price of the round
+(latency, energy per node, memory per node; sensing, compute and D2D side by side).
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from torch.utils.data import Dataset
 
 from clients.inference import InferenceRequestError, load_delivered_model, request_images, serve
-from gaisnet_flwr.cloud.foundation import Foundation
+from gaisnet_flwr import contract as c
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.costs.memory import segment_memory
-from gaisnet_flwr.costs.pricing import ClusterProfile, fine_tuning_round_cost
+from gaisnet_flwr.contract import ClusterTask, InferRequest, TrainRequest
+from gaisnet_flwr.costs.pricing import fine_tuning_round_cost
 from gaisnet_flwr.data.cluster_sample import cluster_sample
 from gaisnet_flwr.data.images import (
     DataSpec,
@@ -46,9 +44,8 @@ from gaisnet_flwr.data.images import (
     partition_indices,
 )
 from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, model_spec
-from gaisnet_flwr.population.layout import ClusterLayout, FormedCluster
-from gaisnet_flwr.split.flops import segment_flops
-from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.split.flops import SegmentFlops
+from gaisnet_flwr.split.precision import Precision, non_finite, resolve_device
 from gaisnet_flwr.training.loops import (
     NonFiniteError,
     evaluate,
@@ -65,67 +62,6 @@ def round_seed(seed: int, edge: int, partition: int, server_round: int) -> int:
 
 
 @dataclass(frozen=True)
-class ClusterIdentity:
-    """Which edge server this cluster belongs to and which share of that edge's data it holds.
-
-    Deployment: node-config "edge-id=1 partition-id=0 num-partitions=3" (partition within the
-    edge). Simulation sets only partition-id / num-partitions over all N nodes; node p then
-    belongs to edge p * E // N (contiguous blocks of nodes per edge).
-
-    With a device population (run-config `population`), the node runs fine-tuning cluster
-    `cluster_id` of the population's layout: node-config `cluster-id` in deployment, else the
-    simulation's partition-id over all nodes.
-    """
-
-    edge_id: int
-    partition_id: int  # within the edge
-    num_partitions: int  # clusters of this edge
-    cluster_id: int = 0  # the population's fine-tuning cluster this node runs
-
-    @classmethod
-    def from_node_config(cls, node_config: dict, num_edges: int = 1) -> ClusterIdentity:
-        try:
-            pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        except KeyError as err:
-            raise ValueError(
-                f"node-config lacks {err.args[0]!r}: a cluster needs 'partition-id' and "
-                f"'num-partitions' (simulation sets both; deployment: flower-supernode "
-                f'--node-config "edge-id=0 partition-id=0 num-partitions=4")'
-            ) from err
-        if not 0 <= pid < num:
-            raise ValueError(f"partition-id={pid} must be in [0, num-partitions={num})")
-        cluster = int(node_config.get("cluster-id", pid))
-        if cluster < 0:
-            raise ValueError(f"cluster-id={cluster} must be >= 0")
-        if "edge-id" in node_config:
-            edge = int(node_config["edge-id"])
-            if not 0 <= edge < num_edges:
-                raise ValueError(f"edge-id={edge} must be in [0, {num_edges}) (edge-domains)")
-            return cls(edge, pid, num, cluster)
-        if num < num_edges:
-            raise ValueError(
-                f"{num} client clusters for {num_edges} edge servers: every edge needs one"
-            )
-        edge = pid * num_edges // num
-        members = [p for p in range(num) if p * num_edges // num == edge]
-        return cls(edge, members.index(pid), len(members), cluster)
-
-    def record(self, layout: ClusterLayout | None = None) -> RecordDict:
-        """Answer to the edge's `query.identity`: which edge, partition and cluster this node
-        is, and (with a population) the digest of the layout it derived, which the ServerApp
-        checks against its own."""
-        metrics: dict[str, int] = {
-            "edge-id": self.edge_id,
-            "partition-id": self.partition_id,
-            "num-partitions": self.num_partitions,
-            "cluster-id": self.cluster_id,
-        }
-        if layout is not None:
-            metrics["layout-digest"] = layout.digest()
-        return RecordDict({"metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
 class TrainPool:
     """node-config `train-classes=K train-images=N`: the edge's train pool shrinks to N images
     drawn evenly from its first K classes (seeded by the run seed and K) before the clusters
@@ -138,7 +74,7 @@ class TrainPool:
     KEYS = ("train-classes", "train-images")
 
     @classmethod
-    def from_node_config(cls, node_config: dict) -> TrainPool | None:
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> TrainPool | None:
         given = [k for k in cls.KEYS if k in node_config]
         if not given:
             return None
@@ -158,9 +94,8 @@ class EdgeDataKey:
     pool: TrainPool | None
 
     @classmethod
-    def of(cls, cfg: RunConfig, edge: int, pool: TrainPool | None) -> EdgeDataKey:
-        h = cfg.hierarchy
-        return cls(cfg.data_spec(), edge, tuple(h.shares()), h.domains()[edge], pool)
+    def of(cls, spec: DataSpec, task: ClusterTask, pool: TrainPool | None) -> EdgeDataKey:
+        return cls(spec, task.edge, task.shares, task.domain, pool)
 
     def build(self, loaded: ImageData | None = None) -> ImageData:
         """The edge's data: its share of the train pool and the test split in its domain,
@@ -188,234 +123,178 @@ class ClusterData:
     @classmethod
     def build(
         cls,
-        cfg: RunConfig,
-        identity: ClusterIdentity,
-        pool: TrainPool | None = None,
+        edge: EdgeDataKey,
+        partition: int,
+        num_partitions: int,
+        cluster_samples: int = 0,
         *,
         edge_data: ImageData | None = None,
         partitions: Callable[[], list[np.ndarray]] | None = None,
     ) -> ClusterData:
-        """Build from scratch, or from the edge's data and its clusters' partitions when the
-        caller has them (the ClientApp's per-process cache: apps/client_cache.py).
+        """Cluster `partition` of the `num_partitions` of edge `edge`; from scratch, or from the
+        edge's data and its clusters' partitions when the caller has them (the ClientApp's
+        per-process cache, the ServerApp's cluster report).
 
-        `cluster-samples = K > 0`: the cluster draws its own K images (O(K), whatever the
+        `cluster_samples = K > 0`: the cluster draws its own K images (O(K), whatever the
         number of clusters); 0: its share of the edge's pool split among the edge's clusters."""
-        key = EdgeDataKey.of(cfg, identity.edge_id, pool)
-        data = edge_data if edge_data is not None else key.build()
-        pid = identity.partition_id
-        if cfg.data.cluster_samples:
-            part = cluster_sample(
-                data.train_labels, cfg.data.cluster_samples, pid, key.spec, identity.edge_id
-            )
+        data = edge_data if edge_data is not None else edge.build()
+        spec = edge.spec
+        if cluster_samples:
+            part = cluster_sample(data.train_labels, cluster_samples, partition, spec, edge.edge)
         elif partitions is not None:
-            part = partitions()[pid]
+            part = partitions()[partition]
         else:
-            part = partition_indices(data.train_labels, identity.num_partitions, key.spec)[pid]
-        train, val = cluster_split(data, part, pid, key.spec)
+            part = partition_indices(data.train_labels, num_partitions, spec)[partition]
+        train, val = cluster_split(data, part, partition, spec)
         return cls(data, train, val)
 
 
 class SplitClusterClient:
-    """The cluster's work for one message: build the edge model, load the modules, run.
+    """The cluster's work for one message: load the modules into the edge model, run the chain.
 
-    `peers` (from node-config in a lab deployment) puts the D2D peers and the end point on
-    other devices, reached over gRPC; without it they are in-process segments (simulation).
-    The chain code is the same either way. `data` and `foundation` (the edge model on the
-    frozen foundation, by number of classes) default to building afresh; the ClientApp passes
-    its per-process caches of both.
+    `model` is the edge model on the frozen foundation (the ClientApp's verified, cached one):
+    every message loads its complete tunable state, so nothing of an earlier message remains
+    (tests/test_scale.py checks it). `peers` (node-config in a lab deployment) puts the D2D
+    peers and the end point on other devices, reached over gRPC; without it they are in-process
+    segments (simulation). The chain code is the same either way.
     """
 
     def __init__(
         self,
         cfg: RunConfig,
-        identity: ClusterIdentity,
+        task: ClusterTask,
+        data: ClusterData,
+        model: PromptedViT,
         peers: PeerSettings | None = None,
-        pool: TrainPool | None = None,
-        *,
-        data: ClusterData | None = None,
-        foundation: Callable[[int], PromptedViT] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.identity = identity
+        self.task = task
+        self.data, self.train_set, self.val_set = data.data, data.train_set, data.val_set
+        self.model = model
         self.peers = peers
-        self.device = cfg.run.torch_device()  # auto: the GPU Ray gave this node, if any
-        self.precision = cfg.run.torch_precision()
-        cluster = data if data is not None else ClusterData.build(cfg, identity, pool)
-        self.data: ImageData = cluster.data
-        self.train_set: Dataset = cluster.train_set
-        self.val_set: Dataset = cluster.val_set
-        self.foundation = foundation or Foundation.of(cfg).load
-        # With a population, this node runs its own formed cluster (devices, links, plan);
-        # without one, every cluster is the run-config's identical cluster.
-        self.layout = cfg.cluster_layout()
-        self.formed: FormedCluster | None = None
-        if self.layout is not None:
-            clusters = self.layout.fine_tuning
-            if identity.cluster_id >= len(clusters):
-                raise ValueError(
-                    f"cluster-id={identity.cluster_id}: the population "
-                    f"{self.layout.population.source!r} formed {len(clusters)} fine-tuning "
-                    f"cluster(s) (0..{len(clusters) - 1})"
-                )
-            self.formed = clusters[identity.cluster_id]
+        self.device = resolve_device(cfg.run.device)  # auto: the GPU Ray gave this node, if any
+        self.precision = Precision(cfg.run.precision, cfg.run.smashed_dtype)
 
-    def plan_and_profile(self, requester: str = "") -> tuple[SplitPlan, ClusterProfile]:
-        """The split plan and cost-model profile of the cluster that runs: the requester's
-        inference cluster, this node's formed cluster, or the run-config's identical one."""
-        if requester:
-            if self.layout is None:
-                raise InferenceRequestError(
-                    f"the request names requester {requester!r}, but the run has no population"
-                )
-            try:
-                formed = self.layout.inference_for(requester)
-            except ValueError as err:
-                raise InferenceRequestError(str(err)) from err
-            return formed.plan, formed.profile
-        if self.formed is not None:
-            return self.formed.plan, self.formed.profile
-        return self.cfg.plan(), self.cfg.cluster_profile()
-
-    def _model(self, arrays: ArrayRecord) -> PromptedViT:
-        model = self.foundation(self.data.num_classes)
-        model.load_tunable_state(arrays.to_torch_state_dict())
-        return model
-
-    def _remote(self, num_classes: int) -> NetworkPeers | None:
+    def _remote(self) -> NetworkPeers | None:
         if self.peers is None:
             return None
-        spec = model_spec(model_kwargs(self.cfg.model, self.cfg.cloud), num_classes)
+        spec = model_spec(model_kwargs(self.cfg.model, self.cfg.cloud), self.data.num_classes)
         return NetworkPeers(
             self.peers, spec, optimizer_spec(self.cfg.training), precision=self.precision
         )
 
-    def _seed(self, server_round: int) -> int:
-        ident = self.identity
-        return round_seed(self.cfg.run.seed, ident.edge_id, ident.partition_id, server_round)
-
-    def train(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+    def train(self, request: TrainRequest) -> RecordDict:
         started = time.perf_counter()
-        model = self._model(arrays)
-        server_round = int(cast(int, config.get("server-round", 0)))
-        plan, profile = self.plan_and_profile()
+        task, training = self.task, self.cfg.training
+        self.model.load_tunable_state(request.arrays.to_torch_state_dict())
         result = train_cluster(
-            model,
-            plan,
+            self.model,
+            task.plan,
             self.train_set,
-            self.cfg.training,
-            seed=self._seed(server_round),
-            proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
+            training,
+            seed=round_seed(self.cfg.run.seed, task.edge, task.partition, request.server_round),
+            proximal_mu=request.proximal_mu,
             device=self.device,
-            remote=self._remote(self.data.num_classes),
+            remote=self._remote(),
             precision=self.precision,
         )
-        state = model.tunable_state()
-        bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
-        if bad:
+        state = self.model.tunable_state()
+        if bad := non_finite(state):
             raise NonFiniteError(
                 f"local training left non-finite values in module(s) {bad[:4]}: the cluster's "
-                f"round stopped (lr={self.cfg.training.lr}, "
-                f"weight-decay={self.cfg.training.weight_decay})"
+                f"round stopped (lr={training.lr}, weight-decay={training.weight_decay})"
             )
         upload = ArrayRecord(state)
         # The paper's metrics (Sec. III-C.2) for this cluster's round, priced by the cost model
-        # from the FLOPs and the bytes the chain actually moved.
+        # from the plan's FLOPs and the bytes the chain actually moved.
         cost = fine_tuning_round_cost(
-            profile,
-            segment_flops(model, plan),
+            task.profile,
+            [SegmentFlops(*f) for f in task.flops],
             result.chain.hop_bytes_forward,
             result.chain.hop_bytes_backward,
-            samples=result.num_examples * self.cfg.training.local_epochs,
+            samples=result.num_examples * training.local_epochs,
             upload_bytes=upload.count_bytes(),
-            download_bytes=arrays.count_bytes(),
+            download_bytes=request.arrays.count_bytes(),
             sensed_samples=result.num_examples,  # each training sample captured once a round
         )
-        memory = segment_memory(
-            model,
-            plan,
-            self.cfg.training.batch_size,
-            self.cfg.training.optimizer,
-            momentum=self.cfg.training.momentum,
-        )
         per_node: dict[str, float | int] = {}
-        for node, footprint in zip(cost.nodes, memory, strict=True):
-            per_node[f"energy-j/{node.name}"] = node.energy_j
-            per_node[f"memory-bytes/{node.name}"] = footprint.training
-        metrics = MetricRecord(
-            {
-                "latency-s": cost.latency_s,
-                "bottleneck-s": cost.bottleneck_s,
-                # the paper's costs side by side: sensing, computing, communicating
-                "sensing-s": cost.sensing_s,
-                "compute-s": cost.compute_s,
-                "d2d-s": cost.d2d_s,
-                "energy-j": cost.energy_j,
-                "sensing-j": cost.sensing_j,
-                "compute-j": cost.compute_j,
-                "tx-j": cost.tx_j,
-                "cs-bytes": cost.cs_bytes,
-                "memory-max-bytes": max(m.training for m in memory),
-                **per_node,
-                "num-examples": result.num_examples,
-                "train-loss": result.loss,
-                "train-acc": result.accuracy,
-                "d2d-bytes-fwd": result.chain.d2d_bytes_forward,
-                "d2d-bytes-bwd": result.chain.d2d_bytes_backward,
-                "upload-bytes": upload.count_bytes(),
-                "compute-flops": sum(result.chain.segment_flops.values()),
-                "partition-id": self.identity.partition_id,
-                "edge-id": self.identity.edge_id,
-                "cluster-id": self.identity.cluster_id,
-                "train-time-s": time.perf_counter() - started,
-            }
-        )
-        return RecordDict({"arrays": upload, "metrics": metrics})
+        for node, memory in zip(cost.nodes, task.memory, strict=True):
+            per_node[f"{c.ENERGY}/{node.name}"] = node.energy_j
+            per_node[f"{c.MEMORY}/{node.name}"] = memory
+        metrics = {
+            c.LATENCY: cost.latency_s,
+            c.BOTTLENECK: cost.bottleneck_s,
+            # the paper's costs side by side: sensing, computing, communicating
+            c.SENSING_S: cost.sensing_s,
+            c.COMPUTE_S: cost.compute_s,
+            c.D2D_S: cost.d2d_s,
+            c.ENERGY: cost.energy_j,
+            c.SENSING_J: cost.sensing_j,
+            c.COMPUTE_J: cost.compute_j,
+            c.TX_J: cost.tx_j,
+            c.CS_BYTES: cost.cs_bytes,
+            c.MEMORY_MAX: max(task.memory),
+            **per_node,
+            c.NUM_EXAMPLES: result.num_examples,
+            c.TRAIN_LOSS: result.loss,
+            c.TRAIN_ACC: result.accuracy,
+            c.D2D_FWD: result.chain.d2d_bytes_forward,
+            c.D2D_BWD: result.chain.d2d_bytes_backward,
+            c.UPLOAD: upload.count_bytes(),
+            c.COMPUTE_FLOPS: sum(result.chain.segment_flops.values()),
+            c.PARTITION_ID: task.partition,
+            c.EDGE_ID: task.edge,
+            c.CLUSTER_ID: task.cluster,
+            c.TRAIN_TIME: time.perf_counter() - started,
+        }
+        return c.reply_content(upload, metrics)
 
-    def infer(self, request: RecordDict) -> RecordDict:
-        """Serve one `query.infer` request (see clients/inference.py for its contract)."""
-        config = request.config_records.get("config", ConfigRecord())
-        distribution = str(config.get("distribution", "efficient"))
-        plan, profile = self.plan_and_profile(str(config.get("requester", "")))
-        delivered = request.array_records.get("model")
-        images = request_images(request.array_records.get("inputs"), self.cfg.model.img_size)
-        # The frozen foundation is already on the devices (synchronised independently).
-        model = self.foundation(self.data.num_classes)
-        load_delivered_model(model, delivered, distribution)
+    def infer(self, request: InferRequest) -> RecordDict:
+        """Serve one `query.infer` request (clients/inference.py says what it may hold) over
+        the cluster it names: this node's, or a requester's inference cluster."""
+        images = request_images(request.inputs, self.cfg.model.img_size)
+        # The frozen foundation is already on the devices (synchronised independently); a full
+        # delivery replaces every weight, so it gets a model of its own.
+        model = copy.deepcopy(self.model) if request.distribution == "full" else self.model
+        load_delivered_model(model, request.model, request.distribution)
         labels = None
         if images is None:  # the start point's own sensing data; its labels only score it
             batch = [self.val_set[i] for i in range(len(self.val_set))]  # type: ignore[arg-type]
             images = torch.stack([x for x, _ in batch])
             labels = torch.tensor([int(y) for _, y in batch])
-        assert delivered is not None  # load_delivered_model refused an empty delivery
-        reply = serve(
+        task = request.task
+        predictions, metrics = serve(
             model,
-            plan,
-            profile,
+            task.plan,
+            task.profile,
             images,
             labels,
-            download_bytes=delivered.count_bytes(),
-            remote=self._remote(self.data.num_classes),
+            download_bytes=request.model.count_bytes(),
+            remote=self._remote(),
             device=self.device,
             precision=self.precision,
         )
-        metrics = reply.metric_records["metrics"]
-        metrics["edge-id"] = self.identity.edge_id
-        metrics["partition-id"] = self.identity.partition_id
-        return reply
+        metrics[c.EDGE_ID] = self.task.edge
+        metrics[c.PARTITION_ID] = self.task.partition
+        return c.predictions_content(predictions, metrics)
 
     def evaluate(self, arrays: ArrayRecord) -> RecordDict:
-        result = evaluate(
-            self._model(arrays), self.val_set, device=self.device, precision=self.precision
-        )
-        return RecordDict(
-            {
-                "metrics": MetricRecord(
-                    {
-                        "num-examples": result.num_examples,
-                        "eval-loss": result.loss,
-                        "eval-acc": result.accuracy,
-                        "partition-id": self.identity.partition_id,
-                    }
-                )
-            }
-        )
+        self.model.load_tunable_state(arrays.to_torch_state_dict())
+        result = evaluate(self.model, self.val_set, device=self.device, precision=self.precision)
+        metrics = {
+            c.NUM_EXAMPLES: result.num_examples,
+            c.EVAL_LOSS: result.loss,
+            c.EVAL_ACC: result.accuracy,
+            c.PARTITION_ID: self.task.partition,
+        }
+        return c.reply_content(None, metrics)
+
+
+__all__ = [
+    "ClusterData",
+    "EdgeDataKey",
+    "InferenceRequestError",
+    "SplitClusterClient",
+    "TrainPool",
+    "round_seed",
+]

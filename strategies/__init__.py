@@ -1,14 +1,6 @@
-"""Flower strategies for GaisNet: per-module FedAvg and a registry for pluggable strategies."""
+"""Flower strategies for GaisNet: one edge server's round, the cloud-edge hierarchy, serving, the
+integrated service, and the registry of the edges' pluggable strategies."""
 
-from .module_fedavg import ModuleAggregationError, ModuleFedAvg, aggregate_modules
-from .registry import DEFAULT_STRATEGY, STRATEGIES, build_strategy, resolve_strategy
+from .registry import DEFAULT_STRATEGY, STRATEGIES, ModuleFedAvg, build_strategy, resolve_strategy
 
-__all__ = [
-    "DEFAULT_STRATEGY",
-    "STRATEGIES",
-    "ModuleAggregationError",
-    "ModuleFedAvg",
-    "aggregate_modules",
-    "build_strategy",
-    "resolve_strategy",
-]
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "ModuleFedAvg", "build_strategy", "resolve_strategy"]

@@ -1,21 +1,26 @@
-"""The cloud-edge strategy: edges aggregate their clusters, the cloud aggregates the edges.
+"""The cloud-edge hierarchy: edges aggregate their clusters, the cloud aggregates the edges.
 
 Paper Sec. III-B: each edge server aggregates its own client clusters (edge-end subnetwork,
 domain-specific knowledge); every K rounds the cloud aggregates the edges' domain knowledge
-(cloud-edge subnetwork) and delivers foundation knowledge back. One ServerApp runs the whole
-hierarchy through Flower's strategy hooks:
+(cloud-edge subnetwork) and delivers foundation knowledge back. Two separable pieces:
 
-  * every edge has its own instance of any Message-API strategy (per-module FedAvg by default),
-    which sees only its own nodes (an `EdgeGrid` view of the grid);
-  * the global ArrayRecord is the edges' tunable modules side by side, keys `edge{e}/<module>`;
-  * on cloud rounds, `cloud_aggregate` averages the chosen modules across edges, weighted by the
-    edges' training examples, and delivers `mix * cloud + (1 - mix) * edge` to each edge.
+  * `EdgeServer` (strategies/edge.py): one edge's round over its own clusters;
+  * `Cloud`: which rounds are cloud rounds and `cloud_aggregate`, the cloud's average of the
+    edges' modules weighted by their training examples, delivered back as
+    `mix * cloud + (1 - mix) * edge`.
+
+`CloudEdgeStrategy` composes them inside one ServerApp (the simulation's logical hierarchy):
+the global ArrayRecord holds the edges' modules side by side (`edge{e}/<module>`); it hands
+each edge its own, and on cloud rounds runs the cloud's aggregation. A deployed edge process
+runs an `EdgeServer` alone and a cloud process `Cloud.deliver`, the same code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO, WARNING
+from dataclasses import dataclass
+from logging import INFO
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -23,60 +28,32 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from gaisnet_flwr.config import CLOUD_MODULES
+from gaisnet_flwr.contract import (
+    CLOUD_ROUND,
+    FAILED_AGGREGATES,
+    FAILED_CLUSTERS,
+    LATENCY,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    ROUND_LATENCY,
+    edge_key,
+    join_edges,
+    reply_metrics,
+    split_edges,
+)
+from strategies.edge import EdgeServer
+
 NDArrays = dict[str, np.ndarray]
-# The code of a failure record for an edge whose aggregate is not finite (cluster failures carry
-# their reply's error code, or -1 for no reply).
-NON_FINITE_AGGREGATE = -2
+Failures = list[dict[str, int | str]]
+# (server round, the round's aggregated train metrics, its failures) -> nothing: the results
+RoundListener = Callable[[int, Mapping[str, Any], Failures], None]
+# (server round, the round's aggregated train metrics) -> its latency through the hierarchy
+LatencyPricer = Callable[[int, Mapping[str, Any]], float]
 
 
 class RunFailedError(RuntimeError):
     """The run cannot go on (e.g. no cluster trained in a round): the ServerApp fails with it."""
-
-
-def non_finite_keys(arrays: ArrayRecord) -> list[str]:
-    """The modules of `arrays` that hold a NaN or an infinity (floating-point arrays only)."""
-    bad = []
-    for key, array in arrays.items():
-        values = array.numpy()
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            bad.append(key)
-    return sorted(bad)
-
-
-def edge_key(edge: int, key: str) -> str:
-    return f"edge{edge}/{key}"
-
-
-def refused_aggregates(metrics: Mapping[str, object]) -> list[dict[str, int | str]]:
-    """The round's failures that are refused edge aggregates, read from the aggregated train
-    MetricRecord (`edge{e}/aggregate-refused`): node -1, code NON_FINITE_AGGREGATE."""
-    failures: list[dict[str, int | str]] = []
-    for key, value in sorted(metrics.items()):
-        prefix, _, name = key.partition("/")
-        if name == "aggregate-refused" and value:
-            edge = int(prefix.removeprefix("edge"))
-            reason = f"edge {edge}'s aggregate is not finite; the edge keeps its previous modules"
-            failures.append(
-                {"node": -1, "edge": edge, "code": NON_FINITE_AGGREGATE, "reason": reason}
-            )
-    return failures
-
-
-def split_edges(arrays: ArrayRecord) -> dict[int, ArrayRecord]:
-    """`edge{e}/<key>` -> {e: ArrayRecord(<key>: ...)}."""
-    per_edge: dict[int, dict[str, Array]] = {}
-    for key, value in arrays.items():
-        prefix, _, module = key.partition("/")
-        if not prefix.startswith("edge") or not module:
-            raise ValueError(f"array key {key!r} is not of the form 'edge<e>/<module>'")
-        per_edge.setdefault(int(prefix[4:]), {})[module] = value
-    return {e: ArrayRecord(dict(v)) for e, v in sorted(per_edge.items())}
-
-
-def join_edges(per_edge: Mapping[int, ArrayRecord]) -> ArrayRecord:
-    return ArrayRecord(
-        {edge_key(e, k): v for e, rec in sorted(per_edge.items()) for k, v in rec.items()}
-    )
 
 
 def cloud_aggregate(
@@ -107,62 +84,165 @@ def cloud_aggregate(
     return delivered
 
 
-def round_failures(
-    replies: Iterable[Message], sent_nodes: Iterable[int], node_edges: Mapping[int, int]
-) -> list[dict[str, int | str]]:
-    """The clusters that failed a round: an error reply (e.g. a dead D2D peer; the reply
-    carries code and reason) or no reply at all from a node the round was sent to."""
-    replies = list(replies)
-    failures: list[dict[str, int | str]] = []
-    for r in replies:
-        if r.has_error():
-            node = r.metadata.src_node_id
-            failures.append(
-                {
-                    "node": node,
-                    "edge": node_edges.get(node, -1),
-                    "code": int(r.error.code),
-                    "reason": str(r.error.reason),
-                }
+@dataclass(frozen=True)
+class Cloud:
+    """The cloud's part: aggregate across edges every `every` rounds (0: never, isolated
+    edges), the `modules` it aggregates (one of CLOUD_MODULES: the prompts, or all), and the
+    weight `mix` of its aggregate in what each edge receives back."""
+
+    every: int
+    mix: float
+    modules: str = "prompts"
+
+    def __post_init__(self) -> None:
+        if self.modules not in CLOUD_MODULES:
+            raise ValueError(f"cloud modules {self.modules!r}; valid: {', '.join(CLOUD_MODULES)}")
+
+    def is_round(self, server_round: int) -> bool:
+        return self.every > 0 and server_round % self.every == 0
+
+    def keys(self, modules: Iterable[str]) -> list[str]:
+        """The module keys the cloud aggregates."""
+        return [k for k in modules if self.modules == "all" or k.startswith("prompt.")]
+
+    def deliver(
+        self, per_edge: Mapping[int, ArrayRecord], weights: Mapping[int, float]
+    ) -> dict[int, ArrayRecord]:
+        """What each edge receives back from one cloud aggregation (`cloud_aggregate`)."""
+        modules = {e: {k: v.numpy() for k, v in rec.items()} for e, rec in per_edge.items()}
+        keys = self.keys(modules[next(iter(modules))])
+        delivered = cloud_aggregate(modules, weights, keys, self.mix)
+        log(
+            INFO,
+            "cloud: aggregated %d modules across %d edges (mix %.2f)",
+            len(keys),
+            len(per_edge),
+            self.mix,
+        )
+        return {e: ArrayRecord({k: Array(v) for k, v in d.items()}) for e, d in delivered.items()}
+
+
+class CloudEdgeStrategy(Strategy):
+    """The hierarchy in one ServerApp: `edges` (edge id -> its EdgeServer) under the `cloud`.
+
+    Args:
+        edges: one EdgeServer per edge id, each with its clusters' tasks.
+        cloud: when and what the cloud aggregates.
+        train_metrics_fn: all clusters' train replies -> the round's totals
+            (`contract.aggregate_metrics`).
+        price_latency: the round's simulated latency through the hierarchy, from its totals.
+        on_round: hands each round's totals and failures to the results (the recorder).
+    """
+
+    def __init__(
+        self,
+        edges: Mapping[int, EdgeServer],
+        cloud: Cloud,
+        train_metrics_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        price_latency: LatencyPricer | None = None,
+        on_round: RoundListener | None = None,
+    ) -> None:
+        self.edges = dict(sorted(edges.items()))
+        self.cloud = cloud
+        self.train_metrics_fn = train_metrics_fn
+        self.price_latency = price_latency
+        self.on_round = on_round
+        self.node_edges = {n: e for e, edge in self.edges.items() for n in edge.nodes}
+        self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
+
+    def _order(self, reply: Message) -> tuple[int, float, int]:
+        node = reply.metadata.src_node_id
+        partition = reply_metrics(reply).get(PARTITION_ID, 0)
+        return (self.node_edges[node], float(partition), node)  # type: ignore[arg-type]
+
+    def _by_edge(self, replies: Iterable[Message]) -> dict[int, list[Message]]:
+        grouped: dict[int, list[Message]] = {e: [] for e in self.edges}
+        for reply in replies:
+            grouped[self.node_edges[reply.metadata.src_node_id]].append(reply)
+        return grouped
+
+    # -- train ----------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent = split_edges(arrays)
+        messages: list[Message] = []
+        for e, edge in self.edges.items():
+            messages += edge.configure_train(server_round, self._sent[e], config, grid)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        per_edge: dict[int, ArrayRecord] = {}
+        weights: dict[int, float] = {}
+        metrics: dict[str, Any] = {}
+        failures: Failures = []
+        for e, edge_replies in self._by_edge(replies).items():
+            edge = self.edges[e]
+            arrays, edge_metrics = edge.aggregate_train(server_round, edge_replies)
+            # An edge whose clusters all failed (or whose aggregate was refused) keeps what it had.
+            per_edge[e] = arrays if arrays is not None else self._sent[e]
+            weights[e] = edge.last.weight
+            failures += edge.last.failures
+            metrics.update((edge_key(e, k), v) for k, v in (edge_metrics or {}).items())
+        if self.cloud.is_round(server_round) and len(per_edge) > 1:
+            per_edge = self.cloud.deliver(per_edge, weights)
+            metrics[CLOUD_ROUND] = 1
+        refused = sum(f["node"] == -1 for f in failures)
+        metrics[FAILED_CLUSTERS] = len(failures) - refused
+        metrics[FAILED_AGGREGATES] = refused
+        # The round's totals over every cluster, summed in a fixed order (edge, partition-id,
+        # node): float sums must not depend on which cluster answered first.
+        ok = sorted((r for r in replies if not r.has_error()), key=self._order)
+        ok_all = [r.content for r in ok]
+        if self.train_metrics_fn and ok_all:
+            metrics.update(self.train_metrics_fn(ok_all, NUM_EXAMPLES))
+        if self.price_latency is not None and LATENCY in metrics:
+            metrics[ROUND_LATENCY] = self.price_latency(server_round, metrics)
+        if self.on_round is not None:
+            self.on_round(server_round, metrics, failures)
+        if not ok_all:  # nothing to aggregate, nothing learnt: the run has failed
+            sent = sum(len(edge.last.sent) for edge in self.edges.values())
+            first = failures[0] if failures else {"node": "?", "edge": "?", "reason": "?"}
+            raise RunFailedError(
+                f"round {server_round}: no cluster trained ({sent} sent, {len(failures)} failed; "
+                f"first: node {first['node']} (edge {first['edge']}): {first['reason']})"
             )
-    answered = {r.metadata.src_node_id for r in replies}
-    for node in sent_nodes:
-        if node not in answered:
-            failures.append(
-                {"node": node, "edge": node_edges.get(node, -1), "code": -1,
-                 "reason": "no reply within the round's timeout"}
-            )  # fmt: skip
-    return failures
+        return join_edges(per_edge), MetricRecord(metrics)
 
+    # -- evaluate -------------------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        sent = split_edges(arrays)
+        messages: list[Message] = []
+        for e, edge in self.edges.items():
+            messages += edge.configure_evaluate(server_round, sent[e], config, grid)
+        return messages
 
-class EdgeGrid(Grid):
-    """The grid as one edge server sees it: only that edge's nodes."""
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        metrics: dict[str, float | int] = {}
+        for e, edge_replies in self._by_edge(replies).items():
+            result = self.edges[e].aggregate_evaluate(server_round, edge_replies)
+            for k, v in (result or {}).items():
+                if isinstance(v, int | float):
+                    metrics[edge_key(e, k)] = v
+        return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
 
-    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        self._grid = grid
-        self._nodes = sorted(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._nodes)
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        return self._grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def,override]
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self._grid.create_message(*args, **kwargs)
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        return self._grid.send_and_receive(messages, timeout=timeout)
+    def summary(self) -> None:
+        log(
+            INFO,
+            "\t├── CloudEdgeStrategy: %d edge server(s), cloud every %s round(s), mix %.2f",
+            len(self.edges),
+            self.cloud.every or "no",
+            self.cloud.mix,
+        )
+        for edge in self.edges.values():
+            edge.summary()
 
 
 class CentralEvaluationOnly(Strategy):
@@ -178,178 +258,3 @@ class CentralEvaluationOnly(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None
-
-
-class CloudEdgeStrategy(Strategy):
-    """Two-level aggregation: per-edge strategies, and the cloud every `cloud_every` rounds.
-
-    Args:
-        edge_strategies: one strategy instance per edge id.
-        node_edges: node id -> edge id (from the nodes' identity replies).
-        cloud_every: cloud rounds are those divisible by it; 0 = never (isolated edges).
-        cloud_mix: weight of the cloud's modules in what each edge receives back.
-        cloud_keys: which module keys the cloud aggregates (e.g. the prompts).
-        train_metrics_fn: aggregates all clusters' train replies into this round's totals.
-    """
-
-    def __init__(
-        self,
-        edge_strategies: Mapping[int, Strategy],
-        node_edges: Mapping[int, int],
-        cloud_every: int,
-        cloud_mix: float,
-        cloud_keys: Callable[[str], bool],
-        train_metrics_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
-    ) -> None:
-        missing = sorted(set(edge_strategies) - set(node_edges.values()))
-        if missing:
-            raise ValueError(f"edge(s) {missing} have no client cluster")
-        self.edge_strategies = dict(sorted(edge_strategies.items()))
-        self.node_edges = dict(node_edges)
-        self.cloud_every = cloud_every
-        self.cloud_mix = cloud_mix
-        self.cloud_keys = cloud_keys
-        self.train_metrics_fn = train_metrics_fn
-        self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
-        self._sent_nodes: list[int] = []
-
-    def nodes_of(self, edge: int) -> list[int]:
-        """The nodes (client clusters) of one edge server, in id order."""
-        return sorted(n for n, e in self.node_edges.items() if e == edge)
-
-    def _by_edge(self, replies: Iterable[Message]) -> dict[int, list[Message]]:
-        grouped: dict[int, list[Message]] = {e: [] for e in self.edge_strategies}
-        for reply in replies:
-            grouped[self.node_edges[reply.metadata.src_node_id]].append(reply)
-        return grouped
-
-    def is_cloud_round(self, server_round: int) -> bool:
-        return self.cloud_every > 0 and server_round % self.cloud_every == 0
-
-    # -- train ----------------------------------------------------------------------------------
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._sent = split_edges(arrays)
-        messages: list[Message] = []
-        for edge, strategy in self.edge_strategies.items():
-            messages += strategy.configure_train(
-                server_round,
-                self._sent[edge],
-                ConfigRecord(dict(config)),
-                EdgeGrid(grid, self.nodes_of(edge)),
-            )
-        self._sent_nodes = sorted(m.metadata.dst_node_id for m in messages)
-        return messages
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        # A failed cluster costs its own contribution: the round goes on with the others and
-        # is marked (failed-clusters, and the reasons in the results).
-        failures = round_failures(replies, self._sent_nodes, self.node_edges)
-        for f in failures:
-            log(
-                WARNING,
-                "round %d: cluster node %s (edge %s) left out: %s",
-                server_round,
-                f["node"],
-                f["edge"],
-                f["reason"],
-            )
-        per_edge: dict[int, ArrayRecord] = {}
-        weights: dict[int, float] = {}
-        metrics: dict[str, float | int] = {}
-        refused = 0
-        for edge, edge_replies in self._by_edge(replies).items():
-            arrays, edge_metrics = self.edge_strategies[edge].aggregate_train(
-                server_round, edge_replies
-            )
-            ok = [r for r in edge_replies if not r.has_error()]
-            weights[edge] = float(
-                sum(
-                    r.content.metric_records["metrics"]["num-examples"]  # type: ignore[misc]
-                    for r in ok
-                )
-            )
-            if arrays is not None and (bad := non_finite_keys(arrays)):
-                reason = (
-                    f"edge {edge}'s aggregate is not finite (NaN or inf in {bad[:4]}); the edge "
-                    f"keeps its previous modules"
-                )
-                log(WARNING, "round %d: %s", server_round, reason)
-                metrics[edge_key(edge, "aggregate-refused")] = 1  # see refused_aggregates
-                refused += 1
-                arrays, weights[edge] = None, 0.0
-            # An edge whose clusters all failed (or whose aggregate was refused) keeps what it
-            # had.
-            per_edge[edge] = arrays if arrays is not None else self._sent[edge]
-            metrics[edge_key(edge, "clusters")] = len(ok)
-            for k, v in (edge_metrics or {}).items():
-                if isinstance(v, int | float):
-                    metrics[edge_key(edge, k)] = v
-        if self.is_cloud_round(server_round) and len(per_edge) > 1:
-            modules = {e: {k: v.numpy() for k, v in rec.items()} for e, rec in per_edge.items()}
-            keys = [k for k in modules[next(iter(modules))] if self.cloud_keys(k)]
-            delivered = cloud_aggregate(modules, weights, keys, self.cloud_mix)
-            per_edge = {
-                e: ArrayRecord({k: Array(v) for k, v in d.items()}) for e, d in delivered.items()
-            }
-            metrics["cloud-round"] = 1
-            log(
-                INFO,
-                "cloud: aggregated %d modules across %d edges (mix %.2f)",
-                len(keys),
-                len(per_edge),
-                self.cloud_mix,
-            )
-        metrics["failed-clusters"] = len(failures)
-        metrics["failed-aggregates"] = refused
-        ok_all = [r.content for r in replies if not r.has_error()]
-        if self.train_metrics_fn and ok_all:
-            metrics.update(dict(self.train_metrics_fn(ok_all, "num-examples")))  # type: ignore[arg-type]
-        return join_edges(per_edge), MetricRecord(metrics)  # type: ignore[arg-type]
-
-    # -- evaluate -------------------------------------------------------------------------------
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        sent = split_edges(arrays)
-        messages: list[Message] = []
-        for edge, strategy in self.edge_strategies.items():
-            messages += strategy.configure_evaluate(
-                server_round,
-                sent[edge],
-                ConfigRecord(dict(config)),
-                EdgeGrid(grid, self.nodes_of(edge)),
-            )
-        return messages
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        metrics: dict[str, float | int] = {}
-        for edge, edge_replies in self._by_edge(replies).items():
-            result = self.edge_strategies[edge].aggregate_evaluate(server_round, edge_replies)
-            for k, v in (result or {}).items():
-                if isinstance(v, int | float):
-                    metrics[edge_key(edge, k)] = v
-        return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
-
-    def summary(self) -> None:
-        log(
-            INFO,
-            "\t├── CloudEdgeStrategy: %d edge server(s), cloud every %s round(s), mix %.2f",
-            len(self.edge_strategies),
-            self.cloud_every or "no",
-            self.cloud_mix,
-        )
-        for edge, strategy in self.edge_strategies.items():
-            log(
-                INFO,
-                "\t├── edge %d: %s over %d cluster(s)",
-                edge,
-                type(strategy).__name__,
-                len(self.nodes_of(edge)),
-            )

@@ -4,9 +4,9 @@ Run under Flower's `Strategy.start`, one round per entry of the demand (which ed
 round's request needs). In `configure_train` the scheduler (`gaisnet_flwr.service.scheduler`:
 RS, MSIP or MLCP) picks the round's action from the *measured* accuracy of every edge model and
 the fitted gain of fine-tuning it:
-  * fine-tune edge e: train messages to e's clusters through e's own strategy instance (one real
-    HFSL round); `aggregate_train` aggregates them with that strategy, re-evaluates e (the
-    injected `evaluate_edge`) and refits its gain. It costs `finetune_cost` plus
+  * fine-tune edge e: train messages to e's clusters through e's own `EdgeServer` (one real
+    HFSL round); `aggregate_train` aggregates them there, re-evaluates e (the injected
+    `evaluate_edge`) and refits its gain. It costs `finetune_cost` plus
     `energy_price` x the energy the clusters' cost model reports;
   * serve: one `query.infer` message to a cluster of the demanded edge; `aggregate_train`
     records the served request, earning `service_value` x the accuracy it achieved minus
@@ -26,24 +26,25 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from gaisnet_flwr.service.integrated import fitted_gain
-from gaisnet_flwr.service.scheduler import SERVE, QualityModel, choose_action
-from strategies.cloud_edge import (
-    CentralEvaluationOnly,
-    EdgeGrid,
-    RunFailedError,
+from gaisnet_flwr.contract import (
+    ACCURACY,
+    CUMULATIVE_PROFIT,
+    ENERGY,
+    FAILED_CLUSTERS,
+    PROFIT,
+    SERVED_ACCURACY,
     join_edges,
+    reply_metrics,
     split_edges,
 )
+from gaisnet_flwr.service.scheduler import Action, QualityModel, choose_action, fitted_gain
+from strategies.cloud_edge import CentralEvaluationOnly, RunFailedError
+from strategies.edge import EdgeServer
+from strategies.serving import Serving
 
 # (edge, its modules) -> the accuracy of that edge model on its domain's test set
 EdgeEvaluator = Callable[[int, ArrayRecord], float]
-# (edge's modules, node) -> the query.infer message that asks `node` to serve with them
-RequestBuilder = Callable[[ArrayRecord, int], Message]
-# (reply or None, node, edge, request index) -> the served request's row
-ServedReport = Callable[[Message | None, int, int, int], dict[str, Any]]
 
 
 class IntegratedStrategy(CentralEvaluationOnly):
@@ -51,41 +52,34 @@ class IntegratedStrategy(CentralEvaluationOnly):
 
     def __init__(  # noqa: PLR0913 - the economics are explicit parameters
         self,
-        edge_strategies: Mapping[int, Strategy],
-        node_edges: Mapping[int, int],
+        edges: Mapping[int, EdgeServer],
         *,
         policy: str,
         demand: Sequence[int],
         quality: QualityModel,
         energy_price: float,
         evaluate_edge: EdgeEvaluator,
-        request: RequestBuilder,
-        served: ServedReport,
+        serving: Serving,
         seed: int = 0,
         on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        self.edge_strategies = dict(sorted(edge_strategies.items()))
-        self.node_edges = dict(node_edges)
+        self.edges = dict(sorted(edges.items()))
         self.policy = policy
         self.demand = list(demand)
         self.quality = quality  # value and fixed fine-tuning cost; resources are added per round
         self.energy_price = energy_price
         self.evaluate_edge = evaluate_edge
-        self.request = request
-        self.served = served
+        self.serving = serving
         self.on_round = on_round
         self.rng = random.Random(seed)
         self.accuracy: list[float] = []
-        self.history: list[list[tuple[float, float]]] = [[] for _ in self.edge_strategies]
-        self.energy = {"serve": 0.0, "finetune": 0.0}  # as last measured by the cost model
+        self.history: list[list[tuple[float, float]]] = [[] for _ in self.edges]
+        # What serving a request and a fine-tuning round cost, as last measured (cost model, J).
+        self.serve_energy = self.finetune_energy = 0.0
         self.cumulative = 0.0
         self._modules: dict[int, ArrayRecord] = {}
         self._row: dict[str, Any] = {}
         self._node = -1  # the node serving this round's request
-        self._sent = 0  # train messages sent this round
-
-    def nodes_of(self, edge: int) -> list[int]:
-        return sorted(n for n, e in self.node_edges.items() if e == edge)
 
     # -- the round's decision -------------------------------------------------------------------
     def configure_train(
@@ -98,29 +92,21 @@ class IntegratedStrategy(CentralEvaluationOnly):
         gains = [fitted_gain(h) for h in self.history]
         quality = QualityModel(
             value=self.quality.value,
-            finetune_cost=self.quality.finetune_cost + self.energy_price * self.energy["finetune"],
-            serve_cost=self.energy_price * self.energy["serve"],
+            finetune_cost=self.quality.finetune_cost + self.energy_price * self.finetune_energy,
+            serve_cost=self.energy_price * self.serve_energy,
         )
         action = choose_action(
             self.policy, quality, self.accuracy, gains, self.demand[t:], self.rng
         )
         wanted = self.demand[t]
         self._row = {"round": server_round, "demand": wanted, "action": action, "gains": gains}
-        if action == SERVE:
-            nodes = self.nodes_of(wanted)
+        if action.edge is None:
+            nodes = self.edges[wanted].nodes
             self._node = nodes[t % len(nodes)]
-            return [self.request(self._modules[wanted], self._node)]
-        edge = int(action.split(":")[1])
-        messages = list(
-            self.edge_strategies[edge].configure_train(
-                server_round,
-                self._modules[edge],
-                ConfigRecord(dict(config)),
-                EdgeGrid(grid, self.nodes_of(edge)),
-            )
+            return [self.serving.request(self._modules[wanted], self._node)]
+        return self.edges[action.edge].configure_train(
+            server_round, self._modules[action.edge], config, grid
         )
-        self._sent = len(messages)
-        return messages
 
     # -- what the round achieved ----------------------------------------------------------------
     def aggregate_train(
@@ -129,44 +115,45 @@ class IntegratedStrategy(CentralEvaluationOnly):
         replies = list(replies)
         row = self._row
         gains = row.pop("gains")
-        if row["action"] == SERVE:
+        action: Action = row["action"]
+        if action.edge is None:
             wanted = row["demand"]
-            served = self.served(
+            served = self.serving.report(
                 replies[0] if replies else None, self._node, wanted, server_round - 1
             )
-            served_accuracy = float(served.get("accuracy", 0.0)) if "error" not in served else 0.0
-            self.energy["serve"] = float(served.get("energy-j", self.energy["serve"]))
-            profit = self.quality.value * served_accuracy - self.energy_price * self.energy["serve"]
-            row["energy-j"] = self.energy["serve"]
-            row.update({"served-accuracy": served_accuracy, "error": served.get("error")})
+            served_accuracy = float(served.get(ACCURACY, 0.0)) if "error" not in served else 0.0
+            self.serve_energy = float(served.get(ENERGY, self.serve_energy))
+            profit = self.quality.value * served_accuracy - self.energy_price * self.serve_energy
+            row[ENERGY] = self.serve_energy
+            row.update({SERVED_ACCURACY: served_accuracy, "error": served.get("error")})
         else:
-            edge = int(row["action"].split(":")[1])
+            edge = action.edge
             # Clusters that failed (a dead D2D peer) are left out of the aggregate, and counted;
             # a fine-tuning round in which no cluster trained fails the run.
-            trained = sum(not r.has_error() for r in replies)
-            row["failed-clusters"] = self._sent - trained
-            if trained == 0:
-                reasons = [r.error.reason for r in replies if r.has_error()] or ["no reply"]
+            arrays, _ = self.edges[edge].aggregate_train(server_round, replies)
+            last = self.edges[edge].last
+            row[FAILED_CLUSTERS] = len(last.sent) - last.trained
+            if last.trained == 0:
+                reasons = [str(f["reason"]) for f in last.failures] or ["no reply"]
                 raise RunFailedError(
-                    f"round {server_round}: no cluster of edge {edge} trained ({self._sent} "
+                    f"round {server_round}: no cluster of edge {edge} trained ({len(last.sent)} "
                     f"sent; first: {reasons[0]})"
                 )
-            arrays, _ = self.edge_strategies[edge].aggregate_train(server_round, replies)
             if arrays is not None:
                 self._modules[edge] = arrays
             before = self.accuracy[edge]
             self.accuracy[edge] = self.evaluate_edge(edge, self._modules[edge])
             self.history[edge].append((before, self.accuracy[edge]))
-            ok = [r.content.metric_records["metrics"] for r in replies if not r.has_error()]
-            self.energy["finetune"] = float(sum(m["energy-j"] for m in ok))  # type: ignore[misc]
-            profit = -self.quality.finetune_cost - self.energy_price * self.energy["finetune"]
-            row["energy-j"] = self.energy["finetune"]
+            ok = [reply_metrics(r) for r in replies if not r.has_error()]
+            self.finetune_energy = float(sum(m[ENERGY] for m in ok))
+            profit = -self.quality.finetune_cost - self.energy_price * self.finetune_energy
+            row[ENERGY] = self.finetune_energy
         self.cumulative += profit
         row.update(
             {
-                "profit": profit,
-                "cumulative-profit": self.cumulative,
-                "accuracy": list(self.accuracy),
+                PROFIT: profit,
+                CUMULATIVE_PROFIT: self.cumulative,
+                ACCURACY: list(self.accuracy),
                 "gains": gains,
             }
         )
@@ -186,11 +173,11 @@ class IntegratedStrategy(CentralEvaluationOnly):
         if self.on_round:
             self.on_round(row)
         metrics: dict[str, float | int | list[float]] = {
-            "profit": profit,
-            "cumulative-profit": self.cumulative,
-            "energy-j": float(row["energy-j"]),
-            "served": int(row["action"] == SERVE),
-            "accuracy": list(self.accuracy),
+            PROFIT: profit,
+            CUMULATIVE_PROFIT: self.cumulative,
+            ENERGY: float(row[ENERGY]),
+            "served": int(action.edge is None),
+            ACCURACY: list(self.accuracy),
         }
         return join_edges(self._modules), MetricRecord(metrics)  # type: ignore[arg-type]
 
@@ -200,5 +187,5 @@ class IntegratedStrategy(CentralEvaluationOnly):
             "\t├── IntegratedStrategy: %s over %d rounds of demand, %d edge model(s)",
             self.policy,
             len(self.demand),
-            len(self.edge_strategies),
+            len(self.edges),
         )

@@ -5,16 +5,19 @@ Every edge aggregates its clusters with a pluggable Message-API strategy
 given as ``"package.module:Class"``. `build_strategy` runs before any training and raises
 ``ValueError`` for anything it cannot build, so a typo fails at start-up, not in round 1.
 
-Only ``"module-fedavg"`` accepts clusters that return a subset of the modules; Flower's own
-strategies require every reply to hold the same array keys.
+The default, ``"module-fedavg"``, is the paper's per-module FedAvg (`ModuleFedAvg`).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from logging import INFO
 
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -31,9 +34,50 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from .module_fedavg import ModuleFedAvg
+from gaisnet_flwr.contract import PARTITION_ID, reply_metrics
 
-__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "build_strategy", "resolve_strategy"]
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "ModuleFedAvg", "build_strategy", "resolve_strategy"]
+
+
+class ModuleFedAvg(FedAvg):
+    """Per-module FedAvg across client clusters (GaisNet HFSL, paper Sec. III-C.1): "FedAvg-based
+    parameter aggregation is performed among the same modules of different clusters".
+
+    Every array key (`prompt.0`, ..., `head.weight`) is one module, and every cluster uploads
+    its complete tunable state (the train reply's contract), so per-key FedAvg is per-module
+    FedAvg: Flower's FedAvg, checks included. What this adds is the order of the sum: replies
+    are aggregated by partition-id, then node id, not in the order they arrive, so a round's
+    modules do not depend on which cluster finished first (in-process and `flwr run` agree bit
+    for bit, tests/test_flwr_run.py).
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ordered = sorted(replies, key=_reply_order)
+        for msg in ordered:  # FedAvg checks this too, without saying which reply
+            if not msg.has_error() and (n := len(msg.content.array_records)) != 1:
+                raise InconsistentMessageReplies(
+                    reason=f"Expected exactly one ArrayRecord in each reply, found {n} (reply "
+                    f"from node {msg.metadata.src_node_id}). Skipping aggregation."
+                )
+        return super().aggregate_train(server_round, ordered)
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> ModuleFedAvg: per-module FedAvg, replies in (partition-id, node) order")
+
+
+def _reply_order(msg: Message) -> tuple[int, float, int]:
+    """Error replies first (FedAvg skips them), then by partition-id, then by node id."""
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        return (0, 0.0, node)
+    partition = reply_metrics(msg).get(PARTITION_ID)
+    if not isinstance(partition, int | float):
+        return (2, 0.0, node)
+    return (1, float(partition), node)
+
 
 DEFAULT_STRATEGY = "module-fedavg"
 

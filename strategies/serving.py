@@ -11,18 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from strategies.cloud_edge import CentralEvaluationOnly, split_edges
+from gaisnet_flwr.contract import split_edges
+from strategies.cloud_edge import CentralEvaluationOnly
 
-# (edge's modules, node) -> the query.infer message that asks `node` to serve with them
-RequestBuilder = Callable[[ArrayRecord, int], Message]
-# (reply or None, node, edge, request index) -> the served request's row
-ServedReport = Callable[[Message | None, int, int, int], dict[str, Any]]
+
+class Serving(Protocol):
+    """How the ServerApp serves SL inference requests (apps/server_app.py), for the serving and
+    the integrated strategies."""
+
+    def request(self, modules: ArrayRecord, node: int) -> Message:
+        """The query.infer message that asks `node` to serve with its edge's `modules`."""
+
+    def report(self, reply: Message | None, node: int, edge: int, index: int) -> dict[str, Any]:
+        """The served request's row (an error row when there was no reply)."""
 
 
 class ServeRequests(CentralEvaluationOnly):
@@ -31,13 +38,11 @@ class ServeRequests(CentralEvaluationOnly):
     def __init__(
         self,
         node_edges: Mapping[int, int],
-        request: RequestBuilder,
-        served: ServedReport,
+        serving: Serving,
         on_request: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.node_edges = dict(node_edges)
-        self.request = request
-        self.served = served
+        self.serving = serving
         self.on_request = on_request
         self._node = -1
 
@@ -47,13 +52,13 @@ class ServeRequests(CentralEvaluationOnly):
         nodes = sorted(self.node_edges)
         self._node = nodes[(server_round - 1) % len(nodes)]
         edge_modules = split_edges(arrays)[self.node_edges[self._node]]
-        return [self.request(edge_modules, self._node)]
+        return [self.serving.request(edge_modules, self._node)]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         reply = next(iter(replies), None)
-        row = self.served(reply, self._node, self.node_edges[self._node], server_round - 1)
+        row = self.serving.report(reply, self._node, self.node_edges[self._node], server_round - 1)
         if self.on_request:
             self.on_request(row)
         numbers = {

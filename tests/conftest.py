@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+
+from gaisnet_flwr.apps.inprocess import task_identity as flower_task_identity
+from gaisnet_flwr.contract import ClusterTask
 
 # A 32x32 input, 8x8 patches -> 16 patch tokens; depth 6 so plans over 1-6 peers exist.
 TINY = dict(img_size=32, patch_size=8, depth=6, embed_dim=32, num_heads=2)
@@ -45,15 +47,15 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Set the task identity Flower's runtime sets before a ServerApp builds messages.
+def task_identity() -> Iterator[None]:
+    """Set the task identity Flower's runtime sets before a ServerApp builds messages (through
+    the one adapter of Flower internals, `apps.inprocess.task_identity`).
 
     A module that builds messages outside a runtime requests it for all its tests with
     `pytestmark = pytest.mark.usefixtures("task_identity")`.
     """
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    with flower_task_identity(run_id=1, node_id=1):
+        yield
 
 
 def make_reply(
@@ -83,6 +85,62 @@ def make_reply(
         }
     )
     return Message(content, reply_to=instruction)
+
+
+def make_task(edge: int = 0, partition: int = 0, num_partitions: int = 1) -> ClusterTask:
+    """A cluster task as the ServerApp builds one: the preset devices and links of a cluster of
+    one peer over one block, with made-up FLOPs and memory (strategies only carry it)."""
+    from gaisnet_flwr.costs.profiles import ClusterProfile, load_profiles
+    from gaisnet_flwr.split.plan import SplitPlan
+
+    devices = ["phone-mid", "phone-high", "phone-mid"]
+    profile = ClusterProfile.from_names(load_profiles(), devices, "d2d-50m", "uplink-1mhz")
+    plan = SplitPlan.from_sizes([1])
+    flops = ((1, 0), (2, 2), (1, 1))
+    return ClusterTask(
+        edge,
+        "none",
+        (1.0,) * (edge + 1),
+        partition,
+        num_partitions,
+        partition,
+        plan,
+        profile,
+        flops,
+        (1, 2, 3),
+    )
+
+
+def cluster_client(run_config: Mapping[str, Any], partition: int = 0, clusters: int = 2) -> Any:
+    """The split client of cluster `partition` of `clusters` on edge 0, with the task the
+    ServerApp would send it (its preparation's `TaskBuilder` over `derived.derive`)."""
+    from clients.split_client import ClusterData, EdgeDataKey, SplitClusterClient
+    from gaisnet_flwr.apps.server_app import TaskBuilder
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.config import RunConfig
+    from gaisnet_flwr.derived import derive
+
+    derived = derive(RunConfig.from_run_config(run_config))
+    assert derived.plan is not None
+    task = TaskBuilder(derived).task(
+        (0, partition, clusters), partition, derived.plan, derived.cluster
+    )
+    data = ClusterData.build(EdgeDataKey.of(derived.spec, task, None), partition, clusters)
+    model = Foundation.of(derived.cfg).load(data.data.num_classes)
+    return SplitClusterClient(derived.cfg, task, data, model)
+
+
+def edge_servers(node_edges: Mapping[int, int], make_strategy: Any) -> dict[int, Any]:
+    """One EdgeServer per edge over its nodes (node id -> edge id), each with the strategy
+    `make_strategy(num_clusters)` builds."""
+    from strategies.edge import EdgeServer
+
+    servers = {}
+    for edge in sorted(set(node_edges.values())):
+        nodes = sorted(n for n, e in node_edges.items() if e == edge)
+        tasks = {n: make_task(edge, k, len(nodes)) for k, n in enumerate(nodes)}
+        servers[edge] = EdgeServer(edge, make_strategy(len(nodes)), tasks)
+    return servers
 
 
 def make_error_reply(partition_id: int) -> Message:

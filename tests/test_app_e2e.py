@@ -23,6 +23,7 @@ from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import load_image_data
+from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.training.loops import evaluate
 from tests.conftest import run_simulated
 
@@ -100,7 +101,7 @@ def test_results_record_every_round_and_the_true_traffic(first_run: dict[str, An
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
 
     # Upload = the tunable modules as Flower serialises them (.npy bytes + key), per cluster.
-    model = Foundation.of(cfg).load(load_image_data(cfg.data_spec()).num_classes)
+    model = Foundation.of(cfg).load(load_image_data(data_spec(cfg)).num_classes)
     tunable = {k: v.numpy() for k, v in model.tunable_state().items()}
     per_cluster = sum(npy_bytes(v) + len(k) for k, v in tunable.items())
     assert per_cluster > sum(v.nbytes for v in tunable.values())
@@ -137,7 +138,7 @@ def test_final_modules_are_the_tunable_ones_and_give_the_last_accuracy(
     assert set(saved) == {f"edge0/{k}" for k in tunable}
     final = {k.removeprefix("edge0/"): v for k, v in saved.items()}
 
-    data = load_image_data(cfg.data_spec())
+    data = load_image_data(data_spec(cfg))
     model = Foundation.of(cfg).load(data.num_classes)
     initial = model.tunable_state()
     assert {k: tuple(v.shape) for k, v in initial.items()} == {k: v.shape for k, v in final.items()}

@@ -17,6 +17,8 @@ from gaisnet_flwr.cloud.foundation import (
 )
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import ImageData, load_image_data
+from gaisnet_flwr.derived import data_spec
+from gaisnet_flwr.split.precision import resolve_device
 from gaisnet_flwr.training.loops import build_model
 
 
@@ -37,7 +39,7 @@ def cfg(tmp_path: Path) -> RunConfig:
 @pytest.fixture
 def data(cfg: RunConfig) -> ImageData:
     """The embedded data with a 64-image cloud corpus: checkpoints are what is tested here."""
-    full = load_image_data(cfg.data_spec())
+    full = load_image_data(data_spec(cfg))
     return dataclasses.replace(full, cloud=Subset(full.cloud, range(64)))
 
 
@@ -57,9 +59,9 @@ def count_pretraining(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_checkpoint_is_built_once_then_reused(
     cfg: RunConfig, data: ImageData, count_pretraining: list[int]
 ) -> None:
-    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    path = Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
     assert path == Foundation.of(cfg).checkpoint_path() and path.is_file()
-    assert Foundation.of(cfg).ensure(data, cfg.run.torch_device()) == path
+    assert Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device)) == path
     assert count_pretraining == [1]
     # Every party builds the same model on top of it: pre-trained backbone, same prompts.
     a, b = Foundation.of(cfg).load(5), Foundation.of(cfg).load(5)
@@ -75,26 +77,26 @@ def test_checkpoint_is_built_once_then_reused(
 def test_corrupt_checkpoint_is_detected_and_rebuilt(
     cfg: RunConfig, data: ImageData, count_pretraining: list[int]
 ) -> None:
-    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    path = Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
     payload = bytearray(path.read_bytes())
     payload[len(payload) // 2] ^= 0xFF  # one flipped byte
     path.write_bytes(bytes(payload))
     with pytest.raises(CheckpointError, match="does not match its SHA-256 sidecar"):
         Foundation.of(cfg).load(5)
-    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
     assert count_pretraining == [1, 1]
     Foundation.of(cfg).load(5)  # sound again
 
 
 def test_truncated_checkpoint_is_rejected(cfg: RunConfig, data: ImageData) -> None:
-    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    path = Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or partial"):
         Foundation.of(cfg).load(5)
 
 
 def test_checkpoint_of_another_configuration_is_rejected(cfg: RunConfig, data: ImageData) -> None:
-    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    path = Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
     other = cfg.replace(pretrain_epochs=2)
     assert Foundation.of(other).checkpoint_path() != path  # a different key, so a different file...
     reference = build_model(cfg.model, cfg.cloud, 10, cfg.run.seed).backbone.state_dict()
@@ -117,7 +119,7 @@ def test_missing_checkpoint_names_the_fix(cfg: RunConfig, data: ImageData) -> No
 
 def test_other_foundations_need_no_checkpoint(cfg: RunConfig, data: ImageData) -> None:
     none = cfg.replace(foundation="none")
-    assert Foundation.of(none).ensure(data, none.run.torch_device()) is None
+    assert Foundation.of(none).ensure(data, resolve_device(none.run.device)) is None
     Foundation.of(none).load(5)
 
 

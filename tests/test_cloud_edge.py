@@ -9,16 +9,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from clients.split_client import ClusterIdentity
-from strategies.cloud_edge import (
-    CloudEdgeStrategy,
-    cloud_aggregate,
-    join_edges,
-    round_failures,
-    split_edges,
-)
-from strategies.module_fedavg import ModuleFedAvg
-from tests.conftest import make_error_reply, make_reply
+from gaisnet_flwr.contract import NodeIdentity, join_edges, split_edges
+from strategies.cloud_edge import Cloud, CloudEdgeStrategy, cloud_aggregate
+from strategies.edge import EdgeServer
+from strategies.registry import ModuleFedAvg
+from tests.conftest import edge_servers, make_error_reply, make_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -65,14 +60,11 @@ def test_edge_keys_round_trip() -> None:
 def test_two_edges_with_uneven_clusters_by_hand() -> None:
     # Prepare: edge 0 has clusters on nodes 100 and 101, edge 1 one cluster on node 102.
     strategy = CloudEdgeStrategy(
-        {
-            0: ModuleFedAvg(min_train_nodes=2, min_available_nodes=2),
-            1: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1),
-        },
-        node_edges={100: 0, 101: 0, 102: 1},
-        cloud_every=2,
-        cloud_mix=1.0,
-        cloud_keys=lambda k: k.startswith("prompt."),
+        edge_servers(
+            {100: 0, 101: 0, 102: 1},
+            lambda n: ModuleFedAvg(min_train_nodes=n, min_available_nodes=n),
+        ),
+        Cloud(every=2, mix=1.0, modules="prompts"),
     )
     start = join_edges(
         {e: ArrayRecord({k: Array(v) for k, v in arrays(0, 0).items()}) for e in (0, 1)}
@@ -107,8 +99,8 @@ def test_two_edges_with_uneven_clusters_by_hand() -> None:
 
 
 def test_an_edge_without_clusters_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"edge\(s\) \[1\] have no client cluster"):
-        CloudEdgeStrategy({0: ModuleFedAvg(), 1: ModuleFedAvg()}, {100: 0}, 1, 0.5, lambda k: True)
+    with pytest.raises(ValueError, match=r"edge 1 has no client cluster"):
+        EdgeServer(1, ModuleFedAvg(), {})
 
 
 @pytest.mark.parametrize(
@@ -122,44 +114,43 @@ def test_an_edge_without_clusters_is_rejected() -> None:
 )
 def test_simulation_nodes_map_to_edges_in_contiguous_blocks(num_nodes, num_edges, expected):
     got = [
-        ClusterIdentity.from_node_config(
-            {"partition-id": p, "num-partitions": num_nodes}, num_edges
+        NodeIdentity.from_node_config({"partition-id": p, "num-partitions": num_nodes}).place(
+            num_edges
         )
         for p in range(num_nodes)
     ]
-    assert [(i.edge_id, i.partition_id, i.num_partitions) for i in got] == expected
+    assert got == expected
 
 
 def test_deployment_nodes_name_their_edge() -> None:
-    ident = ClusterIdentity.from_node_config(
-        {"edge-id": 1, "partition-id": 2, "num-partitions": 3}, num_edges=2
-    )
-    assert (ident.edge_id, ident.partition_id, ident.num_partitions) == (1, 2, 3)
+    ident = NodeIdentity.from_node_config({"edge-id": 1, "partition-id": 2, "num-partitions": 3})
+    assert ident.place(num_edges=2) == (1, 2, 3)
     with pytest.raises(ValueError, match=r"edge-id=2 must be in \[0, 2\)"):
-        ClusterIdentity.from_node_config(
-            {"edge-id": 2, "partition-id": 0, "num-partitions": 1}, num_edges=2
+        NodeIdentity.from_node_config({"edge-id": 2, "partition-id": 0, "num-partitions": 1}).place(
+            num_edges=2
         )
     with pytest.raises(ValueError, match="2 client clusters for 3 edge servers"):
-        ClusterIdentity.from_node_config({"partition-id": 0, "num-partitions": 2}, num_edges=3)
+        NodeIdentity.from_node_config({"partition-id": 0, "num-partitions": 2}).place(3)
     with pytest.raises(ValueError, match="node-config lacks 'partition-id'"):
-        ClusterIdentity.from_node_config({}, num_edges=1)
+        NodeIdentity.from_node_config({})
 
 
 def test_a_failed_cluster_is_left_out_and_the_round_is_marked() -> None:
     # Prepare: edge 0 has nodes 100 and 101; node 101's D2D peer died (an error reply), and
     # node 102 of edge 1 never answered.
+    rounds: list[tuple[int, dict, list]] = []
     strategy = CloudEdgeStrategy(
-        {0: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1),
-         1: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1)},
-        node_edges={100: 0, 101: 0, 102: 1},
-        cloud_every=0,
-        cloud_mix=0.0,
-        cloud_keys=lambda k: True,
-    )  # fmt: skip
+        edge_servers(
+            {100: 0, 101: 0, 102: 1},
+            lambda n: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1),
+        ),
+        Cloud(every=0, mix=0.0, modules="all"),
+        on_round=lambda r, metrics, failures: rounds.append((r, dict(metrics), failures)),
+    )
     start = join_edges(
         {e: ArrayRecord({k: Array(v) for k, v in arrays(0, 0).items()}) for e in (0, 1)}
     )
-    sent = list(strategy.configure_train(1, start, ConfigRecord(), Mock(spec=Grid)))
+    list(strategy.configure_train(1, start, ConfigRecord(), Mock(spec=Grid)))
     failed = make_error_reply(1)  # from node 101
     assert failed.metadata.src_node_id == 101
     replies = [make_reply(arrays(4.0, 4.0), 10, 0, node_id=100), failed]
@@ -173,7 +164,7 @@ def test_a_failed_cluster_is_left_out_and_the_round_is_marked() -> None:
     assert metrics is not None and metrics["failed-clusters"] == 2
     assert metrics["edge0/clusters"] == 1 and metrics["edge1/clusters"] == 0
     # The failures' details come from the replies (what the recorder is handed each round).
-    sent_nodes = [m.metadata.dst_node_id for m in sent]
-    by_node = {f["node"]: f for f in round_failures(replies, sent_nodes, strategy.node_edges)}
+    ((_, _, failures),) = rounds
+    by_node = {f["node"]: f for f in failures}
     assert by_node[101]["edge"] == 0 and by_node[101]["reason"] == failed.error.reason
     assert by_node[102]["reason"] == "no reply within the round's timeout"

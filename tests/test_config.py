@@ -1,10 +1,14 @@
 """RunConfig: pyproject's run-config and the dataclass cannot drift; every bad value is refused
-with a message that names the run-config key (and the valid choices where there are some)."""
+with a message that names the run-config key (and the valid choices where there are some): the
+plain values by `RunConfig.from_run_config`, what needs the environment by the ServerApp's
+boundary (`check_run_config`: `derived.derive` and the strategy)."""
 
 from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -12,10 +16,19 @@ from typing import Any
 import pytest
 import torch
 
-from gaisnet_flwr.config import DEVICES, OPTIMIZERS, ConfigError, RunConfig, parse_overrides
-from gaisnet_flwr.data.images import DATASETS, PARTITIONINGS
-from gaisnet_flwr.split.plan import PLANNERS
-from gaisnet_flwr.vit.model import MODES
+from gaisnet_flwr.apps.server_app import check_run_config
+from gaisnet_flwr.config import (
+    DATASETS,
+    DEVICES,
+    MODES,
+    OPTIMIZERS,
+    PARTITIONINGS,
+    PLANNERS,
+    ConfigError,
+    RunConfig,
+    key_table,
+    parse_overrides,
+)
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -34,6 +47,31 @@ def test_pyproject_run_config_equals_runconfig_defaults_key_for_key() -> None:
     assert not differ, f"pyproject value vs RunConfig default: {differ}"
     # ... and what Flower hands the apps from pyproject parses to exactly the defaults.
     assert RunConfig.from_run_config(declared) == RunConfig()
+
+
+def test_importing_the_config_loads_neither_torch_nor_timm() -> None:
+    script = (
+        "import sys, gaisnet_flwr.config\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'flwr', "
+        "'numpy')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+KEYS_START = "<!-- the keys: generated from gaisnet_flwr/config.py (config.key_table) -->"
+KEYS_END = "<!-- end of the keys -->"
+
+
+def test_the_docs_key_table_is_the_one_the_config_declares() -> None:
+    """Each key's default, bounds and doc are declared once (config.py); docs/configure.md
+    holds the table made from them."""
+    text = (PYPROJECT.parent / "docs" / "configure.md").read_text()
+    assert KEYS_START in text and KEYS_END in text
+    table = text.split(KEYS_START)[1].split(KEYS_END)[0].strip()
+    assert table == key_table(), f"docs/configure.md should hold:\n{key_table()}"
 
 
 def test_missing_keys_default_and_to_dict_round_trips() -> None:
@@ -96,7 +134,7 @@ def test_invalid_values_raise_config_error_naming_the_key(
     overrides: dict[str, Any], must_mention: list[str]
 ) -> None:
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_run_config(overrides)
+        check_run_config(overrides)
     for text in must_mention:
         assert text in str(err.value), f"{text!r} missing from: {err.value}"
 
@@ -111,7 +149,7 @@ def test_imagefolder_without_its_data_dir_is_refused(tmp_path: Path) -> None:
         (str(tmp_path / "empty"), "is empty"),
     ):
         with pytest.raises(ConfigError) as err:
-            RunConfig.from_run_config({**base, "data-dir": data_dir})
+            check_run_config({**base, "data-dir": data_dir})
         assert "data_dir" in str(err.value) or "data-dir" in str(err.value), str(err.value)
         assert reason in str(err.value) and data_dir in str(err.value), str(err.value)
 
@@ -126,13 +164,13 @@ def test_imagefolder_without_its_data_dir_is_refused(tmp_path: Path) -> None:
 )
 def test_data_errors_name_the_run_config_key(overrides: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        RunConfig.from_run_config(overrides)
+        check_run_config(overrides)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_cuda_device_is_refused() -> None:
     with pytest.raises(ConfigError, match="device='cuda'"):
-        RunConfig.from_run_config({"device": "cuda"})
+        check_run_config({"device": "cuda"})
 
 
 @pytest.mark.parametrize(
@@ -146,7 +184,7 @@ def test_cuda_without_a_cuda_device_is_refused() -> None:
 )
 def test_cost_model_errors_fail_before_the_run(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape("cost model: ") + ".*" + re.escape(message)):
-        RunConfig.from_run_config(overrides)
+        check_run_config(overrides)
 
 
 def test_negative_bandwidth_in_a_profiles_file_fails_before_the_run(tmp_path) -> None:
@@ -155,12 +193,12 @@ def test_negative_bandwidth_in_a_profiles_file_fails_before_the_run(tmp_path) ->
         '[links.bad]\nkind = "d2d"\nbandwidth_hz = -1e6\ndistance_m = 50\ntx_power_w = 0.2\n'
     )
     with pytest.raises(ConfigError, match="cost model: .*bad.*bandwidth_hz must be > 0"):
-        RunConfig.from_run_config({"cost-profiles": str(path), "d2d-link": "bad"})
+        check_run_config({"cost-profiles": str(path), "d2d-link": "bad"})
 
 
 def test_backhaul_must_be_an_edge_cloud_link() -> None:
     with pytest.raises(ConfigError, match="backhaul-link 'd2d-50m' is a d2d link"):
-        RunConfig.from_run_config({"backhaul-link": "d2d-50m"})
+        check_run_config({"backhaul-link": "d2d-50m"})
 
 
 # Issue 17 ("Hardening"): every value it found accepted, or refused without naming the key, is
@@ -267,7 +305,7 @@ def test_issue_17_values_are_refused_naming_key_value_and_what_is_valid(
     overrides: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_run_config(overrides)
+        check_run_config(overrides)
     assert message in str(err.value)
 
 
@@ -289,7 +327,7 @@ def test_issue_17_files_are_refused_naming_the_key(tmp_path: Path) -> None:
     ]
     for overrides, key, reason in cases:
         with pytest.raises(ConfigError) as err:
-            RunConfig.from_run_config(overrides)
+            check_run_config(overrides)
         assert key in str(err.value) and reason in str(err.value), str(err.value)
         assert next(iter(overrides.values())) in str(err.value)
 
@@ -298,7 +336,7 @@ def test_the_largest_accepted_shapes_build_on_the_meta_device_in_seconds() -> No
     import time
 
     started = time.perf_counter()
-    RunConfig.from_run_config(
+    check_run_config(
         {"depth": 48, "embed-dim": 1024, "num-heads": 16, "img-size": 1024, "patch-size": 16,
          "num-prompts": 1024, "peers-per-cluster": 48}
     )  # fmt: skip

@@ -3,7 +3,7 @@
 `test_every_generated_run_config_is_refused_by_key_or_accepted`: Hypothesis changes 1-4 keys of
 the default run-config at a time (wrong types, nan / inf, zero, negative, huge and boundary
 numbers, valid and invalid names, paths to nothing, to a folder, to a file, malformed TOML) and
-puts each through the ServerApp's boundary (`apps/hfsl.py: check_run_config`: every key, the
+puts each through the ServerApp's boundary (`apps/server_app.py: check_run_config`: every key, the
 environment, the model on the meta device, the strategy built once). Every case must end in a
 `ConfigError` whose message names one of the keys it changed, or be accepted; any other
 exception (a traceback from torch, timm, numpy or Flower) fails the test. 500 cases, derandomised
@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gaisnet_flwr.apps.hfsl import check_run_config
 from gaisnet_flwr.apps.inprocess import run_inprocess
+from gaisnet_flwr.apps.server_app import check_run_config
 from gaisnet_flwr.config import DEVICES, ConfigError, RunConfig
 from gaisnet_flwr.costs.profiles import DEVICE_PRESETS, LINK_PRESETS
 from gaisnet_flwr.data.images import DATASETS, DOMAINS, EDGE_TASKS, PARTITIONINGS

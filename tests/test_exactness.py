@@ -20,6 +20,7 @@ from torch.utils.data import Subset
 
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import load_image_data
+from gaisnet_flwr.derived import data_spec, derive
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.split.plan import SplitPlan
 from gaisnet_flwr.training.loops import build_model, train_centralised, train_cluster
@@ -175,11 +176,11 @@ def test_a_cluster_round_equals_centralised_training_from_the_run_config(
             "batch-size": 16,
         }
     )
-    data = load_image_data(cfg.data_spec())
+    data = load_image_data(data_spec(cfg))
     train = Subset(data.train, range(48))  # 3 steps
     split = build_model(cfg.model, cfg.cloud, data.num_classes, cfg.run.seed)
     whole = copy.deepcopy(split)
-    train_cluster(split, cfg.plan(), train, cfg.training, seed=5)
+    train_cluster(split, derive(cfg).plan, train, cfg.training, seed=5)
     train_centralised(whole, train, cfg.training, epochs=1, seed=5)
     expected = whole.tunable_state()
     for key, value in split.tunable_state().items():

@@ -21,24 +21,20 @@ from flwr.serverapp import Grid
 from torch.utils.data import Subset
 
 import clients.split_client as split_client
-from gaisnet_flwr.apps.hfsl import check_run_config
 from gaisnet_flwr.apps.inprocess import run_inprocess
+from gaisnet_flwr.apps.server_app import check_run_config
 from gaisnet_flwr.cloud.foundation import CheckpointError, Foundation, save_checkpoint
 from gaisnet_flwr.config import ConfigError, RunConfig
+from gaisnet_flwr.contract import NON_FINITE_AGGREGATE, join_edges, split_edges
 from gaisnet_flwr.data.images import ImageData, load_image_data
+from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.experiments import flwr_local
 from gaisnet_flwr.split.plan import make_plan
+from gaisnet_flwr.split.precision import resolve_device
 from gaisnet_flwr.training.loops import NonFiniteError, build_model, train_cluster
-from strategies.cloud_edge import (
-    NON_FINITE_AGGREGATE,
-    CloudEdgeStrategy,
-    RunFailedError,
-    join_edges,
-    refused_aggregates,
-    split_edges,
-)
-from strategies.module_fedavg import ModuleFedAvg
-from tests.conftest import make_reply
+from strategies.cloud_edge import Cloud, CloudEdgeStrategy, RunFailedError
+from strategies.registry import ModuleFedAvg
+from tests.conftest import edge_servers, make_reply
 
 TINY: dict[str, Any] = {
     "depth": 2,
@@ -87,10 +83,10 @@ def test_bad_strategies_are_refused_at_the_boundary(
 def test_the_server_app_refuses_a_bad_strategy_before_loading_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gaisnet_flwr.apps.hfsl as hfsl
+    import gaisnet_flwr.apps.server_app as server_app
 
     loaded: list[int] = []
-    monkeypatch.setattr(hfsl, "load_image_data", lambda spec: loaded.append(1))
+    monkeypatch.setattr(server_app, "load_image_data", lambda spec: loaded.append(1))
     config = {**TINY, "output-dir": str(tmp_path), "strategy": "fedprox",
               "strategy-options": "bogus=1"}  # fmt: skip
     with pytest.raises(ConfigError, match="strategy-options='bogus=1'"):
@@ -130,9 +126,9 @@ def failing_clusters(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[int]]:
     model_partition = [0]
     real_train = split_client.SplitClusterClient.train
 
-    def client_train(self, arrays, config):  # type: ignore[no-untyped-def]
-        model_partition[0] = self.identity.partition_id
-        return real_train(self, arrays, config)
+    def client_train(self, request):  # type: ignore[no-untyped-def]
+        model_partition[0] = self.task.partition
+        return real_train(self, request)
 
     monkeypatch.setattr(split_client, "train_cluster", train)
     monkeypatch.setattr(split_client.SplitClusterClient, "train", client_train)
@@ -178,14 +174,14 @@ def test_a_non_finite_aggregate_keeps_the_edges_modules(task_identity: None) -> 
     def modules(value: float) -> dict[str, np.ndarray]:
         return {"prompt.0": np.full((2, 2), value, np.float32)}
 
+    rounds: list[list] = []
     strategy = CloudEdgeStrategy(
-        {0: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1),
-         1: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1)},
-        node_edges={100: 0, 101: 1},
-        cloud_every=1,
-        cloud_mix=0.5,
-        cloud_keys=lambda k: True,
-    )  # fmt: skip
+        edge_servers(
+            {100: 0, 101: 1}, lambda n: ModuleFedAvg(min_train_nodes=1, min_available_nodes=1)
+        ),
+        Cloud(every=1, mix=0.5, modules="all"),
+        on_round=lambda r, metrics, failures: rounds.append(failures),
+    )
     start = join_edges(
         {e: ArrayRecord({k: Array(v) for k, v in modules(1.0).items()}) for e in (0, 1)}
     )
@@ -199,7 +195,7 @@ def test_a_non_finite_aggregate_keeps_the_edges_modules(task_identity: None) -> 
     np.testing.assert_allclose(edges[1]["prompt.0"].numpy(), 3.0)
     assert metrics is not None and metrics["failed-aggregates"] == 1
     assert metrics["edge0/aggregate-refused"] == 1 and "edge1/aggregate-refused" not in metrics
-    (failure,) = refused_aggregates(metrics)
+    ((failure,),) = rounds
     assert failure["edge"] == 0 and failure["code"] == NON_FINITE_AGGREGATE
     assert "edge 0's aggregate is not finite" in str(failure["reason"])
 
@@ -213,14 +209,14 @@ def cfg(tmp_path: Path) -> RunConfig:
 
 @pytest.fixture
 def data(cfg: RunConfig) -> ImageData:
-    full = load_image_data(cfg.data_spec())
+    full = load_image_data(data_spec(cfg))
     return dataclasses.replace(full, cloud=Subset(full.cloud, range(64)))
 
 
 def test_a_foundation_with_non_finite_weights_is_refused_and_rebuilt(
     cfg: RunConfig, data: ImageData
 ) -> None:
-    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    path = Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
     assert path is not None
     state = torch.load(path, weights_only=True)
     poisoned = {k: v.clone() for k, v in state["state"].items()}
@@ -228,7 +224,7 @@ def test_a_foundation_with_non_finite_weights_is_refused_and_rebuilt(
     save_checkpoint(path, poisoned, state["meta"])  # a valid checksum over bad weights
     with pytest.raises(CheckpointError, match="holds non-finite weights .*corrupt"):
         Foundation.of(cfg).load(5)
-    Foundation.of(cfg).ensure(data, cfg.run.torch_device())  # the cloud rebuilds it
+    Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))  # the cloud rebuilds it
     Foundation.of(cfg).load(5)
 
 
@@ -236,7 +232,7 @@ def test_a_foundation_with_non_finite_weights_is_refused_and_rebuilt(
 def test_an_unreadable_sidecar_is_a_corrupt_checkpoint(
     cfg: RunConfig, data: ImageData, sidecar: bytes | None
 ) -> None:
-    path = Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    path = Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
     assert path is not None
     side = path.with_name(path.name + ".sha256")
     side.unlink()
@@ -248,7 +244,7 @@ def test_an_unreadable_sidecar_is_a_corrupt_checkpoint(
         Foundation.of(cfg).load(5)  # a client refuses it
     if sidecar is None:
         side.rmdir()
-    Foundation.of(cfg).ensure(data, cfg.run.torch_device())  # the cloud rebuilds it
+    Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))  # the cloud rebuilds it
     Foundation.of(cfg).load(5)
 
 
@@ -267,7 +263,7 @@ def test_pretraining_refuses_to_save_a_non_finite_backbone(
     monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
     hot = cfg.replace(pretrain_lr=10.0)
     with pytest.raises(NonFiniteError, match=r"pretrain-lr=10.0\); lower pretrain-lr"):
-        Foundation.of(hot).ensure(data, hot.run.torch_device())
+        Foundation.of(hot).ensure(data, resolve_device(hot.run.device))
     assert not Foundation.of(hot).checkpoint_path().exists()
 
 

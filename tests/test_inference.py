@@ -8,10 +8,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.inference import InferenceRequestError
-from clients.split_client import ClusterIdentity, SplitClusterClient
-from gaisnet_flwr.apps.client_app import INFERENCE_REQUEST_ERROR, PEER_FAILURE, create_client_app
+from clients.split_client import SplitClusterClient
+from gaisnet_flwr.apps.client_app import create_client_app
 from gaisnet_flwr.cloud.foundation import Foundation
-from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.contract import INFERENCE_REQUEST_ERROR, PEER_FAILURE, InferRequest
+from tests.conftest import cluster_client
 
 TINY = {
     "depth": 4,
@@ -27,8 +28,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def client(**overrides: object) -> SplitClusterClient:
-    cfg = RunConfig.from_run_config({**TINY, **overrides})
-    return SplitClusterClient(cfg, ClusterIdentity(0, 0, 2))
+    return cluster_client({**TINY, **overrides})  # type: ignore[no-any-return]
 
 
 def fine_tuned(c: SplitClusterClient) -> ArrayRecord:
@@ -40,21 +40,33 @@ def fine_tuned(c: SplitClusterClient) -> ArrayRecord:
 
 
 def request(
-    model: ArrayRecord | None, distribution: str = "efficient", images: np.ndarray | None = None
+    model: ArrayRecord | None,
+    distribution: str = "efficient",
+    images: np.ndarray | None = None,
+    c: SplitClusterClient | None = None,
 ) -> RecordDict:
+    """A `query.infer` request's content, with the task of the cluster `c` (else the default
+    client's) that serves it."""
     content = RecordDict({"config": ConfigRecord({"distribution": distribution})})
     if model is not None:
         content["model"] = model
     if images is not None:
         content["inputs"] = ArrayRecord({"images": Array(images)})
+    content["task"] = (c or client()).task.to_record()
     return content
+
+
+def infer(c: SplitClusterClient, content: RecordDict) -> RecordDict:
+    """`c` serves the request as its ClientApp does (`contract.InferRequest`)."""
+    message = Message(content, dst_node_id=1, message_type="query.infer")
+    return c.infer(InferRequest.from_message(message))
 
 
 @pytest.mark.parametrize(("peers", "speeds"), [(1, ""), (2, "1,3"), (4, "1,1,1,1")])
 def test_split_inference_predictions_equal_the_unsplit_model(peers: int, speeds: str) -> None:
     c = client(**{"peers-per-cluster": peers, "peer-speeds": speeds})
     modules = fine_tuned(c)
-    reply = c.infer(request(modules))
+    reply = infer(c, request(modules, c=c))
     predictions = reply.array_records["predictions"]["predictions"].numpy()
 
     whole = Foundation.of(c.cfg).load(c.data.num_classes)
@@ -74,8 +86,8 @@ def test_parameter_efficient_and_full_distribution_agree_and_differ_in_bytes() -
     model = Foundation.of(c.cfg).load(c.data.num_classes)
     model.load_tunable_state(modules.to_torch_state_dict())
     full = ArrayRecord(model.state_dict())
-    efficient_reply = c.infer(request(modules, "efficient"))
-    full_reply = c.infer(request(full, "full"))
+    efficient_reply = infer(c, request(modules, "efficient", c=c))
+    full_reply = infer(c, request(full, "full", c=c))
     np.testing.assert_array_equal(
         efficient_reply.array_records["predictions"]["predictions"].numpy(),
         full_reply.array_records["predictions"]["predictions"].numpy(),
@@ -89,7 +101,7 @@ def test_parameter_efficient_and_full_distribution_agree_and_differ_in_bytes() -
 def test_request_images_are_served_and_checked() -> None:
     c = client()
     images = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
-    reply = c.infer(request(fine_tuned(c), images=images))
+    reply = infer(c, request(fine_tuned(c), images=images, c=c))
     assert reply.array_records["predictions"]["predictions"].numpy().shape == (5,)
     assert "accuracy" not in reply.metric_records["metrics"]  # no labels came with them
     with pytest.raises(
@@ -97,20 +109,20 @@ def test_request_images_are_served_and_checked() -> None:
         match=r"shape \[5, 3, 16, 16\]; expected "
         r"\['N', 3, 32, 32\]",
     ):
-        c.infer(request(fine_tuned(c), images=images[:, :, :16, :16].copy()))
+        infer(c, request(fine_tuned(c), images=images[:, :, :16, :16].copy(), c=c))
     with pytest.raises(InferenceRequestError, match="dtype float64; expected float32"):
-        c.infer(request(fine_tuned(c), images=images.astype(np.float64)))
+        infer(c, request(fine_tuned(c), images=images.astype(np.float64), c=c))
 
 
 def test_a_node_without_the_model_says_so() -> None:
     c = client()
     with pytest.raises(InferenceRequestError, match="has no model to serve the request"):
-        c.infer(request(None))
+        infer(c, request(None, c=c))
     wrong = ArrayRecord({"prompt.0": Array(np.zeros((7, 32), np.float32))})
     with pytest.raises(InferenceRequestError, match="does not fit"):
-        c.infer(request(wrong))
+        infer(c, request(wrong, c=c))
     with pytest.raises(InferenceRequestError, match="distribution 'half' is not valid"):
-        c.infer(request(fine_tuned(c), "half"))
+        infer(c, request(fine_tuned(c), "half", c=c))
 
 
 def test_client_app_answers_a_bad_request_with_an_error_and_serves_the_next() -> None:
@@ -123,11 +135,11 @@ def test_client_app_answers_a_bad_request_with_an_error_and_serves_the_next() ->
         run_config={},
     )
     c = client()
-    bad = Message(request(None), dst_node_id=1, message_type="query.infer")
+    bad = Message(request(None, c=c), dst_node_id=1, message_type="query.infer")
     reply = app(bad, context)
     assert reply.has_error() and reply.error.code == INFERENCE_REQUEST_ERROR
     assert "has no model" in reply.error.reason
-    good = Message(request(fine_tuned(c)), dst_node_id=1, message_type="query.infer")
+    good = Message(request(fine_tuned(c), c=c), dst_node_id=1, message_type="query.infer")
     assert not app(good, context).has_error()
 
 
@@ -142,9 +154,16 @@ def test_a_cluster_whose_peer_is_down_replies_with_an_error_naming_it() -> None:
         state=RecordDict(),
         run_config={},
     )  # fmt: skip
-    modules = fine_tuned(client(**{"peers-per-cluster": 1}))
+    c = client(**{"peers-per-cluster": 1})
+    modules = fine_tuned(c)
     train = Message(
-        RecordDict({"arrays": modules, "config": ConfigRecord({"server-round": 1})}),
+        RecordDict(
+            {
+                "arrays": modules,
+                "config": ConfigRecord({"server-round": 1}),
+                "task": c.task.to_record(),
+            }
+        ),
         dst_node_id=1,
         message_type="train",
     )
@@ -152,5 +171,5 @@ def test_a_cluster_whose_peer_is_down_replies_with_an_error_naming_it() -> None:
     assert reply.has_error() and reply.error.code == PEER_FAILURE
     # Members open from the end point backwards (each Open carries the next member's token).
     assert "end at 127.0.0.1:7: Open failed: UNAVAILABLE" in reply.error.reason
-    infer = Message(request(modules), dst_node_id=1, message_type="query.infer")
-    assert app(infer, context).error.code == PEER_FAILURE
+    served = Message(request(modules, c=c), dst_node_id=1, message_type="query.infer")
+    assert app(served, context).error.code == PEER_FAILURE

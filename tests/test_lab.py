@@ -28,6 +28,7 @@ import torch
 
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
+from gaisnet_flwr.derived import data_spec, derive, edge_shares
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.training.loops import build_model
 from tests.conftest import run_simulated
@@ -106,16 +107,16 @@ def test_lab_run_matches_the_in_process_simulation(lab: Any, tmp_path: Path) -> 
     served = json.loads((deployed / "inference.json").read_text())[0]
     assert "error" not in served, served
     cfg = RunConfig.from_run_config({**CONFIG, "seed": 3})
-    data = load_image_data(cfg.data_spec())
+    data = load_image_data(data_spec(cfg))
     edge = edge_image_data(
-        data, 0, cfg.hierarchy.shares(), cfg.hierarchy.domains()[0], seed=cfg.run.seed
+        data, 0, list(edge_shares(cfg.hierarchy)), cfg.hierarchy.edge_domains[0], seed=cfg.run.seed
     )
-    _, val = cluster_datasets(edge, int(served["partition-id"]), CLUSTERS, cfg.data_spec())
+    _, val = cluster_datasets(edge, int(served["partition-id"]), CLUSTERS, data_spec(cfg))
     model = build_model(cfg.model, cfg.cloud, data.num_classes, cfg.run.seed)
     final = np.load(deployed / "final_tunable.npz")
     model.load_tunable_state({k.split("/", 1)[1]: torch.from_numpy(final[k]) for k in final.files})
     images = torch.stack([val[i][0] for i in range(len(val))])
-    expected = SplitChain(model, cfg.plan()).infer(images).argmax(dim=1)
+    expected = SplitChain(model, derive(cfg).plan).infer(images).argmax(dim=1)
     assert served["predictions"] == expected.tolist()
 
     # Every peer process served sessions (2 training rounds at least).

@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The order of the units, lowest first. A unit may import itself and any unit on a lower row,
 # never one on a higher row nor another unit of its own row.
 LAYERS: list[tuple[str, ...]] = [
+    # plain typed data at the bottom (issue 30): every key declared once, the vocabularies the
+    # domain code dispatches on; it imports no project code (and only the standard library)
+    ("gaisnet_flwr.config",),
     ("gaisnet_flwr.vit",),  # the prompted ViT
     ("gaisnet_flwr.split",),  # split plans, the D2D chain, FLOPs, links
     (
@@ -29,11 +32,15 @@ LAYERS: list[tuple[str, ...]] = [
         "gaisnet_flwr.service",  # fine-tune-or-serve scheduling, clustering
     ),
     # a device population and its clusters: combines costs (devices, links, pricing, memory)
-    # and service (clustering), so it sits above both and below the config that reads it
+    # and service (clustering), so it sits above both
     ("gaisnet_flwr.population",),
-    ("gaisnet_flwr.config",),  # RunConfig, read once at the app boundary
+    # what a run derives from its config once (plans, profiles, layouts): the ServerApp's
+    # preparation, above everything it builds
+    ("gaisnet_flwr.derived",),
     ("gaisnet_flwr.training",),  # local loops
     ("gaisnet_flwr.cloud",),  # the cloud's foundation model
+    # the messages between ServerApp and ClientApps: Flower records, no torch
+    ("gaisnet_flwr.contract",),
     ("strategies", "clients"),  # Flower strategies; the cluster client
     ("gaisnet_flwr.apps",),  # ServerApp, ClientApp
     ("gaisnet_flwr.experiments",),  # the paper's experiments and tools
@@ -190,6 +197,16 @@ def test_core_units_import_no_flower() -> None:
         f"{imp.where()} (unit {unit} may not import {imp.module.split('.')[0]})"
         for unit, imp in all_imports()
         if imp.module.split(".")[0] in NO_FLOWER.get(unit, set())
+    ]
+    fail_with(violations)
+
+
+def test_the_config_imports_only_the_standard_library() -> None:
+    violations = [
+        f"{imp.where()} (the config is plain data: standard library only)"
+        for unit, imp in all_imports()
+        if unit == "gaisnet_flwr.config"
+        and imp.module.split(".")[0] not in (*sys.stdlib_module_names, "__future__")
     ]
     fail_with(violations)
 

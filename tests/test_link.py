@@ -18,6 +18,7 @@ import gaisnet_flwr.split.chain as chain_module
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.costs.pricing import fine_tuning_round_cost, tensor_wire_bytes
 from gaisnet_flwr.deploy.peer import check_device, parse_args
+from gaisnet_flwr.derived import derive
 from gaisnet_flwr.experiments.flwr_local import check_client_gpus
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.split.flops import segment_flops
@@ -30,7 +31,7 @@ from gaisnet_flwr.split.link import (
     wire_bytes,
 )
 from gaisnet_flwr.split.plan import SplitPlan
-from gaisnet_flwr.split.precision import SMASHED_DTYPES, Precision, to_wire
+from gaisnet_flwr.split.precision import SMASHED_DTYPES, Precision, resolve_device, to_wire
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 from tests.conftest import TINY, VARIANTS
 
@@ -246,7 +247,7 @@ def test_bf16_autocast_keeps_parameters_and_optimizer_state_in_fp32() -> None:
 def test_bf16_smashed_data_halve_the_counted_and_priced_d2d_bytes() -> None:
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
     plan = SplitPlan.from_sizes([2, 2, 2])
-    cluster = RunConfig().cluster_profile()
+    cluster = derive(RunConfig()).cluster
     stats, costs = {}, {}
     for smashed in ("fp32", "bf16", "fp16"):
         model = build()
@@ -293,17 +294,18 @@ def test_bad_precision_values_are_refused_up_front(key: str, value: str, fragmen
 
 def test_precision_comes_from_the_run_config() -> None:
     cfg = RunConfig.from_run_config({"precision": "bf16", "smashed-dtype": "fp16"})
-    assert cfg.run.torch_precision() == Precision("bf16", "fp16")
-    assert RunConfig().run.torch_precision() == Precision("fp32", "fp32")
+    assert Precision(cfg.run.precision, cfg.run.smashed_dtype) == Precision("bf16", "fp16")
+    run = RunConfig().run
+    assert Precision(run.precision, run.smashed_dtype) == Precision("fp32", "fp32")
 
 
 # -- devices: auto, and a peer's --device ---------------------------------------------------------
 def test_auto_uses_the_gpu_this_process_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
     # Under Ray, a ClientApp with client-resources-num-gpus > 0 sees its GPU as cuda:0.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert RunConfig().run.torch_device() == torch.device("cuda")
+    assert resolve_device(RunConfig().run.device) == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert RunConfig().run.torch_device() == torch.device("cpu")
+    assert resolve_device(RunConfig().run.device) == torch.device("cpu")
 
 
 def test_a_peer_checks_its_device_up_front(monkeypatch: pytest.MonkeyPatch) -> None:

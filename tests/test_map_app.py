@@ -13,6 +13,7 @@ from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import load_image_data
+from gaisnet_flwr.derived import data_spec
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_siglip_attention_pool_trains_through_the_apps(tmp_path: Path) -> None:
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
     final = {k.removeprefix("edge0/"): v for k, v in run.modules().items()}
     cfg = RunConfig.from_run_config(config)
-    model = Foundation.of(cfg).load(load_image_data(cfg.data_spec()).num_classes)
+    model = Foundation.of(cfg).load(load_image_data(data_spec(cfg)).num_classes)
     initial = {k: v.numpy() for k, v in model.tunable_state().items()}
     pool = sorted(k for k in initial if k.startswith("attn_pool."))
     assert "attn_pool.latent" in pool and "attn_pool.kv.weight" in pool

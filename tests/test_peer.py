@@ -31,8 +31,10 @@ from gaisnet_flwr.deploy.remote import (
     model_spec,
     segment_weights,
 )
+from gaisnet_flwr.derived import data_spec, derive, edge_shares
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.split.precision import Precision
 from gaisnet_flwr.training.loops import build_model, model_kwargs, optimizer_spec, train_cluster
 from gaisnet_flwr.vit.model import PromptedViT
 
@@ -43,11 +45,11 @@ CFG = RunConfig.from_run_config(
 
 @pytest.fixture(scope="module")
 def cluster_data():
-    data = load_image_data(CFG.data_spec())
+    data = load_image_data(data_spec(CFG))
     edge = edge_image_data(
-        data, 0, CFG.hierarchy.shares(), CFG.hierarchy.domains()[0], seed=CFG.run.seed
+        data, 0, list(edge_shares(CFG.hierarchy)), CFG.hierarchy.edge_domains[0], seed=CFG.run.seed
     )
-    train, val = cluster_datasets(edge, 0, 4, CFG.data_spec())
+    train, val = cluster_datasets(edge, 0, 4, data_spec(CFG))
     return data.num_classes, train, val
 
 
@@ -85,7 +87,7 @@ def network(
         settings,
         model_spec(model_kwargs(cfg.model, cfg.cloud), num_classes),
         optimizer_spec(cfg.training),
-        precision=cfg.run.torch_precision(),
+        precision=Precision(cfg.run.precision, cfg.run.smashed_dtype),
     )
 
 
@@ -97,7 +99,7 @@ def model_pair(num_classes: int) -> tuple[PromptedViT, PromptedViT]:
 def test_network_training_equals_in_process_training(lab: Lab, cluster_data) -> None:
     num_classes, train, _ = cluster_data
     local, remote = model_pair(num_classes)
-    plan = CFG.plan()
+    plan = derive(CFG).plan
     expected = train_cluster(local, plan, train, CFG.training, seed=3)
     got = train_cluster(remote, plan, train, CFG.training, seed=3, remote=network(lab, num_classes))
     # The same ChainNode code on every member: the same float ops in the same order.
@@ -127,7 +129,7 @@ def test_an_attention_pooled_model_trains_over_the_network_bit_for_bit(
     num_classes, train, _ = cluster_data
     local = build_model(cfg.model, cfg.cloud, num_classes, cfg.run.seed)
     remote = copy.deepcopy(local)
-    plan = cfg.plan()
+    plan = derive(cfg).plan
     pool_keys = [k for k in local.tunable_state() if k.startswith("attn_pool.")]
     assert "attn_pool.latent" in pool_keys
     net = network(lab, num_classes, cfg=cfg)
@@ -149,7 +151,7 @@ def test_bf16_smashed_data_over_the_network_equal_the_in_process_chain(
     num_classes, train, _ = cluster_data
     small = torch.utils.data.Subset(train, range(40))
     local, remote = model_pair(num_classes)
-    plan, precision = cfg.plan(), cfg.run.torch_precision()
+    plan, precision = derive(cfg).plan, Precision(cfg.run.precision, cfg.run.smashed_dtype)
     expected = train_cluster(local, plan, small, cfg.training, seed=3, precision=precision)
     net = network(lab, num_classes, cfg=cfg)
     got = train_cluster(remote, plan, small, cfg.training, seed=3, remote=net, precision=precision)
@@ -164,7 +166,7 @@ def test_network_inference_equals_in_process_inference(lab: Lab, cluster_data) -
     num_classes, _, val = cluster_data
     model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
     x = torch.stack([val[i][0] for i in range(8)])
-    plan = CFG.plan()
+    plan = derive(CFG).plan
     expected = SplitChain(model, plan).infer(x)
     chain = SplitChain(model, plan, remote=network(lab, num_classes), train=False)
     torch.testing.assert_close(chain.infer(x), expected, rtol=1e-6, atol=1e-6)
@@ -174,7 +176,7 @@ def test_network_inference_equals_in_process_inference(lab: Lab, cluster_data) -
 def test_frozen_weights_are_shipped_once_per_peer(lab: Lab, cluster_data) -> None:
     num_classes, train, _ = cluster_data
     small = torch.utils.data.Subset(train, range(10))
-    plan = CFG.plan()
+    plan = derive(CFG).plan
     for _ in range(2):
         model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
         train_cluster(model, plan, small, CFG.training, seed=0, remote=network(lab, num_classes))
@@ -187,7 +189,7 @@ def test_frozen_weights_are_shipped_once_per_peer(lab: Lab, cluster_data) -> Non
 def open_session(lab: Lab, num_classes: int) -> tuple[PeerClient, dict[str, str]]:
     peers = network(lab, num_classes)
     hop = peers.open(
-        build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), CFG.plan(), True, 0.0
+        build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), derive(CFG).plan, True, 0.0
     )
     assert isinstance(hop, GrpcHop)
     return hop.client, {"session": hop.session, "token": hop.token}
@@ -219,7 +221,7 @@ def test_modules_that_are_not_the_segments_own_are_refused(lab: Lab, cluster_dat
     num_classes = cluster_data[0]
     peers = network(lab, num_classes)
     model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
-    peers.open(model, CFG.plan(), True, 0.0)  # ships the weights
+    peers.open(model, derive(CFG).plan, True, 0.0)  # ships the weights
     peers.close(model)  # the peer is free for another session
     client = PeerClient("peer1", lab.addresses[0], TransportSettings())
     header = {"version": PROTOCOL_VERSION, "session": "x", "index": 1, "ranges": [[0, 3], [3, 6]],
@@ -238,14 +240,14 @@ def test_a_dead_peer_names_itself(cluster_data) -> None:
         with pytest.raises(PeerError, match=rf"end at {lab.addresses[2]}.*UNAVAILABLE"):
             model = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed)
             remote = network(lab, num_classes)
-            train_cluster(model, CFG.plan(), train, CFG.training, seed=0, remote=remote)
+            train_cluster(model, derive(CFG).plan, train, CFG.training, seed=0, remote=remote)
     finally:
         lab.stop()
 
 
 def test_timeouts_and_size_limits_are_reported_with_their_setting(lab: Lab, cluster_data) -> None:
     num_classes = cluster_data[0]
-    model, plan = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), CFG.plan()
+    model, plan = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), derive(CFG).plan
     too_slow = TransportSettings(timeout_s=1e-4)
     with pytest.raises(PeerError, match="DEADLINE_EXCEEDED.*peer-timeout-s"):
         network(lab, num_classes, too_slow).open(model, plan, True, 0.0)
@@ -263,7 +265,7 @@ def test_tls_chain_trains_and_plaintext_callers_are_refused(tmp_path: Path, clus
     try:
         small = torch.utils.data.Subset(train, range(20))
         local, remote = model_pair(num_classes)
-        plan = CFG.plan()
+        plan = derive(CFG).plan
         train_cluster(local, plan, small, CFG.training, seed=1)
         train_cluster(
             remote, plan, small, CFG.training, seed=1, remote=network(lab, num_classes, tls)
@@ -327,7 +329,7 @@ def test_an_unreachable_peer_is_a_peer_error() -> None:
 
 def test_large_segments_ship_their_weights_in_parts(lab: Lab, cluster_data) -> None:
     num_classes = cluster_data[0]
-    model, plan = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), CFG.plan()
+    model, plan = build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), derive(CFG).plan
     limit = TransportSettings(timeout_s=30, max_message_mb=0.05)  # 52 kB: a block is ~50 kB
     weights = segment_weights(model, plan, 1)
     assert len(chunks(weights, limit.max_message_bytes // 2)) > 2

@@ -14,15 +14,19 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from gaisnet_flwr.apps.clusters import LayoutMismatchError, assign_nodes
-from gaisnet_flwr.config import ConfigError, RunConfig, TrainingConfig
-from gaisnet_flwr.costs.pricing import (
+from gaisnet_flwr.apps.clusters import assign_nodes
+from gaisnet_flwr.apps.server_app import check_run_config
+from gaisnet_flwr.config import ConfigError, RunConfig, TrainingSection
+from gaisnet_flwr.contract import NodeIdentity
+from gaisnet_flwr.costs.pricing import RoundCost, fine_tuning_round_cost, inference_cost
+from gaisnet_flwr.costs.profiles import (
     ClusterProfile,
-    RoundCost,
-    fine_tuning_round_cost,
-    inference_cost,
+    DeviceProfile,
+    LinkProfile,
+    Profiles,
+    load_profiles,
 )
-from gaisnet_flwr.costs.profiles import DeviceProfile, LinkProfile, Profiles, load_profiles
+from gaisnet_flwr.derived import derive
 from gaisnet_flwr.population.devices import (
     GENERATED_PROFILES,
     PopulationError,
@@ -140,11 +144,11 @@ def test_the_run_config_refuses_a_bad_population_naming_the_key(tmp_path: Path) 
     with pytest.raises(ConfigError, match="peer-speeds='1,2,1' is for identical clusters"):
         RunConfig.of(population="generated:60:0", peer_speeds="1,2,1")
     with pytest.raises(ConfigError, match=r"population='.*cell.toml': .*device 'far'"):
-        RunConfig.from_run_config(
+        check_run_config(
             {"population": str(write(tmp_path, LINE + device("far", 9e3, profile="phone-mid")))}
         )
     with pytest.raises(ConfigError, match="forms no fine-tuning cluster of 5 devices"):
-        RunConfig.from_run_config({"population": str(write(tmp_path, LINE))})
+        check_run_config({"population": str(write(tmp_path, LINE))})
 
 
 # -- generated populations ----------------------------------------------------------------------
@@ -170,7 +174,7 @@ def meta_model(depth: int = 6) -> PromptedViT:
 
 def test_clusters_are_formed_with_their_own_links_and_inference_loops_close() -> None:
     cfg = RunConfig.from_run_config({"population": "generated:60:0", "planner": "comm-aware"})
-    layout = cfg.cluster_layout()
+    layout = derive(cfg).layout
     assert layout is not None and layout.fine_tuning and layout.inference
     placed = [m.name for c in (*layout.fine_tuning, *layout.inference) for m in c.members]
     assert len(placed) == len(set(placed))  # nobody in two clusters
@@ -215,18 +219,17 @@ def test_a_chain_no_plan_fits_is_passed_over() -> None:
     assert peers and all(m.profile != "small" for m in peers)
 
 
-def test_nodes_take_the_cluster_of_their_cluster_id_and_a_foreign_layout_is_refused() -> None:
-    layout = RunConfig.from_run_config({"population": "generated:60:0"}).cluster_layout()
+def test_nodes_take_the_cluster_of_their_cluster_id() -> None:
+    # The ServerApp sends each node its cluster (issue 30): no node derives a layout, so no
+    # node can derive another one (the digest check this test had is gone with it).
+    layout = derive(RunConfig.from_run_config({"population": "generated:60:0"})).layout
     assert layout is not None
     n = len(layout.fine_tuning)
-    ident = {"edge-id": 0, "partition-id": 0, "num-partitions": 1, "layout-digest": layout.digest()}
-    ids = {100 + c: {**ident, "cluster-id": c} for c in range(n + 1)}
+    ids = {100 + c: NodeIdentity(0, 1, edge_id=0, cluster_id=c) for c in range(n + 1)}
     run = assign_nodes(layout, ids)
     assert run.node_clusters == {100 + c: c for c in range(n)}
     assert list(run.idle_nodes) == [100 + n] and run.unserved == []
     assert assign_nodes(layout, {100: ids[100]}).unserved == list(range(1, n))
-    with pytest.raises(LayoutMismatchError, match="node 100 derived another cluster layout"):
-        assign_nodes(layout, {100: {**ids[100], "layout-digest": 1}})
 
 
 # -- the communication-aware planner ------------------------------------------------------------
@@ -330,7 +333,7 @@ def test_predicted_hop_bytes_and_flops_equal_what_the_chain_counts(smashed: str)
         "vit_tiny_patch16_224", mode="vpt-deep", num_prompts=4, num_classes=10, **TINY
     )
     data = TensorDataset(torch.randn(37, 3, 32, 32), torch.randint(0, 10, (37,)))
-    training = TrainingConfig(local_epochs=2, batch_size=16)
+    training = TrainingSection(local_epochs=2, batch_size=16)
     plan = SplitPlan.from_sizes([1, 3, 2])
     precision = Precision("fp32", smashed)
     result = train_cluster(model, plan, data, training, seed=0, precision=precision)
@@ -376,15 +379,14 @@ def test_the_planner_benchmark_finds_comm_aware_never_worse(tmp_path: Path) -> N
 
 
 def test_a_node_says_which_cluster_it_runs() -> None:
-    from clients.split_client import ClusterIdentity
-
-    simulated = ClusterIdentity.from_node_config({"partition-id": 3, "num-partitions": 4}, 2)
-    assert (simulated.edge_id, simulated.partition_id, simulated.cluster_id) == (1, 1, 3)
-    deployed = ClusterIdentity.from_node_config(
-        {"partition-id": 0, "num-partitions": 1, "edge-id": 0, "cluster-id": 7}, 1
+    simulated = NodeIdentity.from_node_config({"partition-id": 3, "num-partitions": 4})
+    assert simulated.place(2)[:2] == (1, 1) and simulated.cluster_id is None  # partition-id: 3
+    deployed = NodeIdentity.from_node_config(
+        {"partition-id": 0, "num-partitions": 1, "edge-id": 0, "cluster-id": 7}
     )
     assert deployed.cluster_id == 7
-    record = deployed.record().metric_records["metrics"]
+    record = deployed.to_record().metric_records["metrics"]
     assert record["cluster-id"] == 7 and "layout-digest" not in record
+    assert NodeIdentity.from_record(deployed.to_record()) == deployed
     with pytest.raises(ValueError, match="cluster-id=-1 must be >= 0"):
-        ClusterIdentity.from_node_config({"partition-id": 0, "num-partitions": 1, "cluster-id": -1})
+        NodeIdentity.from_node_config({"partition-id": 0, "num-partitions": 1, "cluster-id": -1})

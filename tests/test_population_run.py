@@ -10,6 +10,7 @@ import pytest
 
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.derived import derive
 from gaisnet_flwr.population.planning import predicted_inference_cost
 from tests.conftest import flwr_run_local
 
@@ -33,7 +34,7 @@ RUN = {
 def test_a_population_run_forms_reports_trains_and_prices_its_clusters(tmp_path: Path) -> None:
     config = {**RUN, "output-dir": str(tmp_path)}
     cfg = RunConfig.from_run_config(config)
-    layout = cfg.cluster_layout()
+    layout = derive(cfg).layout
     assert layout is not None
     formed = len(layout.fine_tuning)
     assert formed >= 4
@@ -86,7 +87,7 @@ def test_a_population_run_forms_reports_trains_and_prices_its_clusters(tmp_path:
         assert "error" not in row
         cluster = layout.inference_for(row["requester"])
         price = predicted_inference_cost(
-            cfg.meta_model(), cluster.profile, cluster.plan, row["num-samples"], modules
+            derive(cfg).meta, cluster.profile, cluster.plan, row["num-samples"], modules
         )
         assert row["latency-s"] == pytest.approx(price.latency_s, rel=1e-12)
 
@@ -101,7 +102,9 @@ def test_the_cluster_report_counts_the_images_the_clusters_train_on(tmp_path: Pa
         "inference-requests": 0,
         "output-dir": str(tmp_path),
     }
-    formed = len(RunConfig.from_run_config(config).cluster_layout().fine_tuning)  # type: ignore[union-attr]
+    layout = derive(RunConfig.from_run_config(config)).layout
+    assert layout is not None
+    formed = len(layout.fine_tuning)
     run = run_inprocess(config, formed)
     report = json.loads((tmp_path / "clusters.json").read_text())
     (row,) = [r for r in run.metrics() if r["round"] == 1]
@@ -111,11 +114,11 @@ def test_the_cluster_report_counts_the_images_the_clusters_train_on(tmp_path: Pa
 
 
 @pytest.mark.simulation
-def test_flwr_run_ray_clientapps_derive_the_same_clusters(tmp_path: Path) -> None:
-    """A real `flwr run` (Ray simulation, 2 SuperNodes): every ClientApp process derives the
-    layout from the run-config and the ServerApp accepts their digests; the 2 nodes run
-    clusters 0 and 1, the other clusters are reported without a node, and each round's latency
-    is the slowest running cluster's prediction."""
+def test_flwr_run_ray_clientapps_run_the_clusters_they_are_sent(tmp_path: Path) -> None:
+    """A real `flwr run` (Ray simulation, 2 SuperNodes): the ServerApp forms the clusters and
+    sends each ClientApp process its own (devices, links, plan); the 2 nodes run clusters 0
+    and 1, the other clusters are reported without a node, and each round's latency is the
+    slowest running cluster's prediction."""
     settings = {**RUN, "num-rounds": 1, "inference-requests": 1}
     text = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
     result, out = flwr_run_local(tmp_path, text)

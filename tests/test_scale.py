@@ -20,18 +20,39 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from torch.utils.data import Subset
 
-from clients.split_client import ClusterData, ClusterIdentity, TrainPool
-from gaisnet_flwr.apps.client_cache import ClientCache
-from gaisnet_flwr.apps.in_flight import InFlightWindow
+from clients.split_client import ClusterData, EdgeDataKey, TrainPool
+from gaisnet_flwr.apps.cluster_node import ClientCache
+from gaisnet_flwr.apps.inprocess import assign_message_id
+from gaisnet_flwr.apps.server_app import TaskBuilder
 from gaisnet_flwr.cloud.foundation import CheckpointError, Foundation, save_checkpoint
 from gaisnet_flwr.config import ConfigError, RunConfig
+from gaisnet_flwr.contract import ClusterTask, NodeIdentity
 from gaisnet_flwr.data.cluster_sample import cluster_sample
 from gaisnet_flwr.data.digits_file import load_digits
 from gaisnet_flwr.data.images import DataError, DataSpec
+from gaisnet_flwr.derived import data_spec, derive
 from gaisnet_flwr.experiments.flwr_local import federation_config
+from strategies.edge import GridView
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, embed_dim=32, num_heads=2, peers_per_cluster=2, img_size=16, patch_size=8)
+
+
+def task(cfg: RunConfig, pid: int, num: int) -> ClusterTask:
+    """Node `pid` of `num`'s cluster task, as the ServerApp builds it."""
+    derived = derive(cfg)
+    assert derived.plan is not None
+    place = NodeIdentity(pid, num).place(len(cfg.hierarchy.edge_domains))
+    return TaskBuilder(derived).task(place, pid, derived.plan, derived.cluster)
+
+
+def cached(cache: ClientCache, cfg: RunConfig, t: ClusterTask, pool: TrainPool | None = None):  # type: ignore[no-untyped-def]
+    return cache.cluster_data(data_spec(cfg), t, cfg.data.cluster_samples, pool)
+
+
+def fresh(cfg: RunConfig, t: ClusterTask, pool: TrainPool | None = None) -> ClusterData:
+    key = EdgeDataKey.of(data_spec(cfg), t, pool)
+    return ClusterData.build(key, t.partition, t.num_partitions, cfg.data.cluster_samples)
 
 
 def indices(dataset: object) -> list[int]:
@@ -115,12 +136,12 @@ def test_cluster_samples_is_range_checked() -> None:
 def test_cached_cluster_data_equals_freshly_built(settings: dict) -> None:
     cfg = RunConfig.of(**TINY, **settings)
     cache = ClientCache()
-    edges = cfg.hierarchy.num_edges()
+    edges = len(cfg.hierarchy.edge_domains)
     for pid in (0, 5, 9):
-        ident = ClusterIdentity.from_node_config({"partition-id": pid, "num-partitions": 10}, edges)
-        first = cache.cluster_data(cfg, ident, None)
-        same_cluster(first, ClusterData.build(cfg, ident))  # cached == fresh
-        assert cache.cluster_data(cfg, ident, None) is first  # and served from the cache
+        t = task(cfg, pid, 10)
+        first = cached(cache, cfg, t)
+        same_cluster(first, fresh(cfg, t))  # cached == fresh
+        assert cached(cache, cfg, t) is first  # and served from the cache
     # one load, one edge's data (or two), one partitioning of the pool for all clusters
     info = cache.info()
     assert info["datasets"][2] == 1 and info["edges"][2] == edges
@@ -129,9 +150,9 @@ def test_cached_cluster_data_equals_freshly_built(settings: dict) -> None:
 
 def test_a_changed_run_config_changes_the_data_used() -> None:
     cache = ClientCache()
-    ident = ClusterIdentity.from_node_config({"partition-id": 3, "num-partitions": 10})
     base = RunConfig.of(**TINY, cluster_samples=12)
-    used = indices(cache.cluster_data(base, ident, None).train_set)
+    ident = task(base, 3, 10)
+    used = indices(cached(cache, base, ident).train_set)
     for change in (
         {"seed": 1},
         {"cluster_samples": 20},
@@ -140,18 +161,16 @@ def test_a_changed_run_config_changes_the_data_used() -> None:
         {"val_fraction": 0.5},
     ):
         other = base.replace(**change)
-        got = cache.cluster_data(other, ident, None)
+        got = cached(cache, other, ident)
         assert indices(got.train_set) != used, change
-        same_cluster(got, ClusterData.build(other, ident))
+        same_cluster(got, fresh(other, ident))
     # another number of clusters, another node train pool: other partitions as well
-    for ident2, pool in (
-        (ClusterIdentity.from_node_config({"partition-id": 3, "num-partitions": 11}), None),
-        (ident, TrainPool(classes=2, images=40)),
-    ):
-        got = cache.cluster_data(base.replace(cluster_samples=0), ident2, pool)
-        same_cluster(got, ClusterData.build(base.replace(cluster_samples=0), ident2, pool))
+    split = base.replace(cluster_samples=0)
+    for ident2, pool in ((task(split, 3, 11), None), (ident, TrainPool(classes=2, images=40))):
+        got = cached(cache, split, ident2, pool)
+        same_cluster(got, fresh(split, ident2, pool))
     # a changed img-size changes the images themselves
-    small = cache.cluster_data(base.replace(img_size=8, patch_size=4), ident, None)
+    small = cached(cache, base.replace(img_size=8, patch_size=4), ident)
     assert small.train_set[0][0].shape[-1] == 8
 
 
@@ -159,8 +178,7 @@ def test_the_caches_are_bounded() -> None:
     cache = ClientCache(max_clusters=3)
     cfg = RunConfig.of(**TINY, cluster_samples=4)
     for pid in range(10):
-        ident = ClusterIdentity.from_node_config({"partition-id": pid, "num-partitions": 10})
-        cache.cluster_data(cfg, ident, None)
+        cached(cache, cfg, task(cfg, pid, 10))
     assert cache.info()["clusters"][0] == 3
 
 
@@ -197,10 +215,8 @@ def test_cached_foundation_equals_freshly_loaded(cloud_cfg: RunConfig) -> None:
         ours, theirs = model.state_dict(), fresh.state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert again is not cached  # every message trains its own copy
-    next(again.parameters()).data.add_(1.0)
-    assert torch.equal(next(cache.model(foundation, 5).parameters()), next(fresh.parameters()))
-    assert cache.info()["models"] == (1, 2, 1)  # read and verified once
+    assert again is cached  # one model per process: every message loads its modules into it
+    assert cache.info()["models"] == (1, 1, 1)  # read and verified once
 
 
 def test_a_rewritten_checkpoint_is_read_again_and_a_corrupt_one_refused(
@@ -259,15 +275,17 @@ def test_a_fresh_copy_of_the_client_app_per_message_still_hits_the_process_cache
         return app
 
     PROCESS_CACHE.clear()  # other tests of this process use it too
+    cluster = task(cfg, 2, 500).to_record()
     for n in range(3):
         fresh = cloudpickle.loads(cloudpickle.dumps(app_fn))()
         assert fresh is not app
+        config = ConfigRecord({"server-round": 1})
         msg = Message(
-            RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+            RecordDict({"arrays": arrays, "config": config, "task": cluster}),
             dst_node_id=5,
             message_type="train",
         )
-        msg.metadata.__dict__["_message_id"] = f"m{n}"
+        assign_message_id(msg, f"m{n}")
         ctx = Context(
             run_id=1,
             node_id=5,
@@ -280,6 +298,45 @@ def test_a_fresh_copy_of_the_client_app_per_message_still_hits_the_process_cache
     info = PROCESS_CACHE.info()
     for table in ("clusters", "models"):  # built once, then served twice
         assert info[table][1:] == (2, 1), table
+
+
+@pytest.mark.usefixtures("task_identity", "one_thread")  # bit for bit: one thread
+def test_a_message_leaves_nothing_in_the_cached_model(cloud_cfg: RunConfig) -> None:
+    """The ClientApp keeps one model per process (no copy per message): a message loads its
+    complete tunable state and trains only that, so the frozen backbone never changes and a
+    message's reply is what a fresh model gives, whatever came before it."""
+    from flwr.app import Array, ArrayRecord
+
+    from clients.split_client import SplitClusterClient
+    from gaisnet_flwr.contract import TrainRequest
+
+    cfg, t = cloud_cfg, task(cloud_cfg, 0, 2)
+    cache, foundation = ClientCache(), Foundation.of(cfg)
+    data = cached(cache, cfg, t)
+    start = foundation.load(5).tunable_state()
+
+    def frozen() -> dict[str, torch.Tensor]:  # every weight but the tunable modules (the head)
+        state = cache.model(foundation, 5).backbone.state_dict()
+        return {k: v.clone() for k, v in state.items() if k not in start}
+
+    backbone = frozen()
+
+    def request(shift: float) -> TrainRequest:
+        arrays = ArrayRecord({k: Array((v + shift).numpy()) for k, v in start.items()})
+        return TrainRequest(arrays, 1, 0.0, t)
+
+    def train(model) -> dict:  # type: ignore[no-untyped-def]
+        content = SplitClusterClient(cfg, t, data, model).train(request(0.5))
+        return {k: v.numpy() for k, v in content.array_records["arrays"].items()}
+
+    SplitClusterClient(cfg, t, data, cache.model(foundation, 5)).train(request(-0.3))  # before
+    after_another = train(cache.model(foundation, 5))
+    alone = train(foundation.load(5))  # a fresh model, as a copy per message gave
+    assert after_another.keys() == alone.keys()
+    assert all(np.array_equal(after_another[k], alone[k]) for k in alone)
+    now = frozen()
+    assert now.keys() == backbone.keys() and len(now) > 10
+    assert all(torch.equal(now[k], v) for k, v in backbone.items())  # the frozen part: untouched
 
 
 # -- a light ClientApp ----------------------------------------------------------------------------
@@ -297,19 +354,27 @@ HEAVY = (
 LIGHT_SCRIPT = """
 import json, sys
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 import gaisnet_flwr.apps.client_app as client_app
 heavy = json.loads(sys.argv[1])
 on_import = sorted(m for m in [*heavy, "torch", "timm"] if m in sys.modules)
-TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = 1
+from gaisnet_flwr.apps.inprocess import assign_message_id, task_identity
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.costs.profiles import ClusterProfile, load_profiles
+from gaisnet_flwr.contract import ClusterTask
+from gaisnet_flwr.split.plan import SplitPlan
 run_config = json.loads(sys.argv[2])
 cfg = RunConfig.from_run_config(run_config)
 arrays = ArrayRecord(Foundation.of(cfg).load(5).tunable_state())
-msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
-              dst_node_id=5, message_type="train")
-msg.metadata.__dict__["_message_id"] = "m1"
+# the cluster's task as the ServerApp sends it (built here without its planning code)
+devices = ["phone-mid", "phone-high", "phone-mid", "phone-mid"]
+profile = ClusterProfile.from_names(load_profiles(), devices, "d2d-50m", "uplink-1mhz")
+task = ClusterTask(0, "none", (1.0,), 0, 1000, 0, SplitPlan.from_sizes([1, 1]), profile,
+                   ((1, 0), (1, 1), (1, 1), (1, 1)), (1, 1, 1, 1))
+with task_identity(1, 1):
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1}),
+                              "task": task.to_record()}), dst_node_id=5, message_type="train")
+assign_message_id(msg, "m1")
 ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 1000},
               state=RecordDict(), run_config=run_config)
 reply = client_app.app(message=msg, context=ctx)
@@ -376,7 +441,7 @@ class CountingGrid(Grid):
         ids = []
         for m in messages:
             mid = f"m{m.metadata.dst_node_id}"
-            m.metadata.__dict__["_message_id"] = mid
+            assign_message_id(m, mid)
             self.in_flight.append(mid)
             self.pushed.append(m.metadata.dst_node_id)
             ids.append(mid)
@@ -400,7 +465,7 @@ class CountingGrid(Grid):
 
 def _sent(node: int, mid: str) -> Message:
     msg = Message(RecordDict(), dst_node_id=node, message_type="train")
-    msg.metadata.__dict__["_message_id"] = mid
+    assign_message_id(msg, mid)
     return msg
 
 
@@ -408,7 +473,7 @@ def _sent(node: int, mid: str) -> Message:
 @pytest.mark.parametrize("window", [1, 7, 64])
 def test_in_flight_window_keeps_at_most_k_and_returns_every_reply(window: int) -> None:
     grid = CountingGrid()
-    wrapped = InFlightWindow(grid, window, pull_interval_s=0.0)
+    wrapped = GridView(grid, max_in_flight=window, pull_interval_s=0.0)
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(1, 51)]
     replies = list(wrapped.send_and_receive(messages, timeout=60))
     assert grid.most == min(window, 50)
@@ -423,17 +488,17 @@ def test_in_flight_window_keeps_at_most_k_and_returns_every_reply(window: int) -
 def test_in_flight_window_zero_is_flowers_all_at_once_and_timeout_is_kept() -> None:
     grid = CountingGrid()
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(1, 11)]
-    assert len(list(InFlightWindow(grid, 0).send_and_receive(messages))) == 10
+    assert len(list(GridView(grid, max_in_flight=0).send_and_receive(messages))) == 10
     assert grid.most == 10
     never = CountingGrid()
     never.pull_messages = lambda ids: []  # type: ignore[method-assign]
-    got = InFlightWindow(never, 3, pull_interval_s=0.01).send_and_receive(
+    got = GridView(never, max_in_flight=3, pull_interval_s=0.01).send_and_receive(
         [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(1, 11)],
         timeout=0.1,
     )
     assert list(got) == [] and never.most == 3  # the rest was never sent
     with pytest.raises(ValueError, match="max-in-flight=-1"):
-        InFlightWindow(grid, -1)
+        GridView(grid, max_in_flight=-1)
 
 
 # -- CPUs per ClientApp ---------------------------------------------------------------------------

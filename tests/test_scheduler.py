@@ -7,12 +7,13 @@ import random
 
 import pytest
 
-from gaisnet_flwr.service.integrated import PRIOR_GAIN, fitted_gain
 from gaisnet_flwr.service.scheduler import (
+    PRIOR_GAIN,
     SERVE,
     ProfitModel,
     QualityModel,
     choose_action,
+    fitted_gain,
     mlcp_expected,
     mlcp_plan,
     predicted_accuracy,

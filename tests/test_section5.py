@@ -16,8 +16,14 @@ from pathlib import Path
 
 import pytest
 
-import gaisnet_flwr.experiments.section5_common as common
 from gaisnet_flwr.config import ConfigError, RunConfig
+from gaisnet_flwr.derived import derive
+from gaisnet_flwr.experiments.common import (
+    cli,  # noqa: E402
+    output,  # noqa: E402
+    progress,  # noqa: E402
+    stats,  # noqa: E402
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -53,7 +59,7 @@ SEEDS = 2  # the slow test's seeds (the commands' default is 3)
 
 
 def test_md_table_formats_floats_and_keeps_strings() -> None:
-    table = common.md_table(["k", "acc", "note"], [[1, 0.123456, "x"], [2, float("nan"), None]])
+    table = output.md_table(["k", "acc", "note"], [[1, 0.123456, "x"], [2, float("nan"), None]])
     assert table.splitlines() == [
         "| k | acc | note |",
         "|---|---|---|",
@@ -64,22 +70,22 @@ def test_md_table_formats_floats_and_keeps_strings() -> None:
 
 def test_md_table_rejects_a_ragged_row() -> None:
     with pytest.raises(ValueError, match="3 cells"):
-        common.md_table(["a", "b", "c"], [[1, 2]])
+        output.md_table(["a", "b", "c"], [[1, 2]])
 
 
 def test_relative_links_prefix_local_files_only() -> None:
     text = "![F](f.png) [csv](a.csv) [web](https://x.org/a) [top](#fig-6) [abs](/etc/x)"
-    assert common.relative_links(text, "fig6") == (
+    assert output.relative_links(text, "fig6") == (
         "![F](fig6/f.png) [csv](fig6/a.csv) [web](https://x.org/a) [top](#fig-6) [abs](/etc/x)"
     )
 
 
 def test_mean_sd_and_pm_over_seeds() -> None:
-    assert common.mean_sd([0.5]) == (0.5, 0.0)
-    mean, sd = common.mean_sd([0.1, 0.2, 0.3])
+    assert stats.mean_sd([0.5]) == (0.5, 0.0)
+    mean, sd = stats.mean_sd([0.1, 0.2, 0.3])
     assert mean == pytest.approx(0.2) and sd == pytest.approx(0.1)
-    assert common.pm([0.1, 0.2, 0.3]) == "0.200 ± 0.100"
-    assert common.pm([0.1, 0.2, 0.3], 1, 100) == "20.0 ± 10.0"
+    assert stats.pm([0.1, 0.2, 0.3]) == "0.200 ± 0.100"
+    assert stats.pm([0.1, 0.2, 0.3], 1, 100) == "20.0 ± 10.0"
 
 
 @pytest.mark.parametrize(
@@ -95,14 +101,14 @@ def test_mean_sd_and_pm_over_seeds() -> None:
 def test_verdicts_need_an_effect_beyond_two_sd_of_the_seeds(
     effects: list[float], sign: int, expected: str
 ) -> None:
-    assert common.verdict(effects, sign) == expected
+    assert stats.verdict(effects, sign) == expected
 
 
 def test_seeds_count_from_the_run_configs_seed() -> None:
     class Args:
         seeds = 3
 
-    assert common.run_seeds(RunConfig.of(seed=5), Args()) == [5, 6, 7]  # type: ignore[arg-type]
+    assert cli.run_seeds(RunConfig.of(seed=5), Args()) == [5, 6, 7]  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
@@ -129,20 +135,20 @@ def test_with_defaults_applies_only_to_keys_the_user_did_not_set() -> None:
     class Args:
         set_keys = {"lr"}
 
-    cfg = common.with_defaults(RunConfig.of(lr=0.2), Args(), lr=0.01, batch_size=10)  # type: ignore[arg-type]
+    cfg = cli.with_defaults(RunConfig.of(lr=0.2), Args(), lr=0.01, batch_size=10)  # type: ignore[arg-type]
     assert (cfg.training.lr, cfg.training.batch_size) == (0.2, 10)
 
 
 def test_progress_prints_elapsed_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
-    progress = common.Progress("x", 4)
-    progress.step("epoch 1")
+    bar = progress.Progress("x", 4)
+    bar.step("epoch 1")
     line = capsys.readouterr().out
     assert re.fullmatch(r"\[x\] 1/4 epoch 1 \| \d+ s elapsed, ETA \d+ s\n", line)
 
 
 def test_turns_alternate_steps_and_let_the_longer_job_finish() -> None:
     order: list[tuple[int, int]] = []
-    turns = common.Turns(2)
+    turns = progress.Turns(2)
 
     def job(i: int) -> None:
         for step in range(3 if i == 0 else 1):
@@ -155,7 +161,7 @@ def test_turns_alternate_steps_and_let_the_longer_job_finish() -> None:
 
 def test_turns_reraise_a_jobs_error_after_the_others_finish() -> None:
     finished = []
-    turns = common.Turns(2)
+    turns = progress.Turns(2)
 
     def job(i: int) -> None:
         if i == 0:
@@ -172,7 +178,7 @@ def test_turns_reraise_a_jobs_error_after_the_others_finish() -> None:
 
 
 def test_paper_preset_is_the_papers_setting_and_validates(tmp_path: Path) -> None:
-    values = common.read_preset(PAPER_PRESET)
+    values = cli.read_preset(PAPER_PRESET)
     (tmp_path / "flowers-102").mkdir()  # DataSpec only checks the folder exists and is not empty
     cfg = RunConfig.from_run_config({**values, "data-dir": str(tmp_path)})
     assert (cfg.model.model_name, cfg.model.img_size, cfg.model.patch_size) == (
@@ -192,19 +198,19 @@ def test_paper_preset_is_the_papers_setting_and_validates(tmp_path: Path) -> Non
 
 def test_paper_preset_without_the_data_names_data_dir() -> None:
     with pytest.raises(ConfigError, match="data-dir"):
-        RunConfig.from_run_config(common.read_preset(PAPER_PRESET))
+        derive(RunConfig.from_run_config(cli.read_preset(PAPER_PRESET)))
 
 
 def test_unknown_preset_names_the_presets_there_are(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="paper-vitb16-flowers102.toml"):
-        common.read_preset(tmp_path / "nope.toml")
+        cli.read_preset(tmp_path / "nope.toml")
 
 
 def test_nested_preset_is_refused(tmp_path: Path) -> None:
     preset = tmp_path / "nested.toml"
     preset.write_text("[tool]\nlr = 0.1\n")
     with pytest.raises(ConfigError, match="flat key = value"):
-        common.read_preset(preset)
+        cli.read_preset(preset)
 
 
 @pytest.mark.parametrize(
@@ -232,7 +238,7 @@ def test_bad_input_stops_before_any_work(
 # -- the quick variant of the whole set -----------------------------------------------------------
 
 
-rows = common.read_csv
+rows = output.read_csv
 
 
 def accuracies(path: Path, *columns: str) -> list[float]:

@@ -1,4 +1,9 @@
-"""Tests for per-module FedAvg (`aggregate_modules`, `ModuleFedAvg`) and the strategy registry."""
+"""Tests for per-module FedAvg (`ModuleFedAvg`) and the strategy registry.
+
+Every cluster uploads its complete tunable state, so per-module FedAvg is Flower's FedAvg with
+the replies in a fixed order (issue 30 dropped the partial-module aggregation no cluster used,
+and its tests: a subset of modules per reply, modules no reply holds, checks against the sent
+arrays)."""
 
 from __future__ import annotations
 
@@ -11,15 +16,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from strategies import (
     DEFAULT_STRATEGY,
     STRATEGIES,
-    ModuleAggregationError,
     ModuleFedAvg,
-    aggregate_modules,
     build_strategy,
     resolve_strategy,
 )
@@ -60,150 +63,6 @@ def new_strategy() -> ModuleFedAvg:
     return ModuleFedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
 
 
-# --- aggregate_modules (pure function) ---------------------------------------------------------
-
-
-def test_aggregate_modules_weighted_average() -> None:
-    """Every update holds every key: the num-examples-weighted average per key."""
-    # Prepare
-    current = make_arrays(0)
-    updates = [(make_arrays(1), 10.0), (make_arrays(2), 30.0), (make_arrays(3), 60.0)]
-
-    # Execute
-    result = aggregate_modules(current, updates)
-
-    # Assert
-    assert list(result) == ALL_KEYS
-    for key in ALL_KEYS:
-        expected = np.average([u[key] for u, _ in updates], axis=0, weights=[10, 30, 60])
-        np.testing.assert_allclose(result[key], expected, rtol=1e-6, atol=1e-6)
-        assert result[key].dtype == np.float32
-
-
-def test_aggregate_modules_subset_weights_per_key() -> None:
-    """Cluster 1 returns prompts only, cluster 2 all: head is cluster 2's alone."""
-    # Prepare
-    current = make_arrays(0)
-    prompts_only = make_arrays(1, PROMPT_KEYS)
-    everything = make_arrays(2)
-
-    # Execute
-    result = aggregate_modules(current, [(prompts_only, 25.0), (everything, 75.0)])
-
-    # Assert
-    for key in PROMPT_KEYS:
-        expected = np.average([prompts_only[key], everything[key]], axis=0, weights=[25, 75])
-        np.testing.assert_allclose(result[key], expected, rtol=1e-6, atol=1e-6)
-    for key in HEAD_KEYS:
-        np.testing.assert_array_equal(result[key], everything[key])
-
-
-def test_aggregate_modules_key_no_update_holds_keeps_current() -> None:
-    """A module no cluster returns keeps the value that was sent."""
-    # Prepare
-    current = make_arrays(0)
-    updates = [(make_arrays(1, PROMPT_KEYS), 5.0), (make_arrays(2, PROMPT_KEYS), 7.0)]
-
-    # Execute
-    result = aggregate_modules(current, updates)
-
-    # Assert
-    for key in HEAD_KEYS:
-        np.testing.assert_array_equal(result[key], current[key])
-        assert result[key] is not current[key]  # a copy, not an alias
-
-
-def test_aggregate_modules_identical_updates_unchanged() -> None:
-    """Averaging identical updates returns them (to float32 rounding)."""
-    # Prepare
-    current = make_arrays(0)
-    same = make_arrays(1)
-    updates = [(same, 3.0), (same, 11.0), (same, 17.0)]
-
-    # Execute
-    result = aggregate_modules(current, updates)
-
-    # Assert
-    for key in ALL_KEYS:
-        np.testing.assert_allclose(result[key], same[key], rtol=1e-6, atol=1e-7)
-
-
-def test_aggregate_modules_zero_total_weight_keeps_current() -> None:
-    """A key whose contributors all weigh 0 keeps the current value."""
-    # Prepare
-    current = make_arrays(0)
-    updates = [(make_arrays(1, HEAD_KEYS), 0.0), (make_arrays(2, PROMPT_KEYS), 4.0)]
-
-    # Execute
-    result = aggregate_modules(current, updates)
-
-    # Assert
-    for key in HEAD_KEYS:
-        np.testing.assert_array_equal(result[key], current[key])
-    for key in PROMPT_KEYS:
-        np.testing.assert_array_equal(result[key], updates[1][0][key])
-
-
-def test_aggregate_modules_order_changes_only_rounding() -> None:
-    """Reordering updates changes the result by float rounding at most."""
-    # Prepare
-    current = make_arrays(0)
-    updates = [(make_arrays(seed, ALL_KEYS[: 2 + seed]), float(seed)) for seed in range(1, 4)]
-
-    # Execute
-    forward = aggregate_modules(current, updates)
-    backward = aggregate_modules(current, updates[::-1])
-
-    # Assert
-    for key in ALL_KEYS:
-        np.testing.assert_allclose(forward[key], backward[key], rtol=1e-6, atol=1e-6)
-
-
-def test_aggregate_modules_unknown_key_raises() -> None:
-    """An update key that was never sent is an unknown module, not a new one."""
-    # Prepare
-    current = make_arrays(0, PROMPT_KEYS)
-    update = {**make_arrays(1, PROMPT_KEYS), "prompt.9": np.zeros((4, 8), np.float32)}
-
-    # Execute / Assert
-    with pytest.raises(ModuleAggregationError, match="unknown module 'prompt.9'") as info:
-        aggregate_modules(current, [(make_arrays(2, PROMPT_KEYS), 1.0), (update, 1.0)])
-    assert info.value.key == "prompt.9"
-    assert info.value.update_index == 1
-
-
-@pytest.mark.parametrize(
-    ("bad_value", "match"),
-    [
-        (np.zeros((4, 9), np.float32), r"'prompt.1' has shape \(4, 9\), expected \(4, 8\)"),
-        (np.zeros((4, 8), np.float64), "'prompt.1' has dtype float64, expected float32"),
-    ],
-    ids=["shape", "dtype"],
-)
-def test_aggregate_modules_shape_or_dtype_mismatch_raises(
-    bad_value: np.ndarray, match: str
-) -> None:
-    """An array that does not fit the sent module raises, naming the key."""
-    # Prepare
-    current = make_arrays(0)
-    update = {**make_arrays(1), "prompt.1": bad_value}
-
-    # Execute / Assert
-    with pytest.raises(ModuleAggregationError, match=match):
-        aggregate_modules(current, [(update, 1.0)])
-
-
-@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf")])
-def test_aggregate_modules_bad_weight_raises(weight: float) -> None:
-    """Weights are sample counts: finite and non-negative."""
-    # Prepare
-    current = make_arrays(0)
-
-    # Execute / Assert
-    with pytest.raises(ModuleAggregationError, match="must be a finite number >= 0"):
-        aggregate_modules(current, [(make_arrays(1), weight)])
-
-
 # --- ModuleFedAvg -------------------------------------------------------------------------------
 
 
@@ -226,43 +85,6 @@ def test_full_replies_equal_fedavg_bitwise() -> None:
     assert metrics == fedavg_metrics
 
 
-def test_subset_replies_weighted_per_module() -> None:
-    """Cluster 1 returns prompts only, cluster 2 all: per-key weights over the holders."""
-    # Prepare
-    current = make_arrays(0)
-    prompts_only, everything = make_arrays(1, PROMPT_KEYS), make_arrays(2)
-    replies = [make_reply(prompts_only, 40, 0), make_reply(everything, 60, 1)]
-
-    # Execute
-    arrays, metrics = configured(new_strategy(), current).aggregate_train(1, replies)
-
-    # Assert
-    result = to_numpy(arrays)
-    assert list(result) == ALL_KEYS
-    for key in PROMPT_KEYS:
-        expected = np.average([prompts_only[key], everything[key]], axis=0, weights=[40, 60])
-        np.testing.assert_allclose(result[key], expected, rtol=1e-6, atol=1e-6)
-    for key in HEAD_KEYS:
-        np.testing.assert_allclose(result[key], everything[key], rtol=1e-6)
-    assert metrics is not None
-    assert metrics["train-loss"] == pytest.approx(np.average([0.5, 1.5], weights=[40, 60]))
-
-
-def test_key_no_cluster_returned_keeps_configured_arrays() -> None:
-    """Modules absent from every reply come back as they were sent."""
-    # Prepare
-    current = make_arrays(0)
-    replies = [make_reply(make_arrays(pid + 1, PROMPT_KEYS), 8, pid) for pid in range(2)]
-
-    # Execute
-    arrays, _ = configured(new_strategy(), current).aggregate_train(1, replies)
-
-    # Assert
-    result = to_numpy(arrays)
-    for key in HEAD_KEYS:
-        np.testing.assert_array_equal(result[key], current[key])
-
-
 def test_identical_replies_return_them() -> None:
     """Aggregating identical updates returns them unchanged (to float32 rounding)."""
     # Prepare
@@ -282,10 +104,7 @@ def test_reply_order_does_not_change_result() -> None:
     """Replies are summed in partition-id order, so arrival order is irrelevant (bitwise)."""
     # Prepare
     current = make_arrays(0)
-    replies = [
-        make_reply(make_arrays(pid + 1, ALL_KEYS[: 2 + pid % 4]), 7 * pid + 3, pid)
-        for pid in range(6)
-    ]
+    replies = [make_reply(make_arrays(pid + 1), 7 * pid + 3, pid) for pid in range(6)]
     shuffled = replies[:]
     random.Random(0).shuffle(shuffled)
 
@@ -350,29 +169,6 @@ def test_only_error_replies_return_none() -> None:
     assert result == (None, None)
 
 
-def test_unknown_key_reply_raises_naming_node() -> None:
-    """A reply with a module that was not sent stops aggregation, naming key and node."""
-    # Prepare
-    current = make_arrays(0, PROMPT_KEYS)
-    replies = [make_reply(make_arrays(1, PROMPT_KEYS), 5, 0), make_reply(make_arrays(2), 5, 1)]
-
-    # Execute / Assert
-    with pytest.raises(InconsistentMessageReplies, match="unknown module 'head.weight'") as info:
-        configured(new_strategy(), current).aggregate_train(1, replies)
-    assert "node 101, partition-id 1" in str(info.value)
-
-
-def test_shape_mismatch_reply_raises() -> None:
-    """A reply whose module has the wrong shape stops aggregation."""
-    # Prepare
-    current = make_arrays(0)
-    bad = {**make_arrays(1), "head.bias": np.zeros(7, np.float32)}
-
-    # Execute / Assert
-    with pytest.raises(InconsistentMessageReplies, match="'head.bias' has shape"):
-        configured(new_strategy(), current).aggregate_train(1, [make_reply(bad, 5, 0)])
-
-
 def _two_arrayrecords() -> Message:
     reply = make_reply(make_arrays(1), 5, 0)
     reply.content["extra"] = ArrayRecord({"prompt.0": Array(make_arrays(2)["prompt.0"])})
@@ -411,16 +207,6 @@ def test_malformed_reply_raises(make_bad_reply: Callable[[], Message], match: st
         strategy.aggregate_train(1, replies)
 
 
-def test_aggregate_before_configure_raises() -> None:
-    """Without configure_train there is no reference for the modules."""
-    # Prepare
-    strategy = new_strategy()
-
-    # Execute / Assert
-    with pytest.raises(AggregationError, match="configure_train"):
-        strategy.aggregate_train(1, [make_reply(make_arrays(1), 5, 0)])
-
-
 def test_configure_train_is_fedavgs() -> None:
     """configure_train sends FedAvg's messages: the arrays and config to every sampled node."""
     # Prepare
@@ -446,10 +232,8 @@ def test_configure_train_is_fedavgs() -> None:
 
 def test_runs_inside_strategy_start() -> None:
     """Flower's own loop feeds each round's aggregate back as the next round's arrays."""
-    # Prepare: cluster 0 (node 100) trains prompts only, cluster 1 (node 101) everything;
-    # each adds (partition-id + 1) to what it returns.
+    # Prepare: clusters 0 and 1 (nodes 100, 101) each add (partition-id + 1) to every module.
     current = make_arrays(0)
-    owned = {100: PROMPT_KEYS, 101: ALL_KEYS}
     num_examples = {100: 10, 101: 30}
 
     def send_and_receive(messages: Iterable[Message], timeout: float) -> list[Message]:
@@ -457,7 +241,7 @@ def test_runs_inside_strategy_start() -> None:
         for msg in messages:
             node_id = msg.metadata.dst_node_id
             sent = msg.content.array_records["arrays"]
-            trained = {key: sent[key].numpy() + (node_id - 99) for key in owned[node_id]}
+            trained = {key: sent[key].numpy() + (node_id - 99) for key in ALL_KEYS}
             replies.append(make_reply(trained, num_examples[node_id], node_id - 100))
         return replies
 
@@ -473,11 +257,9 @@ def test_runs_inside_strategy_start() -> None:
 
     # Assert
     final = to_numpy(result.arrays)
-    for key in PROMPT_KEYS:
-        step = np.average([1.0, 2.0], weights=[10, 30])
+    step = np.average([1.0, 2.0], weights=[10, 30])
+    for key in ALL_KEYS:
         np.testing.assert_allclose(final[key], current[key] + 2 * step, rtol=1e-5, atol=1e-5)
-    for key in HEAD_KEYS:
-        np.testing.assert_allclose(final[key], current[key] + 2 * 2.0, rtol=1e-5, atol=1e-5)
     assert sorted(result.train_metrics_clientapp) == [1, 2]
 
 

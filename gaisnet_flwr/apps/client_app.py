@@ -1,10 +1,11 @@
 """ClientApp: a fine-tuning client cluster's start point (paper Sec. III-C; clients/).
 
-Thin by design, and light: this module imports only Flower. The work (read the run-config once,
-identify the cluster from node-config, hand the message to `clients.SplitClusterClient`, with a
-per-process cache of what does not change within a run) lives in `apps/cluster_node.py`, which
-is imported at the first message. Flower's simulation engine loads the ClientApp in its own
-process before it starts Ray, and each Ray actor loads it again: neither waits for torch.
+Thin by design, and light: this module imports only Flower and the message contract (no
+torch). The work (read the run-config once, read the cluster's task from the message, hand it
+to `clients.SplitClusterClient`, with a per-process cache of what does not change within a run)
+lives in `apps/cluster_node.py`, which is imported at the first message. Flower's simulation
+engine loads the ClientApp in its own process before it starts Ray, and each Ray actor loads it
+again: neither waits for torch.
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-if TYPE_CHECKING:
-    from gaisnet_flwr.apps.client_cache import ClientCache
-    from gaisnet_flwr.apps.cluster_node import ClusterNode
+from gaisnet_flwr.contract import IDENTITY, INFER
 
-INFERENCE_REQUEST_ERROR = 400  # our code for "this request cannot be served", with the reason
-PEER_FAILURE = 503  # a D2D peer of this cluster was down, too slow or refused: this cluster failed
-NON_FINITE = 422  # the cluster's training went to NaN / inf: it stopped, this cluster failed
+if TYPE_CHECKING:
+    from gaisnet_flwr.apps.cluster_node import ClientCache, ClusterNode
 
 
 def create_client_app(
@@ -48,8 +46,8 @@ def create_client_app(
 
     client.train()(handler("train"))
     client.evaluate()(handler("evaluate"))
-    client.query("infer")(handler("infer"))
-    client.query("identity")(handler("identity"))
+    client.query(INFER)(handler("infer"))
+    client.query(IDENTITY)(handler("identity"))
     return client
 
 

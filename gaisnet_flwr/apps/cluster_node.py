@@ -1,47 +1,68 @@
 """What the ClientApp does with each message, once its heavy parts are imported.
 
-`apps/client_app.py` imports only Flower, so loading the ClientApp is instant (Flower's
-simulation engine loads it once in its own process before starting Ray, and every Ray actor
-loads it again); this module, with torch, timm and the model code, is imported at the first
-message. It reads the run-config once per process, identifies the cluster from node-config and
-hands the work to `clients.SplitClusterClient`, with the per-process cache of what does not
-change within a run (`apps/client_cache.py`).
+`apps/client_app.py` imports only Flower and the message contract, so loading the ClientApp is
+instant (Flower's simulation engine loads it once in its own process before starting Ray, and
+every Ray actor loads it again); this module, with torch, timm and the model code, is imported
+at the first message. It reads the run-config once per process, reads what each message brings
+(`contract`: the cluster's task, the modules) and hands the work to
+`clients.SplitClusterClient`, with the per-process cache of what does not change within a run.
+
+The cache (`ClientCache`). In simulation one Ray actor runs the ClientApp for message after
+message, of every node; each of these is built once per process and reused:
+
+- the loaded dataset, per `DataSpec` and the files behind it;
+- an edge's data, per `EdgeDataKey` (spec, edge, shares, domain, node train pool);
+- the partitions of an edge's pool among its N clusters, per (edge key, N);
+- a cluster's train / validation views, per (edge key, partition, N, cluster-samples);
+- the edge model on the frozen foundation, per (`Foundation`, classes, the checkpoint's
+  fingerprint: path, size, mtime, inode and the recorded SHA-256), verified when first read;
+  every message loads its own tunable modules into it.
+
+Every key holds all that determines its value, so a different run-config is a different entry,
+never a wrong one; a rewritten checkpoint (or image folder) changes its fingerprint and is read
+and verified again. Each table is a bounded LRU: at most 2 loaded datasets, 8 edges (each with
+its partitions and up to 4096 clusters' views, dropped with it) and 2 models. In a deployment
+each message starts a fresh ClientApp process: the caches start empty, nothing stale is served.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Any
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
+import numpy as np
+import torch
 from flwr.app import Context, Error, Message
 
 from clients.inference import InferenceRequestError
-from clients.split_client import ClusterIdentity, SplitClusterClient, TrainPool
-from gaisnet_flwr.apps.client_app import INFERENCE_REQUEST_ERROR, NON_FINITE, PEER_FAILURE
-from gaisnet_flwr.apps.client_cache import ClientCache
+from clients.split_client import ClusterData, EdgeDataKey, SplitClusterClient, TrainPool
+from gaisnet_flwr import contract as c
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.contract import ClusterTask, InferRequest, NodeIdentity, TrainRequest
+from gaisnet_flwr.data.images import DataSpec, ImageData, load_image_data, partition_indices
 from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
+from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.training.loops import NonFiniteError
-
-# One per process. Flower's simulation engine pickles the ClientApp with every message it hands
-# a Ray actor (`RayBackend.process_message` -> `ClientAppActor.run(app_fn, ...)`), so each message
-# meets a fresh copy of the app: a cache held by the app would start empty every time. This one
-# lives as long as the actor's process (and, in a deployment, that is one message).
-PROCESS_CACHE = ClientCache()
+from gaisnet_flwr.vit.model import PromptedViT
 
 
 @functools.lru_cache(maxsize=8)
-def run_config_of(items: tuple[tuple[str, Any], ...]) -> RunConfig:
-    """Parse and check a run-config once per process, not once per message: keyed by every
-    key and value, so another run's config never gets this one's."""
-    return RunConfig.from_run_config(dict(items))
+def run_config_of(items: tuple[tuple[str, Any], ...]) -> tuple[RunConfig, DataSpec]:
+    """Parse a run-config once per process, not once per message: keyed by every key and
+    value, so another run's config never gets this one's."""
+    cfg = RunConfig.from_run_config(dict(items))
+    return cfg, data_spec(cfg)
 
 
 class ClusterNode:
     """The handlers of one ClientApp; `fallback_config` serves `run_simulation`, which passes
-    no run-config; `cache` defaults to the process's."""
+    no run-config; `cache` defaults to the process's (`PROCESS_CACHE` says why)."""
 
     def __init__(
         self, fallback_config: Mapping[str, Any] | None = None, cache: ClientCache | None = None
@@ -49,58 +70,230 @@ class ClusterNode:
         self.fallback_config = fallback_config
         self.cache = cache if cache is not None else PROCESS_CACHE
 
-    def config(self, context: Context) -> RunConfig:
+    def client(self, context: Context, task: ClusterTask) -> SplitClusterClient:
         given = context.run_config or self.fallback_config or {}
-        return run_config_of(tuple(sorted(given.items())))
-
-    def identify(self, context: Context, cfg: RunConfig) -> ClusterIdentity:
-        return ClusterIdentity.from_node_config(
-            dict(context.node_config), cfg.hierarchy.num_edges()
-        )
-
-    def cluster(self, context: Context) -> SplitClusterClient:
-        cfg = self.config(context)
+        cfg, spec = run_config_of(tuple(sorted(given.items())))
         node_config = dict(context.node_config)
-        peers = PeerSettings.from_node_config(node_config)
         pool = TrainPool.from_node_config(node_config)
-        identity = self.identify(context, cfg)
-        foundation = Foundation.of(cfg)
-        return SplitClusterClient(
-            cfg,
-            identity,
-            peers,
-            pool,
-            data=self.cache.cluster_data(cfg, identity, pool),
-            foundation=lambda num_classes: self.cache.model(foundation, num_classes),
-        )
+        data = self.cache.cluster_data(spec, task, cfg.data.cluster_samples, pool)
+        model = self.cache.model(Foundation.of(cfg), data.data.num_classes)
+        peers = PeerSettings.from_node_config(node_config) if _has_peers(node_config) else None
+        return SplitClusterClient(cfg, task, data, model, peers)
 
     def train(self, msg: Message, context: Context) -> Message:
+        request = TrainRequest.from_message(msg)
         try:
-            content = self.cluster(context).train(
-                msg.content.array_records["arrays"], msg.content.config_records["config"]
-            )
+            content = self.client(context, request.task).train(request)
         except PeerError as err:
             # A dead or slow peer costs this cluster's contribution to the round, nothing more.
-            return Message(Error(code=PEER_FAILURE, reason=str(err)), reply_to=msg)
+            return Message(Error(code=c.PEER_FAILURE, reason=str(err)), reply_to=msg)
         except NonFiniteError as err:  # so does a loss or module gone NaN / inf
-            return Message(Error(code=NON_FINITE, reason=str(err)), reply_to=msg)
+            return Message(Error(code=c.NON_FINITE, reason=str(err)), reply_to=msg)
         return Message(content=content, reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
-        arrays = msg.content.array_records["arrays"]
-        return Message(content=self.cluster(context).evaluate(arrays), reply_to=msg)
+        client = self.client(context, c.task_of(msg.content))
+        return Message(content=client.evaluate(msg.content.array_records[c.ARRAYS]), reply_to=msg)
 
     def infer(self, msg: Message, context: Context) -> Message:
         try:
-            return Message(content=self.cluster(context).infer(msg.content), reply_to=msg)
-        except InferenceRequestError as err:
+            request = InferRequest.from_message(msg)
+            content = self.client(context, request.task).infer(request)
+            return Message(content=content, reply_to=msg)
+        except (InferenceRequestError, ValueError) as err:
             # A bad request costs only itself: a clear error reply, the node serves on.
-            return Message(Error(code=INFERENCE_REQUEST_ERROR, reason=str(err)), reply_to=msg)
+            reason = str(err)
+            return Message(Error(code=c.INFERENCE_REQUEST_ERROR, reason=reason), reply_to=msg)
         except PeerError as err:
-            return Message(Error(code=PEER_FAILURE, reason=str(err)), reply_to=msg)
+            return Message(Error(code=c.PEER_FAILURE, reason=str(err)), reply_to=msg)
 
     def identity(self, msg: Message, context: Context) -> Message:
-        # Who this node is needs no data: do not load any.
-        cfg = self.config(context)
-        record = self.identify(context, cfg).record(cfg.cluster_layout())
-        return Message(content=record, reply_to=msg)
+        # Who this node is needs no data and no config: do not load any.
+        identity = NodeIdentity.from_node_config(dict(context.node_config))
+        return Message(content=identity.to_record(), reply_to=msg)
+
+
+def _has_peers(node_config: Mapping[str, Any]) -> bool:
+    """Whether node-config names D2D peers (a lab deployment): only then is the peer
+    transport read."""
+    return any(str(k).startswith("peer") for k in node_config)
+
+
+# -- the per-process cache ------------------------------------------------------------------------
+V = TypeVar("V")
+
+
+class Lru(Generic[V]):
+    """A bounded least-recently-used table; `get` builds what is missing."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.entries: OrderedDict[Hashable, V] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable, build: Callable[[], V]) -> V:
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        value = build()  # an exception caches nothing
+        self.entries[key] = value
+        if len(self.entries) > self.maxsize:
+            self.entries.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+@dataclass
+class _Edge:
+    """An edge's data with what is derived from it, so that evicting the edge frees them all."""
+
+    data: ImageData
+    partitions: Lru[list[np.ndarray]]  # per number of clusters N
+    clusters: Lru[ClusterData]  # per (partition, N, cluster-samples)
+
+
+@dataclass
+class _Model:
+    """A verified edge model and the torch RNG state a fresh build leaves behind (building
+    seeds torch): restored for every message, so a cached model is a fresh one in every way."""
+
+    model: PromptedViT
+    rng_state: torch.Tensor
+
+
+class ClientCache:
+    """The per-process caches of one ClientApp (see the module docstring)."""
+
+    def __init__(
+        self,
+        max_datasets: int = 2,
+        max_edges: int = 8,
+        max_clusters: int = 4096,
+        max_models: int = 2,
+    ) -> None:
+        self.sizes = (max_datasets, max_edges, max_clusters, max_models)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything (and the counts)."""
+        max_datasets, max_edges, self.max_clusters, max_models = self.sizes
+        self.datasets: Lru[ImageData] = Lru(max_datasets)
+        self.edges: Lru[_Edge] = Lru(max_edges)
+        self.models: Lru[_Model] = Lru(max_models)
+
+    def cluster_data(
+        self, spec: DataSpec, task: ClusterTask, cluster_samples: int, pool: TrainPool | None
+    ) -> ClusterData:
+        key = EdgeDataKey.of(spec, task, pool)
+        stamp = source_stamp(key.spec)
+
+        def load() -> ImageData:
+            return load_image_data(key.spec)
+
+        def new_edge() -> _Edge:
+            data = key.build(self.datasets.get((key.spec, stamp), load))
+            return _Edge(data, Lru(4), Lru(self.max_clusters))
+
+        edge = self.edges.get((key, stamp), new_edge)
+        n = task.num_partitions
+
+        def split() -> list[np.ndarray]:
+            return edge.partitions.get(
+                n, lambda: partition_indices(edge.data.train_labels, n, key.spec)
+            )
+
+        def build() -> ClusterData:
+            return ClusterData.build(
+                key, task.partition, n, cluster_samples, edge_data=edge.data, partitions=split
+            )
+
+        return edge.clusters.get((task.partition, n, cluster_samples), build)
+
+    def model(self, foundation: Foundation, num_classes: int) -> PromptedViT:
+        """The edge model on the frozen foundation: read and verified once per checkpoint
+        fingerprint, then the same model for every message, with the torch RNG state a fresh
+        build leaves. Not a copy: a message loads its complete tunable state into it, the
+        frozen backbone never changes (tests/test_scale.py checks both), and a deep copy was
+        9 % of a tiny train message (issue 30)."""
+
+        def build() -> _Model:
+            model = foundation.load(num_classes)
+            return _Model(model, torch.get_rng_state())
+
+        entry = self.models.get(
+            (foundation, num_classes, foundation_stamp(foundation, num_classes)), build
+        )
+        torch.set_rng_state(entry.rng_state)
+        return entry.model
+
+    def info(self) -> dict[str, tuple[int, int, int]]:
+        """(entries, hits, misses) per table; partitions and clusters summed over the edges
+        held now."""
+        edges = list(self.edges.entries.values())
+
+        def total(tables: list[Lru]) -> tuple[int, int, int]:
+            return (
+                sum(len(t) for t in tables),
+                sum(t.hits for t in tables),
+                sum(t.misses for t in tables),
+            )
+
+        return {
+            "datasets": total([self.datasets]),
+            "edges": total([self.edges]),
+            "partitions": total([e.partitions for e in edges]),
+            "clusters": total([e.clusters for e in edges]),
+            "models": total([self.models]),
+        }
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def foundation_stamp(foundation: Foundation, num_classes: int) -> tuple[object, ...]:
+    """What changes when the foundation's weights file changes: a checkpoint's path, its stat
+    and its recorded SHA-256 (a 64-byte read); a weights file's path and stat; nothing for
+    timm's named weights or a seeded random backbone."""
+    cloud = foundation.cloud
+    if cloud.foundation == "cloud":
+        path = foundation.checkpoint_path()
+        sidecar = path.with_name(path.name + ".sha256")
+        try:
+            recorded = sidecar.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            recorded = None
+        return (str(path), _stat(path), recorded, _stat(sidecar))
+    if cloud.foundation == "file":
+        path = Path(cloud.checkpoint_path).expanduser()
+        return (str(path), _stat(path))
+    return ()
+
+
+def source_stamp(spec: DataSpec) -> tuple[object, ...]:
+    """What changes when the files behind `spec` change: nothing for the embedded digits; the
+    folder's and its sub-folders' mtimes for an image folder or Flowers102 (a file added or
+    removed changes its folder's mtime)."""
+    if spec.dataset == "digits" or not spec.data_dir:
+        return ()
+    root = Path(spec.data_dir)
+    try:
+        subdirs = sorted(e.path for e in os.scandir(root) if e.is_dir())
+    except OSError:
+        return (str(root), None)
+    return (str(root), _stat(root), *((p, _stat(Path(p))) for p in subdirs))
+
+
+# One per process. Flower's simulation engine pickles the ClientApp with every message it hands
+# a Ray actor (`RayBackend.process_message` -> `ClientAppActor.run(app_fn, ...)`), so each message
+# meets a fresh copy of the app: a cache held by the app would start empty every time. This one
+# lives as long as the actor's process (and, in a deployment, that is one message).
+PROCESS_CACHE = ClientCache()

@@ -1,16 +1,12 @@
 """The ServerApp's side of a population run: which SuperNode runs which formed cluster, what
 each cluster's round is predicted to cost, and `clusters.json` (paper Sec. III-C/D, IV-B).
 
-The layout (`population.layout`) is a pure function of the run-config, so the ServerApp and
-every ClientApp derive it themselves (a SuperNode needs the population file, as it needs the
-cost-profiles file); nothing about a cluster travels in the messages except, for an inference
-request, the requester's name. Each node's identity reply carries the layout's digest and the
-ServerApp refuses a node that derived another one (a different file on that machine).
-
-Fine-tuning cluster c runs on the node whose cluster-id is c (simulation: partition-id; a
-deployment: node-config `cluster-id`). Nodes without a cluster and clusters without a node are
-reported in clusters.json and the log, never dropped silently; so are the devices the
-clustering could not place.
+The ServerApp forms the clusters once (`derived.derive`) and sends each node its cluster's
+devices, links and plan in every message (`contract.ClusterTask`); a SuperNode needs neither
+the population file nor the cost profiles. Fine-tuning cluster c runs on the node whose
+cluster-id is c (simulation: partition-id; a deployment: node-config `cluster-id`). Nodes
+without a cluster and clusters without a node are reported in clusters.json and the log, never
+dropped silently; so are the devices the clustering could not place.
 """
 
 from __future__ import annotations
@@ -26,9 +22,10 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from clients.split_client import ClusterData, ClusterIdentity
-from gaisnet_flwr.config import RunConfig
+from clients.split_client import ClusterData, EdgeDataKey
+from gaisnet_flwr.contract import ClusterTask, NodeIdentity
 from gaisnet_flwr.data.images import ImageData, partition_indices
+from gaisnet_flwr.derived import Derived
 from gaisnet_flwr.population.layout import ClusterLayout, round_summary
 from gaisnet_flwr.population.planning import (
     RangeCosts,
@@ -36,11 +33,8 @@ from gaisnet_flwr.population.planning import (
     predicted_inference_cost,
     predicted_round_cost,
 )
+from gaisnet_flwr.split.precision import SMASHED_DTYPES
 from gaisnet_flwr.vit.model import PromptedViT
-
-
-class LayoutMismatchError(RuntimeError):
-    """A node derived another cluster layout than the ServerApp (another population file)."""
 
 
 @dataclass
@@ -51,6 +45,7 @@ class PopulationRun:
     node_clusters: dict[int, int]  # node id -> fine-tuning cluster index
     idle_nodes: dict[int, str]  # node id -> why it runs no cluster
     unserved: list[int]  # fine-tuning clusters no node runs
+    cluster_ids: dict[int, int]  # node id -> the cluster-id it gave
     _requesters: Iterator[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,23 +57,16 @@ class PopulationRun:
         return next(self._requesters, "")
 
 
-def assign_nodes(
-    layout: ClusterLayout, identities: Mapping[int, Mapping[str, int]]
-) -> PopulationRun:
-    """Map nodes to fine-tuning clusters by their cluster-id, checking each node's digest."""
-    digest = layout.digest()
+def assign_nodes(layout: ClusterLayout, identities: Mapping[int, NodeIdentity]) -> PopulationRun:
+    """Map nodes to fine-tuning clusters by their cluster-id (simulation: partition-id)."""
     node_clusters: dict[int, int] = {}
     idle: dict[int, str] = {}
     owner: dict[int, int] = {}
-    for node, ident in sorted(identities.items()):
-        if int(ident.get("layout-digest", -1)) != digest:
-            raise LayoutMismatchError(
-                f"node {node} derived another cluster layout from population="
-                f"{layout.population.source!r} than the ServerApp (digest "
-                f"{ident.get('layout-digest')} vs {digest}): every SuperNode needs the same "
-                f"population file and cost-profiles"
-            )
-        cluster = int(ident["cluster-id"])
+    ids = {
+        n: i.partition_id if i.cluster_id is None else i.cluster_id
+        for n, i in sorted(identities.items())
+    }
+    for node, cluster in ids.items():
         if cluster >= len(layout.fine_tuning):
             idle[node] = (
                 f"cluster-id {cluster}: the population formed {len(layout.fine_tuning)} "
@@ -90,25 +78,24 @@ def assign_nodes(
             owner[cluster] = node
             node_clusters[node] = cluster
     unserved = [c for c in range(len(layout.fine_tuning)) if c not in owner]
-    return PopulationRun(layout, node_clusters, idle, unserved)
+    return PopulationRun(layout, node_clusters, idle, unserved, ids)
 
 
 def cluster_report(
-    cfg: RunConfig,
+    derived: Derived,
     run: PopulationRun,
     model: PromptedViT,
     edges: list[ImageData],
-    identities: Mapping[int, Mapping[str, int]],
+    tasks: Mapping[int, ClusterTask],
 ) -> dict[str, Any]:
     """clusters.json: every formed cluster (members, links, plan), the node that runs it and
     its predicted round by the cost model (sensing, compute and communication side by side),
     the inference clusters with a one-image request, and what was left out."""
-    layout = run.layout
+    cfg, layout = derived.cfg, run.layout
     t = cfg.training
     modules = ArrayRecord(model.tunable_state()).count_bytes()  # download = upload
-    meta = cfg.meta_model()
+    element = SMASHED_DTYPES[cfg.run.smashed_dtype].itemsize
     by_cluster = {c: n for n, c in run.node_clusters.items()}
-    spec = cfg.data_spec()
     split: dict[tuple[int, int], list[np.ndarray]] = {}  # (edge, clusters) -> partitions
     fine_tuning = []
     for cluster in layout.fine_tuning:
@@ -116,38 +103,36 @@ def cluster_report(
         node = by_cluster.get(cluster.index)
         row["node"] = node
         if node is not None:
-            ident = identities[node]
-            edge = int(ident["edge-id"])
-            identity = ClusterIdentity(
-                edge, int(ident["partition-id"]), int(ident["num-partitions"]), cluster.index
-            )
-
+            task = tasks[node]
             # The ClientApp's own rule (cluster-samples, or its share of the edge's split),
             # with each edge's partitions computed once, not once per cluster.
-            part = (edge, identity.num_partitions)
+            part = (task.edge, task.num_partitions)
             if not cfg.data.cluster_samples and part not in split:
-                split[part] = partition_indices(edges[edge].train_labels, part[1], spec)
+                split[part] = partition_indices(
+                    edges[task.edge].train_labels, part[1], derived.spec
+                )
             partitions = functools.partial(split.__getitem__, part)
-            data = ClusterData.build(cfg, identity, edge_data=edges[edge], partitions=partitions)
-            train_set = data.train_set
-            samples = len(train_set)  # type: ignore[arg-type]  # a Subset
-            workload = Workload(
-                samples,
-                t.batch_size,
-                t.local_epochs,
-                t.optimizer,
-                t.momentum,
-                cfg.smashed_element_size(),
+            data = ClusterData.build(
+                EdgeDataKey.of(derived.spec, task, None),
+                task.partition,
+                task.num_partitions,
+                cfg.data.cluster_samples,
+                edge_data=edges[task.edge],
+                partitions=partitions,
             )
-            costs = RangeCosts(meta, workload)
+            samples = len(data.train_set)  # type: ignore[arg-type]  # a Subset
+            workload = Workload(
+                samples, t.batch_size, t.local_epochs, t.optimizer, t.momentum, element
+            )
+            costs = RangeCosts(derived.meta, workload)
             cost = predicted_round_cost(costs, cluster.profile, cluster.plan, modules, modules)
-            row.update(edge=edge, samples=samples, predicted_round=round_summary(cost))
+            row.update(edge=task.edge, samples=samples, predicted_round=round_summary(cost))
         fine_tuning.append(row)
     inference = []
     for cluster in layout.inference:
         row = cluster.describe()
         cost = predicted_inference_cost(
-            meta, cluster.profile, cluster.plan, 1, modules, cfg.smashed_element_size()
+            derived.meta, cluster.profile, cluster.plan, 1, modules, element
         )
         row["predicted_request_one_image"] = round_summary(cost)
         inference.append(row)

@@ -17,24 +17,24 @@ simulation worker (`flwr.server.superlink.fleet.vce.vce_api.worker`):
     reason `"<class ...>:<'...'>"`), logged with its traceback, and the server carries on.
 Messages run one after another, in the order they were sent; `timeout` in `send_and_receive`
 leaves the messages not yet started when it expires without a reply, as a real grid would.
+
+What this needs of Flower beyond its public API (a message's id, the process's task identity)
+sits in one adapter at the end of this module, checked against the Flower version it was read
+from (`FLOWER_INTERNALS`); tests that build messages outside a Flower process use it too.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from logging import ERROR
-from pathlib import Path
-from typing import Any, cast
 from uuid import uuid4
 
-import numpy as np
+import flwr
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import ClientAppException
@@ -48,6 +48,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from gaisnet_flwr.apps.recorder import RunResult
 
 ConfigValue = bool | float | int | str
 
@@ -112,7 +114,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids: list[str] = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            assign_message_id(msg, str(uuid4()))
             meta = msg.metadata
             if meta.reply_to_message_id or meta.ttl <= 0 or meta.delivered_at:
                 raise ValueError(f"Invalid message: {msg}")
@@ -166,7 +168,7 @@ class InProcessGrid(Grid):
         ):  # the SuperLink drops such a reply; so do we
             log(ERROR, "ClientApp reply does not answer message %s", message.metadata.message_id)
             return
-        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        assign_message_id(reply, str(uuid4()))
         self._replies[message.metadata.message_id] = reply
 
 
@@ -182,17 +184,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
     with scoped(threads):
         yield
-
-
-@contextmanager
-def server_identity(run_id: int) -> Iterator[None]:
-    """The ServerApp process's task identity (instruction Messages read it), restored after."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-    try:
-        yield
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def run_apps(
@@ -214,40 +205,9 @@ def run_apps(
         state=RecordDict(),
         run_config=dict(run_config),
     )
-    with server_identity(run_id):
+    with task_identity(run_id, SUPERLINK_NODE_ID):
         server_app(grid=grid, context=context)
     return context
-
-
-@dataclass(frozen=True)
-class InProcessRun:
-    """What one run wrote into its output-dir (the same files a `flwr run` writes)."""
-
-    output_dir: Path
-
-    def metrics(self) -> list[dict[str, Any]]:
-        """metrics.json: one row per round, round 0 the initial model."""
-        return cast(
-            list[dict[str, Any]], json.loads((self.output_dir / "metrics.json").read_text())
-        )
-
-    def integrated(self) -> list[dict[str, Any]]:
-        return cast(
-            list[dict[str, Any]], json.loads((self.output_dir / "integrated.json").read_text())
-        )
-
-    def inference(self) -> list[dict[str, Any]]:
-        return cast(
-            list[dict[str, Any]], json.loads((self.output_dir / "inference.json").read_text())
-        )
-
-    def modules(self, server_round: int | None = None) -> dict[str, np.ndarray]:
-        """final_tunable.npz, or rounds/round-NNN.npz of `server_round` (keys `edge<e>/...`)."""
-        name = (
-            "final_tunable.npz" if server_round is None else f"rounds/round-{server_round:03d}.npz"
-        )
-        with np.load(self.output_dir / name) as npz:
-            return {k: npz[k] for k in npz.files}
 
 
 def run_inprocess(
@@ -255,26 +215,63 @@ def run_inprocess(
     num_clusters: int,
     node_configs: Sequence[Mapping[str, ConfigValue]] | None = None,
     client_threads: int | None = 1,
-) -> InProcessRun:
+) -> RunResult:
     """The GaisNet ServerApp over `num_clusters` ClientApps (one per client cluster), in this
-    process. `node_configs` (one per node) replace the simulation's partition-id /
-    num-partitions, e.g. to give clusters fixed partitions of a larger split; `run_config`
-    must name an `output-dir`, where the results are read back from. `client_threads`: torch
-    threads per ClientApp call, as `flwr run` with client-resources-num-cpus=1 (what
-    scripts/run.sh uses) gives each ClientApp; the same count gives the same modules."""
+    process; returns the run's results (the rows, modules and requests its files hold).
+    `node_configs` (one per node) replace the simulation's partition-id / num-partitions, e.g.
+    to give clusters fixed partitions of a larger split. `client_threads`: torch threads per
+    ClientApp call, as `flwr run` with client-resources-num-cpus=1 (what scripts/run.sh uses)
+    gives each ClientApp; the same count gives the same modules."""
     from gaisnet_flwr.apps.client_app import create_client_app
     from gaisnet_flwr.apps.server_app import create_server_app
     from gaisnet_flwr.config import RunConfig
 
-    cfg = RunConfig.from_run_config(run_config)  # a bad key fails here, before any work
+    RunConfig.from_run_config(run_config)  # a bad key fails here, before any work
     configs = list(node_configs) if node_configs is not None else None
     if configs is not None and len(configs) != num_clusters:
         raise ValueError(f"{len(configs)} node-configs for {num_clusters} clusters")
+    results: list[RunResult] = []
     run_apps(
-        create_server_app(),
+        create_server_app(on_result=results.append),
         create_client_app(),
         run_config,
         configs if configs is not None else simulation_node_configs(num_clusters),
         client_threads=client_threads,
     )
-    return InProcessRun(Path(cfg.run.output_dir).expanduser().resolve())
+    return results[0]
+
+
+# -- Flower internals: the one adapter -------------------------------------------------------------
+# Read from flwr 1.42 (`flwr.server.superlink.linkstate.utils` assigns message ids this way;
+# `flwr.supercore.task_identity` holds the process's identity). pyproject pins flwr to 1.42.x.
+FLOWER_INTERNALS = "1.42."
+
+
+def check_flower_version(version: str = flwr.__version__) -> None:
+    """Refuse a Flower whose internals this adapter was not read from."""
+    if not version.startswith(FLOWER_INTERNALS):
+        raise RuntimeError(
+            f"flwr {version} is installed; the in-process grid uses Flower internals read "
+            f"from flwr {FLOWER_INTERNALS}x (gaisnet_flwr/apps/inprocess.py): install "
+            f"'flwr>={FLOWER_INTERNALS}0,<1.43' or re-check the adapter"
+        )
+
+
+check_flower_version()
+
+
+def assign_message_id(message: Message, message_id: str) -> None:
+    """Give `message` its id, as the SuperLink does when it stores a message."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+@contextmanager
+def task_identity(run_id: int, node_id: int, task_id: int = 1) -> Iterator[None]:
+    """The process's task identity (instruction Messages read it), as a Flower runtime sets it
+    for a ServerApp; the previous one is restored after."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run_id, node_id
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -12,62 +12,66 @@ import csv
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.tracking import Tracking
-
-# Counters add up over clusters; the slowest cluster sets the round's critical path.
-SUMMED = (
-    "num-examples",
-    "d2d-bytes-fwd",
-    "d2d-bytes-bwd",
-    "upload-bytes",
-    "compute-flops",
-    "energy-j",
-    "sensing-j",
-    "compute-j",
-    "tx-j",
-    "cs-bytes",
-)
-# Clusters train in parallel: the round's simulated convergence latency is the slowest cluster's;
-# per-node memory is reported as the largest any cluster needs at that role.
-# Each cluster's sensing, compute and D2D time likewise: the largest any cluster spent.
-MAXED = (
-    "train-time-s",
-    "latency-s",
-    "bottleneck-s",
-    "sensing-s",
-    "compute-s",
-    "d2d-s",
-    "memory-max-bytes",
-    "memory-bytes",
-)
-NOT_AGGREGATED = ("partition-id", "edge-id", "cluster-id")
+from gaisnet_flwr.contract import ACCURACY, FAILED_CLUSTERS, ROUND_TIME, TRAIN_ROW, edge_key
 
 
-def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """Sum counters, take the max of times, weight-average the rest (loss, accuracy)."""
-    metrics = [next(iter(r.metric_records.values())) for r in records]
-    weights = np.array([float(m[weighting_key]) for m in metrics])  # type: ignore[arg-type]
-    out: dict[str, Any] = {"num-clusters": len(metrics)}
-    for key in metrics[0]:
-        values = [m[key] for m in metrics if key in m]
-        family = key.split("/")[0]  # per-node keys such as energy-j/peer1
-        if key in NOT_AGGREGATED:
-            continue
-        if family in SUMMED:
-            out[key] = sum(values)  # type: ignore[arg-type]
-        elif family in MAXED:
-            out[key] = max(values)  # type: ignore[type-var]
-        elif len(values) == len(metrics) and weights.sum() > 0:
-            out[key] = float(np.average(np.asarray(values, dtype=float), weights=weights))
-    return MetricRecord(out)
+@dataclass
+class RunResult:
+    """What one run produced, as the in-process run returns it (the same the files hold):
+    `rows` of metrics.json (round 0 the initial model), every round's global modules
+    (`edge<e>/<module>` keys), the served requests (inference.json) and, in the integrated
+    mode, each round's decision (integrated.json)."""
+
+    output_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    round_modules: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    final_modules: dict[str, np.ndarray] = field(default_factory=dict)
+    served: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """metrics.json: one row per round, round 0 the initial model."""
+        return self.rows
+
+    def inference(self) -> list[dict[str, Any]]:
+        """inference.json: one row per served request."""
+        return self.served
+
+    def integrated(self) -> list[dict[str, Any]]:
+        """integrated.json: one row per round of the integrated mode."""
+        return self.decisions
+
+    def modules(self, server_round: int | None = None) -> dict[str, np.ndarray]:
+        """The final modules, or those after round `server_round` (keys `edge<e>/...`)."""
+        return self.final_modules if server_round is None else self.round_modules[server_round]
+
+    def accuracy(self, server_round: int, edge: int | None = None) -> float:
+        """The central test accuracy after `server_round`: the mean over the edges, or edge's."""
+        row = self.rows[server_round]
+        return float(row[ACCURACY if edge is None else edge_key(edge, ACCURACY)])
+
+    def loss(self, server_round: int, edge: int | None = None) -> float:
+        row = self.rows[server_round]
+        return float(row["loss" if edge is None else edge_key(edge, "loss")])
+
+    def train(self, server_round: int, key: str, default: Any = None) -> Any:
+        """A round's aggregated train metric (`contract` keys, e.g. `contract.LATENCY`);
+        `default` for round 0 (the initial model) or a metric the round lacks."""
+        return self.rows[server_round].get(f"{TRAIN_ROW}/{key}", default)
+
+    def round_time(self, server_round: int) -> float:
+        """The round's measured wall time in the ServerApp (0 for round 0)."""
+        return float(self.rows[server_round].get(ROUND_TIME, 0.0))
 
 
 class RoundRecorder:
@@ -78,11 +82,18 @@ class RoundRecorder:
     `record` with the central evaluation, which completes the row and writes it (files and
     trackers). `close` ends the run: summary.png, trackers closed."""
 
-    def __init__(self, output_dir: Path, num_rounds: int, tracking: Tracking | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        num_rounds: int,
+        tracking: Tracking | None = None,
+        result: RunResult | None = None,
+    ) -> None:
         self.output_dir = output_dir
         self.num_rounds = num_rounds
         self.tracking = tracking
-        self.rows: list[dict[str, Any]] = []
+        self.result = result if result is not None else RunResult(output_dir)
+        self.rows: list[dict[str, Any]] = self.result.rows
         self._round_started = time.perf_counter()
         self._train: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -94,12 +105,13 @@ class RoundRecorder:
         num_rounds: int,
         run_config: Mapping[str, Any],
         mlflow_tracking_uri: str = "",
+        result: RunResult | None = None,
     ) -> RoundRecorder:
         """A run's recorder with its trackers: TensorBoard events in `output_dir` (the
         run-config as hyper-parameters), MLflow too when a tracking URI is given."""
         output_dir.mkdir(parents=True, exist_ok=True)
         tracking = Tracking.open(output_dir, run_config, mlflow_tracking_uri)
-        return cls(output_dir, num_rounds, tracking)
+        return cls(output_dir, num_rounds, tracking, result)
 
     def train_round(
         self,
@@ -117,11 +129,11 @@ class RoundRecorder:
         train, failures = self._train.pop(server_round, ({}, []))
         row: dict[str, Any] = {"round": server_round, **central}
         if server_round > 0:
-            row.update({f"train/{k}": v for k, v in (train or {}).items()})
+            row.update({f"{TRAIN_ROW}/{k}": v for k, v in (train or {}).items()})
             # An edge's refused aggregate (node -1) is a failure of the round, not of a cluster.
-            row["failed-clusters"] = sum(f.get("node") != -1 for f in failures or [])
+            row[FAILED_CLUSTERS] = sum(f.get("node") != -1 for f in failures or [])
             row["failures"] = list(failures or [])
-            row["round-time-s"] = now - self._round_started
+            row[ROUND_TIME] = now - self._round_started
         self._round_started = now
         self.rows.append(row)
         self._write()
@@ -155,20 +167,21 @@ class RoundRecorder:
             head += " (" + ", ".join(f"{k.split('/')[0]} {row[k]:.4f}" for k in edges) + ")"
         if row["round"] == 0:
             return head + " (initial model)"
-        if row.get("failed-clusters"):
-            head += f" | {row['failed-clusters']} cluster(s) FAILED, left out"
+        if row.get(FAILED_CLUSTERS):
+            head += f" | {row[FAILED_CLUSTERS]} cluster(s) FAILED, left out"
+
+        def train(key: str, default: float = 0.0) -> float:
+            return float(row.get(f"{TRAIN_ROW}/{key}", default))
+
         return (
-            f"{head} | train acc {row.get('train/train-acc', float('nan')):.4f} "
-            f"loss {row.get('train/train-loss', float('nan')):.4f} | "
-            f"D2D fwd {row.get('train/d2d-bytes-fwd', 0) / 1e6:.2f} MB "
-            f"bwd {row.get('train/d2d-bytes-bwd', 0) / 1e6:.2f} MB | "
-            f"upload {row.get('train/upload-bytes', 0) / 1e3:.1f} kB | "
-            f"sim latency {row.get('train/round-latency-s', 0):.1f} s, "
-            f"energy {row.get('train/energy-j', 0):.1f} J (sensing "
-            f"{row.get('train/sensing-j', 0):.1f}, compute {row.get('train/compute-j', 0):.1f}, "
-            f"tx {row.get('train/tx-j', 0):.1f}), "
-            f"max node mem {row.get('train/memory-max-bytes', 0) / 1e6:.1f} MB | "
-            f"{row['round-time-s']:.1f} s"
+            f"{head} | train acc {train(c.TRAIN_ACC, float('nan')):.4f} "
+            f"loss {train(c.TRAIN_LOSS, float('nan')):.4f} | "
+            f"D2D fwd {train(c.D2D_FWD) / 1e6:.2f} MB bwd {train(c.D2D_BWD) / 1e6:.2f} MB | "
+            f"upload {train(c.UPLOAD) / 1e3:.1f} kB | "
+            f"sim latency {train(c.ROUND_LATENCY):.1f} s, energy {train(c.ENERGY):.1f} J "
+            f"(sensing {train(c.SENSING_J):.1f}, compute {train(c.COMPUTE_J):.1f}, "
+            f"tx {train(c.TX_J):.1f}), max node mem {train(c.MEMORY_MAX) / 1e6:.1f} MB | "
+            f"{row[ROUND_TIME]:.1f} s"
         )
 
     def _write(self) -> None:
@@ -183,8 +196,11 @@ class RoundRecorder:
         path = self.output_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **state)  # type: ignore[arg-type]
+        if name == "final_tunable.npz":
+            self.result.final_modules = dict(state)
         return path
 
     def save_round_modules(self, server_round: int, state: dict[str, np.ndarray]) -> Path:
         """Every round's global modules (small: prompts and heads), to resume or compare."""
+        self.result.round_modules[server_round] = dict(state)
         return self.save_modules(state, f"rounds/round-{server_round:03d}.npz")

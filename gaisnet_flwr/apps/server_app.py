@@ -1,43 +1,451 @@
 """ServerApp: the cloud and its edge servers running HFSL fine-tuning (paper Sec. III-B, III-C).
 
-Start-up (`hfsl.prepare`): the foundation, every node's edge, one strategy per edge under the
-cloud-edge strategy. Then Flower's `Strategy.start` runs the rounds: clusters fine-tune their
-edge's tunable modules over their split chains, each edge aggregates its clusters, every
-`cloud-every` rounds the cloud aggregates across edges, and each edge model is evaluated on its
-own domain's test set; results go to `output-dir`. With `service = "integrated"` the integrated
-strategy decides, round by round, to fine-tune an edge model or serve a request instead.
+Preparation (`prepare`), once: the run-config read and what derives from it built
+(`derived.derive`: the data spec, cost profiles, plans, a population's clusters); every node
+asked who it is (`query.identity`) and each cluster's task built (`contract.ClusterTask`: its
+edge, data share, block ranges, devices and links, the plan's FLOPs and memory), which travels
+with every message; one `EdgeServer` per edge with the configured strategy; the data, the
+foundation and the edge model. Then Flower's `Strategy.start` runs the rounds: clusters
+fine-tune their edge's tunable modules over their split chains, each edge aggregates its
+clusters, every `cloud-every` rounds the cloud aggregates across edges, and each edge model is
+evaluated on its own domain's test set; results go to `output-dir` (`apps/recorder.py`). With
+`service = "integrated"` the integrated strategy decides, round by round, to fine-tune an edge
+model or serve a request instead.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from logging import ERROR, INFO
+from pathlib import Path
 from typing import Any
 
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Strategy
 
-from gaisnet_flwr.apps.hfsl import HfslRun, check_run_config, prepare
-from gaisnet_flwr.apps.in_flight import InFlightWindow
-from gaisnet_flwr.apps.recorder import RoundRecorder
+from gaisnet_flwr import contract as c
+from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
+from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult
 from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
-from strategies.cloud_edge import join_edges
+from gaisnet_flwr.cloud.foundation import Foundation
+from gaisnet_flwr.config import ConfigError, RunConfig
+from gaisnet_flwr.contract import ClusterTask, InferRequest, NodeIdentity
+from gaisnet_flwr.costs.memory import segment_memory
+from gaisnet_flwr.costs.pricing import hierarchy_round_latency
+from gaisnet_flwr.costs.profiles import ClusterProfile
+from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
+from gaisnet_flwr.derived import Derived, derive
+from gaisnet_flwr.service.scheduler import QualityModel
+from gaisnet_flwr.split.flops import segment_flops
+from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.split.precision import Precision, resolve_device
+from gaisnet_flwr.training.loops import evaluate
+from gaisnet_flwr.vit.model import PromptedViT
+from strategies.cloud_edge import Cloud, CloudEdgeStrategy
+from strategies.edge import EdgeServer, GridView
+from strategies.integrated import IntegratedStrategy
+from strategies.registry import build_strategy, resolve_strategy
+from strategies.serving import ServeRequests
+
+# Clusters per edge assumed when the strategy is checked before any node is known (every
+# option is checked; a strategy that needs more clusters is refused once they are known).
+ASSUMED_CLUSTERS = 1000
 
 
-def fine_tune(grid: Grid, run: HfslRun) -> Result:
+# -- the boundary -------------------------------------------------------------------------------
+def check_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Derived]:
+    """The ServerApp's boundary: every key (`RunConfig.from_run_config`), the environment and
+    what derives from the config (`derived.derive`), and the edge strategy built once with its
+    options. Before any data is read or model trained."""
+    cfg = RunConfig.from_run_config(run_config)
+    derived = derive(cfg)
+    build_edge_strategy(cfg, max(cfg.hierarchy.min_clusters, ASSUMED_CLUSTERS))
+    return cfg, derived
+
+
+def build_edge_strategy(cfg: RunConfig, num_clusters: int) -> Strategy:
+    """One edge's strategy; a strategy or options it cannot build -> ConfigError naming the
+    key (strategy, or strategy-options), the value and the reason."""
+    h = cfg.hierarchy
+    try:
+        strategy_cls = resolve_strategy(h.strategy)
+    except ValueError as err:
+        raise ConfigError(f"strategy={h.strategy!r}: {err}") from err
+    options: dict[str, Any] = dict(h.strategy_options)
+    if "train_metrics_aggr_fn" in inspect.signature(strategy_cls).parameters:
+        options["train_metrics_aggr_fn"] = c.aggregate_metrics
+    try:
+        return build_strategy(
+            h.strategy,
+            num_clusters=num_clusters,
+            fraction_evaluate=h.fraction_evaluate,
+            options=options,
+        )
+    except ValueError as err:
+        given = cfg.to_dict()["strategy-options"]  # as the user wrote it (an error path only)
+        raise ConfigError(
+            f"strategy-options={given!r} (strategy={h.strategy!r}, "
+            f"{num_clusters} cluster(s) per edge): {err}"
+        ) from err
+
+
+# -- the nodes and their tasks ------------------------------------------------------------------
+def wait_for_clusters(grid: Grid, minimum: int = 1, timeout_s: float = 120.0) -> list[int]:
+    """Nodes connected now (all of them in simulation). Deployment SuperNodes connect in their
+    own time: wait until `minimum` of them are there (run-config min-clusters)."""
+    minimum = max(minimum, 1)
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if len(nodes) < minimum:
+        raise RuntimeError(
+            f"{len(nodes)} client cluster(s) connected within {timeout_s:.0f} s; "
+            f"min-clusters={minimum} needed (are the SuperNodes running and reaching the "
+            f"SuperLink's Fleet API?)"
+        )
+    return nodes
+
+
+def query_identities(grid: Grid, nodes: list[int]) -> dict[int, NodeIdentity]:
+    """Ask every node who it is (its node-config: partition, edge, population cluster)."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=c.QUERY_IDENTITY) for n in nodes]
+    identities: dict[int, NodeIdentity] = {}
+    for reply in grid.send_and_receive(messages, timeout=120):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise RuntimeError(f"node {node} could not identify itself: {reply.error.reason}")
+        identities[node] = NodeIdentity.from_record(reply.content)
+    missing = sorted(set(nodes) - set(identities))
+    if missing:
+        raise RuntimeError(f"node(s) {missing} did not answer the identity query")
+    return identities
+
+
+class TaskBuilder:
+    """Each cluster's task: its place in the hierarchy, its chain and the chain's static costs
+    (per-sample FLOPs, training memory), computed once per distinct plan."""
+
+    def __init__(self, derived: Derived) -> None:
+        self.derived = derived
+        self.model = derived.meta  # FLOPs and memory need the shapes only
+        self._costs: dict[SplitPlan, tuple[tuple[tuple[int, int], ...], tuple[int, ...]]] = {}
+
+    def costs(self, plan: SplitPlan) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+        if plan not in self._costs:
+            t = self.derived.cfg.training
+            flops = tuple((f.forward, f.backward) for f in segment_flops(self.model, plan))
+            memory = segment_memory(
+                self.model, plan, t.batch_size, t.optimizer, momentum=t.momentum
+            )
+            self._costs[plan] = (flops, tuple(m.training for m in memory))
+        return self._costs[plan]
+
+    def task(
+        self, place: tuple[int, int, int], cluster: int, plan: SplitPlan, profile: ClusterProfile
+    ) -> ClusterTask:
+        edge, partition, num_partitions = place
+        flops, memory = self.costs(plan)
+        domain = self.derived.cfg.hierarchy.edge_domains[edge]
+        shares = self.derived.shares
+        return ClusterTask(
+            edge, domain, shares, partition, num_partitions, cluster, plan, profile, flops, memory
+        )
+
+
+def cluster_tasks(
+    derived: Derived, identities: Mapping[int, NodeIdentity], builder: TaskBuilder
+) -> tuple[dict[int, ClusterTask], PopulationRun | None]:
+    """node id -> its cluster's task, for the nodes that run a cluster: every node with
+    identical clusters; with a population, the node whose cluster-id (simulation: partition-id)
+    names a formed fine-tuning cluster runs it."""
+    num_edges = len(derived.cfg.hierarchy.edge_domains)
+    places = {n: ident.place(num_edges) for n, ident in identities.items()}
+    if derived.layout is None:
+        assert derived.plan is not None
+        plan, profile = derived.plan, derived.cluster
+        clusters = {
+            n: i.partition_id if i.cluster_id is None else i.cluster_id
+            for n, i in identities.items()
+        }
+        return {n: builder.task(p, clusters[n], plan, profile) for n, p in places.items()}, None
+    population = assign_nodes(derived.layout, identities)
+    if not population.node_clusters:
+        raise RuntimeError(
+            f"no node runs a formed cluster: {len(identities)} node(s), "
+            f"{len(derived.layout.fine_tuning)} fine-tuning cluster(s) (cluster-ids: "
+            f"{sorted(population.cluster_ids.values())})"
+        )
+    tasks = {}
+    for node, index in population.node_clusters.items():
+        formed = derived.layout.fine_tuning[index]
+        tasks[node] = builder.task(places[node], index, formed.plan, formed.profile)
+    return tasks, population
+
+
+# -- one run ------------------------------------------------------------------------------------
+@dataclass
+class HfslRun:
+    """Everything one run's rounds need, built once by `prepare`."""
+
+    derived: Derived
+    run_config: dict[str, Any]  # the flat run-config (config.json)
+    output_dir: Path
+    model: PromptedViT  # the edge model on the frozen foundation (modules loaded as needed)
+    edges: list[ImageData]  # per edge server: its domain's data (the test split evaluates it)
+    tasks: dict[int, ClusterTask]  # node id -> the task of the cluster it runs
+    edge_servers: dict[int, EdgeServer]  # one per edge, with the configured strategy
+    builder: TaskBuilder
+    population: PopulationRun | None = None  # with run-config population: who runs what
+    result: RunResult = field(init=False)
+    _requester: str = ""  # the device the latest inference request came from
+
+    def __post_init__(self) -> None:
+        self.result = RunResult(self.output_dir)
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.derived.cfg
+
+    @property
+    def node_edges(self) -> dict[int, int]:
+        return {n: t.edge for n, t in self.tasks.items()}
+
+    def initial_modules(self) -> ArrayRecord:
+        return c.join_edges(
+            {e: ArrayRecord(self.model.tunable_state()) for e in range(len(self.edges))}
+        )
+
+    # -- central evaluation ---------------------------------------------------------------------
+    def evaluate_edge(self, edge: int, modules: ArrayRecord) -> tuple[float, float]:
+        """Accuracy and loss of edge `edge`'s model on its domain's test set (on the server's
+        GPU when there is one, device='auto')."""
+        self.model.load_tunable_state(modules.to_torch_state_dict())
+        run = self.cfg.run
+        result = evaluate(
+            self.model,
+            self.edges[edge].test,
+            device=resolve_device(run.device),
+            precision=Precision(run.precision, run.smashed_dtype),
+        )
+        return result.accuracy, result.loss
+
+    def central_evaluation(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Every edge model on its own test set, and the mean over the edges."""
+        row: dict[str, float] = {}
+        for e, modules in c.split_edges(arrays).items():
+            row[c.edge_key(e, c.ACCURACY)], row[c.edge_key(e, "loss")] = self.evaluate_edge(
+                e, modules
+            )
+        edges = range(len(self.edges))
+        row[c.ACCURACY] = sum(row[c.edge_key(e, c.ACCURACY)] for e in edges) / len(self.edges)
+        row["loss"] = sum(row[c.edge_key(e, "loss")] for e in edges) / len(self.edges)
+        return row
+
+    def evaluate_fn(self, recorder: RoundRecorder) -> Callable[[int, ArrayRecord], MetricRecord]:
+        """Flower's central evaluation: record the round, keep its modules."""
+
+        def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            row = self.central_evaluation(arrays)
+            recorder.record(server_round, row)
+            recorder.save_round_modules(server_round, {k: v.numpy() for k, v in arrays.items()})
+            return MetricRecord(row)  # type: ignore[arg-type]
+
+        return central_evaluate
+
+    def hierarchy(self, recorder: RoundRecorder) -> CloudEdgeStrategy:
+        h = self.cfg.hierarchy
+        cloud = Cloud(h.cloud_every, h.cloud_mix, h.cloud_modules)
+        edges = self.edge_servers
+        clusters = max(len(e.nodes) for e in edges.values())
+
+        def round_latency(server_round: int, train: Mapping[str, Any]) -> float:
+            """The slowest cluster, then the busiest edge's FedAvg (the edges aggregate in
+            parallel), then on cloud rounds the cloud's."""
+            return hierarchy_round_latency(
+                float(train[c.LATENCY]),
+                self.model.num_tunable(),
+                clusters,
+                len(self.edges),
+                cloud.is_round(server_round),
+                self.derived.edge_device,
+                self.derived.backhaul,
+            )
+
+        return CloudEdgeStrategy(
+            edges, cloud, c.aggregate_metrics, round_latency, recorder.train_round
+        )
+
+    # -- SL inference (strategies.serving.Serving) ----------------------------------------------
+    def request(self, modules: ArrayRecord, node: int) -> Message:
+        """A request to `node` carrying its edge's model; with a population it comes from the
+        next requesting device and runs over that device's inference cluster."""
+        self._requester = self.population.next_requester() if self.population else ""
+        task = self.tasks[node]
+        if self._requester:
+            assert self.derived.layout is not None
+            formed = self.derived.layout.inference_for(self._requester)
+            place = (task.edge, task.partition, task.num_partitions)
+            task = self.builder.task(place, task.cluster, formed.plan, formed.profile)
+        distribution = self.cfg.inference.distribution
+        if distribution == "full":  # every weight: the foundation plus the modules
+            self.model.load_tunable_state(modules.to_torch_state_dict())
+            modules = ArrayRecord(self.model.state_dict())
+        return InferRequest(modules, distribution, task, self._requester).to_message(node)
+
+    def report(self, reply: Message | None, node: int, edge: int, index: int) -> dict[str, Any]:
+        """The row of a served request (logged); a failed request is reported in its row."""
+        row: dict[str, Any] = {"request": index, "node": node, "edge": edge}
+        if reply is None:
+            row["error"] = "no reply"
+        else:
+            row["distribution"] = self.cfg.inference.distribution
+            if reply.has_error():
+                row["error"] = reply.error.reason
+                log(INFO, "[inference %d] node %d failed: %s", index, node, reply.error.reason)
+            else:
+                metrics = dict(c.reply_metrics(reply))
+                row.update(metrics)
+                row[c.PREDICTIONS] = c.predictions_of(reply)
+                log(
+                    INFO,
+                    "[inference %d] edge %d, node %d: %d samples, accuracy %.4f | %s "
+                    "distribution %.1f kB | sim latency %.2f s, energy %.2f J | D2D %.2f MB",
+                    index,
+                    edge,
+                    node,
+                    metrics[c.NUM_SAMPLES],
+                    metrics.get(c.ACCURACY, float("nan")),
+                    row["distribution"],
+                    metrics[c.DOWNLOAD] / 1e3,
+                    metrics[c.LATENCY],
+                    metrics[c.ENERGY],
+                    metrics[c.D2D_BYTES] / 1e6,
+                )
+        if self._requester:
+            row["requester"] = self._requester
+        return row
+
+    def serving_strategy(self) -> ServeRequests:
+        """`inference-requests` SL inference requests after fine-tuning; inference.json keeps
+        each as soon as it is served."""
+
+        def write(row: dict[str, Any]) -> None:
+            self.result.served.append(row)
+            path = self.output_dir / "inference.json"
+            path.write_text(json.dumps(self.result.served, indent=2))
+
+        return ServeRequests(self.node_edges, self, write)
+
+    def integrated_strategy(self, tracking: Tracking | None = None) -> IntegratedStrategy:
+        cfg = self.cfg
+
+        def write(row: dict[str, Any]) -> None:
+            self.result.decisions.append(row)
+            path = self.output_dir / "integrated.json"
+            path.write_text(json.dumps(self.result.decisions, indent=2))
+            if tracking is not None:
+                tracking.log_row(row)
+
+        return IntegratedStrategy(
+            self.edge_servers,
+            policy=cfg.scheduling.policy,
+            demand=cfg.scheduling.demand,
+            quality=QualityModel(
+                value=cfg.scheduling.service_value, finetune_cost=cfg.scheduling.finetune_cost
+            ),
+            energy_price=cfg.scheduling.energy_price,
+            evaluate_edge=lambda e, modules: self.evaluate_edge(e, modules)[0],
+            serving=self,
+            seed=cfg.run.seed,
+            on_round=write,
+        )
+
+
+def prepare(grid: Grid, derived: Derived) -> HfslRun:
+    """Start-up: config.json, the nodes, their tasks and the edges' strategies (cheap, and what
+    can still be refused), then the data, the foundation and the edge models."""
+    cfg = derived.cfg
+    run_config = cfg.to_dict()  # the flat run-config, as config.json and the trackers keep it
+    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+    identities = query_identities(grid, wait_for_clusters(grid, cfg.hierarchy.min_clusters))
+    builder = TaskBuilder(derived)
+    tasks, population = cluster_tasks(derived, identities, builder)
+    domains = cfg.hierarchy.edge_domains
+    per_edge = [{n: t for n, t in tasks.items() if t.edge == e} for e in range(len(domains))]
+    if empty := [e for e, t in enumerate(per_edge) if not t]:
+        raise RuntimeError(
+            f"edge(s) {empty} have no client cluster ({len(tasks)} node(s) for "
+            f"{len(domains)} edge-domains)"
+        )
+    servers = {
+        e: EdgeServer(e, build_edge_strategy(cfg, len(t)), t) for e, t in enumerate(per_edge)
+    }
+    data = load_image_data(derived.spec)
+    Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
+    model = Foundation.of(cfg).load(data.num_classes)
+    edges = [
+        edge_image_data(data, e, list(derived.shares), d, seed=cfg.run.seed)
+        for e, d in enumerate(domains)
+    ]
+    log(
+        INFO,
+        "GaisNet HFSL: %s %s, %d prompts; %d tunable of %d parameters (%.3f %%)",
+        cfg.model.model_name,
+        cfg.model.mode,
+        cfg.model.num_prompts,
+        model.num_tunable(),
+        model.num_total(),
+        100 * model.num_tunable() / model.num_total(),
+    )
+    for e, domain in enumerate(domains):
+        log(
+            INFO,
+            "edge %d: domain %r, %d clusters, %d training images",
+            e,
+            domain,
+            len(per_edge[e]),
+            len(edges[e].train_labels),
+        )
+    if population is not None:
+        report = cluster_report(derived, population, model, edges, tasks)
+        (output_dir / "clusters.json").write_text(json.dumps(report, indent=2))
+        log_report(report)
+    else:
+        plan = next(iter(tasks.values())).plan
+        log(
+            INFO,
+            "each cluster: start point -> %d peers %s -> end point",
+            plan.num_peers,
+            plan.sizes(),
+        )
+    return HfslRun(
+        derived, run_config, output_dir, model, edges, tasks, servers, builder, population
+    )
+
+
+# -- the modes ----------------------------------------------------------------------------------
+def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
     cfg = run.cfg
     recorder = RoundRecorder.for_run(
-        run.output_dir, cfg.hierarchy.num_rounds, cfg.to_dict(), cfg.run.mlflow_tracking_uri
+        run.output_dir,
+        cfg.hierarchy.num_rounds,
+        run.run_config,
+        cfg.run.mlflow_tracking_uri,
+        run.result,
     )
-    initial = run.initial_modules()
     try:
-        result = run.recorded_rounds(recorder).start(
+        result = run.hierarchy(recorder).start(
             grid=grid,
-            initial_arrays=join_edges({e: initial for e in range(len(run.edges))}),
+            initial_arrays=run.initial_modules(),
             num_rounds=cfg.hierarchy.num_rounds,
             evaluate_fn=run.evaluate_fn(recorder),
         )
@@ -45,7 +453,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
         recorder.close(failed=True)  # the rounds so far: summary.png, trackers marked failed
         raise
     path = recorder.save_modules({k: v.numpy() for k, v in result.arrays.items()})
-    failed = [int(r.get("failed-clusters", 0)) for r in recorder.rows[1:]]
+    failed = [int(r.get(c.FAILED_CLUSTERS, 0)) for r in recorder.rows[1:]]
     summary = recorder.close()
     if cfg.inference.inference_requests:  # SL inference with the fine-tuned edge models
         run.serving_strategy().start(
@@ -59,10 +467,10 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
         "FINAL: central test accuracy %.4f after %d rounds (%d edge(s), %d clusters; "
         "%d cluster failure(s) in %d round(s)); "
         "results in %s (modules: %s, picture: %s, TensorBoard: tensorboard --logdir %s)",
-        recorder.rows[-1]["accuracy"],
+        recorder.rows[-1][c.ACCURACY],
         cfg.hierarchy.num_rounds,
         len(run.edges),
-        len(run.node_edges),
+        len(run.tasks),
         sum(failed),
         sum(n > 0 for n in failed),
         run.output_dir,
@@ -70,19 +478,16 @@ def fine_tune(grid: Grid, run: HfslRun) -> Result:
         summary.name,
         run.output_dir.parent,
     )
-    return result
+    return run.result
 
 
-def integrated(grid: Grid, run: HfslRun) -> Result:
-    demand = run.cfg.scheduling.demand_list()
-    initial = run.initial_modules()
+def integrated(grid: Grid, run: HfslRun) -> RunResult:
     # TensorBoard (and MLflow) get each round's decision row: profit, energy, accuracies.
-    tracking = Tracking.open(run.output_dir, run.cfg.to_dict(), run.cfg.run.mlflow_tracking_uri)
+    tracking = Tracking.open(run.output_dir, run.run_config, run.cfg.run.mlflow_tracking_uri)
+    strategy = run.integrated_strategy(tracking)
     try:
-        result = run.integrated_strategy(tracking).start(
-            grid=grid,
-            initial_arrays=join_edges({e: initial for e in range(len(run.edges))}),
-            num_rounds=len(demand),
+        strategy.start(
+            grid=grid, initial_arrays=run.initial_modules(), num_rounds=len(strategy.demand)
         )
     finally:
         names = ("integrated.json", "config.json")
@@ -92,30 +497,37 @@ def integrated(grid: Grid, run: HfslRun) -> Result:
         "FINAL: %s cumulative profit %.1f over %d rounds; results in %s "
         "(TensorBoard: tensorboard --logdir %s)",
         run.cfg.scheduling.policy,
-        result.train_metrics_clientapp[len(demand)]["cumulative-profit"],
-        len(demand),
+        strategy.cumulative,
+        len(strategy.demand),
         run.output_dir,
         run.output_dir.parent,
     )
-    return result
+    return run.result
 
 
-def create_server_app(fallback_config: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp; `fallback_config` serves `run_simulation`, which passes no run-config."""
+def create_server_app(
+    fallback_config: Mapping[str, Any] | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> ServerApp:
+    """A ServerApp; `fallback_config` serves `run_simulation`, which passes no run-config;
+    `on_result` receives the run's results (the in-process run returns them)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         started_cpu = time.thread_time()
         try:
-            cfg = check_run_config(context.run_config or fallback_config or {})
+            cfg, derived = check_run_config(context.run_config or fallback_config or {})
             check_mlflow(cfg.run.mlflow_tracking_uri)  # before any work
             # At most max-in-flight messages at once: Flower's simulation loop scans every
-            # stored message for every node (apps/in_flight.py).
-            grid = InFlightWindow(grid, cfg.hierarchy.max_in_flight)
-            run = prepare(grid, cfg)
+            # stored message for every node (strategies/edge.py: GridView).
+            grid = GridView(grid, max_in_flight=cfg.hierarchy.max_in_flight)
+            run = prepare(grid, derived)
             log(INFO, "ServerApp thread CPU %.2f s at start-up", time.thread_time() - started_cpu)
-            (integrated if cfg.scheduling.service == "integrated" else fine_tune)(grid, run)
+            mode = integrated if cfg.scheduling.service == "integrated" else fine_tune
+            result = mode(grid, run)
+            if on_result is not None:
+                on_result(result)
         except Exception as err:
             # One line the drivers (flwr_local, lab) pick out of the stream; then Flower marks
             # the run failed (`flwr ls`: finished:failed).

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from flwr.common.logger import log
 from torch.utils.data import Dataset, TensorDataset
 
-from gaisnet_flwr.config import FoundationConfig, ModelConfig, RunConfig
+from gaisnet_flwr.config import CloudSection, ModelSection, RunConfig
 from gaisnet_flwr.data.images import CLOUD_DIGITS, CLOUD_FRACTION, ImageData, cloud_views
 from gaisnet_flwr.training.loops import NonFiniteError, build_model, evaluate, loader
 from gaisnet_flwr.vit.model import PromptedViT
@@ -85,8 +85,8 @@ class Foundation:
     the dataset whose cloud corpus pre-trains it, and the seed. `Foundation.of(cfg)` picks
     these out of a run's config; every method reads only them."""
 
-    model: ModelConfig
-    cloud: FoundationConfig
+    model: ModelSection
+    cloud: CloudSection
     corpus: str  # the dataset whose cloud share pre-trains the backbone
     seed: int
     edge_task: str = "new-classes"  # digits: what the cloud's corpus holds (data.EDGE_TASKS)
@@ -135,7 +135,13 @@ class Foundation:
     def checkpoint_path(self) -> Path:
         meta = self.meta()
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-        return self.cloud.directory() / f"foundation-{self.model.model_name}-{key}.pt"
+        return self.directory() / f"foundation-{self.model.model_name}-{key}.pt"
+
+    def directory(self) -> Path:
+        """foundation-dir, or ~/.cache/gaisnet-flwr."""
+        if self.cloud.foundation_dir:
+            return Path(self.cloud.foundation_dir).expanduser().resolve()
+        return Path.home() / ".cache" / "gaisnet-flwr"
 
     def build(self, num_classes: int) -> PromptedViT:
         """The edge model with the backbone as the seed (or timm / a file) makes it."""

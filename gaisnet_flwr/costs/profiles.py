@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+from gaisnet_flwr.split.plan import node_names
 
 LINK_KINDS = ("d2d", "client-edge", "edge-cloud")
 NOISE_DBM_PER_HZ = -174.0  # thermal noise density at room temperature (anchors.md)
@@ -243,3 +245,78 @@ def shannon_rate_bps(
     gain = 10.0 ** (-path_loss_db / 10.0)
     noise_w_per_hz = 10.0 ** ((noise_dbm_per_hz - 30.0) / 10.0)  # dBm -> W
     return bandwidth_hz * math.log2(1.0 + tx_power_w * gain / (noise_w_per_hz * bandwidth_hz))
+
+
+# -- a cluster's devices and links -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ClusterProfile:
+    """Devices in chain order (start, peers..., end), one D2D link per hop (hop k: node k -> k + 1)
+    and the cluster's client-edge link (the start point's uplink, which the model download and
+    the upload also use; we assume the rate is the same both ways).
+
+    `result_link` carries an inference result from the end point back to the start point; it
+    defaults to the last hop's link profile. Every link must be of its role's kind and within
+    its sender's transmit power.
+    """
+
+    devices: Sequence[DeviceProfile]
+    hops: Sequence[LinkProfile]
+    uplink: LinkProfile
+    result_link: LinkProfile | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.devices) < 3:
+            raise CostConfigError(
+                f"a cluster needs a start point, at least one peer and an end point; "
+                f"got {len(self.devices)} device profile(s)"
+            )
+        names = self.names
+        for name, device in zip(names, self.devices, strict=True):
+            if device is None:
+                raise CostConfigError(f"cluster node {name!r} has no device profile")
+        if len(self.hops) != len(names) - 1:
+            raise CostConfigError(
+                f"{len(names)} nodes need {len(names) - 1} hop link(s), got {len(self.hops)}"
+            )
+        for k, link in enumerate(self.hops):
+            self._check_link(f"hop {names[k]}->{names[k + 1]}", link, "d2d", self.devices[k])
+        self._check_link("uplink", self.uplink, "client-edge", self.devices[0])
+        self._check_link("result link end->start", self.result, "d2d", self.devices[-1])
+
+    @staticmethod
+    def _check_link(where: str, link: LinkProfile | None, kind: str, sender: DeviceProfile) -> None:
+        if link is None:
+            raise CostConfigError(f"cluster {where} has no link profile")
+        if link.kind != kind:
+            raise CostConfigError(f"cluster {where}: link {link.name!r} is {link.kind}, not {kind}")
+        if link.power_w > sender.tx_power_w:
+            raise CostConfigError(
+                f"cluster {where}: link {link.name!r} transmits at {link.power_w} W, more than "
+                f"its sender {sender.name!r} can ({sender.tx_power_w} W)"
+            )
+
+    @property
+    def names(self) -> list[str]:
+        return node_names(len(self.devices) - 2)
+
+    @property
+    def result(self) -> LinkProfile:
+        return self.result_link or self.hops[-1]
+
+    @classmethod
+    def from_names(
+        cls,
+        profiles: Profiles,
+        devices: Sequence[str],
+        hops: str | Sequence[str],
+        uplink: str,
+        result_link: str | None = None,
+    ) -> ClusterProfile:
+        """Resolve profile names; `hops` may be one name for every hop."""
+        hop_names = [hops] * (len(devices) - 1) if isinstance(hops, str) else list(hops)
+        return cls(
+            devices=tuple(profiles.device(d) for d in devices),
+            hops=tuple(profiles.link(h) for h in hop_names),
+            uplink=profiles.link(uplink),
+            result_link=profiles.link(result_link) if result_link else None,
+        )

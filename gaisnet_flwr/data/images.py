@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 from torchvision import transforms
 
+from gaisnet_flwr.config import DATASETS, DOMAINS, EDGE_TASKS, PARTITIONINGS
 from gaisnet_flwr.data.digits_file import load_digits
 
 if TYPE_CHECKING:
@@ -40,10 +41,8 @@ if TYPE_CHECKING:
 # and torchvision's dataset classes are imported where they are used: a ClientApp that draws
 # `cluster-samples` from the embedded digits never needs them (issue 16: light actors).
 
-DATASETS = ("digits", "flowers102", "imagefolder")
-PARTITIONINGS = ("iid", "classes", "dirichlet")
-# What the edges of the embedded digits learn, next to what the cloud pre-trained on.
-EDGE_TASKS = ("new-classes", "same-classes")
+# DATASETS, PARTITIONINGS, EDGE_TASKS (what the edges of the embedded digits learn, next to
+# what the cloud pre-trained on) and DOMAINS are the run-config's vocabulary (config.py).
 # new-classes: the cloud pre-trains on every image of these digits, the edges learn the others
 # (5-9, relabelled 0-4): a foundation meets a task it was never taught, as ImageNet's ViT-B/16
 # meets Flowers102 in the paper.
@@ -300,7 +299,6 @@ def cluster_split(
 # --- edge servers as domains (paper Sec. III-B) -----------------------------------------------
 
 # Deterministic domain shifts that turn the embedded digits into one domain per edge server.
-DOMAINS = ("none", "invert", "rotate", "noise", "blur")
 _NOISE_SEED = 7
 
 

@@ -53,6 +53,7 @@ from timm.models import is_model_in_modules
 from gaisnet_flwr.deploy.remote import (
     MB,
     PROTOCOL_VERSION,
+    PROXIMAL_MU,
     SERVICE,
     GrpcHop,
     PeerClient,
@@ -460,7 +461,7 @@ class PeerService:
             raise invalid(f"Open: 'train' must be true or false, got {train!r:.80}")
         optimizer = check_optimizer(_get(header, "optimizer", "Open")) if train else None
         precision = check_precision(header)
-        mu = _float(header, "proximal-mu", "Open", 0.0, 1e6, 0.0)
+        mu = _float(header, PROXIMAL_MU, "Open", 0.0, 1e6, 0.0)
         last = index == plan.num_peers + 1
         next_address, next_token = header.get("next"), header.get("next-token")
         if last != (next_address is None):

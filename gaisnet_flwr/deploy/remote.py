@@ -52,6 +52,7 @@ from gaisnet_flwr.vit.model import PromptedViT
 SERVICE = "gaisnet.Peer"
 # 2: tensors keep their memory layout on the wire (split/link.py); 3: sessions have tokens;
 # 4: a session has a precision and a smashed-data dtype (smashed data may travel as bf16 / fp16)
+PROXIMAL_MU = "proximal-mu"  # an Open's FedProx mu (the peer reads it: deploy/peer.py)
 PROTOCOL_VERSION = 4
 MB = 2**20
 
@@ -411,7 +412,7 @@ class NetworkPeers:
             "model": self.model_spec,
             "optimizer": asdict(self.optimizer),
             "train": train,
-            "proximal-mu": proximal_mu,
+            PROXIMAL_MU: proximal_mu,
             "precision": self.precision.compute,
             "smashed-dtype": self.precision.smashed,
             "next": None if last else self.settings.addresses[k + 1],

@@ -15,7 +15,7 @@ Markdown into --out:
   4. one HFSL round of ViT-B/16 over 4 clusters (3 peers each, batch 10, 1 local epoch) on a
      synthetic 102-class 224-px dataset the size of Flowers102's training split (1,020
      images, generated here): each cluster's `train_cluster` (the ClientApp's work) in turn
-     on the GPU, then the edge's per-module FedAvg (`strategies.module_fedavg`); the time of
+     on the GPU, then the edge's per-module FedAvg (Flower's `aggregate_arrayrecords`); the time of
      the epoch over the 1,020 images next to the paper's RTX 4060 figures (35 s frozen
      foundation, 210 s full fine-tuning, paper Sec. V), for VPT-deep and full.
 
@@ -49,16 +49,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch.utils.data import TensorDataset
 
-from gaisnet_flwr.config import TrainingConfig
+from gaisnet_flwr import contract
+from gaisnet_flwr.config import TrainingSection
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.split.link import Direction, LinkStats, deserialize_tensor, serialize_tensor
 from gaisnet_flwr.split.plan import plan_even
 from gaisnet_flwr.split.precision import PRECISIONS, Precision
 from gaisnet_flwr.training.loops import evaluate, train_cluster
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
-from strategies.module_fedavg import aggregate_modules
 
 # The paper's time per epoch on an RTX 4060 (Sec. V): frozen foundation (prompt tuning) and
 # full fine-tuning of ViT-B/16 on Flowers102.
@@ -321,7 +323,7 @@ def hfsl_round(setup: Setup, device: torch.device, report: Report) -> None:
     clusters = setup.round_clusters
     parts = np.array_split(np.arange(setup.round_images), clusters)
     # The paper's setting (conf/paper-vitb16-flowers102.toml): AdamW, lr 0.001, batch 10.
-    training = TrainingConfig(optimizer="adamw", lr=1e-3, batch_size=setup.round_batch)
+    training = TrainingSection(optimizer="adamw", lr=1e-3, batch_size=setup.round_batch)
     for mode in ("vpt-deep", "full"):
         edge_model = build(setup, mode, device)
         peers = min(setup.round_peers, edge_model.depth)
@@ -338,12 +340,12 @@ def hfsl_round(setup: Setup, device: torch.device, report: Report) -> None:
             sync(device)
             seconds.append(time.perf_counter() - started)
             d2d += result.chain.d2d_bytes_forward + result.chain.d2d_bytes_backward
-            state = {k: v.cpu().numpy() for k, v in model.tunable_state().items()}
-            updates.append((state, float(result.num_examples)))
+            state = {k: v.cpu() for k, v in model.tunable_state().items()}
+            examples = {contract.NUM_EXAMPLES: result.num_examples}
+            updates.append(contract.reply_content(ArrayRecord(state), examples))
             del model
-        current = {k: v.cpu().numpy() for k, v in start.items()}
-        aggregated = aggregate_modules(current, updates)
-        edge_model.load_tunable_state({k: torch.from_numpy(v) for k, v in aggregated.items()})
+        aggregated = aggregate_arrayrecords(updates, contract.NUM_EXAMPLES)  # per-module FedAvg
+        edge_model.load_tunable_state(aggregated.to_torch_state_dict())
         accuracy = evaluate(edge_model, test, batch_size=64, device=device).accuracy
         row = {
             "mode": mode,

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from gaisnet_flwr.costs.pricing import ClusterProfile, RoundCost
-from gaisnet_flwr.costs.profiles import Profiles, load_profiles
+from gaisnet_flwr.costs.pricing import RoundCost
+from gaisnet_flwr.costs.profiles import ClusterProfile, Profiles, load_profiles
 from gaisnet_flwr.population.devices import PopulationDevice, generate_population
 from gaisnet_flwr.population.layout import cluster_profile, form_layout
 from gaisnet_flwr.population.planning import (

@@ -32,11 +32,15 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from clients.split_client import ClusterIdentity, SplitClusterClient
+from clients.split_client import ClusterData, EdgeDataKey
+from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.inprocess import run_apps, run_inprocess, simulation_node_configs
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
+from gaisnet_flwr.contract import NodeIdentity
 from gaisnet_flwr.data.images import load_image_data
+from gaisnet_flwr.derived import data_spec, edge_shares
+from gaisnet_flwr.split.precision import resolve_device
 from gaisnet_flwr.training.loops import evaluate, train_centralised
 
 NUM_CLASSES = 10  # the embedded digits
@@ -53,9 +57,9 @@ def hfsl_round(cfg: RunConfig, clusters: int) -> tuple[float, int, int]:
             "fraction-evaluate": 0.0,
             "output-dir": tmp,
         }
-        row = run_inprocess(settings, clusters, client_threads=CLIENT_THREADS).metrics()[1]
-    d2d = int(row["train/d2d-bytes-fwd"]) + int(row["train/d2d-bytes-bwd"])
-    return float(row["round-time-s"]), int(row["train/upload-bytes"]), d2d
+        run = run_inprocess(settings, clusters, client_threads=CLIENT_THREADS)
+    d2d = int(run.train(1, c.D2D_FWD)) + int(run.train(1, c.D2D_BWD))
+    return run.round_time(1), int(run.train(1, c.UPLOAD)), d2d
 
 
 def full_config(cfg: RunConfig) -> RunConfig:
@@ -69,27 +73,26 @@ def stock_client_app(cfg: RunConfig) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        identity = ClusterIdentity.from_node_config(dict(context.node_config))
-        train_set = SplitClusterClient(full, identity).train_set  # the cluster's partition
+        _, partition, clusters = NodeIdentity.from_node_config(context.node_config).place(1)
+        domain, shares = full.hierarchy.edge_domains[0], edge_shares(full.hierarchy)
+        edge = EdgeDataKey(data_spec(full), 0, shares, domain, None)
+        train_set = ClusterData.build(edge, partition, clusters).train_set  # its partition
         model = Foundation.of(full).load(NUM_CLASSES)
-        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        model.load_state_dict(msg.content.array_records[c.ARRAYS].to_torch_state_dict())
         # In mode "full" every parameter is tunable.
         train_centralised(
             model, train_set, full.training, full.training.local_epochs, full.run.seed
         )
         arrays = ArrayRecord(model.state_dict())
-        metrics = {"num-examples": len(train_set), "upload-bytes": arrays.count_bytes()}  # type: ignore[arg-type]
-        return Message(
-            RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),  # type: ignore[arg-type]
-            reply_to=msg,
-        )
+        metrics = {c.NUM_EXAMPLES: len(train_set), c.UPLOAD: arrays.count_bytes()}  # type: ignore[arg-type]
+        return Message(c.reply_content(arrays, metrics), reply_to=msg)
 
     return app
 
 
 def summed(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     """The clients' counters added up (FedAvg's default would average them)."""
-    metrics = [r.metric_records["metrics"] for r in records]
+    metrics = [r.metric_records[c.METRICS_RECORD] for r in records]
     return MetricRecord({k: sum(m[k] for m in metrics) for k in metrics[0]})  # type: ignore[misc]
 
 
@@ -101,12 +104,12 @@ def stock_server_app(cfg: RunConfig, clusters: int) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         model = Foundation.of(full).load(NUM_CLASSES)
-        test = load_image_data(full.data_spec()).test
+        test = load_image_data(data_spec(full)).test
         evaluated: list[float] = []
 
         def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            accuracy = evaluate(model, test, device=full.run.torch_device()).accuracy
+            accuracy = evaluate(model, test, device=resolve_device(full.run.device)).accuracy
             evaluated.append(time.perf_counter())
             return MetricRecord({"accuracy": accuracy})
 
@@ -119,9 +122,9 @@ def stock_server_app(cfg: RunConfig, clusters: int) -> ServerApp:
         result = strategy.start(
             grid, ArrayRecord(model.state_dict()), num_rounds=1, evaluate_fn=central
         )
-        upload = result.train_metrics_clientapp[1]["upload-bytes"]
+        upload = result.train_metrics_clientapp[1][c.UPLOAD]
         context.state["round"] = MetricRecord(
-            {"round-time-s": evaluated[1] - evaluated[0], "upload-bytes": upload}
+            {c.ROUND_TIME: evaluated[1] - evaluated[0], c.UPLOAD: upload}
         )
 
     return app
@@ -138,7 +141,7 @@ def stock_fedavg_round(cfg: RunConfig, clusters: int) -> tuple[float, int]:
         client_threads=CLIENT_THREADS,
     )
     result = context.state.metric_records["round"]
-    return float(result["round-time-s"]), int(result["upload-bytes"])  # type: ignore[arg-type]
+    return float(result[c.ROUND_TIME]), int(result[c.UPLOAD])  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
-    Foundation.of(cfg).ensure(load_image_data(cfg.data_spec()), cfg.run.torch_device())
+    Foundation.of(cfg).ensure(load_image_data(data_spec(cfg)), resolve_device(cfg.run.device))
     print(
         f"torch {torch.__version__}, {CLIENT_THREADS} thread(s) per client; {cfg.model.model_name} "
         f"img {cfg.model.img_size} depth {cfg.model.depth} dim {cfg.model.embed_dim}; "

@@ -21,6 +21,8 @@ from torch.utils.data import ConcatDataset
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
+from gaisnet_flwr.derived import data_spec, edge_shares
+from gaisnet_flwr.split.precision import resolve_device
 from gaisnet_flwr.training.loops import evaluate, train_centralised
 
 
@@ -31,13 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hfsl", type=Path, help="metrics.json of an HFSL run to compare with")
     args = parser.parse_args(argv)
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
-    spec = cfg.data_spec()
+    spec = data_spec(cfg)
     data = load_image_data(spec)
-    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
-    if cfg.hierarchy.num_edges() != 1:
+    Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
+    if len(cfg.hierarchy.edge_domains) != 1:
         raise SystemExit("the centralised baseline compares with a single-edge HFSL run")
     edge = edge_image_data(
-        data, 0, cfg.hierarchy.shares(), cfg.hierarchy.domains()[0], seed=cfg.run.seed
+        data, 0, list(edge_shares(cfg.hierarchy)), cfg.hierarchy.edge_domains[0], seed=cfg.run.seed
     )
     pooled: ConcatDataset = ConcatDataset(
         [cluster_datasets(edge, c, args.clusters, spec)[0] for c in range(args.clusters)]

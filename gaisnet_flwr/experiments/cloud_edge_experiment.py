@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.config import RunConfig, parse_overrides
+from gaisnet_flwr.derived import edge_shares
 
 
 def run(overrides: dict, clusters: int, output_dir: Path) -> list[dict]:
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = run({**overrides, "cloud-every": every}, args.clusters, Path(tmp) / label)
             results[label] = (rows, time.perf_counter() - started)
     print(
-        f"\n{args.clusters} clusters over edges {cfg.hierarchy.domains()} with shares "
-        f"{cfg.hierarchy.shares()}, {cfg.hierarchy.num_rounds} rounds, cloud mix "
+        f"\n{args.clusters} clusters over edges {cfg.hierarchy.edge_domains} with shares "
+        f"{list(edge_shares(cfg.hierarchy))}, {cfg.hierarchy.num_rounds} rounds, cloud mix "
         f"{cfg.hierarchy.cloud_mix}, cloud modules {cfg.hierarchy.cloud_modules}"
     )
     print(
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'isolated':>8}"
     )
     for e, (domain, share) in enumerate(
-        zip(cfg.hierarchy.domains(), cfg.hierarchy.shares(), strict=True)
+        zip(cfg.hierarchy.edge_domains, list(edge_shares(cfg.hierarchy)), strict=True)
     ):
         key = f"edge{e}/accuracy"
         start = results["isolated"][0][0][key]

@@ -28,22 +28,17 @@ from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.pricing import RoundCost, fine_tuning_round_cost
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
+from gaisnet_flwr.derived import check_profiles, cluster_profile, data_spec, derive
+from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
+from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
+from gaisnet_flwr.experiments.common.output import Series, line_plot, md_table, save, write_csv
+from gaisnet_flwr.experiments.common.progress import Progress
+from gaisnet_flwr.experiments.common.report import script_main
 from gaisnet_flwr.experiments.cost_report import build_model as vit_b16_meta
 from gaisnet_flwr.experiments.cost_report import hop_bytes, state_wire_bytes
-from gaisnet_flwr.experiments.section5_common import (
-    Progress,
-    Series,
-    add_common_arguments,
-    hfsl_rounds,
-    line_plot,
-    md_table,
-    run_seeds,
-    save,
-    script_main,
-    write_csv,
-)
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import plan_min_max
+from gaisnet_flwr.split.precision import resolve_device
 from gaisnet_flwr.training.loops import train_cluster
 
 NAME = "comm"
@@ -64,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def embedded_round(cfg: RunConfig, seeds: list[int], progress: Progress) -> dict[str, float]:
     """One measured HFSL round over CLUSTERS clusters (the real apps) per seed: bytes on each
     link. The bytes depend on the shapes and the data sizes, not on the seed: checked here."""
-    Foundation.of(cfg).ensure(load_image_data(cfg.data_spec()), cfg.run.torch_device())
+    Foundation.of(cfg).ensure(load_image_data(data_spec(cfg)), resolve_device(cfg.run.device))
     rows = [hfsl_rounds(cfg.replace(seed=seed), 1, CLUSTERS)[-1] for seed in seeds]
     row = rows[0]
     counted = {(r.d2d_forward_bytes, r.d2d_backward_bytes, r.upload_bytes) for r in rows}
@@ -101,21 +96,23 @@ def vit_b16_round() -> dict[str, float]:
 def embedded_peers(cfg: RunConfig, k: int, repeats: int) -> tuple[RoundCost, float]:
     """Cluster 0's round split over k peers: the cost model's price and the measured wall time."""
     cfg = cfg.replace(peers_per_cluster=k, peer_speeds="")
-    data = load_image_data(cfg.data_spec())
-    edge = edge_image_data(data, 0, [1.0], cfg.hierarchy.domains()[0], seed=cfg.run.seed)
-    train = cluster_datasets(edge, 0, CLUSTERS, cfg.data_spec())[0]
-    plan = cfg.plan()
+    data = load_image_data(data_spec(cfg))
+    edge = edge_image_data(data, 0, [1.0], cfg.hierarchy.edge_domains[0], seed=cfg.run.seed)
+    train = cluster_datasets(edge, 0, CLUSTERS, data_spec(cfg))[0]
+    derived = derive(cfg)
+    assert derived.plan is not None
+    plan = derived.plan
     walls, cost = [], None
     for rep in range(repeats):
         model = Foundation.of(cfg).load(data.num_classes)
         started = time.perf_counter()
         result = train_cluster(
-            model, plan, train, cfg.training, seed=rep, device=cfg.run.torch_device()
+            model, plan, train, cfg.training, seed=rep, device=resolve_device(cfg.run.device)
         )
         walls.append(time.perf_counter() - started)
         modules = ArrayRecord(model.tunable_state()).count_bytes()
         cost = fine_tuning_round_cost(
-            cfg.cluster_profile(),
+            derived.cluster,
             segment_flops(model, plan),
             result.chain.hop_bytes_forward,
             result.chain.hop_bytes_backward,
@@ -129,7 +126,7 @@ def embedded_peers(cfg: RunConfig, k: int, repeats: int) -> tuple[RoundCost, flo
 
 def vit_b16_peers(cfg: RunConfig, k: int) -> RoundCost:
     model = vit_b16_meta(10, 102)
-    cluster = cfg.replace(peers_per_cluster=k, peer_speeds="").cluster_profile()
+    cluster = cluster_profile(cfg.costs, check_profiles(cfg.costs), k)
     plan = plan_min_max([1.0] * model.depth, [d.flops_per_second for d in cluster.devices[1:-1]])
     fwd, bwd = hop_bytes(model, plan, VIT_SAMPLES, VIT_BATCH)
     modules = state_wire_bytes(model.tunable_state())

@@ -22,21 +22,14 @@ from pathlib import Path
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.experiments.section5_common import (
-    NOISE_RULE,
-    PAPER,
-    Progress,
-    add_common_arguments,
-    centralised_curve,
-    line_plot,
-    md_table,
-    pm,
-    run_seeds,
-    script_main,
-    seed_series,
-    verdict,
-    write_csv,
-)
+from gaisnet_flwr.derived import data_spec
+from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
+from gaisnet_flwr.experiments.common.hfsl import centralised_curve
+from gaisnet_flwr.experiments.common.output import line_plot, md_table, seed_series, write_csv
+from gaisnet_flwr.experiments.common.progress import Progress
+from gaisnet_flwr.experiments.common.report import script_main
+from gaisnet_flwr.experiments.common.stats import NOISE_RULE, PAPER, pm, verdict
+from gaisnet_flwr.split.precision import resolve_device
 
 NAME = "fig6"
 TITLE = "Fig. 6: fine-tuning with vs without pre-training"
@@ -63,7 +56,7 @@ def configs(cfg: RunConfig) -> dict[str, RunConfig]:
 
 def curve(cfg: RunConfig, epochs: int, progress: Progress, label: str) -> list[float]:
     """Test accuracy before fine-tuning and after each epoch of centralised training."""
-    Foundation.of(cfg).ensure(load_image_data(cfg.data_spec()), cfg.run.torch_device())
+    Foundation.of(cfg).ensure(load_image_data(data_spec(cfg)), resolve_device(cfg.run.device))
     accuracy = centralised_curve(cfg, CLUSTERS, epochs)
     progress.step(f"{label}: accuracy {accuracy[1]:.3f} at 1, {accuracy[-1]:.3f} at {epochs}")
     return accuracy

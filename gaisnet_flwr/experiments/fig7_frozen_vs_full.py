@@ -31,27 +31,23 @@ from torch.utils.data import TensorDataset
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.experiments.section5_common import (
-    NOISE_RULE,
-    PAPER,
-    Progress,
+from gaisnet_flwr.derived import data_spec
+from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds, with_defaults
+from gaisnet_flwr.experiments.common.hfsl import pooled_edge_data
+from gaisnet_flwr.experiments.common.output import (
     Series,
-    Turns,
-    add_common_arguments,
     line_plot,
     md_table,
-    pm,
-    pooled_edge_data,
-    run_seeds,
     save,
-    script_main,
     seed_series,
-    verdict,
-    with_defaults,
     write_csv,
 )
+from gaisnet_flwr.experiments.common.progress import Progress, Turns
+from gaisnet_flwr.experiments.common.report import script_main
+from gaisnet_flwr.experiments.common.stats import NOISE_RULE, PAPER, pm, verdict
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import plan_even
+from gaisnet_flwr.split.precision import resolve_device
 from gaisnet_flwr.training.loops import build_model, evaluate, train_centralised
 from gaisnet_flwr.vit.model import build_prompted_vit
 
@@ -97,10 +93,10 @@ def train_curves(
     """Per mode: test accuracy per epoch (0 = before) and training seconds per epoch. The modes
     take turns epoch by epoch (`Turns`), so both see the same load from other processes."""
     first = next(iter(configs.values()))
-    data = load_image_data(first.data_spec())  # the modes differ only in what trains
-    Foundation.of(first).ensure(data, first.run.torch_device())
+    data = load_image_data(data_spec(first))  # the modes differ only in what trains
+    Foundation.of(first).ensure(data, resolve_device(first.run.device))
     train, test = pooled_edge_data(first, CLUSTERS)
-    device = first.run.torch_device()
+    device = resolve_device(first.run.device)
     names = list(configs)
     models = {k: Foundation.of(c).load(data.num_classes) for k, c in configs.items()}
     curves: dict[str, tuple[list[float], list[float]]] = {
@@ -150,7 +146,7 @@ def paper_scale_step_s(
     images = torch.randn(batch, 3, 224, 224, generator=gen)
     data = TensorDataset(images, torch.randint(0, 102, (batch,), generator=gen))
     times: dict[str, list[float]] = {k: [] for k in configs}
-    device = cfg.run.torch_device()
+    device = resolve_device(cfg.run.device)
     for rep in range(repeats + 1):  # rep 0 warms up (allocator, kernels)
         for k, c in configs.items():
             started = time.perf_counter()
@@ -229,7 +225,7 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     )  # fmt: skip
     line_plot(
         out / "fig7_frozen_vs_full.png",
-        f"training time per epoch ({cfg.run.torch_device()}, "
+        f"training time per epoch ({resolve_device(cfg.run.device)}, "
         f"torch threads: {torch.get_num_threads()})",
         "epoch",
         "seconds per epoch (s)",

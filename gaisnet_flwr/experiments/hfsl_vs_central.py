@@ -30,22 +30,14 @@ from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.experiments.section5_common import (
-    NOISE_RULE,
-    Progress,
-    add_common_arguments,
-    centralised_curve,
-    hfsl_rounds,
-    line_plot,
-    md_table,
-    mean_sd,
-    pm,
-    run_seeds,
-    script_main,
-    seed_series,
-    verdict,
-    write_csv,
-)
+from gaisnet_flwr.derived import data_spec
+from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
+from gaisnet_flwr.experiments.common.hfsl import centralised_curve, hfsl_rounds
+from gaisnet_flwr.experiments.common.output import line_plot, md_table, seed_series, write_csv
+from gaisnet_flwr.experiments.common.progress import Progress
+from gaisnet_flwr.experiments.common.report import script_main
+from gaisnet_flwr.experiments.common.stats import NOISE_RULE, mean_sd, pm, verdict
+from gaisnet_flwr.split.precision import resolve_device
 
 NAME = "hfsl"
 TITLE = "HFSL vs centralised prompt tuning, and the cloud tier over three edges"
@@ -92,7 +84,7 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     seeds = run_seeds(cfg, args)
     last = min(LAST, rounds)
     progress = Progress(NAME, len(seeds) * (2 * (1 if args.quick else len(CLUSTERS)) + 2))
-    Foundation.of(cfg).ensure(load_image_data(cfg.data_spec()), cfg.run.torch_device())
+    Foundation.of(cfg).ensure(load_image_data(data_spec(cfg)), resolve_device(cfg.run.device))
     iid = cfg.replace(partitioning="iid", edge_domains="none", edge_shares="")
     counts = CLUSTERS[:1] if args.quick else CLUSTERS
     hfsl: dict[int, list[list[float]]] = {c: [] for c in counts}

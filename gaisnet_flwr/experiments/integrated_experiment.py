@@ -15,7 +15,8 @@ from pathlib import Path
 
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.config import parse_overrides
-from gaisnet_flwr.service.scheduler import POLICIES
+from gaisnet_flwr.contract import CUMULATIVE_PROFIT
+from gaisnet_flwr.service.scheduler import POLICIES, SERVE, Action
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,9 +36,11 @@ def main(argv: list[str] | None = None) -> None:
             results[policy] = (rows, time.perf_counter() - started)
     print(f"\ndemand (edge per round): {overrides['demand']}, edges {overrides['edge-domains']}")
     for policy, (rows, seconds) in results.items():
-        actions = " ".join(r["action"].replace("finetune:", "ft") for r in rows)
+        actions = " ".join(
+            SERVE if (edge := Action(r["action"]).edge) is None else f"ft{edge}" for r in rows
+        )
         print(
-            f"{policy:>5}: cumulative profit {rows[-1]['cumulative-profit']:8.1f} | {actions} "
+            f"{policy:>5}: cumulative profit {rows[-1][CUMULATIVE_PROFIT]:8.1f} | {actions} "
             f"| final accuracy {rows[-1]['accuracy']} ({seconds:.0f} s)"
         )
 

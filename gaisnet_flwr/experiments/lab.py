@@ -30,7 +30,6 @@ from pathlib import Path
 import gaisnet_flwr.experiments.flwr_local as flwr_local
 from gaisnet_flwr.deploy.pki import LabPki, make_lab_pki
 
-REPO = Path(__file__).resolve().parents[2]  # the checkout (an editable install)
 BIN = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"
 
@@ -195,8 +194,16 @@ class Lab:
         return stopped
 
     # -- a run ---------------------------------------------------------------------------------
-    def run(self, run_config: str = "", app: Path = REPO) -> flwr_local.RunOutcome:
-        """`flwr run` the app on this lab's SuperLink and check that it really finished."""
+    def run(self, run_config: str = "", app: Path | None = None) -> flwr_local.RunOutcome:
+        """`flwr run` the app (the Flower app folder, its pyproject.toml; by default the
+        working directory, as `flwr run .`) on this lab's SuperLink and check that it really
+        finished."""
+        app = Path.cwd() if app is None else app
+        if not (app / "pyproject.toml").is_file():
+            raise FileNotFoundError(
+                f"{app} is not a Flower app folder (no pyproject.toml): run from the gaisnet-flwr "
+                f"checkout, or pass its folder"
+            )
         results = self.dir / "results"
         lab_keys = {
             "min-clusters": self.clusters,
@@ -216,7 +223,7 @@ class Lab:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("run", "up", "down"))
-    parser.add_argument("--dir", type=Path, default=REPO / "outputs" / "lab")
+    parser.add_argument("--dir", type=Path, default=Path("outputs") / "lab")
     parser.add_argument("--clusters", type=int, default=2)
     parser.add_argument("--peers-per-cluster", type=int, default=1)
     parser.add_argument(

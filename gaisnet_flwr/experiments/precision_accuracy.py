@@ -2,7 +2,7 @@
 fp16 smashed data on the D2D hops, against fp32 (issue 14; target: within 0.5 points).
 
 Each setting runs the real HFSL rounds (ServerApp, strategies, ClientApps in this process,
-`section5_common.hfsl_rounds`) on the embedded default run-config, for every seed; the table
+`experiments.common.hfsl.hfsl_rounds`) on the embedded default run-config, for every seed; the table
 gives the edge's test accuracy after the last round, per seed and as the mean difference to
 fp32 (paired by seed), next to the D2D bytes a round moved. On a CPU bf16 autocast is slow
 (emulated): the run is small on purpose.
@@ -27,7 +27,9 @@ import torch
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
 from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.experiments.section5_common import hfsl_rounds
+from gaisnet_flwr.derived import data_spec
+from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
+from gaisnet_flwr.split.precision import resolve_device
 
 # (precision, smashed-dtype): the reference first
 SETTINGS = [
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     base = RunConfig.of(
         **{k.replace("-", "_"): v for k, v in parse_overrides(args.run_config).items()}
     )
-    data = load_image_data(base.data_spec())
-    Foundation.of(base).ensure(data, base.run.torch_device())
+    data = load_image_data(data_spec(base))
+    Foundation.of(base).ensure(data, resolve_device(base.run.device))
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, object]] = []
     for seed in args.seeds:

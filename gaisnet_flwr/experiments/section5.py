@@ -33,10 +33,11 @@ import gaisnet_flwr.experiments.comm_and_peers as comm_and_peers  # noqa: E402
 import gaisnet_flwr.experiments.fig6_pretraining as fig6_pretraining  # noqa: E402
 import gaisnet_flwr.experiments.fig7_frozen_vs_full as fig7_frozen_vs_full  # noqa: E402
 import gaisnet_flwr.experiments.hfsl_vs_central as hfsl_vs_central  # noqa: E402
-import gaisnet_flwr.experiments.section5_common as common  # noqa: E402
 import gaisnet_flwr.experiments.table3_noniid as table3_noniid  # noqa: E402
 import gaisnet_flwr.experiments.table4_clusters as table4_clusters  # noqa: E402
 import gaisnet_flwr.experiments.table5_scheduling as table5_scheduling  # noqa: E402
+from gaisnet_flwr.config import RunConfig  # noqa: E402
+from gaisnet_flwr.experiments.common import cli, output, progress, report, stats  # noqa: E402
 
 EXPERIMENTS = {
     m.NAME: m
@@ -54,7 +55,7 @@ EXPERIMENTS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_arguments(parser, "")
+    cli.add_common_arguments(parser, "")
     parser.set_defaults(out=None)  # None: outputs/section5/quick or outputs/section5/full
     parser.add_argument(
         "--only",
@@ -85,11 +86,11 @@ def sub_argv(args: argparse.Namespace, out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, cfg = common.parse_or_exit(parser, argv)  # bad preset/key/value: exit before any work
+    args, cfg = cli.parse_or_exit(parser, argv)  # bad preset/key/value: exit before any work
     names = selected(parser, args.only)
     out = args.out or Path("outputs/section5") / ("quick" if args.quick else "full")
     subs = {
-        n: common.parse_or_exit(
+        n: cli.parse_or_exit(
             EXPERIMENTS[n].build_parser(),
             sub_argv(args, out / n),
             getattr(EXPERIMENTS[n], "check", None),
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     torch.set_num_threads(args.threads)  # after every check: bad input changes nothing
     out.mkdir(parents=True, exist_ok=True)
-    foundation = common.foundation_note(cfg)  # pre-trains it once, before the timed parts
+    foundation = report.foundation_note(cfg)  # pre-trains it once, before the timed parts
     startup = time.perf_counter() - START
     results, failures = [], []
     print(f"Section V: {', '.join(names)} into {out} (start-up {startup:.0f} s)", flush=True)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         module = EXPERIMENTS[name]
         sub_args, sub_cfg = subs[name]
         try:
-            result = common.execute(module, sub_cfg, sub_args, out / name)
+            result = report.execute(module, sub_cfg, sub_args, out / name)
         except Exception:  # noqa: BLE001 - report it, run the others, fail at the end
             failures.append((name, traceback.format_exc()))
             print(f"[{name}] FAILED\n{failures[-1][1]}", flush=True)
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(
     path: Path,
     args: argparse.Namespace,
-    cfg: common.RunConfig,
+    cfg: RunConfig,
     argv: list[str] | None,
     results: list,
     failures: list[tuple[str, str]],
@@ -134,7 +135,7 @@ def write_report(
         ["python", "scripts/section5.py", *(sys.argv[1:] if argv is None else argv)]
     )
     variant = "quick variant" if args.quick else "full variant"
-    timing = common.md_table(
+    timing = output.md_table(
         ["experiment", "standalone command", "wall time"],
         [
             [
@@ -149,12 +150,13 @@ def write_report(
         + [["**all of the above**", f"`{command}`", f"**{total:.0f} s ({total / 60:.1f} min)**"]],
     )  # fmt: skip
     failed = "".join(f"\n\n**{name} FAILED:**\n\n```\n{tb}```" for name, tb in failures)
-    sections = "\n\n".join(common.relative_links(r.markdown, r.name) for _, r in results)
+    cores = progress.cpu_count()
+    sections = "\n\n".join(output.relative_links(r.markdown, r.name) for _, r in results)
     path.write_text(
         f"""# GaisNet on Flower: the paper's Section V, reproduced ({variant})
 
 Produced by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {platform.machine()},
-{common.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s),
+{cores} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s),
 {"a GPU" if torch.cuda.is_available() else "no GPU"}. Every number below was measured by that
 command (the paper's numbers are quoted from its Section V). The paper ran ViT-B/16 on Oxford
 Flowers on an RTX 4060; this run: `{cfg.model.model_name}` at {cfg.model.img_size} px (depth {
@@ -163,8 +165,8 @@ Flowers on an RTX 4060; this run: `{cfg.model.model_name}` at {cfg.model.img_siz
 width {cfg.model.embed_dim}), {foundation}, dataset `{cfg.data.dataset}`{
             DIGITS_NOTE[cfg.data.edge_task] if cfg.data.dataset == "digits" else ""
         }. Every setting ran {args.seeds} seeds ({
-            ", ".join(map(str, common.run_seeds(cfg, args)))
-        }); tables give mean ± sd over them. {common.NOISE_RULE}
+            ", ".join(map(str, cli.run_seeds(cfg, args)))
+        }); tables give mean ± sd over them. {stats.NOISE_RULE}
 
 {timing}{failed}
 

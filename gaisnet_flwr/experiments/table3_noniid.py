@@ -34,24 +34,16 @@ from torch.utils.data import Subset
 
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.contract import NUM_PARTITIONS, PARTITION_ID
 from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
-from gaisnet_flwr.experiments.section5_common import (
-    NOISE_RULE,
-    PAPER,
-    Progress,
-    add_common_arguments,
-    fresh_head_config,
-    hfsl_rounds,
-    md_table,
-    mean_sd,
-    pm,
-    run_seeds,
-    save,
-    script_main,
-    verdict,
-    with_defaults,
-    write_csv,
-)
+from gaisnet_flwr.derived import data_spec
+from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds, with_defaults
+from gaisnet_flwr.experiments.common.hfsl import fresh_head_config, hfsl_rounds
+from gaisnet_flwr.experiments.common.output import md_table, save, write_csv
+from gaisnet_flwr.experiments.common.progress import Progress
+from gaisnet_flwr.experiments.common.report import script_main
+from gaisnet_flwr.experiments.common.stats import NOISE_RULE, PAPER, mean_sd, pm, verdict
+from gaisnet_flwr.split.precision import resolve_device
 
 NAME = "table3"
 TITLE = "Table III: accuracy vs number of classes in the fine-tuning data (non-IID)"
@@ -96,7 +88,7 @@ def reading_a(
         rounds,
         CLUSTERS_A,
         node_configs=[
-            {"partition-id": c, "num-partitions": CLUSTERS_A, **pool} for c in range(CLUSTERS_A)
+            {PARTITION_ID: c, NUM_PARTITIONS: CLUSTERS_A, **pool} for c in range(CLUSTERS_A)
         ],
         test=test,
         on_round=lambda r: progress.step(f"A k={k} round {r.round}: accuracy {r.accuracy:.4f}"),
@@ -117,9 +109,9 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     cfg = with_defaults(cfg, args, **DEFAULTS)
     rounds = args.rounds or ROUNDS["quick" if args.quick else "full"]
     seeds = run_seeds(cfg, args)
-    data = load_image_data(cfg.data_spec())
-    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
-    edge = edge_image_data(data, 0, [1.0], cfg.hierarchy.domains()[0], seed=cfg.run.seed)
+    data = load_image_data(data_spec(cfg))
+    Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
+    edge = edge_image_data(data, 0, [1.0], cfg.hierarchy.edge_domains[0], seed=cfg.run.seed)
     ks = list(range(1, min(TEST_CLASSES, edge.num_classes) + 1))
     progress = Progress(NAME, (1 if args.quick else 2) * len(ks) * rounds * len(seeds))
     # the edge's test images of the first TEST_CLASSES classes (labels read once: for image

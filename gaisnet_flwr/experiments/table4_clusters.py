@@ -25,25 +25,23 @@ import matplotlib.pyplot as plt
 
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
+from gaisnet_flwr.contract import NUM_PARTITIONS, PARTITION_ID
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
-from gaisnet_flwr.experiments.section5_common import (
-    NOISE_RULE,
-    Progress,
-    RoundRow,
+from gaisnet_flwr.derived import data_spec
+from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
+from gaisnet_flwr.experiments.common.hfsl import RoundRow, hfsl_rounds
+from gaisnet_flwr.experiments.common.output import (
     Series,
-    add_common_arguments,
-    hfsl_rounds,
     line_plot,
     md_table,
-    mean_sd,
-    pm,
-    run_seeds,
     save,
-    script_main,
     seed_series,
-    verdict,
     write_csv,
 )
+from gaisnet_flwr.experiments.common.progress import Progress
+from gaisnet_flwr.experiments.common.report import script_main
+from gaisnet_flwr.experiments.common.stats import NOISE_RULE, mean_sd, pm, verdict
+from gaisnet_flwr.split.precision import resolve_device
 
 NAME = "table4"
 TITLE = "Table IV: converged accuracy vs number of client clusters"
@@ -60,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def domains(cfg: RunConfig) -> list[str]:
-    own = cfg.hierarchy.domains()[0]
+    own = cfg.hierarchy.edge_domains[0]
     shared = cfg.data.dataset == "digits" and cfg.data.edge_task == "same-classes"
     return [own, "invert"] if shared and own == "none" else [own]
 
@@ -70,19 +68,19 @@ def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
     doms = domains(cfg)
     seeds = run_seeds(cfg, args)
     progress = Progress(NAME, len(doms) * len(CLUSTERS) * len(seeds))
-    data = load_image_data(cfg.data_spec())
-    Foundation.of(cfg).ensure(data, cfg.run.torch_device())
+    data = load_image_data(data_spec(cfg))
+    Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
     iid = cfg.replace(partitioning="iid")
     # (domain, clusters) -> one run of rounds per seed
     curves: dict[tuple[str, int], list[list[RoundRow]]] = {}
     sizes: dict[str, int] = {}
     for domain in doms:
         edge = edge_image_data(data, 0, [1.0], domain, seed=cfg.run.seed)
-        spec = iid.data_spec()
+        spec = data_spec(iid)
         sizes[domain] = len(cluster_datasets(edge, 0, max(CLUSTERS), spec)[0])  # type: ignore[arg-type]
         for clusters in CLUSTERS:
             # The edge's pool split into max(CLUSTERS) partitions; C clusters hold the first C.
-            nodes = [{"partition-id": c, "num-partitions": max(CLUSTERS)} for c in range(clusters)]
+            nodes = [{PARTITION_ID: c, NUM_PARTITIONS: max(CLUSTERS)} for c in range(clusters)]
             curves[(domain, clusters)] = []
             for seed in seeds:
                 rows = hfsl_rounds(

@@ -22,17 +22,11 @@ import sys
 from pathlib import Path
 
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.experiments.section5_common import (
-    PAPER,
-    Progress,
-    Series,
-    add_common_arguments,
-    fmt,
-    line_plot,
-    md_table,
-    script_main,
-    write_csv,
-)
+from gaisnet_flwr.experiments.common.cli import add_common_arguments
+from gaisnet_flwr.experiments.common.output import Series, fmt, line_plot, md_table, write_csv
+from gaisnet_flwr.experiments.common.progress import Progress
+from gaisnet_flwr.experiments.common.report import script_main
+from gaisnet_flwr.experiments.common.stats import PAPER
 from gaisnet_flwr.service.scheduler import (
     POLICIES,
     SERVE,

@@ -29,11 +29,19 @@ from typing import Any
 
 import numpy as np
 
+from gaisnet_flwr.config import (
+    POPULATION_FILES,
+    POPULATION_GENERATED,
+    POPULATION_MAX_DEVICES,
+    ConfigError,
+    parse_population,
+)
 from gaisnet_flwr.costs.profiles import Profiles
 
-GENERATED = "generated"
-FILE_KINDS = (".toml", ".csv")
-MAX_DEVICES = 2000  # one cell; the distance checks hold an N x N matrix (N = 2000: 32 MB)
+# The run-config value's forms are the config's (one definition): '' | generated:N:SEED | a file.
+GENERATED = POPULATION_GENERATED
+FILE_KINDS = POPULATION_FILES
+MAX_DEVICES = POPULATION_MAX_DEVICES
 # generate_population's distributions (stated in its docstring and in docs/configure.md)
 GENERATED_PROFILES = ("phone-low", "phone-mid", "phone-high")
 GENERATED_RANGE_M = 100.0
@@ -84,35 +92,12 @@ class Population:
 
 
 # -- the run-config value -------------------------------------------------------------------
-SPEC_FORMS = "'' (identical clusters), 'generated:N:SEED', or a path to a .toml or .csv file"
-
-
 def parse_generated(spec: str) -> tuple[int, int] | None:
-    """`generated:N:SEED` -> (N, SEED); None when `spec` is not of that form (a file)."""
-    if not spec.startswith(GENERATED + ":"):
-        return None
-    parts = spec.split(":")
+    """`generated:N:SEED` -> (N, SEED); None when `spec` is a file (config.parse_population)."""
     try:
-        n, seed = int(parts[1]), int(parts[2])
-        if len(parts) != 3:
-            raise ValueError
-    except (IndexError, ValueError):
-        raise PopulationError(
-            f"population={spec!r}: expected 'generated:N:SEED' with whole numbers N and SEED"
-        ) from None
-    if not 3 <= n <= MAX_DEVICES or not 0 <= seed < 2**32:
-        raise PopulationError(
-            f"population={spec!r}: N must be in [3, {MAX_DEVICES}] and SEED in [0, 2**32 - 1]"
-        )
-    return n, seed
-
-
-def check_spec(spec: str) -> None:
-    """The run-config value's form alone (no file is read): see SPEC_FORMS."""
-    if not spec.strip():
-        return
-    if parse_generated(spec) is None and Path(spec).suffix.lower() not in FILE_KINDS:
-        raise PopulationError(f"population={spec!r} is not valid; give {SPEC_FORMS}")
+        return parse_population(spec)
+    except ConfigError as err:
+        raise PopulationError(str(err)) from None
 
 
 def load_spec(spec: str, profiles: Profiles) -> Population:

@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gaisnet_flwr.costs.pricing import ClusterProfile, RoundCost
-from gaisnet_flwr.costs.profiles import CostConfigError, LinkProfile, Profiles
+from gaisnet_flwr.costs.pricing import RoundCost
+from gaisnet_flwr.costs.profiles import ClusterProfile, CostConfigError, LinkProfile, Profiles
 from gaisnet_flwr.population.devices import Population, PopulationDevice, PopulationError
 from gaisnet_flwr.population.planning import RangeCosts, fits_memory, plan_cluster
 from gaisnet_flwr.service.clustering import Device, form_clusters

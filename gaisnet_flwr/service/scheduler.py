@@ -27,8 +27,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
-POLICIES = ("rs", "msip", "mlcp")
+from gaisnet_flwr.config import POLICIES
+
 SERVE = "serve"
+FINETUNE = "finetune"
+
+
+class Action(str):
+    """An integrated round's decision, as integrated.json records it: "serve" (the round's
+    request) or "finetune:<e>" (one fine-tuning round of edge e's model)."""
+
+    @classmethod
+    def finetune(cls, edge: int) -> Action:
+        return cls(f"{FINETUNE}:{edge}")
+
+    @property
+    def edge(self) -> int | None:
+        """The edge to fine-tune; None to serve."""
+        return None if self == SERVE else int(self.removeprefix(f"{FINETUNE}:"))
 
 
 @dataclass(frozen=True)
@@ -210,15 +226,15 @@ def choose_action(
     gains: Sequence[float],
     demand: Sequence[int],
     rng: random.Random,
-) -> str:
-    """This round's action: "serve" (the request demand[0], an edge index) or "finetune:<e>".
+) -> Action:
+    """This round's action: serve (the request demand[0], an edge index) or fine-tune edge e.
 
     MLCP plans the remaining `demand` by exact DP over how often each edge is fine-tuned,
     with the predicted accuracies; it is re-run every round on fresh measurements (receding
     horizon), so its plan follows what fine-tuning actually achieved.
     """
     edges = range(len(accuracy))
-    actions = [SERVE, *(f"finetune:{e}" for e in edges)]
+    actions = [Action(SERVE), *(Action.finetune(e) for e in edges)]
     if policy == "rs":
         return rng.choice(actions)
     if policy == "msip":
@@ -234,21 +250,33 @@ def choose_action(
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
 
     @cache
-    def best(t: int, tuned: tuple[int, ...]) -> tuple[float, str]:
+    def best(t: int, tuned: tuple[int, ...]) -> tuple[float, Action]:
         if t == len(demand):
-            return 0.0, SERVE
+            return 0.0, Action(SERVE)
         options = []
         for action in actions:
-            if action == SERVE:
+            if (tune := action.edge) is None:
                 e = demand[t]
                 gain = model.value * predicted_accuracy(accuracy[e], gains[e], tuned[e])
                 gain -= model.serve_cost
                 after = tuned
             else:
-                e = int(action.split(":")[1])
                 gain = -model.finetune_cost
-                after = tuple(k + (i == e) for i, k in enumerate(tuned))
+                after = tuple(k + (i == tune) for i, k in enumerate(tuned))
             options.append((gain + best(t + 1, after)[0], action))
         return max(options, key=lambda o: o[0])
 
     return best(0, tuple(0 for _ in edges))[1]
+
+
+# -- the learning curve: what one fine-tuning round is worth (paper Sec. IV-C and V-F) -------------
+PRIOR_GAIN = 0.3  # fraction of the accuracy gap one round closes, until measured
+
+
+def fitted_gain(history: list[tuple[float, float]]) -> float:
+    """The scheduler's prediction of what fine-tuning an edge achieves: the mean measured
+    fraction of the accuracy gap closed per fine-tuning round, clipped to [0.01, 0.9]."""
+    if not history:
+        return PRIOR_GAIN
+    fractions = [(after - before) / max(1e-6, 1.0 - before) for before, after in history]
+    return min(0.9, max(0.01, sum(fractions) / len(fractions)))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaisnet_flwr.config import OPTIMIZERS
 from gaisnet_flwr.split.flops import SegmentFlops, chain_flops
 from gaisnet_flwr.split.link import InProcessLink, Link, LinkStats
 from gaisnet_flwr.split.plan import SplitPlan
@@ -41,7 +42,6 @@ from gaisnet_flwr.split.segments import SegmentSpec, describe_segments
 from gaisnet_flwr.vit.model import PromptedViT
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)

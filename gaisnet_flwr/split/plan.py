@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
+from gaisnet_flwr.config import PLANNERS
+
 # Compute-only planners size the ranges to the peers' speeds alone (or ignore them); "comm-aware"
 # also counts the hop each peer sends and its memory (it needs the cluster's links and the model:
 # gaisnet_flwr/population/planning.py).
-COMPUTE_PLANNERS = ("minmax", "even")
-PLANNERS = (*COMPUTE_PLANNERS, "comm-aware")
 
 
 class PlanError(ValueError):

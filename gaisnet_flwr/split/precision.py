@@ -21,17 +21,21 @@ Two independent choices (run-config `precision` and `smashed-dtype`, checked in 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+from gaisnet_flwr.config import PRECISIONS, SMASHED_DTYPE_NAMES
+
+# The torch dtype of each smashed-dtype name the run-config offers.
 SMASHED_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+assert tuple(SMASHED_DTYPES) == SMASHED_DTYPE_NAMES
 
 
 @dataclass(frozen=True)
@@ -105,3 +109,23 @@ def tensor_device(params: list[torch.nn.Parameter], fallback: torch.device) -> t
         where = sorted(map(str, devices))
         raise ValueError(f"a segment's parameters lie on several devices: {where}")
     return devices.pop() if devices else fallback
+
+
+def resolve_device(name: str) -> torch.device:
+    """run-config `device`: auto is the GPU this process sees, if any. Under Flower's Ray
+    simulation that is the one Ray assigned this ClientApp (client-resources-num-gpus > 0 sets
+    CUDA_VISIBLE_DEVICES; with 0 GPUs Ray hides them all and the node runs on the CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def non_finite(values: Mapping[str, Any]) -> list[str]:
+    """The keys whose floating-point values (torch tensors or NumPy arrays) hold a NaN or an
+    infinity, sorted: the one check every receiver of weights or modules runs."""
+    bad = []
+    for key, value in values.items():
+        tensor = torch.as_tensor(value)  # a NumPy array is shared, not copied
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad.append(key)
+    return sorted(bad)

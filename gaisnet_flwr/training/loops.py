@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from gaisnet_flwr.config import FoundationConfig, ModelConfig, TrainingConfig
+from gaisnet_flwr.config import CloudSection, ModelSection, TrainingSection
+from gaisnet_flwr.derived import model_shape
 from gaisnet_flwr.split.chain import (
     ChainStats,
     OptimizerFactory,
@@ -36,25 +37,18 @@ class NonFiniteError(ArithmeticError):
     """Training produced a NaN or infinite loss or module: the work stops, with the reason."""
 
 
-def model_kwargs(model: ModelConfig, cloud: FoundationConfig) -> dict[str, Any]:
-    """What `build_prompted_vit` takes (and a remote peer's model spec carries): the model
-    section and where its backbone weights come from."""
+def model_kwargs(model: ModelSection, cloud: CloudSection) -> dict[str, Any]:
+    """What `build_prompted_vit` takes (and a remote peer's model spec carries): the model's
+    shape (`derived.model_shape`) and where its backbone weights come from."""
     return dict(
-        model_name=model.model_name,
-        mode=model.mode,
-        num_prompts=model.num_prompts,
+        model_shape(model),
         pretrained=cloud.foundation == "timm",
         checkpoint_path=cloud.checkpoint_path if cloud.foundation == "file" else "",
-        img_size=model.img_size,
-        patch_size=model.patch_size,
-        depth=model.depth,
-        embed_dim=model.embed_dim,
-        num_heads=model.num_heads,
     )
 
 
 def build_model(
-    model: ModelConfig, cloud: FoundationConfig, num_classes: int, seed: int
+    model: ModelSection, cloud: CloudSection, num_classes: int, seed: int
 ) -> PromptedViT:
     """The edge model every party builds identically: the frozen backbone comes from the seed
     (or from pretrained weights), so only the tunable modules ever need to travel."""
@@ -62,11 +56,11 @@ def build_model(
     return build_prompted_vit(num_classes=num_classes, **model_kwargs(model, cloud))
 
 
-def optimizer_spec(training: TrainingConfig) -> OptimizerSpec:
+def optimizer_spec(training: TrainingSection) -> OptimizerSpec:
     return OptimizerSpec(training.optimizer, training.lr, training.momentum, training.weight_decay)
 
 
-def optimizer_factory(training: TrainingConfig) -> OptimizerFactory:
+def optimizer_factory(training: TrainingSection) -> OptimizerFactory:
     return optimizer_spec(training).factory()
 
 
@@ -90,7 +84,7 @@ def train_cluster(
     model: PromptedViT,
     plan: SplitPlan,
     dataset: Dataset,
-    training: TrainingConfig,
+    training: TrainingSection,
     seed: int,
     proximal_mu: float = 0.0,
     device: torch.device | None = None,
@@ -171,7 +165,7 @@ def evaluate(
 def train_centralised(
     model: PromptedViT,
     dataset: Dataset,
-    training: TrainingConfig,
+    training: TrainingSection,
     epochs: int,
     seed: int,
     on_epoch: Callable[[int, PromptedViT], None] | None = None,

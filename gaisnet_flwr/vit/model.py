@@ -44,22 +44,14 @@ from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-MODES = ("vpt-deep", "vpt-shallow", "linear", "full")
+# The modes and the largest shapes are the run-config's vocabulary (the config declares them;
+# a D2D peer's model spec holds to them too).
+from gaisnet_flwr.config import MAX_PATCHES, MODES, SHAPE_LIMITS  # noqa: F401 - re-exported
+
 # timm pools over the prefix/patch tokens the end point hands it (prompt slots dropped): by token,
 # reductions, or an attention pool (`map`, a `head` module here). Not supported: `''` (no pooling)
 # and `prr` (a parameter-free refining attention whose FLOPs and memory are not counted here).
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map")
-# The largest shapes the project builds (generous: beyond ViT-g/14 and the paper's ViT-B/16, yet
-# each builds in seconds). The run-config (config.ModelConfig) and a D2D peer's model spec
-# (deploy/peer.py) both hold to these.
-SHAPE_LIMITS = {
-    "img_size": 1_024,
-    "depth": 48,
-    "embed_dim": 4_096,
-    "num_heads": 64,
-    "num_prompts": 1_024,
-}
-MAX_PATCHES = 4_096  # (img_size / patch_size) ** 2: 1024 px at patch 16
 
 
 class ModelError(ValueError):

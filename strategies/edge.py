@@ -1,0 +1,225 @@
+"""One edge server: its strategy over its own client clusters (paper Sec. III-B, edge-end).
+
+`EdgeServer` is a Flower strategy itself: the one-ServerApp hierarchy composes one per edge
+(`strategies/cloud_edge.py`), and a deployed edge process can run one alone with
+`EdgeServer.start`. It wraps the edge's pluggable strategy (any Message-API strategy; per-module
+FedAvg by default) and adds what the edge owns:
+
+  * its nodes only: the wrapped strategy sees a `GridView` of the grid with the edge's nodes;
+  * each node's cluster task, attached to every message it sends (`contract.ClusterTask`);
+  * the round's failures, computed here and only here: an error reply, no reply from a node
+    the round was sent to, and an aggregate that is not finite (refused: the edge keeps what
+    it sent);
+  * its weight for the cloud: the training examples of the clusters that trained.
+
+`GridView` is the one Grid wrapper: a subset of the nodes, and at most K messages in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
+
+from gaisnet_flwr.contract import (
+    AGGREGATE_REFUSED,
+    CLUSTERS,
+    NON_FINITE_AGGREGATE,
+    ClusterTask,
+    attach_task,
+    failure,
+    failures_of,
+    num_examples,
+)
+from gaisnet_flwr.split.precision import non_finite
+
+# Between pulls: short enough that a finished message's slot is refilled before the simulation
+# engine's next 0.1 s sweep; a pull of K ids costs O(K).
+PULL_INTERVAL_S = 0.02
+
+
+class GridView(Grid):
+    """`grid` as one part of the ServerApp sees it: only `nodes` (all when None), and at most
+    `max_in_flight` messages of a `send_and_receive` in flight (0: Flower's own, all at once).
+
+    Why the window: Flower's simulation engine asks its LinkState every 0.1 s for each node's
+    next message, and each ask scans every stored message (flwr 1.42,
+    `vce_api.add_messages_to_queue` -> `InMemoryLinkState.get_message_ins`): with a round's N
+    messages stored a sweep costs O(N^2) (about 2 s at N = 1000 on this project's CPU), under
+    the LinkState's lock. With K in flight it costs O(N K). The window pushes the first K
+    messages with the grid's own `push_messages`, pulls every `pull_interval_s`, and tops up as
+    replies come in, until every message has its reply or the timeout passes; replies come back
+    in the order they arrive, as Flower's do.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        nodes: Iterable[int] | None = None,
+        max_in_flight: int = 0,
+        pull_interval_s: float = PULL_INTERVAL_S,
+    ) -> None:
+        if max_in_flight < 0:
+            raise ValueError(f"max-in-flight={max_in_flight} must be >= 0 (0 = no limit)")
+        self.grid = grid
+        self.nodes = None if nodes is None else sorted(nodes)
+        self.max_in_flight = max_in_flight
+        self.pull_interval_s = pull_interval_s
+
+    # -- the wrapped Grid -----------------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids() if self.nodes is None else list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    # -- the window -----------------------------------------------------------------------------
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        if self.max_in_flight == 0:
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        waiting = list(messages)
+        waiting.reverse()  # pop() from the end sends them in the caller's order
+        deadline = None if timeout is None else time.monotonic() + timeout
+        in_flight: set[str] = set()
+        replies: list[Message] = []
+        while waiting or in_flight:
+            got: list[Message] = []
+            room = self.max_in_flight - len(in_flight)
+            if room > 0 and waiting:
+                batch = [waiting.pop() for _ in range(min(room, len(waiting)))]
+                in_flight.update(self.grid.push_messages(batch))
+            if in_flight:
+                got = list(self.grid.pull_messages(in_flight))
+                replies += got
+                in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
+            if deadline is not None and time.monotonic() >= deadline:
+                break  # as Flower's: what has no reply by now gets none
+            if in_flight and (not got or not waiting):
+                time.sleep(self.pull_interval_s)
+        return replies
+
+
+@dataclass
+class EdgeRound:
+    """What one edge's latest training round came to."""
+
+    sent: list[int] = field(default_factory=list)  # the nodes it was sent to
+    failures: list[dict[str, int | str]] = field(default_factory=list)
+    trained: int = 0  # clusters that replied with modules
+    weight: float = 0.0  # their training examples (0 when the aggregate was refused)
+
+
+class EdgeServer(Strategy):
+    """Edge server `edge`: `strategy` over the clusters in `tasks` (node id -> its task)."""
+
+    def __init__(self, edge: int, strategy: Strategy, tasks: Mapping[int, ClusterTask]) -> None:
+        if not tasks:
+            raise ValueError(f"edge {edge} has no client cluster")
+        self.edge = edge
+        self.strategy = strategy
+        self.tasks = dict(sorted(tasks.items()))
+        self.last = EdgeRound()
+
+    @property
+    def nodes(self) -> list[int]:
+        """The edge's nodes (client clusters), in id order."""
+        return list(self.tasks)
+
+    def _with_tasks(self, messages: Iterable[Message]) -> list[Message]:
+        return [attach_task(m, self.tasks[m.metadata.dst_node_id]) for m in messages]
+
+    # -- train ----------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        view = GridView(grid, self.nodes)
+        messages = self.strategy.configure_train(
+            server_round, arrays, ConfigRecord(dict(config)), view
+        )
+        messages = self._with_tasks(messages)
+        self.last = EdgeRound(sent=sorted(m.metadata.dst_node_id for m in messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The strategy's aggregate; None when no cluster trained or the aggregate is not
+        finite (the edge keeps its modules). The metrics: `aggregate-refused` (if so), the
+        clusters that trained, and the strategy's own numbers."""
+        replies = list(replies)
+        # A failed cluster costs its own contribution: the round goes on with the others.
+        failures = failures_of(replies, self.last.sent, self.edge)
+        for f in failures:
+            log(
+                WARNING,
+                "round %d: cluster node %s (edge %s) left out: %s",
+                server_round,
+                f["node"],
+                f["edge"],
+                f["reason"],
+            )
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        ok = [r for r in replies if not r.has_error()]
+        weight = float(sum(num_examples(r) for r in ok))
+        out: dict[str, float | int] = {}
+        if arrays is not None and (bad := non_finite({k: v.numpy() for k, v in arrays.items()})):
+            reason = (
+                f"edge {self.edge}'s aggregate is not finite (NaN or inf in {bad[:4]}); the edge "
+                f"keeps its previous modules"
+            )
+            log(WARNING, "round %d: %s", server_round, reason)
+            failures.append(failure(-1, self.edge, NON_FINITE_AGGREGATE, reason))
+            out[AGGREGATE_REFUSED] = 1
+            arrays, weight = None, 0.0
+        out[CLUSTERS] = len(ok)
+        out.update((k, v) for k, v in (metrics or {}).items() if isinstance(v, int | float))
+        self.last = EdgeRound(self.last.sent, failures, len(ok), weight)
+        return arrays, MetricRecord(out)  # type: ignore[arg-type]
+
+    # -- evaluate -------------------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        view = GridView(grid, self.nodes)
+        config = ConfigRecord(dict(config))
+        return self._with_tasks(
+            self.strategy.configure_evaluate(server_round, arrays, config, view)
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log(INFO, "\t├── edge %d: %d cluster(s), strategy:", self.edge, len(self.tasks))
+        self.strategy.summary()
