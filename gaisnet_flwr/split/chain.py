@@ -339,8 +339,11 @@ class SplitChain:
     # -- fine-tuning ---------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One split-learning step on a batch held by the start point (labels too, which the
-        end point needs for the loss; the paper's start point shares labels along the chain)."""
-        self.model.train()
+        end point needs for the loss; the paper's start point shares labels along the chain).
+        The model's mode is set when it changes, not every step: `train()` walks every module
+        (most of a tiny model's per-step overhead, issue 30)."""
+        if not self.model.training:
+            self.model.train()
         _, result = self.start.train(x, y)
         return result
 
@@ -352,7 +355,8 @@ class SplitChain:
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """SL inference: start -> peers -> end point, logits sent back to the start point."""
-        self.model.eval()
+        if self.model.training:
+            self.model.eval()
         return self.result_link.send(self.start.infer(x), "forward")
 
     # -- the end of a session --------------------------------------------------------------------
