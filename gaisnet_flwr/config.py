@@ -663,6 +663,12 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return overrides
 
 
+def option_of(name: str) -> Option:
+    """The declaration of field `name` (`lr`, `depth`, ...): what other checks of the same value
+    hold to (a D2D peer's optimizer, deploy/peer.py)."""
+    return _owner(name)[1].metadata["option"]  # type: ignore[no-any-return]
+
+
 def key_table() -> str:
     """docs/configure.md's table of every key: section, key, default, what is valid, doc."""
     rows = ["| section | key | default | valid | what |", "|---|---|---|---|---|"]

@@ -180,7 +180,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
-    from gaisnet_flwr.cloud.foundation import torch_threads as scoped  # torch only when asked
+    from gaisnet_flwr.split.precision import torch_threads as scoped  # torch only when asked
 
     with scoped(threads):
         yield

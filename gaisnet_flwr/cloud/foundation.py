@@ -27,8 +27,6 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -41,6 +39,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from gaisnet_flwr.config import CloudSection, ModelSection, RunConfig
 from gaisnet_flwr.data.images import CLOUD_DIGITS, CLOUD_FRACTION, ImageData, cloud_views
+from gaisnet_flwr.split.precision import non_finite, torch_threads
 from gaisnet_flwr.training.loops import NonFiniteError, build_model, evaluate, loader
 from gaisnet_flwr.vit.model import PromptedViT
 
@@ -51,17 +50,6 @@ PRETRAIN_BATCH_SIZE = 32
 # gave different weights (edge accuracies 0.912 vs 0.907). At one thread the foundation's bytes
 # depend only on its configuration (tests/test_cloud.py checks 1 vs 2 threads).
 PRETRAIN_THREADS = 1
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Torch's intra-op threads set to `threads` inside the block, the caller's restored after."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -323,13 +311,6 @@ def read_checkpoint(
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights (in {bad[:3]}): corrupt")
     return state
-
-
-def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
-    """The keys of `state` whose floating-point tensors hold a NaN or an infinity."""
-    return sorted(
-        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
-    )
 
 
 def _sidecar(path: Path) -> Path:

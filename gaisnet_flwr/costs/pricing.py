@@ -6,7 +6,7 @@ round or one inference request, this module turns FLOPs (split/flops.py) and byt
 latency through the edge and cloud hierarchy. It is pure: no Flower, no clocks; the apps pass in
 what they counted. Device and link profiles are in profiles.py, memory per node in memory.py.
 
-Conventions (shared/notes/anchors.md, "Cost model conventions used in split-learning edge papers"):
+Conventions (the cost models of split-learning edge papers):
 
     compute time     t = FLOPs / (f * phi)               f clock (Hz), phi FLOPs per cycle
     compute energy   E = kappa * cycles * f^2            cycles = FLOPs / phi, kappa ~ 1e-28

@@ -1,12 +1,12 @@
 """Device and link profiles of the cost model (paper Sec. III-C.2, III-D.2): presets, a TOML
 file on top, and the Shannon rate of a radio link.
 
-Conventions (shared/notes/anchors.md, "Cost model conventions used in split-learning edge papers"):
+Conventions (the cost models of split-learning edge papers):
 
     link rate        r = B * log2(1 + p * g / (N0 * B))  Shannon; N0 = -174 dBm/Hz,
                      g = 10^(-PL / 10), PL = 128.1 + 37.6 * log10(d / km) dB
 
-Every number in the presets is an assumption taken from the ranges in anchors.md; each can be
+Every number in the presets is an assumption within the ranges those papers use; each can be
 overridden from a TOML file (`load_profiles`).
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 from gaisnet_flwr.split.plan import node_names
 
 LINK_KINDS = ("d2d", "client-edge", "edge-cloud")
-NOISE_DBM_PER_HZ = -174.0  # thermal noise density at room temperature (anchors.md)
+NOISE_DBM_PER_HZ = -174.0  # thermal noise density at room temperature (those papers' convention)
 
 
 class CostConfigError(ValueError):
@@ -42,8 +42,10 @@ class DeviceProfile:
     name: str
     clock_hz: float
     flops_per_cycle: float
-    kappa: float = 1e-28  # effective switched capacitance (anchors.md)
-    tx_power_w: float = 0.2  # the most it transmits with; a phone's 0.2 W (anchors.md)
+    kappa: float = 1e-28  # effective switched capacitance (those papers' convention)
+    tx_power_w: float = (
+        0.2  # the most it transmits with; a phone's 0.2 W (those papers' convention)
+    )
     memory_bytes: int = 4 * 2**30
     sensing_s_per_sample: float = 0.0
     sensing_j_per_sample: float = 0.0
@@ -132,8 +134,8 @@ def _check_non_negative(kind: str, profile: Any, *names: str) -> None:
 
 
 # Presets. Clients: f in [0.5, 2] GHz, phi 8-16 FLOPs/cycle, 0.2 W; edge: 2.5-3.5 GHz multi-core;
-# D2D bandwidth 1-20 MHz; edge <-> cloud wired (anchors.md). Memory sizes and distances are our
-# assumptions (typical phones; a client inside a small cell's 200 m radius). Sensing is our
+# D2D bandwidth 1-20 MHz; edge <-> cloud wired (those papers' ranges). Memory sizes and distances
+# are our assumptions (typical phones; a client inside a small cell's 200 m radius). Sensing is our
 # assumption too: one camera frame per sample at 30 frames/s (1/30 s) with the camera module
 # drawing about 1 W while it captures (so ~0.033 J per sample); the same for every phone.
 GiB = 2**30
@@ -156,7 +158,7 @@ LINK_PRESETS: Mapping[str, LinkProfile] = MappingProxyType(
     {
         p.name: p
         for p in (
-            # anchors.md's worked examples: ~19 Mbps at 50 m and ~6.7 Mbps at 500 m.
+            # The Shannon rate here: ~19 Mbps at 50 m and ~6.7 Mbps at 500 m.
             LinkProfile("d2d-50m", "d2d", bandwidth_hz=1e6, distance_m=50, tx_power_w=0.2),
             LinkProfile("d2d-500m", "d2d", bandwidth_hz=1e6, distance_m=500, tx_power_w=0.2),
             LinkProfile("d2d-50m-20mhz", "d2d", bandwidth_hz=20e6, distance_m=50, tx_power_w=0.2),

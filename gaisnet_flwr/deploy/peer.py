@@ -50,6 +50,7 @@ import grpc
 import torch
 from timm.models import is_model_in_modules
 
+from gaisnet_flwr.config import option_of
 from gaisnet_flwr.deploy.remote import (
     MB,
     PROTOCOL_VERSION,
@@ -66,7 +67,7 @@ from gaisnet_flwr.deploy.remote import (
 from gaisnet_flwr.split.chain import OPTIMIZERS, ChainNode, OptimizerSpec, Segment, build_segments
 from gaisnet_flwr.split.link import LinkError, pack_message, unpack_message
 from gaisnet_flwr.split.plan import SplitPlan, node_names
-from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision, to_wire
+from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision, non_finite, to_wire
 from gaisnet_flwr.split.segments import segment_parameters
 from gaisnet_flwr.vit.model import (
     MAX_PATCHES,
@@ -207,13 +208,6 @@ def _weights_key(header: dict, method: str) -> str:
     return key
 
 
-def _all_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The names of floating tensors holding NaN or inf."""
-    return [
-        k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
-
-
 def check_model_spec(spec: Any) -> dict[str, Any]:
     """A model spec a peer builds: known keys only (no paths, no download flags), a timm ViT,
     integer shapes within `SPEC_BOUNDS` that timm can build (heads divide the width, the patch
@@ -281,6 +275,12 @@ def check_built(model: PromptedViT) -> None:
         raise invalid(f"Open: the model is too large for a peer: {', '.join(over)}")
 
 
+def _bounds(name: str) -> tuple[float, float]:
+    option = option_of(name)
+    assert option.low is not None and option.high is not None
+    return float(option.low), float(option.high)
+
+
 def check_optimizer(spec: Any) -> OptimizerSpec:
     if (
         not isinstance(spec, dict)
@@ -290,9 +290,10 @@ def check_optimizer(spec: Any) -> OptimizerSpec:
         raise invalid("Open: 'optimizer' must be {name, lr[, momentum, weight_decay]}")
     if spec["name"] not in OPTIMIZERS:
         raise invalid(f"Open: optimizer {spec['name']!r:.80} is not one of {', '.join(OPTIMIZERS)}")
-    lr = _float(spec, "lr", "Open: optimizer", 0.0, 1e6, 0.0)
-    momentum = _float(spec, "momentum", "Open: optimizer", 0.0, 1.0, 0.0)
-    decay = _float(spec, "weight_decay", "Open: optimizer", 0.0, 1e6, 0.0)
+    # The run-config's bounds (config.py declares them once): a peer takes what a run can send.
+    lr = _float(spec, "lr", "Open: optimizer", *_bounds("lr"), 0.0)
+    momentum = _float(spec, "momentum", "Open: optimizer", *_bounds("momentum"), 0.0)
+    decay = _float(spec, "weight_decay", "Open: optimizer", *_bounds("weight_decay"), 0.0)
     if lr <= 0 or momentum >= 1:
         raise invalid(
             f"Open: optimizer needs lr > 0 and momentum < 1, got lr={lr}, momentum={momentum}"
@@ -430,7 +431,7 @@ class PeerService:
             raise invalid(
                 f"Weights: the {len(upload.tensors)} tensors do not hash to their key {key[:12]}"
             )
-        bad = _all_finite(upload.tensors)
+        bad = non_finite(upload.tensors)
         if bad:
             raise invalid(f"Weights: tensor(s) {bad[:3]} hold NaN or inf")
         self._weights[key] = upload.tensors
@@ -479,7 +480,7 @@ class PeerService:
             except ValueError as err:
                 raise invalid(f"Open: 'next' {err}") from err
             _str(header, "next-token", "Open")
-        bad = _all_finite(tensors)
+        bad = non_finite(tensors)
         if bad:
             raise invalid(f"Open: module(s) {bad[:3]} hold NaN or inf")
         self._check_free(session_id)
@@ -558,7 +559,7 @@ class PeerService:
         grad, result = session.node.train(h, y.to(self.device))
         session.steps += 1
         session.last_used = time.monotonic()
-        if not math.isfinite(result.loss) or (grad is not None and _all_finite({"grad": grad})):
+        if not math.isfinite(result.loss) or (grad is not None and non_finite({"grad": grad})):
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"Train: step {session.steps} of session {session.id[:8]} diverged (loss "
@@ -592,7 +593,7 @@ class PeerService:
         log.info("session %s closed after %d steps", session.id[:8], session.steps)
         self._close_hop(session)
         self.session = None
-        bad = _all_finite(modules)
+        bad = non_finite(modules)
         if bad:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -4,7 +4,7 @@ edge) and a cluster's round latency and energy vs the number of D2D peers it is 
 Two scales, side by side:
   * the embedded model, measured: real HFSL rounds; bytes are what the chain's links
     serialized and what Flower counts for the uploaded modules; latency and energy are the cost
-    model's price of exactly those FLOPs and bytes (gaisnet_flwr/costs.py, the run-config's
+    model's price of exactly those FLOPs and bytes (gaisnet_flwr/costs/pricing.py, the run-config's
     device and link profiles);
   * ViT-B/16 (224 px, 102 classes, 10 prompts), analytic: the same cost model on the model's
     shape (as `scripts/cost_report.py`), 100 samples per round at the paper's batch 10.

@@ -40,11 +40,11 @@ from gaisnet_flwr.split.precision import SMASHED_DTYPES
 from gaisnet_flwr.split.segments import ViTShape, describe_segments
 from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
 
-MB = 1e6  # decimal megabytes, as anchors.md quotes sizes (346 MB, 682 KB)
+MB = 1e6  # decimal megabytes, as split-learning papers quote sizes (346 MB, 682 KB)
 
 
 def build_model(num_prompts: int, num_classes: int) -> PromptedViT:
-    """ViT-B/16, 224 px, VPT-deep: 197 tokens + 10 prompts, d = 768, 12 blocks (anchors.md)."""
+    """The paper's ViT-B/16, 224 px, VPT-deep: 197 tokens + 10 prompts, d = 768, 12 blocks."""
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
         return build_prompted_vit(
             "vit_base_patch16_224",

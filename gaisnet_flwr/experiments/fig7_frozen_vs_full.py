@@ -163,7 +163,7 @@ def paper_scale_step_s(
 
 def analytic_flops() -> dict[str, float]:
     """Training FLOPs per sample of ViT-B/16 (224 px, 102 classes, 10 prompts) per mode, from
-    the model's shape (gaisnet_flwr/flops.py); built on the meta device, nothing allocated."""
+    the model's shape (gaisnet_flwr/split/flops.py); built on the meta device, nothing allocated."""
     out = {}
     for mode, prompts in (("prompt", 10), ("full", 0)):
         with torch.device("meta"):

@@ -3,7 +3,7 @@ three devices (edge models a, b, c) or produce the demanded good (serve inferenc
 decisions and cumulative profit of random selection (RS), maximum short-term immediate profit
 (MSIP) and maximum long-term cumulative profit (MLCP).
 
-The profit model is `gaisnet_flwr/scheduler.py`'s, stated there: producing good g earns
+The profit model is `gaisnet_flwr/service/scheduler.py`'s, stated there: producing good g earns
 50 + 25 x (upgrades of its device, saturating at 2), an upgrade costs 50 and produces nothing;
 the demand is the paper's A A B C C C C C C C. RS is one seeded random draw (the paper shows one
 run) and, because one draw says little, also its distribution over many seeds. The integrated

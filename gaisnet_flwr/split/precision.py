@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,3 +130,20 @@ def non_finite(values: Mapping[str, Any]) -> list[str]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad.append(key)
     return sorted(bad)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's intra-op threads set to `threads` inside the block, the caller's restored after
+    (None leaves torch alone). The thread count changes how float sums are split, so the same
+    count is what makes results equal bit for bit: the cloud's pre-training runs at one thread,
+    an in-process ClientApp call at the threads a Ray actor would have."""
+    if threads is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

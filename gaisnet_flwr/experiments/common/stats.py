@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 # The paper's Section V numbers (ViT-B/16 on Oxford Flowers, RTX 4060, lr 0.001, batch 10,
-# train:val 4:1), as quoted in the text; see ../shared/notes/anchors.md. These are the reference
+# train:val 4:1), as quoted in the paper's Section V text. These are the reference
 # the report compares against, never results of ours.
 PAPER: dict[str, Any] = {
     "fig6_pretrained_epoch1": 0.968,
