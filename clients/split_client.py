@@ -28,7 +28,7 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch.utils.data import Dataset
 
-from clients.inference import InferenceRequestError, load_delivered_model, request_images, serve
+from clients.inference import load_delivered_model, request_images, serve
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.contract import ClusterTask, InferRequest, TrainRequest
@@ -293,7 +293,6 @@ class SplitClusterClient:
 __all__ = [
     "ClusterData",
     "EdgeDataKey",
-    "InferenceRequestError",
     "SplitClusterClient",
     "TrainPool",
     "round_seed",
