@@ -55,6 +55,7 @@ from gaisnet_flwr.data.images import (
     DataSpec,
     dataset_classes,
 )
+from gaisnet_flwr.names import unknown_names
 from gaisnet_flwr.population.devices import PopulationError, check_spec, load_spec
 from gaisnet_flwr.population.layout import ClusterLayout, form_layout
 from gaisnet_flwr.population.planning import RangeCosts, Workload, plan_cluster
@@ -103,15 +104,14 @@ def _owner(name: str) -> tuple[str, dataclasses.Field]:
         return _owners()[name]
     except KeyError:
         raise ConfigError(
-            f"unknown run-config key {_key(name)!r}; valid keys: {sorted(map(_key, _owners()))}"
+            unknown_names("run-config key", [_key(name)], map(_key, _owners()))
         ) from None
 
 
 def _known(run_config: Mapping[str, Any]) -> Mapping[str, Any]:
-    unknown = sorted(k for k in run_config if k.replace("-", "_") not in _owners() or "_" in k)
+    unknown = [k for k in run_config if k.replace("-", "_") not in _owners() or "_" in k]
     if unknown:
-        valid = sorted(map(_key, _owners()))
-        raise ConfigError(f"unknown run-config key(s) {unknown}; valid keys: {valid}")
+        raise ConfigError(unknown_names("run-config key", unknown, map(_key, _owners())))
     return run_config
 
 
