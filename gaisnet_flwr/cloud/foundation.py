@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from flwr.common.logger import log
 from torch.utils.data import Dataset, TensorDataset
 
-from gaisnet_flwr.config import FoundationConfig, ModelConfig, RunConfig
+from gaisnet_flwr.config import ConfigError, FoundationConfig, ModelConfig, RunConfig
 from gaisnet_flwr.data.images import CLOUD_DIGITS, CLOUD_FRACTION, ImageData, cloud_views
 from gaisnet_flwr.training.loops import NonFiniteError, build_model, evaluate, loader
 from gaisnet_flwr.vit.model import PromptedViT
@@ -276,6 +276,59 @@ class Foundation:
                 ) from err
             model.backbone.load_state_dict(state, strict=self.ships_head)
         return model
+
+
+# How long `foundation='timm'` waits to learn whether the weights' host can be reached: without
+# this check, huggingface_hub retried for 46 s offline and then printed an 80-line traceback.
+HUB_PROBE_TIMEOUT_S = 3.0
+TIMM_FIX = (
+    "run once where the host is reachable (the weights stay in the cache; copy the cache "
+    "folder to offline machines), or convert a weights file downloaded elsewhere with "
+    "`python scripts/timm_checkpoint.py --weights FILE --out foundation.pt` and run with "
+    "foundation='file' checkpoint-path='foundation.pt' (docs/configure.md, 'Foundation weights')"
+)
+
+
+def check_timm_weights(model_name: str) -> None:
+    """`foundation='timm'`: fail in seconds, naming the fix, when timm's pretrained weights for
+    `model_name` are neither in the local cache (Hugging Face's, or torch hub's for a URL) nor
+    downloadable (the host does not answer within HUB_PROBE_TIMEOUT_S, or HF_HUB_OFFLINE=1)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import timm.models
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None:
+        raise ConfigError(f"foundation='timm': timm has no pretrained weights for {model_name!r}")
+    if cfg.hf_hub_id:
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+        names += ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, n), str) for n in names):
+            return
+        where = f"Hugging Face repo {cfg.hf_hub_id}, cache {constants.HF_HUB_CACHE}"
+        url = constants.ENDPOINT
+    elif cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if cached.is_file():
+            return
+        where, url = f"{cfg.url}, cache {cached.parent}", cfg.url
+    else:
+        raise ConfigError(f"foundation='timm': timm has no download for {model_name!r}")
+    what = f"foundation='timm' needs timm's pretrained weights for {model_name!r} ({where})"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{what}: not cached, and HF_HUB_OFFLINE is set. Fix: {TIMM_FIX}")
+    host = urlparse(url)
+    try:
+        with socket.create_connection(
+            (host.hostname or "", host.port or 443), timeout=HUB_PROBE_TIMEOUT_S
+        ):
+            return  # reachable: timm downloads them at model build
+    except OSError as err:
+        raise ConfigError(
+            f"{what}: not cached, and {host.hostname} cannot be reached ({err}). Fix: {TIMM_FIX}"
+        ) from None
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
