@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gaisnet_flwr.experiments.provenance import Provenance
 from gaisnet_flwr.names import unknown_names
 
 # Process names the managed SuperLink may leave behind (for reporting and for the tests).
@@ -506,6 +508,9 @@ def run(
     ]  # fmt: skip
     print(f"[flwr_local] {' '.join(cmd)}\n[flwr_local] log: {log_path}", flush=True)
     started = time.monotonic()
+    # What made the results (commit, packages, CPU, threads, load), written beside them.
+    record = Provenance.start(shlex.join(cmd[1:]).replace(str(run_config), "RUN_CONFIG"), app)
+    record.run_config = {**overrides, "output-dir": str(output_dir)}
     try:
         outcome = stream_run(cmd, log_path, echo=True)
         outcome.check(flwr, default_results=output_dir)  # asks the SuperLink: before stopping it
@@ -513,6 +518,7 @@ def run(
         run_config.unlink(missing_ok=True)
         stopped = stop_local_superlink(home)
         print(f"[flwr_local] stopped the local SuperLink ({len(stopped)} processes)")
+        record.write(output_dir)
     problems, run_id, final = outcome.problems, outcome.run_id, outcome.final
     elapsed = time.monotonic() - started
     if problems:
