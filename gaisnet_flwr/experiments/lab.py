@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
 from gaisnet_flwr.deploy.pki import LabPki, make_lab_pki
+from gaisnet_flwr.experiments.provenance import Provenance
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (an editable install)
 BIN = Path(sys.executable).parent
@@ -208,8 +210,11 @@ class Lab:
             [f"{k}={v}" for k, v in lab_keys.items() if k not in given] + [run_config]
         )
         cmd = [str(BIN / "flwr"), "run", str(app), "lab", "--stream", "--run-config", overrides]
+        record = Provenance.start(shlex.join(["python", "scripts/lab.py", *sys.argv[1:]]), app)
+        record.run_config = {"tls": self.tls, "flwr-run": shlex.join(cmd[1:])}
         outcome = flwr_local.stream_run(cmd, self.logs / "flwr-run.log", echo=False, env=self.env())
         outcome.check(BIN / "flwr", default_results=results, env=self.env())
+        record.write(outcome.results)  # what made the results, beside them
         return outcome
 
 
