@@ -509,7 +509,9 @@ def run(
     print(f"[flwr_local] {' '.join(cmd)}\n[flwr_local] log: {log_path}", flush=True)
     started = time.monotonic()
     # What made the results (commit, packages, CPU, threads, load), written beside them.
-    record = Provenance.start(shlex.join(cmd[1:]).replace(str(run_config), "RUN_CONFIG"), app)
+    record = Provenance.start(
+        "flwr " + shlex.join(cmd[1:]).replace(str(run_config), "RUN_CONFIG"), app
+    )
     record.run_config = {**overrides, "output-dir": str(output_dir)}
     try:
         outcome = stream_run(cmd, log_path, echo=True)
