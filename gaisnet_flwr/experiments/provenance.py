@@ -29,6 +29,8 @@ PACKAGES = (
 # The instruction sets that decide which kernels MKL (matmuls) and oneDNN (convolutions) run,
 # and so the last bits of every float result on a CPU.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16")
+# Environment variables that choose those kernels or the threads (recorded when set).
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_", "ONEDNN_", "DNNL_", "OMP_", "KMP_", "CUDA_VISIBLE")
 FILE = "provenance.json"
 
 
@@ -91,6 +93,7 @@ class Provenance:
     # it (Ray gives each ClientApp actor its num_cpus; the cloud pre-trains at 1 thread)
     torch_threads: int | None
     omp_num_threads: str
+    kernel_env: dict[str, str]
     load_average_start: list[float]
     load_average_end: list[float] = field(default_factory=list)
     run_config: dict[str, Any] = field(default_factory=dict)  # the overrides given, if any
@@ -115,6 +118,7 @@ class Provenance:
             cores=os.cpu_count() or 0,
             torch_threads=threads,
             omp_num_threads=os.environ.get("OMP_NUM_THREADS", ""),
+            kernel_env={k: v for k, v in os.environ.items() if k.startswith(KERNEL_ENV)},
             load_average_start=[round(x, 2) for x in os.getloadavg()],
             _started=time.monotonic(),
         )
