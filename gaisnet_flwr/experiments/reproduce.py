@@ -13,7 +13,10 @@ bit for bit, tests/test_flwr_run.py) and says which of the two holds:
     python scripts/reproduce.py --seeds 0 1 2 3 4 --write docs/reproduce/reference.json
 
 Exit status 0 when every seed is bit-identical to the reference, or (another foundation) within
-its spread; 1 otherwise.
+its spread; 1 otherwise. `--foundation-only` pre-trains the foundation afresh and prints its
+SHA-256 with the images' and the CPU kernel settings: how docs/reproducibility.md found what
+changes its bytes (e.g. `MKL_ENABLE_INSTRUCTIONS=AVX2 python scripts/reproduce.py
+--foundation-only`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,40 @@ def run_default(seed: int, foundation_dir: str) -> dict[str, Any]:
         "after": rows[-1]["accuracy"],
         "rounds": len(rows) - 1,
         "foundation-sha256": digest[:16],
+    }
+
+
+def foundation_bytes() -> dict[str, Any]:
+    """Pre-train the default foundation afresh (in a temporary folder, never the cache) and
+    say what its bytes are: the weights' SHA-256, the SHA-256 of the images it and the edges
+    use (the data preparation), torch's CPU capability and the kernel environment variables."""
+    import hashlib
+    import os
+    import time
+
+    import torch
+
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.config import RunConfig
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.experiments.provenance import KERNEL_ENV
+
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = RunConfig.from_run_config({"foundation-dir": folder})
+        data = load_image_data(cfg.data_spec())
+        images = hashlib.sha256()
+        for part in (data.cloud, data.train, data.test):
+            images.update(part.tensors[0].contiguous().numpy().tobytes())  # type: ignore[union-attr]
+        started = time.perf_counter()
+        foundation = Foundation.of(cfg)
+        foundation.ensure(data, torch.device("cpu"))
+        digest = foundation.fingerprint(data.num_classes)
+    return {
+        "foundation-sha256": digest[:16],
+        "images-sha256": images.hexdigest()[:16],
+        "cpu-capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel-env": {k: v for k, v in os.environ.items() if k.startswith(KERNEL_ENV)},
+        "pretrain-s": round(time.perf_counter() - started, 1),
     }
 
 
@@ -100,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="where the cloud's checkpoint is kept (default: ~/.cache)",
     )
+    parser.add_argument(
+        "--foundation-only",
+        action="store_true",
+        help="only pre-train the default foundation afresh and print what its bytes are",
+    )
     args = parser.parse_args(argv)
+    if args.foundation_only:
+        print(json.dumps(foundation_bytes()))
+        return 0
     if args.write is None and not args.reference.is_file():
         parser.error(f"no reference at {args.reference}; make one with --write")
 
