@@ -154,15 +154,9 @@ def test_the_docs_say_to_activate_the_environment() -> None:
 def test_a_script_runs_in_the_activated_environment(tmp_path: Path) -> None:
     # The failure: `python scripts/section5.py --help` without the environment. As the
     # activated .venv has it: its bin first on PATH, `python` resolved there.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": ""}
-    env["VIRTUAL_ENV"] = str(BIN.parent)
-    result = subprocess.run(
-        ["python", "scripts/section5.py", "--help"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    path = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "VIRTUAL_ENV": str(BIN.parent)}
+    command = ["python", "scripts/section5.py", "--help"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--quick" in result.stdout
