@@ -140,7 +140,7 @@ def started_by(home: Any, ports: list[int]) -> list[str]:
 
 def flwr_run_local(
     tmp_path: Any,
-    run_config: str,
+    run_config: str | list[str],
     num_supernodes: int = 2,
     extra_env: dict[str, str] | None = None,
 ) -> tuple[Any, Any]:
@@ -168,8 +168,10 @@ def flwr_run_local(
     }
     cmd = [
         sys.executable, str(repo / "scripts" / "flwr_local.py"), "run", "--app", str(repo),
-        "--output-dir", str(out), "--num-supernodes", str(num_supernodes),
-        "--", "--run-config", run_config,
+        "--output-dir", str(out), "--num-supernodes", str(num_supernodes), "--",
+        # each a preset file or key=value items, merged in order as scripts/run.sh does
+        *(a for value in ([run_config] if isinstance(run_config, str) else run_config)
+          for a in ("--run-config", value)),
     ]  # fmt: skip
     try:
         result = subprocess.run(

@@ -48,7 +48,13 @@ def flwr_run_result(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     tmp_path = tmp_path_factory.mktemp("flwr-run")
-    result, out = flwr_run_local(tmp_path, tiny(tmp_path))
+    # As `bash scripts/run.sh --run-config preset.toml --run-config "key=value"` gives them: the
+    # tiny model from a preset file, then the foundation folder as an item (flwr run itself
+    # refuses a .toml next to key=value items; scripts/flwr_local.py merges them).
+    preset = tmp_path / "tiny.toml"
+    preset.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in TINY.items()))
+    foundation = f"foundation-dir={json.dumps(str(tmp_path / 'foundation'))}"
+    result, out = flwr_run_local(tmp_path, [str(preset), foundation])
     return result, out, tmp_path / "foundation"
 
 
