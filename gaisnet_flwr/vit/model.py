@@ -302,5 +302,6 @@ def build_prompted_vit(
             **overrides,
         )
     except RuntimeError as err:  # timm raises RuntimeError for unknown model names
-        raise ModelError(f"timm could not build {model_name!r}: {err}") from err
+        source = f" from checkpoint file {checkpoint_path!r}" if checkpoint_path else ""
+        raise ModelError(f"timm could not build {model_name!r}{source}: {err}") from err
     return PromptedViT(cast(VisionTransformer, backbone), mode=mode, num_prompts=num_prompts)
