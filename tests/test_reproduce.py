@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from gaisnet_flwr.experiments.reproduce import REFERENCE, compare, spread
+from gaisnet_flwr.experiments.reproduce import REFERENCE, across_cpus, compare, spread
 
 REF = {
     "seeds": {"0": {"before": 0.21, "after": 0.60, "foundation-sha256": "aaaa"}},
@@ -38,3 +38,20 @@ def test_the_committed_reference_is_its_own_runs_spread() -> None:
     assert len(reference["seeds"]) >= 5
     assert reference["spread"] == spread(reference["seeds"])
     assert len({s["foundation-sha256"] for s in reference["seeds"].values()}) == 1
+
+
+def test_across_cpus_is_the_largest_move_of_a_seed_by_another_foundation() -> None:
+    other = {
+        "seeds": {
+            "0": {"before": 0.28, "after": 0.62, "foundation-sha256": "bbbb"},
+            "9": {"before": 0.90, "after": 0.90, "foundation-sha256": "bbbb"},  # not in REF
+        }
+    }
+    width = across_cpus(REF, [other])
+    assert width["foundations"] == ["bbbb"]
+    assert abs(width["before"] - 0.07) < 1e-9 and abs(width["after"] - 0.02) < 1e-9
+    # with it, another foundation is judged by what other CPUs did to the seed
+    reference = {**REF, "across-cpus": width}
+    ok, line = compare("0", run(0.21, 0.615, "cccc"), reference)
+    assert ok and "what other CPUs' foundations moved a seed" in line
+    assert not compare("0", run(0.21, 0.63, "cccc"), reference)[0]
