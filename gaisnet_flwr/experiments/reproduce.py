@@ -25,14 +25,16 @@ changes its bytes (e.g. `MKL_ENABLE_INSTRUCTIONS=AVX2 python scripts/reproduce.p
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reproduce" / "reference.json"
 CLUSTERS = 4  # scripts/run.sh's GAISNET_CLUSTERS
+FP32 = ("fp32", "fp32")  # precision, smashed-dtype of the default
 
 
 def run_default(seed: int, foundation_dir: str) -> dict[str, Any]:
@@ -109,11 +111,27 @@ def across_cpus(reference: dict[str, Any], others: list[dict[str, Any]]) -> dict
             abs(other["seeds"][seed][key] - ref[key])
             for other in others
             for seed, ref in reference["seeds"].items()
-            if seed in other["seeds"]
+            if key in other["seeds"].get(seed, {})
         ]
-        width[key] = round(max(gaps), 6)
+        width[key] = round(max(gaps, default=reference["spread"][key]), 6)
     foundations = sorted({s["foundation-sha256"] for o in others for s in o["seeds"].values()})
     return {**width, "foundations": foundations}
+
+
+def read_other(path: Path) -> dict[str, Any]:
+    """Another machine's (or emulated CPU's) results: a reference JSON written by --write, or a
+    precision report's CSV (`gaisnet-precision`), whose fp32 rows give each seed's accuracy
+    after the last round of the default."""
+    if path.suffix != ".csv":
+        return cast(dict[str, Any], json.loads(path.read_text()))
+    with path.open(newline="") as file:
+        rows = [r for r in csv.DictReader(file) if (r["precision"], r["smashed-dtype"]) == FP32]
+    unknown = f"unknown ({path.name})"
+    return {
+        "seeds": {
+            r["seed"]: {"after": float(r["accuracy"]), "foundation-sha256": unknown} for r in rows
+        }
+    }
 
 
 def compare(seed: str, got: dict[str, Any], reference: dict[str, Any]) -> tuple[bool, str]:
@@ -165,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         default=None,
-        help="add to --reference how far these references (other CPUs) moved each seed",
+        help="add to --reference how far these results of other CPUs moved each seed "
+        "(reference JSONs, or a precision report's CSV)",
     )
     parser.add_argument(
         "--foundation-only",
@@ -180,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no reference at {args.reference}; make one with --write")
     if args.across:
         reference = json.loads(args.reference.read_text())
-        others = [json.loads(path.read_text()) for path in args.across]
+        others = [read_other(path) for path in args.across]
         reference["across-cpus"] = {
             **across_cpus(reference, others),
             "from": [str(path) for path in args.across],
