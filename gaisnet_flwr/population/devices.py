@@ -142,7 +142,7 @@ def load_population(path: str | Path, profiles: Profiles) -> Population:
             rows = _csv_rows(_csv_table(str(path), file.read_bytes()))
     except UnicodeDecodeError as err:
         raise PopulationError(
-            f"{path}: is not UTF-8 text (byte {err.start}: {err.object[err.start : err.start + 1]!r})"
+            f"{path}: is not UTF-8 text (byte {err.start}: {err.object[err.start :][:1]!r})"
         ) from err
     except (tomllib.TOMLDecodeError, csv.Error) as err:
         raise PopulationError(f"{path}: cannot be read: {err}") from err
