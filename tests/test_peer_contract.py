@@ -773,7 +773,7 @@ ALLOWED = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.UNAVAILABLE,  # a fuzzed Open that names a next member nobody serves
 }
-FUZZ_CALLS = 600
+FUZZ_CALLS = 1500
 
 
 class Fuzzer:
@@ -897,6 +897,7 @@ class Fuzzer:
         return good
 
 
+@pytest.mark.fuzz
 def test_fuzzing_the_peer_never_answers_unknown_and_never_leaks_a_traceback() -> None:
     """The peer-calls fuzzer: FUZZ_CALLS seeded requests (every method, malformed and
     well-formed) to the end point, and `Open`s naming any next member to the middle peer.

@@ -24,7 +24,7 @@ import csv
 import io
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -179,21 +179,30 @@ def _no_bom(where: str, data: bytes) -> None:
 
 
 def _csv_table(where: str, data: bytes) -> list[dict[str, str]]:
-    """The rows of a population CSV (line number, column -> cell), its header checked first:
-    UTF-8 without a byte-order mark, comma-separated, each column known and named once, every
-    required column there, no row longer or shorter than the header. Blank lines are skipped."""
+    """The rows of a population CSV (column -> cell), its header checked before any row is
+    read: UTF-8 without a byte-order mark, comma-separated, each column known and named once,
+    every required column there; then no row longer or shorter than the header. Blank lines
+    are skipped."""
     _no_bom(where, data)
-    lines = [
-        (number, row)
-        for number, row in enumerate(csv.reader(io.StringIO(data.decode("utf-8"))), start=1)
-        if any(cell.strip() for cell in row)
-    ]
-    if not lines:
+    reader = csv.reader(io.StringIO(data.decode("utf-8")))
+
+    def lines() -> Iterator[tuple[int, list[str]]]:
+        """(line number, cells) of each non-blank row; a malformed one named by its line."""
+        try:
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    yield reader.line_num, row
+        except csv.Error as err:
+            raise PopulationError(f"{where}: line {reader.line_num}: {err}") from err
+
+    rows_in = lines()
+    first = next(rows_in, None)
+    if first is None:
         raise PopulationError(
             f"{where}: is empty; a population CSV starts with a header row such as "
             f"{','.join(REQUIRED)}"
         )
-    header = lines[0][1]
+    header = first[1]
     columns = [cell.strip() for cell in header]
     if len(columns) == 1:
         for delimiter, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")):
@@ -222,7 +231,7 @@ def _csv_table(where: str, data: bytes) -> list[dict[str, str]]:
             f"{where}: lacks column(s) {', '.join(missing)} (required: {', '.join(REQUIRED)})"
         )
     rows = []
-    for number, row in lines[1:]:
+    for number, row in rows_in:
         if len(row) > len(columns):
             raise PopulationError(
                 f"{where}: line {number} has more values than the header has columns "

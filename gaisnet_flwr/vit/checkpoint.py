@@ -77,8 +77,10 @@ def file_format(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except zipfile.BadZipFile as err:
-            raise CheckpointFileError(f"{path}: a damaged zip archive ({err})") from err
+        except Exception as err:  # noqa: BLE001 - BadZipFile, a name that is not text, ...
+            raise CheckpointFileError(
+                f"{path}: a damaged zip archive ({type(err).__name__}: {_first_line(err)})"
+            ) from err
         if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
             return "torch (zip)"
         if names and all(n.endswith(".npy") for n in names):
