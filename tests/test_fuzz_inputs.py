@@ -38,7 +38,7 @@ import torch
 from gaisnet_flwr.cloud.foundation import CheckpointError, read_checkpoint, save_checkpoint
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.costs.profiles import load_profiles
-from gaisnet_flwr.population.devices import KEYS, PopulationError, load_population
+from gaisnet_flwr.population.devices import KEYS, Population, PopulationError, load_population
 from gaisnet_flwr.training.loops import build_model
 from gaisnet_flwr.vit.checkpoint import CheckpointFileError, read_weights_file
 
@@ -168,6 +168,30 @@ class CheckpointFuzzer:
         return kind, broken, defect
 
 
+def judge(
+    outcomes: dict[str, int],
+    path: Path,
+    defect: str,
+    load: Callable[[Path], Any],
+    error: type[Exception],
+    usable: Callable[[Any], None],
+    named_first: bool = True,
+) -> None:
+    """One case: refused with `error` naming the file (first, when `named_first`) and the
+    `defect`, or accepted with no defect and `usable`; counted in `outcomes`."""
+    try:
+        got = load(path)
+    except error as err:
+        message = str(err)
+        named = message.startswith(f"{path}: ") if named_first else str(path) in message
+        assert named and defect in message, (path.name, defect, message)
+        outcomes["refused"] = outcomes.get("refused", 0) + 1
+    else:
+        assert not defect, (path.name, defect, path.read_bytes()[:200])
+        usable(got)
+        outcomes["accepted"] = outcomes.get("accepted", 0) + 1
+
+
 def assert_usable(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
     for key, value in state.items():
         assert key in reference, key
@@ -187,17 +211,14 @@ def test_fuzzing_checkpoint_bytes_ends_in_a_named_refusal_or_usable_weights(
         kind, data, defect = fuzzer.case()
         path = tmp_path / f"case-{i}{fuzzer.rng.choice(['.pt', '.bin', '.safetensors', '.npz'])}"
         path.write_bytes(data)
-        try:
-            got = read_weights_file(path, meta)
-        except CheckpointFileError as err:
-            message = str(err)
-            assert message.startswith(f"{path}: "), (i, kind, message)
-            assert defect in message, (i, kind, defect, message)
-            outcomes["refused"] = outcomes.get("refused", 0) + 1
-        else:
-            assert not defect, (i, kind, defect)
-            assert_usable(got, reference)
-            outcomes["accepted"] = outcomes.get("accepted", 0) + 1
+        judge(
+            outcomes,
+            path,
+            defect,
+            lambda p: read_weights_file(p, meta),
+            CheckpointFileError,
+            lambda got: assert_usable(got, reference),
+        )
         if i % 40 == 0:  # the start-up check: the key, the file, before any work
             try:
                 RunConfig.from_run_config({**TINY, "foundation": "file",
@@ -224,18 +245,19 @@ def test_fuzzing_the_clouds_checkpoint_ends_in_a_named_refusal_or_usable_weights
     config = {"format": 1, "model-name": "vit_tiny_patch16_224"}
     path = tmp_path / "foundation.pt"
     outcomes: dict[str, int] = {}
-    for i in range(CHECKPOINT_CASES // 4):
+    for _ in range(CHECKPOINT_CASES // 4):
         saved_meta: Any = fuzzer.rng.choice([config, config, "format=1", [1], None, {**config,
                                              "format": 2}])  # fmt: skip
         save_checkpoint(path, fuzzer.state_dict(), saved_meta)
-        try:
-            got = read_checkpoint(path, config, reference)
-        except CheckpointError as err:
-            assert str(path) in str(err), (i, str(err))
-            outcomes["refused"] = outcomes.get("refused", 0) + 1
-        else:
-            assert_usable(got, reference)
-            outcomes["accepted"] = outcomes.get("accepted", 0) + 1
+        judge(
+            outcomes,
+            path,
+            "",
+            lambda p: read_checkpoint(p, config, reference),
+            CheckpointError,
+            lambda got: assert_usable(got, reference),
+            named_first=False,
+        )
     assert outcomes.get("refused", 0) > 0 and outcomes.get("accepted", 0) > 0, outcomes
 
 
@@ -309,6 +331,11 @@ class CsvFuzzer:
         return data, defect
 
 
+def positions_finite(population: Population) -> None:
+    for d in population.devices:
+        assert math.isfinite(d.x_m) and math.isfinite(d.y_m) and d.d2d_range_m > 0, d
+
+
 def test_fuzzing_population_csvs_ends_in_a_named_refusal_or_usable_devices(
     tmp_path: Path,
 ) -> None:
@@ -319,20 +346,14 @@ def test_fuzzing_population_csvs_ends_in_a_named_refusal_or_usable_devices(
         data, defect = fuzzer.case()
         path = tmp_path / f"cell-{i}.csv"
         path.write_bytes(data)
-        try:
-            population = load_population(path, PROFILES)
-        except PopulationError as err:
-            message = str(err)
-            assert message.startswith(f"{path}: "), (i, message)
-            assert defect in message, (i, defect, message, data[:200])
-            outcomes["refused"] = outcomes.get("refused", 0) + 1
-        else:
-            assert not defect, (i, defect, data[:200])
-            assert all(
-                math.isfinite(d.x_m) and math.isfinite(d.y_m) and d.d2d_range_m > 0
-                for d in population.devices
-            )
-            outcomes["accepted"] = outcomes.get("accepted", 0) + 1
+        judge(
+            outcomes,
+            path,
+            defect,
+            lambda p: load_population(p, PROFILES),
+            PopulationError,
+            positions_finite,
+        )
         path.unlink()
     elapsed = time.perf_counter() - started
     print(f"\npopulation CSV fuzz: {CSV_CASES} files in {elapsed:.1f} s: {outcomes}")
