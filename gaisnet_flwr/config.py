@@ -63,6 +63,7 @@ from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
 from gaisnet_flwr.split.plan import COMPUTE_PLANNERS, PLANNERS, PlanError, SplitPlan, make_plan
 from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision
+from gaisnet_flwr.vit.checkpoint import CheckpointFileError, check_weights_file
 from gaisnet_flwr.vit.model import (
     MAX_PATCHES,
     MODES,
@@ -740,6 +741,13 @@ def _meta_model(model: ModelConfig, num_classes: int) -> PromptedViT:
         )
 
 
+def _checkpoint_file(path: str, model: PromptedViT) -> None:
+    try:
+        check_weights_file(path, model.backbone)
+    except CheckpointFileError as err:
+        raise ConfigError(f"checkpoint-path: {err}") from err
+
+
 @functools.lru_cache(maxsize=8)
 def _range_costs(model: PromptedViT, workload: Workload) -> RangeCosts:
     return RangeCosts(model, workload)
@@ -869,6 +877,8 @@ class RunConfig:
                 f"foundation='file' needs checkpoint-path to name a weights file; "
                 f"{path!r} is not a file"
             )
+        if self.cloud.foundation == "file":  # format, names, shapes, dtypes, finite: named
+            _checkpoint_file(path, self.meta_model())
         if self.run.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
         on_cuda = self.run.torch_device().type == "cuda"

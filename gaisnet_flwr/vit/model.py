@@ -44,6 +44,8 @@ from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from gaisnet_flwr.vit.checkpoint import load_backbone_weights
+
 MODES = ("vpt-deep", "vpt-shallow", "linear", "full")
 # timm pools over the prefix/patch tokens the end point hands it (prompt slots dropped): by token,
 # reductions, or an attention pool (`map`, a `head` module here). Not supported: `''` (no pooling)
@@ -289,19 +291,18 @@ def build_prompted_vit(
     """Build a timm ViT by name (with shape overrides such as `img_size=32, depth=4`) and wrap it.
 
     `pretrained=True` loads timm's weights (needs internet once); `checkpoint_path` loads a local
-    weights file. The head is re-created for `num_classes`, as in VPT.
+    weights file, checked first (`checkpoint.read_weights_file`: format, safe loading, names,
+    shapes, dtypes, finite values; a `CheckpointFileError` names the file and the tensor). The
+    head is re-created for `num_classes`, as in VPT (a file's head is kept where it fits).
     """
     if mode not in MODES:  # fail before building a possibly large model
         raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     try:
         backbone = timm.create_model(
-            model_name,
-            pretrained=pretrained,
-            num_classes=num_classes,
-            checkpoint_path=checkpoint_path,
-            **overrides,
+            model_name, pretrained=pretrained, num_classes=num_classes, **overrides
         )
     except RuntimeError as err:  # timm raises RuntimeError for unknown model names
-        source = f" from checkpoint file {checkpoint_path!r}" if checkpoint_path else ""
-        raise ModelError(f"timm could not build {model_name!r}{source}: {err}") from err
+        raise ModelError(f"timm could not build {model_name!r}: {err}") from err
+    if checkpoint_path:
+        load_backbone_weights(backbone, checkpoint_path)
     return PromptedViT(cast(VisionTransformer, backbone), mode=mode, num_prompts=num_prompts)
