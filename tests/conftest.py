@@ -143,6 +143,7 @@ def flwr_run_local(
     run_config: str | list[str],
     num_supernodes: int = 2,
     extra_env: dict[str, str] | None = None,
+    wrapper_args: tuple[str, ...] = (),
 ) -> tuple[Any, Any]:
     """A real `flwr run` of this app on a private managed SuperLink (own FLWR_HOME and ports),
     through scripts/flwr_local.py, which stops the SuperLink and Ray afterwards; fails if any
@@ -168,7 +169,7 @@ def flwr_run_local(
     }
     cmd = [
         sys.executable, str(repo / "scripts" / "flwr_local.py"), "run", "--app", str(repo),
-        "--output-dir", str(out), "--num-supernodes", str(num_supernodes), "--",
+        "--output-dir", str(out), "--num-supernodes", str(num_supernodes), *wrapper_args, "--",
         # each a preset file or key=value items, merged in order as scripts/run.sh does
         *(a for value in ([run_config] if isinstance(run_config, str) else run_config)
           for a in ("--run-config", value)),

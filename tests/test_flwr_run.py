@@ -95,16 +95,16 @@ def test_in_process_run_gives_the_flwr_run_modules_exactly(
 
 
 def test_a_failed_run_is_reported_as_a_failure(tmp_path: Path) -> None:
-    # A checkpoint file that is no checkpoint passes every check made before the run (it is a
-    # file) and fails the ServerApp when it loads it: `flwr run --stream` still exits 0, so only
-    # the wrapper's checks can turn this into a non-zero exit.
-    garbage = tmp_path / "not-a-checkpoint.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    settings = tiny(tmp_path, foundation="'file'", **{"checkpoint-path": json.dumps(str(garbage))})
-    result, _ = flwr_run_local(tmp_path, settings)
+    # Flower accepts the value (a string) and, with --no-check, so does the wrapper: the
+    # ServerApp refuses it. `flwr run --stream` still exits 0, so only the wrapper's checks can
+    # turn this into a non-zero exit. (Without --no-check the wrapper refuses it before anything
+    # starts: tests/test_run_config_cli.py.)
+    result, _ = flwr_run_local(
+        tmp_path, tiny(tmp_path, mode="'bogus'"), wrapper_args=("--no-check",)
+    )
     assert result.returncode != 0
     assert "RUN FAILED" in result.stderr
     assert "status is 'finished:failed'" in result.stderr, result.stderr[-2000:]
-    # ... and says why in its one line: the ServerApp's own reason.
+    # ... and says why in its one line: the ServerApp's own reason, naming the key.
     (line,) = [x for x in result.stderr.splitlines() if "RUN FAILED" in x]
-    assert "the ServerApp failed: " in line and "not-a-checkpoint.pt" in line, line
+    assert "the ServerApp failed: ConfigError: mode='bogus' is not valid" in line, line

@@ -70,3 +70,19 @@ def test_a_missing_weights_file_is_named(
         timm_checkpoint.main(["--weights", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "nope: not a file" in capsys.readouterr().err
+
+
+def test_timm_weights_of_the_runs_shape_load_as_they_are(tmp_path: Path) -> None:
+    # The same shape as the run's model (32 px here; 224 px for the paper's preset): the file
+    # timm downloads works as checkpoint-path without conversion, its 1000-class head left out.
+    shape = {k.replace("-", "_"): v for k, v in RUN.items() if k != "peers-per-cluster"}
+    source = timm.create_model("vit_tiny_patch16_224", **shape)
+    downloaded = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, downloaded)
+    file = {"foundation": "file", "checkpoint-path": str(downloaded)}
+    cfg = RunConfig.from_run_config({**RUN, **file})
+    loaded = build_model(cfg.model, cfg.cloud, num_classes=5, seed=0).backbone.state_dict()
+    assert loaded["head.weight"].shape == (5, 32)
+    for key, value in source.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(loaded[key], value), key

@@ -288,9 +288,9 @@ class Foundation:
 HUB_PROBE_TIMEOUT_S = 3.0
 TIMM_FIX = (
     "run once where the host is reachable (the weights stay in the cache; copy the cache "
-    "folder to offline machines), or convert a weights file downloaded elsewhere with "
-    "`python scripts/timm_checkpoint.py --weights FILE --out foundation.pt` and run with "
-    "foundation='file' checkpoint-path='foundation.pt' (docs/configure.md, 'Foundation weights')"
+    "folder to offline machines), or copy the weights file downloaded elsewhere and run with "
+    "foundation='file' checkpoint-path=FILE (`python scripts/timm_checkpoint.py` converts it "
+    "when the run's model has another shape; docs/configure.md, 'Foundation weights')"
 )
 
 

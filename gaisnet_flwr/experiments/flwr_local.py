@@ -437,14 +437,21 @@ def app_run_config(app: Path) -> dict[str, Any]:
     return dict(config)
 
 
-def check_run_config(app: Path, overrides: dict[str, Any]) -> None:
-    """Refuse what the run would fail on, before any SuperLink, Ray or model: unknown keys (with
-    their close matches; no torch imported for that), then the values, checked as the ServerApp
-    checks them first (`apps.hfsl.check_run_config`: the config and the strategy)."""
+def check_keys(app: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Refuse keys the app does not have (Flower would, naming none), with their close matches;
+    return the app's defaults."""
     defaults = app_run_config(app)
     unknown = [key for key in overrides if key not in defaults]
     if unknown:
         raise RunConfigError(unknown_names("run-config key", unknown, defaults))
+    return defaults
+
+
+def check_run_config(app: Path, overrides: dict[str, Any]) -> None:
+    """Refuse what the run would fail on, before any SuperLink, Ray or model: unknown keys (with
+    their close matches; no torch imported for that), then the values, checked as the ServerApp
+    checks them first (`apps.hfsl.check_run_config`: the config and the strategy)."""
+    defaults = check_keys(app, overrides)
     # torch, timm and the strategies: only from here
     from gaisnet_flwr.apps.hfsl import check_run_config as server_app_check
     from gaisnet_flwr.config import ConfigError
@@ -468,7 +475,13 @@ def write_run_config(overrides: dict[str, Any], directory: Path) -> Path:
 
 
 def run(
-    app: Path, output_dir: Path, num_supernodes: int, cpus: float, gpus: float, extra: list[str]
+    app: Path,
+    output_dir: Path,
+    num_supernodes: int,
+    cpus: float,
+    gpus: float,
+    extra: list[str],
+    check: bool = True,
 ) -> int:
     home = flwr_home()
     ports = [int(os.environ.get(k, v)) for k, v in DEFAULT_PORTS.items()]
@@ -484,7 +497,10 @@ def run(
         )
         values, extra = split_run_config(extra)
         overrides = {"output-dir": str(output_dir), **read_run_config(values)}
-        check_run_config(app, overrides)
+        if check:
+            check_run_config(app, overrides)
+        else:
+            check_keys(app, overrides)
     except ValueError as err:
         sys.exit(f"error: {err}")
     # Our own Ray: without RAY_ADDRESS, ray.init() joins the newest `ray start` cluster here.
@@ -548,6 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     # count instead (see federation_config)
     p_run.add_argument("--client-cpus", type=float, default=1)
     p_run.add_argument("--client-gpus", type=float, default=0.0)
+    p_run.add_argument(
+        "--no-check",
+        action="store_true",
+        help="leave the run-config's values to the ServerApp (which refuses bad ones as the run's "
+        "failure) instead of checking them before anything starts; unknown keys are refused "
+        "either way",
+    )
     p_run.add_argument("extra", nargs="*", help="more `flwr run` arguments (after --)")
     sub.add_parser("stop", help="stop the managed SuperLink of $FLWR_HOME and its children")
     args = parser.parse_args(argv)
@@ -576,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             args.client_cpus,
             args.client_gpus,
             args.extra,
+            check=not args.no_check,
         )
     except KeyboardInterrupt:  # the SuperLink was stopped on the way out
         print("[flwr_local] interrupted", file=sys.stderr)

@@ -1,13 +1,13 @@
-"""Turn timm's pretrained weights, downloaded on another machine, into the checkpoint file that
-`foundation='file'` loads, for machines that cannot reach the weights' host.
+"""Turn timm's pretrained weights, downloaded on another machine, into a checkpoint file of the
+run's model for `foundation='file'`, on machines that cannot reach the weights' host.
 
-`foundation='file'` builds the run's model with timm (`timm.create_model(model-name, shape
-overrides, num_classes=<the dataset's classes>, checkpoint_path=checkpoint-path)`), which loads
-the file strictly: a `torch.save`d state dict of exactly that model, classifier head included.
-timm's own download is a different model (ImageNet's 1000-class head, its own image size). This
-command builds the run's model the way `foundation='timm'` does, from a local weights file
-(timm drops the classifier when the class count differs and resamples the position embedding
-when the image size does), with a fresh head seeded by the run seed, and saves its state dict.
+`foundation='file'` loads a weights file whose tensors have the run's model's names and shapes
+(the classifier head excepted: it starts fresh when it does not fit; `vit.checkpoint`). timm's
+download is for timm's own shape of the model: at another `img-size` its position embedding has
+another length and the file is refused. This command builds the run's model the way
+`foundation='timm'` does, from the local weights file (timm resamples the position embedding
+when the image size differs and drops the classifier when the class count does), with a fresh
+head seeded by the run seed, and saves its state dict.
 
 On a machine with internet, the weights file of `vit_base_patch16_224` (what the paper's preset
 uses) is, for example, `model.safetensors` of the Hugging Face repo
