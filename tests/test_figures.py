@@ -3,11 +3,12 @@ each of those outputs says what made it (docs/figures.toml lists them).
 
 An entry is one figure: the `page`, the `text` as the page has it with `{}` where the figure
 stands, the `source` file (CSV: `rows`, a list of dicts of numbers where they parse; JSON:
-`data`), the Python expression `expr` that computes the figure from it and the `format` spec
-that writes it; or, for a quoted line, `quote`: text that must appear verbatim in the page and
-in the source (a log). Every source's folder holds a provenance.json with the command, commit,
-packages, CPU, threads and load (gaisnet_flwr/experiments/provenance.py), unless the entry
-says it was made before that file existed (`made-before`).
+`data`), the Python expression `expr` that computes the figure from it (`files("docs/x/*.json")`
+reads more of them) and the `format` spec that writes it; or, for a quoted line, `quote`: text
+that must appear verbatim in the page and in the source (a log). Every source's folder holds a
+provenance.json with the command, commit, packages, CPU, threads and load
+(gaisnet_flwr/experiments/provenance.py), unless the entry says it was made before that file
+existed (`made-before`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def load(source: Path) -> dict[str, Any]:
     return {"text": source.read_text()}
 
 
+def files(pattern: str) -> list[Any]:
+    """The committed JSON files matching `pattern` (relative to the repository), parsed."""
+    return [json.loads(path.read_text()) for path in sorted(REPO.glob(pattern))]
+
+
 def flat(text: str) -> str:
     """Markdown wraps lines: compare with runs of white space as one space."""
     return " ".join(text.split())
@@ -65,7 +71,10 @@ def test_the_page_quotes_its_source(entry: dict[str, Any]) -> None:
         assert quote in page, f"{entry['page']} no longer quotes: {quote}"
         assert quote in flat(source.read_text()), f"{entry['source']} does not hold: {quote}"
         return
-    value = eval(entry["expr"], {"math": math, "re": re}, load(source))  # noqa: S307 - our file
+    # `files(pattern)`: more committed JSONs, for a figure taken over several of them
+    helpers = {"math": math, "re": re, "files": lambda pattern: files(pattern)}
+    # one namespace: comprehensions in `expr` see `rows` / `data` / `text` too
+    value = eval(entry["expr"], {**helpers, **load(source)})  # noqa: S307 - our own file
     expected = entry["text"].replace("{}", format(value, entry["format"]))
     assert flat(expected) in page, f"{entry['page']} should say: {expected}"
 
