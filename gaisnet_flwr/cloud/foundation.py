@@ -314,7 +314,7 @@ def check_timm_weights(model_name: str) -> None:
             return
         where = f"Hugging Face repo {cfg.hf_hub_id}, cache {constants.HF_HUB_CACHE}"
         url = constants.ENDPOINT
-    elif cfg.url:
+    elif isinstance(cfg.url, str) and cfg.url:  # timm also allows (url, filename) pairs
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
         if cached.is_file():
             return

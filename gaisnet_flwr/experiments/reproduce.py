@@ -47,7 +47,11 @@ def run_default(seed: int, foundation_dir: str) -> dict[str, Any]:
     from gaisnet_flwr.data.images import dataset_classes
 
     with tempfile.TemporaryDirectory() as out:
-        config = {"seed": seed, "output-dir": out, "foundation-dir": foundation_dir}
+        config: dict[str, int | str] = {
+            "seed": seed,
+            "output-dir": out,
+            "foundation-dir": foundation_dir,
+        }
         rows = run_inprocess(config, num_clusters=CLUSTERS).metrics()
         cfg = RunConfig.from_run_config(config)
         digest = Foundation.of(cfg).fingerprint(dataset_classes(cfg.data_spec()))
