@@ -454,11 +454,13 @@ def check_run_config(app: Path, overrides: dict[str, Any]) -> None:
     defaults = check_keys(app, overrides)
     # torch, timm and the strategies: only from here
     from gaisnet_flwr.apps.hfsl import check_run_config as server_app_check
+    from gaisnet_flwr.apps.tracking import check_mlflow
     from gaisnet_flwr.config import ConfigError
 
     try:
-        server_app_check({**defaults, **overrides})
-    except ConfigError as err:
+        cfg = server_app_check({**defaults, **overrides})
+        check_mlflow(cfg.run.mlflow_tracking_uri)  # the ServerApp's next check
+    except (ConfigError, RuntimeError) as err:
         raise RunConfigError(str(err)) from err
 
 
