@@ -72,7 +72,7 @@ def test_the_page_quotes_its_source(entry: dict[str, Any]) -> None:
         assert quote in flat(source.read_text()), f"{entry['source']} does not hold: {quote}"
         return
     # `files(pattern)`: more committed JSONs, for a figure taken over several of them
-    helpers = {"math": math, "re": re, "files": lambda pattern: files(pattern)}
+    helpers = {"json": json, "math": math, "re": re, "files": lambda pattern: files(pattern)}
     # one namespace: comprehensions in `expr` see `rows` / `data` / `text` too
     value = eval(entry["expr"], {**helpers, **load(source)})  # noqa: S307 - our own file
     expected = entry["text"].replace("{}", format(value, entry["format"]))
