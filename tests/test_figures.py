@@ -7,8 +7,7 @@ stands, the `source` file (CSV: `rows`, a list of dicts of numbers where they pa
 reads more of them) and the `format` spec that writes it; or, for a quoted line, `quote`: text
 that must appear verbatim in the page and in the source (a log). Every source's folder holds a
 provenance.json with the command, commit, packages, CPU, threads and load
-(gaisnet_flwr/experiments/provenance.py), unless the entry says it was made before that file
-existed (`made-before`).
+(gaisnet_flwr/experiments/provenance.py), unless the entry says why not (`no-provenance`).
 """
 
 from __future__ import annotations
@@ -79,9 +78,11 @@ def test_the_page_quotes_its_source(entry: dict[str, Any]) -> None:
     assert flat(expected) in page, f"{entry['page']} should say: {expected}"
 
 
-# Sources committed before provenance.json existed; an entry says so with `made-before =
-# "<why the figure is still quoted>"`, and the page must say where and when it was made.
-@pytest.mark.parametrize("source", sorted({e["source"] for e in FIGURES if "made-before" not in e}))
+# A source without provenance.json (made before that file existed, or by hand): its entries say
+# why with `no-provenance = "..."`, and the page must say where and when it was made.
+@pytest.mark.parametrize(
+    "source", sorted({e["source"] for e in FIGURES if "no-provenance" not in e})
+)
 def test_every_source_says_what_made_it(source: str) -> None:
     record = REPO / source
     provenance = record.parent / "provenance.json"
