@@ -31,11 +31,12 @@ profiles) is built once in the ServerApp's preparation (`gaisnet_flwr/derived.py
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -601,11 +602,9 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """From Flower's `context.run_config` (hyphenated keys; missing keys default)."""
-        unknown = sorted(k for k in run_config if k.replace("-", "_") not in _owners() or "_" in k)
+        unknown = [k for k in run_config if k.replace("-", "_") not in _owners() or "_" in k]
         if unknown:
-            raise ConfigError(
-                f"unknown run-config key(s) {unknown}; valid keys: {sorted(map(_key, _owners()))}"
-            )
+            raise ConfigError(unknown_names("run-config key", unknown, map(_key, _owners())))
         return cls.of(**{_field(key): value for key, value in run_config.items()})
 
     @classmethod
@@ -701,8 +700,29 @@ def _owner(name: str) -> tuple[str, dataclasses.Field]:
         return _owners()[name]
     except KeyError:
         raise ConfigError(
-            f"unknown run-config key {_key(name)!r}; valid keys: {sorted(map(_key, _owners()))}"
+            unknown_names("run-config key", [_key(name)], map(_key, _owners()))
         ) from None
+
+
+# -- names: what a typo most likely meant (also the `flwr run` driver's key check) ----------
+def close_matches(name: str, valid: Iterable[str]) -> list[str]:
+    """Up to three valid names closest to `name` (difflib's ratio >= 0.6), best first."""
+    return difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
+
+
+def unknown_names(what: str, unknown: Iterable[str], valid: Iterable[str]) -> str:
+    """`unknown run-config key 'num-round' (did you mean 'num-rounds'?); valid keys: ...`.
+
+    `what` names the kind of name ("run-config key"); every unknown name gets its own close
+    matches, and the valid names follow, sorted, so the message also serves a name with none."""
+    choices = sorted(set(valid))
+    parts = []
+    for name in sorted(set(unknown)):
+        near = close_matches(name, choices)
+        hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
+        parts.append(f"{name!r}{hint}")
+    plural = "s" if len(parts) > 1 else ""
+    return f"unknown {what}{plural} {', '.join(parts)}; valid {what}s: {', '.join(choices)}"
 
 
 def _divisors(n: int, at_most: int) -> str:

@@ -44,6 +44,7 @@ from gaisnet_flwr.population.layout import ClusterLayout, form_layout
 from gaisnet_flwr.population.planning import RangeCosts, Workload, plan_cluster
 from gaisnet_flwr.split.plan import PlanError, SplitPlan, make_plan
 from gaisnet_flwr.split.precision import SMASHED_DTYPES, resolve_device
+from gaisnet_flwr.vit.checkpoint import CheckpointFileError, check_weights_file
 from gaisnet_flwr.vit.model import ModelError, PromptedViT, build_prompted_vit
 
 
@@ -96,6 +97,11 @@ def derive(cfg: RunConfig) -> Derived:
             f"foundation='file' needs checkpoint-path to name a weights file; "
             f"{path!r} is not a file"
         )
+    if cfg.cloud.foundation == "file":  # format, names, shapes, dtypes, finite: named
+        try:
+            check_weights_file(path, meta.backbone)
+        except CheckpointFileError as err:
+            raise ConfigError(f"checkpoint-path: {err}") from err
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     on_cuda = resolve_device(cfg.run.device).type == "cuda"

@@ -34,7 +34,7 @@ from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
 from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult
 from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
-from gaisnet_flwr.cloud.foundation import Foundation
+from gaisnet_flwr.cloud.foundation import Foundation, check_timm_weights
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.contract import ClusterTask, InferRequest, NodeIdentity
 from gaisnet_flwr.costs.memory import segment_memory
@@ -67,6 +67,8 @@ def check_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Derived]
     cfg = RunConfig.from_run_config(run_config)
     derived = derive(cfg)
     build_edge_strategy(cfg, max(cfg.hierarchy.min_clusters, ASSUMED_CLUSTERS))
+    if cfg.cloud.foundation == "timm":  # offline: seconds, not a minute of download retries
+        check_timm_weights(cfg.model.model_name)
     return cfg, derived
 
 

@@ -47,6 +47,7 @@ from torch import nn
 # The modes and the largest shapes are the run-config's vocabulary (the config declares them;
 # a D2D peer's model spec holds to them too).
 from gaisnet_flwr.config import MAX_PATCHES, MODES, SHAPE_LIMITS  # noqa: F401 - re-exported
+from gaisnet_flwr.vit.checkpoint import load_backbone_weights
 
 # timm pools over the prefix/patch tokens the end point hands it (prompt slots dropped): by token,
 # reductions, or an attention pool (`map`, a `head` module here). Not supported: `''` (no pooling)
@@ -281,18 +282,18 @@ def build_prompted_vit(
     """Build a timm ViT by name (with shape overrides such as `img_size=32, depth=4`) and wrap it.
 
     `pretrained=True` loads timm's weights (needs internet once); `checkpoint_path` loads a local
-    weights file. The head is re-created for `num_classes`, as in VPT.
+    weights file, checked first (`checkpoint.read_weights_file`: format, safe loading, names,
+    shapes, dtypes, finite values; a `CheckpointFileError` names the file and the tensor). The
+    head is re-created for `num_classes`, as in VPT (a file's head is kept where it fits).
     """
     if mode not in MODES:  # fail before building a possibly large model
         raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     try:
         backbone = timm.create_model(
-            model_name,
-            pretrained=pretrained,
-            num_classes=num_classes,
-            checkpoint_path=checkpoint_path,
-            **overrides,
+            model_name, pretrained=pretrained, num_classes=num_classes, **overrides
         )
     except RuntimeError as err:  # timm raises RuntimeError for unknown model names
         raise ModelError(f"timm could not build {model_name!r}: {err}") from err
+    if checkpoint_path:
+        load_backbone_weights(backbone, checkpoint_path)
     return PromptedViT(cast(VisionTransformer, backbone), mode=mode, num_prompts=num_prompts)
