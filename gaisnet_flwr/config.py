@@ -37,7 +37,6 @@ from typing import Any
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from gaisnet_flwr.costs.pricing import ClusterProfile
 from gaisnet_flwr.costs.profiles import (
@@ -62,6 +61,7 @@ from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
 from gaisnet_flwr.split.plan import COMPUTE_PLANNERS, PLANNERS, PlanError, SplitPlan, make_plan
 from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision
+from gaisnet_flwr.vit.families import class_refusal, family_of
 from gaisnet_flwr.vit.model import (
     MAX_PATCHES,
     MODES,
@@ -260,7 +260,7 @@ class ModelConfig:
     depth 1..48, embed-dim 1..4096, num-heads 1..64 and a divisor of embed-dim, num-prompts
     0..1024, and at most 1e9 parameters in all.
     `RunConfig.check_environment` builds the model on the meta device (no memory) to prove that
-    model-name is a timm VisionTransformer that takes these shapes.
+    model-name is a timm ViT PromptedViT runs (docs/vit-support.md) that takes these shapes.
     """
 
     model_name: str = "vit_tiny_patch16_224"
@@ -683,10 +683,14 @@ class RunSection:
 # -- the model --------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
 def check_model(model: ModelConfig) -> None:
-    """Prove that model-name is a timm VisionTransformer that takes the shape overrides and the
-    prompts, by building it on the meta device (shapes only, no memory; cached per section)."""
+    """Prove that model-name is a timm ViT PromptedViT runs (docs/vit-support.md) that takes the
+    shape overrides and the prompts, by building it on the meta device (shapes only, no memory;
+    cached per section)."""
     name = model.model_name
-    valid = "a timm Vision Transformer such as vit_tiny_patch16_224 (timm.list_models('vit_*'))"
+    valid = (
+        "a timm ViT such as vit_tiny_patch16_224 or eva02_tiny_patch14_224 (the supported "
+        "families: docs/vit-support.md)"
+    )
     if not timm.is_model(name):
         raise ConfigError(f"model-name={name!r} is not a timm model; valid: {valid}")
     shape: dict[str, Any] = dict(
@@ -707,10 +711,10 @@ def check_model(model: ModelConfig) -> None:
                 plain = timm.create_model(name, num_classes=10)
             except Exception:  # noqa: BLE001
                 plain = None
-        if plain is not None and not isinstance(plain, VisionTransformer):
+        if plain is not None and family_of(plain) is None:
             raise ConfigError(
-                f"model-name={name!r} is a {type(plain).__name__}, not a VisionTransformer; "
-                f"valid: {valid}"
+                f"model-name={name!r} is a {type(plain).__name__}, not a ViT PromptedViT runs "
+                f"({class_refusal(plain)}); valid: {valid}"
             ) from err
         given = ", ".join(f"{_key(k)}={v}" for k, v in shape.items())
         reason = str(err) if isinstance(err, ModelError) else f"{type(err).__name__}: {err}"
