@@ -91,7 +91,16 @@ SPEC_BOUNDS: dict[str, tuple[int, int]] = {
     "num_heads": (1, SHAPE_LIMITS["num_heads"]),
 }
 SPEC_KEYS = ("model_name", "mode", *SPEC_BOUNDS)
-VIT_MODULES = ["vision_transformer", "deit"]  # timm modules whose models are VisionTransformers
+# timm modules whose models PromptedViT runs (vit/families.py; a model of one may still be
+# refused, with the reason, when built)
+VIT_MODULES = [
+    "vision_transformer",
+    "deit",
+    "vision_transformer_hybrid",
+    "eva",
+    "vision_transformer_relpos",
+    "beit",
+]
 MAX_ID_CHARS = 128  # session ids and names
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -260,6 +269,22 @@ def check_model_spec(spec: Any) -> dict[str, Any]:
                 f"{(img // patch) ** 2} patches; at most {MAX_PATCHES}"
             )
     return {"mode": mode, **spec}
+
+
+def compute_buffers(model: PromptedViT, device: torch.device) -> None:
+    """Make the model's non-persistent buffers on `device`: rotary-embedding tables, relative-
+    position indices, EVA's zero key bias. They follow from the architecture alone, so the start
+    point never sends them; timm computes them in `init_non_persistent_buffers`."""
+    persistent = set(model.state_dict())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and name not in persistent:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            module.register_buffer(leaf, torch.empty_like(buffer, device=device), persistent=False)
+    for module in model.modules():
+        init = getattr(module, "init_non_persistent_buffers", None)
+        if callable(init):
+            init()
 
 
 def check_built(model: PromptedViT) -> None:
@@ -669,6 +694,7 @@ class PeerService:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         weights = {k: t.clone() if k in trainable else t for k, t in weights.items()}
         model.load_state_dict(weights, strict=False, assign=True)
+        compute_buffers(model, self.device)
         return model
 
     def _check_complete(self, model: PromptedViT, plan: SplitPlan, index: int, key: str) -> None:

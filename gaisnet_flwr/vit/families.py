@@ -57,6 +57,18 @@ REFUSED_CLASSES = {
         "does not drive NaFlexVit's embedding"
     ),
 }
+# Multimodal models' vision towers: plain ViTs, but an encoder class of their own wrapped by a
+# pooling classifier (or a projector to a language model's width), with seams PromptedViT does
+# not drive.
+REFUSED_CLASSES |= {
+    f"{tower}{kind}": (
+        f"a multimodal model's vision tower ({tower}: an encoder of its own class, wrapped by a "
+        "pooling classifier or a projector to a language model); PromptedViT does not drive "
+        "its seams"
+    )
+    for tower in ("DeepseekVit", "Gemma4Vit", "Qwen3Vit")
+    for kind in ("Encoder", "Classifier")
+}
 
 
 def _no_inputs(_block: int) -> dict[str, Any]:
