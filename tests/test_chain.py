@@ -263,15 +263,11 @@ def test_segment_flops_equal_torch_counter(family: str, mode: str) -> None:
 
 def test_vit_b16_flops_match_torch_counter_on_the_meta_device() -> None:
     # ViT-B/16 at 224 px, 102 classes, VPT-deep with 10 prompts; shapes only (no weights). On
-    # the meta device fused attention runs as plain matmuls, which torch's own counter counts;
-    # its backward then skips the recompute of the scores a fused kernel's backward does, so
-    # the blocks take timm's explicit attention path here, as they do in the meter.
+    # the meta device fused attention runs as plain matmuls, which torch's own counter counts.
     with torch.device("meta"):
         model = build_prompted_vit(
             "vit_base_patch16_224", mode="vpt-deep", num_prompts=10, num_classes=102
         )
-        for block in model.backbone.blocks:
-            block.attn.fused_attn = False
         x = torch.empty(1, 3, 224, 224)
         with FlopCounterMode(display=False) as counter:
             model.eval()(x)

@@ -161,8 +161,8 @@ def exactness(model: PromptedViT, image: tuple[int, ...]) -> str:
                 logits = whole.eval()(batches[0][0])
             if not torch.equal(chain.infer(batches[0][0]), logits):
                 return f"inference differs ({opt_name}, plan {plan.ranges})"
-            chain.stats()  # the FLOPs, measured
-            segment_memory(split, plan, BATCH, "adamw")
+    chain.stats()  # the FLOPs and memory of the last chain, measured (split/measure.py)
+    segment_memory(split, plan, BATCH, "adamw")
     return ""
 
 

@@ -8,7 +8,8 @@ the dispatch a CPU would take, with no data and no memory; a ViT-B/16 step takes
 milliseconds whatever the batch), with the model's own trainable flags, and reads
 
     forward, backward   matmul FLOPs (2 per multiply-accumulate), torch.utils.flop_counter's
-                        count, with CPU fused attention added (the counter skips that kernel)
+                        count, with CPU fused attention counted as its explicit path's matmuls
+                        (the counter skips that kernel)
     saved               bytes autograd saves for backward (weights left out: they are weights),
                         and whether the piece's input is among them
     working             the most bytes a no-grad forward holds at once, its input included
@@ -37,11 +38,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-)
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from gaisnet_flwr.vit.model import ModelError, PromptedViT
 
@@ -55,10 +52,14 @@ def _cpu_sdpa_flops(q: Any, k: Any, v: Any, *_args: Any, out_shape: Any = None, 
 def _cpu_sdpa_backward_flops(
     grad: Any, q: Any, k: Any, v: Any, *_args: Any, out_shape: Any = None, **_kw: Any
 ) -> int:
-    return int(sdpa_backward_flop_count(grad, q, k, v))
+    # dA = dO V^T, dV = A^T dO, dQ = dS K, dK = dS^T Q: twice the forward, as timm's explicit
+    # path (and attention on the meta device) computes it. A fused kernel also recomputes the
+    # scores A = Q K^T; that is left out, so the count does not depend on the kernel.
+    return 2 * int(sdpa_flop_count(q, k, v))
 
 
-# torch's counter knows the CUDA attention kernels, not the CPU's fused one: count it the same way.
+# torch's counter knows the CUDA attention kernels, not the CPU's fused one: count it as the
+# explicit path's matmuls.
 CPU_ATTENTION_FLOPS = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
