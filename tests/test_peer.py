@@ -120,9 +120,7 @@ def test_an_eva_model_trains_over_the_network_bit_for_bit(
     lab: Lab, cluster_data, model_name: str, mode: str
 ) -> None:
     # RoPE: each peer computes the rotary embedding (a buffer it is never sent) for its blocks.
-    cfg = CFG.replace(
-        model_name=model_name, mode=mode, num_prompts=4 if mode == "vpt-deep" else 0
-    )
+    cfg = CFG.replace(model_name=model_name, mode=mode, num_prompts=4 if mode == "vpt-deep" else 0)
     num_classes, train, _ = cluster_data
     local = build_model(cfg.model, cfg.cloud, num_classes, cfg.run.seed)
     remote = copy.deepcopy(local)

@@ -45,7 +45,9 @@ def reasons() -> dict[int, str]:
 def test_the_table_names_every_vit_like_model_of_the_installed_timm() -> None:
     listed = {name: module for name, module in vit_like_names()}
     table = {name: row[0] for name, row in rows().items()}
-    assert table == listed, "timm changed: run python scripts/vit_support.py --out docs/vit-support.md"
+    assert table == listed, (
+        "timm changed: run python scripts/vit_support.py --out docs/vit-support.md"
+    )
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/configure.md"])

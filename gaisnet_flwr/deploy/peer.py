@@ -67,6 +67,7 @@ from gaisnet_flwr.split.link import LinkError, pack_message, unpack_message
 from gaisnet_flwr.split.plan import SplitPlan, node_names
 from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision, to_wire
 from gaisnet_flwr.split.segments import segment_parameters
+from gaisnet_flwr.vit.families import TIMM_MODULES
 from gaisnet_flwr.vit.model import (
     MAX_PATCHES,
     MODES,
@@ -91,16 +92,7 @@ SPEC_BOUNDS: dict[str, tuple[int, int]] = {
     "num_heads": (1, SHAPE_LIMITS["num_heads"]),
 }
 SPEC_KEYS = ("model_name", "mode", *SPEC_BOUNDS)
-# timm modules whose models PromptedViT runs (vit/families.py; a model of one may still be
-# refused, with the reason, when built)
-VIT_MODULES = [
-    "vision_transformer",
-    "deit",
-    "vision_transformer_hybrid",
-    "eva",
-    "vision_transformer_relpos",
-    "beit",
-]
+VIT_MODULES = list(TIMM_MODULES)  # timm modules whose models PromptedViT runs
 MAX_ID_CHARS = 128  # session ids and names
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -39,16 +39,13 @@ from torch import nn
 from gaisnet_flwr.costs.memory import segment_memory
 from gaisnet_flwr.split.chain import SplitChain
 from gaisnet_flwr.split.plan import SplitPlan
+from gaisnet_flwr.vit.families import TIMM_MODULES
 from gaisnet_flwr.vit.model import MODES, ModelError, PromptedViT, build_prompted_vit, timm_reason
 
-# timm modules whose models are Vision Transformers over a sequence of patch tokens.
+# timm modules whose models are Vision Transformers over a sequence of patch tokens: those
+# PromptedViT runs, and the rest.
 VIT_LIKE_MODULES = (
-    "vision_transformer",
-    "deit",
-    "vision_transformer_hybrid",
-    "eva",
-    "vision_transformer_relpos",
-    "beit",
+    *TIMM_MODULES,
     "naflexvit",
     "vision_transformer_sam",
     "deepseek_vit",
@@ -57,11 +54,13 @@ VIT_LIKE_MODULES = (
 )
 # Tiny shapes, tried in order: 32 px in 8 px patches (16 tokens), 2 blocks, width 32, 2 heads;
 # a ResNet-hybrid's patch counts cells of its CNN stem's feature map, so 64 px and its own
-# patch; per-block grouped-query attention (Sapiens2) takes one key/value head in each block.
+# patch; per-block grouped-query attention (Sapiens2) takes one key/value head in each block;
+# a convolutional stem without a projection (MobileCLIP's) keeps its own width.
 TINY_SHAPES: tuple[dict[str, Any], ...] = (
     dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
     dict(img_size=64, depth=2, embed_dim=32, num_heads=2),
     dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_kv_heads=1),
+    dict(img_size=64, depth=2),
 )
 PLANS = (SplitPlan.from_sizes([2]), SplitPlan.from_sizes([1, 1]))
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
@@ -192,11 +191,14 @@ def check_mode(name: str, mode: str, shape: dict[str, Any]) -> str:
 
 
 def _reason(message: str) -> str:
-    """A refusal without the model's class in front (the table has a column for it)."""
-    for lead in (" cannot be split: ", " cannot take prompts "):
+    """A refusal without the model's class (the table has a column for it) or the list of
+    supported classes (the table is that list)."""
+    message = message.split(" (supported classes: ")[0]
+    for lead in (" cannot be split: ", " is not supported: "):
         if lead in message:
-            head, _, rest = message.partition(lead)
-            return rest if lead.endswith(": ") else rest.split(": ", 1)[-1]
+            return message.partition(lead)[2]
+    if " cannot take prompts " in message:
+        return message.partition(" cannot take prompts ")[2].split(": ", 1)[-1]
     return message
 
 
@@ -265,7 +267,8 @@ def page_header(argv: list[str] | None, seconds: float) -> str:
         f"ViT-like timm modules ({', '.join(VIT_LIKE_MODULES)}), built tiny with random "
         "weights at the first shape timm accepts (32 px in 8 px patches, 2 blocks, width 32, "
         "2 heads; 64 px for ResNet-hybrids, whose patch counts feature-map cells; one key/value "
-        "head per block for per-block grouped-query attention), in each mode. **exact**: with "
+        "head per block for per-block grouped-query attention; 64 px, 2 blocks at its own "
+        "width for a convolutional stem without projection), in each mode. **exact**: with "
         "0 prompts `PromptedViT` is timm's own forward, and the split chain equals the unsplit "
         "model bit for bit on CPU (every step's loss, every tunable parameter, the inference "
         "logits) over plans [2] and [1, 1], 3 steps of SGD-momentum and of AdamW, with its "

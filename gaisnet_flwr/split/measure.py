@@ -214,25 +214,6 @@ class CostMeter:
             )
         return self._costs[key]
 
-    def _measure(
-        self,
-        fn: Callable[..., torch.Tensor],
-        in_shape: tuple[int, ...],
-        input_grad: bool,
-        batch: int,
-        *,
-        train: bool,
-        labels: bool = False,
-    ) -> PieceCost:
-        try:
-            return self._run_fake(fn, in_shape, input_grad, batch, train, labels)
-        except Exception as err:  # noqa: BLE001 - a shape the meter cannot run: say which model
-            raise ModelError(
-                f"cannot measure the FLOPs and memory of {self.model.name} "
-                f"({type(self.model.backbone).__name__}) on fake tensors: "
-                f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            ) from err
-
     def _fake_state(self, train: bool) -> _FakeState:
         """The model's parameters and buffers as fake CPU tensors with the same shapes, dtypes
         and (for training) trainable flags, made once per meter (the mode caches dispatch)."""
@@ -253,14 +234,15 @@ class CostMeter:
             self._fakes[train] = _FakeState(mode, state, weights)
         return self._fakes[train]
 
-    def _run_fake(
+    def _measure(
         self,
         fn: Callable[..., torch.Tensor],
         in_shape: tuple[int, ...],
         input_grad: bool,
         batch: int,
+        *,
         train: bool,
-        labels: bool,
+        labels: bool = False,
     ) -> PieceCost:
         # Real tensors that are not parameters or buffers (cached position tables) are read as
         # constants by the fake mode.
@@ -310,5 +292,11 @@ class CostMeter:
                     working=0,
                     out_shape=tuple(out.shape[1:]),
                 )
+        except Exception as err:  # noqa: BLE001 - a shape the meter cannot run: say which model
+            raise ModelError(
+                f"cannot measure the FLOPs and memory of {model.name} "
+                f"({type(model.backbone).__name__}) on fake tensors: "
+                f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            ) from err
         finally:
             model.train(was_training)

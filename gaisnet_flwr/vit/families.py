@@ -42,7 +42,20 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from torch import nn
 
+# timm modules whose models are of the classes below (a model of one may still be refused)
+TIMM_MODULES = (
+    "vision_transformer",
+    "deit",
+    "vision_transformer_hybrid",
+    "eva",
+    "vision_transformer_relpos",
+    "beit",
+)
 PATCH_DROP = "patch dropout changes the number of tokens between segments; set patch_drop_rate=0"
+NO_PROMPT_POSITIONS = (
+    "its relative-position bias is a table over the class and patch tokens only, with no "
+    "entries for prompt tokens; use mode 'linear' or 'full'"
+)
 BlockInputs = Callable[[int], dict[str, Any]]  # block index -> keyword arguments of its forward
 
 # timm classes built from ViT-like names that PromptedViT does not run, and why.
@@ -62,9 +75,8 @@ REFUSED_CLASSES = {
 # not drive.
 REFUSED_CLASSES |= {
     f"{tower}{kind}": (
-        f"a multimodal model's vision tower ({tower}: an encoder of its own class, wrapped by a "
-        "pooling classifier or a projector to a language model); PromptedViT does not drive "
-        "its seams"
+        "a multimodal model's vision tower: an encoder of its own class, wrapped by a pooling "
+        "classifier or a projector to a language model; PromptedViT does not drive its seams"
     )
     for tower in ("DeepseekVit", "Gemma4Vit", "Qwen3Vit")
     for kind in ("Encoder", "Classifier")
@@ -194,10 +206,7 @@ class RelPosFamily(Family):
         return None
 
     def prompt_refusal(self, bb: Any) -> str | None:
-        return (
-            "its relative-position bias is a table over the class and patch tokens only, with "
-            "no entries for prompt tokens; use mode 'linear' or 'full'"
-        )
+        return NO_PROMPT_POSITIONS
 
 
 class BeitFamily(Family):
@@ -231,10 +240,7 @@ class BeitFamily(Family):
         ]
         if not with_bias and bb.rel_pos_bias is None:
             return None
-        return (
-            "its relative-position bias is a table over the class and patch tokens only, with "
-            "no entries for prompt tokens; use mode 'linear' or 'full'"
-        )
+        return NO_PROMPT_POSITIONS
 
 
 FAMILIES: tuple[Family, ...] = (ViTFamily(), EvaFamily(), RelPosFamily(), BeitFamily())
