@@ -54,6 +54,7 @@ from gaisnet_flwr.data.images import (
     DataSpec,
     dataset_classes,
 )
+from gaisnet_flwr.names import unknown_names
 from gaisnet_flwr.population.devices import PopulationError, check_spec, load_spec
 from gaisnet_flwr.population.layout import ClusterLayout, form_layout
 from gaisnet_flwr.population.planning import RangeCosts, Workload, plan_cluster
@@ -61,6 +62,7 @@ from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
 from gaisnet_flwr.split.plan import COMPUTE_PLANNERS, PLANNERS, PlanError, SplitPlan, make_plan
 from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision
+from gaisnet_flwr.vit.checkpoint import CheckpointFileError, check_weights_file
 from gaisnet_flwr.vit.families import class_refusal, family_of
 from gaisnet_flwr.vit.model import (
     MAX_PATCHES,
@@ -103,15 +105,14 @@ def _owner(name: str) -> tuple[str, dataclasses.Field]:
         return _owners()[name]
     except KeyError:
         raise ConfigError(
-            f"unknown run-config key {_key(name)!r}; valid keys: {sorted(map(_key, _owners()))}"
+            unknown_names("run-config key", [_key(name)], map(_key, _owners()))
         ) from None
 
 
 def _known(run_config: Mapping[str, Any]) -> Mapping[str, Any]:
-    unknown = sorted(k for k in run_config if k.replace("-", "_") not in _owners() or "_" in k)
+    unknown = [k for k in run_config if k.replace("-", "_") not in _owners() or "_" in k]
     if unknown:
-        valid = sorted(map(_key, _owners()))
-        raise ConfigError(f"unknown run-config key(s) {unknown}; valid keys: {valid}")
+        raise ConfigError(unknown_names("run-config key", unknown, map(_key, _owners())))
     return run_config
 
 
@@ -744,6 +745,13 @@ def _meta_model(model: ModelConfig, num_classes: int) -> PromptedViT:
         )
 
 
+def _checkpoint_file(path: str, model: PromptedViT) -> None:
+    try:
+        check_weights_file(path, model.backbone)
+    except CheckpointFileError as err:
+        raise ConfigError(f"checkpoint-path: {err}") from err
+
+
 @functools.lru_cache(maxsize=8)
 def _range_costs(model: PromptedViT, workload: Workload) -> RangeCosts:
     return RangeCosts(model, workload)
@@ -873,6 +881,8 @@ class RunConfig:
                 f"foundation='file' needs checkpoint-path to name a weights file; "
                 f"{path!r} is not a file"
             )
+        if self.cloud.foundation == "file":  # format, names, shapes, dtypes, finite: named
+            _checkpoint_file(path, self.meta_model())
         if self.run.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
         on_cuda = self.run.torch_device().type == "cuda"

@@ -4,6 +4,7 @@ on Flower's simulation engine."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -104,6 +105,9 @@ def run_simulated(config: dict[str, Any], num_clusters: int) -> None:
     # run_simulation passes no run-config: the apps fall back to `config`.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLWR_TELEMETRY_ENABLED", "0")
+        # A Ray of its own: without RAY_ADDRESS, ray.init() joins the newest `ray start` cluster
+        # on the machine (another test's or session's).
+        mp.setenv("RAY_ADDRESS", os.environ.get("RAY_ADDRESS") or "local")
         run_simulation(
             server_app=create_server_app(config),
             client_app=create_client_app(config),
@@ -136,14 +140,14 @@ def started_by(home: Any, ports: list[int]) -> list[str]:
 
 def flwr_run_local(
     tmp_path: Any,
-    run_config: str,
+    run_config: str | list[str],
     num_supernodes: int = 2,
     extra_env: dict[str, str] | None = None,
+    wrapper_args: tuple[str, ...] = (),
 ) -> tuple[Any, Any]:
     """A real `flwr run` of this app on a private managed SuperLink (own FLWR_HOME and ports),
     through scripts/flwr_local.py, which stops the SuperLink and Ray afterwards; fails if any
     process of it is left running. Returns the finished process and the run's output-dir."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -154,6 +158,7 @@ def flwr_run_local(
     home, out = Path(tmp_path) / "flwr-home", Path(tmp_path) / "out"
     ports = flwr_local.free_ports(2)
     env = {
+        "RAY_ADDRESS": "local",  # a Ray of its own unless the caller names a cluster
         **os.environ,
         **(extra_env or {}),
         "FLWR_HOME": str(home),
@@ -164,8 +169,10 @@ def flwr_run_local(
     }
     cmd = [
         sys.executable, str(repo / "scripts" / "flwr_local.py"), "run", "--app", str(repo),
-        "--output-dir", str(out), "--num-supernodes", str(num_supernodes),
-        "--", "--run-config", run_config,
+        "--output-dir", str(out), "--num-supernodes", str(num_supernodes), *wrapper_args, "--",
+        # each a preset file or key=value items, merged in order as scripts/run.sh does
+        *(a for value in ([run_config] if isinstance(run_config, str) else run_config)
+          for a in ("--run-config", value)),
     ]  # fmt: skip
     try:
         result = subprocess.run(

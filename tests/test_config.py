@@ -58,7 +58,8 @@ def test_ints_are_accepted_where_floats_are_wanted() -> None:
 
 INVALID = [
     # shape of the input
-    ({"num-round": 3}, ["num-round", "num-rounds"]),  # unknown key: lists the valid keys
+    # unknown key: the close match first, then every valid key
+    ({"num-round": 3}, ["'num-round' (did you mean 'num-rounds'", "valid run-config keys: "]),
     ({"num-rounds": "3"}, ["num-rounds", "int", "str"]),
     ({"num-rounds": 3.0}, ["num-rounds", "int", "float"]),
     ({"num-rounds": True}, ["num-rounds", "int", "bool"]),  # bool is an int in Python

@@ -48,7 +48,13 @@ def flwr_run_result(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     tmp_path = tmp_path_factory.mktemp("flwr-run")
-    result, out = flwr_run_local(tmp_path, tiny(tmp_path))
+    # As `bash scripts/run.sh --run-config preset.toml --run-config "key=value"` gives them: the
+    # tiny model from a preset file, then the foundation folder as an item (flwr run itself
+    # refuses a .toml next to key=value items; scripts/flwr_local.py merges them).
+    preset = tmp_path / "tiny.toml"
+    preset.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in TINY.items()))
+    foundation = f"foundation-dir={json.dumps(str(tmp_path / 'foundation'))}"
+    result, out = flwr_run_local(tmp_path, [str(preset), foundation])
     return result, out, tmp_path / "foundation"
 
 
@@ -89,9 +95,13 @@ def test_in_process_run_gives_the_flwr_run_modules_exactly(
 
 
 def test_a_failed_run_is_reported_as_a_failure(tmp_path: Path) -> None:
-    # Flower accepts the value (a string), the ServerApp refuses it: `flwr run --stream` still
-    # exits 0, so only the wrapper's checks can turn this into a non-zero exit.
-    result, _ = flwr_run_local(tmp_path, tiny(tmp_path, mode="'bogus'"))
+    # Flower accepts the value (a string) and, with --no-check, so does the wrapper: the
+    # ServerApp refuses it. `flwr run --stream` still exits 0, so only the wrapper's checks can
+    # turn this into a non-zero exit. (Without --no-check the wrapper refuses it before anything
+    # starts: tests/test_run_config_cli.py.)
+    result, _ = flwr_run_local(
+        tmp_path, tiny(tmp_path, mode="'bogus'"), wrapper_args=("--no-check",)
+    )
     assert result.returncode != 0
     assert "RUN FAILED" in result.stderr
     assert "status is 'finished:failed'" in result.stderr, result.stderr[-2000:]

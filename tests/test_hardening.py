@@ -226,7 +226,7 @@ def test_a_foundation_with_non_finite_weights_is_refused_and_rebuilt(
     poisoned = {k: v.clone() for k, v in state["state"].items()}
     next(iter(poisoned.values())).view(-1)[0] = math.nan
     save_checkpoint(path, poisoned, state["meta"])  # a valid checksum over bad weights
-    with pytest.raises(CheckpointError, match="holds non-finite weights .*corrupt"):
+    with pytest.raises(CheckpointError, match="tensor 'cls_token' holds 1 non-finite value"):
         Foundation.of(cfg).load(5)
     Foundation.of(cfg).ensure(data, cfg.run.torch_device())  # the cloud rebuilds it
     Foundation.of(cfg).load(5)
@@ -244,7 +244,8 @@ def test_an_unreadable_sidecar_is_a_corrupt_checkpoint(
         side.mkdir()  # a directory where the sidecar should be: unreadable
     else:
         side.write_bytes(sidecar)
-    with pytest.raises(CheckpointError, match="does not match its SHA-256 sidecar"):
+    wrong = "is a folder, where its sidecar goes" if sidecar is None else "does not match its SHA"
+    with pytest.raises(CheckpointError, match=wrong):
         Foundation.of(cfg).load(5)  # a client refuses it
     if sidecar is None:
         side.rmdir()

@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The order of the units, lowest first. A unit may import itself and any unit on a lower row,
 # never one on a higher row nor another unit of its own row.
 LAYERS: list[tuple[str, ...]] = [
+    # close matches for a misspelt name (difflib only): the `flwr run` driver checks keys with
+    # it before importing torch, and the config names unknown keys with the same words
+    ("gaisnet_flwr.names",),
     ("gaisnet_flwr.vit",),  # the prompted ViT
     ("gaisnet_flwr.split",),  # split plans, the D2D chain, FLOPs, links
     (

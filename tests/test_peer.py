@@ -61,6 +61,8 @@ class Lab:
             server, port = serve(service, "127.0.0.1:0", credentials)
             self.servers.append(server)
             self.addresses.append(f"127.0.0.1:{port}")
+        for service, successor in zip(self.services, self.addresses[1:], strict=False):
+            service.allow_next((successor,))  # each dials only the next member (--next)
 
     def stop(self) -> None:
         for server in self.servers:

@@ -130,6 +130,58 @@ def test_other_file_errors(tmp_path: Path) -> None:
         load_population(tmp_path / "missing.toml", PROFILES)
 
 
+# -- CSVs parsed strictly (issue 29): each header problem named as such ---------------------------
+CSV_ROWS = "a,0,0,phone-mid\nb,50,0,phone-mid\nc,100,0,phone-mid\n"
+CSV_CASES = [
+    ("name,x_m,y_m,profile,x_m\n" + CSV_ROWS.replace("\n", ",7\n"),
+     "column(s) ['x_m'] appear more than once in the header"),
+    ("name,x_m,y_m,profile,colour\n" + CSV_ROWS.replace("\n", ",red\n"),
+     "unknown column(s) ['colour']; valid: name, x_m, y_m, profile, d2d_range_m, data, requests"),
+    ("name,x_m,profile\na,0,phone-mid\n",
+     "lacks column(s) y_m (required: name, x_m, y_m, profile)"),
+    ("name;x_m;y_m;profile\n" + CSV_ROWS.replace(",", ";"),
+     "the header 'name;x_m;y_m;profile' is one column: the file is separated by semicolons (';'); "
+     "a population CSV is separated by commas"),
+    ("name\tx_m\ty_m\tprofile\n" + CSV_ROWS.replace(",", "\t"), "separated by tabs"),
+    ("\ufeffname,x_m,y_m,profile\n" + CSV_ROWS, "starts with a UTF-8 byte-order mark (BOM"),
+    ("name,x_m,,profile\n" + CSV_ROWS, "header column 3 has no name"),
+    ("", "is empty; a population CSV starts with a header row such as name,x_m,y_m,profile"),
+    ("name,x_m,y_m,profile\na,0,0\n", "line 2 has 3 value(s), the header 4 columns"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "message"), CSV_CASES, ids=[m[:30] for _, m in CSV_CASES])
+def test_a_csv_header_problem_is_named_as_such(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text, ".csv")
+    with pytest.raises(PopulationError, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
+        load_population(path, PROFILES)
+    # Through the run-config: the key, the file and the problem.
+    with pytest.raises(ConfigError, match=re.escape(f"population='{path}'") + ".*" + re.escape(
+        message
+    )):  # fmt: skip
+        RunConfig.from_run_config({"population": str(path), "peers-per-cluster": 1})
+
+
+def test_a_bom_in_a_toml_and_a_file_not_in_utf8_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "cell.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + LINE.encode())
+    with pytest.raises(PopulationError, match="byte-order mark"):
+        load_population(path, PROFILES)
+    path = tmp_path / "cell.csv"
+    path.write_bytes("name,x_m,y_m,profile\n".encode("utf-16"))
+    with pytest.raises(PopulationError, match=r"is not UTF-8 text \(byte 0: b'\\xff'\)"):
+        load_population(path, PROFILES)
+
+
+def test_a_csv_with_spaces_blank_lines_and_empty_cells_still_reads(tmp_path: Path) -> None:
+    text = "name, x_m, y_m, profile, data\n\na, 0, 0, phone-mid,\nb,50,0,phone-mid,false\n"
+    text += "c,100,0,phone-mid,\n\n"
+    population = load_population(write(tmp_path, text, ".csv"), PROFILES)
+    assert [(d.name, d.x_m, d.data) for d in population.devices] == [
+        ("a", 0.0, True), ("b", 50.0, False), ("c", 100.0, True)
+    ]  # fmt: skip
+
+
 def test_the_run_config_refuses_a_bad_population_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="population='cells.txt' is not valid; give ''"):
         RunConfig.of(population="cells.txt")

@@ -30,7 +30,7 @@ from gaisnet_flwr.apps.recorder import RoundRecorder, aggregate_train_metrics
 from gaisnet_flwr.apps.rounds import RecordedRounds
 from gaisnet_flwr.apps.serving import inference_message, inference_row
 from gaisnet_flwr.apps.tracking import Tracking
-from gaisnet_flwr.cloud.foundation import Foundation
+from gaisnet_flwr.cloud.foundation import Foundation, check_timm_weights
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.costs.pricing import hierarchy_round_latency
 from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
@@ -115,6 +115,8 @@ def check_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     and the strategy built once with its options. Before any data is read or model trained."""
     cfg = RunConfig.from_run_config(run_config)
     build_edge_strategy(cfg, max(cfg.hierarchy.min_clusters, ASSUMED_CLUSTERS))
+    if cfg.cloud.foundation == "timm":  # offline: seconds, not a minute of download retries
+        check_timm_weights(cfg.model.model_name)
     return cfg
 
 

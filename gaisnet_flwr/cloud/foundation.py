@@ -12,11 +12,14 @@ Foundations (`foundation` in run-config):
     backbone only. With "same-classes" (the earlier setting) it is a fixed 40 % share of all ten
     digits, disjoint from the edge data, and the cloud's head ships too.
   * `timm`: timm's pretrained weights by model name (needs internet once, e.g. ViT-B/16).
-  * `file`: a local weights file (`checkpoint-path`), loaded by timm.
+  * `file`: a local weights file (`checkpoint-path`), checked at start-up and loaded by
+    `vit.checkpoint` (its docstring says what is refused and what is converted).
   * `none`: a randomly initialised backbone (the paper's "without pre-training").
 
 A checkpoint is keyed by everything its weights depend on and stored with a SHA-256 sidecar;
-a corrupt, truncated or mismatched file is detected and rebuilt, never silently used.
+a corrupt, truncated or mismatched file is detected and rebuilt, never silently used. Its state
+goes through the same check as a user's file (`vit.checkpoint.check_state`), with half precision
+refused: the cloud writes float32, so a float16/bfloat16 state is not the cloud's.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ import torch.nn.functional as F
 from flwr.common.logger import log
 from torch.utils.data import Dataset, TensorDataset
 
-from gaisnet_flwr.config import FoundationConfig, ModelConfig, RunConfig
+from gaisnet_flwr.config import ConfigError, FoundationConfig, ModelConfig, RunConfig
 from gaisnet_flwr.data.images import CLOUD_DIGITS, CLOUD_FRACTION, ImageData, cloud_views
 from gaisnet_flwr.training.loops import NonFiniteError, build_model, evaluate, loader
+from gaisnet_flwr.vit.checkpoint import CheckpointFileError, check_state, load_torch
 from gaisnet_flwr.vit.model import PromptedViT
 
 CHECKPOINT_FORMAT = 1  # bump when the meaning of a checkpoint changes
@@ -226,6 +230,7 @@ class Foundation:
             log(INFO, "cloud: reusing foundation checkpoint %s", path)
             return path
         except CheckpointError as err:
+            writable_targets(path)  # a folder in the way: refused before pre-training
             if path.exists():
                 log(WARNING, "cloud: %s; pre-training anew", err)
         size = len(data.cloud)  # type: ignore[arg-type]
@@ -278,6 +283,59 @@ class Foundation:
         return model
 
 
+# How long `foundation='timm'` waits to learn whether the weights' host can be reached: without
+# this check, huggingface_hub retried for 46 s offline and then printed an 80-line traceback.
+HUB_PROBE_TIMEOUT_S = 3.0
+TIMM_FIX = (
+    "run once where the host is reachable (the weights stay in the cache; copy the cache "
+    "folder to offline machines), or copy the weights file downloaded elsewhere and run with "
+    "foundation='file' checkpoint-path=FILE (`python scripts/timm_checkpoint.py` converts it "
+    "when the run's model has another shape; docs/configure.md, 'Foundation weights')"
+)
+
+
+def check_timm_weights(model_name: str) -> None:
+    """`foundation='timm'`: fail in seconds, naming the fix, when timm's pretrained weights for
+    `model_name` are neither in the local cache (Hugging Face's, or torch hub's for a URL) nor
+    downloadable (the host does not answer within HUB_PROBE_TIMEOUT_S, or HF_HUB_OFFLINE=1)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import timm.models
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None:
+        raise ConfigError(f"foundation='timm': timm has no pretrained weights for {model_name!r}")
+    if cfg.hf_hub_id:
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+        names += ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, n), str) for n in names):
+            return
+        where = f"Hugging Face repo {cfg.hf_hub_id}, cache {constants.HF_HUB_CACHE}"
+        url = constants.ENDPOINT
+    elif isinstance(cfg.url, str) and cfg.url:  # timm also allows (url, filename) pairs
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if cached.is_file():
+            return
+        where, url = f"{cfg.url}, cache {cached.parent}", cfg.url
+    else:
+        raise ConfigError(f"foundation='timm': timm has no download for {model_name!r}")
+    what = f"foundation='timm' needs timm's pretrained weights for {model_name!r} ({where})"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{what}: not cached, and HF_HUB_OFFLINE is set. Fix: {TIMM_FIX}")
+    host = urlparse(url)
+    try:
+        with socket.create_connection(
+            (host.hostname or "", host.port or 443), timeout=HUB_PROBE_TIMEOUT_S
+        ):
+            return  # reachable: timm downloads them at model build
+    except OSError as err:
+        raise ConfigError(
+            f"{what}: not cached, and {host.hostname} cannot be reached ({err}). Fix: {TIMM_FIX}"
+        ) from None
+
+
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write atomically (temp file + rename), with a SHA-256 sidecar of the exact bytes."""
     buffer = io.BytesIO()
@@ -293,7 +351,10 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, 
 def read_checkpoint(
     path: Path, meta: dict[str, Any], reference: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Load a checkpoint, checking its bytes, its configuration and every tensor's shape."""
+    """Load a checkpoint, checking its bytes (the sidecar), its configuration (`meta`) and its
+    state: the one check every weights file gets (`vit.checkpoint.check_state`: names, shapes,
+    dtypes, finite values), with half precision refused (the cloud writes float32 only)."""
+    writable_targets(path)
     if not path.is_file():
         raise CheckpointError(f"no foundation checkpoint at {path}")
     payload = path.read_bytes()
@@ -304,19 +365,40 @@ def read_checkpoint(
     if recorded != _digest(payload):
         raise CheckpointError(f"{path} does not match its SHA-256 sidecar (corrupt or partial)")
     try:
-        saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        saved_meta, state = saved["meta"], saved["state"]
-    except Exception as err:  # noqa: BLE001 - any decoding failure means "do not use it"
-        raise CheckpointError(f"{path} cannot be decoded: {err}") from err
+        saved = load_torch(payload, str(path))
+    except CheckpointFileError as err:
+        raise CheckpointError(f"cannot be decoded: {err}") from err
+    if not isinstance(saved, dict) or set(saved) != {"meta", "state"}:
+        what = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(
+            f"{path} is not a foundation checkpoint: it holds {what}, not 'meta' and 'state'"
+        )
+    saved_meta = saved["meta"]
+    if not isinstance(saved_meta, dict):
+        raise CheckpointError(
+            f"{path}: its 'meta' is a {type(saved_meta).__name__}, not the table of the "
+            f"configuration it was built for: not a checkpoint the cloud wrote"
+        )
     if saved_meta != meta:
-        changed = sorted(k for k in set(meta) | set(saved_meta) if meta.get(k) != saved_meta.get(k))
+        changed = sorted(
+            str(k) for k in set(meta) | set(saved_meta) if meta.get(k) != saved_meta.get(k)
+        )
         raise CheckpointError(f"{path} was built for another configuration (differs in {changed})")
-    if set(state) != set(reference) or any(state[k].shape != reference[k].shape for k in reference):
-        raise CheckpointError(f"{path} does not fit the model's weights")
-    bad = non_finite(state)
-    if bad:
-        raise CheckpointError(f"{path} holds non-finite weights (in {bad[:3]}): corrupt")
-    return state
+    try:
+        return check_state(saved["state"], reference, str(path), half="refuse")
+    except CheckpointFileError as err:
+        raise CheckpointError(str(err)) from err
+
+
+def writable_targets(path: Path) -> None:
+    """The checkpoint and its sidecar can be written: neither name is taken by a folder (checked
+    before pre-training, which would otherwise run and then fail to save)."""
+    for target, what in ((path, "the foundation checkpoint"), (_sidecar(path), "its sidecar")):
+        if target.is_dir():
+            raise CheckpointError(
+                f"{target} is a folder, where {what} goes: remove it, or set foundation-dir "
+                f"to another folder"
+            )
 
 
 def non_finite(state: dict[str, torch.Tensor]) -> list[str]:

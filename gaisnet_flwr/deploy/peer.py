@@ -5,9 +5,17 @@ A peer is a middle member (a range of Transformer blocks and their prompts) or t
 serves the `gaisnet.Peer` gRPC service described in `remote.py` and runs the same
 `chain.ChainNode` the simulation runs; its hop to the next member is a `GrpcHop`.
 
-    gaisnet-peer --listen 0.0.0.0:50051 --insecure                  # a lab on a trusted network
-    gaisnet-peer --listen 0.0.0.0:50051 --certfile peer.pem --keyfile peer.key \
-                 --ca-certfile ca.pem --require-client-cert          # mutual TLS (recommended)
+    gaisnet-peer --listen 0.0.0.0:50051 --next 10.0.0.12:50051 --insecure   # a trusted LAN
+    gaisnet-peer --listen 0.0.0.0:50051 --next 10.0.0.12:50051 --certfile peer.pem \
+                 --keyfile peer.key --ca-certfile ca.pem --require-client-cert  # mutual TLS
+    gaisnet-peer --listen 0.0.0.0:50051 --insecure        # an end point: it dials no one
+
+A peer dials only its chain: the next members it may call come from its own `--next`, never
+from a caller. An `Open` whose `next` is not one of them is refused (PERMISSION_DENIED), as is
+one whose `next` is the peer itself (a loop would wait on its own lock); a peer without `--next`
+serves as an end point only. When the next member fails, the caller is told so in one message
+whatever the reason (nothing listening, a closed socket, a TLS mismatch, another server): the
+details stay in this peer's log, so a caller cannot probe the network through it.
 
 It refuses by contract: every request is checked before any work is done with it, and a
 refusal is INVALID_ARGUMENT (malformed: the frame, a header field, a shape, a dtype, a
@@ -21,9 +29,13 @@ A session belongs to the start point that opened it: `Open` returns a token that
 call of that session must carry, and nobody else's `Open` replaces a live session until it has
 been idle for `--session-idle-s`. Model specs name a timm ViT and its shape within stated
 bounds (`SPEC_BOUNDS`), never files or downloads: the frozen weights always come from the start
-point (`Weights`, verified against their SHA-256 key, bounded in size and parts, dropped when
-unfinished for `--upload-timeout-s`). The peer keeps only its own segment's weights in memory:
-the architecture is built on the meta device and only its slice is filled.
+point. An `Open` on weights the peer lacks reserves room for exactly that segment's tensors and
+answers an upload token; `Weights` parts must carry it, and each tensor must be one of the
+segment's, in its shape and dtype, finite; the whole must hash to its SHA-256 key. Nobody else
+can touch an upload, and a timer drops it once no part has come for `--upload-timeout-s`. The
+tunable modules an `Open` brings must be the model's dtype (float32) and finite. The peer keeps
+only its own segment's weights in memory: the architecture is built on the meta device and only
+its slice is filled. `Ping` answers the protocol version and nothing about sessions.
 """
 
 from __future__ import annotations
@@ -31,11 +43,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hmac
+import ipaddress
 import logging
 import math
 import re
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -53,13 +67,16 @@ from timm.models import is_model_in_modules
 from gaisnet_flwr.deploy.remote import (
     MB,
     PROTOCOL_VERSION,
+    REFUSAL_KEY,
     SERVICE,
     GrpcHop,
     PeerClient,
     PeerError,
     TransportSettings,
     check_address,
+    endpoint,
     segment_tunable_keys,
+    segment_weights,
     weights_key,
 )
 from gaisnet_flwr.split.chain import OPTIMIZERS, ChainNode, OptimizerSpec, Segment, build_segments
@@ -157,13 +174,15 @@ class Session:
 
 @dataclass
 class Upload:
-    """A set of frozen weights arriving in parts."""
+    """A segment's frozen weights arriving in parts, for the `Open` that asked for them."""
 
-    key: str
-    parts: int
-    tensors: dict[str, torch.Tensor]
+    token: str  # answered by that `Open`; every part carries it
+    key: str  # the SHA-256 key the tensors must hash to
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]]  # the segment's tensors
+    nbytes: int  # what they take: reserved in --max-held-mb from the start
+    parts: int | None = None  # set by part 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     done: int = 0  # parts received
-    nbytes: int = 0
     last: float = field(default_factory=time.monotonic)
 
 
@@ -205,6 +224,47 @@ def _weights_key(header: dict, method: str) -> str:
     if not isinstance(key, str) or not _HEX64.fullmatch(key):
         raise invalid(f"{method}: 'weights-key' must be a SHA-256 hex digest, got {key!r:.80}")
     return key
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def own_endpoints(listen: str, port: int) -> set[tuple[str, int]]:
+    """The (host, port) pairs that reach a peer listening on `listen` at `port`: its host, and
+    for a wildcard or loopback listener also localhost; a wildcard one also by this machine's
+    host name and its addresses (best effort: what `getaddrinfo` knows)."""
+    host = listen.rpartition(":")[0].strip("[]").lower()
+    hosts = {host}
+    if host in WILDCARDS or _loopback(host):
+        hosts |= {"localhost", "127.0.0.1", "::1"}
+    if host in WILDCARDS:
+        with contextlib.suppress(OSError):
+            name = socket.gethostname().lower()
+            hosts |= {name} | {str(i[4][0]).lower() for i in socket.getaddrinfo(name, None)}
+    return {(h, port) for h in hosts}
+
+
+def loops_back(address: str, own: set[tuple[str, int]]) -> bool:
+    """Whether `address` is one of `own`. Any loopback address on a loopback listener's port
+    counts as itself (a wildcard listener answers on all of them; refusing a 127.0.0.2 that
+    might not reach it costs nothing, since no other peer can listen there on that port)."""
+    host, port = endpoint(address)
+    if (host, port) in own:
+        return True
+    return _loopback(host) and any(p == port and _loopback(h) for h, p in own)
 
 
 def _all_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -368,87 +428,116 @@ def check_ranges(value: Any) -> SplitPlan:
 
 
 class PeerService:
-    """The peer's state and request handlers (transport-free, so tests can call them)."""
+    """The peer's state and request handlers (transport-free, so tests can call them).
+
+    `next_members` are the addresses this peer may call as the next member of a chain (its
+    `--next`); `serve` tells it its own address, so that a loop back to itself is refused too.
+    """
 
     def __init__(
         self,
         transport: TransportSettings,
         device: str | torch.device = "cpu",
         limits: PeerLimits | None = None,
+        next_members: tuple[str, ...] = (),
     ) -> None:
         self.transport = transport
         self.device = check_device(device) if isinstance(device, str) else device
         self.limits = limits or PeerLimits()
         self.session: Session | None = None
         self._weights: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self._upload: Upload | None = None  # frozen weights arriving in parts
+        self._uploads: dict[str, Upload] = {}  # by upload token: frozen weights arriving
+        self._timer: threading.Timer | None = None  # drops uploads that stopped arriving
         self._lock = threading.Lock()
+        self._own: set[tuple[str, int]] = set()  # this peer's own endpoints, once serving
+        self.next_members: dict[tuple[str, int], str] = {}
+        self.allow_next(next_members)
+
+    # -- its place in the chain ------------------------------------------------------------------
+    def allow_next(self, addresses: tuple[str, ...]) -> None:
+        """The next members this peer may call (its own configuration, never a caller's)."""
+        members = {endpoint(a): a for a in addresses}
+        looped = [a for a in members.values() if loops_back(a, self._own)]
+        if looped:
+            raise ValueError(f"--next {looped[0]} is this peer itself: a chain cannot loop")
+        self.next_members = members
+
+    def serving_at(self, address: str, port: int) -> None:
+        """Learn this peer's own endpoints (`own_endpoints`), once it listens on `port`."""
+        self._own = own_endpoints(address, port)
+        self.allow_next(tuple(self.next_members.values()))
+
+    def is_self(self, address: str) -> bool:
+        return loops_back(address, self._own)
+
+    def close_service(self) -> None:
+        """Stop the upload timer (the process is ending)."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     # -- handlers: header + tensors in, header + tensors out -------------------------------------
     def ping(self, header: dict, tensors: dict) -> tuple[dict, dict]:
-        session = self.session
-        return {"version": PROTOCOL_VERSION, "session": session.id if session else ""}, {}
+        """The protocol version, and nothing else (no session, no state)."""
+        extra = sorted(str(k) for k in header if k != "version")
+        if extra or tensors:
+            raise invalid(
+                f"Ping: takes an empty header (or 'version') and no tensors, got key(s) "
+                f"{extra[:5]} and {len(tensors)} tensor(s)"
+            )
+        return {"version": PROTOCOL_VERSION}, {}
 
     def weights(self, header: dict, tensors: dict) -> tuple[dict, dict]:
-        """One part of a segment's frozen weights (large segments come in several parts, each
-        under the message-size limit, in order); stored under their key once the last part is
-        in and they hash to it."""
+        """One part of a segment's frozen weights, under the upload token its `Open` answered
+        (large segments come in several parts, each under the message-size limit, in order);
+        stored under their key once the last part is in and they hash to it."""
         limits = self.limits
+        token = _str(header, "upload", "Weights")
         key = _weights_key(header, "Weights")
         parts = _int(header, "parts", "Weights", 1, limits.max_upload_parts, default=1)
         part = _int(header, "part", "Weights", 0, parts - 1, default=0)
+        upload = self._uploads.get(token)
+        if upload is None or not hmac.compare_digest(token.encode(), upload.token.encode()):
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Weights: no upload under way for this token ({key[:12]}): an Open that lacks "
+                f"the weights answers one; unfinished uploads are dropped after "
+                f"{limits.upload_timeout_s:g} s",
+            )
+        if upload.key != key:
+            raise invalid(f"Weights: this upload is of weights {upload.key[:12]}, not {key[:12]}")
+        if upload.parts is None and part == 0:
+            upload.parts = parts
+        if parts != upload.parts or part != upload.done:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Weights: expected part {upload.done} of {upload.parts or parts} for "
+                f"{key[:12]}, got part {part} of {parts}",
+            )
         if not tensors:
             raise invalid("Weights: the message carries no tensors")
-        if part == 0:
-            self._upload = Upload(key, parts, {})
-        upload = self._upload
-        if upload is None or upload.key != key:
-            raise Refused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"Weights: part {part} of {key[:12]} arrived, but no upload of it is under way "
-                "(start with part 0; unfinished uploads are dropped after "
-                f"{limits.upload_timeout_s:.0f} s)",
-            )
-        done = upload.done
-        if parts != upload.parts or part != done:
-            raise Refused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"Weights: expected part {done} of {upload.parts} for {key[:12]}, got part "
-                f"{part} of {parts}",
-            )
-        repeated = sorted(set(tensors) & set(upload.tensors))
-        if repeated:
-            self._upload = None
-            raise invalid(f"Weights: tensor(s) {repeated[:3]} arrived twice; upload dropped")
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        upload.nbytes += nbytes
-        if upload.nbytes > limits.max_upload_mb * MB:
-            self._upload = None
-            raise Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Weights: {key[:12]} exceeds this peer's --max-upload-mb "
-                f"{limits.max_upload_mb:g}; upload dropped",
-            )
-        if not self._make_room(upload.nbytes):
-            self._upload = None
-            raise Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Weights: {key[:12]} does not fit in this peer's --max-held-mb "
-                f"{limits.max_held_mb:g} next to the weights of the open session; upload dropped",
-            )
+        try:
+            self._check_part(upload, tensors)
+        except Refused:
+            self._drop(upload)  # a malformed part spoils the whole upload
+            raise
         upload.tensors.update({k: t.to(self.device) for k, t in tensors.items()})
         upload.last = time.monotonic()
-        upload.done = done + 1
+        upload.done = part + 1
         if part < parts - 1:
             return {"stored": ""}, {}
-        self._upload = None
+        self._drop(upload)
+        missing = sorted(set(upload.expected) - set(upload.tensors))
+        if missing:
+            raise invalid(
+                f"Weights: the upload of {key[:12]} ended without {len(missing)} of the "
+                f"segment's tensors: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
+            )
         if weights_key(upload.tensors) != key:
             raise invalid(
                 f"Weights: the {len(upload.tensors)} tensors do not hash to their key {key[:12]}"
             )
-        bad = _all_finite(upload.tensors)
-        if bad:
-            raise invalid(f"Weights: tensor(s) {bad[:3]} hold NaN or inf")
         self._weights[key] = upload.tensors
         self._weights.move_to_end(key)
         pinned = self.session.weights if self.session else ""
@@ -458,6 +547,27 @@ class PeerService:
                 break
             del self._weights[evictable[0]]
         return {"stored": key}, {}
+
+    def _check_part(self, upload: Upload, tensors: dict[str, torch.Tensor]) -> None:
+        """Each tensor one of the segment's, not sent before, in its shape and dtype, finite."""
+        for name, tensor in tensors.items():
+            if name not in upload.expected:
+                raise invalid(
+                    f"Weights: tensor {name[:80]!r} is not one of this segment's frozen weights; "
+                    "upload dropped"
+                )
+            if name in upload.tensors:
+                raise invalid(f"Weights: tensor {name!r} arrived twice; upload dropped")
+            shape, dtype = upload.expected[name]
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise invalid(
+                    f"Weights: tensor {name!r} is {_dtype_name(tensor.dtype)} "
+                    f"{tuple(tensor.shape)}, the segment's {_dtype_name(dtype)} {shape}; "
+                    "upload dropped"
+                )
+        bad = _all_finite(tensors)
+        if bad:
+            raise invalid(f"Weights: tensor(s) {bad[:3]} hold NaN or inf; upload dropped")
 
     def open(self, header: dict, tensors: dict) -> tuple[dict, dict]:
         if header.get("version") != PROTOCOL_VERSION:
@@ -490,18 +600,13 @@ class PeerService:
                 )
             )
         if not last:
-            try:
-                check_address(str(next_address)[:300])
-            except ValueError as err:
-                raise invalid(f"Open: 'next' {err}") from err
+            self._check_next(str(next_address)[:300])
             _str(header, "next-token", "Open")
         bad = _all_finite(tensors)
         if bad:
             raise invalid(f"Open: module(s) {bad[:3]} hold NaN or inf")
         self._check_free(session_id)
-        if key not in self._weights:
-            return {"need-weights": True, "ready": False}, {}
-        model = self._segment_model(spec, self._weights[key])
+        model = self._meta_model(spec)
         if plan.num_blocks != model.depth:
             raise invalid(
                 f"Open: 'ranges' cover {plan.num_blocks} blocks, the model has {model.depth}"
@@ -509,6 +614,10 @@ class PeerService:
         keys = segment_tunable_keys(model, plan, index)
         if sorted(tensors) != sorted(keys):
             raise invalid(f"Open: modules {sorted(tensors)[:8]} are not this segment's {keys}")
+        self._check_modules(model, tensors)
+        if key not in self._weights:
+            return self._start_upload(key, segment_weights(model, plan, index))
+        self._fill(model, spec, self._weights[key])
         self._check_complete(model, plan, index, key)
         try:
             model.load_tunable_state(tensors, strict=False)
@@ -618,22 +727,69 @@ class PeerService:
 
     # -- helpers --------------------------------------------------------------------------------
     def expire(self, now: float | None = None) -> None:
-        """Drop an unfinished upload that stopped arriving (a live session stays until
-        another `Open` finds it idle for `session_idle_s`)."""
+        """Drop every unfinished upload that stopped arriving (a live session stays until
+        another `Open` finds it idle for `session_idle_s`). The upload timer calls it."""
         now = time.monotonic() if now is None else now
-        upload = self._upload
-        if upload is not None and now - upload.last > self.limits.upload_timeout_s:
-            log.warning(
-                "unfinished upload of %s dropped after %.0f s", upload.key[:12], now - upload.last
+        for upload in list(self._uploads.values()):
+            if now - upload.last >= self.limits.upload_timeout_s:
+                log.warning(
+                    "unfinished upload of %s dropped after %.0f s",
+                    upload.key[:12],
+                    now - upload.last,
+                )
+                self._drop(upload)
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+            self.expire()
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Arm the timer for the upload that will time out first (the caller holds the lock)."""
+        if self._timer is not None or not self._uploads:
+            return
+        first = min(u.last for u in self._uploads.values())
+        due = first + self.limits.upload_timeout_s - time.monotonic()
+        self._timer = threading.Timer(max(due, 0.0) + 0.01, self._on_timer)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _drop(self, upload: Upload) -> None:
+        self._uploads.pop(upload.token, None)
+
+    def _start_upload(
+        self, key: str, weights: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict]:
+        """Reserve room for exactly the segment's frozen tensors and answer an upload token."""
+        limits = self.limits
+        expected = {k: (tuple(t.shape), t.dtype) for k, t in weights.items()}
+        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        if nbytes > limits.max_upload_mb * MB:
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Open: the segment's frozen weights take {nbytes / MB:.1f} MB, over this peer's "
+                f"--max-upload-mb {limits.max_upload_mb:g}",
             )
-            self._upload = None
+        if not self._make_room(nbytes):
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Open: the segment's frozen weights ({nbytes / MB:.1f} MB) do not fit in this "
+                f"peer's --max-held-mb {limits.max_held_mb:g} next to the open session's and "
+                f"the uploads under way",
+            )
+        upload = Upload(secrets.token_hex(16), key, expected, nbytes)
+        self._uploads[upload.token] = upload
+        self._schedule()
+        return {"need-weights": True, "ready": False, "upload": upload.token}, {}
 
     def _held_bytes(self, keys: list[str]) -> int:
-        return sum(t.numel() * t.element_size() for k in keys for t in self._weights[k].values())
+        stored = sum(t.numel() * t.element_size() for k in keys for t in self._weights[k].values())
+        return stored + sum(u.nbytes for u in self._uploads.values())
 
     def _make_room(self, arriving: int) -> bool:
         """Evict stored weights (oldest first, never the open session's) until `arriving`
-        more bytes fit in `max_held_mb`."""
+        more bytes fit in `max_held_mb` next to the uploads under way (never dropped here)."""
         limit = self.limits.max_held_mb * MB
         pinned = self.session.weights if self.session else ""
         while self._held_bytes(list(self._weights)) + arriving > limit:
@@ -642,6 +798,29 @@ class PeerService:
                 return False
             del self._weights[evictable[0]]
         return True
+
+    def _check_next(self, address: str) -> None:
+        """`next` is one of this peer's own next members, and not the peer itself."""
+        try:
+            check_address(address)
+        except ValueError as err:
+            raise invalid(f"Open: 'next' {err}") from err
+        if self.is_self(address):
+            raise invalid(
+                f"Open: 'next' {address} is this peer itself: a chain cannot loop back to its "
+                "own member"
+            )
+        if endpoint(address) not in self.next_members:
+            allowed = ", ".join(self.next_members.values())
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"Open: 'next' {address} is not a next member of this peer; it dials only its "
+                + (
+                    f"chain's ({allowed}, from its --next)"
+                    if allowed
+                    else "chain, and was started without --next: it serves as an end point only"
+                ),
+            )
 
     def _check_free(self, session_id: str) -> None:
         """A live session belongs to whoever opened it until it has been idle too long."""
@@ -660,8 +839,8 @@ class PeerService:
                 f"{idle:.0f} s; it can be replaced after {self.limits.session_idle_s:.0f} s idle",
             )
 
-    def _segment_model(self, spec: dict[str, Any], weights: dict[str, torch.Tensor]) -> PromptedViT:
-        """The architecture on the meta device, with only this segment's weights filled in."""
+    def _meta_model(self, spec: dict[str, Any]) -> PromptedViT:
+        """The architecture on the meta device (no memory), its size checked."""
         try:
             with torch.device("meta"):
                 model = build_prompted_vit(**spec)
@@ -669,6 +848,25 @@ class PeerService:
             reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             raise invalid(f"Open: timm cannot build model spec {spec}: {reason}") from err
         check_built(model)
+        return model
+
+    def _check_modules(self, model: PromptedViT, tensors: dict[str, torch.Tensor]) -> None:
+        """The tunable modules an `Open` brings are the model's own dtype (float32): a float64
+        module would be rounded (1e300 becomes inf) and an integer one is not a module."""
+        own = dict(model.named_tunable_parameters())
+        for key, tensor in tensors.items():
+            want = own[key]
+            if tensor.dtype != want.dtype or tuple(tensor.shape) != tuple(want.shape):
+                raise invalid(
+                    f"Open: module {key!r} is {_dtype_name(tensor.dtype)} "
+                    f"{tuple(tensor.shape)}; this session's modules are "
+                    f"{_dtype_name(want.dtype)} {tuple(want.shape)}"
+                )
+
+    def _fill(
+        self, model: PromptedViT, spec: dict[str, Any], weights: dict[str, torch.Tensor]
+    ) -> None:
+        """Fill only this segment's weights into the meta-device model."""
         expected = model.state_dict(keep_vars=True)
         unexpected = sorted(k for k in weights if k not in expected)
         if unexpected:
@@ -687,7 +885,6 @@ class PeerService:
         weights = {k: t.clone() if k in trainable else t for k, t in weights.items()}
         model.load_state_dict(weights, strict=False, assign=True)
         compute_buffers(model, self.device)
-        return model
 
     def _check_complete(self, model: PromptedViT, plan: SplitPlan, index: int, key: str) -> None:
         """Every parameter of the segment came with its weights (none left on the meta device)."""
@@ -754,9 +951,8 @@ class PeerService:
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
             try:
                 if method == "Ping":  # answers while a long step holds the lock
-                    return pack_message(*self.ping({}, {}))
+                    return pack_message(*self.ping(*unpack_message(request)))
                 with self._lock:  # one chain at a time: a step's calls are sequential anyway
-                    self.expire()
                     header, tensors = unpack_message(request)
                     if method in ("Train", "Infer"):
                         fn = self.train_step if method == "Train" else self.infer
@@ -770,6 +966,12 @@ class PeerService:
                 code, message = err.code, str(err)
             except PeerError as err:  # the next hop failed: say which one
                 code, message = grpc.StatusCode.UNAVAILABLE, str(err)
+                if err.transport:  # the same words whatever is (or is not) at that port
+                    log.warning("%s: the next member failed: %s", method, err)
+                    message = (
+                        f"{err.where}: {method} failed: no answer from a gaisnet-peer there "
+                        "(not running, unreachable, or too slow); see this peer's log"
+                    )
             except Exception as err:  # a bug, or a case no check foresaw: never UNKNOWN
                 log.exception("%s failed", method)
                 first = str(err).splitlines()[0][:200] if str(err) else ""
@@ -778,7 +980,9 @@ class PeerService:
                     f"{method} failed inside the peer: {type(err).__name__}: {first} "
                     "(see the peer's log)"
                 )
-            # ASCII and bounded: header strings a caller sent may hold anything.
+            # ASCII and bounded: header strings a caller sent may hold anything. The metadata
+            # tells the caller that a gaisnet-peer, not the transport, answered.
+            context.set_trailing_metadata(((REFUSAL_KEY, code.name.lower()),))
             context.abort(code, message[:2000].encode("ascii", "backslashreplace").decode())
             raise AssertionError("unreachable: context.abort raises")
 
@@ -804,6 +1008,7 @@ def serve(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {address} (address in use or not local)")
+    service.serving_at(address, port)  # refuses a --next that is this peer itself
     server.start()
     return server, port
 
@@ -823,6 +1028,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="gaisnet-peer", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     parser.add_argument("--listen", required=True, help="host:port to serve on (port 0: any)")
+    parser.add_argument(
+        "--next", action="append", default=[], metavar="HOST:PORT[,HOST:PORT...]",
+        help="the next member(s) of the chain this peer may call; none: an end point only",
+    )  # fmt: skip
     parser.add_argument("--insecure", action="store_true", help="plaintext gRPC (trusted LAN)")
     parser.add_argument("--certfile", default="", help="TLS: this peer's certificate (PEM)")
     parser.add_argument("--keyfile", default="", help="TLS: this peer's private key (PEM)")
@@ -869,6 +1078,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(str(err))
     try:
         check_address(args.listen, listen=True)
+        args.next = tuple(
+            check_address(a.strip()) for text in args.next for a in text.split(",") if a.strip()
+        )
+        port = int(args.listen.rpartition(":")[2])
+        looped = [a for a in args.next if port and loops_back(a, own_endpoints(args.listen, port))]
+        if looped:
+            raise ValueError(f"--next {looped[0]} is this peer's own --listen: a chain cannot loop")
     except ValueError as err:
         parser.error(str(err))
     tls = bool(args.certfile or args.keyfile)
@@ -902,7 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
         certfile=args.certfile if args.ca_certfile else "",
         keyfile=args.keyfile if args.ca_certfile else "",
     )
-    service = PeerService(transport, device=args.device, limits=args.limits)
+    service = PeerService(transport, device=args.device, limits=args.limits, next_members=args.next)
     credentials = (
         server_credentials(args.certfile, args.keyfile, args.ca_certfile, args.require_client_cert)
         if args.certfile
@@ -910,16 +1126,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         server, port = serve(service, args.listen, credentials)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, ValueError) as err:  # ValueError: --next loops back
         print(f"gaisnet-peer: error: {err}", file=sys.stderr)
         return 1
     host = args.listen.rpartition(":")[0]
-    print(f"gaisnet-peer listening on {host}:{port} ({'TLS' if credentials else 'insecure'})")
+    dials = f"dials {', '.join(args.next)}" if args.next else "an end point: dials no one"
+    print(
+        f"gaisnet-peer listening on {host}:{port} ({'TLS' if credentials else 'insecure'}; {dials})"
+    )
     sys.stdout.flush()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
+    service.close_service()
     with contextlib.suppress(Exception):
         server.stop(grace=1.0).wait()
     return 0

@@ -7,11 +7,13 @@ Every node runs the same `chain.ChainNode`; only its hop is a `GrpcHop` instead 
 in-process one. The serving side is `peer.py` (the `gaisnet-peer` process).
 
 Methods of the `gaisnet.Peer` service (unary calls, framed payloads from `link.pack_message`):
-  Ping     -> the peer's protocol version (lab bring-up waits on it)
+  Ping     -> the peer's protocol version, nothing else
   Open     one round's session: the peer's segment, its tunable modules, optimizer, next hop
-           (and the token of the next member's session); replies `need-weights` when it lacks
-           the frozen weights of that segment, else `ready` and the session's token
-  Weights  the segment's frozen weights, keyed by their SHA-256 (kept in the peer's memory)
+           (one of the next members the peer was started with, never the peer itself; and the
+           token of the next member's session); replies `need-weights` and an upload token when
+           it lacks the frozen weights of that segment, else `ready` and the session's token
+  Weights  the segment's frozen weights, keyed by their SHA-256, under that upload token (kept
+           in the peer's memory)
   Train    smashed data + labels in, gradient of the smashed data out (the rest of the chain
            runs inside the call)
   Infer    smashed data in, logits out
@@ -51,13 +53,26 @@ from gaisnet_flwr.vit.model import PromptedViT
 
 SERVICE = "gaisnet.Peer"
 # 2: tensors keep their memory layout on the wire (split/link.py); 3: sessions have tokens;
-# 4: a session has a precision and a smashed-data dtype (smashed data may travel as bf16 / fp16)
-PROTOCOL_VERSION = 4
+# 4: a session has a precision and a smashed-data dtype (smashed data may travel as bf16 / fp16);
+# 5: a peer dials only the next members it was configured with (`gaisnet-peer --next`); frozen
+#    weights arrive under the upload token of the `Open` that asked for them; Ping tells only
+#    the version
+PROTOCOL_VERSION = 5
 MB = 2**20
+# Trailing metadata on every refusal a gaisnet-peer answers itself: a failure without it came
+# from the transport (nothing listening, a closed socket, a TLS mismatch, another server).
+REFUSAL_KEY = "gaisnet-refusal"
 
 
 class PeerError(RuntimeError):
-    """A peer that could not be reached, timed out, or refused what it was sent."""
+    """A peer that could not be reached, timed out, or refused what it was sent. `where` names
+    the member ("peer1 at host:port"); `transport` is true when no gaisnet-peer answered (the
+    connection failed, or whatever listens there is not a peer)."""
+
+    def __init__(self, message: str, where: str = "", transport: bool = False) -> None:
+        super().__init__(message)
+        self.where = where
+        self.transport = transport
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,13 @@ def check_address(address: str, listen: bool = False) -> str:
     if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
         raise ValueError(f"peer address {address!r} is not host:port (e.g. 192.168.1.20:50051)")
     return address
+
+
+def endpoint(address: str) -> tuple[str, int]:
+    """(host, port) of a checked address, the host lower-case and without IPv6 brackets: two
+    spellings of one address compare equal (`[::1]:5` and `::1:5`, `Peer.lan:5`, `peer.lan:5`)."""
+    host, _, port = check_address(address).rpartition(":")
+    return host.strip("[]").lower(), int(port)
 
 
 @dataclass(frozen=True)
@@ -199,6 +221,8 @@ class PeerClient:
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
             details = err.details() if hasattr(err, "details") else str(err)
+            trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+            refused = any(item[0] == REFUSAL_KEY for item in trailing or ())
             hint = ""
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 hint = f" (no answer within {timeout:.1f} s; see peer-timeout-s)"
@@ -206,12 +230,18 @@ class PeerClient:
                 hint = " (message too large; see peer-max-message-mb / --max-message-mb)"
             name = code.name if code else "ERROR"
             raise PeerError(
-                f"{self.name} at {self.address}: {method} failed: {name}: {details}{hint}"
+                f"{self.where}: {method} failed: {name}: {details}{hint}",
+                self.where,
+                transport=not refused,
             ) from err
         try:
             return unpack_message(payload)
         except LinkError as err:
-            raise PeerError(f"{self.name} at {self.address}: malformed reply: {err}") from err
+            raise PeerError(f"{self.where}: malformed reply: {err}", self.where) from err
+
+    @property
+    def where(self) -> str:
+        return f"{self.name} at {self.address}"
 
     def close(self) -> None:
         self._channel.close()
@@ -423,7 +453,8 @@ class NetworkPeers:
         if reply.get("need-weights"):  # first session on this peer (or it restarted)
             parts = chunks(weights, self.settings.transport.max_message_bytes // 2)
             for i, part in enumerate(parts):
-                key = {"weights-key": header["weights-key"], "part": i, "parts": len(parts)}
+                key = {"weights-key": header["weights-key"], "upload": reply.get("upload"),
+                       "part": i, "parts": len(parts)}  # fmt: skip
                 client.call("Weights", key, part)
             reply, _ = client.call("Open", header, modules)
         token = reply.get("token")

@@ -145,6 +145,8 @@ def run_one(args: argparse.Namespace, clusters: int, work: Path) -> ScaleRow:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
         "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1]),
+        # a Ray of its own unless RAY_ADDRESS names a cluster (ray.init() would join the newest)
+        "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local",
     }
     run_config = (
         f"num-rounds={args.rounds} inference-requests=0 fraction-evaluate=0.0 "

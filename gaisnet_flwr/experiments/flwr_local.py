@@ -9,11 +9,19 @@ wait, SIGKILL what is left, and check again. `scripts/run.sh` and `tests/test_fl
 go through this file, so there is one implementation of start, check and stop.
 
     python scripts/flwr_local.py run --output-dir DIR [--num-supernodes N] [-- FLWR_RUN_ARGS...]
-    python scripts/flwr_local.py stop            # stops the SuperLink of $FLWR_HOME
+    python scripts/flwr_local.py stop            # stops the SuperLink of $FLWR_HOME (~/.flwr)
 
 The caller sets FLWR_HOME (absolute) and may set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT /
 FLWR_LOCAL_CONTROL_API_PORT so the run never talks to someone else's SuperLink.
 Linux and macOS (`ps`); `--stream` exits 0 even when the run fails, so success is checked here.
+
+Every `--run-config` given (a preset `.toml` file or "key=value" items, merged in order, later
+ones win) is read here and checked before anything starts: a key the app does not have is named
+with its close matches, and the values go through `RunConfig` as the ServerApp will read them.
+`flwr run` then gets one TOML file with all of them (it refuses a `.toml` next to key=value
+items, and names no key it rejects: "[code: 15] Invalid run configuration."). Ray starts a
+cluster of its own unless RAY_ADDRESS names one: without it, `ray.init()` would join whatever
+`ray start` cluster ran last on this machine.
 """
 
 from __future__ import annotations
@@ -24,14 +32,21 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from gaisnet_flwr.experiments.provenance import Provenance
+from gaisnet_flwr.names import unknown_names
 
 # Process names the managed SuperLink may leave behind (for reporting and for the tests).
 FLOWER_AND_RAY = (
@@ -77,9 +92,11 @@ def processes() -> dict[int, Proc]:
 
 
 def flwr_home() -> Path:
-    home = os.environ.get("FLWR_HOME")
-    if not home or not os.path.isabs(home):
-        sys.exit(f"error: FLWR_HOME must be set to an absolute path, got {home!r}")
+    """$FLWR_HOME, or Flower's own default ~/.flwr (where a plain `flwr run .` keeps its
+    managed SuperLink)."""
+    home = os.environ.get("FLWR_HOME") or str(Path.home() / ".flwr")
+    if not os.path.isabs(home):
+        sys.exit(f"error: FLWR_HOME must be an absolute path, got {home!r}")
     return Path(home)
 
 
@@ -350,8 +367,123 @@ def federation_config(
     )
 
 
+class RunConfigError(ValueError):
+    """A `--run-config` that `flwr run` would refuse or the ServerApp would fail on."""
+
+
+def split_run_config(args: list[str]) -> tuple[list[str], list[str]]:
+    """The values of every `--run-config` / `-c` among `flwr run` arguments, and the rest."""
+    values: list[str] = []
+    rest: list[str] = []
+    items = iter(args)
+    for arg in items:
+        if arg in ("--run-config", "-c"):
+            value = next(items, None)
+            if value is None:
+                raise RunConfigError(f'{arg} needs a value: "key=value ..." or a .toml file')
+            values.append(value)
+        elif arg.startswith("--run-config="):
+            values.append(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+    return values, rest
+
+
+# Flower's own pattern for key=value items (flwr.common.config.parse_config_args).
+_ITEM = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
+
+
+def read_run_config(values: list[str]) -> dict[str, Any]:
+    """The overrides of `--run-config` values, merged in order: each a `.toml` file of flat
+    `key = value` lines (as `flwr run` reads one) or "key=value" items with TOML values."""
+    merged: dict[str, Any] = {}
+    for value in values:
+        text = value.strip()
+        if text.endswith(".toml") and "=" not in text:
+            try:
+                with Path(text).expanduser().open("rb") as file:
+                    table = tomllib.load(file)
+            except (OSError, tomllib.TOMLDecodeError) as err:
+                raise RunConfigError(f"cannot read run-config file {text!r}: {err}") from err
+            nested = [k for k, v in table.items() if isinstance(v, dict)]
+            if nested:
+                raise RunConfigError(
+                    f"{text}: tables {nested} are not run-config keys; give flat key = value lines"
+                )
+            merged.update(table)
+            continue
+        leftover = _ITEM.sub(" ", text).split()
+        if leftover:
+            raise RunConfigError(
+                f"cannot read {' '.join(leftover)!r} in --run-config {value!r}: give key=value "
+                "items (e.g. \"num-rounds=3 mode='vpt-shallow'\") or the path of a .toml file"
+            )
+        for key, raw in _ITEM.findall(text):
+            try:
+                merged.update(tomllib.loads(f"{json.dumps(key)} = {raw}"))
+            except tomllib.TOMLDecodeError as err:
+                raise RunConfigError(
+                    f"--run-config {key}={raw}: not a TOML value ({err}); strings need quotes, "
+                    f"e.g. {key}='{raw}'"
+                ) from err
+    return merged
+
+
+def app_run_config(app: Path) -> dict[str, Any]:
+    """The app's run-config keys and defaults: `[tool.flwr.app.config]` of its pyproject.toml
+    (what Flower checks `--run-config` keys against)."""
+    with (app / "pyproject.toml").open("rb") as file:
+        config = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
+    return dict(config)
+
+
+def check_keys(app: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Refuse keys the app does not have (Flower would, naming none), with their close matches;
+    return the app's defaults."""
+    defaults = app_run_config(app)
+    unknown = [key for key in overrides if key not in defaults]
+    if unknown:
+        raise RunConfigError(unknown_names("run-config key", unknown, defaults))
+    return defaults
+
+
+def check_run_config(app: Path, overrides: dict[str, Any]) -> None:
+    """Refuse what the run would fail on, before any SuperLink, Ray or model: unknown keys (with
+    their close matches; no torch imported for that), then the values, checked as the ServerApp
+    checks them first (`apps.hfsl.check_run_config`: the config and the strategy)."""
+    defaults = check_keys(app, overrides)
+    # torch, timm and the strategies: only from here
+    from gaisnet_flwr.apps.hfsl import check_run_config as server_app_check
+    from gaisnet_flwr.apps.tracking import check_mlflow
+    from gaisnet_flwr.config import ConfigError
+
+    try:
+        cfg = server_app_check({**defaults, **overrides})
+        check_mlflow(cfg.run.mlflow_tracking_uri)  # the ServerApp's next check
+    except (ConfigError, RuntimeError) as err:
+        raise RunConfigError(str(err)) from err
+
+
+def write_run_config(overrides: dict[str, Any], directory: Path) -> Path:
+    """`overrides` as one TOML file for `flwr run --run-config FILE`."""
+    import tomli_w  # a dependency of flwr
+
+    file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the caller deletes it after the run
+        "wb", suffix=".toml", prefix="run-config-", dir=directory, delete=False
+    )
+    with file:
+        tomli_w.dump(overrides, file)
+    return Path(file.name)
+
+
 def run(
-    app: Path, output_dir: Path, num_supernodes: int, cpus: float, gpus: float, extra: list[str]
+    app: Path,
+    output_dir: Path,
+    num_supernodes: int,
+    cpus: float,
+    gpus: float,
+    extra: list[str],
+    check: bool = True,
 ) -> int:
     home = flwr_home()
     ports = [int(os.environ.get(k, v)) for k, v in DEFAULT_PORTS.items()]
@@ -361,31 +493,52 @@ def run(
     os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
 
     try:
+        joins = os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
         federation = federation_config(
-            num_supernodes, cpus, gpus, ray_address=os.environ.get("RAY_ADDRESS")
+            num_supernodes, cpus, gpus, ray_address=os.environ["RAY_ADDRESS"] if joins else None
         )
+        values, extra = split_run_config(extra)
+        overrides = {"output-dir": str(output_dir), **read_run_config(values)}
+        if check:
+            check_run_config(app, overrides)
+        else:
+            check_keys(app, overrides)
     except ValueError as err:
         sys.exit(f"error: {err}")
+    # Our own Ray: without RAY_ADDRESS, ray.init() joins the newest `ray start` cluster here.
+    os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
+    # The app runs in this environment: no second one built at run time (`uv sync`, GBs).
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     stale = stop_local_superlink(home)  # a SuperLink left by a killed run would be reused
     if stale:
         print(f"[flwr_local] stopped a stale SuperLink of {home} ({len(stale)} processes)")
     check_ports_free(ports)
+    output_dir = Path(overrides["output-dir"]).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir / "run.log"
+    home.mkdir(parents=True, exist_ok=True)
+    run_config = write_run_config({**overrides, "output-dir": str(output_dir)}, home)
     cmd = [
         str(flwr), "run", str(app), "--stream",
         "--federation-config", federation,
-        "--run-config", f"output-dir={json.dumps(str(output_dir))}",  # a TOML string
+        "--run-config", str(run_config),
         *extra,
     ]  # fmt: skip
     print(f"[flwr_local] {' '.join(cmd)}\n[flwr_local] log: {log_path}", flush=True)
     started = time.monotonic()
+    # What made the results (commit, packages, CPU, threads, load), written beside them.
+    record = Provenance.start(
+        "flwr " + shlex.join(cmd[1:]).replace(str(run_config), "RUN_CONFIG"), app
+    )
+    record.run_config = {**overrides, "output-dir": str(output_dir)}
     try:
         outcome = stream_run(cmd, log_path, echo=True)
         outcome.check(flwr, default_results=output_dir)  # asks the SuperLink: before stopping it
     finally:
+        run_config.unlink(missing_ok=True)
         stopped = stop_local_superlink(home)
         print(f"[flwr_local] stopped the local SuperLink ({len(stopped)} processes)")
+        record.write(output_dir)
     problems, run_id, final = outcome.problems, outcome.run_id, outcome.final
     elapsed = time.monotonic() - started
     if problems:
@@ -413,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
     # count instead (see federation_config)
     p_run.add_argument("--client-cpus", type=float, default=1)
     p_run.add_argument("--client-gpus", type=float, default=0.0)
+    p_run.add_argument(
+        "--no-check",
+        action="store_true",
+        help="leave the run-config's values to the ServerApp (which refuses bad ones as the run's "
+        "failure) instead of checking them before anything starts; unknown keys are refused "
+        "either way",
+    )
     p_run.add_argument("extra", nargs="*", help="more `flwr run` arguments (after --)")
     sub.add_parser("stop", help="stop the managed SuperLink of $FLWR_HOME and its children")
     args = parser.parse_args(argv)
@@ -441,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             args.client_cpus,
             args.client_gpus,
             args.extra,
+            check=not args.no_check,
         )
     except KeyboardInterrupt:  # the SuperLink was stopped on the way out
         print("[flwr_local] interrupted", file=sys.stderr)

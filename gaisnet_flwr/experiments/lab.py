@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
 from gaisnet_flwr.deploy.pki import LabPki, make_lab_pki
+from gaisnet_flwr.experiments.provenance import Provenance
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (an editable install)
 BIN = Path(sys.executable).parent
@@ -102,9 +104,13 @@ class Lab:
         return f"peer-c{cluster}-m{member}"
 
     def start_peer(self, cluster: int, member: int) -> subprocess.Popen:
-        """Member `member` of `cluster`: 1..K are the peers, K + 1 the end point."""
-        port = self.peer_ports.setdefault((cluster, member), flwr_local.free_ports(1)[0])
+        """Member `member` of `cluster`: 1..K are the peers, K + 1 the end point. Each peer is
+        started with `--next` its successor's address, the one member it may call; the end
+        point with none."""
+        port = self._port(cluster, member)
         cmd = [str(BIN / "gaisnet-peer"), "--listen", f"{LOOPBACK}:{port}"]
+        if member <= self.peers_per_cluster:
+            cmd += ["--next", f"{LOOPBACK}:{self._port(cluster, member + 1)}"]
         if self.tls:
             pki = self.pki()  # mutual TLS: callers (start point, previous peer) need a cert
             cmd += ["--certfile", str(pki.certfile), "--keyfile", str(pki.keyfile),
@@ -112,6 +118,16 @@ class Lab:
         else:
             cmd.append("--insecure")
         return self._spawn(self.peer_name(cluster, member), [*cmd, *self.peer_args])
+
+    def _port(self, cluster: int, member: int) -> int:
+        """The member's port, picked once (a restarted peer keeps its address). `up` picks every
+        member's at once, so they differ; a peer started alone picks its own and its next's."""
+        if (cluster, member) not in self.peer_ports:
+            taken = set(self.peer_ports.values())
+            self.peer_ports[(cluster, member)] = min(
+                set(flwr_local.free_ports(len(taken) + 1)) - taken
+            )
+        return self.peer_ports[(cluster, member)]
 
     def peer_address(self, cluster: int, member: int) -> str:
         return f"{LOOPBACK}:{self.peer_ports[(cluster, member)]}"
@@ -146,10 +162,14 @@ class Lab:
             pki = self.pki()
             tls_link = ["--ssl-certfile", str(pki.certfile), "--ssl-keyfile", str(pki.keyfile),
                         "--ssl-ca-certfile", str(pki.ca_certfile)]  # fmt: skip
-        for c in range(self.clusters):
-            for m in range(1, self.peers_per_cluster + 2):
-                self.start_peer(c, m)
-        self.superlink_port, *node_ports = flwr_local.free_ports(1 + self.clusters)
+        members = [
+            (c, m) for c in range(self.clusters) for m in range(1, self.peers_per_cluster + 2)
+        ]
+        ports = flwr_local.free_ports(len(members) + 1 + self.clusters)
+        self.peer_ports.update(zip(members, ports, strict=False))
+        for c, m in members:
+            self.start_peer(c, m)
+        self.superlink_port, *node_ports = ports[len(members) :]
         self._spawn(
             "superlink",
             [str(BIN / "flower-superlink"), *tls_link, "--port", str(self.superlink_port),
@@ -208,8 +228,11 @@ class Lab:
             [f"{k}={v}" for k, v in lab_keys.items() if k not in given] + [run_config]
         )
         cmd = [str(BIN / "flwr"), "run", str(app), "lab", "--stream", "--run-config", overrides]
+        record = Provenance.start(shlex.join(["python", "scripts/lab.py", *sys.argv[1:]]), app)
+        record.run_config = {"tls": self.tls, "flwr-run": shlex.join(cmd[1:])}
         outcome = flwr_local.stream_run(cmd, self.logs / "flwr-run.log", echo=False, env=self.env())
         outcome.check(BIN / "flwr", default_results=results, env=self.env())
+        record.write(outcome.results)  # what made the results, beside them
         return outcome
 
 

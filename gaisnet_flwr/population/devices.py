@@ -3,7 +3,8 @@
 A run's `population` run-config key names one of:
 
   * a TOML file: an optional `[defaults]` table and one `[[device]]` table per device;
-  * a CSV file: a header row and one row per device (columns as the TOML keys);
+  * a CSV file: a header row and one row per device (columns as the TOML keys), parsed strictly:
+    UTF-8 without a BOM, commas, each column known and named once, the required ones present;
   * `generated:N:SEED`: N devices drawn from SEED (see `generate_population`).
 
 Each device has a `name`, a position `x_m`, `y_m` (metres, in the cell's plane), a device
@@ -20,9 +21,10 @@ unknown profiles, a device that reaches no other device (no cluster can take it)
 from __future__ import annotations
 
 import csv
+import io
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -133,13 +135,16 @@ def load_population(path: str | Path, profiles: Profiles) -> Population:
         raise PopulationError(f"{path}: no such file (population file, {' or '.join(FILE_KINDS)})")
     try:
         if file.suffix.lower() == ".toml":
-            with open(file, "rb") as f:
-                doc = tomllib.load(f)
-            rows = _toml_rows(str(path), doc)
+            data = file.read_bytes()
+            _no_bom(str(path), data)
+            rows = _toml_rows(str(path), tomllib.loads(data.decode("utf-8")))
         else:
-            with open(file, newline="") as f:
-                rows = _csv_rows(str(path), list(csv.DictReader(f)))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, csv.Error) as err:
+            rows = _csv_rows(_csv_table(str(path), file.read_bytes()))
+    except UnicodeDecodeError as err:
+        raise PopulationError(
+            f"{path}: is not UTF-8 text (byte {err.start}: {err.object[err.start :][:1]!r})"
+        ) from err
+    except (tomllib.TOMLDecodeError, csv.Error) as err:
         raise PopulationError(f"{path}: cannot be read: {err}") from err
     return check_population(
         Population(tuple(_device(str(path), r) for r in rows), str(path)), profiles
@@ -165,16 +170,88 @@ def _toml_rows(where: str, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{**defaults, **row} if isinstance(row, dict) else row for row in devices]
 
 
-def _csv_rows(where: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for line, row in enumerate(rows, start=2):
-        if None in row:
+def _no_bom(where: str, data: bytes) -> None:
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise PopulationError(
+            f"{where}: starts with a UTF-8 byte-order mark (BOM, as Excel's 'CSV UTF-8' writes); "
+            f"save it as UTF-8 without a BOM"
+        )
+
+
+def _csv_table(where: str, data: bytes) -> list[dict[str, str]]:
+    """The rows of a population CSV (column -> cell), its header checked before any row is
+    read: UTF-8 without a byte-order mark, comma-separated, each column known and named once,
+    every required column there; then no row longer or shorter than the header. Blank lines
+    are skipped."""
+    _no_bom(where, data)
+    reader = csv.reader(io.StringIO(data.decode("utf-8")))
+
+    def lines() -> Iterator[tuple[int, list[str]]]:
+        """(line number, cells) of each non-blank row; a malformed one named by its line."""
+        try:
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    yield reader.line_num, row
+        except csv.Error as err:
+            raise PopulationError(f"{where}: line {reader.line_num}: {err}") from err
+
+    rows_in = lines()
+    first = next(rows_in, None)
+    if first is None:
+        raise PopulationError(
+            f"{where}: is empty; a population CSV starts with a header row such as "
+            f"{','.join(REQUIRED)}"
+        )
+    header = first[1]
+    columns = [cell.strip() for cell in header]
+    if len(columns) == 1:
+        for delimiter, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")):
+            if delimiter in columns[0]:
+                raise PopulationError(
+                    f"{where}: the header {header[0][:80]!r} is one column: the file is "
+                    f"separated by {name} ({delimiter!r}); a population CSV is separated by "
+                    f"commas (columns {', '.join(KEYS)})"
+                )
+    blank = [i + 1 for i, c in enumerate(columns) if not c]
+    if blank:
+        raise PopulationError(f"{where}: header column {blank[0]} has no name")
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise PopulationError(
+            f"{where}: column(s) {repeated} appear more than once in the header (each column once)"
+        )
+    unknown = [c for c in columns if c not in KEYS]
+    if unknown:
+        raise PopulationError(
+            f"{where}: unknown column(s) {[c[:40] for c in unknown]}; valid: {', '.join(KEYS)}"
+        )
+    missing = [k for k in REQUIRED if k not in columns]
+    if missing:
+        raise PopulationError(
+            f"{where}: lacks column(s) {', '.join(missing)} (required: {', '.join(REQUIRED)})"
+        )
+    rows = []
+    for number, row in rows_in:
+        if len(row) > len(columns):
             raise PopulationError(
-                f"{where}: line {line} has more values than the header has columns"
+                f"{where}: line {number} has more values than the header has columns "
+                f"({len(row)} > {len(columns)})"
             )
+        if len(row) < len(columns):
+            raise PopulationError(
+                f"{where}: line {number} has {len(row)} value(s), the header {len(columns)} "
+                f"columns (an empty cell, not a missing one, takes the default)"
+            )
+        rows.append(dict(zip(columns, row, strict=True)))
+    return rows
+
+
+def _csv_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
         cleaned: dict[str, Any] = {}
         for key, text in row.items():
-            text = (text or "").strip()
+            text = text.strip()
             if not text:
                 continue  # an empty cell takes the default
             if key in ("x_m", "y_m", "d2d_range_m"):

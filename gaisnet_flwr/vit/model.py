@@ -52,6 +52,7 @@ from timm.layers import AttentionPoolLatent
 from timm.models import is_model_in_modules
 from torch import nn
 
+from gaisnet_flwr.vit.checkpoint import load_backbone_weights
 from gaisnet_flwr.vit.families import Family, class_refusal, family_of
 
 MODES = ("vpt-deep", "vpt-shallow", "linear", "full")
@@ -321,9 +322,11 @@ def build_prompted_vit(
     """Build a timm ViT by name (with shape overrides such as `img_size=32, depth=4`) and wrap it.
 
     `pretrained=True` loads timm's weights (needs internet once); `checkpoint_path` loads a local
-    weights file. The head is re-created for `num_classes`, as in VPT. Models that timm builds
-    for dynamic image sizes by default (DINOv3, a few others) are built for the fixed
-    `img_size`: segments exchange fixed-shape smashed data.
+    weights file, checked first (`checkpoint.read_weights_file`: format, safe loading, names,
+    shapes, dtypes, finite values; a `CheckpointFileError` names the file and the tensor). The
+    head is re-created for `num_classes`, as in VPT (a file's head is kept where it fits).
+    Models that timm builds for dynamic image sizes by default (DINOv3, a few others) are built
+    for the fixed `img_size`: segments exchange fixed-shape smashed data.
     """
     if mode not in MODES:  # fail before building a possibly large model
         raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -331,11 +334,7 @@ def build_prompted_vit(
         overrides.setdefault("dynamic_img_size", False)
     try:
         backbone = timm.create_model(
-            model_name,
-            pretrained=pretrained,
-            num_classes=num_classes,
-            checkpoint_path=checkpoint_path,
-            **overrides,
+            model_name, pretrained=pretrained, num_classes=num_classes, **overrides
         )
     except RuntimeError as err:  # timm raises RuntimeError for unknown model names
         raise ModelError(f"timm could not build {model_name!r}: {err}") from err
@@ -345,6 +344,8 @@ def build_prompted_vit(
             f"timm could not build {model_name!r} with {given or 'its own shape'}: "
             f"{timm_reason(err)}"
         ) from err
+    if checkpoint_path:
+        load_backbone_weights(backbone, checkpoint_path)
     return PromptedViT(backbone, mode=mode, num_prompts=num_prompts)
 
 
