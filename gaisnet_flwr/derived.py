@@ -19,7 +19,6 @@ from typing import Any
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from gaisnet_flwr.config import (
     COMPUTE_PLANNERS,
@@ -45,6 +44,7 @@ from gaisnet_flwr.population.planning import RangeCosts, Workload, plan_cluster
 from gaisnet_flwr.split.plan import PlanError, SplitPlan, make_plan
 from gaisnet_flwr.split.precision import SMASHED_DTYPES, resolve_device
 from gaisnet_flwr.vit.checkpoint import CheckpointFileError, check_weights_file
+from gaisnet_flwr.vit.families import class_refusal, family_of
 from gaisnet_flwr.vit.model import ModelError, PromptedViT, build_prompted_vit
 
 
@@ -273,10 +273,14 @@ def model_shape(model: ModelSection) -> dict[str, Any]:
 
 
 def meta_model(model: ModelSection, num_classes: int) -> PromptedViT:
-    """The model on the meta device (shapes only, no memory): proves that model-name is a timm
-    VisionTransformer that takes the shape overrides and the prompts, within MAX_PARAMETERS."""
+    """The model on the meta device (shapes only, no memory): proves that model-name is a timm ViT
+    PromptedViT runs (docs/vit-support.md) that takes the shape overrides and the prompts, within
+    MAX_PARAMETERS."""
     name = model.model_name
-    valid = "a timm Vision Transformer such as vit_tiny_patch16_224 (timm.list_models('vit_*'))"
+    valid = (
+        "a timm ViT such as vit_tiny_patch16_224 or eva02_tiny_patch14_224 (the supported "
+        "families: docs/vit-support.md)"
+    )
     if not timm.is_model(name):
         raise ConfigError(f"model-name={name!r} is not a timm model; valid: {valid}")
     try:
@@ -288,10 +292,10 @@ def meta_model(model: ModelSection, num_classes: int) -> PromptedViT:
                 plain = timm.create_model(name, num_classes=10)
             except Exception:  # noqa: BLE001
                 plain = None
-        if plain is not None and not isinstance(plain, VisionTransformer):
+        if plain is not None and family_of(plain) is None:
             raise ConfigError(
-                f"model-name={name!r} is a {type(plain).__name__}, not a VisionTransformer; "
-                f"valid: {valid}"
+                f"model-name={name!r} is a {type(plain).__name__}, not a ViT PromptedViT runs "
+                f"({class_refusal(plain)}); valid: {valid}"
             ) from err
         given = ", ".join(
             f"{k.replace('_', '-')}={v}"

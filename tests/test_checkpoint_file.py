@@ -2,10 +2,10 @@
 checked at start-up, and the cloud's own checkpoint goes through the same check.
 
 Each of the issue's nine bad files is refused by the start-up check (`derived.derive`, which the
-ServerApp's `check_run_config` runs first, before Flower, Ray or data) with a `ConfigError` naming `checkpoint-path`, the file
-and the problem; the loads that build the model refuse the same files the same way. The good
-files (torch zip and pickle, safetensors, timm's wrappers, half precision, a JAX `.npz`) load
-exactly the weights they hold.
+ServerApp's `check_run_config` runs first, before Flower, Ray or data) with a `ConfigError`
+naming `checkpoint-path`, the file and the problem; the loads that build the model refuse the
+same files the same way. The good files (torch zip and pickle, safetensors, timm's wrappers,
+half precision, a JAX `.npz`) load exactly the weights they hold.
 """
 
 from __future__ import annotations

@@ -216,8 +216,8 @@ ISSUE_17 = [
         "seed=9223372036854775807 is out of range: must be >= 0 and <= 4294967295",
     ),
     ({"weight-decay": -1.0}, "weight-decay=-1.0 is not valid: must be a finite number in [0, 1]"),
-    ({"model-name": "vit_nope"}, "model-name='vit_nope' is not a timm model; valid: a timm Vision"),
-    ({"model-name": "resnet18"}, "model-name='resnet18' is a ResNet, not a VisionTransformer"),
+    ({"model-name": "vit_nope"}, "model-name='vit_nope' is not a timm model; valid: a timm ViT"),
+    ({"model-name": "resnet18"}, "model-name='resnet18' is a ResNet, not a ViT PromptedViT runs"),
     ({"model-name": ""}, "model-name='' is not valid: name a timm ViT"),
     (
         {"peer-speeds": "nan,1,1"},

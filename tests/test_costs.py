@@ -299,7 +299,7 @@ def test_toml_errors_name_the_table_and_key(tmp_path: Path, text: str, message: 
 def measured_activations(model: PromptedViT, plan: SplitPlan, batch: int) -> list[int]:
     """Saved-for-backward bytes per node, measured on the segments as the chain runs them."""
     model.train()
-    params = list(model.parameters())
+    params = [*model.parameters(), *model.buffers()]  # the model holds them anyway
     img = model.backbone.patch_embed.img_size[0]
     x = torch.randn(batch, 3, img, img)
     y = torch.randint(0, model.backbone.num_classes, (batch,))
@@ -326,7 +326,17 @@ def measured_activations(model: PromptedViT, plan: SplitPlan, batch: int) -> lis
 
 # Every prefix/pooling layout under vpt-deep; every mode on the class token, on average
 # pooling (whose fc_norm replaces the final norm) and on an attention pool (MAP, trained with the
-# head); the explicit attention path on two modes.
+# head); the explicit attention path on two modes; and every other block type timm's ViTs build.
+BLOCKS = {
+    "eva02": ("eva02_tiny_patch14_224", {}),  # RoPE, SwiGLU
+    "dinov3": ("vit_small_patch16_dinov3", {}),
+    "aimv2": ("aimv2_large_patch14_224", {}),
+    "parallel-scaling": ("vit_pwee_patch16_reg1_gap_256", {}),
+    "parallel-things": ("vit_small_patch16_18x2_224", {}),
+    "diff-parallel": ("vit_dpwee_patch16_reg1_gap_256", {}),
+    "relpos": ("vit_relpos_small_patch16_224", {}),
+    "beit": ("beit_base_patch16_224", {}),
+}
 MEMORY_CASES = [
     *((variant, "vpt-deep", True) for variant in sorted(VARIANTS)),
     *(("cls-token", mode, True) for mode in ("vpt-shallow", "linear", "full")),
@@ -334,25 +344,27 @@ MEMORY_CASES = [
     *(("map-pool", mode, True) for mode in ("vpt-shallow", "linear", "full")),
     *(("cls-token", mode, False) for mode in ("vpt-deep", "full")),
     *(("map-pool", mode, False) for mode in ("vpt-deep", "linear")),
+    *((block, "full", True) for block in sorted(BLOCKS)),
+    *((block, "vpt-deep", True) for block in sorted(BLOCKS) if block not in ("relpos", "beit")),
 ]
 
 
 @pytest.mark.parametrize(("variant", "mode", "fused"), MEMORY_CASES)
-def test_activation_estimate_matches_saved_tensors(variant: str, mode: str, fused: bool) -> None:
-    name, overrides = VARIANTS[variant]
+def test_activation_estimate_equals_saved_tensors(variant: str, mode: str, fused: bool) -> None:
+    # What the meter measures on fake tensors is what autograd saves on the real run, node by
+    # node, for every block type.
+    name, overrides = {**VARIANTS, **BLOCKS}[variant]
     prompts = 3 if mode.startswith("vpt") else 0
     model = build_prompted_vit(
         name, mode=mode, num_prompts=prompts, num_classes=5, **{**TINY, **overrides}
     )
-    for attention in [block.attn for block in model.backbone.blocks] + [model.attn_pool]:
-        if attention is not None:
-            attention.fused_attn = fused
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
     plan = SplitPlan.from_sizes([1, 2, 3])
     estimate = [f.activations for f in segment_memory(model, plan, batch_size=2)]
-    measured = measured_activations(model, plan, batch=2)
-    assert estimate == pytest.approx(measured, rel=0.2)
-    if model.attn_pool is not None:  # the end point with its pool: counted exactly
-        assert estimate[-1] == measured[-1]
+    torch.manual_seed(0)
+    assert estimate == measured_activations(model, plan, batch=2)
 
 
 def test_activation_estimate_for_vit_b16_blocks() -> None:
@@ -363,7 +375,7 @@ def test_activation_estimate_for_vit_b16_blocks() -> None:
     plan = plan_even(2, 2)
     estimate = [f.activations for f in segment_memory(model, plan, batch_size=2)]
     measured = measured_activations(model, plan, batch=2)
-    assert estimate == pytest.approx(measured, rel=0.2)
+    assert estimate == measured
     assert measured[1] > 12e6  # a ViT-B block keeps ~6.4 MB per sample for backward
 
 
@@ -405,7 +417,9 @@ def test_smashed_data_per_node_is_what_its_hops_carry(mode: str) -> None:
     start, peer1, *_ = segment_memory(model, plan, batch_size=batch)
     image = batch * 3 * 32 * 32 * 4
     assert start.smashed == (0 if mode == "full" else image) + batch * hop[0]
-    assert start.inference_activations == batch * hop[0]
+    # A no-grad embedding holds the images and, at its peak, the convolution's output, the
+    # tokens with the class token and their sum with the position embedding.
+    assert image + batch * hop[0] <= start.inference_activations <= image + 3 * batch * hop[0]
     received_saved = mode == "full"  # its first LayerNorm keeps the tokens it received
     assert peer1.smashed == (0 if received_saved else batch * hop[0]) + batch * hop[1]
 

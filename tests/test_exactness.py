@@ -45,13 +45,39 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "vit_base_patch16_siglip_224",
         dict(class_token=True, pool_include_prefix=True),
     ),
+    # no prefix token + LayerScale: the backward hop hands on the gradient as autograd made it
+    "no-prefix-layerscale": ("vit_medium_patch16_gap_256", {}),
+    # a representative of every other block type timm's ViTs build
+    "glu-mlp": ("vit_giant_patch14_dinov2", {}),  # GluMlp, LayerScale
+    "swiglu-aimv2": ("aimv2_large_patch14_224", {}),  # SwiGLU, no prefix
+    "parallel-scaling": ("vit_pwee_patch16_reg1_gap_256", {}),  # ParallelScalingBlock
+    "parallel-things": ("vit_small_patch16_18x2_224", {}),  # ParallelThingsBlock
+    "diff-attention": ("vit_dwee_patch16_reg1_gap_256", {}),  # DiffAttention
+    "diff-parallel": ("vit_dpwee_patch16_reg1_gap_256", {}),  # DiffParallelScalingBlock
+    # Eva: RoPE, with the prompts as prefix tokens that take no rotary position
+    "eva02": ("eva02_tiny_patch14_224", {}),  # EvaAttention, SwiGLU, RoPE
+    "dinov3": ("vit_small_patch16_dinov3", {}),  # DINOv3 RoPE, 4 registers, LayerScale
+    "rope-attention": ("vit_small_patch16_rope_224", {}),  # AttentionRope, class token
+    "rope-no-prefix-layerscale": ("vit_base_patch16_rope_reg1_gap_256", dict(num_reg_tokens=0)),
+    "pe-core-map": ("vit_pe_core_tiny_patch16_384", {}),  # RoPE + attention pool
+    # relative-position biases: no positions for prompts, so linear and full only
+    "relpos": ("vit_relpos_small_patch16_224", {}),
+    "relpos-res-post-norm": ("vit_relpos_small_patch16_rpn_224", {}),
+    "beit": ("beit_base_patch16_224", {}),
 }
+NO_PROMPTS = {"relpos", "relpos-res-post-norm", "beit"}
+CASES = [
+    (family, mode)
+    for family in sorted(FAMILIES)
+    for mode in MODES
+    if not (family in NO_PROMPTS and mode.startswith("vpt"))
+]
 
 OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01),
 }
-PLANS = [SplitPlan.from_sizes(sizes) for sizes in ([4], [1, 3], [2, 1, 1], [1, 1, 1, 1])]
+PLANS = [SplitPlan.from_sizes(sizes) for sizes in ([4], [1, 3], [1, 1, 1, 1])]
 STEPS = 3
 
 
@@ -107,8 +133,7 @@ def assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(("family", "mode"), CASES)
 def test_split_chain_trains_bit_for_bit_like_the_unsplit_model(
     family: str, mode: str, optimizer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -121,7 +146,8 @@ def test_split_chain_trains_bit_for_bit_like_the_unsplit_model(
     whole = copy.deepcopy(initial).train()
     opt = OPTIMIZERS[optimizer](whole.tunable_parameters())
     expected = []
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches):
+        torch.manual_seed(step)  # dropout that trains with the weights (RelPos's MLP, `full`)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(whole(x), y)
         loss.backward()
@@ -133,16 +159,18 @@ def test_split_chain_trains_bit_for_bit_like_the_unsplit_model(
         chain = SplitChain(split, plan, OPTIMIZERS[optimizer])
         for step, ((x, y), (loss, logits, state)) in enumerate(zip(batches, expected, strict=True)):
             where = f"plan {plan.ranges} step {step}"
+            torch.manual_seed(step)  # the chain draws the same random numbers in the same order
             assert chain.train_step(x, y).loss == loss, where
             assert torch.equal(spy.take(), logits), where
             assert_equal(snapshot(split), state, where)
         x = batches[0][0]
-        assert torch.equal(chain.infer(x), whole.eval()(x)), f"plan {plan.ranges} inference"
+        with torch.no_grad():  # as inference runs (a trained attention bias takes another
+            expected_logits = whole.eval()(x)  # kernel on CPU where it needs a gradient)
+        assert torch.equal(chain.infer(x), expected_logits), f"plan {plan.ranges} inference"
         whole.train()
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(("family", "mode"), CASES)
 def test_zero_prompts_is_timms_forward(family: str, mode: str) -> None:
     model = build(family, mode, num_prompts=0).eval()
     x = torch.randn(3, 3, 32, 32)

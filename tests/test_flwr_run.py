@@ -108,3 +108,17 @@ def test_a_failed_run_is_reported_as_a_failure(tmp_path: Path) -> None:
     # ... and says why in its one line: the ServerApp's own reason, naming the key.
     (line,) = [x for x in result.stderr.splitlines() if "RUN FAILED" in x]
     assert "the ServerApp failed: ConfigError: mode='bogus' is not valid" in line, line
+
+
+def test_flwr_run_with_an_eva_model(tmp_path: Path) -> None:
+    # EVA-02 (RoPE attention, SwiGLU) through the whole app on the embedded default: the cloud's
+    # pre-training, split-chain rounds whose peers compute the rotary embedding for their own
+    # blocks (prompts take no rotary position), aggregation and evaluation.
+    model = json.dumps("eva02_tiny_patch14_224")
+    result, out = flwr_run_local(tmp_path, tiny(tmp_path, **{"model-name": model}))
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "FINAL: central test accuracy" in result.stdout, log[-4000:]
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert rows[1]["train/num-clusters"] == 2 and rows[2]["train/train-loss"] > 0

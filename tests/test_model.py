@@ -177,7 +177,83 @@ def test_unsupported_configurations_fail_when_built() -> None:
         build(global_pool="")
     with pytest.raises(ModelError, match="set num_prompts=0"):
         build(mode="linear", num_prompts=4)
-    with pytest.raises(ModelError, match="needs a timm VisionTransformer"):
+    with pytest.raises(ModelError, match="needs a timm ViT of class VisionTransformer, Eva, "):
         build_prompted_vit("resnet18", num_classes=5)
     with pytest.raises(ModelError, match="could not build 'no_such_vit'"):
         build_prompted_vit("no_such_vit")
+
+
+# Each refusal names the reason; none is an AttributeError or a bare AssertionError from timm.
+REFUSALS = [
+    ("vit_tiny_patch16_224", "vpt-deep", dict(dynamic_img_pad=True), "dynamic_img_pad"),
+    ("vit_tiny_patch16_224", "vpt-deep", dict(dynamic_img_size=True), "dynamic_img_size"),
+    ("vit_tiny_patch16_224", "full", dict(patch_drop_rate=0.5), "patch dropout"),
+    (
+        "vit_small_resnet26d_224",  # a ResNet-hybrid whose CNN feature map is 1x1 at 32 px
+        "vpt-deep",
+        {},
+        r"with img_size=32, patch_size=8, .*: timm's check `assert self.feature_size\[0\] %",
+    ),
+    ("vit_relpos_small_patch16_224", "vpt-deep", {}, "no entries for prompt tokens"),
+    ("beit_base_patch16_224", "vpt-shallow", {}, "no entries for prompt tokens"),
+    ("vit_srelpos_small_patch16_224", "linear", {}, "relative-position MLP .* every block reads"),
+    ("vit_small_patch16_rope_mixed_224", "linear", {}, r"mixed RoPE .* \(rope.freqs\)"),
+    ("samvit_base_patch16", "linear", {}, "VisionTransformerSAM is not supported: SAM's"),
+    ("naflexvit_base_patch16_gap", "linear", {}, "NaFlexVit is not supported"),
+]
+
+
+@pytest.mark.parametrize(("name", "mode", "overrides", "message"), REFUSALS)
+def test_refused_models_say_why(name: str, mode: str, overrides: dict, message: str) -> None:
+    with pytest.raises(ModelError, match=message), torch.device("meta"):
+        build_prompted_vit(
+            name,
+            mode=mode,
+            num_prompts=3 if mode.startswith("vpt") else 0,
+            num_classes=5,
+            **{**TINY, **overrides},
+        )
+
+
+@pytest.mark.parametrize(
+    "name", ["vit_relpos_small_patch16_224", "beit_base_patch16_224", "eva02_tiny_patch14_224"]
+)
+def test_relative_position_models_train_without_prompts(name: str) -> None:
+    # Linear probing and full fine-tuning need no position for prompts: both run.
+    for mode in ("linear", "full"):
+        model = build_prompted_vit(name, mode=mode, num_prompts=0, num_classes=5, **TINY).eval()
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(model(x), model.backbone(x))
+
+
+def test_rope_prompts_take_no_rotary_position() -> None:
+    # Prompts are prefix tokens for the attention: it rotates only the patch tokens, with the
+    # same rotary embedding as without prompts.
+    model = build_prompted_vit(
+        "vit_small_patch16_rope_224", mode="vpt-deep", num_prompts=3, num_classes=5, **TINY
+    )
+    p = model.num_prefix_tokens
+    assert all(block.attn.num_prefix_tokens == p + 3 for block in model.backbone.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), vpt_reference_rope(model, x), rtol=0, atol=1e-6)
+
+
+def vpt_reference_rope(model: PromptedViT, x: torch.Tensor) -> torch.Tensor:
+    """VPT-deep over an Eva, written out on an unmodified copy of the backbone: the rotary
+    embedding gets an identity rotation (sin 0, cos 1) for each prompt position."""
+    p, n = model.num_prefix_tokens, model.num_prompts
+    bb = copy.deepcopy(model.backbone)
+    for block in bb.blocks:
+        block.attn.num_prefix_tokens = p  # as timm built it
+    h, rope = bb._pos_embed(bb.patch_embed(x))  # rope [N, 2 * rotated dims]: (sin | cos)
+    half = rope.shape[-1] // 2
+    identity = torch.cat([torch.zeros(n, half), torch.ones(n, half)], dim=-1)
+    rope = torch.cat([identity, rope], dim=0)  # [n + N, ...]: prompts first, unrotated
+    h = bb.norm_pre(h)
+    batch = x.shape[0]
+    for i, block in enumerate(bb.blocks):
+        prompts = model.prompts[i].tokens.expand(batch, -1, -1)
+        rest = h[:, p:] if i == 0 else h[:, p + n :]
+        h = block(torch.cat([h[:, :p], prompts, rest], dim=1), rope=rope)
+    h = torch.cat([h[:, :p], h[:, p + n :]], dim=1)
+    return bb.forward_head(bb.norm(h))

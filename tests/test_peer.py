@@ -116,6 +116,28 @@ def test_network_training_equals_in_process_training(lab: Lab, cluster_data) -> 
     assert all(s.session is None for s in lab.services)  # every session closed
 
 
+@pytest.mark.parametrize(
+    ("model_name", "mode"),
+    [("vit_small_patch16_dinov3", "vpt-deep"), ("eva02_tiny_patch14_224", "full")],
+)
+def test_an_eva_model_trains_over_the_network_bit_for_bit(
+    lab: Lab, cluster_data, model_name: str, mode: str
+) -> None:
+    # RoPE: each peer computes the rotary embedding (a buffer it is never sent) for its blocks.
+    cfg = CFG.replace(model_name=model_name, mode=mode, num_prompts=4 if mode == "vpt-deep" else 0)
+    num_classes, train, _ = cluster_data
+    local = build_model(cfg.model, cfg.cloud, num_classes, cfg.run.seed)
+    remote = copy.deepcopy(local)
+    plan = derive(cfg).plan
+    expected = train_cluster(local, plan, train, cfg.training, seed=3)
+    got = train_cluster(
+        remote, plan, train, cfg.training, seed=3, remote=network(lab, num_classes, cfg=cfg)
+    )
+    for key, value in local.tunable_state().items():
+        assert torch.equal(remote.tunable_state()[key], value), key
+    assert got.loss == expected.loss and got.chain == expected.chain
+
+
 @pytest.mark.parametrize("mode", ["vpt-deep", "full"])
 def test_an_attention_pooled_model_trains_over_the_network_bit_for_bit(
     lab: Lab, cluster_data, mode: str

@@ -334,6 +334,29 @@ def busiest_compute_and_send(cost: RoundCost) -> float:
     return max(n.compute_s + n.tx_s for n in cost.nodes)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "aimv2_large_patch14_224",  # SwiGLU
+        "vit_pwee_patch16_reg1_gap_256",  # ParallelScalingBlock
+        "vit_small_patch16_18x2_224",  # ParallelThingsBlock
+        "vit_dpwee_patch16_reg1_gap_256",  # DiffParallelScalingBlock
+        "eva02_tiny_patch14_224",  # Eva: RoPE attention, SwiGLU
+    ],
+)
+def test_comm_aware_planning_reads_any_block(name: str) -> None:
+    # The costs of a range of blocks are measured off what the blocks run (no Block attribute
+    # names): every block type plans, with memory and FLOPs that grow with the range.
+    with torch.device("meta"):
+        model = build_prompted_vit(name, mode="vpt-deep", num_prompts=4, num_classes=5, **TINY)
+    costs = RangeCosts(model, Workload(32, 32))
+    plan = plan_cluster("comm-aware", costs, cluster_with([1e7] * 4))
+    assert plan.num_blocks == TINY["depth"] and plan.num_peers == 3
+    one, two = costs.peer(1, 2), costs.peer(1, 3)
+    assert one.flops.forward > 0 and two.flops.forward == 2 * one.flops.forward
+    assert 0 < one.memory_bytes < two.memory_bytes
+
+
 def test_comm_aware_is_optimal_on_the_cluster_never_worse_and_better_on_slow_links() -> None:
     """Identical peers, hop 2 four times slower: peers 2 and 3 send over it (smashed data
     forward, its gradient back), peer 1 sends no gradient back (the start point trains

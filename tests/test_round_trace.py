@@ -29,8 +29,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("gaisnet_flwr", "strategies", "clients")
-MAX_FILES = 29
-MAX_LINES = 2170
+MAX_FILES = 31
+MAX_LINES = 2290
 README_SENTENCE = (
     "one in-process HFSL round executes {files} project files and {lines:,} distinct lines"
 )

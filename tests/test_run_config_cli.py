@@ -53,7 +53,8 @@ def test_a_misspelt_key_is_named_with_its_close_match_before_anything_starts(
 
 @pytest.mark.slow
 def test_an_invalid_value_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    # The strategy is resolved by the ServerApp's own first check (apps.server_app.check_run_config).
+    # The strategy is resolved by the ServerApp's own first check
+    # (apps.server_app.check_run_config).
     result, _ = refused(tmp_path, "conf/same-classes.toml", "strategy='fedavgg'")
     assert "strategy='fedavgg'" in result.stderr and "module-fedavg" in result.stderr
 

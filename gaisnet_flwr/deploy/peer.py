@@ -86,6 +86,7 @@ from gaisnet_flwr.split.link import LinkError, pack_message, unpack_message
 from gaisnet_flwr.split.plan import SplitPlan, node_names
 from gaisnet_flwr.split.precision import PRECISIONS, SMASHED_DTYPES, Precision, non_finite, to_wire
 from gaisnet_flwr.split.segments import segment_parameters
+from gaisnet_flwr.vit.families import TIMM_MODULES
 from gaisnet_flwr.vit.model import (
     MAX_PATCHES,
     MODES,
@@ -110,7 +111,7 @@ SPEC_BOUNDS: dict[str, tuple[int, int]] = {
     "num_heads": (1, SHAPE_LIMITS["num_heads"]),
 }
 SPEC_KEYS = ("model_name", "mode", *SPEC_BOUNDS)
-VIT_MODULES = ["vision_transformer", "deit"]  # timm modules whose models are VisionTransformers
+VIT_MODULES = list(TIMM_MODULES)  # timm modules whose models PromptedViT runs
 MAX_ID_CHARS = 128  # session ids and names
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -315,6 +316,22 @@ def check_model_spec(spec: Any) -> dict[str, Any]:
                 f"{(img // patch) ** 2} patches; at most {MAX_PATCHES}"
             )
     return {"mode": mode, **spec}
+
+
+def compute_buffers(model: PromptedViT, device: torch.device) -> None:
+    """Make the model's non-persistent buffers on `device`: rotary-embedding tables, relative-
+    position indices, EVA's zero key bias. They follow from the architecture alone, so the start
+    point never sends them; timm computes them in `init_non_persistent_buffers`."""
+    persistent = set(model.state_dict())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and name not in persistent:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            module.register_buffer(leaf, torch.empty_like(buffer, device=device), persistent=False)
+    for module in model.modules():
+        init = getattr(module, "init_non_persistent_buffers", None)
+        if callable(init):
+            init()
 
 
 def check_built(model: PromptedViT) -> None:
@@ -869,6 +886,7 @@ class PeerService:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         weights = {k: t.clone() if k in trainable else t for k, t in weights.items()}
         model.load_state_dict(weights, strict=False, assign=True)
+        compute_buffers(model, self.device)
 
     def _check_complete(self, model: PromptedViT, plan: SplitPlan, index: int, key: str) -> None:
         """Every parameter of the segment came with its weights (none left on the meta device)."""

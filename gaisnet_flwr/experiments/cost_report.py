@@ -251,9 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{m.training / MB:9.1f} {m.inference / MB:10.1f} {device.memory_bytes / MB:11.0f}"
         )
     print(
-        "   activations: what autograd saves for backward (estimate, checked against "
-        "saved_tensors_hooks in tests);\n"
-        "   inference: weights + one block's working set + smashed data (estimate)"
+        "   activations: what autograd saves for backward, measured on fake tensors (equal to "
+        "saved_tensors_hooks on real runs in tests);\n"
+        "   inference: weights + the largest working set of one piece (a block) of a no-grad "
+        "forward, measured on fake tensors + smashed data"
     )
 
 

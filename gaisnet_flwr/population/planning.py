@@ -33,6 +33,7 @@ from gaisnet_flwr.costs.pricing import (
     tx_time_s,
 )
 from gaisnet_flwr.split.flops import SegmentFlops, chain_flops
+from gaisnet_flwr.split.measure import CostMeter
 from gaisnet_flwr.split.plan import PlanError, SplitPlan, make_plan, plan_min_max_stages
 from gaisnet_flwr.split.segments import ChainSpec, SegmentSpec, describe_segments
 from gaisnet_flwr.vit.model import PromptedViT
@@ -79,22 +80,26 @@ class SegmentCost:
 
 
 class RangeCosts:
-    """What every possible segment of `model` costs under `workload` (cached per range)."""
+    """What every possible segment of `model` costs under `workload` (cached per range; each
+    distinct block is measured once, `split.measure`)."""
 
     def __init__(self, model: PromptedViT, workload: Workload) -> None:
         self.model = model
         self.workload = workload
         self.depth = model.depth
+        self.meter = CostMeter(model)
         self._ranges: dict[tuple[int, int], SegmentCost] = {}
 
     def _segment(self, chain: ChainSpec, plan: SplitPlan, index: int) -> SegmentCost:
         w = self.workload
         seg: SegmentSpec = chain[index]
-        memory = segment_memory(self.model, plan, w.batch_size, w.optimizer, momentum=w.momentum)
+        memory = segment_memory(
+            self.model, plan, w.batch_size, w.optimizer, momentum=w.momentum, meter=self.meter
+        )
         forward = w.hop_bytes(seg.out_shape) if seg.role != "end" else 0
         backward = w.hop_bytes(seg.in_shape) if seg.sends_grad else 0
         return SegmentCost(
-            flops=chain_flops(chain)[index],
+            flops=chain_flops(chain, self.meter, w.batch_size)[index],
             memory_bytes=memory[index].training,
             inference_memory_bytes=memory[index].inference,
             forward_bytes=forward,
@@ -221,7 +226,7 @@ def predicted_inference_cost(
     """The cost model's price of one inference request of `samples` inputs, one batch, its
     hops carrying `element_size` bytes per value (the logits go back as float32)."""
     chain = describe_segments(model, plan)
-    flops = chain_flops(chain)
+    flops = chain_flops(chain, CostMeter.of(model))
     hops = [
         tensor_wire_bytes((samples, *chain.hop_shape(k)), element_size)
         for k in range(plan.num_peers + 1)

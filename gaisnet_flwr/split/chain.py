@@ -25,6 +25,7 @@ whose peer process runs the very same `ChainNode` (`peer.py`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -34,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaisnet_flwr.config import OPTIMIZERS
-from gaisnet_flwr.split.flops import SegmentFlops, chain_flops
+from gaisnet_flwr.split.flops import SegmentFlops, segment_flops_of
 from gaisnet_flwr.split.link import InProcessLink, Link, LinkStats
+from gaisnet_flwr.split.measure import CostMeter
 from gaisnet_flwr.split.plan import SplitPlan
 from gaisnet_flwr.split.precision import FP32, Precision, tensor_device
 from gaisnet_flwr.split.segments import SegmentSpec, describe_segments
@@ -74,7 +76,8 @@ class Segment:
     `spec` describes it (`segments.describe_segments`): its name, whether its input needs a
     gradient. `forward` keeps what `backward` needs (its input and output) for one step at a time.
     `device` is where its parameters (`held`, frozen ones too) live: the node's device, to which
-    the hops into this segment deliver.
+    the hops into this segment deliver. `flops` gives its per-sample FLOPs (measured when first
+    asked: `flops_done` counts samples until then).
     """
 
     def __init__(
@@ -83,7 +86,7 @@ class Segment:
         fn: Callable[[torch.Tensor], torch.Tensor],
         params: list[nn.Parameter],
         make_optimizer: OptimizerFactory | None,
-        flops: SegmentFlops,
+        flops: Callable[[], SegmentFlops],
         device: torch.device | None = None,
         precision: Precision = FP32,
     ) -> None:
@@ -94,11 +97,23 @@ class Segment:
         self.precision = precision
         self.optimizer = make_optimizer(params) if (params and make_optimizer) else None
         self.flops = flops
-        self.flops_done = 0
+        self.samples_forward = 0
+        self.samples_backward = 0
         self.proximal_mu = 0.0
         self._anchor: list[torch.Tensor] = []
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
+        self._input_grad: torch.Tensor | None = None
+
+    @property
+    def flops_done(self) -> int:
+        """FLOPs of every forward and backward run so far."""
+        if not (self.samples_forward or self.samples_backward):
+            return 0
+        per_sample = self.flops()
+        return (
+            self.samples_forward * per_sample.forward + self.samples_backward * per_sample.backward
+        )
 
     @property
     def name(self) -> str:
@@ -122,15 +137,24 @@ class Segment:
         if not train:
             with torch.no_grad(), self.precision.forward(self.device):
                 out = self.fn(h)
-            self.flops_done += self.flops.forward * h.shape[0]
+            self.samples_forward += h.shape[0]
             return out
         if self.needs_input_grad:
             h = h.requires_grad_(True)
+            # The gradient of the input as autograd computes it, before it is accumulated into
+            # `h.grad`: that copies it into `h`'s memory layout (permuted, for a prefix-free
+            # ViT's tokens), while the unsplit model hands the previous block the gradient as
+            # computed; sums over it (LayerScale's gamma) would round differently (README
+            # "Exactness").
+            h.register_hook(self._keep_input_grad)
         with self.precision.forward(self.device):
             out = self.fn(h)
         self._input, self._output = h, out
-        self.flops_done += self.flops.forward * h.shape[0]
+        self.samples_forward += h.shape[0]
         return out
+
+    def _keep_input_grad(self, grad: torch.Tensor) -> None:
+        self._input_grad = grad
 
     def backward(
         self, grad_output: torch.Tensor | None, loss: torch.Tensor | None = None
@@ -146,8 +170,8 @@ class Segment:
                     loss.backward()
                 else:
                     self._output.backward(grad_output)
-            self.flops_done += self.flops.backward * self._input.shape[0]
-        grad_input = self._input.grad if self.needs_input_grad else None
+            self.samples_backward += self._input.shape[0]
+        grad_input = self._input_grad if self.needs_input_grad else None
         if self.optimizer is not None:
             if self.proximal_mu > 0:
                 with torch.no_grad():
@@ -155,12 +179,12 @@ class Segment:
                         if p.grad is not None:
                             p.grad.add_(p - anchor, alpha=self.proximal_mu)
             self.optimizer.step()
-        self._input = self._output = None
+        self._input = self._output = self._input_grad = None
         return grad_input
 
     def discard(self) -> None:
         """Forget the step's saved tensors without a backward pass (nothing here trains)."""
-        self._input = self._output = None
+        self._input = self._output = self._input_grad = None
 
 
 @dataclass
@@ -396,13 +420,14 @@ def build_segments(
     """The chain's segments in order: start point, peers, end point (or just segment `only`,
     the one a device holds), as `describe_segments` describes them: each trains its trainable
     parameters and asks for the gradient of its input only if something upstream trains, and
-    computes on the device its parameters lie on (the model's first device if it holds none)."""
+    computes on the device its parameters lie on (the model's first device if it holds none).
+    Their FLOPs are measured (`split.measure`) when the chain's counts are first read."""
     chain = describe_segments(model, plan)
-    flops = chain_flops(chain)
+    meter = CostMeter.of(model)
     named = dict(model.named_parameters())
     fallback = next(iter(named.values())).device
     segments = []
-    for spec, seg_flops in zip(chain, flops, strict=True):
+    for spec in chain:
         if only is not None and spec.index != only:
             continue
         fn: Callable[[torch.Tensor], torch.Tensor]
@@ -414,8 +439,9 @@ def build_segments(
             fn = model.head_forward
         params = [named[n] for n in spec.trainable]
         device = tensor_device([named[n] for n in spec.params], fallback)
+        flops = functools.partial(segment_flops_of, spec, meter)
         segments.append(
-            Segment(spec, fn, params, make_optimizer, seg_flops, device=device, precision=precision)
+            Segment(spec, fn, params, make_optimizer, flops, device=device, precision=precision)
         )
     return segments
 

@@ -7,7 +7,8 @@ before it trains, so it sends a gradient back over the previous hop), how many o
 gradient flows through and how many train their own weights, and the per-sample shapes it
 receives and sends (prompt tokens included where VPT carries them). Everything is read off the
 model's `requires_grad` flags and token layout, never off its mode's name, so a new mode only
-has to set those right.
+has to set those right; what each piece computes and keeps is measured (split/measure.py), so
+nothing here reads a block's insides.
 
     chain.build_segments   the segments' parameters, optimizers and gradient hops
     flops.chain_flops      forward FLOPs, and backward FLOPs only where a gradient flows
@@ -18,7 +19,6 @@ Works on the meta device (shapes only), as the cost report builds ViT-B/16 there
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -32,57 +32,17 @@ Role = Literal["start", "peer", "end"]
 
 
 @dataclass(frozen=True)
-class AttnPoolShape:
-    """An attention pool's widths (timm `AttentionPoolLatent`, MAP): `latents` learned queries
-    of width `latent_dim` (projected to `dim` by q unless `q_proj` is off) attend over `tokens`
-    keys/values projected from width `in_dim` (kv: in_dim -> 2 dim); proj dim -> `out_dim`, then
-    a residual MLP out_dim -> `mlp_dim` -> out_dim (mlp_dim 0: none)."""
-
-    tokens: int
-    in_dim: int
-    dim: int
-    latents: int
-    latent_dim: int
-    q_proj: bool
-    out_dim: int
-    mlp_dim: int
-    num_heads: int
-
-    @classmethod
-    def of(cls, model: PromptedViT) -> AttnPoolShape | None:
-        pool = model.attn_pool
-        if pool is None:
-            return None
-        bb = model.backbone
-        patches = bb.patch_embed.num_patches
-        mlp = pool.mlp
-        return cls(
-            tokens=patches + (model.num_prefix_tokens if bb.pool_include_prefix else 0),
-            in_dim=int(pool.kv.in_features),  # type: ignore[union-attr,arg-type]
-            dim=int(pool.kv.out_features) // 2,  # type: ignore[union-attr,arg-type]
-            latents=int(pool.latent_len),  # type: ignore[arg-type]
-            latent_dim=int(pool.latent_dim),  # type: ignore[arg-type]
-            q_proj=isinstance(pool.q, nn.Linear),
-            out_dim=int(pool.out_features),  # type: ignore[arg-type]
-            mlp_dim=int(mlp.fc1.out_features) if mlp is not None else 0,  # type: ignore
-            num_heads=int(pool.num_heads),  # type: ignore[arg-type]
-        )
-
-
-@dataclass(frozen=True)
 class ViTShape:
-    """What FLOPs and memory depend on: token counts and widths of a (prompted) ViT."""
+    """The token counts and widths the segments exchange, read off timm's common attributes
+    (what each piece computes is measured: split/measure.py)."""
 
+    image: tuple[int, ...]  # one sample's input: (channels, height, width)
     num_patches: int
-    patch_dim: int  # in_chans * patch_area: inputs per patch of the embedding convolution
     num_prefix_tokens: int
     num_prompts: int
     embed_dim: int
-    mlp_dim: int
     depth: int
     num_classes: int
-    num_heads_out: int = 1  # 2 for DeiT-distilled (head and head_dist)
-    attn_pool: AttnPoolShape | None = None  # MAP models: the pool, part of the end point's head
 
     @property
     def block_tokens(self) -> int:
@@ -97,18 +57,14 @@ class ViTShape:
     @classmethod
     def of(cls, model: PromptedViT) -> ViTShape:
         bb = model.backbone
-        heads = list(model.head_modules().values())
         return cls(
-            num_patches=bb.patch_embed.num_patches,
-            patch_dim=bb.patch_embed.proj.in_channels * math.prod(bb.patch_embed.patch_size),
+            image=(int(bb.in_chans), *map(int, bb.patch_embed.img_size)),
+            num_patches=int(bb.patch_embed.num_patches),
             num_prefix_tokens=model.num_prefix_tokens,
             num_prompts=model.num_prompts,
-            embed_dim=bb.embed_dim,
-            mlp_dim=int(bb.blocks[0].mlp.fc1.out_features),  # type: ignore[union-attr,arg-type]
+            embed_dim=int(bb.embed_dim),
             depth=model.depth,
-            num_classes=getattr(heads[0], "out_features", 0),
-            num_heads_out=len(heads),
-            attn_pool=AttnPoolShape.of(model),
+            num_classes=int(bb.num_classes),
         )
 
 
@@ -128,6 +84,8 @@ class SegmentSpec:
             input and it sends that gradient back over the previous hop.
         grad_blocks: blocks a gradient flows through (something at or before them trains,
             their own prompt included); their backward computes input gradients.
+        block_input_grads: per block, whether a gradient flows into the tokens it receives
+            (something before it trains; its own prompt does not count here).
         weight_grad_blocks: blocks whose own weights train (full fine-tuning).
         in_shape, out_shape: one sample's tensor received and sent: the image (C, H, W) at the
             start point, (tokens, D) between segments, the end point's logits (classes,).
@@ -148,6 +106,7 @@ class SegmentSpec:
     num_trainable: int
     input_needs_grad: bool
     grad_blocks: int
+    block_input_grads: tuple[bool, ...]
     weight_grad_blocks: int
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -222,7 +181,7 @@ def describe_segments(model: PromptedViT, plan: SplitPlan) -> ChainSpec:
     bb = model.backbone
     dim = shape.embed_dim
     names = {id(p): n for n, p in model.named_parameters()}
-    image = (int(bb.patch_embed.proj.in_channels), *map(int, bb.patch_embed.img_size))
+    image = shape.image
     groups = segment_parameters(model, plan)
     specs = []
     upstream_trains = False  # does anything before the current point train?
@@ -230,6 +189,7 @@ def describe_segments(model: PromptedViT, plan: SplitPlan) -> ChainSpec:
         trainable = [p for p in params if p.requires_grad]
         input_needs_grad = upstream_trains
         grad_blocks = weight_grad_blocks = block_tokens = 0
+        input_grads: list[bool] = []
         if k == 0:
             role: Role = "start"
             blocks = (0, 0)
@@ -246,6 +206,7 @@ def describe_segments(model: PromptedViT, plan: SplitPlan) -> ChainSpec:
             block_tokens = in_shape[0] + (first.num_tokens if first is not None else 0)
             flows = upstream_trains
             for i in range(lo, hi):
+                input_grads.append(flows)
                 prompt = model.inserted_prompt(i)
                 flows = flows or (prompt is not None and prompt.tokens.requires_grad)
                 grad_blocks += flows
@@ -269,6 +230,7 @@ def describe_segments(model: PromptedViT, plan: SplitPlan) -> ChainSpec:
                 num_trainable=sum(p.numel() for p in trainable),
                 input_needs_grad=input_needs_grad,
                 grad_blocks=grad_blocks,
+                block_input_grads=tuple(input_grads),
                 weight_grad_blocks=weight_grad_blocks,
                 in_shape=in_shape,
                 out_shape=out_shape,
@@ -281,25 +243,24 @@ def describe_segments(model: PromptedViT, plan: SplitPlan) -> ChainSpec:
 
 
 def segment_parameters(model: PromptedViT, plan: SplitPlan) -> list[list[nn.Parameter]]:
-    """Parameters each node holds, in chain order: the start point the embedding (patch and
-    position embeddings, prefix tokens, norm_pre), each peer its blocks and their prompts, the end
-    point norm, the attention pool (MAP models), fc_norm and the head(s). Together they are every
-    parameter exactly once."""
+    """Parameters each node holds, in chain order: each peer its blocks and their prompts, the
+    end point norm, the attention pool (MAP models), fc_norm and the head(s), and the start
+    point everything before the blocks (patch and position embeddings, prefix tokens,
+    norm_pre, a hybrid's CNN stem), in registration order. Together they are every parameter
+    exactly once."""
     bb = model.backbone
-    start = [p for mod in (bb.patch_embed, bb.norm_pre) for p in mod.parameters()]
-    start += [
-        p
-        for p in (bb.cls_token, bb.pos_embed, bb.reg_token, getattr(bb, "dist_token", None))
-        if p is not None
-    ]
     peers = []
     for lo, hi in plan.ranges:
         prompts = [model.inserted_prompt(i) for i in range(lo, hi)]
         params = [p.tokens for p in prompts if p is not None]
         peers.append(params + [p for i in range(lo, hi) for p in bb.blocks[i].parameters()])
     pool = [model.attn_pool] if model.attn_pool is not None else []
-    end_modules = [bb.norm, *pool, bb.fc_norm, *model.head_modules().values()]  # forward order
-    groups = [start, *peers, [p for mod in end_modules for p in mod.parameters()]]
+    fc_norm = [bb.fc_norm] if getattr(bb, "fc_norm", None) is not None else []
+    end_modules = [bb.norm, *pool, *fc_norm, *model.head_modules().values()]  # forward order
+    end = [p for mod in end_modules for p in mod.parameters()]
+    taken = {id(p) for group in (*peers, end) for p in group}
+    start = [p for p in bb.parameters() if id(p) not in taken]
+    groups = [start, *peers, end]
     if sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in model.parameters()):
         raise RuntimeError("segments do not hold the model's parameters exactly once")
     return groups

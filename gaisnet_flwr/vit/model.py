@@ -1,18 +1,24 @@
-"""`PromptedViT`: visual prompt tuning over any timm `VisionTransformer` (paper Sec. III-A.1).
+"""`PromptedViT`: visual prompt tuning over a timm ViT (paper Sec. III-A.1).
 
 The foundation model is split along timm's own seams so the same code serves the whole model and
 each split-learning segment (paper Sec. III-B, Fig. 4):
 
-    embed(x)                    start point    patch_embed -> _pos_embed -> patch_drop -> norm_pre
+    embed(x)                    start point    patch_embed -> position embedding -> norm_pre
+                                               (each timm class's own seams: vit/families.py)
     run_blocks(h, start, stop)  middle peers   [prompt i, block i] for i in range(start, stop)
     head_forward(h)             end point      drop prompt tokens -> norm -> timm forward_head
                                                (pool: token / avg / max / attention pool, then head)
+
+Four timm classes run this way (vit/families.py): VisionTransformer (ViT, DeiT, hybrids),
+Eva (EVA-02, RoPE ViTs, DINOv3), VisionTransformerRelPos and Beit; what a block takes besides
+the tokens (a rotary embedding, a relative-position bias) each node computes for its own blocks.
 
 Token layout inside the blocks (VPT, Jia et al. 2022, ``vit.py``): prompts sit after the prefix
 tokens (class, distillation and register tokens) and before the patch tokens,
 
     [prefix (P) | prompts (n) | patches (N)]
 
+Under RoPE the prompts are prefix tokens for the attention too: they take no rotary position.
 `vpt-deep` gives every block i its own prompt i, which *replaces* the previous layer's prompt
 outputs; `vpt-shallow` inserts one prompt before block 0 and lets it flow through every block;
 `linear` trains the head only and `full` trains every weight (the baseline).
@@ -35,19 +41,22 @@ stochastic depth are off.
 from __future__ import annotations
 
 import math
+import traceback
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import timm
 import torch
 from timm.layers import AttentionPoolLatent
-from timm.models.vision_transformer import VisionTransformer
+from timm.models import is_model_in_modules
 from torch import nn
 
 # The modes and the largest shapes are the run-config's vocabulary (the config declares them;
 # a D2D peer's model spec holds to them too).
 from gaisnet_flwr.config import MAX_PATCHES, MODES, SHAPE_LIMITS  # noqa: F401 - re-exported
 from gaisnet_flwr.vit.checkpoint import load_backbone_weights
+from gaisnet_flwr.vit.families import Family, class_refusal, family_of
 
 # timm pools over the prefix/patch tokens the end point hands it (prompt slots dropped): by token,
 # reductions, or an attention pool (`map`, a `head` module here). Not supported: `''` (no pooling)
@@ -77,25 +86,39 @@ class PromptedViT(nn.Module):
     """A timm ViT whose only trainable parts are one prompt module per layer and the head.
 
     Args:
-        backbone: a timm `VisionTransformer` (DeiT-distilled and register-token variants included).
+        backbone: a timm ViT of a class in `vit.families` (VisionTransformer, with DeiT-distilled
+            and register-token variants; Eva; VisionTransformerRelPos; Beit).
         mode: one of `MODES`.
         num_prompts: prompt tokens per prompt module; must be 0 for `linear` and `full`.
     """
 
-    def __init__(self, backbone: VisionTransformer, mode: str = "vpt-deep", num_prompts: int = 10):
+    def __init__(self, backbone: nn.Module, mode: str = "vpt-deep", num_prompts: int = 10):
         super().__init__()
-        _check_supported(backbone, mode, num_prompts)
-        self.backbone = backbone
+        self.family: Family = _check_supported(backbone, mode, num_prompts)
+        bb: Any = backbone  # one of the families' timm classes (their attributes differ)
+        self.backbone = bb
         self.mode = mode
-        self.num_prefix_tokens: int = backbone.num_prefix_tokens
-        self.depth = len(backbone.blocks)
-        dim = backbone.embed_dim
-        patch_area = math.prod(backbone.patch_embed.patch_size)
+        self.num_prefix_tokens: int = bb.num_prefix_tokens
+        self.depth = len(bb.blocks)
+        dim = bb.embed_dim
+        patch_area = math.prod(bb.patch_embed.patch_size)
         bound = math.sqrt(6.0 / (3 * patch_area + dim))
         num_modules = {"vpt-deep": self.depth, "vpt-shallow": 1}.get(mode, 0) if num_prompts else 0
         self.prompts = nn.ModuleList(Prompt(num_prompts, dim, bound) for _ in range(num_modules))
         self.num_prompts = num_prompts if num_modules else 0
+        if self.num_prompts:
+            self.family.seat_prompts(backbone, self.num_prompts)
         self._freeze()
+        # VPT's modes from the start (frozen backbone and fixed modules in eval), so that a caller
+        # that sets the mode only when `training` changes (split.chain) never runs a fresh model
+        # with its backbone in nn.Module's default train mode.
+        self.train()
+
+    @property
+    def name(self) -> str:
+        """The timm model name it was built from (its class name if timm did not record one)."""
+        cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        return str(cfg.get("architecture") or type(self.backbone).__name__)
 
     def prompt(self, i: int) -> Prompt:
         """The prompt module of layer `i` (vpt-deep) or the single input prompt (vpt-shallow)."""
@@ -132,6 +155,8 @@ class PromptedViT(nn.Module):
             self.backbone.eval()
             for head in self.tuned_head_modules().values():
                 head.train(mode)
+        for module in self.family.fixed_modules(self.backbone):
+            module.eval()
         return self
 
     def named_tunable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -180,11 +205,7 @@ class PromptedViT(nn.Module):
     # -- the three segments -------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Start point: images [B, C, H, W] -> tokens [B, P + N, D] (no prompt slots yet)."""
-        bb = self.backbone
-        h = bb.patch_embed(x)
-        h = bb._pos_embed(h)
-        h = bb.patch_drop(h)
-        return bb.norm_pre(h)
+        return self.family.embed(self.backbone, x)
 
     @property
     def prompts_travel(self) -> bool:
@@ -217,8 +238,11 @@ class PromptedViT(nn.Module):
         """Middle peer: blocks [start, stop) with their prompts.
 
         Takes and returns the tokens as they travel between segments: [B, P + N, D], or
-        [B, P + n + N, D] after block 0 under vpt-shallow.
+        [B, P + n + N, D] after block 0 under vpt-shallow. What a block takes besides the
+        tokens (a rotary embedding, a relative-position bias) is computed here, from the frozen
+        model: it never travels.
         """
+        inputs = self.family.block_inputs(self.backbone) if stop > start else None
         for i in range(start, stop):
             if self.mode == "vpt-deep" and self.num_prompts:
                 if i > start:  # inside a segment: swap the previous prompt outputs for prompt i
@@ -226,7 +250,7 @@ class PromptedViT(nn.Module):
                 h = self._insert_prompt(i, h)
             elif i == 0 and self.prompts_travel:
                 h = self._insert_prompt(0, h)
-            h = self.backbone.blocks[i](h)
+            h = self.backbone.blocks[i](h, **inputs(i))  # type: ignore[misc]
         if self.mode == "vpt-deep" and self.num_prompts and stop > start:
             h = self._drop_prompt_slots(h)  # discarded by the next layer anyway: do not send
         return h
@@ -242,31 +266,42 @@ class PromptedViT(nn.Module):
         return self.head_forward(self.run_blocks(self.embed(x), 0, self.depth))
 
 
-def _check_supported(backbone: nn.Module, mode: str, num_prompts: int) -> None:
-    if not isinstance(backbone, VisionTransformer):
-        raise ModelError(
-            f"PromptedViT needs a timm VisionTransformer (vit_*, deit_*, ...); "
-            f"got {type(backbone).__name__}"
-        )
+def _check_supported(backbone: nn.Module, mode: str, num_prompts: int) -> Family:
+    """The family that runs `backbone`, or a `ModelError` saying why it cannot be run in
+    `mode` with `num_prompts` prompts."""
+    family = family_of(backbone)
+    if family is None:
+        raise ModelError(class_refusal(backbone))
+    bb: Any = backbone
+    kind = type(backbone).__name__
     if mode not in MODES:
         raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     if num_prompts < 0:
         raise ModelError(f"num_prompts must be >= 0, got {num_prompts}")
     if num_prompts and mode in ("linear", "full"):
         raise ModelError(f"mode {mode!r} trains no prompts; set num_prompts=0 (got {num_prompts})")
-    pool = getattr(backbone, "attn_pool", None)
-    if backbone.global_pool not in SUPPORTED_POOLS or (
+    pool = getattr(bb, "attn_pool", None)
+    if bb.global_pool not in SUPPORTED_POOLS or (
         pool is not None and not isinstance(pool, AttentionPoolLatent)
     ):
         raise ModelError(
-            f"global_pool {backbone.global_pool!r} is not supported; use one of "
+            f"global_pool {bb.global_pool!r} is not supported; use one of "
             f"{', '.join(SUPPORTED_POOLS)}"
         )
-    if getattr(backbone, "dynamic_img_size", False) or getattr(backbone, "dynamic_img_pad", False):
+    # VisionTransformer keeps dynamic_img_pad on its patch embedding, not on itself.
+    if getattr(bb, "dynamic_img_size", False) or getattr(bb.patch_embed, "dynamic_img_pad", False):
         raise ModelError(
             "dynamic_img_size / dynamic_img_pad are not supported: segments "
             "exchange fixed-shape smashed data"
         )
+    reason = family.refusal(bb)
+    if reason:
+        raise ModelError(f"{kind} cannot be split: {reason}")
+    if num_prompts and mode.startswith("vpt"):
+        reason = family.prompt_refusal(bb)
+        if reason:
+            raise ModelError(f"{kind} cannot take prompts (mode {mode!r}): {reason}")
+    return family
 
 
 def build_prompted_vit(
@@ -285,15 +320,39 @@ def build_prompted_vit(
     weights file, checked first (`checkpoint.read_weights_file`: format, safe loading, names,
     shapes, dtypes, finite values; a `CheckpointFileError` names the file and the tensor). The
     head is re-created for `num_classes`, as in VPT (a file's head is kept where it fits).
+    Models that timm builds for dynamic image sizes by default (DINOv3, a few others) are built
+    for the fixed `img_size`: segments exchange fixed-shape smashed data.
     """
     if mode not in MODES:  # fail before building a possibly large model
         raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if is_model_in_modules(model_name, ["vision_transformer", "eva"]):
+        overrides.setdefault("dynamic_img_size", False)
     try:
         backbone = timm.create_model(
             model_name, pretrained=pretrained, num_classes=num_classes, **overrides
         )
     except RuntimeError as err:  # timm raises RuntimeError for unknown model names
         raise ModelError(f"timm could not build {model_name!r}: {err}") from err
+    except (AssertionError, TypeError, ValueError) as err:  # timm refusing the shape overrides
+        given = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "dynamic_img_size")
+        raise ModelError(
+            f"timm could not build {model_name!r} with {given or 'its own shape'}: "
+            f"{timm_reason(err)}"
+        ) from err
     if checkpoint_path:
         load_backbone_weights(backbone, checkpoint_path)
-    return PromptedViT(cast(VisionTransformer, backbone), mode=mode, num_prompts=num_prompts)
+    return PromptedViT(backbone, mode=mode, num_prompts=num_prompts)
+
+
+def timm_reason(err: BaseException) -> str:
+    """An exception from timm as a reason: its message, or for a bare `assert` (which has none)
+    the condition that failed and where, e.g. a ResNet-hybrid ViT whose CNN feature map the
+    patch size does not divide."""
+    if str(err):
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return type(err).__name__
+    last = frames[-1]
+    where = f"{Path(last.filename).name}:{last.lineno}"
+    return f"timm's check `{(last.line or '').strip()[:200]}` failed ({where})"
