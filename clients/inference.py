@@ -115,6 +115,12 @@ def serve(
     for node, footprint in zip(cost.nodes, memory, strict=True):
         metrics[f"memory-bytes/{node.name}"] = footprint.inference
         metrics[f"energy-j/{node.name}"] = node.energy_j
+    if cost.edge is not None:  # the edge server held a segment: its part apart
+        metrics |= {
+            "edge-flops": cost.edge_flops,
+            "edge-energy-j": cost.edge_energy_j,
+            "edge-hop-bytes": cost.cs_hop_bytes,
+        }
     if labels is not None:
         metrics["accuracy"] = float((predictions == labels).float().mean())
     return RecordDict(

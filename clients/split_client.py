@@ -281,12 +281,18 @@ class SplitClusterClient:
         model.load_tunable_state(arrays.to_torch_state_dict())
         return model
 
-    def _remote(self, num_classes: int) -> NetworkPeers | None:
+    def _remote(self, num_classes: int, profile: ClusterProfile) -> NetworkPeers | None:
+        """The members after the start point on other machines (node-config `peers`, in the
+        order of `profile`'s chain: a segment on the edge server is a gaisnet-peer there)."""
         if self.peers is None:
             return None
         spec = model_spec(model_kwargs(self.cfg.model, self.cfg.cloud), num_classes)
         return NetworkPeers(
-            self.peers, spec, optimizer_spec(self.cfg.training), precision=self.precision
+            self.peers,
+            spec,
+            optimizer_spec(self.cfg.training),
+            precision=self.precision,
+            members=profile.names[1:],
         )
 
     def _seed(self, server_round: int) -> int:
@@ -306,7 +312,7 @@ class SplitClusterClient:
             seed=self._seed(server_round),
             proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
             device=self.device,
-            remote=self._remote(self.data.num_classes),
+            remote=self._remote(self.data.num_classes, profile),
             precision=self.precision,
         )
         state = model.tunable_state()
@@ -341,6 +347,17 @@ class SplitClusterClient:
         for node, footprint in zip(cost.nodes, memory, strict=True):
             per_node[f"energy-j/{node.name}"] = node.energy_j
             per_node[f"memory-bytes/{node.name}"] = footprint.training
+        # The segment the edge server ran (edge-offload): its part apart from the devices'.
+        flops = list(result.chain.segment_flops.values())  # in chain order
+        edge_flops = flops[profile.edge] if profile.edge is not None else 0
+        edge: dict[str, float | int] = {}
+        if self.cfg.cluster.edge_offload != "never":
+            edge = {
+                "edge-flops": edge_flops,
+                "edge-compute-s": cost.edge_compute_s,
+                "edge-energy-j": cost.edge_energy_j,
+                "edge-hop-bytes": cost.cs_hop_bytes,
+            }
         metrics = MetricRecord(
             {
                 "latency-s": cost.latency_s,
@@ -354,15 +371,19 @@ class SplitClusterClient:
                 "compute-j": cost.compute_j,
                 "tx-j": cost.tx_j,
                 "cs-bytes": cost.cs_bytes,
-                "memory-max-bytes": max(m.training for m in memory),
+                "memory-max-bytes": max(
+                    m.training for k, m in enumerate(memory) if k != profile.edge
+                ),  # the devices' (memory-bytes/edge: the edge server's)
                 **per_node,
+                **edge,
                 "num-examples": result.num_examples,
                 "train-loss": result.loss,
                 "train-acc": result.accuracy,
-                "d2d-bytes-fwd": result.chain.d2d_bytes_forward,
-                "d2d-bytes-bwd": result.chain.d2d_bytes_backward,
+                # D2D hops only: the hops to and from the edge server are in cs-bytes
+                "d2d-bytes-fwd": cost.d2d_forward_bytes,
+                "d2d-bytes-bwd": cost.d2d_backward_bytes,
                 "upload-bytes": upload.count_bytes(),
-                "compute-flops": sum(result.chain.segment_flops.values()),
+                "compute-flops": sum(flops) - edge_flops,  # the devices'; the edge's apart
                 "partition-id": self.identity.partition_id,
                 "edge-id": self.identity.edge_id,
                 "cluster-id": self.identity.cluster_id,
@@ -394,7 +415,7 @@ class SplitClusterClient:
             images,
             labels,
             download_bytes=delivered.count_bytes(),
-            remote=self._remote(self.data.num_classes),
+            remote=self._remote(self.data.num_classes, profile),
             device=self.device,
             precision=self.precision,
         )

@@ -56,6 +56,7 @@ from gaisnet_flwr.data.images import (
     dataset_classes,
 )
 from gaisnet_flwr.population.devices import PopulationError, check_spec, load_spec
+from gaisnet_flwr.population.edge_offload import EDGE_OFFLOAD, EdgeServer
 from gaisnet_flwr.population.layout import ClusterLayout, form_layout
 from gaisnet_flwr.population.planning import RangeCosts, Workload, plan_cluster
 from gaisnet_flwr.service.scheduler import POLICIES
@@ -350,7 +351,9 @@ class ClusterConfig:
     otherwise clusters are formed from a device population (gaisnet_flwr/population: a TOML or
     CSV file, or "generated:N:SEED"), each with its own devices, links and plan. The planner
     "comm-aware" also counts the hops each peer sends and its memory; "minmax" and "even" are
-    compute-only.
+    compute-only. `edge_offload` "auto" lets a population's chains hold the edge server as a node
+    where that lowers the round's busiest node (population/edge_offload.py; needs planner
+    "comm-aware" and a population).
 
     Limits: peers-per-cluster 1..48 (and at most depth); peer-speeds finite numbers > 0.
     """
@@ -359,9 +362,11 @@ class ClusterConfig:
     peer_speeds: str = ""  # relative compute speeds, e.g. "1,2,1"; "" = the peers' devices
     planner: str = "minmax"  # one of PLANNERS
     population: str = ""  # "" | "generated:N:SEED" | a .toml / .csv file of devices
+    edge_offload: str = "never"  # one of EDGE_OFFLOAD: may the edge server hold a segment
 
     def __post_init__(self) -> None:
         _choice("planner", self.planner, PLANNERS)
+        _choice("edge_offload", self.edge_offload, EDGE_OFFLOAD)
         try:
             check_spec(self.population)
         except PopulationError as err:
@@ -449,7 +454,7 @@ class CostConfig:
     end_device: str = "phone-mid"
     d2d_link: str = "d2d-50m"
     uplink: str = "uplink-1mhz"
-    edge_device: str = "edge-server"  # runs each edge's (and the cloud's) aggregation
+    edge_device: str = "edge-server"  # runs aggregation, and chain segments (edge-offload)
     backhaul_link: str = "backhaul-1gbps"  # edge <-> cloud
 
     @functools.cached_property
@@ -758,6 +763,9 @@ def _layout(cfg: RunConfig) -> ClusterLayout:
     """Form the clusters once per config (the ClientApp asks on every message)."""
     c = cfg.costs
     profiles = c.profiles
+    edge = None  # the edge server as a chain node: its profile, the client-edge link both ways
+    if cfg.cluster.edge_offload == "auto":
+        edge = EdgeServer(profiles.device(c.edge_device), profiles.link(c.uplink))
     return form_layout(
         load_spec(cfg.cluster.population, profiles),
         profiles,
@@ -766,6 +774,7 @@ def _layout(cfg: RunConfig) -> ClusterLayout:
         cfg.cluster.peers_per_cluster,
         cfg.cluster.planner,
         cfg.range_costs(),
+        edge,
     )
 
 
@@ -792,6 +801,8 @@ class RunConfig:
                 f"population={self.cluster.population!r} each cluster's devices set its speeds "
                 f"(set peer-speeds='')"
             )
+        if self.cluster.edge_offload != "never":
+            self._check_edge_offload()
         if self.cluster.peers_per_cluster > self.model.depth:
             raise ConfigError(
                 f"peers-per-cluster={self.cluster.peers_per_cluster} exceeds depth="
@@ -813,6 +824,26 @@ class RunConfig:
                 f"foundation='cloud' pre-trains on the embedded digits corpus, which dataset="
                 f"{self.data.dataset!r} does not have; use foundation='timm' (pretrained weights, "
                 f"needs internet once), 'file' (checkpoint-path) or 'none'"
+            )
+
+    def _check_edge_offload(self) -> None:
+        c = self.cluster
+        given = f"edge-offload={c.edge_offload!r}"
+        if c.planner != "comm-aware":
+            raise ConfigError(
+                f"{given} prices the hops into and out of the edge server: it needs "
+                f"planner='comm-aware' (planner={c.planner!r} prices compute alone)"
+            )
+        if not c.population.strip():
+            raise ConfigError(
+                f"{given} shares the edge server among the clusters formed from a device "
+                f"population: set population (a .toml/.csv file or 'generated:N:SEED')"
+            )
+        if self.hierarchy.num_edges() != 1:
+            raise ConfigError(
+                f"{given}: a population is one cell whose clusters share one edge server; "
+                f"edge-domains={self.hierarchy.edge_domains!r} lists "
+                f"{self.hierarchy.num_edges()} edges (use one, or edge-offload='never')"
             )
 
     # -- the app boundary -----------------------------------------------------------------------

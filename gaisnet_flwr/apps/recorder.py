@@ -34,6 +34,9 @@ SUMMED = (
     "compute-j",
     "tx-j",
     "cs-bytes",
+    "edge-flops",  # the edge server's part of the clusters' chains (edge-offload)
+    "edge-energy-j",
+    "edge-hop-bytes",
 )
 # Clusters train in parallel: the round's simulated convergence latency is the slowest cluster's;
 # per-node memory is reported as the largest any cluster needs at that role.
@@ -47,6 +50,7 @@ MAXED = (
     "d2d-s",
     "memory-max-bytes",
     "memory-bytes",
+    "edge-compute-s",
 )
 NOT_AGGREGATED = ("partition-id", "edge-id", "cluster-id")
 
@@ -56,7 +60,8 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> Me
     metrics = [next(iter(r.metric_records.values())) for r in records]
     weights = np.array([float(m[weighting_key]) for m in metrics])  # type: ignore[arg-type]
     out: dict[str, Any] = {"num-clusters": len(metrics)}
-    for key in metrics[0]:
+    # every key any cluster sent (an edge node's per-node keys come from the clusters with one)
+    for key in dict.fromkeys(k for m in metrics for k in m):
         values = [m[key] for m in metrics if key in m]
         family = key.split("/")[0]  # per-node keys such as energy-j/peer1
         if key in NOT_AGGREGATED:

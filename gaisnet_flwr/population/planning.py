@@ -26,7 +26,6 @@ from gaisnet_flwr.costs.memory import segment_memory
 from gaisnet_flwr.costs.pricing import (
     ClusterProfile,
     RoundCost,
-    compute_time_s,
     fine_tuning_round_cost,
     inference_cost,
     tensor_wire_bytes,
@@ -143,7 +142,7 @@ def peer_time_s(
     w = costs.workload
     flops = (seg.flops.forward + seg.flops.backward) * w.samples * w.epochs
     return (
-        compute_time_s(flops, device)
+        cluster.node_compute_s(peer + 1, flops)  # the edge server's, at its share
         + tx_time_s(seg.forward_bytes, cluster.hops[peer + 1])
         + tx_time_s(seg.backward_bytes, cluster.hops[peer])
     )

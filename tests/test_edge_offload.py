@@ -1,0 +1,409 @@
+"""The edge server as a cooperative node of a chain (paper Sec. III-C, III-D; run-config
+`edge-offload`): how it is priced (its own profile, its share of the edge, the client-edge hops,
+reported apart from the devices), how the planner places it (the same min-max split, the least
+busiest node; shared per round), and that a run with it trains exactly and completes."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from gaisnet_flwr.config import ConfigError, RunConfig
+from gaisnet_flwr.costs.pricing import ClusterProfile, fine_tuning_round_cost, inference_cost
+from gaisnet_flwr.costs.profiles import CostConfigError, DeviceProfile, LinkProfile, load_profiles
+from gaisnet_flwr.data.images import load_image_data
+from gaisnet_flwr.population.edge_offload import (
+    EdgeServer,
+    busiest_s,
+    place_cluster,
+    plan_round,
+    with_edge,
+)
+from gaisnet_flwr.population.planning import RangeCosts, Workload
+from gaisnet_flwr.split.flops import SegmentFlops
+from gaisnet_flwr.split.plan import PlanError, SplitPlan
+from gaisnet_flwr.training.loops import build_model, train_centralised, train_cluster
+from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROFILES = load_profiles()
+
+
+def meta_model(depth: int = 6) -> PromptedViT:
+    with torch.device("meta"):
+        return build_prompted_vit(
+            "vit_tiny_patch16_224", mode="vpt-deep", num_prompts=4, num_classes=10,
+            img_size=32, patch_size=8, depth=depth, embed_dim=32, num_heads=2,
+        )  # fmt: skip
+
+
+def wired(name: str, kind: str, rate_bps: float) -> LinkProfile:
+    return LinkProfile(name, kind, wired_rate_bps=rate_bps)
+
+
+def device(name: str, flops: float, memory: int = 2**30) -> DeviceProfile:
+    return DeviceProfile(name, flops, 1, memory_bytes=memory)  # no sensing: compute decides
+
+
+def chain(peers: list[DeviceProfile], rates: list[float]) -> ClusterProfile:
+    """start, `peers`, end (1e9 FLOP/s each end), hop k a wired D2D link of rates[k]."""
+    ends = device("end", 1e9)
+    hops = [wired(f"h{k}", "d2d", r) for k, r in enumerate(rates)]
+    return ClusterProfile([ends, *peers, ends], hops, wired("up", "client-edge", 1e8))
+
+
+# -- pricing ------------------------------------------------------------------------------------
+def test_the_edge_node_is_priced_at_its_share_and_reported_apart() -> None:
+    """Start -> peer -> edge -> end, by hand: the edge's compute takes `share` times as long
+    (its energy per FLOP its own), its hops are client-edge (cs bytes, not D2D), and the
+    cluster's compute and energy are its devices' alone."""
+    phone = DeviceProfile("phone", 1e9, 10, tx_power_w=0.2)
+    server = DeviceProfile("server", 2e9, 50, tx_power_w=1.0)
+    d2d = wired("d2d", "d2d", 8e6)  # 1 byte = 1 microsecond
+    # Into the edge the phone sends at most 0.2 W, out of it the server 0.5 W (one link per hop,
+    # both directions: the gradient back to peer 1 goes at the phone's 0.2 W).
+    up_in = LinkProfile("up-in", "client-edge", wired_rate_bps=4e6, tx_power_w=0.2)
+    up_out = LinkProfile("up-out", "client-edge", wired_rate_bps=4e6, tx_power_w=0.5)
+    cluster = ClusterProfile(
+        [phone, phone, server, phone], [d2d, up_in, up_out], up_in, d2d, edge=2, edge_share=3
+    )
+    assert cluster.names == ["start", "peer1", "edge", "end"] and cluster.edge_hops == (1, 2)
+    flops = [SegmentFlops(10, 0), SegmentFlops(1e9, 1e9), SegmentFlops(1e11, 1e11),
+             SegmentFlops(10, 10)]  # fmt: skip
+    cost = fine_tuning_round_cost(
+        cluster, flops, [100, 200, 300], [0, 40, 50], samples=2, upload_bytes=7,
+        download_bytes=9,
+    )  # fmt: skip
+    edge = cost.edge_node
+    assert edge is not None and edge.name == "edge" and edge.device == "server"
+    assert edge.compute_s == pytest.approx(3 * 4e11 / 1e11)  # 4e11 FLOPs at 1e11 FLOP/s, x3
+    assert edge.compute_j == pytest.approx(1e-28 * (4e11 / 50) * 2e9**2)  # kappa cycles f^2
+    assert edge.tx_bytes == 300 + 40  # forward to the end point, gradient back to peer 1
+    assert cost.edge_flops == 4e11 and cost.edge_compute_s == edge.compute_s
+    assert cost.edge_energy_j == pytest.approx(edge.compute_j + (0.5 * 300 + 0.2 * 40) * 8 / 4e6)
+    # the devices' part: the edge not in it
+    devices = [cost.nodes[k] for k in (0, 1, 3)]
+    assert cost.compute_flops == sum(n.flops for n in devices)
+    assert cost.energy_j == pytest.approx(sum(n.energy_j for n in devices))
+    # communication: hop 0 is D2D; hops 1 and 2 (into and out of the edge) client-edge
+    assert (cost.d2d_forward_bytes, cost.d2d_backward_bytes) == (100, 0)
+    assert cost.cs_hop_bytes == 200 + 40 + 300 + 50
+    assert cost.cs_bytes == 9 + 7 + 590
+    assert cost.cs_hop_s == pytest.approx(8 * 590 / 4e6)
+    assert cost.d2d_s == pytest.approx(8 * 100 / 8e6)
+    # latency and the busiest node cover every node, the edge included
+    assert cost.latency_s == pytest.approx(cost.download_s + sum(n.busy_s for n in cost.nodes))
+    assert cost.bottleneck_s == edge.busy_s
+    request = inference_cost(cluster, flops, [100, 200, 300], result_bytes=8, samples=1)
+    assert request.cs_hop_bytes == 500 and request.d2d_forward_bytes == 100 + 8
+
+
+def test_a_chain_with_an_edge_node_is_checked() -> None:
+    phone, server = device("phone", 1e9), device("server", 1e11)
+    d2d, up = wired("d2d", "d2d", 1e6), wired("up", "client-edge", 1e6)
+    with pytest.raises(CostConfigError, match=r"hop start->edge: link 'd2d' is d2d, not client"):
+        ClusterProfile([phone, server, phone], [d2d, up], up, d2d, edge=1)
+    with pytest.raises(CostConfigError, match=r"hop start->peer1: link 'up' is client-edge, not"):
+        ClusterProfile([phone, phone, phone], [up, d2d], up)
+    with pytest.raises(CostConfigError, match=r"must run a middle node of the chain \(1 .. 1\)"):
+        ClusterProfile([phone, server, phone], [up, up], up, d2d, edge=2)
+    with pytest.raises(CostConfigError, match="edge_share=2: .* 1 when the chain has no edge"):
+        ClusterProfile([phone, phone, phone], [d2d, d2d], up, edge_share=2)
+    with pytest.raises(CostConfigError, match="it must be a client-edge link"):
+        EdgeServer(server, d2d)
+
+
+def test_inserting_the_edge_keeps_the_devices_and_their_links() -> None:
+    peers = [device("a", 1e9), device("b", 2e9)]
+    cluster = chain(peers, [1e6, 2e6, 3e6])
+    edge = EdgeServer(PROFILES.device("edge-server"), PROFILES.link("uplink-1mhz"))
+    for node in (1, 2, 3):
+        inserted = with_edge(cluster, edge, node, share=4)
+        assert inserted.devices[node] is edge.device and inserted.edge_share == 4
+        assert [d for k, d in enumerate(inserted.devices) if k != node] == list(cluster.devices)
+        kept = [h for k, h in enumerate(inserted.hops) if k not in inserted.edge_hops]
+        assert kept == [h for k, h in enumerate(cluster.hops) if k != node - 1]
+        into, out = (inserted.hops[k] for k in inserted.edge_hops)
+        assert into.kind == out.kind == "client-edge"
+        assert into.power_w == min(0.2, cluster.devices[node - 1].tx_power_w)  # the device's cap
+        assert out.power_w == 0.2 and into.rate_bps() <= out.rate_bps()
+        assert inserted.result == cluster.result  # end -> start stays D2D
+
+
+# -- placing the edge ---------------------------------------------------------------------------
+def brute_force(
+    costs: RangeCosts, cluster: ClusterProfile, edge: EdgeServer | None, share: int = 1
+) -> float:
+    """The least busiest node over the devices alone and the edge at every position, each
+    over every split (every node at least one block, within its memory)."""
+    best = math.inf
+    candidates = [cluster]
+    if edge is not None:
+        candidates += [with_edge(cluster, edge, n, share) for n in range(1, len(cluster.devices))]
+    for profile in candidates:
+        stages = len(profile.devices) - 2
+        for cuts in itertools.combinations(range(1, costs.depth), stages - 1):
+            plan = SplitPlan.from_sizes(
+                [b - a for a, b in itertools.pairwise([0, *cuts, costs.depth])]
+            )
+            fits = all(
+                costs.peer(a, b).memory_bytes <= profile.devices[k + 1].memory_bytes
+                for k, (a, b) in enumerate(plan.ranges)
+            )
+            if fits:
+                best = min(best, busiest_s(costs, profile, plan))
+    return best
+
+
+@pytest.fixture(scope="module")
+def costs() -> RangeCosts:
+    return RangeCosts(meta_model(), Workload(32, 16))
+
+
+@pytest.mark.parametrize("case", range(30))
+def test_the_edge_is_placed_optimally_against_exhaustive_search(
+    case: int, costs: RangeCosts
+) -> None:
+    rng = random.Random(case)
+    block = costs.peer(0, 1).memory_bytes
+    peers = [
+        device(f"p{k}", rng.uniform(1e7, 1e9), memory=block * rng.randint(1, 3))
+        for k in range(rng.randint(1, 4))
+    ]
+    cluster = chain(peers, [rng.uniform(1e5, 1e9) for _ in range(len(peers) + 1)])
+    server = device("server", rng.uniform(1e7, 1e10), memory=max(1, block * rng.randint(0, 4)))
+    edge = EdgeServer(server, wired("up", "client-edge", 10 ** rng.uniform(4, 9)))
+    share = rng.randint(1, 4)
+    best = brute_force(costs, cluster, edge, share)
+    if math.isinf(best):
+        with pytest.raises(PlanError, match="no chain fits"):
+            place_cluster(costs, cluster, edge, share)
+        return
+    placed = place_cluster(costs, cluster, edge, share)
+    assert placed.busiest_s == pytest.approx(best, rel=1e-12)
+    assert placed.busiest_s == busiest_s(costs, placed.profile, placed.plan)
+    alone = brute_force(costs, cluster, None)
+    if placed.profile.edge is not None:  # the edge only where it is strictly better
+        assert placed.busiest_s < alone
+    else:
+        assert placed.busiest_s == pytest.approx(alone, rel=1e-12)
+
+
+def test_a_round_shares_the_edge_among_the_clusters_that_offload(costs: RangeCosts) -> None:
+    """Three clusters: one weak, one a little weak, one strong. The weak one gains most; the
+    edge's share follows how many offload; the round (its slowest cluster) never gets slower."""
+    edge = EdgeServer(device("server", 4e9), wired("up", "client-edge", 1e9))
+    fast = [1e9] * 4
+    clusters = [
+        chain([device("weak", 1e8)] * 3, fast),
+        chain([device("mid", 3e8)] * 3, fast),
+        chain([device("strong", 1e10)] * 3, fast),
+    ]
+    alone = [place_cluster(costs, c, None) for c in clusters]
+    placed = plan_round(costs, clusters, edge)
+    on_edge = [i for i, p in enumerate(placed) if p.profile.edge is not None]
+    assert 0 in on_edge and 2 not in on_edge  # the slowest offloads, the strong never
+    assert all(placed[i].profile.edge_share == len(on_edge) for i in on_edge)
+    assert max(p.busiest_s for p in placed) < max(p.busiest_s for p in alone)
+    for p, a in zip(placed, alone, strict=True):
+        assert p.busiest_s <= a.busiest_s  # nobody is slower for it
+    # Each offloader is priced at its share: alone on the edge it would be faster.
+    for i in on_edge:
+        solo = place_cluster(costs, clusters[i], edge, share=1, devices=False)
+        assert solo.busiest_s <= placed[i].busiest_s
+    # A round of identical clusters offloads all of them or none (a tie is no gain).
+    same = plan_round(costs, [clusters[0]] * 3, edge)
+    assert len({p.profile.edge_share for p in same}) == 1
+    assert all(p.profile.edge is not None for p in same)
+    # An edge that cannot hold a segment (memory) is never used; a cluster that fits nowhere
+    # is named.
+    tiny = EdgeServer(device("server", 4e12, memory=1), edge.link)
+    assert all(p.profile.edge is None for p in plan_round(costs, clusters, tiny))
+    block = costs.peer(0, 1).memory_bytes
+    stuck = chain([device("w", 1e9, memory=block)] * 3, fast)  # 3 blocks of 6 fit
+    with pytest.raises(PlanError, match=r"cluster\(s\) \[1\] fit neither"):
+        plan_round(costs, [clusters[2], stuck], tiny)
+
+
+# -- the run-config -----------------------------------------------------------------------------
+def cell(tmp_path: Path, peer: str, devices: int = 6) -> dict[str, object]:
+    """A cell of `devices` devices on a line, 10 m apart, one in three with data (so chains
+    start, peer, end), every device of profile `peer`; cost profiles where compute decides
+    (no sensing, fast wired links): an edge 10x slower than `strong` and 10x faster than
+    `slow`, and a `watch` whose memory holds one block of the tiny model but not two."""
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(
+        "[devices.edge-small]\nclock_hz = 1e8\nflops_per_cycle = 1\ntx_power_w = 1.0\n"
+        "[devices.slow]\nclock_hz = 1e7\nflops_per_cycle = 1\n"
+        "[devices.strong]\nclock_hz = 1e9\nflops_per_cycle = 1\n"
+        "[devices.watch]\nclock_hz = 1e9\nflops_per_cycle = 1\nmemory_bytes = 1000000\n"
+        '[links.wire-d2d]\nkind = "d2d"\nwired_rate_bps = 1e9\n'
+        '[links.wire-up]\nkind = "client-edge"\nwired_rate_bps = 1e9\n'
+    )
+    population = tmp_path / f"{peer}.toml"
+    population.write_text(
+        "".join(
+            f'[[device]]\nname = "d{i}"\nx_m = {10.0 * i}\ny_m = 0.0\nprofile = "{peer}"\n'
+            f"data = {'true' if i % 3 == 0 else 'false'}\n"
+            for i in range(devices)
+        )
+    )
+    return {
+        "population": str(population),
+        "planner": "comm-aware",
+        "edge-offload": "auto",
+        "cost-profiles": str(profiles),
+        "edge-device": "edge-small",
+        "uplink": "wire-up",
+        "d2d-link": "wire-d2d",
+        "depth": 4,
+        "embed-dim": 32,
+        "num-heads": 2,
+        "peers-per-cluster": 1,
+        "batch-size": 16,
+        "foundation": "none",
+        "device": "cpu",
+    }
+
+
+def test_edge_offload_is_a_run_config_choice_refused_by_name(tmp_path: Path) -> None:
+    assert RunConfig().cluster.edge_offload == "never"
+    with pytest.raises(ConfigError, match="edge-offload='always' is not valid; choose one of "
+                       "never, auto"):  # fmt: skip
+        RunConfig.of(edge_offload="always")
+    given = cell(tmp_path, "slow")
+    with pytest.raises(ConfigError, match="needs planner='comm-aware' \\(planner='minmax'"):
+        RunConfig.from_run_config({**given, "planner": "minmax"})
+    with pytest.raises(ConfigError, match="among the clusters formed from a device population"):
+        RunConfig.from_run_config({**given, "population": ""})
+    with pytest.raises(ConfigError, match="edge-domains='none,rotate' lists 2 edges"):
+        RunConfig.from_run_config({**given, "edge-domains": "none,rotate"})
+
+
+@pytest.mark.parametrize(
+    ("peer", "offloads"),
+    [("watch", True), ("slow", True), ("strong", False)],
+    ids=["memory-for-one-block", "10x-slower-than-the-edge", "10x-faster"],
+)
+def test_weak_devices_put_blocks_on_the_edge_and_strong_ones_do_not(
+    tmp_path: Path, peer: str, offloads: bool
+) -> None:
+    given = cell(tmp_path, peer)
+    layout = RunConfig.from_run_config(given).cluster_layout()
+    assert layout is not None and len(layout.fine_tuning) == 2
+    for cluster in layout.fine_tuning:
+        assert (cluster.edge_blocks is not None) == offloads
+        if offloads:  # each device keeps a block; the edge, shared by both, takes the rest
+            assert cluster.profile.edge_share == 2 and cluster.plan.sizes() in ([3, 1], [1, 3])
+            assert cluster.describe()["edge_server"] == {
+                "blocks": list(cluster.edge_blocks),  # type: ignore[arg-type]
+                "share": 2,
+            }
+    if peer == "watch":  # without the edge no chain fits: no cluster, a clear refusal
+        with pytest.raises(ConfigError, match="forms no fine-tuning cluster"):
+            RunConfig.from_run_config({**given, "edge-offload": "never"})
+    else:  # offloading off: the devices alone, as before
+        never = RunConfig.from_run_config({**given, "edge-offload": "never"}).cluster_layout()
+        assert never is not None
+        assert all(c.profile.edge is None for c in never.fine_tuning)
+        if not offloads:
+            assert never.describe() | {"edge_offload": "auto"} == layout.describe()
+
+
+def test_offloading_off_forms_the_layout_of_before() -> None:
+    """edge-offload='never' (the default) is the comm-aware layout, key for key."""
+    from gaisnet_flwr.population.devices import load_spec
+    from gaisnet_flwr.population.layout import form_layout
+
+    cfg = RunConfig.from_run_config({"population": "generated:60:0", "planner": "comm-aware"})
+    layout = cfg.cluster_layout()
+    p = cfg.costs.profiles
+    plain = form_layout(
+        load_spec("generated:60:0", p), p, p.link("d2d-50m"), p.link("uplink-1mhz"), 3,
+        "comm-aware", cfg.range_costs(),
+    )  # fmt: skip
+    assert layout is not None and layout.describe() == plain.describe()
+    assert "edge_offload" not in layout.describe()
+
+
+# -- exactness ----------------------------------------------------------------------------------
+def test_a_chain_with_an_edge_segment_trains_bit_for_bit_like_the_unsplit_model(
+    tmp_path: Path,
+) -> None:
+    """The plan the planner made with the edge's segment in it, run as the ClientApp runs it
+    (train_cluster: the edge's segment is one more in-process peer), against the unsplit model
+    on the same batches, with AdamW: bit for bit."""
+    cfg = RunConfig.from_run_config({**cell(tmp_path, "watch"), "optimizer": "adamw"})
+    layout = cfg.cluster_layout()
+    assert layout is not None
+    (plan,) = {c.plan for c in layout.fine_tuning}
+    assert layout.fine_tuning[0].edge_blocks is not None and plan.num_peers == 2
+    data = load_image_data(cfg.data_spec())
+    train = Subset(data.train, range(48))  # 3 steps
+    split = build_model(cfg.model, cfg.cloud, data.num_classes, cfg.run.seed)
+    whole = copy.deepcopy(split)
+    train_cluster(split, plan, train, cfg.training, seed=5)
+    train_centralised(whole, train, cfg.training, epochs=1, seed=5)
+    expected = whole.tunable_state()
+    for key, value in split.tunable_state().items():
+        assert torch.equal(value, expected[key]), key
+
+
+# -- a run --------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(("peer", "offloads"), [("watch", True), ("strong", False)])
+def test_a_run_with_weak_devices_completes_on_the_edge_and_reports_it(
+    tmp_path: Path, peer: str, offloads: bool
+) -> None:
+    """The real ServerApp and ClientApp in process: 2 clusters of a weak cell (memory for one
+    block) run their chains with the edge's segment; clusters.json shows it, the round's
+    latency is the slowest cluster's prediction, and the edge's part is reported apart."""
+    from gaisnet_flwr.apps.inprocess import run_inprocess
+
+    out = tmp_path / "out"
+    config = {**cell(tmp_path, peer), "num-rounds": 1, "inference-requests": 0,
+              "output-dir": str(out)}  # fmt: skip
+    run = run_inprocess(config, 2)
+    report = json.loads((out / "clusters.json").read_text())
+    assert report["edge_offload"] == "auto" and len(report["fine_tuning"]) == 2
+    (row,) = [r for r in run.metrics() if r["round"] == 1]
+    assert row["train/num-clusters"] == 2
+    slowest = max(c["predicted_round"]["latency_s"] for c in report["fine_tuning"])
+    assert row["train/latency-s"] == pytest.approx(slowest, rel=1e-12)
+    for cluster in report["fine_tuning"]:
+        roles = [m["role"] for m in cluster["members"]]
+        predicted = cluster["predicted_round"]
+        if not offloads:
+            assert roles == ["start", "peer1", "end"] and "edge_server" not in cluster
+            assert "edge_flops" not in predicted
+            continue
+        assert "edge" in roles and cluster["edge_server"]["share"] == 2
+        (edge,) = [m for m in cluster["members"] if m["role"] == "edge"]
+        assert (
+            edge["profile"] == "edge-small" and edge["blocks"] == cluster["edge_server"]["blocks"]
+        )
+        assert [h["link"] for h in cluster["hops"] if "edge" in (h["from"], h["to"])] == [
+            "client-edge"
+        ] * 2
+        assert predicted["edge_flops"] > 0 and predicted["edge_hop_bytes"] > 0
+    # what the clusters reported: the edge's compute, energy and hops apart from the devices'
+    edge_keys = ("train/edge-flops", "train/edge-energy-j", "train/edge-hop-bytes")
+    if offloads:
+        assert all(row[k] > 0 for k in edge_keys)
+        assert row["train/edge-flops"] == pytest.approx(
+            sum(c["predicted_round"]["edge_flops"] for c in report["fine_tuning"]), rel=1e-12
+        )
+        assert row["train/cs-bytes"] == sum(
+            c["predicted_round"]["cs_bytes"] for c in report["fine_tuning"]
+        )
+    else:
+        assert all(row[k] == 0 for k in edge_keys)
