@@ -11,21 +11,27 @@ holding a contiguous range of blocks like any peer:
 
 The edge's node is priced with the edge's device profile (`edge-device`) and the client-edge link
 (`uplink`) in both directions of its two hops (the device sends at most its own transmit power,
-the edge at most its own); every other hop stays D2D. Each candidate chain (the devices alone,
-and the edge at each position) is split by the communication-aware min-max planner
-(`split.plan.plan_min_max_stages` with `planning.peer_time_s`: each node's compute plus what it
-sends, within its memory), and the candidate with the least busiest node wins: the cost model's
-`RoundCost.bottleneck_s` of the round (sensing, compute and sends of every node, the edge's
-included). The devices alone win ties: the edge takes a segment only when that lowers it.
+the edge at most its own); every other hop stays D2D. Every device of the cluster keeps at least
+one block (all members take part, paper Sec. III-C); the edge takes a range of its own.
+
+Each candidate chain (the devices alone, and the edge at each position) is split by the
+communication-aware min-max planner (`split.plan.plan_min_max_stages` with
+`planning.peer_time_s`: each node's compute plus what it sends, within its memory), and the
+candidates are compared as that planner compares splits: the least busiest node first (the cost
+model's `RoundCost.bottleneck_s`: sensing, compute and sends of every node, the edge's
+included), then the least serial round latency (`RoundCost.latency_s`, the critical path of
+strictly sequential split learning). The devices alone win ties on both: the edge takes a
+segment only when that lowers the round's busiest node, or its latency at an equal busiest node.
 
 The edge server is shared. Its compute is divided equally among the clusters whose segments it
 runs in the same round (processor sharing): a cluster that offloads, one of m that do, gets 1/m
 of the edge's FLOP/s (`ClusterProfile.edge_share = m`; energy per FLOP unchanged). Its memory
 holds all their segments at once. Which clusters offload is settled per round (`plan_round`):
-the m clusters slowest on their own devices, for the m that makes the round (its slowest
-cluster, which the round waits for: paper Fig. 4) shortest, m = 0 (nobody) unless some m lowers
-it. An inference request is a round of its own (one service per round, paper Sec. IV-C), so an
-inference loop is planned with the whole edge (`place_cluster`, share 1).
+the m clusters slowest on their own devices, for the m that makes the round shortest (the
+busiest node of its slowest cluster, then the slowest cluster's latency: the round waits for
+it, paper Fig. 4), m = 0 (nobody) unless some m lowers it. An inference request is a round of
+its own (one service per round, paper Sec. IV-C), so an inference loop is planned with the
+whole edge (`place_cluster`, share 1).
 
 The chain code does not change: the edge's segment is one more peer segment (simulation: in the
 cluster's ClientApp; deployment: a `gaisnet-peer` on the edge machine).
@@ -104,12 +110,14 @@ def with_edge(
 @dataclass(frozen=True)
 class Placement:
     """A cluster's chain as it runs: `profile` (its devices, and the edge server where it holds
-    a segment), `plan` over that chain's middle nodes, and the objective it was chosen by: the
-    cost model's busiest node in the round (`RoundCost.bottleneck_s`)."""
+    a segment), `plan` over that chain's middle nodes, and what it was chosen by: the cost
+    model's busiest node in the round (`RoundCost.bottleneck_s`) and the round's serial latency
+    (`RoundCost.latency_s`), under the workload the plans are sized on."""
 
     plan: SplitPlan
     profile: ClusterProfile
     busiest_s: float
+    latency_s: float
 
     @property
     def edge_blocks(self) -> tuple[int, int] | None:
@@ -117,12 +125,28 @@ class Placement:
         edge = self.profile.edge
         return None if edge is None else self.plan.ranges[edge - 1]
 
+    def beats(self, other: Placement | None) -> bool:
+        """Strictly better: a less busy busiest node, or as busy and a shorter latency."""
+        return other is None or faster((self.busiest_s, self.latency_s), other.key)
 
-def busiest_s(costs: RangeCosts, profile: ClusterProfile, plan: SplitPlan) -> float:
-    """The cost model's busiest node (sensing + compute + sends) under `costs`' workload; the
-    upload is the tunable modules in float32 (the record's few header bytes left out)."""
+    @property
+    def key(self) -> tuple[float, float]:
+        return (self.busiest_s, self.latency_s)
+
+
+def faster(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """(busiest, latency) `a` strictly before `b`, each compared to a relative `TIE`."""
+    if a[0] < b[0] * (1 - TIE):
+        return True
+    return a[0] <= b[0] * (1 + TIE) and a[1] < b[1] * (1 - TIE)
+
+
+def price(costs: RangeCosts, profile: ClusterProfile, plan: SplitPlan) -> Placement:
+    """`plan` over `profile` by the cost model, under `costs`' workload; the download and the
+    upload are the tunable modules in float32 (the record's few header bytes left out)."""
     modules = sum(p.numel() * p.element_size() for p in costs.model.tunable_parameters())
-    return predicted_round_cost(costs, profile, plan, modules, 0).bottleneck_s
+    cost = predicted_round_cost(costs, profile, plan, modules, modules)
+    return Placement(plan, profile, cost.bottleneck_s, cost.latency_s)
 
 
 def split(costs: RangeCosts, profile: ClusterProfile) -> Placement:
@@ -135,7 +159,7 @@ def split(costs: RangeCosts, profile: ClusterProfile) -> Placement:
             len(profile.devices) - 2,
             lambda k, a, b: peer_time_s(costs, profile, k, a, b),
         )
-    return Placement(plan, profile, busiest_s(costs, profile, plan))
+    return price(costs, profile, plan)
 
 
 def place_cluster(
@@ -146,8 +170,8 @@ def place_cluster(
     devices: bool = True,
 ) -> Placement:
     """The best chain of `cluster`: its devices alone (unless `devices` is False), and the edge
-    server (shared by `share` clusters) at each position; the least busiest node wins, earlier
-    candidates (the devices alone first) on ties.
+    server (shared by `share` clusters) at each position; the least busiest node, then the
+    least latency, wins; earlier candidates (the devices alone first) on ties.
 
     Raises:
         PlanError: no candidate fits every node's memory.
@@ -165,7 +189,7 @@ def place_cluster(
         except PlanError as err:
             reasons.append(str(err))
             continue
-        if best is None or placed.busiest_s < best.busiest_s * (1 - TIE):
+        if placed.beats(best):
             best = placed
     if best is None:
         tried = [("its devices alone", devices), ("the edge at each position", edge is not None)]
@@ -179,7 +203,8 @@ def plan_round(
 ) -> list[Placement]:
     """The placements of one round's clusters, which share one edge server (module docstring):
     the m clusters slowest on their own devices offload, each with 1/m of the edge, for the m
-    that makes the slowest cluster fastest (the smallest such m).
+    that makes the round fastest (its slowest busiest node, then its slowest latency; the
+    smallest such m).
 
     A cluster no devices-only plan fits (memory) counts as infinitely slow on its own: it
     offloads first. Each offloader is placed with the edge (`place_cluster(devices=False)`);
@@ -194,10 +219,14 @@ def plan_round(
             alone.append(split(costs, cluster))
         except PlanError:
             alone.append(None)
-    slow = [math.inf if p is None else p.busiest_s for p in alone]
-    order = sorted(range(len(clusters)), key=lambda i: (-slow[i], i))
+    slow = [(math.inf, math.inf) if p is None else p.key for p in alone]
+    order = sorted(range(len(clusters)), key=lambda i: (-slow[i][0], -slow[i][1], i))
+
+    def round_key(chosen: Sequence[tuple[float, float]]) -> tuple[float, float]:
+        return (max(c[0] for c in chosen), max(c[1] for c in chosen))
+
     best: list[Placement | None] = list(alone)
-    best_round = max(slow, default=0.0)
+    best_round = round_key(slow) if slow else (0.0, 0.0)
     for m in range(1, len(clusters) + 1):
         placed: dict[int, Placement] = {}
         for i in order[:m]:
@@ -205,8 +234,8 @@ def plan_round(
                 p = place_cluster(costs, clusters[i], edge, share=m, devices=False)
             except PlanError:
                 break  # its segment fits the edge at no share: no larger m helps
-            if not p.busiest_s < best_round * (1 - TIE):
-                break  # it only gets slower as more clusters share the edge
+            if p.busiest_s > best_round[0] * (1 + TIE):
+                break  # its busiest node only grows as more clusters share the edge
             placed[i] = p
         if len(placed) < m:
             break
@@ -215,10 +244,9 @@ def plan_round(
         )
         if held > edge.device.memory_bytes:
             continue  # the edge cannot hold these m clusters' segments at once
-        rest = [slow[i] for i in order[m:]]
-        round_s = max([*rest, *(p.busiest_s for p in placed.values())])
-        if round_s < best_round * (1 - TIE):
-            best_round = round_s
+        round_now = round_key([slow[i] for i in order[m:]] + [p.key for p in placed.values()])
+        if faster(round_now, best_round):
+            best_round = round_now
             best = [placed.get(i, alone[i]) for i in range(len(clusters))]
     missing = [i for i, p in enumerate(best) if p is None]
     if missing:
