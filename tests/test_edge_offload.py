@@ -1,17 +1,21 @@
 """The edge server as a cooperative node of a chain (paper Sec. III-C, III-D; run-config
 `edge-offload`): how it is priced (its own profile, its share of the edge, the client-edge hops,
 reported apart from the devices), how the planner places it (the same min-max split, the least
-busiest node; shared per round), and that a run with it trains exactly and completes."""
+busiest node; shared per round), and that a run with it trains exactly and completes, in
+process and in a lab whose edge member is a `gaisnet-peer`."""
 
 from __future__ import annotations
 
 import copy
+import csv
 import itertools
 import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Subset
@@ -374,6 +378,24 @@ def test_offloading_off_forms_the_layout_of_before() -> None:
     assert "edge_offload" not in layout.describe()
 
 
+def test_a_deployed_chain_lists_the_edge_servers_peer_at_its_place() -> None:
+    """In a deployment the edge's segment is a gaisnet-peer: the start point names the members
+    by the chain (the edge's calls say "edge at ...") and refuses a `peers` list that does not
+    match the chain, naming the chain it expects."""
+    from gaisnet_flwr.deploy.remote import NetworkPeers, PeerError, PeerSettings
+    from gaisnet_flwr.split.chain import OptimizerSpec
+
+    settings = PeerSettings.from_node_config({"peers": "10.0.0.11:50051,10.0.0.12:50051"})
+    assert settings is not None
+    peers = NetworkPeers(settings, {}, OptimizerSpec("sgd", 0.1), members=["edge", "peer1", "end"])
+    with pytest.raises(
+        PeerError,
+        match=r"chain after the start point is edge -> peer1 -> end: give 3 addresses in "
+        r"'peers', in that order \(the edge server's gaisnet-peer at its place\)",
+    ):
+        peers.open(meta_model(), SplitPlan.from_sizes([3, 3]), True, 0.0)
+
+
 # -- exactness ----------------------------------------------------------------------------------
 def test_a_chain_with_an_edge_segment_trains_bit_for_bit_like_the_unsplit_model(
     tmp_path: Path,
@@ -446,3 +468,81 @@ def test_a_run_with_weak_devices_completes_on_the_edge_and_reports_it(
         )
     else:
         assert all(row[k] == 0 for k in edge_keys)
+
+
+def test_the_planner_benchmark_finds_the_edge_never_slower(tmp_path: Path) -> None:
+    """bench_planner's edge tables (tiny model): every comparison with the devices alone, for
+    the cluster and for the population's round, and the exhaustive best set of offloaders."""
+    from gaisnet_flwr.experiments.bench_planner import main
+
+    out = tmp_path / "edge.csv"
+    args = ["--model", "tiny", "--samples", "64", "--bandwidths-mhz", "1,0.05", "--edge-csv",
+            str(out)]  # fmt: skip
+    assert main(args) == 0  # exit 1 if the edge's placement were slower anywhere
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["table"] for r in rows} == {"edge-cluster", "edge-population", "edge-round"}
+    for r in (r for r in rows if r["table"] == "edge-round"):
+        # the round's busiest node with the planner's rule is the best over every set
+        assert float(r["busiest_edge_s"]) == pytest.approx(float(r["busiest_best_set_s"]))
+        assert float(r["latency_best_set_s"]) <= float(r["latency_edge_s"]) * (1 + 1e-12)
+
+
+# -- a deployment -------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.simulation
+def test_the_edge_servers_segment_runs_as_a_peer_in_a_lab(tmp_path: Path) -> None:
+    """A lab on loopback (`scripts/lab.py`'s Lab, from a population run-config): a
+    `flower-superlink`, one `flower-supernode` and a `gaisnet-peer` per member of the chain
+    after the start point, the edge server's among them (`edge-c0`; on real devices, the edge
+    machine's). Devices with memory for one block: the edge takes the rest. The round and an
+    inference request go through the edge's peer and train the modules of the in-process run;
+    every process is stopped by PID."""
+    from gaisnet_flwr.apps.inprocess import run_inprocess
+    from gaisnet_flwr.experiments import flwr_local
+    from gaisnet_flwr.experiments.lab import Lab
+
+    config: dict[str, Any] = {
+        **cell(tmp_path, "watch", devices=3),  # one chain: start, one peer, end point
+        "num-rounds": 1,
+        "inference-requests": 1,
+        "fraction-evaluate": 0.0,
+        "seed": 3,
+    }
+    text = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+    lab = Lab.for_run_config(tmp_path / "lab", text)
+    assert lab.clusters == 1 and "edge" in lab.chains[0]
+    member = lab.chains[0].index("edge") + 1
+    started: dict[str, int] = {}
+    try:
+        lab.up()
+        started = {name: p.pid for name, p in lab.procs.items()}
+        assert "edge-c0" in started  # the edge server's gaisnet-peer
+        assert lab.peer_address(0, member) in lab.node_config(0)
+        outcome = lab.run(text)
+    finally:
+        started |= {name: p.pid for name, p in lab.procs.items()}
+        lab.down()
+    alive = [p for p in flwr_local.family(set(started.values())) if p.alive]
+    assert not alive, f"left running: {alive}"
+    assert outcome.ok, f"{outcome.problems}\n{outcome.log.read_text()[-3000:]}"
+    deployed = outcome.results
+    report = json.loads((deployed / "clusters.json").read_text())
+    (cluster,) = report["fine_tuning"]
+    assert [m["role"] for m in cluster["members"]][member] == "edge"
+
+    # The same modules as the in-process run, where the edge's segment is an in-process peer.
+    simulated = tmp_path / "sim"
+    run_inprocess({**config, "output-dir": str(simulated)}, 1)
+    got = np.load(deployed / "rounds" / "round-001.npz")
+    want = np.load(simulated / "rounds" / "round-001.npz")
+    assert sorted(got.files) == sorted(want.files)
+    for key in want.files:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    (row,) = [r for r in json.loads((deployed / "metrics.json").read_text()) if r["round"] == 1]
+    assert row["failed-clusters"] == 0 and row["train/edge-flops"] > 0
+    # the edge's peer served the round's session and the inference request
+    log = (lab.logs / "edge-c0.log").read_text()
+    assert log.count("opened") >= 2, log
+    (served,) = json.loads((deployed / "inference.json").read_text())
+    assert "error" not in served and served["edge-flops"] > 0

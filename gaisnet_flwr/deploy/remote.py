@@ -399,12 +399,15 @@ class NetworkPeers:
         if len(names) != plan.num_peers + 1:
             raise ValueError(f"{len(names)} member names for a plan of {plan.num_peers} peers")
         if len(addresses) != plan.num_peers + 1:
-            edge = " (the edge server's gaisnet-peer at its place)" if "edge" in names else ""
+            fix = (
+                " (the edge server's gaisnet-peer at its place)"
+                if "edge" in names
+                else f", or set peers-per-cluster={len(addresses) - 1}"
+            )
             raise PeerError(
                 f"node-config names {len(addresses)} D2D members (peers + end point) but the "
                 f"cluster's chain after the start point is {' -> '.join(names)}: give "
-                f"{len(names)} addresses in 'peers', in that order{edge}, or set "
-                f"peers-per-cluster={len(addresses) - 1}"
+                f"{len(names)} addresses in 'peers', in that order{fix}"
             )
         self.session = uuid.uuid4().hex
         self._plan = plan
