@@ -28,7 +28,13 @@ from typing import Any
 from gaisnet_flwr.costs.pricing import ClusterProfile, RoundCost
 from gaisnet_flwr.costs.profiles import CostConfigError, LinkProfile, Profiles
 from gaisnet_flwr.population.devices import Population, PopulationDevice, PopulationError
-from gaisnet_flwr.population.edge_offload import EdgeServer, Placement, place_cluster, plan_round
+from gaisnet_flwr.population.edge_offload import (
+    EdgeServer,
+    Placement,
+    capped,
+    place_cluster,
+    plan_round,
+)
 from gaisnet_flwr.population.planning import RangeCosts, fits_memory, plan_cluster
 from gaisnet_flwr.service.clustering import Device, form_clusters
 from gaisnet_flwr.split.plan import PlanError, SplitPlan
@@ -173,12 +179,7 @@ def cluster_profile(
         for a, b, dev in zip(members, members[1:], devices, strict=False)
     )
     result = d2d_link(d2d, members[-1], members[0], devices[-1].tx_power_w) if loop else None
-    up = (
-        dataclasses.replace(uplink, tx_power_w=min(uplink.power_w, devices[0].tx_power_w))
-        if (uplink.wired_rate_bps is None)
-        else uplink
-    )
-    return ClusterProfile(devices, hops, up, result)
+    return ClusterProfile(devices, hops, capped(uplink, devices[0]), result)
 
 
 def check_memory(population: Population, profiles: Profiles, costs: RangeCosts) -> None:
