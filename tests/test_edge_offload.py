@@ -421,13 +421,14 @@ def test_a_chain_with_an_edge_segment_trains_bit_for_bit_like_the_unsplit_model(
 
 # -- a run --------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize(("peer", "offloads"), [("watch", True), ("strong", False)])
+@pytest.mark.parametrize(("peer", "offloads"), [("watch", True), ("slow", True), ("strong", False)])
 def test_a_run_with_weak_devices_completes_on_the_edge_and_reports_it(
     tmp_path: Path, peer: str, offloads: bool
 ) -> None:
     """The real ServerApp and ClientApp in process: 2 clusters of a weak cell (memory for one
-    block) run their chains with the edge's segment; clusters.json shows it, the round's
-    latency is the slowest cluster's prediction, and the edge's part is reported apart."""
+    block, or 10x slower than the edge) run their chains with the edge's segment; clusters.json
+    shows it, the round's latency is the slowest cluster's prediction, and the edge's part is
+    reported apart. A strong cell (10x faster than the edge) keeps its chains to itself."""
     from gaisnet_flwr.apps.inprocess import run_inprocess
 
     out = tmp_path / "out"
