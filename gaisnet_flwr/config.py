@@ -352,8 +352,8 @@ class ClusterConfig:
     CSV file, or "generated:N:SEED"), each with its own devices, links and plan. The planner
     "comm-aware" also counts the hops each peer sends and its memory; "minmax" and "even" are
     compute-only. `edge_offload` "auto" lets a population's chains hold the edge server as a node
-    where that lowers the round's busiest node (population/edge_offload.py; needs planner
-    "comm-aware" and a population).
+    where that shortens the round (its busiest node, then its latency; population/edge_offload.py;
+    needs planner "comm-aware", a population and one edge).
 
     Limits: peers-per-cluster 1..48 (and at most depth); peer-speeds finite numbers > 0.
     """

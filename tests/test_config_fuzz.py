@@ -32,6 +32,7 @@ from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.config import DEVICES, ConfigError, RunConfig
 from gaisnet_flwr.costs.profiles import DEVICE_PRESETS, LINK_PRESETS
 from gaisnet_flwr.data.images import DATASETS, DOMAINS, EDGE_TASKS, PARTITIONINGS
+from gaisnet_flwr.population.edge_offload import EDGE_OFFLOAD
 from gaisnet_flwr.service.scheduler import POLICIES
 from gaisnet_flwr.split.chain import OPTIMIZERS
 from gaisnet_flwr.split.plan import PLANNERS
@@ -93,6 +94,7 @@ def string_values(files: dict[str, str]) -> dict[str, st.SearchStrategy[str]]:
         "edge-shares": NUMBER_LISTS,
         "demand": NUMBER_LISTS,
         "planner": choices(*PLANNERS),
+        "edge-offload": choices(*EDGE_OFFLOAD),
         "population": st.one_of(
             st.sampled_from(
                 [

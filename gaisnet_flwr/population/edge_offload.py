@@ -127,7 +127,7 @@ class Placement:
 
     def beats(self, other: Placement | None) -> bool:
         """Strictly better: a less busy busiest node, or as busy and a shorter latency."""
-        return other is None or faster((self.busiest_s, self.latency_s), other.key)
+        return other is None or faster(self.key, other.key)
 
     @property
     def key(self) -> tuple[float, float]:

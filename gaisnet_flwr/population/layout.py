@@ -210,6 +210,8 @@ def form_layout(
     workload the plans are sized on. With `edge` (edge-offload 'auto', planner 'comm-aware')
     a chain is taken if it fits with or without the edge server, and the chains' final plans
     come from `plan_round` (fine-tuning: they share the edge) and `place_cluster` (inference)."""
+    if edge is not None and planner != "comm-aware":
+        raise PlanError(f"the edge server is placed by the comm-aware planner, not {planner!r}")
     check_memory(population, profiles, costs)
     by_name = {d.name: d for d in population.devices}
     graph = [
