@@ -46,6 +46,7 @@ MODES = ("vpt-deep", "vpt-shallow", "linear", "full")  # vit.model
 FOUNDATIONS = ("cloud", "timm", "file", "none")  # cloud.foundation
 COMPUTE_PLANNERS = ("minmax", "even")  # split.plan: sized by compute alone
 PLANNERS = (*COMPUTE_PLANNERS, "comm-aware")  # population.planning: compute, hops and memory
+EDGE_OFFLOAD = ("never", "auto")  # population.edge_offload: may the edge server hold a segment
 OPTIMIZERS = ("sgd", "adamw")  # split.chain
 DATASETS = ("digits", "flowers102", "imagefolder")  # data.images
 PARTITIONINGS = ("iid", "classes", "dirichlet")
@@ -371,9 +372,20 @@ class ClusterSection(Section):
     )
     planner: str = option("minmax", "how blocks are split over the peers", choices=PLANNERS)
     population: str = option("", f"device population: {POPULATION_FORMS}")
+    edge_offload: str = option(
+        "never",
+        "'auto': a chain may hold the edge server as a node where that shortens the round",
+        choices=EDGE_OFFLOAD,
+    )
 
     def relations(self) -> None:
         parse_population(self.population)
+        if self.edge_offload != "never" and self.planner != "comm-aware":
+            raise ConfigError(
+                f"edge-offload={self.edge_offload!r} prices the hops into and out of the edge "
+                f"server: it needs planner='comm-aware' (planner={self.planner!r} prices "
+                f"compute alone)"
+            )
 
 
 @dataclass(frozen=True)

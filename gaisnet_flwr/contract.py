@@ -103,6 +103,13 @@ PARTITION_ID, EDGE_ID, CLUSTER_ID, NUM_PARTITIONS = (
 TRAIN_TIME = "train-time-s"
 EVAL_LOSS, EVAL_ACC = "eval-loss", "eval-acc"
 NUM_SAMPLES, D2D_BYTES, ACCURACY = "num-samples", "d2d-bytes", "accuracy"
+# The edge server's part of a chain where it holds a segment (run-config edge-offload)
+EDGE_FLOPS, EDGE_COMPUTE_S, EDGE_ENERGY, EDGE_HOP_BYTES = (
+    "edge-flops",
+    "edge-compute-s",
+    "edge-energy-j",
+    "edge-hop-bytes",
+)
 
 METRICS: dict[str, Metric] = {
     m.key: m
@@ -131,6 +138,11 @@ METRICS: dict[str, Metric] = {
         Metric(TRAIN_TIME, X, "wall time of the cluster's round"),
         Metric(EVAL_LOSS, M, "the cluster's validation loss"),
         Metric(EVAL_ACC, M, "the cluster's validation accuracy"),
+        # the edge server as a node of the chain (edge-offload='auto'): apart from the devices'
+        Metric(EDGE_FLOPS, S, "FLOPs the edge server computed for the cluster's chain"),
+        Metric(EDGE_COMPUTE_S, X, "the edge server's time on the chain's segment (its share)"),
+        Metric(EDGE_ENERGY, S, "the edge server's energy on the chain's segment and its sends"),
+        Metric(EDGE_HOP_BYTES, S, "client-edge bytes of the hops into and out of the edge"),
         # who the cluster is
         Metric(PARTITION_ID, K, "the cluster's partition within its edge"),
         Metric(EDGE_ID, K, "the cluster's edge server"),
@@ -168,7 +180,8 @@ def aggregate_metrics(records: Sequence[RecordDict], weighting_key: str) -> Metr
     metrics = [next(iter(r.metric_records.values())) for r in records]
     weights = np.array([float(cast(float, m[weighting_key])) for m in metrics])
     out: dict[str, Any] = {NUM_CLUSTERS: len(metrics)}
-    for key in metrics[0]:
+    # every key any cluster sent (`<key>/edge` comes only from the chains the edge is part of)
+    for key in dict.fromkeys(k for m in metrics for k in m):
         family, _, node = key.partition("/")
         declared = METRICS.get(family)
         if declared is None or (node and not declared.per_node):
@@ -341,6 +354,8 @@ def _profile_dict(profile: ClusterProfile) -> dict[str, Any]:
         "result_link": None
         if profile.result_link is None
         else dataclasses.asdict(profile.result_link),
+        "edge": profile.edge,  # the node the edge server runs (edge-offload), or None
+        "edge_share": profile.edge_share,
     }
 
 
@@ -351,6 +366,8 @@ def _profile_of(data: Mapping[str, Any]) -> ClusterProfile:
         hops=tuple(LinkProfile(**h) for h in data["hops"]),
         uplink=LinkProfile(**data["uplink"]),
         result_link=None if result is None else LinkProfile(**result),
+        edge=data.get("edge"),
+        edge_share=int(data.get("edge_share", 1)),
     )
 
 

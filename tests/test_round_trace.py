@@ -30,7 +30,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("gaisnet_flwr", "strategies", "clients")
 MAX_FILES = 31
-MAX_LINES = 2290
+MAX_LINES = 2320  # issue 25: the edge server as a chain node (+30 lines on the round's path)
 README_SENTENCE = (
     "one in-process HFSL round executes {files} project files and {lines:,} distinct lines"
 )

@@ -42,6 +42,8 @@ from gaisnet_flwr.costs.pricing import hierarchy_round_latency
 from gaisnet_flwr.costs.profiles import ClusterProfile
 from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
 from gaisnet_flwr.derived import Derived, derive
+from gaisnet_flwr.population.edge_offload import plan_round
+from gaisnet_flwr.population.layout import share_edge
 from gaisnet_flwr.service.scheduler import QualityModel
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import SplitPlan
@@ -166,17 +168,28 @@ def cluster_tasks(
 ) -> tuple[dict[int, ClusterTask], PopulationRun | None]:
     """node id -> its cluster's task, for the nodes that run a cluster: every node with
     identical clusters; with a population, the node whose cluster-id (simulation: partition-id)
-    names a formed fine-tuning cluster runs it."""
+    names a formed fine-tuning cluster runs it. With edge-offload 'auto' each edge server's
+    clusters share it (`edge_offload.plan_round` over the clusters that run on that edge)."""
     num_edges = len(derived.cfg.hierarchy.edge_domains)
     places = {n: ident.place(num_edges) for n, ident in identities.items()}
     if derived.layout is None:
-        assert derived.plan is not None
-        plan, profile = derived.plan, derived.cluster
         clusters = {
             n: i.partition_id if i.cluster_id is None else i.cluster_id
             for n, i in identities.items()
         }
-        return {n: builder.task(p, clusters[n], plan, profile) for n, p in places.items()}, None
+        chains = {n: (derived.plan, derived.cluster) for n in places}
+        if derived.edge is not None:
+            assert derived.costs is not None
+            for e in range(num_edges):
+                nodes = sorted(n for n, p in places.items() if p[0] == e)
+                shared = plan_round(derived.costs, [derived.cluster] * len(nodes), derived.edge)
+                chains.update((n, (p.plan, p.profile)) for n, p in zip(nodes, shared, strict=True))
+        tasks = {}
+        for n, place in places.items():
+            plan, profile = chains[n]
+            assert plan is not None  # derive made one, or the edge's placement did
+            tasks[n] = builder.task(place, clusters[n], plan, profile)
+        return tasks, None
     population = assign_nodes(derived.layout, identities)
     if not population.node_clusters:
         raise RuntimeError(
@@ -184,9 +197,16 @@ def cluster_tasks(
             f"{len(derived.layout.fine_tuning)} fine-tuning cluster(s) (cluster-ids: "
             f"{sorted(population.cluster_ids.values())})"
         )
+    if derived.edge is not None:
+        assert derived.costs is not None
+        groups = [
+            sorted(i for n, i in population.node_clusters.items() if places[n][0] == e)
+            for e in range(num_edges)
+        ]
+        population.layout = share_edge(population.layout, groups, derived.costs, derived.edge)
     tasks = {}
     for node, index in population.node_clusters.items():
-        formed = derived.layout.fine_tuning[index]
+        formed = population.layout.fine_tuning[index]
         tasks[node] = builder.task(places[node], index, formed.plan, formed.profile)
     return tasks, population
 

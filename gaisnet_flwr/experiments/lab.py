@@ -5,8 +5,16 @@ The same processes a lab runs on real devices (README, "Deploying on lab devices
   * per client cluster one `flower-supernode` (the cluster's start point) whose node-config
     names its members, and K + 1 `gaisnet-peer` processes (K peers and the end point).
 
+With a run-config that names a `population`, the lab forms its clusters as the run will (one
+SuperNode per fine-tuning cluster, cluster-id = partition-id) and starts one `gaisnet-peer` per
+member of each chain after the start point. Where a chain holds the edge server
+(`edge-offload='auto'`), its `edge` member is a `gaisnet-peer` too (`edge-cN`): on real
+devices it runs on the edge machine, and the chain lists its address at its place.
+
     python scripts/lab.py run [--clusters 2] [--peers-per-cluster 1] [--tls] [--dir DIR]
                               [-- --run-config "num-rounds=3"]    # up, flwr run, check, down
+    python scripts/lab.py run -- --run-config "population='cell.toml' planner='comm-aware'
+                              edge-offload='auto' ..."   # the population's clusters and chains
     python scripts/lab.py up [same options]     # bring the lab up and leave it running
     python scripts/lab.py down --dir DIR        # stop what `up` started (PIDs in DIR/pids.json)
 
@@ -29,6 +37,7 @@ import time
 from pathlib import Path
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
+from gaisnet_flwr.config import parse_overrides
 from gaisnet_flwr.deploy.pki import LabPki, make_lab_pki
 from gaisnet_flwr.experiments.provenance import Provenance
 
@@ -58,12 +67,19 @@ class Lab:
         peers_per_cluster: int = 1,
         tls: bool = False,
         peer_args: tuple[str, ...] = (),
+        chains: list[list[str]] | None = None,
     ) -> None:
+        """`chains`: per cluster, its members after the start point by role (e.g. edge,
+        peer1, end: `ClusterProfile.names[1:]`); by default peer1 .. peerK, end each."""
         if clusters < 1 or peers_per_cluster < 1:
             raise ValueError("a lab needs >= 1 cluster and >= 1 peer per cluster")
         self.dir = directory.resolve()
         self.clusters = clusters
         self.peers_per_cluster = peers_per_cluster
+        default = [*(f"peer{k + 1}" for k in range(peers_per_cluster)), "end"]
+        self.chains = chains or [default] * clusters
+        if len(self.chains) != clusters:
+            raise ValueError(f"{len(self.chains)} chains for {clusters} clusters")
         self.tls = tls
         self.peer_args = peer_args  # more `gaisnet-peer` options, e.g. ("--threads", "2")
         self.home = self.dir / "home"
@@ -99,16 +115,48 @@ class Lab:
         pids = {name: p.pid for name, p in self.procs.items() if p.poll() is None}
         (self.dir / "pids.json").write_text(json.dumps(pids, indent=2))
 
+    @classmethod
+    def for_run_config(
+        cls,
+        directory: Path,
+        run_config: str,
+        tls: bool = False,
+        peer_args: tuple[str, ...] = (),
+        clusters: int = 2,
+    ) -> Lab:
+        """The lab a run-config needs where the ServerApp decides the chains (a population, or
+        edge-offload): one cluster per fine-tuning cluster it forms (else `clusters`), each
+        with a gaisnet-peer per member of its chain, the edge server's included. The chains
+        are the ServerApp's own (`cluster_tasks` over the nodes this lab starts)."""
+        # the ServerApp's modules (torch, timm) only here: `--help` stays quick
+        from gaisnet_flwr.apps.server_app import TaskBuilder, check_run_config, cluster_tasks
+        from gaisnet_flwr.contract import NodeIdentity
+
+        _, derived = check_run_config(parse_overrides(run_config) if run_config else {})
+        if derived.layout is not None:
+            clusters = len(derived.layout.fine_tuning)
+        identities = {c: NodeIdentity(c, clusters) for c in range(clusters)}
+        tasks, _ = cluster_tasks(derived, identities, TaskBuilder(derived))
+        chains = [tasks[c].profile.names[1:] for c in range(clusters)]
+        peers = derived.cfg.cluster.peers_per_cluster
+        return cls(directory, clusters, peers, tls, peer_args, chains)
+
     def peer_name(self, cluster: int, member: int) -> str:
+        if self.chains[cluster][member - 1] == "edge":
+            return f"edge-c{cluster}"  # the edge server's gaisnet-peer for this chain
         return f"peer-c{cluster}-m{member}"
 
+    def members(self) -> list[tuple[int, int]]:
+        """(cluster, member) of every gaisnet-peer, members 1 .. chain length."""
+        return [(c, m) for c, chain in enumerate(self.chains) for m in range(1, len(chain) + 1)]
+
     def start_peer(self, cluster: int, member: int) -> subprocess.Popen:
-        """Member `member` of `cluster`: 1..K are the peers, K + 1 the end point. Each peer is
-        started with `--next` its successor's address, the one member it may call; the end
-        point with none."""
+        """Member `member` of `cluster` (1 .. its chain's length: the peers, the edge server
+        where the chain holds it, the end point last). Each is started with `--next` its
+        successor's address, the one member it may call; the end point with none."""
         port = self._port(cluster, member)
         cmd = [str(BIN / "gaisnet-peer"), "--listen", f"{LOOPBACK}:{port}"]
-        if member <= self.peers_per_cluster:
+        if member < len(self.chains[cluster]):
             cmd += ["--next", f"{LOOPBACK}:{self._port(cluster, member + 1)}"]
         if self.tls:
             pki = self.pki()  # mutual TLS: callers (start point, previous peer) need a cert
@@ -142,7 +190,7 @@ class Lab:
         return self._pki
 
     def node_config(self, cluster: int) -> str:
-        members = range(1, self.peers_per_cluster + 2)
+        members = range(1, len(self.chains[cluster]) + 1)
         peers = ",".join(self.peer_address(cluster, m) for m in members)
         config = f'partition-id={cluster} num-partitions={self.clusters} peers="{peers}"'
         if self.tls:  # mutual TLS: the start point presents the lab's client certificate
@@ -161,9 +209,7 @@ class Lab:
             pki = self.pki()
             tls_link = ["--ssl-certfile", str(pki.certfile), "--ssl-keyfile", str(pki.keyfile),
                         "--ssl-ca-certfile", str(pki.ca_certfile)]  # fmt: skip
-        members = [
-            (c, m) for c in range(self.clusters) for m in range(1, self.peers_per_cluster + 2)
-        ]
+        members = self.members()
         ports = flwr_local.free_ports(len(members) + 1 + self.clusters)
         self.peer_ports.update(zip(members, ports, strict=False))
         for c, m in members:
@@ -266,22 +312,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[lab] stopped {len(stopped)} processes")
         return 0
 
-    lab = Lab(args.dir, args.clusters, args.peers_per_cluster, args.tls)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run_config = ""
     if extra:
         if extra[0] != "--run-config" or len(extra) != 2:
             sys.exit('error: extra arguments must be: -- --run-config "key=value ..."')
         run_config = extra[1]
+    given = parse_overrides(run_config) if run_config else {}
+    if str(given.get("population", "")).strip() or given.get("edge-offload", "never") != "never":
+        # the ServerApp decides the clusters' chains (edge members included)
+        lab = Lab.for_run_config(args.dir, run_config, args.tls, clusters=args.clusters)
+    else:
+        lab = Lab(args.dir, args.clusters, args.peers_per_cluster, args.tls)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         started = time.monotonic()
         lab.up()
         print(f"[lab] up in {time.monotonic() - started:.0f} s: SuperLink on port "
-              f"{lab.superlink_port}, {args.clusters} SuperNodes, {len(lab.peer_ports)} peers "
+              f"{lab.superlink_port}, {lab.clusters} SuperNodes, {len(lab.peer_ports)} peers "
               f"({'TLS' if args.tls else 'insecure'}); logs in {lab.logs}")  # fmt: skip
         if args.command == "up":
             print(f"[lab] FLWR_HOME={lab.home} flwr run . lab --stream --run-config "
-                  f"'min-clusters={args.clusters} peers-per-cluster={args.peers_per_cluster}'\n"
+                  f"'min-clusters={lab.clusters} peers-per-cluster={lab.peers_per_cluster}'\n"
                   f"[lab] stop with: python scripts/lab.py down --dir {args.dir}")  # fmt: skip
             lab.procs.clear()  # leave them running
             return 0
