@@ -54,6 +54,10 @@ EDGE_TASKS = ("new-classes", "same-classes")
 DOMAINS = ("none", "invert", "rotate", "noise", "blur")  # an edge's data domain
 DISTRIBUTIONS = ("efficient", "full")  # SL inference ships the tunable modules, or every weight
 SERVICES = ("fine-tuning", "integrated")
+# Which part of the hierarchy a ServerApp runs (apps/server_app.py): all of it in one ServerApp
+# (the simulation's logical edges), the cloud alone (its SuperNodes are the edge servers:
+# apps/cloud_app.py), or one edge server over its clusters' SuperNodes (apps/edge_app.py).
+TIERS = ("hierarchy", "cloud", "edge")
 POLICIES = ("rs", "msip", "mlcp")  # service.scheduler
 CLOUD_MODULES = ("prompts", "all")
 DEVICES = ("auto", "cpu", "cuda")
@@ -347,6 +351,17 @@ class CloudSection(Section):
     # so seeds measure fine-tuning's spread.
     pretrain_seed: int = option(0, "the cloud's pre-training seed", low=0, high=SEED_MAX)
 
+    def directory(self) -> Path:
+        return foundation_folder(self.foundation_dir)
+
+
+def foundation_folder(foundation_dir: str) -> Path:
+    """Where foundation checkpoints live: `foundation_dir` (run-config, or a SuperNode's own
+    node-config foundation-dir), or ~/.cache/gaisnet-flwr."""
+    if foundation_dir.strip():
+        return Path(foundation_dir).expanduser().resolve()
+    return Path.home() / ".cache" / "gaisnet-flwr"
+
 
 @dataclass(frozen=True)
 class ClusterSection(Section):
@@ -541,10 +556,39 @@ class HierarchySection(Section):
     max_in_flight: int = option(
         16, "messages the ServerApp keeps in flight; 0 = a whole round", low=0, high=1_000_000
     )
+    # The hierarchy as processes of their own (docs/deploy.md, "The cloud and its edge servers").
+    tier: str = option(
+        "hierarchy",
+        "what this ServerApp runs: the whole hierarchy, the cloud, or one edge server",
+        choices=TIERS,
+    )
+    edge_id: int = option(0, "tier='edge': which edge server (index in edge-domains)", low=0,
+                          high=MAX_EDGES - 1)  # fmt: skip
+    edge_dir: str = option(
+        "", "tier='edge': the folder shared with the edge's cloud-facing SuperNode (edge-dir)"
+    )
+    cloud_timeout_s: float = option(
+        3600.0, "deployment: how long the cloud waits for an edge in a cloud round", low=0,
+        high=1e6, low_open=True,
+    )  # fmt: skip
+    resume: bool = option(
+        False, "tier='cloud': go on after the last cloud round saved in output-dir"
+    )
 
     def relations(self) -> None:
         if not self.edge_domains:
             raise ConfigError("edge-domains='' is not valid: name one domain per edge server")
+        if self.tier == "edge":
+            if not self.edge_dir.strip():
+                raise ConfigError(
+                    "tier='edge' needs edge-dir: the folder this edge server shares with its "
+                    "cloud-facing SuperNode (that SuperNode's node-config edge-dir)"
+                )
+            if self.edge_id >= len(self.edge_domains):
+                raise ConfigError(
+                    f"edge-id={self.edge_id} is out of range: edge-domains lists "
+                    f"{len(self.edge_domains)} edge server(s) (0..{len(self.edge_domains) - 1})"
+                )
 
 
 @dataclass(frozen=True)
@@ -600,6 +644,12 @@ class RunConfig:
                     f"{_render(self.scheduling.demand)!r} must list, per round, an edge index in "
                     f"[0, {edges}) (edges come from edge-domains)"
                 )
+        tier = self.hierarchy.tier
+        if tier != "hierarchy" and self.scheduling.service == "integrated":
+            raise ConfigError(
+                f"service='integrated' runs in one ServerApp: it needs tier='hierarchy' "
+                f"(tier={tier!r})"
+            )
         digits = self.data.dataset == "digits"
         if not digits and set(self.hierarchy.edge_domains) != {"none"}:
             raise ConfigError("edge-domains other than 'none' need the embedded digits dataset")

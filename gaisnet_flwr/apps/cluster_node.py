@@ -44,7 +44,7 @@ from clients.split_client import ClusterData, EdgeDataKey, SplitClusterClient, T
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.contract import ClusterTask, InferRequest, NodeIdentity, TrainRequest
+from gaisnet_flwr.contract import ClusterTask, InferRequest, TrainRequest
 from gaisnet_flwr.data.images import DataSpec, ImageData, load_image_data, partition_indices
 from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
 from gaisnet_flwr.derived import data_spec
@@ -72,8 +72,10 @@ class ClusterNode:
 
     def client(self, context: Context, task: ClusterTask) -> SplitClusterClient:
         given = context.run_config or self.fallback_config or {}
-        cfg, spec = run_config_of(tuple(sorted(given.items())))
         node_config = dict(context.node_config)
+        if "foundation-dir" in node_config:  # this device's own folder: shipped there
+            given = {**given, "foundation-dir": node_config["foundation-dir"]}
+        cfg, spec = run_config_of(tuple(sorted(given.items())))
         pool = TrainPool.from_node_config(node_config)
         data = self.cache.cluster_data(spec, task, cfg.data.cluster_samples, pool)
         model = self.cache.model(Foundation.of(cfg), data.data.num_classes)
@@ -106,11 +108,6 @@ class ClusterNode:
             return Message(Error(code=c.INFERENCE_REQUEST_ERROR, reason=reason), reply_to=msg)
         except PeerError as err:
             return Message(Error(code=c.PEER_FAILURE, reason=str(err)), reply_to=msg)
-
-    def identity(self, msg: Message, context: Context) -> Message:
-        # Who this node is needs no data and no config: do not load any.
-        identity = NodeIdentity.from_node_config(dict(context.node_config))
-        return Message(content=identity.to_record(), reply_to=msg)
 
 
 def _has_peers(node_config: Mapping[str, Any]) -> bool:

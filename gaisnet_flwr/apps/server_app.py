@@ -41,6 +41,7 @@ from gaisnet_flwr.costs.memory import segment_memory
 from gaisnet_flwr.costs.pricing import hierarchy_round_latency
 from gaisnet_flwr.costs.profiles import ClusterProfile
 from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
+from gaisnet_flwr.deploy.shipping import ShippedFile
 from gaisnet_flwr.derived import Derived, derive
 from gaisnet_flwr.population.edge_offload import plan_round
 from gaisnet_flwr.population.layout import share_edge
@@ -117,8 +118,11 @@ def wait_for_clusters(grid: Grid, minimum: int = 1, timeout_s: float = 120.0) ->
     return nodes
 
 
-def query_identities(grid: Grid, nodes: list[int]) -> dict[int, NodeIdentity]:
-    """Ask every node who it is (its node-config: partition, edge, population cluster)."""
+def query_identities(
+    grid: Grid, nodes: list[int], held: dict[int, dict[str, str]] | None = None
+) -> dict[int, NodeIdentity]:
+    """Ask every node who it is (its node-config: partition, edge, population cluster); `held`
+    gets the foundation checkpoints each one holds (file name -> SHA-256)."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type=c.QUERY_IDENTITY) for n in nodes]
     identities: dict[int, NodeIdentity] = {}
     for reply in grid.send_and_receive(messages, timeout=120):
@@ -126,10 +130,47 @@ def query_identities(grid: Grid, nodes: list[int]) -> dict[int, NodeIdentity]:
         if reply.has_error():
             raise RuntimeError(f"node {node} could not identify itself: {reply.error.reason}")
         identities[node] = NodeIdentity.from_record(reply.content)
+        if held is not None:
+            held[node] = c.held_of(reply.content)
     missing = sorted(set(nodes) - set(identities))
     if missing:
         raise RuntimeError(f"node(s) {missing} did not answer the identity query")
     return identities
+
+
+def ship_foundation(grid: Grid, path: Path, held: Mapping[int, Mapping[str, str]]) -> None:
+    """The foundation checkpoint at `path` to every node that lacks it (deployment: a start
+    point on another device; the cloud's ServerApp to an edge's). A node that lacked it when
+    it identified itself is asked again first: one that shares this process's folder (the
+    simulation) holds it now that it is made, and gets nothing. The receiver checks the bytes
+    against their SHA-256; a node that refuses them, or does not answer, is named in the log,
+    and its cluster fails its rounds with the reason (`Foundation.load`)."""
+    shipped = ShippedFile.read(path)
+
+    def lacks(files: Mapping[str, str]) -> bool:
+        return files.get(shipped.name) != shipped.sha256
+
+    lacking = sorted(n for n, files in held.items() if lacks(files))
+    if lacking:
+        again: dict[int, dict[str, str]] = {}
+        query_identities(grid, lacking, again)
+        lacking = [n for n in lacking if lacks(again.get(n, {}))]
+    if not lacking:
+        return
+    started = time.perf_counter()
+    replies = grid.send_and_receive([c.ship_message(shipped, n) for n in lacking], timeout=600)
+    refused = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+    for node, reason in refused.items():
+        log(ERROR, "node %s refused the foundation: %s", node, reason)
+    log(
+        INFO,
+        "foundation %s (%.1f MB, SHA-256 %s...) shipped to %d node(s) in %.1f s",
+        shipped.name,
+        len(shipped.payload) / 1e6,
+        shipped.sha256[:16],
+        len(lacking) - len(refused),
+        time.perf_counter() - started,
+    )
 
 
 class TaskBuilder:
@@ -261,13 +302,13 @@ class HfslRun:
     def central_evaluation(self, arrays: ArrayRecord) -> dict[str, float]:
         """Every edge model on its own test set, and the mean over the edges."""
         row: dict[str, float] = {}
-        for e, modules in c.split_edges(arrays).items():
+        edges = c.split_edges(arrays)  # all of them, or a deployed edge's own
+        for e, modules in edges.items():
             row[c.edge_key(e, c.ACCURACY)], row[c.edge_key(e, "loss")] = self.evaluate_edge(
                 e, modules
             )
-        edges = range(len(self.edges))
-        row[c.ACCURACY] = sum(row[c.edge_key(e, c.ACCURACY)] for e in edges) / len(self.edges)
-        row["loss"] = sum(row[c.edge_key(e, "loss")] for e in edges) / len(self.edges)
+        row[c.ACCURACY] = sum(row[c.edge_key(e, c.ACCURACY)] for e in edges) / len(edges)
+        row["loss"] = sum(row[c.edge_key(e, "loss")] for e in edges) / len(edges)
         return row
 
     def evaluate_fn(self, recorder: RoundRecorder) -> Callable[[int, ArrayRecord], MetricRecord]:
@@ -281,7 +322,11 @@ class HfslRun:
 
         return central_evaluate
 
-    def hierarchy(self, recorder: RoundRecorder) -> CloudEdgeStrategy:
+    def hierarchy(
+        self, recorder: RoundRecorder, require_training: bool = True
+    ) -> CloudEdgeStrategy:
+        """The edges under the cloud (a deployed edge: its own alone, `require_training` off:
+        the cloud fails a cloud round no edge contributed to)."""
         h = self.cfg.hierarchy
         cloud = Cloud(h.cloud_every, h.cloud_mix, h.cloud_modules)
         edges = self.edge_servers
@@ -301,7 +346,7 @@ class HfslRun:
             )
 
         return CloudEdgeStrategy(
-            edges, cloud, c.aggregate_metrics, round_latency, recorder.train_round
+            edges, cloud, c.aggregate_metrics, round_latency, recorder.train_round, require_training
         )
 
     # -- SL inference (strategies.serving.Serving) ----------------------------------------------
@@ -390,30 +435,44 @@ class HfslRun:
         )
 
 
-def prepare(grid: Grid, derived: Derived) -> HfslRun:
+def prepare(grid: Grid, derived: Derived, edge: int | None = None) -> HfslRun:
     """Start-up: config.json, the nodes, their tasks and the edges' strategies (cheap, and what
-    can still be refused), then the data, the foundation and the edge models."""
+    can still be refused), then the data, the foundation (shipped to every node that lacks it)
+    and the edge models. `edge`: a deployed edge server's own (tier 'edge'): its clusters only,
+    and the foundation the cloud shipped it, never one made here."""
     cfg = derived.cfg
     run_config = cfg.to_dict()  # the flat run-config, as config.json and the trackers keep it
     output_dir = Path(cfg.run.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(run_config, indent=2))
-    identities = query_identities(grid, wait_for_clusters(grid, cfg.hierarchy.min_clusters))
+    held: dict[int, dict[str, str]] = {}
+    nodes = wait_for_clusters(grid, cfg.hierarchy.min_clusters)
+    identities = query_identities(grid, nodes, held)
     builder = TaskBuilder(derived)
     tasks, population = cluster_tasks(derived, identities, builder)
     domains = cfg.hierarchy.edge_domains
-    per_edge = [{n: t for n, t in tasks.items() if t.edge == e} for e in range(len(domains))]
-    if empty := [e for e, t in enumerate(per_edge) if not t]:
+    served = range(len(domains)) if edge is None else [edge]
+    if edge is not None and (others := sorted(n for n, t in tasks.items() if t.edge != edge)):
+        raise RuntimeError(
+            f"edge server {edge}: node(s) {others} say they belong to another edge (node-config "
+            f"edge-id); only edge {edge}'s clusters may connect to its SuperLink"
+        )
+    per_edge = {e: {n: t for n, t in tasks.items() if t.edge == e} for e in served}
+    if empty := [e for e, t in per_edge.items() if not t]:
         raise RuntimeError(
             f"edge(s) {empty} have no client cluster ({len(tasks)} node(s) for "
             f"{len(domains)} edge-domains)"
         )
-    servers = {
-        e: EdgeServer(e, build_edge_strategy(cfg, len(t)), t) for e, t in enumerate(per_edge)
-    }
+    servers = {e: EdgeServer(e, build_edge_strategy(cfg, len(t)), t) for e, t in per_edge.items()}
     data = load_image_data(derived.spec)
-    Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
-    model = Foundation.of(cfg).load(data.num_classes)
+    foundation = Foundation.of(cfg)
+    if edge is None:
+        made = foundation.ensure(data, resolve_device(cfg.run.device))
+    else:  # the cloud's, which apps/edge_app.py waited for
+        made = foundation.checkpoint_path() if cfg.cloud.foundation == "cloud" else None
+    model = foundation.load(data.num_classes)
+    if made is not None:
+        ship_foundation(grid, made, held)
     edges = [
         edge_image_data(data, e, list(derived.shares), d, seed=cfg.run.seed)
         for e, d in enumerate(domains)
@@ -428,12 +487,12 @@ def prepare(grid: Grid, derived: Derived) -> HfslRun:
         model.num_total(),
         100 * model.num_tunable() / model.num_total(),
     )
-    for e, domain in enumerate(domains):
+    for e in served:
         log(
             INFO,
             "edge %d: domain %r, %d clusters, %d training images",
             e,
-            domain,
+            domains[e],
             len(per_edge[e]),
             len(edges[e].train_labels),
         )
@@ -527,6 +586,17 @@ def integrated(grid: Grid, run: HfslRun) -> RunResult:
     return run.result
 
 
+def deployed(tier: str) -> Callable[[Grid, Derived], RunResult]:
+    """The run of tier 'cloud' (apps/cloud_app.py) or 'edge' (apps/edge_app.py)."""
+    if tier == "cloud":
+        from gaisnet_flwr.apps.cloud_app import run_cloud
+
+        return run_cloud
+    from gaisnet_flwr.apps.edge_app import run_edge  # it builds on this module's prepare
+
+    return run_edge
+
+
 def create_server_app(
     fallback_config: Mapping[str, Any] | None = None,
     on_result: Callable[[RunResult], None] | None = None,
@@ -544,10 +614,14 @@ def create_server_app(
             # At most max-in-flight messages at once: Flower's simulation loop scans every
             # stored message for every node (strategies/edge.py: GridView).
             grid = GridView(grid, max_in_flight=cfg.hierarchy.max_in_flight)
-            run = prepare(grid, derived)
-            log(INFO, "ServerApp thread CPU %.2f s at start-up", time.thread_time() - started_cpu)
-            mode = integrated if cfg.scheduling.service == "integrated" else fine_tune
-            result = mode(grid, run)
+            if cfg.hierarchy.tier == "hierarchy":
+                run = prepare(grid, derived)
+                log(INFO, "ServerApp thread CPU %.2f s at start-up",
+                    time.thread_time() - started_cpu)  # fmt: skip
+                mode = integrated if cfg.scheduling.service == "integrated" else fine_tune
+                result = mode(grid, run)
+            else:  # the cloud, or one edge server, as a process of its own (docs/deploy.md)
+                result = deployed(cfg.hierarchy.tier)(grid, derived)
             if on_result is not None:
                 on_result(result)
         except Exception as err:

@@ -207,10 +207,14 @@ def check_ports_free(ports: list[int]) -> None:
                 )
 
 
-def run_status(flwr: Path, run_id: str, env: dict[str, str] | None = None) -> str:
-    """The run's status from the SuperLink (`finished:completed` on success)."""
+def run_status(
+    flwr: Path, run_id: str, env: dict[str, str] | None = None, superlink: str = ""
+) -> str:
+    """The run's status from the SuperLink (`finished:completed` on success); `superlink`: the
+    `[superlink.<name>]` to ask (default: the config's default)."""
     res = subprocess.run(
-        [str(flwr), "ls", "--run-id", run_id, "--format", "json"],
+        [str(flwr), "ls", *([superlink] if superlink else []), "--run-id", run_id, "--format",
+         "json"],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=60,
@@ -257,12 +261,19 @@ class RunOutcome:
             return "every cluster trained every round"
         return found.group(0)
 
-    def check(self, flwr: Path, default_results: Path, env: dict[str, str] | None = None) -> None:
-        """`flwr run --stream` exits 0 even when the run failed, so ask the SuperLink for the
-        run's status and check what the run left behind. The FINAL line names the results
-        directory (an extra --run-config may have moved it)."""
+    def check(
+        self,
+        flwr: Path,
+        default_results: Path,
+        env: dict[str, str] | None = None,
+        superlink: str = "",
+    ) -> None:
+        """`flwr run --stream` exits 0 even when the run failed, so ask the SuperLink
+        (`superlink`, by its config name) for the run's status and check what the run left
+        behind. The FINAL line names the results directory (an extra --run-config may have
+        moved it)."""
         if self.run_id is not None:
-            self.status = run_status(flwr, self.run_id, env=env)
+            self.status = run_status(flwr, self.run_id, env=env, superlink=superlink)
         where = re.search(r"results in (\S+)", self.final or "")
         self.results = Path(where.group(1)) if where else default_results
         if self.failure is not None:

@@ -33,7 +33,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
@@ -55,6 +57,23 @@ def wait_for_port(port: int, proc: subprocess.Popen, name: str, timeout_s: float
                 return
         time.sleep(0.2)
     raise RuntimeError(f"{name} is not listening on port {port} after {timeout_s:.0f} s")
+
+
+def merged(lab_keys: dict[str, object], run_config: str) -> str:
+    """The lab's run-config keys, then the caller's (`key=value ...`), which win."""
+    given = set(re.findall(r"([\w-]+)\s*=", run_config))
+    return " ".join([f"{k}={v}" for k, v in lab_keys.items() if k not in given] + [run_config])
+
+
+def app_folder(app: Path | None) -> Path:
+    """The Flower app folder (its pyproject.toml): by default the working directory."""
+    app = Path.cwd() if app is None else app
+    if not (app / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            f"{app} is not a Flower app folder (no pyproject.toml): run from the gaisnet-flwr "
+            f"checkout, or pass its folder"
+        )
+    return app
 
 
 class Lab:
@@ -264,28 +283,234 @@ class Lab:
         """`flwr run` the app (the Flower app folder, its pyproject.toml; by default the
         working directory, as `flwr run .`) on this lab's SuperLink and check that it really
         finished."""
-        app = Path.cwd() if app is None else app
-        if not (app / "pyproject.toml").is_file():
-            raise FileNotFoundError(
-                f"{app} is not a Flower app folder (no pyproject.toml): run from the gaisnet-flwr "
-                f"checkout, or pass its folder"
-            )
+        app = app_folder(app)
         results = self.dir / "results"
         lab_keys = {
             "min-clusters": self.clusters,
             "peers-per-cluster": self.peers_per_cluster,
             "output-dir": json.dumps(str(results)),
         }
-        given = set(re.findall(r"([\w-]+)\s*=", run_config))  # the caller's keys win
-        overrides = " ".join(
-            [f"{k}={v}" for k, v in lab_keys.items() if k not in given] + [run_config]
-        )
+        overrides = merged(lab_keys, run_config)
         cmd = [str(BIN / "flwr"), "run", str(app), "lab", "--stream", "--run-config", overrides]
         record = Provenance.start(shlex.join(["python", "scripts/lab.py", *sys.argv[1:]]), app)
         record.run_config = {"tls": self.tls, "flwr-run": shlex.join(cmd[1:])}
         outcome = flwr_local.stream_run(cmd, self.logs / "flwr-run.log", echo=False, env=self.env())
         outcome.check(BIN / "flwr", default_results=results, env=self.env())
         record.write(outcome.results)  # what made the results, beside them
+        return outcome
+
+
+@dataclass
+class HierarchyOutcome:
+    """What a hierarchy run came to: the cloud's run and each edge's (`ok`: all finished)."""
+
+    cloud: flwr_local.RunOutcome
+    edges: list[flwr_local.RunOutcome]
+
+    @property
+    def ok(self) -> bool:
+        return self.cloud.ok and all(e.ok for e in self.edges)
+
+    @property
+    def why(self) -> str:
+        parts = [f"cloud: {self.cloud.why}"] if not self.cloud.ok else []
+        parts += [f"edge {e}: {o.why}" for e, o in enumerate(self.edges) if not o.ok]
+        return "; ".join(parts)
+
+
+class HierarchyLab(Lab):
+    """The paper's hierarchy as processes of their own, on loopback (docs/deploy.md):
+
+      cloud     `flower-superlink` (the cloud's ServerApp runs in it: run-config tier='cloud')
+      edge e    `flower-superlink` (edge e's ServerApp: tier='edge', edge-id=e),
+                `flower-supernode` of the cloud's SuperLink (node-config edge-id, edge-dir:
+                its ClientApp relays the cloud's messages to edge e's ServerApp),
+                per cluster `flower-supernode` of edge e's SuperLink (edge-id, partition-id
+                within the edge, its own foundation-dir) and its `gaisnet-peer`s.
+
+    Every machine keeps its own folder (edge e: DIR/edges/edgeE; the start point of cluster c:
+    DIR/nodes/cC; the cloud: DIR/cloud): the foundation reaches each over the wire, from the
+    cloud through its edge, checked by SHA-256 at each hop. Cluster c belongs to edge
+    c // clusters_per_edge. `threads` (e.g. 1): torch threads of every process (OMP_NUM_THREADS,
+    gaisnet-peer --threads), which the same modules bit for bit need.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        edges: int = 2,
+        clusters_per_edge: int = 2,
+        peers_per_cluster: int = 1,
+        tls: bool = False,
+        threads: int | None = None,
+    ) -> None:
+        if edges < 1 or clusters_per_edge < 1:
+            raise ValueError("a hierarchy lab needs >= 1 edge and >= 1 cluster per edge")
+        peer_args = ("--threads", str(threads)) if threads else ()
+        super().__init__(directory, edges * clusters_per_edge, peers_per_cluster, tls, peer_args)
+        self.edges = edges
+        self.per_edge = clusters_per_edge
+        self.threads = threads
+        self.link_ports: dict[str, int] = {}  # superlink name (cloud, edge0, ...) -> its port
+        self._edge_runs: dict[int, threading.Thread] = {}
+        self._edge_outcomes: dict[int, flwr_local.RunOutcome] = {}
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        if self.threads:
+            env |= {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        return env
+
+    # -- who is where ---------------------------------------------------------------------------
+    def edge_dir(self, edge: int) -> Path:
+        """Edge `edge`'s folder: its ServerApp and its cloud-facing SuperNode share it."""
+        return self.dir / "edges" / f"edge{edge}"
+
+    def node_dir(self, cluster: int) -> Path:
+        """Cluster `cluster`'s start point's folder (its foundation lands in foundation/)."""
+        return self.dir / "nodes" / f"c{cluster}"
+
+    def node_config(self, cluster: int) -> str:
+        edge, partition = divmod(cluster, self.per_edge)
+        config = super().node_config(cluster)  # its peers (and their TLS files)
+        config = re.sub(r"partition-id=\d+ num-partitions=\d+ ", "", config)
+        foundation = self.node_dir(cluster) / "foundation"
+        return (
+            f"edge-id={edge} partition-id={partition} num-partitions={self.per_edge} "
+            f'foundation-dir="{foundation}" {config}'
+        )
+
+    def relay_config(self, edge: int) -> str:
+        return f'edge-id={edge} edge-dir="{self.edge_dir(edge)}"'
+
+    # -- processes ------------------------------------------------------------------------------
+    def start_superlink(self, name: str) -> None:
+        """SuperLink `name` ("cloud" or "edgeE") on its port (a restart keeps it)."""
+        tls = ["--insecure"]
+        if self.tls:
+            pki = self.pki()
+            tls = ["--ssl-certfile", str(pki.certfile), "--ssl-keyfile", str(pki.keyfile),
+                   "--ssl-ca-certfile", str(pki.ca_certfile)]  # fmt: skip
+        port = self.link_ports[name]
+        self._spawn(
+            f"superlink-{name}",
+            [str(BIN / "flower-superlink"), *tls, "--port", str(port), "--host", LOOPBACK,
+             "--disable-runtime-dependency-installation"],
+        )  # fmt: skip
+        wait_for_port(port, self.procs[f"superlink-{name}"], f"flower-superlink ({name})")
+
+    def start_supernode(self, name: str, link: str, port: int, node_config: str) -> None:
+        root = ["--root-certificates", str(self.pki().ca_certfile)] if self.tls else ["--insecure"]
+        self._spawn(
+            name,
+            [str(BIN / "flower-supernode"), *root,
+             "--superlink", f"{LOOPBACK}:{self.link_ports[link]}",
+             "--port", str(port), "--node-config", node_config],
+        )  # fmt: skip
+
+    def up(self) -> None:
+        """Peers, the SuperLinks (cloud, each edge), then the edges' cloud-facing SuperNodes
+        and the clusters' SuperNodes."""
+        members = self.members()
+        links = ["cloud", *(f"edge{e}" for e in range(self.edges))]
+        ports = flwr_local.free_ports(len(members) + len(links) + self.edges + self.clusters)
+        self.peer_ports.update(zip(members, ports, strict=False))
+        for c, m in members:
+            self.start_peer(c, m)
+        rest = ports[len(members) :]
+        self.link_ports = dict(zip(links, rest, strict=False))
+        relay_ports, node_ports = rest[len(links) : len(links) + self.edges], rest[-self.clusters :]
+        self._write_flwr_config()
+        for name in links:
+            self.start_superlink(name)
+        self.superlink_port = self.link_ports["cloud"]
+        for e, port in enumerate(relay_ports):
+            self.edge_dir(e).mkdir(parents=True, exist_ok=True)
+            self.start_supernode(f"edge{e}-cloud", "cloud", port, self.relay_config(e))
+        for c, port in enumerate(node_ports):
+            edge = c // self.per_edge
+            self.start_supernode(f"supernode-{c}", f"edge{edge}", port, self.node_config(c))
+        self.wait_for_peers()
+
+    def _write_flwr_config(self) -> None:
+        lines = ["[superlink]", 'default = "cloud"']
+        for name, port in self.link_ports.items():
+            lines += ["", f"[superlink.{name}]", f'address = "{LOOPBACK}:{port}"']
+            if self.tls:
+                lines.append(f'root-certificates = "{self.pki().ca_certfile}"')
+            else:
+                lines.append("insecure = true")
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def restart(self, name: str) -> None:
+        """Kill SuperLink `name` ("cloud", "edgeE") with its ServerApp (SIGKILL: a machine
+        dying) and start it again on its port."""
+        self.kill(f"superlink-{name}")
+        self.start_superlink(name)
+
+    # -- a run ----------------------------------------------------------------------------------
+    def results(self, tier: str) -> Path:
+        """Where a tier's results go: results/cloud, results/edgeE."""
+        return self.dir / "results" / tier
+
+    def _submit(self, link: str, keys: dict[str, object], run_config: str, app: Path | None
+                ) -> flwr_local.RunOutcome:  # fmt: skip
+        app = app_folder(app)
+        overrides = merged({"output-dir": json.dumps(str(self.results(link))), **keys}, run_config)
+        cmd = [str(BIN / "flwr"), "run", str(app), link, "--stream", "--run-config", overrides]
+        log = self.logs / f"flwr-run-{link}.log"
+        with log.open("a") as f:  # a restarted run's stream follows the last one's
+            f.write(f"\n$ {shlex.join(cmd[1:])}\n")
+        outcome = flwr_local.stream_run(cmd, log.with_suffix(".part"), echo=False, env=self.env())
+        with log.open("a") as f:
+            f.write(log.with_suffix(".part").read_text())
+        outcome.log = log
+        outcome.check(BIN / "flwr", default_results=self.results(link), env=self.env(),
+                      superlink=link)  # fmt: skip
+        return outcome
+
+    def start_edge(self, edge: int, run_config: str = "", app: Path | None = None) -> None:
+        """Submit edge `edge`'s run (it waits for the cloud's requests); its outcome comes
+        with `finish_edges`."""
+        keys = {
+            "tier": '"edge"',
+            "edge-id": edge,
+            "edge-dir": json.dumps(str(self.edge_dir(edge))),
+            "min-clusters": self.per_edge,
+            "peers-per-cluster": self.peers_per_cluster,
+        }
+
+        def submit() -> None:
+            self._edge_outcomes[edge] = self._submit(f"edge{edge}", keys, run_config, app)
+
+        thread = threading.Thread(target=submit, name=f"edge{edge}-run", daemon=True)
+        thread.start()
+        self._edge_runs[edge] = thread
+
+    def run_cloud(self, run_config: str = "", app: Path | None = None, resume: bool = False
+                  ) -> flwr_local.RunOutcome:  # fmt: skip
+        """The cloud's run, to its end (or its SuperLink's)."""
+        foundation = json.dumps(str(self.dir / "cloud" / "foundation"))
+        keys = {"tier": '"cloud"', "foundation-dir": foundation,
+                "resume": "true" if resume else "false"}  # fmt: skip
+        return self._submit("cloud", keys, run_config, app)
+
+    def finish_edges(self, timeout_s: float = 600) -> list[flwr_local.RunOutcome]:
+        """Each edge's run, once it has finished (after the cloud's final delivery)."""
+        for thread in self._edge_runs.values():
+            thread.join(timeout=timeout_s)
+        return [self._edge_outcomes[e] for e in range(self.edges)]
+
+    def run(self, run_config: str = "", app: Path | None = None) -> HierarchyOutcome:  # type: ignore[override]
+        """Every edge's run, then the cloud's; wait for all and check that each finished."""
+        record = Provenance.start(shlex.join(["python", "scripts/lab.py", *sys.argv[1:]]),
+                                  app_folder(app))  # fmt: skip
+        for e in range(self.edges):
+            self.start_edge(e, run_config, app)
+        cloud = self.run_cloud(run_config, app)
+        outcome = HierarchyOutcome(cloud, self.finish_edges())
+        record.run_config = {"tls": self.tls, "edges": self.edges, "run-config": run_config}
+        record.write(cloud.results)
         return outcome
 
 
