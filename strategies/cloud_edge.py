@@ -398,17 +398,17 @@ class CloudServer(Strategy):
                 reason = "no reply within the cloud round's timeout"
                 record.failures.append(failure(node, e, NO_REPLY, reason))
             elif reply.has_error():
-                record.failures.append(failure(node, e, reply.error.code, reply.error.reason))
+                record.failures.append(failure(node, e, reply.error.code, str(reply.error.reason)))
             else:
                 report = EdgeReport.from_content(reply.content)
                 record.reports[e] = report
                 metrics.update(report.metrics)
                 metrics[edge_key(e, EDGE_WEIGHT)] = report.weight
                 metrics[edge_key(e, FAILED_CLUSTERS)] = len(report.failures)
-        per_edge = {
-            e: record.reports[e].modules if e in record.reports else self._held[e]
-            for e in range(self.num_edges)
-        }
+        per_edge: dict[int, ArrayRecord] = {}
+        for e in range(self.num_edges):  # an edge left out counts with what it was sent
+            answered = record.reports[e].modules if e in record.reports else None
+            per_edge[e] = answered if answered is not None else self._held[e]
         weights = {
             e: record.reports[e].weight if e in record.reports else 0.0
             for e in range(self.num_edges)

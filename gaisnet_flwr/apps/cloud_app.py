@@ -313,4 +313,3 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
         "(modules: %s)", len(chunks), num_edges, last.get(c.ACCURACY, "n/a"), output_dir,
         path_final.name)  # fmt: skip
     return recorder.result
-

@@ -213,8 +213,15 @@ def run_status(
     """The run's status from the SuperLink (`finished:completed` on success); `superlink`: the
     `[superlink.<name>]` to ask (default: the config's default)."""
     res = subprocess.run(
-        [str(flwr), "ls", *([superlink] if superlink else []), "--run-id", run_id, "--format",
-         "json"],  # fmt: skip
+        [
+            str(flwr),
+            "ls",
+            *([superlink] if superlink else []),
+            "--run-id",
+            run_id,
+            "--format",
+            "json",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=60,

@@ -17,6 +17,9 @@ devices it runs on the edge machine, and the chain lists its address at its plac
                               edge-offload='auto' ..."   # the population's clusters and chains
     python scripts/lab.py up [same options]     # bring the lab up and leave it running
     python scripts/lab.py down --dir DIR        # stop what `up` started (PIDs in DIR/pids.json)
+    python scripts/lab.py run --edges 2 [--clusters 2] [--threads 1] ...
+                              # the hierarchy as processes: a cloud, 2 edge servers, each
+                              # with 2 clusters (`HierarchyLab`; results/cloud, results/edgeE)
 
 `run` stops every process it started, by PID (with their children: Flower's SuperExec and app
 processes), also when the run fails or is interrupted. Ports are free ones picked at start.
@@ -352,8 +355,8 @@ class HierarchyLab(Lab):
         self.per_edge = clusters_per_edge
         self.threads = threads
         self.link_ports: dict[str, int] = {}  # superlink name (cloud, edge0, ...) -> its port
-        self._edge_runs: dict[int, threading.Thread] = {}
-        self._edge_outcomes: dict[int, flwr_local.RunOutcome] = {}
+        # edge -> its last submitted run: the thread that waits for it, and its outcome
+        self._edge_runs: dict[int, tuple[threading.Thread, list[flwr_local.RunOutcome]]] = {}
 
     def env(self) -> dict[str, str]:
         env = super().env()
@@ -449,14 +452,16 @@ class HierarchyLab(Lab):
         self.start_superlink(name)
 
     # -- a run ----------------------------------------------------------------------------------
-    def results(self, tier: str) -> Path:
-        """Where a tier's results go: results/cloud, results/edgeE."""
-        return self.dir / "results" / tier
+    def results(self, tier: str, name: str = "") -> Path:
+        """Where a tier's results go: results/[NAME/]cloud, results/[NAME/]edgeE (`name`: one
+        run's folder, so that several runs on the same lab keep theirs apart)."""
+        return self.dir / "results" / name / tier
 
-    def _submit(self, link: str, keys: dict[str, object], run_config: str, app: Path | None
-                ) -> flwr_local.RunOutcome:  # fmt: skip
+    def _submit(self, link: str, keys: dict[str, object], run_config: str, app: Path | None,
+                name: str = "") -> flwr_local.RunOutcome:  # fmt: skip
         app = app_folder(app)
-        overrides = merged({"output-dir": json.dumps(str(self.results(link))), **keys}, run_config)
+        results = self.results(link, name)
+        overrides = merged({"output-dir": json.dumps(str(results)), **keys}, run_config)
         cmd = [str(BIN / "flwr"), "run", str(app), link, "--stream", "--run-config", overrides]
         log = self.logs / f"flwr-run-{link}.log"
         with log.open("a") as f:  # a restarted run's stream follows the last one's
@@ -465,11 +470,12 @@ class HierarchyLab(Lab):
         with log.open("a") as f:
             f.write(log.with_suffix(".part").read_text())
         outcome.log = log
-        outcome.check(BIN / "flwr", default_results=self.results(link), env=self.env(),
-                      superlink=link)  # fmt: skip
+        outcome.check(BIN / "flwr", default_results=results, env=self.env(), superlink=link)
         return outcome
 
-    def start_edge(self, edge: int, run_config: str = "", app: Path | None = None) -> None:
+    def start_edge(
+        self, edge: int, run_config: str = "", app: Path | None = None, name: str = ""
+    ) -> None:
         """Submit edge `edge`'s run (it waits for the cloud's requests); its outcome comes
         with `finish_edges`."""
         keys = {
@@ -480,34 +486,42 @@ class HierarchyLab(Lab):
             "peers-per-cluster": self.peers_per_cluster,
         }
 
+        outcome: list[flwr_local.RunOutcome] = []  # this submission's, not a killed one's
+
         def submit() -> None:
-            self._edge_outcomes[edge] = self._submit(f"edge{edge}", keys, run_config, app)
+            outcome.append(self._submit(f"edge{edge}", keys, run_config, app, name))
 
         thread = threading.Thread(target=submit, name=f"edge{edge}-run", daemon=True)
         thread.start()
-        self._edge_runs[edge] = thread
+        self._edge_runs[edge] = (thread, outcome)
 
-    def run_cloud(self, run_config: str = "", app: Path | None = None, resume: bool = False
-                  ) -> flwr_local.RunOutcome:  # fmt: skip
+    def run_cloud(self, run_config: str = "", app: Path | None = None, resume: bool = False,
+                  name: str = "") -> flwr_local.RunOutcome:  # fmt: skip
         """The cloud's run, to its end (or its SuperLink's)."""
         foundation = json.dumps(str(self.dir / "cloud" / "foundation"))
-        keys = {"tier": '"cloud"', "foundation-dir": foundation,
+        keys: dict[str, object] = {"tier": '"cloud"', "foundation-dir": foundation,
                 "resume": "true" if resume else "false"}  # fmt: skip
-        return self._submit("cloud", keys, run_config, app)
+        return self._submit("cloud", keys, run_config, app, name)
 
     def finish_edges(self, timeout_s: float = 600) -> list[flwr_local.RunOutcome]:
         """Each edge's run, once it has finished (after the cloud's final delivery)."""
-        for thread in self._edge_runs.values():
+        for thread, _ in self._edge_runs.values():
             thread.join(timeout=timeout_s)
-        return [self._edge_outcomes[e] for e in range(self.edges)]
+        missing = [e for e, (_, outcome) in sorted(self._edge_runs.items()) if not outcome]
+        if missing:
+            raise RuntimeError(f"edge run(s) {missing} did not end within {timeout_s:.0f} s")
+        return [self._edge_runs[e][1][0] for e in range(self.edges)]
 
-    def run(self, run_config: str = "", app: Path | None = None) -> HierarchyOutcome:  # type: ignore[override]
-        """Every edge's run, then the cloud's; wait for all and check that each finished."""
+    def run(  # type: ignore[override]
+        self, run_config: str = "", app: Path | None = None, name: str = ""
+    ) -> HierarchyOutcome:
+        """Every edge's run, then the cloud's; wait for all and check that each finished.
+        `name`: the run's folder under results/."""
         record = Provenance.start(shlex.join(["python", "scripts/lab.py", *sys.argv[1:]]),
                                   app_folder(app))  # fmt: skip
         for e in range(self.edges):
-            self.start_edge(e, run_config, app)
-        cloud = self.run_cloud(run_config, app)
+            self.start_edge(e, run_config, app, name)
+        cloud = self.run_cloud(run_config, app, name=name)
         outcome = HierarchyOutcome(cloud, self.finish_edges())
         record.run_config = {"tls": self.tls, "edges": self.edges, "run-config": run_config}
         record.write(cloud.results)
@@ -518,7 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("run", "up", "down"))
     parser.add_argument("--dir", type=Path, default=Path("outputs") / "lab")
-    parser.add_argument("--clusters", type=int, default=2)
+    parser.add_argument("--clusters", type=int, default=2, help="clusters (per edge with --edges)")
+    parser.add_argument(
+        "--edges", type=int, default=0,
+        help="the hierarchy as processes: a cloud and this many edge servers, each with its own "
+        "SuperLink over --clusters clusters (0: one SuperLink, the hierarchy in its ServerApp)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads of every process (1 makes the modules equal bit for bit to the "
+        "one-ServerApp hierarchy's)",
+    )  # fmt: skip
     parser.add_argument("--peers-per-cluster", type=int, default=1)
     parser.add_argument(
         "--tls", action="store_true",
@@ -543,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit('error: extra arguments must be: -- --run-config "key=value ..."')
         run_config = extra[1]
     given = parse_overrides(run_config) if run_config else {}
+    if args.edges:
+        return run_hierarchy(args, run_config)
     if str(given.get("population", "")).strip() or given.get("edge-offload", "never") != "never":
         # the ServerApp decides the clusters' chains (edge members included)
         lab = Lab.for_run_config(args.dir, run_config, args.tls, clusters=args.clusters)
@@ -568,6 +594,46 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"[lab] RUN FAILED: {outcome.why}. See {outcome.log} and "
               f"{lab.logs}", file=sys.stderr)  # fmt: skip
+        return 1
+    finally:
+        if lab.procs:
+            print(f"[lab] stopped {len(lab.down())} processes")
+
+
+def run_hierarchy(args: argparse.Namespace, run_config: str) -> int:
+    """`--edges E`: the cloud, E edge servers, their SuperNodes and peers (`HierarchyLab`)."""
+    edges = args.edges
+    domains = parse_overrides(run_config).get("edge-domains") if run_config else None
+    if domains is None:  # one domain per edge: the default run-config names one
+        run_config = f"edge-domains={json.dumps(','.join(['none'] * edges))} {run_config}"
+    elif len(str(domains).split(",")) != edges:
+        sys.exit(f"error: --edges {edges} but edge-domains={domains!r} names "
+                 f"{len(str(domains).split(','))}: name one domain per edge server")  # fmt: skip
+    lab = HierarchyLab(args.dir, edges, args.clusters, args.peers_per_cluster, args.tls,
+                       args.threads)  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        started = time.monotonic()
+        lab.up()
+        print(f"[lab] up in {time.monotonic() - started:.0f} s: the cloud's SuperLink on port "
+              f"{lab.link_ports['cloud']}, {edges} edge SuperLinks, {lab.clusters} cluster "
+              f"SuperNodes, {len(lab.peer_ports)} peers ({'TLS' if args.tls else 'insecure'}); "
+              f"logs in {lab.logs}")  # fmt: skip
+        if args.command == "up":
+            print(f"[lab] submit each edge's run, then the cloud's (docs/deploy.md):\n"
+                  f"[lab] FLWR_HOME={lab.home} flwr run . edge0 --run-config \"tier='edge' "
+                  f"edge-id=0 edge-dir='{lab.edge_dir(0)}'\"  ...\n"
+                  f"[lab] FLWR_HOME={lab.home} flwr run . cloud --run-config \"tier='cloud'\"\n"
+                  f"[lab] stop with: python scripts/lab.py down --dir {args.dir}")  # fmt: skip
+            lab.procs.clear()  # leave them running
+            return 0
+        outcome = lab.run(run_config)
+        took = time.monotonic() - started
+        if outcome.ok:
+            print(f"[lab] cloud run {outcome.cloud.run_id} and {edges} edge runs completed in "
+                  f"{took:.0f} s\n{outcome.cloud.final}")  # fmt: skip
+            return 0
+        print(f"[lab] RUN FAILED: {outcome.why}. See {lab.logs}", file=sys.stderr)
         return 1
     finally:
         if lab.procs:
