@@ -177,8 +177,8 @@ def test_an_edge_killed_mid_round_costs_only_its_contribution(lab: HierarchyLab)
 
     def kill_and_restart() -> None:
         wait_for(edge1_training_round_1, 240, "edge 1 took cloud round 1")
-        lab.kill("superlink-edge1")  # its ServerApp with it: the edge machine dies
-        lab.start_superlink("edge1")
+        # Its SuperLink and ServerApp die (SIGKILL), and come back with its clusters' SuperNodes.
+        lab.restart("edge1")
         lab.start_edge(1, as_run_config(CONFIG), name=name)
 
     killer = threading.Thread(target=kill_and_restart, daemon=True)
@@ -223,7 +223,7 @@ def test_a_resumed_cloud_ends_as_an_uninterrupted_one(lab: HierarchyLab) -> None
 
     def kill() -> None:
         wait_for(round_1_saved, 240, "the cloud saved cloud round 1")
-        lab.kill("superlink-cloud")
+        lab.restart("cloud")  # SIGKILL, then the SuperLink and the edges' SuperNodes again
         killed.set()
 
     killer = threading.Thread(target=kill, daemon=True)
@@ -231,7 +231,6 @@ def test_a_resumed_cloud_ends_as_an_uninterrupted_one(lab: HierarchyLab) -> None
     first = lab.run_cloud(as_run_config(CONFIG), name=name)
     killer.join(timeout=60)
     assert killed.is_set() and not first.ok
-    lab.start_superlink("cloud")
     resumed = lab.run_cloud(as_run_config(CONFIG), resume=True, name=name)
     edges = lab.finish_edges()
     assert resumed.ok, f"{resumed.why}\n{outcome_text(lab)}"

@@ -170,12 +170,17 @@ def stop_local_superlink(home: Path, timeout_s: float = 20.0) -> list[Proc]:
     )
 
 
-def stop_processes(pids: set[int], timeout_s: float = 20.0) -> list[Proc]:
-    """Stop processes we started (by PID) with everything they started."""
+def stop_processes(
+    pids: set[int], timeout_s: float = 20.0, groups: set[int] | None = None
+) -> list[Proc]:
+    """Stop processes we started (by PID) with everything they started (and whatever is left
+    in `groups`: process groups we made, whose leader may be gone)."""
     # Children that outlive a parent are found by the process groups seen before it died.
-    seen = family(pids)
+    seen = family(pids, groups)
     seeds = set(pids) | {p.pid for p in seen}
-    return stop_family(lambda groups: family(seeds, groups), "the lab's processes", timeout_s)
+    return stop_family(
+        lambda found: family(seeds, found | set(groups or ())), "the lab's processes", timeout_s
+    )
 
 
 def free_ports(n: int) -> list[int]:

@@ -28,6 +28,7 @@ processes), also when the run fails or is interrupted. Ports are free ones picke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
 from gaisnet_flwr.config import parse_overrides
-from gaisnet_flwr.deploy.pki import LabPki, make_lab_pki
+from gaisnet_flwr.deploy.pki import LabPki, make_lab_pki, make_supernode_key
 from gaisnet_flwr.experiments.provenance import Provenance
 
 BIN = Path(sys.executable).parent
@@ -274,7 +275,9 @@ class Lab:
 
     def down(self) -> list[flwr_local.Proc]:
         pids = {p.pid for p in self.procs.values()}
-        stopped = flwr_local.stop_processes(pids)
+        # Each was started in a process group of its own: a group outlives its leader (a
+        # SuperNode that exited leaves its ClientApp process behind in it).
+        stopped = flwr_local.stop_processes(pids, groups=pids)
         for proc in self.procs.values():
             proc.wait(timeout=30)  # reap: no zombies left behind
         self.procs.clear()
@@ -355,6 +358,7 @@ class HierarchyLab(Lab):
         self.per_edge = clusters_per_edge
         self.threads = threads
         self.link_ports: dict[str, int] = {}  # superlink name (cloud, edge0, ...) -> its port
+        self._supernodes: dict[str, tuple[str, int, str]] = {}  # name -> (link, port, config)
         # edge -> its last submitted run: the thread that waits for it, and its outcome
         self._edge_runs: dict[int, tuple[threading.Thread, list[flwr_local.RunOutcome]]] = {}
 
@@ -394,6 +398,8 @@ class HierarchyLab(Lab):
             pki = self.pki()
             tls = ["--ssl-certfile", str(pki.certfile), "--ssl-keyfile", str(pki.keyfile),
                    "--ssl-ca-certfile", str(pki.ca_certfile)]  # fmt: skip
+            if name == "cloud":  # only the edge servers' registered keys may join
+                tls.append("--enable-supernode-auth")
         port = self.link_ports[name]
         self._spawn(
             f"superlink-{name}",
@@ -401,9 +407,30 @@ class HierarchyLab(Lab):
              "--disable-runtime-dependency-installation"],
         )  # fmt: skip
         wait_for_port(port, self.procs[f"superlink-{name}"], f"flower-superlink ({name})")
+        if self.tls and name == "cloud":  # a restarted SuperLink keeps no registrations
+            for e in range(self.edges):
+                self.register(self.edge_key(e), "cloud")
+
+    def edge_key(self, edge: int) -> Path:
+        """Edge `edge`'s SuperNode key for the cloud (made on first use; `.pub` beside it)."""
+        key = self.dir / "pki" / f"edge{edge}-supernode"
+        if not key.exists():
+            make_supernode_key(key)
+        return key
+
+    def register(self, key: Path, link: str) -> None:
+        """`flwr supernode register KEY.pub LINK`: Flower's SuperNode authentication."""
+        cmd = [str(BIN / "flwr"), "supernode", "register", f"{key}.pub", link]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=self.env(), timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} failed: {done.stdout[-500:]}{done.stderr}")
 
     def start_supernode(self, name: str, link: str, port: int, node_config: str) -> None:
+        self._supernodes[name] = (link, port, node_config)
         root = ["--root-certificates", str(self.pki().ca_certfile)] if self.tls else ["--insecure"]
+        if self.tls and link == "cloud":  # an edge server: its key is registered with the cloud
+            edge = int(name.removeprefix("edge").split("-")[0])
+            root += ["--auth-supernode-private-key", str(self.edge_key(edge))]
         self._spawn(
             name,
             [str(BIN / "flower-supernode"), *root,
@@ -447,9 +474,22 @@ class HierarchyLab(Lab):
 
     def restart(self, name: str) -> None:
         """Kill SuperLink `name` ("cloud", "edgeE") with its ServerApp (SIGKILL: a machine
-        dying) and start it again on its port."""
+        dying) and start it again on its port, with the SuperNodes that served it: a SuperNode
+        whose SuperLink forgot it (a restarted one keeps no state) exits, and a device's
+        supervisor (systemd `Restart=always`, say) starts it again, as here."""
         self.kill(f"superlink-{name}")
         self.start_superlink(name)
+        for node, (link, port, config) in list(self._supernodes.items()):
+            if link == name:
+                self._stop_group(node)
+                self.start_supernode(node, link, port, config)
+
+    def _stop_group(self, name: str) -> None:
+        """Process `name`, if it still runs, and whatever it left in its process group."""
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):  # leader and group gone already
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
     # -- a run ----------------------------------------------------------------------------------
     def results(self, tier: str, name: str = "") -> Path:
@@ -464,11 +504,11 @@ class HierarchyLab(Lab):
         overrides = merged({"output-dir": json.dumps(str(results)), **keys}, run_config)
         cmd = [str(BIN / "flwr"), "run", str(app), link, "--stream", "--run-config", overrides]
         log = self.logs / f"flwr-run-{link}.log"
-        with log.open("a") as f:  # a restarted run's stream follows the last one's
-            f.write(f"\n$ {shlex.join(cmd[1:])}\n")
-        outcome = flwr_local.stream_run(cmd, log.with_suffix(".part"), echo=False, env=self.env())
-        with log.open("a") as f:
-            f.write(log.with_suffix(".part").read_text())
+        part = self.logs / f"flwr-run-{link}-{time.time_ns()}.part"  # a killed run's apart
+        outcome = flwr_local.stream_run(cmd, part, echo=False, env=self.env())
+        with log.open("a") as f:  # each submission's stream, one after the other
+            f.write(f"\n$ {shlex.join(cmd[1:])}\n{part.read_text()}")
+        part.unlink()
         outcome.log = log
         outcome.check(BIN / "flwr", default_results=results, env=self.env(), superlink=link)
         return outcome
@@ -502,6 +542,12 @@ class HierarchyLab(Lab):
         keys: dict[str, object] = {"tier": '"cloud"', "foundation-dir": foundation,
                 "resume": "true" if resume else "false"}  # fmt: skip
         return self._submit("cloud", keys, run_config, app, name)
+
+    def down(self) -> list[flwr_local.Proc]:
+        stopped = super().down()
+        for thread, _ in self._edge_runs.values():  # their `flwr run` ends with its SuperLink
+            thread.join(timeout=60)
+        return stopped
 
     def finish_edges(self, timeout_s: float = 600) -> list[flwr_local.RunOutcome]:
         """Each edge's run, once it has finished (after the cloud's final delivery)."""
