@@ -14,11 +14,14 @@ PID at the end: no process may be left.
    round 2 with the modules the cloud held for it.
 3. The cloud killed after cloud round 1 and resumed (resume=true) ends with the modules of
    the uninterrupted run of test 1.
+4. With TLS, only edge servers whose SuperNode key is registered with the cloud's SuperLink
+   join it (Flower's SuperNode authentication); another key is refused.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +32,10 @@ import numpy as np
 import pytest
 
 from gaisnet_flwr.apps.inprocess import run_inprocess
+from gaisnet_flwr.deploy.pki import make_supernode_key
 from gaisnet_flwr.deploy.shipping import held
 from gaisnet_flwr.experiments import flwr_local
-from gaisnet_flwr.experiments.lab import HierarchyLab
+from gaisnet_flwr.experiments.lab import BIN, HierarchyLab
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 
@@ -242,3 +246,32 @@ def test_a_resumed_cloud_ends_as_an_uninterrupted_one(lab: HierarchyLab) -> None
     if not uninterrupted.exists():  # this test run alone
         assert lab.run(as_run_config(CONFIG), name="plain").ok
     assert_equal(modules(cloud / "final_tunable.npz"), modules(uninterrupted))
+
+
+def test_only_registered_edge_servers_join_the_cloud(tmp_path: Path) -> None:
+    # TLS everywhere, and Flower's SuperNode authentication on the cloud's SuperLink: each edge
+    # server's SuperNode key is registered (flwr supernode register); another key is refused.
+    lab = HierarchyLab(tmp_path / "tls", edges=1, clusters_per_edge=1, tls=True, threads=1)
+    started: set[int] = set()
+    try:
+        lab.up()
+        wait_for(lambda: edges_online(lab) == 1, 60, "the edge's SuperNode came online")
+        rogue = tmp_path / "rogue"
+        make_supernode_key(rogue)
+        port = flwr_local.free_ports(1)[0]
+        lab.start_supernode("rogue", "cloud", port, 'edge-id=0 edge-dir="/nowhere"', key=rogue)
+        assert lab.procs["rogue"].wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (lab.logs / "rogue.log").read_text()
+    finally:
+        started = {p.pid for p in lab.procs.values()}
+        lab.down()
+    assert not [p for p in flwr_local.family(started) if p.alive]
+
+
+def edges_online(lab: HierarchyLab) -> int:
+    """How many SuperNodes `flwr supernode list cloud` shows online."""
+    listing = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", "cloud", "--format", "json"],
+        capture_output=True, text=True, env=lab.env(), timeout=120,
+    )  # fmt: skip
+    return listing.stdout.count('"status": "online"')

@@ -425,12 +425,17 @@ class HierarchyLab(Lab):
         if done.returncode != 0:
             raise RuntimeError(f"{shlex.join(cmd)} failed: {done.stdout[-500:]}{done.stderr}")
 
-    def start_supernode(self, name: str, link: str, port: int, node_config: str) -> None:
+    def start_supernode(
+        self, name: str, link: str, port: int, node_config: str, key: Path | None = None
+    ) -> None:
+        """A SuperNode of SuperLink `link`; under the cloud (an edge server's) with TLS, it
+        authenticates with `key`, by default its edge's registered key (`edge_key`)."""
         self._supernodes[name] = (link, port, node_config)
         root = ["--root-certificates", str(self.pki().ca_certfile)] if self.tls else ["--insecure"]
-        if self.tls and link == "cloud":  # an edge server: its key is registered with the cloud
-            edge = int(name.removeprefix("edge").split("-")[0])
-            root += ["--auth-supernode-private-key", str(self.edge_key(edge))]
+        if self.tls and link == "cloud":
+            if key is None:
+                key = self.edge_key(int(re.sub(r"edge(\d+)-cloud", r"\1", name)))
+            root += ["--auth-supernode-private-key", str(key)]
         self._spawn(
             name,
             [str(BIN / "flower-supernode"), *root,
@@ -482,7 +487,7 @@ class HierarchyLab(Lab):
         for node, (link, port, config) in list(self._supernodes.items()):
             if link == name:
                 self._stop_group(node)
-                self.start_supernode(node, link, port, config)
+                self.start_supernode(node, link, port, config)  # (an edge's: its own key)
 
     def _stop_group(self, name: str) -> None:
         """Process `name`, if it still runs, and whatever it left in its process group."""
