@@ -681,6 +681,11 @@ def run_hierarchy(args: argparse.Namespace, run_config: str) -> int:
         outcome = lab.run(run_config)
         took = time.monotonic() - started
         if outcome.ok:
+            rows = json.loads((outcome.cloud.results / "metrics.json").read_text())
+            for row in rows:  # the cloud's time per cloud round: its edges' rounds and its own
+                print(f"[lab] cloud round {row['round']} (edge rounds {row['edge-rounds']}): "
+                      f"{row['round-time-s']:.0f} s, {row['edges-contributed']} edge(s) "
+                      f"contributed, accuracy {row.get('accuracy', float('nan')):.4f}")  # fmt: skip
             print(f"[lab] cloud run {outcome.cloud.run_id} and {edges} edge runs completed in "
                   f"{took:.0f} s\n{outcome.cloud.final}")  # fmt: skip
             return 0
