@@ -57,12 +57,12 @@ STRATEGY_CASES = [
     ({"strategy": "nomodule:Thing"}, "strategy='nomodule:Thing': Strategy path"),
     (
         {"strategy": "fedprox", "strategy-options": "bogus=1"},
-        "strategy-options='bogus=1' (strategy='fedprox', 1000 cluster(s) per edge): Strategy "
-        "'fedprox' (FedProx) does not accept option(s) bogus. Accepted:",
+        "strategy-options='bogus=1' (strategy='fedprox'): Strategy 'fedprox' (FedProx): "
+        "unknown option 'bogus'; valid options: fraction_evaluate,",
     ),
     (
         {"strategy": "qfedavg"},
-        "strategy-options='' (strategy='qfedavg', 1000 cluster(s) per edge): Strategy 'qfedavg' "
+        "strategy-options='' (strategy='qfedavg'): Strategy 'qfedavg' "
         "(QFedAvg) requires client_learning_rate",
     ),
     ({"strategy": ""}, "strategy='' is not valid: name a registry strategy"),

@@ -15,7 +15,6 @@ model or serve a request instead.
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 import time
@@ -51,50 +50,49 @@ from gaisnet_flwr.vit.model import PromptedViT
 from strategies.cloud_edge import Cloud, CloudEdgeStrategy
 from strategies.edge import EdgeServer, GridView
 from strategies.integrated import IntegratedStrategy
+from strategies.options import unknown_ranges
 from strategies.registry import build_strategy, resolve_strategy
 from strategies.serving import ServeRequests
-
-# Clusters per edge assumed when the strategy is checked before any node is known (every
-# option is checked; a strategy that needs more clusters is refused once they are known).
-ASSUMED_CLUSTERS = 1000
 
 
 # -- the boundary -------------------------------------------------------------------------------
 def check_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Derived]:
     """The ServerApp's boundary: every key (`RunConfig.from_run_config`), the environment and
-    what derives from the config (`derived.derive`), and the edge strategy built once with its
-    options. Before any data is read or model trained."""
+    what derives from it (`derived.derive`), and the edge strategy built once with its options
+    checked (their counts against the clusters once the nodes are known). Before any data is
+    read or model trained."""
     cfg = RunConfig.from_run_config(run_config)
     derived = derive(cfg)
-    build_edge_strategy(cfg, max(cfg.hierarchy.min_clusters, ASSUMED_CLUSTERS))
+    build_edge_strategy(cfg, None)
+    strategy_cls = resolve_strategy(cfg.hierarchy.strategy)
+    for note in unknown_ranges(strategy_cls, dict(cfg.hierarchy.strategy_options)):
+        log(INFO, "strategy option %s", note)  # what cannot be checked here, stated once
     if cfg.cloud.foundation == "timm":  # offline: seconds, not a minute of download retries
         check_timm_weights(cfg.model.model_name)
     return cfg, derived
 
 
-def build_edge_strategy(cfg: RunConfig, num_clusters: int) -> Strategy:
-    """One edge's strategy; a strategy or options it cannot build -> ConfigError naming the
-    key (strategy, or strategy-options), the value and the reason."""
+def build_edge_strategy(cfg: RunConfig, num_clusters: int | None) -> Strategy:
+    """One edge's strategy (`num_clusters` None: not known yet); a strategy or options it
+    cannot build -> ConfigError naming the key (strategy, or strategy-options), the value and
+    the reason."""
     h = cfg.hierarchy
     try:
-        strategy_cls = resolve_strategy(h.strategy)
+        resolve_strategy(h.strategy)
     except ValueError as err:
         raise ConfigError(f"strategy={h.strategy!r}: {err}") from err
-    options: dict[str, Any] = dict(h.strategy_options)
-    if "train_metrics_aggr_fn" in inspect.signature(strategy_cls).parameters:
-        options["train_metrics_aggr_fn"] = c.aggregate_metrics
     try:
         return build_strategy(
             h.strategy,
             num_clusters=num_clusters,
             fraction_evaluate=h.fraction_evaluate,
-            options=options,
+            options=dict(h.strategy_options),
         )
     except ValueError as err:
         given = cfg.to_dict()["strategy-options"]  # as the user wrote it (an error path only)
+        clusters = "" if num_clusters is None else f", {num_clusters} cluster(s) per edge"
         raise ConfigError(
-            f"strategy-options={given!r} (strategy={h.strategy!r}, "
-            f"{num_clusters} cluster(s) per edge): {err}"
+            f"strategy-options={given!r} (strategy={h.strategy!r}{clusters}): {err}"
         ) from err
 
 
