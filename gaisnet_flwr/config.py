@@ -588,6 +588,12 @@ class RunConfig:
                     f"{_render(self.scheduling.demand)!r} must list, per round, an edge index in "
                     f"[0, {edges}) (edges come from edge-domains)"
                 )
+        if self.data.cluster_samples == 1 and self.hierarchy.fraction_evaluate > 0:
+            raise ConfigError(
+                "cluster-samples=1 leaves no cluster a validation image (val-fraction holds one "
+                "out of clusters of 2 or more), so federated evaluation has nothing to weigh: "
+                "draw cluster-samples >= 2 or set fraction-evaluate=0"
+            )
         digits = self.data.dataset == "digits"
         if not digits and set(self.hierarchy.edge_domains) != {"none"}:
             raise ConfigError("edge-domains other than 'none' need the embedded digits dataset")

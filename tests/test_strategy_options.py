@@ -204,17 +204,17 @@ def test_counts_the_edges_clusters_cannot_meet_are_refused(
     build_strategy(strategy, num_clusters=64, fraction_evaluate=1.0, options=options)
 
 
-def test_counts_are_checked_once_the_nodes_are_known_before_any_data(
+def test_counts_are_checked_once_the_nodes_are_known_before_any_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gaisnet_flwr.apps.server_app as server_app
+    from gaisnet_flwr.cloud.foundation import Foundation
 
-    loaded: list[int] = []
-    monkeypatch.setattr(server_app, "load_image_data", lambda spec: loaded.append(1))
+    trained: list[int] = []
+    monkeypatch.setattr(Foundation, "ensure", lambda *args: trained.append(1))
     config = {**TINY, "output-dir": str(tmp_path), "strategy-options": "min_train_nodes=3"}
     with pytest.raises(ConfigError, match=r"2 cluster\(s\) per edge\): min_train_nodes=3 is more"):
         run_inprocess(config, num_clusters=2)
-    assert not loaded
+    assert not trained
 
 
 # -- what the contract fixes -------------------------------------------------------------------

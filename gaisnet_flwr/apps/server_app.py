@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
+from gaisnet_flwr.apps.failed import clear_failed, mark_failed
 from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult
 from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
 from gaisnet_flwr.cloud.foundation import Foundation, check_timm_weights
@@ -39,7 +40,8 @@ from gaisnet_flwr.contract import ClusterTask, InferRequest, NodeIdentity
 from gaisnet_flwr.costs.memory import segment_memory
 from gaisnet_flwr.costs.pricing import hierarchy_round_latency
 from gaisnet_flwr.costs.profiles import ClusterProfile
-from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
+from gaisnet_flwr.data.capacity import check_cluster_count, check_edge_clusters
+from gaisnet_flwr.data.images import DataError, ImageData, edge_image_data, load_image_data
 from gaisnet_flwr.derived import Derived, derive
 from gaisnet_flwr.service.scheduler import QualityModel
 from gaisnet_flwr.split.flops import segment_flops
@@ -187,6 +189,27 @@ def cluster_tasks(
         formed = derived.layout.fine_tuning[index]
         tasks[node] = builder.task(places[node], index, formed.plan, formed.profile)
     return tasks, population
+
+
+def check_cluster_data(
+    derived: Derived, edges: list[ImageData], per_edge: list[dict[int, ClusterTask]]
+) -> None:
+    """Every edge's clusters can be formed from its pool as the ClientApps will form them
+    (`data/capacity.py`); otherwise one ConfigError naming the key that fixes it, instead of
+    the same failure in every ClientApp after pre-training."""
+    for e, tasks in enumerate(per_edge):
+        for num_clusters in sorted({t.num_partitions for t in tasks.values()}):
+            try:
+                check_edge_clusters(
+                    edges[e].train_labels,
+                    num_clusters,
+                    derived.spec,
+                    derived.cfg.data.cluster_samples,
+                    e,
+                    evaluates=derived.cfg.hierarchy.fraction_evaluate > 0,
+                )
+            except DataError as err:
+                raise ConfigError(str(err)) from None
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -368,16 +391,38 @@ class HfslRun:
         )
 
 
-def prepare(grid: Grid, derived: Derived) -> HfslRun:
-    """Start-up: config.json, the nodes, their tasks and the edges' strategies (cheap, and what
-    can still be refused), then the data, the foundation and the edge models."""
+def edge_pools(derived: Derived) -> tuple[ImageData, list[ImageData]]:
+    """The dataset and each edge's data (its share of the pool, in its domain): labels and
+    in-memory digits, cheap next to what follows."""
     cfg = derived.cfg
-    run_config = cfg.to_dict()  # the flat run-config, as config.json and the trackers keep it
-    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(run_config, indent=2))
-    identities = query_identities(grid, wait_for_clusters(grid, cfg.hierarchy.min_clusters))
-    builder = TaskBuilder(derived)
+    data = load_image_data(derived.spec)
+    edges = [
+        edge_image_data(data, e, list(derived.shares), d, seed=cfg.run.seed)
+        for e, d in enumerate(cfg.hierarchy.edge_domains)
+    ]
+    return data, edges
+
+
+@dataclass
+class Clusters:
+    """Who runs which cluster, and each edge's server over its clusters."""
+
+    tasks: dict[int, ClusterTask]  # node id -> the task of the cluster it runs
+    population: PopulationRun | None
+    per_edge: list[dict[int, ClusterTask]]
+    servers: dict[int, EdgeServer]
+
+
+def form_clusters(
+    derived: Derived,
+    identities: Mapping[int, NodeIdentity],
+    builder: TaskBuilder,
+    edges: list[ImageData],
+) -> Clusters:
+    """The nodes' clusters and the edges' servers, checked: every edge has a cluster, its
+    strategy's counts fit its clusters, its clusters can be formed from its pool. Raises
+    ConfigError (RuntimeError for nodes that form nothing) before any model is trained."""
+    cfg = derived.cfg
     tasks, population = cluster_tasks(derived, identities, builder)
     domains = cfg.hierarchy.edge_domains
     per_edge = [{n: t for n, t in tasks.items() if t.edge == e} for e in range(len(domains))]
@@ -389,13 +434,45 @@ def prepare(grid: Grid, derived: Derived) -> HfslRun:
     servers = {
         e: EdgeServer(e, build_edge_strategy(cfg, len(t)), t) for e, t in enumerate(per_edge)
     }
-    data = load_image_data(derived.spec)
+    check_cluster_data(derived, edges, per_edge)
+    return Clusters(tasks, population, per_edge, servers)
+
+
+def check_simulation(derived: Derived, num_supernodes: int) -> None:
+    """What `prepare` refuses once `num_supernodes` simulated SuperNodes (partition-id i of N,
+    as Flower's simulation engine sets them) have answered: for a driver to check before it
+    starts a SuperLink (experiments/flwr_local.py)."""
+    from gaisnet_flwr.apps.inprocess import simulation_node_configs
+
+    configs = simulation_node_configs(num_supernodes)
+    identities = {n: NodeIdentity.from_node_config(c) for n, c in enumerate(configs)}
+    form_clusters(derived, identities, TaskBuilder(derived), edge_pools(derived)[1])
+
+
+def prepare(grid: Grid, derived: Derived) -> HfslRun:
+    """Start-up: config.json, the nodes, the edges' data, the clusters and the edges'
+    strategies (cheap, and what can still be refused), then the foundation and the edge
+    models."""
+    cfg = derived.cfg
+    run_config = cfg.to_dict()  # the flat run-config, as config.json and the trackers keep it
+    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clear_failed(output_dir)
+    (output_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+    nodes = wait_for_clusters(grid, cfg.hierarchy.min_clusters)
+    data, edges = edge_pools(derived)
+    if derived.layout is None:  # before asking every node who it is (1000 nodes: ~30 s)
+        try:
+            pools = [e.train_labels for e in edges]
+            check_cluster_count(pools, len(nodes), derived.spec, cfg.data.cluster_samples)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
+    builder = TaskBuilder(derived)
+    clusters = form_clusters(derived, query_identities(grid, nodes), builder, edges)
+    tasks, population, per_edge = clusters.tasks, clusters.population, clusters.per_edge
+    domains = cfg.hierarchy.edge_domains
     Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
     model = Foundation.of(cfg).load(data.num_classes)
-    edges = [
-        edge_image_data(data, e, list(derived.shares), d, seed=cfg.run.seed)
-        for e, d in enumerate(domains)
-    ]
     log(
         INFO,
         "GaisNet HFSL: %s %s, %d prompts; %d tunable of %d parameters (%.3f %%)",
@@ -428,7 +505,7 @@ def prepare(grid: Grid, derived: Derived) -> HfslRun:
             plan.sizes(),
         )
     return HfslRun(
-        derived, run_config, output_dir, model, edges, tasks, servers, builder, population
+        derived, run_config, output_dir, model, edges, tasks, clusters.servers, builder, population
     )
 
 
@@ -516,8 +593,10 @@ def create_server_app(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         started_cpu = time.thread_time()
+        output_dir: Path | None = None  # known once the run-config is
         try:
             cfg, derived = check_run_config(context.run_config or fallback_config or {})
+            output_dir = Path(cfg.run.output_dir).expanduser().resolve()
             check_mlflow(cfg.run.mlflow_tracking_uri)  # before any work
             # At most max-in-flight messages at once: Flower's simulation loop scans every
             # stored message for every node (strategies/edge.py: GridView).
@@ -531,7 +610,10 @@ def create_server_app(
         except Exception as err:
             # One line the drivers (flwr_local, lab) pick out of the stream; then Flower marks
             # the run failed (`flwr ls`: finished:failed).
-            log(ERROR, "RUN FAILED: %s: %s", type(err).__name__, " ".join(str(err).split()))
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            log(ERROR, "RUN FAILED: %s", reason)
+            if output_dir is not None:  # the folder says so too (apps/failed.py)
+                mark_failed(output_dir, f"the ServerApp failed: {reason}")
             raise
         finally:
             # The ServerApp's own CPU time (this thread): what the scale benchmark subtracts
