@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import (
 
 from gaisnet_flwr.config import unknown_names
 from gaisnet_flwr.contract import PARTITION_ID, TRAIN_LOSS, aggregate_metrics, reply_metrics
-from strategies.options import OptionValue, check_clusters, check_options, domain
+from strategies.options import OptionValue, check_clusters, check_options, declares, domain
 
 __all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "ModuleFedAvg", "build_strategy", "resolve_strategy"]
 
@@ -196,7 +196,7 @@ def build_strategy(
 
     sized = num_clusters if num_clusters is not None else UNKNOWN_CLUSTERS
     common = _common_kwargs(sized, fraction_evaluate)
-    kwargs: dict[str, object] = {key: value for key, value in common.items() if key in by_keyword}
+    kwargs: dict[str, object] = {k: v for k, v in common.items() if declares(strategy_cls, k)}
     kwargs.update(checked)
 
     missing = [

@@ -438,15 +438,15 @@ def form_clusters(
     return Clusters(tasks, population, per_edge, servers)
 
 
-def check_simulation(derived: Derived, num_supernodes: int) -> None:
+def check_simulation(derived: Derived, num_supernodes: int) -> Clusters:
     """What `prepare` refuses once `num_supernodes` simulated SuperNodes (partition-id i of N,
     as Flower's simulation engine sets them) have answered: for a driver to check before it
-    starts a SuperLink (experiments/flwr_local.py)."""
+    starts a SuperLink (experiments/flwr_local.py). Returns the clusters they would run."""
     from gaisnet_flwr.apps.inprocess import simulation_node_configs
 
     configs = simulation_node_configs(num_supernodes)
     identities = {n: NodeIdentity.from_node_config(c) for n, c in enumerate(configs)}
-    form_clusters(derived, identities, TaskBuilder(derived), edge_pools(derived)[1])
+    return form_clusters(derived, identities, TaskBuilder(derived), edge_pools(derived)[1])
 
 
 def prepare(grid: Grid, derived: Derived) -> HfslRun:
