@@ -1,4 +1,5 @@
-"""The README starts with the quickstart and every relative link in it and in docs/ resolves."""
+"""The README is a landing page that starts with the quickstart, and every relative link in it and
+in docs/ resolves."""
 
 from __future__ import annotations
 
@@ -100,3 +101,10 @@ def test_the_planner_figures_in_measured_md_are_the_committed_benchmark() -> Non
     for r in rows_of(edge, "edge-cluster"):
         busiest, latency = float(r["busiest_edge_s"]), float(r["latency_edge_s"])
         assert f"{busiest:.1f} s {latency:7.1f} s {r['plan_edge']}" in text
+
+
+def test_the_readme_is_a_landing_page() -> None:
+    # What it is, the two commands, what you get, where to go next (issue 26): measurement
+    # narrative belongs in docs/, where each page links back.
+    words = len((REPO / "README.md").read_text().split())
+    assert words < 1000, f"README.md has {words} words; move detail into a docs/ page"

@@ -21,6 +21,7 @@ deterministic: the same :class:`DataSpec` gives the same test split, partitions 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -71,6 +72,12 @@ DIRICHLET_MIN_PARTITION_SIZE = 10
 
 class DataError(ValueError):
     """A data setting is invalid or the data is missing; the message names the field and the fix."""
+
+
+def run_config_words(message: str) -> str:
+    """A DataError's message with DataSpec's field names as the run-config keys a user types
+    (`DataSpec.classes_per_cluster` -> `classes-per-cluster`)."""
+    return re.sub(r"DataSpec\.(\w+)", lambda m: m.group(1).replace("_", "-"), message)
 
 
 @dataclass(frozen=True)

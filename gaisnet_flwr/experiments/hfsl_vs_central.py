@@ -21,18 +21,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-
-from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import load_image_data
 from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
-from gaisnet_flwr.experiments.common.hfsl import centralised_curve, hfsl_rounds
+from gaisnet_flwr.experiments.common.hfsl import centralised_curve, hfsl_rounds, quiet_run
 from gaisnet_flwr.experiments.common.output import line_plot, md_table, seed_series, write_csv
 from gaisnet_flwr.experiments.common.progress import Progress
 from gaisnet_flwr.experiments.common.report import script_main
@@ -65,14 +61,8 @@ def cloud_edge(cfg: RunConfig, rounds: int, cloud_every: int) -> list[dict]:
         "inference-requests": 0,
         "fraction-evaluate": 0.0,
     }
-    with tempfile.TemporaryDirectory(prefix="cloud-edge-") as tmp:
-        clusters = CLUSTERS_PER_EDGE * len(EDGES["edge-domains"].split(","))
-        run = run_inprocess(
-            {**settings, "output-dir": tmp},
-            clusters,
-            client_threads=torch.get_num_threads(),  # --threads, as hfsl_rounds passes it
-        )
-        return run.metrics()
+    clusters = CLUSTERS_PER_EDGE * len(EDGES["edge-domains"].split(","))
+    return quiet_run(settings, clusters).metrics()
 
 
 def converged(accuracy: list[float], last: int) -> float:

@@ -1,6 +1,6 @@
 """A whole GaisNet lab on one machine, on loopback: SuperLink, SuperNodes, D2D peer processes.
 
-The same processes a lab runs on real devices (README, "Deploying on lab devices"):
+The same processes a lab runs on real devices (docs/deploy.md):
   * one `flower-superlink` (the edge server; the cloud runs inside its ServerApp),
   * per client cluster one `flower-supernode` (the cluster's start point) whose node-config
     names its members, and K + 1 `gaisnet-peer` processes (K peers and the end point).
@@ -44,6 +44,7 @@ from pathlib import Path
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
 from gaisnet_flwr.config import parse_overrides
+from gaisnet_flwr.contract import ACCURACY, EDGES_CONTRIBUTED, ROUND_TIME
 from gaisnet_flwr.deploy.pki import LabPki, make_lab_pki, make_supernode_key
 from gaisnet_flwr.experiments.provenance import Provenance
 
@@ -684,8 +685,8 @@ def run_hierarchy(args: argparse.Namespace, run_config: str) -> int:
             rows = json.loads((outcome.cloud.results / "metrics.json").read_text())
             for row in rows:  # the cloud's time per cloud round: its edges' rounds and its own
                 print(f"[lab] cloud round {row['round']} (edge rounds {row['edge-rounds']}): "
-                      f"{row['round-time-s']:.0f} s, {row['edges-contributed']} edge(s) "
-                      f"contributed, accuracy {row.get('accuracy', float('nan')):.4f}")  # fmt: skip
+                      f"{row[ROUND_TIME]:.0f} s, {row[EDGES_CONTRIBUTED]} edge(s) "
+                      f"contributed, accuracy {row.get(ACCURACY, float('nan')):.4f}")  # fmt: skip
             print(f"[lab] cloud run {outcome.cloud.run_id} and {edges} edge runs completed in "
                   f"{took:.0f} s\n{outcome.cloud.final}")  # fmt: skip
             return 0
