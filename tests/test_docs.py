@@ -108,3 +108,24 @@ def test_the_readme_is_a_landing_page() -> None:
     # narrative belongs in docs/, where each page links back.
     words = len((REPO / "README.md").read_text().split())
     assert words < 1000, f"README.md has {words} words; move detail into a docs/ page"
+
+
+def test_the_hierarchy_lab_figures_in_deploy_md_are_its_committed_output() -> None:
+    """docs/deploy.md's figures for `gaisnet-lab run --edges 2` are the run's output
+    (docs/lab-hierarchy/output.txt) and its cloud's metrics.csv."""
+    text = " ".join((REPO / "docs" / "deploy.md").read_text().split())
+    lab = REPO / "docs" / "lab-hierarchy"
+    out = (lab / "output.txt").read_text()
+    up = re.search(r"\[lab\] up in (\d+) s", out)
+    total = re.search(r"completed in (\d+) s", out)
+    rounds = re.findall(r"cloud round (\d) \(edge rounds [\d-]+\): (\d+) s, 2 edge\(s\) "
+                        r"contributed, accuracy ([\d.]+)", out)  # fmt: skip
+    assert up and total and len(rounds) == 2
+    assert f"came up in {up.group(1)} s and completed in {total.group(1)} s" in text
+    (_, t1, a1), (_, t2, a2) = rounds
+    assert f"cloud round 1 took {t1} s" in text and f"cloud round 2 {t2} s" in text
+    assert f"{a1} after cloud round 1, {a2} after round 2" in text
+    with open(lab / "cloud-metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [f"{float(r['accuracy']):.4f}" for r in rows] == [a1, a2]
+    assert [f"{float(r['round-time-s']):.0f}" for r in rows] == [t1, t2]
