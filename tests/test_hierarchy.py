@@ -236,3 +236,12 @@ def test_edge_request_and_report_round_trip() -> None:
     assert again.modules is None and again.metrics == {"edge0/accuracy": 0.5}
     assert again.failures == ({"edge": 0, "reason": "x"},)
     assert json.loads(json.dumps(list(again.failures)))  # JSON all the way (metrics.json)
+
+
+def test_gaisnet_lab_edges_refuses_domains_that_do_not_match(tmp_path: Path) -> None:
+    from gaisnet_flwr.experiments.lab import main
+
+    with pytest.raises(SystemExit, match=r"--edges 2 but edge-domains='none' names 1"):
+        main(["run", "--edges", "2", "--dir", str(tmp_path), "--", "--run-config",
+              "edge-domains='none'"])  # fmt: skip
+    assert not list(tmp_path.iterdir())  # refused before anything started

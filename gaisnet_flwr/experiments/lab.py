@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -626,19 +627,13 @@ def main(argv: list[str] | None = None) -> int:
         lab = Lab.for_run_config(args.dir, run_config, args.tls, clusters=args.clusters)
     else:
         lab = Lab(args.dir, args.clusters, args.peers_per_cluster, args.tls)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        started = time.monotonic()
-        lab.up()
-        print(f"[lab] up in {time.monotonic() - started:.0f} s: SuperLink on port "
-              f"{lab.superlink_port}, {lab.clusters} SuperNodes, {len(lab.peer_ports)} peers "
-              f"({'TLS' if args.tls else 'insecure'}); logs in {lab.logs}")  # fmt: skip
-        if args.command == "up":
-            print(f"[lab] FLWR_HOME={lab.home} flwr run . lab --stream --run-config "
-                  f"'min-clusters={lab.clusters} peers-per-cluster={lab.peers_per_cluster}'\n"
-                  f"[lab] stop with: python scripts/lab.py down --dir {args.dir}")  # fmt: skip
-            lab.procs.clear()  # leave them running
-            return 0
+    mode = "TLS" if args.tls else "insecure"
+    hint = (
+        f"[lab] FLWR_HOME={lab.home} flwr run . lab --stream --run-config "
+        f"'min-clusters={lab.clusters} peers-per-cluster={lab.peers_per_cluster}'"
+    )
+
+    def run(started: float) -> int:
         outcome = lab.run(run_config)
         if outcome.ok:
             print(f"[lab] run {outcome.run_id} completed in {time.monotonic() - started:.0f} s "
@@ -647,6 +642,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[lab] RUN FAILED: {outcome.why}. See {outcome.log} and "
               f"{lab.logs}", file=sys.stderr)  # fmt: skip
         return 1
+
+    return drive(
+        lab, args, lambda: f"SuperLink on port {lab.superlink_port}, {lab.clusters} SuperNodes, "
+        f"{len(lab.peer_ports)} peers ({mode})", hint, run,
+    )  # fmt: skip
+
+
+def drive(
+    lab: Lab,
+    args: argparse.Namespace,
+    describe: Callable[[], str],
+    hint: str,
+    run: Callable[[float], int],
+) -> int:
+    """Bring `lab` up; with `up`, leave it running (`hint`: what to submit); with `run`,
+    `run(started)`; stop every process it started, by PID, however it ends."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        started = time.monotonic()
+        lab.up()
+        print(f"[lab] up in {time.monotonic() - started:.0f} s: {describe()}; logs in {lab.logs}")
+        if args.command == "up":
+            print(f"{hint}\n[lab] stop with: python scripts/lab.py down --dir {args.dir}")
+            lab.procs.clear()  # leave them running
+            return 0
+        return run(started)
     finally:
         if lab.procs:
             print(f"[lab] stopped {len(lab.down())} processes")
@@ -663,38 +684,34 @@ def run_hierarchy(args: argparse.Namespace, run_config: str) -> int:
                  f"{len(str(domains).split(','))}: name one domain per edge server")  # fmt: skip
     lab = HierarchyLab(args.dir, edges, args.clusters, args.peers_per_cluster, args.tls,
                        args.threads)  # fmt: skip
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        started = time.monotonic()
-        lab.up()
-        print(f"[lab] up in {time.monotonic() - started:.0f} s: the cloud's SuperLink on port "
-              f"{lab.link_ports['cloud']}, {edges} edge SuperLinks, {lab.clusters} cluster "
-              f"SuperNodes, {len(lab.peer_ports)} peers ({'TLS' if args.tls else 'insecure'}); "
-              f"logs in {lab.logs}")  # fmt: skip
-        if args.command == "up":
-            print(f"[lab] submit each edge's run, then the cloud's (docs/deploy.md):\n"
-                  f"[lab] FLWR_HOME={lab.home} flwr run . edge0 --run-config \"tier='edge' "
-                  f"edge-id=0 edge-dir='{lab.edge_dir(0)}'\"  ...\n"
-                  f"[lab] FLWR_HOME={lab.home} flwr run . cloud --run-config \"tier='cloud'\"\n"
-                  f"[lab] stop with: python scripts/lab.py down --dir {args.dir}")  # fmt: skip
-            lab.procs.clear()  # leave them running
-            return 0
+    mode = "TLS" if args.tls else "insecure"
+    hint = (
+        f"[lab] submit each edge's run, then the cloud's (docs/deploy.md):\n"
+        f"[lab] FLWR_HOME={lab.home} flwr run . edge0 --run-config \"tier='edge' "
+        f"edge-id=0 edge-dir='{lab.edge_dir(0)}'\"  ...\n"
+        f"[lab] FLWR_HOME={lab.home} flwr run . cloud --run-config \"tier='cloud'\""
+    )
+
+    def run(started: float) -> int:
         outcome = lab.run(run_config)
         took = time.monotonic() - started
-        if outcome.ok:
-            rows = json.loads((outcome.cloud.results / "metrics.json").read_text())
-            for row in rows:  # the cloud's time per cloud round: its edges' rounds and its own
-                print(f"[lab] cloud round {row['round']} (edge rounds {row['edge-rounds']}): "
-                      f"{row[ROUND_TIME]:.0f} s, {row[EDGES_CONTRIBUTED]} edge(s) "
-                      f"contributed, accuracy {row.get(ACCURACY, float('nan')):.4f}")  # fmt: skip
-            print(f"[lab] cloud run {outcome.cloud.run_id} and {edges} edge runs completed in "
-                  f"{took:.0f} s\n{outcome.cloud.final}")  # fmt: skip
-            return 0
-        print(f"[lab] RUN FAILED: {outcome.why}. See {lab.logs}", file=sys.stderr)
-        return 1
-    finally:
-        if lab.procs:
-            print(f"[lab] stopped {len(lab.down())} processes")
+        if not outcome.ok:
+            print(f"[lab] RUN FAILED: {outcome.why}. See {lab.logs}", file=sys.stderr)
+            return 1
+        rows = json.loads((outcome.cloud.results / "metrics.json").read_text())
+        for row in rows:  # the cloud's time per cloud round: its edges' rounds and its own
+            print(f"[lab] cloud round {row['round']} (edge rounds {row['edge-rounds']}): "
+                  f"{row[ROUND_TIME]:.0f} s, {row[EDGES_CONTRIBUTED]} edge(s) "
+                  f"contributed, accuracy {row.get(ACCURACY, float('nan')):.4f}")  # fmt: skip
+        print(f"[lab] cloud run {outcome.cloud.run_id} and {edges} edge runs completed in "
+              f"{took:.0f} s\n{outcome.cloud.final}")  # fmt: skip
+        return 0
+
+    return drive(
+        lab, args, lambda: f"the cloud's SuperLink on port {lab.link_ports['cloud']}, {edges} "
+        f"edge SuperLinks, {lab.clusters} cluster SuperNodes, {len(lab.peer_ports)} peers "
+        f"({mode})", hint, run,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
