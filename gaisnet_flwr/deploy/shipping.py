@@ -96,9 +96,24 @@ class ShippedFile:
         return path
 
 
+# (path, size, mtime in ns) -> the SHA-256 of the file's bytes: every identity query lists what
+# its node holds, and a simulation's nodes (long-lived Ray workers) share one folder, so a
+# checkpoint of hundreds of MB is hashed once per process, not once per node.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file's bytes (cached while its size and mtime stay)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_of(path.read_bytes())
+    return _DIGESTS[key]
+
+
 def held(directory: Path) -> dict[str, str]:
     """The foundation checkpoints in `directory` that match their sidecar: file name -> SHA-256
-    (read from the bytes). A file that does not match is not held: it is shipped anew."""
+    (of the bytes). A file that does not match is not held: it is shipped anew."""
     found: dict[str, str] = {}
     folder = Path(directory).expanduser()
     if not folder.is_dir():
@@ -106,7 +121,7 @@ def held(directory: Path) -> dict[str, str]:
     for path in sorted(folder.glob("foundation-*.pt")):
         recorded = recorded_sha256(path)
         try:
-            if recorded is not None and sha256_of(path.read_bytes()) == recorded:
+            if recorded is not None and file_sha256(path) == recorded:
                 found[path.name] = recorded
         except OSError:
             continue
