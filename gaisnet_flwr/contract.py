@@ -26,7 +26,7 @@ import dataclasses
 import enum
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -71,6 +71,7 @@ EDGE_FAILED = 504  # an edge server stopped, or missed the cloud round's deadlin
 SERVER_ROUND, PROXIMAL_MU = "server-round", "proximal-mu"
 # A cloud message to an edge server (`EdgeRequest`), and an edge's node-config.
 FIRST_ROUND, LAST_ROUND, FINAL, TIMEOUT = "first-round", "last-round", "final", "timeout-s"
+SHARED_CONFIG = "shared-config"  # the run-config every tier must share, as JSON
 EDGE_DIR = "edge-dir"
 
 
@@ -621,7 +622,9 @@ class EdgeRequest:
     """What the cloud asks of an edge server in cloud round `cloud_round`: "train" the
     hierarchy's rounds `first`..`last` from `modules` (what the cloud holds for that edge), or
     "evaluate": take the cloud's delivery `modules` and report its accuracy; `final` marks the
-    last cloud round; the edge has `timeout_s` from the message's creation."""
+    last cloud round; the edge has `timeout_s` from the message's creation. `shared` is the
+    cloud's run-config without the keys each tier sets for itself (config.shared_keys), which
+    the edge checks against its own."""
 
     kind: str
     cloud_round: int
@@ -630,6 +633,7 @@ class EdgeRequest:
     final: bool
     timeout_s: float
     modules: ArrayRecord
+    shared: Mapping[str, Any] = field(default_factory=dict)
 
     def to_message(self, node: int) -> Message:
         config = ConfigRecord(
@@ -639,6 +643,7 @@ class EdgeRequest:
                 LAST_ROUND: self.last,
                 FINAL: self.final,
                 TIMEOUT: self.timeout_s,
+                SHARED_CONFIG: json.dumps(dict(self.shared), sort_keys=True),
             }
         )
         return Message(
@@ -661,6 +666,7 @@ class EdgeRequest:
                 bool(config[FINAL]),
                 float(cast(float, config[TIMEOUT])),
                 content.array_records[ARRAYS],
+                json.loads(str(config.get(SHARED_CONFIG, "{}"))),
             )
         except KeyError as err:
             raise ValueError(f"a cloud {kind} message without {err.args[0]!r}") from err

@@ -320,6 +320,8 @@ class CloudServer(Strategy):
             round done + r.
         on_round: each cloud round's record, after its train phase (the results, the state).
         on_delivered: (cloud round, the edges' metrics after the delivery).
+        shared: the run-config every edge must share (config.shared_keys), sent with each
+            request: an edge with another refuses to serve, naming the keys.
     """
 
     def __init__(
@@ -332,8 +334,10 @@ class CloudServer(Strategy):
         done: int = 0,
         on_round: Callable[[CloudRound], None] | None = None,
         on_delivered: Callable[[int, Mapping[str, Any]], None] | None = None,
+        shared: Mapping[str, Any] | None = None,
     ) -> None:
         self.cloud = cloud
+        self.shared = dict(shared or {})
         self.chunks = list(chunks)
         self.locate = locate
         self.num_edges = num_edges
@@ -353,9 +357,9 @@ class CloudServer(Strategy):
               nodes: Mapping[int, int]) -> list[Message]:  # fmt: skip
         number, first, last, final = self._round(server_round)
         self._messages = {
-            e: EdgeRequest(kind, number, first, last, final, self.timeout_s, modules[e]).to_message(
-                node
-            )
+            e: EdgeRequest(
+                kind, number, first, last, final, self.timeout_s, modules[e], self.shared
+            ).to_message(node)
             for e, node in nodes.items()
         }
         return list(self._messages.values())

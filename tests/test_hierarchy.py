@@ -245,3 +245,26 @@ def test_gaisnet_lab_edges_refuses_domains_that_do_not_match(tmp_path: Path) -> 
         main(["run", "--edges", "2", "--dir", str(tmp_path), "--", "--run-config",
               "edge-domains='none'"])  # fmt: skip
     assert not list(tmp_path.iterdir())  # refused before anything started
+
+
+def test_an_edge_given_another_run_config_than_the_cloud_refuses_naming_the_keys() -> None:
+    from gaisnet_flwr.apps.edge_app import check_shared
+    from gaisnet_flwr.config import shared_keys
+
+    cloud = RunConfig.from_run_config({"tier": "cloud", "seed": 3}).to_dict()
+    edge = RunConfig.from_run_config(
+        {
+            "tier": "edge",
+            "edge-dir": "/srv/e0",
+            "output-dir": "/x",
+            "peers-per-cluster": 2,
+            "seed": 3,
+        }  # fmt: skip
+    ).to_dict()
+    check_shared(0, edge, shared_keys(cloud))  # only the tier's own keys differ
+    with pytest.raises(ConfigError, match=r"edge 1: its run-config differs from the cloud's in "
+                       r"\['num-rounds', 'seed'\]"):  # fmt: skip
+        check_shared(1, {**edge, "seed": 4, "num-rounds": 9}, shared_keys(cloud))
+    # and the shared keys travel with every request
+    request = EdgeRequest("train", 1, 1, 1, False, 30.0, edge_modules(1, 1), shared_keys(cloud))
+    assert EdgeRequest.from_message(request.to_message(5)).shared == shared_keys(cloud)

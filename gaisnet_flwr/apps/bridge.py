@@ -86,6 +86,7 @@ class BridgeRequest:
     final: bool  # the last cloud round: after its delivery the edge finishes
     deadline: float  # time.time() after which the relay no longer waits
     modules: dict[str, np.ndarray]
+    shared: dict[str, Any] = field(default_factory=dict)  # the cloud's shared run-config
 
 
 @dataclass
@@ -171,6 +172,7 @@ class EdgeBridge:
             info["final"],
             info["deadline"],
             modules,
+            info.get("shared", {}),
         )
 
     def reply(self, request: BridgeRequest, reply: BridgeReply) -> None:
@@ -195,6 +197,7 @@ class EdgeBridge:
         final: bool,
         modules: Mapping[str, np.ndarray],
         deadline: float,
+        shared: Mapping[str, Any] | None = None,
     ) -> str:
         """Hand the edge server a request; returns its id (they sort oldest first)."""
         if kind not in KINDS:
@@ -210,6 +213,7 @@ class EdgeBridge:
             "last": last,
             "final": final,
             "deadline": deadline,
+            "shared": dict(shared or {}),
         }
         write_atomic(self.requests / f"{rid}.json", json.dumps(info).encode())
         return rid

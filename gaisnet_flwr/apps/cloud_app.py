@@ -46,6 +46,7 @@ from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.recorder import RunResult
 from gaisnet_flwr.apps.tracking import Tracking
 from gaisnet_flwr.cloud.foundation import Foundation
+from gaisnet_flwr.config import differing, shared_keys
 from gaisnet_flwr.contract import EdgeIdentity
 from gaisnet_flwr.data.images import load_image_data
 from gaisnet_flwr.deploy.shipping import ShippedFile, write_atomic
@@ -241,8 +242,7 @@ class CloudState:
         saved = json.loads(path.read_text())
         now = comparable(run_config)
         if saved["config"] != now:
-            keys = sorted(k for k in set(now) | set(saved["config"])
-                          if now.get(k) != saved["config"].get(k))  # fmt: skip
+            keys = differing(now, saved["config"])
             raise RuntimeError(
                 f"resume=true: {path} was saved by a run with another configuration (differs "
                 f"in {keys}); resume with the same run-config, or start afresh (resume=false)"
@@ -292,6 +292,7 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
         done=done,
         on_round=recorder.round,
         on_delivered=recorder.delivered,
+        shared=shared_keys(run_config),
     )
     final = initial
     try:

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from logging import INFO
+from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
@@ -43,6 +44,7 @@ from gaisnet_flwr.apps.bridge import BridgeReply, BridgeRequest, EdgeBridge
 from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult
 from gaisnet_flwr.apps.server_app import HfslRun, prepare
 from gaisnet_flwr.cloud.foundation import Foundation
+from gaisnet_flwr.config import OWN_KEYS, ConfigError, differing, shared_keys
 from gaisnet_flwr.deploy.shipping import held
 from gaisnet_flwr.derived import Derived
 from strategies.edge import RoundOffset
@@ -143,6 +145,16 @@ class EdgeRun:
         return c.join_edges({self.edge: c.arrays_of(request.modules)})
 
 
+def check_shared(edge: int, own: Mapping[str, Any], cloud: Mapping[str, Any]) -> None:
+    """The run-config this edge was given must be the cloud's (but for the keys each tier sets
+    for itself: config.OWN_KEYS); otherwise its modules would come from another run."""
+    if keys := differing(shared_keys(own), cloud):
+        raise ConfigError(
+            f"edge {edge}: its run-config differs from the cloud's in {keys}; submit the edge's "
+            f"run with the cloud's values (only {sorted(OWN_KEYS)} may differ)"
+        )
+
+
 def _scalar(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -157,6 +169,7 @@ def serve(bridge: EdgeBridge, edge: EdgeRun) -> None:
         request = bridge.next_request()
         assert request is not None  # no timeout: it waits
         try:
+            check_shared(edge.edge, edge.run.run_config, request.shared)
             reply = handlers[request.kind](request)
         except Exception as err:  # the cloud hears why; this edge server stops
             bridge.reply(request, BridgeReply(error=f"{type(err).__name__}: {err}"))

@@ -71,6 +71,7 @@ def relay(msg: Message, context: Context) -> Message:
         request.final,
         {k: v.numpy() for k, v in request.modules.items()},
         deadline,
+        request.shared,
     )
     what = f"edge {ident.edge}"
     try:
