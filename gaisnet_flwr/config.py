@@ -355,20 +355,6 @@ class CloudSection(Section):
         return foundation_folder(self.foundation_dir)
 
 
-# Run-config keys each process of a deployed hierarchy sets for itself (apps/cloud_app.py,
-# apps/edge_app.py); every other key must be the cloud's, or the edges would train another run.
-OWN_KEYS = frozenset({
-    "tier", "edge-id", "edge-dir", "output-dir", "foundation-dir", "resume", "min-clusters",
-    "cloud-timeout-s", "max-in-flight", "device", "mlflow-tracking-uri", "inference-requests",
-    "peers-per-cluster",  # an edge's chains are its own (the cloud sees only modules)
-})  # fmt: skip
-
-
-def shared_keys(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The run-config the cloud and its edge servers must share (all but `OWN_KEYS`)."""
-    return {k: v for k, v in sorted(run_config.items()) if k not in OWN_KEYS}
-
-
 def differing(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
     """The keys whose values differ between two run-configs (or that one lacks)."""
     return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))

@@ -587,6 +587,20 @@ def held_of(content: RecordDict) -> dict[str, str]:
 
 
 # -- the cloud and its edge servers as processes of their own (tier 'cloud' / 'edge') -------------
+# Run-config keys each process of a deployed hierarchy sets for itself; every other key must be
+# the cloud's (an edge checks: apps/edge_app.check_shared), or the edges would train another run.
+OWN_KEYS = frozenset({
+    "tier", EDGE_ID, EDGE_DIR, "output-dir", "foundation-dir", "resume", "min-clusters",
+    "cloud-timeout-s", "max-in-flight", "device", "mlflow-tracking-uri", "inference-requests",
+    "peers-per-cluster",  # an edge's chains are its own (the cloud sees only modules)
+})  # fmt: skip
+
+
+def shared_keys(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run-config the cloud and its edge servers must share (all but `OWN_KEYS`)."""
+    return {k: v for k, v in sorted(run_config.items()) if k not in OWN_KEYS}
+
+
 @dataclass(frozen=True)
 class EdgeIdentity:
     """What an edge server's cloud-facing SuperNode says about itself (its node-config): which

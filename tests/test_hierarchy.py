@@ -249,7 +249,7 @@ def test_gaisnet_lab_edges_refuses_domains_that_do_not_match(tmp_path: Path) -> 
 
 def test_an_edge_given_another_run_config_than_the_cloud_refuses_naming_the_keys() -> None:
     from gaisnet_flwr.apps.edge_app import check_shared
-    from gaisnet_flwr.config import shared_keys
+    from gaisnet_flwr.contract import shared_keys
 
     cloud = RunConfig.from_run_config({"tier": "cloud", "seed": 3}).to_dict()
     edge = RunConfig.from_run_config(

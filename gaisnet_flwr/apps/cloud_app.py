@@ -46,8 +46,8 @@ from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.recorder import RunResult
 from gaisnet_flwr.apps.tracking import Tracking
 from gaisnet_flwr.cloud.foundation import Foundation
-from gaisnet_flwr.config import differing, shared_keys
-from gaisnet_flwr.contract import EdgeIdentity
+from gaisnet_flwr.config import differing
+from gaisnet_flwr.contract import EdgeIdentity, shared_keys
 from gaisnet_flwr.data.images import load_image_data
 from gaisnet_flwr.deploy.shipping import ShippedFile, write_atomic
 from gaisnet_flwr.derived import Derived

@@ -44,7 +44,8 @@ from gaisnet_flwr.apps.bridge import BridgeReply, BridgeRequest, EdgeBridge
 from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult
 from gaisnet_flwr.apps.server_app import HfslRun, prepare
 from gaisnet_flwr.cloud.foundation import Foundation
-from gaisnet_flwr.config import OWN_KEYS, ConfigError, differing, shared_keys
+from gaisnet_flwr.config import ConfigError, differing
+from gaisnet_flwr.contract import OWN_KEYS, shared_keys
 from gaisnet_flwr.deploy.shipping import held
 from gaisnet_flwr.derived import Derived
 from strategies.edge import RoundOffset

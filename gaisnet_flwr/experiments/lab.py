@@ -45,7 +45,7 @@ from pathlib import Path
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
 from gaisnet_flwr.config import parse_overrides
-from gaisnet_flwr.contract import ACCURACY, EDGES_CONTRIBUTED, ROUND_TIME
+from gaisnet_flwr.contract import ACCURACY, EDGE_DIR, EDGE_ID, EDGES_CONTRIBUTED, ROUND_TIME
 from gaisnet_flwr.deploy.pki import LabPki, make_lab_pki, make_supernode_key
 from gaisnet_flwr.experiments.provenance import Provenance
 
@@ -527,8 +527,8 @@ class HierarchyLab(Lab):
         with `finish_edges`."""
         keys = {
             "tier": '"edge"',
-            "edge-id": edge,
-            "edge-dir": json.dumps(str(self.edge_dir(edge))),
+            EDGE_ID: edge,
+            EDGE_DIR: json.dumps(str(self.edge_dir(edge))),
             "min-clusters": self.per_edge,
             "peers-per-cluster": self.peers_per_cluster,
         }
