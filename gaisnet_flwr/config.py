@@ -351,21 +351,10 @@ class CloudSection(Section):
     # so seeds measure fine-tuning's spread.
     pretrain_seed: int = option(0, "the cloud's pre-training seed", low=0, high=SEED_MAX)
 
-    def directory(self) -> Path:
-        return foundation_folder(self.foundation_dir)
-
 
 def differing(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
     """The keys whose values differ between two run-configs (or that one lacks)."""
     return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-
-
-def foundation_folder(foundation_dir: str) -> Path:
-    """Where foundation checkpoints live: `foundation_dir` (run-config, or a SuperNode's own
-    node-config foundation-dir), or ~/.cache/gaisnet-flwr."""
-    if foundation_dir.strip():
-        return Path(foundation_dir).expanduser().resolve()
-    return Path.home() / ".cache" / "gaisnet-flwr"
 
 
 @dataclass(frozen=True)

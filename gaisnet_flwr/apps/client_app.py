@@ -25,9 +25,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from gaisnet_flwr import contract as c
-from gaisnet_flwr.config import foundation_folder
 from gaisnet_flwr.contract import FOUNDATION, IDENTITY, INFER, NodeIdentity
-from gaisnet_flwr.deploy.shipping import ShippingError, held
+from gaisnet_flwr.deploy.shipping import ShippingError, foundation_folder, held
 
 if TYPE_CHECKING:
     from gaisnet_flwr.apps.cluster_node import ClientCache, ClusterNode

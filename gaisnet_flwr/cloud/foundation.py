@@ -41,7 +41,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from gaisnet_flwr.config import CloudSection, ConfigError, ModelSection, RunConfig
 from gaisnet_flwr.data.images import CLOUD_DIGITS, CLOUD_FRACTION, ImageData, cloud_views
-from gaisnet_flwr.deploy.shipping import recorded_sha256, sha256_of, sidecar, write_atomic
+from gaisnet_flwr.deploy.shipping import (
+    foundation_folder,
+    recorded_sha256,
+    sha256_of,
+    sidecar,
+    write_atomic,
+)
 from gaisnet_flwr.split.precision import non_finite, torch_threads
 from gaisnet_flwr.training.loops import NonFiniteError, build_model, evaluate, loader
 from gaisnet_flwr.vit.checkpoint import CheckpointFileError, check_state, load_torch
@@ -131,7 +137,7 @@ class Foundation:
 
     def directory(self) -> Path:
         """foundation-dir, or ~/.cache/gaisnet-flwr."""
-        return self.cloud.directory()
+        return foundation_folder(self.cloud.foundation_dir)
 
     def build(self, num_classes: int) -> PromptedViT:
         """The edge model with the backbone as the seed (or timm / a file) makes it."""

@@ -30,6 +30,14 @@ class ShippingError(ValueError):
     """A shipped file that is refused: its name, or bytes that do not hash to what was sent."""
 
 
+def foundation_folder(foundation_dir: str) -> Path:
+    """Where foundation checkpoints live: `foundation_dir` (run-config, or a SuperNode's own
+    node-config foundation-dir), or ~/.cache/gaisnet-flwr."""
+    if foundation_dir.strip():
+        return Path(foundation_dir).expanduser().resolve()
+    return Path.home() / ".cache" / "gaisnet-flwr"
+
+
 def sidecar(path: Path) -> Path:
     """The SHA-256 sidecar of a checkpoint: `<name>.sha256` beside it."""
     return path.with_name(path.name + ".sha256")
