@@ -152,8 +152,9 @@ ROUND_LATENCY = "round-latency-s"
 # in all, and the accuracy of the request it served.
 PROFIT, CUMULATIVE_PROFIT, SERVED_ACCURACY = "profit", "cumulative-profit", "served-accuracy"
 # A results row (metrics.json, apps/recorder.py): the round's aggregated train metrics under
-# `train/<key>`, and its measured wall time.
-TRAIN_ROW, ROUND_TIME = "train", "round-time-s"
+# `train/<key>`, its clusters' aggregated validation under `evaluate/<key>`, and its measured
+# wall time.
+TRAIN_ROW, EVALUATE_ROW, ROUND_TIME = "train", "evaluate", "round-time-s"
 
 
 class UndeclaredMetricError(ValueError):

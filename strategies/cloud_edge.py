@@ -50,6 +50,8 @@ Failures = list[dict[str, int | str]]
 RoundListener = Callable[[int, Mapping[str, Any], Failures], None]
 # (server round, the round's aggregated train metrics) -> its latency through the hierarchy
 LatencyPricer = Callable[[int, Mapping[str, Any]], float]
+# (server round, the round's aggregated validation metrics) -> nothing: the results
+EvaluateListener = Callable[[int, Mapping[str, Any]], None]
 
 
 class RunFailedError(RuntimeError):
@@ -132,6 +134,7 @@ class CloudEdgeStrategy(Strategy):
             (`contract.aggregate_metrics`).
         price_latency: the round's simulated latency through the hierarchy, from its totals.
         on_round: hands each round's totals and failures to the results (the recorder).
+        on_evaluate: hands each round's aggregated cluster validation to the results.
     """
 
     def __init__(
@@ -141,12 +144,14 @@ class CloudEdgeStrategy(Strategy):
         train_metrics_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         price_latency: LatencyPricer | None = None,
         on_round: RoundListener | None = None,
+        on_evaluate: EvaluateListener | None = None,
     ) -> None:
         self.edges = dict(sorted(edges.items()))
         self.cloud = cloud
         self.train_metrics_fn = train_metrics_fn
         self.price_latency = price_latency
         self.on_round = on_round
+        self.on_evaluate = on_evaluate
         self.node_edges = {n: e for e, edge in self.edges.items() for n in edge.nodes}
         self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
 
@@ -231,6 +236,8 @@ class CloudEdgeStrategy(Strategy):
             for k, v in (result or {}).items():
                 if isinstance(v, int | float):
                     metrics[edge_key(e, k)] = v
+        if self.on_evaluate is not None and metrics:
+            self.on_evaluate(server_round, metrics)
         return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
 
     def summary(self) -> None:

@@ -358,6 +358,17 @@ import gaisnet_flwr.apps.client_app as client_app
 heavy = json.loads(sys.argv[1])
 on_import = sorted(m for m in [*heavy, "torch", "timm"] if m in sys.modules)
 from gaisnet_flwr.apps.inprocess import assign_message_id, task_identity
+from gaisnet_flwr.contract import QUERY_IDENTITY
+# the identity query, the run's first message, is answered without torch
+with task_identity(1, 1):
+    who = Message(RecordDict(), dst_node_id=5, message_type=QUERY_IDENTITY)
+assign_message_id(who, "m0")
+ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 1000},
+              state=RecordDict(), run_config={})
+answer = client_app.app(message=who, context=ctx)
+assert not answer.has_error(), answer.error
+on_identity = sorted(m for m in [*heavy, "torch", "timm"] if m in sys.modules)
+from gaisnet_flwr.apps.inprocess import assign_message_id, task_identity
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.profiles import ClusterProfile, load_profiles
@@ -380,7 +391,7 @@ ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitio
 reply = client_app.app(message=msg, context=ctx)
 assert not reply.has_error(), reply.error
 on_message = sorted(m for m in heavy if m in sys.modules)
-print(json.dumps({"import": on_import, "message": on_message,
+print(json.dumps({"import": on_import, "identity": on_identity, "message": on_message,
                   "examples": reply.content.metric_records["metrics"]["num-examples"]}))
 """
 
@@ -410,6 +421,7 @@ def test_the_client_app_imports_no_plotting_and_no_unused_dataset_stack(tmp_path
     # loading the ClientApp (Flower does it in the simulation process before Ray starts, and
     # in every actor) imports not even torch; the first message imports what it needs
     assert got["import"] == [], f"importing the ClientApp imported {got['import']}"
+    assert got["identity"] == [], f"the identity query imported {got['identity']}"
     assert got["message"] == [], f"a train message imported {got['message']}"
     assert got["examples"] == 8  # cluster-samples=10, 2 held out for validation
 

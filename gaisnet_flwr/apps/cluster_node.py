@@ -2,10 +2,12 @@
 
 `apps/client_app.py` imports only Flower and the message contract, so loading the ClientApp is
 instant (Flower's simulation engine loads it once in its own process before starting Ray, and
-every Ray actor loads it again); this module, with torch, timm and the model code, is imported
-at the first message. It reads the run-config once per process, reads what each message brings
-(`contract`: the cluster's task, the modules) and hands the work to
-`clients.SplitClusterClient`, with the per-process cache of what does not change within a run.
+every Ray actor loads it again) and it answers the identity query itself; this module, with
+torch, timm and the model code, is imported for the first message that needs it (in a Ray
+actor, in the background from the identity query on). It reads the run-config once per
+process, reads what each message brings (`contract`: the cluster's task, the modules) and hands
+the work to `clients.SplitClusterClient`, with the per-process cache of what does not change
+within a run.
 
 The cache (`ClientCache`). In simulation one Ray actor runs the ClientApp for message after
 message, of every node; each of these is built once per process and reused:
@@ -44,7 +46,7 @@ from clients.split_client import ClusterData, EdgeDataKey, SplitClusterClient, T
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.contract import ClusterTask, InferRequest, NodeIdentity, TrainRequest
+from gaisnet_flwr.contract import ClusterTask, InferRequest, TrainRequest
 from gaisnet_flwr.data.images import DataSpec, ImageData, load_image_data, partition_indices
 from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
 from gaisnet_flwr.derived import data_spec
@@ -106,11 +108,6 @@ class ClusterNode:
             return Message(Error(code=c.INFERENCE_REQUEST_ERROR, reason=reason), reply_to=msg)
         except PeerError as err:
             return Message(Error(code=c.PEER_FAILURE, reason=str(err)), reply_to=msg)
-
-    def identity(self, msg: Message, context: Context) -> Message:
-        # Who this node is needs no data and no config: do not load any.
-        identity = NodeIdentity.from_node_config(dict(context.node_config))
-        return Message(content=identity.to_record(), reply_to=msg)
 
 
 def _has_peers(node_config: Mapping[str, Any]) -> bool:

@@ -13,8 +13,9 @@ Three sources, one shape (images are float tensors ``[3, img_size, img_size]``, 
   torchvision from ``data_dir``. It must have been downloaded once on a machine with internet.
 - ``imagefolder`` — any ``data_dir/<class>/<image>`` tree, read lazily by torchvision.
 
-Partitioning across clusters is delegated to flwr-datasets' partitioners, run on an in-memory table
-of ``(label, idx)`` rows, so nothing is downloaded and only indices move around. Everything is
+IID partitions are a seeded shuffle cut into shards; the non-IID ones are delegated to
+flwr-datasets' partitioners, run on an in-memory table of ``(label, idx)`` rows, so nothing is
+downloaded and only indices move around. Everything is
 deterministic: the same :class:`DataSpec` gives the same test split, partitions and cluster splits.
 """
 
@@ -191,8 +192,10 @@ def partition_indices(labels: np.ndarray, num_partitions: int, spec: DataSpec) -
     Returns one sorted int64 array of positions per partition. Deterministic for a given
     ``spec.seed``. By ``spec.partitioning``:
 
-    - ``"iid"``: a seeded shuffle, then equal contiguous shards (``IidPartitioner``). The
-      partitions are disjoint and cover every sample.
+    - ``"iid"``: a seeded shuffle, then equal contiguous shards, the first ``len % n`` one
+      sample larger (what Flower Datasets' ``IidPartitioner`` cuts; written out here, so an
+      IID or fixed partition imports neither Flower Datasets nor Hugging Face ``datasets``:
+      tests/test_data.py checks the two agree). Disjoint and covering every sample.
     - ``"dirichlet"``: per class, proportions drawn from Dir(``dirichlet_alpha``)
       (``DirichletPartitioner``), redrawn until every partition holds at least
       ``min(10, len(labels) // num_partitions)`` samples. Disjoint and covering.
@@ -221,11 +224,14 @@ def partition_indices(labels: np.ndarray, num_partitions: int, spec: DataSpec) -
             f"[1, {num_classes}] (the number of classes in the labels)"
         )
 
-    order = np.arange(len(labels))
     if spec.partitioning == "iid":
-        # IidPartitioner cuts contiguous shards, so shuffle the rows first.
         order = np.random.default_rng(spec.seed).permutation(len(labels))
+        return [np.sort(shard).astype(np.int64) for shard in np.array_split(order, num_partitions)]
+    # Flower Datasets (with Hugging Face `datasets`, seaborn and scipy: about 2 s and 180 MiB
+    # per process) only for the partitioners that need it.
     import datasets
+
+    order = np.arange(len(labels))
 
     partitioner = _make_partitioner(spec, num_partitions, len(labels))
     # Only labels and positions go to the partitioner: no image is copied or decoded.
@@ -613,14 +619,8 @@ def _stratified_split(
 
 
 def _make_partitioner(spec: DataSpec, num_partitions: int, num_samples: int) -> Partitioner:
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-    )
+    from flwr_datasets.partitioner import DirichletPartitioner, PathologicalPartitioner
 
-    if spec.partitioning == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
     if spec.partitioning == "classes":
         return PathologicalPartitioner(
             num_partitions=num_partitions,
