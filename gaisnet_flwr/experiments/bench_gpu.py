@@ -44,23 +44,26 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from torch.utils.data import TensorDataset
 
 from gaisnet_flwr import contract
 from gaisnet_flwr.config import TrainingSection
-from gaisnet_flwr.split.chain import SplitChain
-from gaisnet_flwr.split.link import Direction, LinkStats, deserialize_tensor, serialize_tensor
 from gaisnet_flwr.split.plan import plan_even
-from gaisnet_flwr.split.precision import PRECISIONS, Precision
-from gaisnet_flwr.training.loops import evaluate, train_cluster
-from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from gaisnet_flwr.split.link import Direction
+    from gaisnet_flwr.split.precision import Precision
+    from gaisnet_flwr.vit.model import PromptedViT
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 # The paper's time per epoch on an RTX 4060 (Sec. V): frozen foundation (prompt tuning) and
 # full fine-tuning of ViT-B/16 on Flowers102.
@@ -129,6 +132,8 @@ class Report:
 
 # -- timing ---------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -156,12 +161,18 @@ def interleaved(
 
 # -- the model and its steps ----------------------------------------------------------------------
 def build(setup: Setup, mode: str, device: torch.device) -> PromptedViT:
+    import torch
+
+    from gaisnet_flwr.vit.model import build_prompted_vit
+
     torch.manual_seed(0)
     prompts = 10 if mode.startswith("vpt") else 0
     return build_prompted_vit(mode=mode, num_prompts=prompts, **setup.model).to(device)
 
 
 def sgd(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
 
@@ -169,6 +180,7 @@ def unsplit_step(
     model: PromptedViT, opt: torch.optim.Optimizer, precision: Precision, device: torch.device
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One step of the unsplit model, as `training.loops.train_centralised` takes it."""
+    import torch.nn.functional as F
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         model.train()
@@ -187,16 +199,22 @@ class SerializingLink:
     transport does), for the comparison only."""
 
     def __init__(self, device: torch.device) -> None:
+        from gaisnet_flwr.split.link import LinkStats
+
         self.device = device
         self.stats = LinkStats()
 
     def send(self, tensor: torch.Tensor, direction: Direction) -> torch.Tensor:
+        from gaisnet_flwr.split.link import deserialize_tensor, serialize_tensor
+
         payload = serialize_tensor(tensor)
         self.stats.add(direction, len(payload))
         return deserialize_tensor(payload, self.device)
 
 
 def batch(setup: Setup, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     gen = torch.Generator().manual_seed(size)
     x = torch.randn(size, 3, setup.img_size, setup.img_size, generator=gen)
     y = torch.randint(0, setup.classes, (size,), generator=gen)
@@ -205,6 +223,9 @@ def batch(setup: Setup, size: int, device: torch.device) -> tuple[torch.Tensor, 
 
 # -- the parts ------------------------------------------------------------------------------------
 def steps(setup: Setup, device: torch.device, report: Report) -> None:
+    from gaisnet_flwr.split.chain import SplitChain
+    from gaisnet_flwr.split.precision import PRECISIONS, Precision
+
     model = build(setup, "vpt-deep", device)
     depth = model.depth
     for size in setup.batches:
@@ -230,6 +251,11 @@ def steps(setup: Setup, device: torch.device, report: Report) -> None:
 
 
 def inference(setup: Setup, device: torch.device, report: Report) -> None:
+    import torch
+
+    from gaisnet_flwr.split.chain import SplitChain
+    from gaisnet_flwr.split.precision import PRECISIONS, Precision
+
     model = build(setup, "vpt-deep", device).eval()
     x, _ = batch(setup, setup.inference_batch, device)
     k = min(3, model.depth)
@@ -262,6 +288,8 @@ def modes(setup: Setup, device: torch.device, report: Report) -> None:
 
 
 def mode_steps(setup: Setup, device: torch.device, report: Report) -> None:
+    from gaisnet_flwr.split.precision import Precision
+
     models = {mode: build(setup, mode, device) for mode in ("full", "vpt-deep", "linear")}
     for size in setup.batches:
         x, y = batch(setup, size, device)
@@ -285,6 +313,10 @@ def mode_steps(setup: Setup, device: torch.device, report: Report) -> None:
 def peak_memory(setup: Setup, mode: str, device: torch.device) -> dict[str, Any]:
     """Peak allocated GPU memory over two AdamW steps of the unsplit model at the memory batch
     (the model, its gradients, AdamW's state and the activations; nothing else is alive)."""
+    import torch
+
+    from gaisnet_flwr.split.precision import Precision
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -308,6 +340,10 @@ def peak_memory(setup: Setup, mode: str, device: torch.device) -> dict[str, Any]
 def synthetic_flowers(setup: Setup, images: int, seed: int) -> TensorDataset:
     """`images` 224-px images of 102 classes, equally many per class: a fixed random pattern per
     class under noise, so that a round can learn something (generated, nothing downloaded)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
     gen = torch.Generator().manual_seed(1234)  # the same class patterns for train and test
     size, classes = setup.img_size, setup.classes
     patterns = torch.randn(classes, 3, size // 16 or 1, size // 16 or 1, generator=gen)
@@ -318,6 +354,10 @@ def synthetic_flowers(setup: Setup, images: int, seed: int) -> TensorDataset:
 
 
 def hfsl_round(setup: Setup, device: torch.device, report: Report) -> None:
+    import torch
+
+    from gaisnet_flwr.training.loops import evaluate, train_cluster
+
     train = synthetic_flowers(setup, setup.round_images, seed=1)
     test = synthetic_flowers(setup, setup.round_test_images, seed=2)
     clusters = setup.round_clusters
@@ -446,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=["steps", "inference", "modes", "round"],
     )
     args = parser.parse_args(argv)
+    import torch
+
     text = args.device or ("cpu" if args.smoke else "cuda")
     device = torch.device(text)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -22,21 +22,18 @@ import csv
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from gaisnet_flwr.costs.pricing import RoundCost
 from gaisnet_flwr.costs.profiles import ClusterProfile, Profiles, load_profiles
 from gaisnet_flwr.population.devices import PopulationDevice, generate_population
-from gaisnet_flwr.population.layout import cluster_profile, form_layout
-from gaisnet_flwr.population.planning import (
-    RangeCosts,
-    Workload,
-    plan_cluster,
-    predicted_round_cost,
-)
-from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
+
+if TYPE_CHECKING:
+    from gaisnet_flwr.costs.pricing import RoundCost
+    from gaisnet_flwr.population.planning import RangeCosts
+    from gaisnet_flwr.vit.model import PromptedViT
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 # The fixed cluster: a chain of phones along a street, distances in metres (within 100 m).
 CHAIN = (
@@ -65,6 +62,10 @@ MODELS = {
 
 
 def meta_model(name: str) -> PromptedViT:
+    import torch
+
+    from gaisnet_flwr.vit.model import build_prompted_vit
+
     spec = dict(MODELS[name])
     with torch.device("meta"):
         return build_prompted_vit(
@@ -80,6 +81,8 @@ def busiest(cost: RoundCost) -> float:
 
 
 def fixed_cluster(profiles: Profiles, bandwidth_hz: float) -> ClusterProfile:
+    from gaisnet_flwr.population.layout import cluster_profile
+
     members = [PopulationDevice(name, x, 0.0, profile) for name, profile, x in CHAIN]
     d2d = dataclasses.replace(profiles.link("d2d-50m"), bandwidth_hz=bandwidth_hz)
     return cluster_profile(members, profiles, d2d, profiles.link("uplink-1mhz"), loop=False)
@@ -87,6 +90,8 @@ def fixed_cluster(profiles: Profiles, bandwidth_hz: float) -> ClusterProfile:
 
 def compare(costs: RangeCosts, cluster: ClusterProfile, modules: int) -> dict[str, Any]:
     """Both plans of `cluster` and what the cost model says of each."""
+    from gaisnet_flwr.population.planning import plan_cluster, predicted_round_cost
+
     row: dict[str, Any] = {}
     for planner in ("minmax", "comm-aware"):
         plan = plan_cluster(planner, costs, cluster)
@@ -114,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--csv", type=Path, help="write both tables' rows here")
     args = parser.parse_args(argv)
+    from gaisnet_flwr.population.layout import form_layout
+    from gaisnet_flwr.population.planning import RangeCosts, Workload
+
     bandwidths = [float(b) * 1e6 for b in args.bandwidths_mhz.split(",") if b.strip()]
     profiles = load_profiles()
     model = meta_model(args.model)

@@ -26,22 +26,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from clients.split_client import ClusterData, EdgeDataKey
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.inprocess import run_apps, run_inprocess, simulation_node_configs
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
 from gaisnet_flwr.contract import NodeIdentity
-from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.derived import data_spec, edge_shares
-from gaisnet_flwr.split.precision import resolve_device
-from gaisnet_flwr.training.loops import evaluate, train_centralised
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 NUM_CLASSES = 10  # the embedded digits
 CLIENT_THREADS = 1  # torch threads per ClientApp call, both sides (flwr run's default actors)
@@ -68,6 +64,11 @@ def full_config(cfg: RunConfig) -> RunConfig:
 
 def stock_client_app(cfg: RunConfig) -> ClientApp:
     """Quickstart-style FedAvg client: unsplit training of every weight on its partition."""
+    from clients.split_client import ClusterData, EdgeDataKey
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.derived import data_spec, edge_shares
+    from gaisnet_flwr.training.loops import train_centralised
+
     app = ClientApp()
     full = full_config(cfg)
 
@@ -98,6 +99,12 @@ def summed(records: list[RecordDict], weighting_key: str) -> MetricRecord:
 
 def stock_server_app(cfg: RunConfig, clusters: int) -> ServerApp:
     """Flower's FedAvg over every weight; the round's time and upload go to the Context."""
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.split.precision import resolve_device
+    from gaisnet_flwr.training.loops import evaluate
+
     app = ServerApp()
     full = full_config(cfg)
 
@@ -150,6 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clusters", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    import torch
+
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.split.precision import resolve_device
+
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
     Foundation.of(cfg).ensure(load_image_data(data_spec(cfg)), resolve_device(cfg.run.device))
     print(

@@ -191,6 +191,25 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def private_env(home: Path) -> dict[str, str]:
+    """This process's environment for a `flwr run` on a managed SuperLink of its own: FLWR_HOME
+    `home`, free ports, this environment's Flower first on PATH, no runtime environment built,
+    no telemetry, and a Ray of its own unless RAY_ADDRESS names a cluster (`ray.init()` would
+    join the newest `ray start` cluster on the machine)."""
+    bindir = Path(sys.executable).parent
+    ports = free_ports(2)
+    return {
+        **os.environ,
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1]),
+        "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local",
+    }
+
+
 def check_ports_free(ports: list[int]) -> None:
     """Fail early if a port is taken: `flwr run` would silently use whatever SuperLink is there."""
     for port in ports:
