@@ -300,11 +300,31 @@ class RunOutcome:
             self.problems.append(f"no metrics.json (or integrated.json) in {self.results}")
 
 
+# The lines of a run's stream that say how far it got (`progress` of `stream_run`): the run
+# accepted, the ServerApp's preparation done, each round's one-line summary, the end.
+PROGRESS = re.compile(r"Successfully started run|GaisNet HFSL:|\[round \d+/\d+\]|FINAL:|RUN FAILED")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def progress_text(line: str) -> str | None:
+    """A stream line as a progress line (without colours and Flower's level prefix), or None
+    when it is not one (`PROGRESS`)."""
+    if not PROGRESS.search(line):
+        return None
+    text = ANSI.sub("", line).strip()
+    return re.sub(r"^(INFO|WARNING|ERROR|DEBUG)\s*:\s*", "", text)
+
+
 def stream_run(
-    cmd: list[str], log_path: Path, echo: bool, env: dict[str, str] | None = None
+    cmd: list[str],
+    log_path: Path,
+    echo: bool,
+    env: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Run `flwr run ... --stream`, tee its output to `log_path` (and stdout if `echo`), and
-    pick the run id and the FINAL line out of it."""
+    pick the run id and the FINAL line out of it. Without `echo`, `progress` gets the lines
+    that say how far the run got (`progress_text`)."""
     run_id, final, failure = None, None, None
     with (
         log_path.open("w") as log,
@@ -316,6 +336,8 @@ def stream_run(
         for line in proc.stdout:
             if echo:
                 sys.stdout.write(line)
+            elif progress is not None and (text := progress_text(line)) is not None:
+                progress(text)
             log.write(line)
             if m := re.search(r"Successfully started run (\d+)", line):
                 run_id = m.group(1)

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
@@ -214,10 +215,15 @@ class Lab:
         return stopped
 
     # -- a run ---------------------------------------------------------------------------------
-    def run(self, run_config: str = "", app: Path | None = None) -> flwr_local.RunOutcome:
+    def run(
+        self,
+        run_config: str = "",
+        app: Path | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> flwr_local.RunOutcome:
         """`flwr run` the app (the Flower app folder, its pyproject.toml; by default the
         working directory, as `flwr run .`) on this lab's SuperLink and check that it really
-        finished."""
+        finished. `progress` gets the stream's lines that say how far the run got."""
         app = Path.cwd() if app is None else app
         if not (app / "pyproject.toml").is_file():
             raise FileNotFoundError(
@@ -237,7 +243,9 @@ class Lab:
         cmd = [str(BIN / "flwr"), "run", str(app), "lab", "--stream", "--run-config", overrides]
         record = Provenance.start(shlex.join(["python", "scripts/lab.py", *sys.argv[1:]]), app)
         record.run_config = {"tls": self.tls, "flwr-run": shlex.join(cmd[1:])}
-        outcome = flwr_local.stream_run(cmd, self.logs / "flwr-run.log", echo=False, env=self.env())
+        outcome = flwr_local.stream_run(
+            cmd, self.logs / "flwr-run.log", echo=False, env=self.env(), progress=progress
+        )
         outcome.check(BIN / "flwr", default_results=results, env=self.env())
         record.write(outcome.results)  # what made the results, beside them
         return outcome
@@ -273,8 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         if extra[0] != "--run-config" or len(extra) != 2:
             sys.exit('error: extra arguments must be: -- --run-config "key=value ..."')
         run_config = extra[1]
+    started = time.monotonic()
+
+    def say(text: str) -> None:  # a long wait shows where it is (the whole stream: the log)
+        print(f"[lab {time.monotonic() - started:5.0f} s] {text}", flush=True)
+
     try:
-        started = time.monotonic()
+        say(
+            f"starting {args.clusters * (args.peers_per_cluster + 1)} peers, a SuperLink and "
+            f"{args.clusters} SuperNodes in {args.dir}"
+        )
         lab.up()
         print(f"[lab] up in {time.monotonic() - started:.0f} s: SuperLink on port "
               f"{lab.superlink_port}, {args.clusters} SuperNodes, {len(lab.peer_ports)} peers "
@@ -285,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"[lab] stop with: python scripts/lab.py down --dir {args.dir}")  # fmt: skip
             lab.procs.clear()  # leave them running
             return 0
-        outcome = lab.run(run_config)
+        say(f"flwr run . lab (the whole stream: {lab.logs / 'flwr-run.log'})")
+        outcome = lab.run(run_config, progress=say)
         if outcome.ok:
             print(f"[lab] run {outcome.run_id} completed in {time.monotonic() - started:.0f} s "
                   f"({outcome.cluster_failures})\n{outcome.final}")  # fmt: skip
