@@ -26,6 +26,7 @@ from gaisnet_flwr.contract import (
     ACCURACY,
     EVALUATE_ROW,
     FAILED_CLUSTERS,
+    ROUND_CPU,
     ROUND_TIME,
     TRAIN_ROW,
     edge_key,
@@ -80,6 +81,10 @@ class RunResult:
         """The round's measured wall time in the ServerApp (0 for round 0)."""
         return float(self.rows[server_round].get(ROUND_TIME, 0.0))
 
+    def round_cpu(self, server_round: int) -> float:
+        """The ServerApp process's CPU time over the round (0 for round 0)."""
+        return float(self.rows[server_round].get(ROUND_CPU, 0.0))
+
 
 class RoundRecorder:
     """Collects each round's train metrics and central evaluation and writes them out.
@@ -103,6 +108,7 @@ class RoundRecorder:
         self.result = result if result is not None else RunResult(output_dir)
         self.rows: list[dict[str, Any]] = self.result.rows
         self._round_started = time.perf_counter()
+        self._round_cpu_started = time.process_time()
         self._train: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         self._evaluate: dict[int, dict[str, Any]] = {}
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +144,7 @@ class RoundRecorder:
     def record(self, server_round: int, central: Mapping[str, float]) -> None:
         """Complete a round with its central evaluation (a round with failures is complete,
         but marked) and write every row so far."""
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         train, failures = self._train.pop(server_round, ({}, []))
         row: dict[str, Any] = {"round": server_round, **central}
         if server_round > 0:
@@ -149,7 +155,8 @@ class RoundRecorder:
             row[FAILED_CLUSTERS] = sum(f.get("node") != -1 for f in failures or [])
             row["failures"] = list(failures or [])
             row[ROUND_TIME] = now - self._round_started
-        self._round_started = now
+            row[ROUND_CPU] = cpu - self._round_cpu_started
+        self._round_started, self._round_cpu_started = now, cpu
         self.rows.append(row)
         self._write()
         if self.tracking is not None:

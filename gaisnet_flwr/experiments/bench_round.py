@@ -10,9 +10,13 @@ scheduling):
   * stock FedAvg: a baseline app as in Flower's quickstart-pytorch: every client fine-tunes
     every weight of the unsplit model and uploads the whole model; Flower's `FedAvg` strategy
     aggregates.
-A round's time is what the ServerApp measures from the end of the start model's central
-evaluation to the end of round 1's (train messages, aggregation, central evaluation). Upload
-bytes are Flower's own count of the ArrayRecord each client replies with.
+On equal footing: both ClientApps keep what does not change within a run per process (their
+partition's data, the model) and both ServerApps run at the same torch threads (run-config
+server-threads). A round's time is what the ServerApp measures from the end of the start
+model's central evaluation to the end of round 1's (train messages, aggregation, central
+evaluation); per epoch is that over local-epochs. Pairs take turns (the order alternating)
+after --warmup pairs that are not counted; the ratio is the median of the pairs' ratios with
+their range. Upload bytes are Flower's own count of the ArrayRecord each client replies with.
 
     python scripts/bench_round.py                      # the embedded default, 4 clusters
     python scripts/bench_round.py --vit-b16 --clusters 2   # ViT-B/16 architecture, random weights
@@ -47,8 +51,9 @@ NUM_CLASSES = 10  # the embedded digits
 CLIENT_THREADS = 1  # torch threads per ClientApp call, both sides (flwr run's default actors)
 
 
-def hfsl_round(cfg: RunConfig, clusters: int) -> tuple[float, int, int]:
-    """Seconds, upload bytes and D2D bytes of one HFSL round of the GaisNet apps."""
+def hfsl_round(cfg: RunConfig, clusters: int) -> tuple[float, float, int, int]:
+    """Wall seconds, CPU seconds, upload bytes and D2D bytes of one HFSL round of the GaisNet
+    apps."""
     with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
         settings = {
             **cfg.to_dict(),
@@ -59,7 +64,7 @@ def hfsl_round(cfg: RunConfig, clusters: int) -> tuple[float, int, int]:
         }
         run = run_inprocess(settings, clusters, client_threads=CLIENT_THREADS)
     d2d = int(run.train(1, c.D2D_FWD)) + int(run.train(1, c.D2D_BWD))
-    return run.round_time(1), int(run.train(1, c.UPLOAD)), d2d
+    return run.round_time(1), run.round_cpu(1), int(run.train(1, c.UPLOAD)), d2d
 
 
 def full_config(cfg: RunConfig) -> RunConfig:
@@ -116,7 +121,7 @@ def stock_server_app(cfg: RunConfig, clusters: int) -> ServerApp:
     from gaisnet_flwr.cloud.foundation import Foundation
     from gaisnet_flwr.data.images import load_image_data
     from gaisnet_flwr.derived import data_spec
-    from gaisnet_flwr.split.precision import resolve_device
+    from gaisnet_flwr.split.precision import resolve_device, torch_threads
     from gaisnet_flwr.training.loops import evaluate
 
     app = ServerApp()
@@ -124,14 +129,19 @@ def stock_server_app(cfg: RunConfig, clusters: int) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        # the server's threads as the GaisNet ServerApp sets them (run-config server-threads)
+        with torch_threads(full.run.server_threads or None):
+            serve(grid, context)
+
+    def serve(grid: Grid, context: Context) -> None:
         model = Foundation.of(full).load(NUM_CLASSES)
         test = load_image_data(data_spec(full)).test
-        evaluated: list[float] = []
+        evaluated: list[tuple[float, float]] = []
 
         def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
             accuracy = evaluate(model, test, device=resolve_device(full.run.device)).accuracy
-            evaluated.append(time.perf_counter())
+            evaluated.append((time.perf_counter(), time.process_time()))
             return MetricRecord({"accuracy": accuracy})
 
         strategy = FedAvg(
@@ -144,15 +154,17 @@ def stock_server_app(cfg: RunConfig, clusters: int) -> ServerApp:
             grid, ArrayRecord(model.state_dict()), num_rounds=1, evaluate_fn=central
         )
         upload = result.train_metrics_clientapp[1][c.UPLOAD]
+        (wall0, cpu0), (wall1, cpu1) = evaluated
         context.state["round"] = MetricRecord(
-            {c.ROUND_TIME: evaluated[1] - evaluated[0], c.UPLOAD: upload}
+            {c.ROUND_TIME: wall1 - wall0, c.ROUND_CPU: cpu1 - cpu0, c.UPLOAD: upload}
         )
 
     return app
 
 
-def stock_fedavg_round(cfg: RunConfig, clusters: int) -> tuple[float, int]:
-    """Seconds and upload bytes of one round of plain FedAvg fine-tuning every weight."""
+def stock_fedavg_round(cfg: RunConfig, clusters: int) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and upload bytes of one round of plain FedAvg fine-tuning
+    every weight."""
     run_config: Mapping[str, Any] = {}
     context = run_apps(
         stock_server_app(cfg, clusters),
@@ -162,7 +174,8 @@ def stock_fedavg_round(cfg: RunConfig, clusters: int) -> tuple[float, int]:
         client_threads=CLIENT_THREADS,
     )
     result = context.state.metric_records["round"]
-    return float(result[c.ROUND_TIME]), int(result[c.UPLOAD])  # type: ignore[arg-type]
+    wall, cpu = float(result[c.ROUND_TIME]), float(result[c.ROUND_CPU])  # type: ignore[arg-type]
+    return wall, cpu, int(result[c.UPLOAD])  # type: ignore[arg-type]
 
 
 # ViT-B/16's architecture (the paper's model) with random weights, on a little data: where the
@@ -218,37 +231,47 @@ def main(argv: list[str] | None = None) -> None:
     pairs = []
     for r in range(args.repeats):  # interleaved, the order alternating: the load moves both
         first, second = (hfsl_round, stock_fedavg_round)[:: 1 if r % 2 == 0 else -1]
-        done = {f: f(cfg, args.clusters) for f in (first, second)}
+        done: dict[Any, tuple[Any, ...]] = {f: f(cfg, args.clusters) for f in (first, second)}
         h, s = done[hfsl_round], done[stock_fedavg_round]
-        pairs.append({"hfsl s": h[0], "stock s": s[0], "ratio": h[0] / s[0],
-                      "hfsl upload B": h[1], "stock upload B": s[1], "d2d B": h[2],
-                      "load": os.getloadavg()[0]})  # fmt: skip
+        pair = {"hfsl s": h[0], "stock s": s[0], "hfsl cpu s": h[1], "stock cpu s": s[1],
+                "wall ratio": h[0] / s[0], "cpu ratio": h[1] / s[1],
+                "hfsl upload B": h[2], "stock upload B": s[2], "d2d B": h[3],
+                "load": round(os.getloadavg()[0], 2)}  # fmt: skip
+        pairs.append(pair)
         print(
-            f"pair {r + 1}: HFSL {h[0]:.2f} s, stock {s[0]:.2f} s, ratio {h[0] / s[0]:.3f} "
-            f"(load {os.getloadavg()[0]:.1f})",
+            f"pair {r + 1}: HFSL {h[0]:.2f} s ({h[1]:.2f} s CPU), stock {s[0]:.2f} s "
+            f"({s[1]:.2f} s CPU); ratio {pair['wall ratio']:.3f} wall, {pair['cpu ratio']:.3f} "
+            f"CPU (load {pair['load']:.1f})",
             flush=True,
         )
-    ratios = sorted(p["ratio"] for p in pairs)
-    median = statistics.median(ratios)
-    h_s = statistics.median(p["hfsl s"] for p in pairs)
-    s_s = statistics.median(p["stock s"] for p in pairs)
+    summary: dict[str, float] = {"local epochs": epochs, "pairs": len(pairs)}
+    for kind in ("cpu", "wall"):
+        ratios = sorted(p[f"{kind} ratio"] for p in pairs)
+        summary |= {f"{kind} ratio median": statistics.median(ratios),
+                    f"{kind} ratio min": ratios[0], f"{kind} ratio max": ratios[-1]}  # fmt: skip
+    for side in ("hfsl", "stock"):
+        for unit in ("s", "cpu s"):
+            summary[f"{side} {unit} median"] = statistics.median(p[f"{side} {unit}"] for p in pairs)
     up_h, up_s, d2d = pairs[0]["hfsl upload B"], pairs[0]["stock upload B"], pairs[0]["d2d B"]
-    print(f"HFSL prompt tuning (split chain): round {h_s:.2f} s ({h_s / epochs:.2f} s per epoch), "
-          f"upload {up_h:,} B, D2D {d2d:,} B")  # fmt: skip
-    print(f"stock FedAvg, every weight:       round {s_s:.2f} s ({s_s / epochs:.2f} s per epoch), "
-          f"upload {up_s:,} B")  # fmt: skip
+    for side, name in (
+        ("hfsl", "HFSL prompt tuning (split chain)"),
+        ("stock", "stock FedAvg, every weight"),
+    ):
+        cpu = summary[f"{side} cpu s median"]
+        print(f"{name + ':':34} round {summary[f'{side} s median']:.2f} s wall, {cpu:.2f} s CPU "
+              f"({cpu / epochs:.2f} s CPU per epoch)")  # fmt: skip
     print(
-        f"ratios HFSL / stock: round time (= per epoch, {epochs} epoch(s) a round) {median:.3f}x "
-        f"[pairs {ratios[0]:.3f}, {ratios[-1]:.3f}], upload bytes {up_h / up_s:.4f}x "
-        f"({up_s / up_h:.0f}x less to upload)"
+        f"ratios HFSL / stock, per round and per epoch ({epochs} a round): CPU "
+        f"{summary['cpu ratio median']:.3f}x [pairs {summary['cpu ratio min']:.3f}, "
+        f"{summary['cpu ratio max']:.3f}], wall {summary['wall ratio median']:.3f}x "
+        f"[{summary['wall ratio min']:.3f}, {summary['wall ratio max']:.3f}]; upload bytes "
+        f"{up_h / up_s:.4f}x ({up_s / up_h:.0f}x less to upload), D2D {d2d:,} B"
     )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         record.run_config = {
             "run-config": overrides, "clusters": args.clusters, "warmup pairs": args.warmup,
         }  # fmt: skip
-        summary = {"ratio median": median, "ratio min": ratios[0], "ratio max": ratios[-1],
-                   "hfsl s median": h_s, "stock s median": s_s, "local epochs": epochs}  # fmt: skip
         args.out.write_text(json.dumps({"summary": summary, "pairs": pairs}, indent=1) + "\n")
         record.write(args.out.parent)
         print(f"wrote {args.out} and {args.out.parent / 'provenance.json'}")
