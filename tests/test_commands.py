@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import python_json
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 
@@ -81,14 +83,6 @@ HEAVY_HELP = {
 def test_help_imports_nothing_heavy(name: str) -> None:
     if name in HEAVY_HELP:
         pytest.xfail(HEAVY_HELP[name])
-    out = subprocess.run(
-        [sys.executable, "-c", HELP_SCRIPT, SCRIPTS[name], json.dumps(HEAVY_FOR_HELP)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = python_json(HELP_SCRIPT, SCRIPTS[name], json.dumps(HEAVY_FOR_HELP))
     assert got["code"] == 0 and got["out"].startswith("usage:"), got["out"][:300]
     assert got["heavy"] == [], f"{name} --help imported {got['heavy']}"

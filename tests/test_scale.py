@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from gaisnet_flwr.data.images import DataError, DataSpec
 from gaisnet_flwr.derived import data_spec, derive
 from gaisnet_flwr.experiments.flwr_local import federation_config
 from strategies.edge import GridView
+from tests.conftest import python_json
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, embed_dim=32, num_heads=2, peers_per_cluster=2, img_size=16, patch_size=8)
@@ -408,16 +407,7 @@ def test_the_client_app_imports_no_plotting_and_no_unused_dataset_stack(tmp_path
         "output-dir": str(tmp_path),
     }
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-c", LIGHT_SCRIPT, json.dumps(HEAVY), json.dumps(run_config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = python_json(LIGHT_SCRIPT, json.dumps(HEAVY), json.dumps(run_config), env=env)
     # loading the ClientApp (Flower does it in the simulation process before Ray starts, and
     # in every actor) imports not even torch; the first message imports what it needs
     assert got["import"] == [], f"importing the ClientApp imported {got['import']}"
