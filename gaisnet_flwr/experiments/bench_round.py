@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = f"{VIT_B16 if args.vit_b16 else ''} {args.run_config}".strip()
     cfg = RunConfig.from_run_config(parse_overrides(overrides))
-    record = Provenance.start("python scripts/bench_round.py " + " ".join(argv or []), Path("."))
+    given = sys.argv[1:] if argv is None else argv
+    record = Provenance.start(shlex.join(["python", "scripts/bench_round.py", *given]), Path("."))
     Foundation.of(cfg).ensure(load_image_data(data_spec(cfg)), resolve_device(cfg.run.device))
     epochs = cfg.training.local_epochs
     print(
