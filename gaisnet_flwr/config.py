@@ -592,6 +592,12 @@ class RunConfig:
                     f"{_render(self.scheduling.demand)!r} must list, per round, an edge index in "
                     f"[0, {edges}) (edges come from edge-domains)"
                 )
+        if self.data.cluster_samples == 1 and self.hierarchy.fraction_evaluate > 0:
+            raise ConfigError(
+                "cluster-samples=1 leaves no cluster a validation image (val-fraction holds one "
+                "out of clusters of 2 or more), so federated evaluation has nothing to weigh: "
+                "draw cluster-samples >= 2 or set fraction-evaluate=0"
+            )
         digits = self.data.dataset == "digits"
         if not digits and set(self.hierarchy.edge_domains) != {"none"}:
             raise ConfigError("edge-domains other than 'none' need the embedded digits dataset")
@@ -753,17 +759,19 @@ def _cast(key: str, value: Any, f: dataclasses.Field) -> Any:
             raise ConfigError(f"{key} must be str, got {type(value).__name__} {value!r}")
         try:
             return tuple(
-                _scalar(key, kind(v) if isinstance(v, str) and kind is not str else v, kind)
+                cast_scalar(key, kind(v) if isinstance(v, str) and kind is not str else v, kind)
                 for v in items
             )
         except ValueError as err:
             raise ConfigError(
                 f"{key}={value!r} is not a comma-separated list of {kind.__name__} values"
             ) from err
-    return _scalar(key, value, type(default))
+    return cast_scalar(key, value, type(default))
 
 
-def _scalar(key: str, value: Any, kind: type) -> Any:
+def cast_scalar(key: str, value: Any, kind: type) -> Any:
+    """`value` as `kind`: an int where a float is wanted, otherwise exactly `kind` (a bool is
+    no int here); ConfigError naming `key` and both types."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             return float(value)

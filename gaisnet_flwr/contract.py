@@ -51,6 +51,7 @@ ARRAYS, METRICS_RECORD, CONFIG, TASK = "arrays", "metrics", "config", "task"  # 
 MODEL, INPUTS, PREDICTIONS, IMAGES = "model", "inputs", "predictions", "images"
 
 INFERENCE_REQUEST_ERROR = 400  # this request cannot be served (the reason says why)
+CLUSTER_DATA = 412  # the cluster's data cannot be formed (the reason names the key to change)
 NON_FINITE = 422  # the cluster's training went to NaN / inf: it stopped, this cluster failed
 PEER_FAILURE = 503  # a D2D peer was down, too slow or refused: this cluster failed
 NO_REPLY = -1  # a failure record's code for a node that did not answer in time

@@ -11,7 +11,6 @@ ranges, devices and links: `contract.ClusterTask`); nothing here runs on a clien
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,7 +36,7 @@ from gaisnet_flwr.costs.profiles import (
     Profiles,
     load_profiles,
 )
-from gaisnet_flwr.data.images import DataSpec, dataset_classes
+from gaisnet_flwr.data.images import DataSpec, dataset_classes, run_config_words
 from gaisnet_flwr.population.devices import PopulationError, load_spec
 from gaisnet_flwr.population.layout import ClusterLayout, form_layout
 from gaisnet_flwr.population.planning import RangeCosts, Workload, plan_cluster
@@ -72,9 +71,7 @@ def derive(cfg: RunConfig) -> Derived:
         spec.validate()
     except ValueError as err:
         # DataSpec names its own fields; the user typed run-config keys.
-        raise ConfigError(
-            re.sub(r"DataSpec\.(\w+)", lambda m: m.group(1).replace("_", "-"), str(err))
-        ) from err
+        raise ConfigError(run_config_words(str(err))) from err
     classes = dataset_classes(spec)
     if cfg.data.partitioning == "classes" and cfg.data.classes_per_cluster > classes:
         raise ConfigError(

@@ -178,17 +178,11 @@ class EdgeServer(Strategy):
         replies = list(replies)
         # A failed cluster costs its own contribution: the round goes on with the others.
         failures = failures_of(replies, self.last.sent, self.edge)
-        for f in failures:
-            log(
-                WARNING,
-                "round %d: cluster node %s (edge %s) left out: %s",
-                server_round,
-                f["node"],
-                f["edge"],
-                f["reason"],
-            )
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        log_failures(f"round {server_round}: edge {self.edge}", failures)
+        # The failures are this edge's to report (once per reason, above); the strategy gets
+        # the replies that carry modules (Flower's would log each error again).
         ok = [r for r in replies if not r.has_error()]
+        arrays, metrics = self.strategy.aggregate_train(server_round, ok)
         weight = float(sum(num_examples(r) for r in ok))
         out: dict[str, float | int] = {}
         if arrays is not None and (bad := non_finite({k: v.numpy() for k, v in arrays.items()})):
@@ -218,8 +212,32 @@ class EdgeServer(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        replies = list(replies)
+        failed = failures_of([r for r in replies if r.has_error()], [], self.edge)
+        log_failures(f"round {server_round}: edge {self.edge}'s evaluation", failed)
+        return self.strategy.aggregate_evaluate(
+            server_round, [r for r in replies if not r.has_error()]
+        )
 
     def summary(self) -> None:
         log(INFO, "\t├── edge %d: %d cluster(s), strategy:", self.edge, len(self.tasks))
         self.strategy.summary()
+
+
+def log_failures(what: str, failures: list[dict[str, int | str]], shown: int = 3) -> None:
+    """One warning per distinct reason, however many clusters share it: a failure every cluster
+    meets (1000 clusters) is one line, not a thousand."""
+    by_reason: dict[str, list[int | str]] = {}
+    for f in failures:
+        by_reason.setdefault(str(f["reason"]), []).append(f["node"])
+    for reason, nodes in by_reason.items():
+        more = f" and {len(nodes) - shown} more" if len(nodes) > shown else ""
+        log(
+            WARNING,
+            "%s: %d cluster(s) left out (node %s%s): %s",
+            what,
+            len(nodes),
+            ", ".join(str(n) for n in nodes[:shown]),
+            more,
+            reason,
+        )

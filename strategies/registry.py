@@ -34,7 +34,9 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from gaisnet_flwr.contract import PARTITION_ID, reply_metrics
+from gaisnet_flwr.config import unknown_names
+from gaisnet_flwr.contract import PARTITION_ID, TRAIN_LOSS, aggregate_metrics, reply_metrics
+from strategies.options import OptionValue, check_clusters, check_options, declares, domain
 
 __all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "ModuleFedAvg", "build_strategy", "resolve_strategy"]
 
@@ -97,8 +99,6 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "qfedavg": QFedAvg,
 }
 
-OptionValue = float | int | str | bool
-
 _DOTTED_PATH_HELP = (
     "or a dotted path 'package.module:Class' to your own subclass of "
     "flwr.serverapp.strategy.Strategy (Message API)"
@@ -130,44 +130,50 @@ def resolve_strategy(name: str) -> type[Strategy]:
 def build_strategy(
     name: str,
     *,
-    num_clusters: int,
+    num_clusters: int | None,
     fraction_evaluate: float,
     options: Mapping[str, OptionValue] | None = None,
 ) -> Strategy:
-    """Build the strategy `name` for an edge with `num_clusters` clusters (Flower nodes).
+    """Build the strategy `name` for an edge with `num_clusters` clusters (Flower nodes), or
+    for an edge whose clusters are not known yet (None: every option checked but the counts).
 
     Common arguments are passed only when the class's ``__init__`` names them:
     ``fraction_train=1.0`` (every cluster trains every round), `fraction_evaluate`,
     ``min_train_nodes=num_clusters``, ``min_available_nodes=num_clusters`` and
-    ``min_evaluate_nodes`` = 1 (0 when `fraction_evaluate` is 0). Flower's defaults (2 nodes)
-    would wait forever with a single cluster.
+    ``min_evaluate_nodes`` = 1 (0 when `fraction_evaluate` is 0), and what the message contract
+    fixes: the metrics aggregation (`contract.aggregate_metrics`) and QFedAvg's loss key.
+    Flower's defaults (2 nodes) would wait forever with a single cluster.
 
     Parameters
     ----------
     name : str
         A key of `STRATEGIES` or ``"package.module:Class"`` (see `resolve_strategy`).
-    num_clusters : int
-        Clusters (Flower nodes) the strategy aggregates; >= 1.
+    num_clusters : int | None
+        Clusters (Flower nodes) the strategy aggregates; >= 1, or None while not known.
     fraction_evaluate : float
         Fraction of clusters sampled for federated evaluation, in [0, 1].
     options : Mapping[str, OptionValue] | None
         Extra keyword arguments for the class, e.g. ``{"proximal_mu": 0.1}`` for FedProx,
         ``{"eta": 0.01}`` for FedAdam, ``{"client_learning_rate": 0.1}`` (required) for
-        QFedAvg. Options override the common arguments above.
+        QFedAvg; each checked against its domain (`strategies/options.py`). Options override
+        the common arguments above.
 
     Raises
     ------
     ValueError
         Bad `num_clusters` / `fraction_evaluate`, an unknown strategy, an option the class
-        does not accept (the message lists the accepted ones), a required argument that is
-        neither common nor in `options`, too few clusters for Bulyan, or the class rejecting
-        its arguments.
+        does not accept (the message lists the accepted ones), an option outside its domain
+        (`ConfigError`, naming it and what is valid), a required argument that is neither
+        common nor in `options`, counts the edge's clusters cannot meet, or the class
+        rejecting its arguments.
     """
-    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+    known = num_clusters is not None
+    if known and (
+        isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1
+    ):
         raise ValueError(f"num_clusters must be an int >= 1, got {num_clusters!r}")
     if not 0.0 <= fraction_evaluate <= 1.0:
         raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
-    options = dict(options or {})
     strategy_cls = resolve_strategy(name)
 
     parameters = inspect.signature(strategy_cls).parameters
@@ -178,16 +184,20 @@ def build_strategy(
     }
     takes_any_keyword = any(param.kind is param.VAR_KEYWORD for param in parameters.values())
 
+    options = dict(options or {})
     unknown = sorted(option for option in options if option not in by_keyword)
     if unknown and not takes_any_keyword:
+        settable = [n for n in by_keyword if domain(strategy_cls, n).settable]
         raise ValueError(
-            f"Strategy {name!r} ({strategy_cls.__qualname__}) does not accept option(s) "
-            f"{', '.join(unknown)}. Accepted: {', '.join(sorted(by_keyword)) or '(none)'}."
+            f"Strategy {name!r} ({strategy_cls.__qualname__}): "
+            f"{unknown_names('option', unknown, settable)}"
         )
+    checked = check_options(strategy_cls, options)
 
-    common = _common_kwargs(num_clusters, fraction_evaluate)
-    kwargs: dict[str, object] = {key: value for key, value in common.items() if key in by_keyword}
-    kwargs.update(options)
+    sized = num_clusters if num_clusters is not None else UNKNOWN_CLUSTERS
+    common = _common_kwargs(sized, fraction_evaluate)
+    kwargs: dict[str, object] = {k: v for k, v in common.items() if declares(strategy_cls, k)}
+    kwargs.update(checked)
 
     missing = [
         param_name
@@ -201,9 +211,8 @@ def build_strategy(
             f"Strategy {name!r} ({strategy_cls.__qualname__}) requires {', '.join(missing)}; "
             "pass them as strategy options."
         )
-
-    if issubclass(strategy_cls, Bulyan):
-        _check_bulyan(num_clusters, kwargs.get("num_malicious_nodes", 0))
+    if num_clusters is not None:
+        check_clusters(strategy_cls, kwargs, num_clusters)
 
     try:
         return strategy_cls(**kwargs)
@@ -211,8 +220,14 @@ def build_strategy(
         raise ValueError(f"Could not build strategy {name!r}: {err}") from err
 
 
+# Clusters assumed while the edge's clusters are not known (the run-config's check, before any
+# node is): the counts are checked once they are known.
+UNKNOWN_CLUSTERS = 1000
+
+
 def _common_kwargs(num_clusters: int, fraction_evaluate: float) -> dict[str, object]:
-    """Sampling arguments of Flower's FedAvg family, sized to `num_clusters`."""
+    """Sampling arguments of Flower's FedAvg family, sized to `num_clusters`, and what the
+    message contract fixes."""
     return {
         "fraction_train": 1.0,
         "fraction_evaluate": fraction_evaluate,
@@ -220,19 +235,10 @@ def _common_kwargs(num_clusters: int, fraction_evaluate: float) -> dict[str, obj
         # FedAvg samples max(int(fraction * N), min_evaluate_nodes): at least one cluster.
         "min_evaluate_nodes": 1 if fraction_evaluate > 0 else 0,
         "min_available_nodes": num_clusters,
+        # counters add up, latencies take the slowest cluster (contract.METRICS)
+        "train_metrics_aggr_fn": aggregate_metrics,
+        "train_loss_key": TRAIN_LOSS,  # QFedAvg's default, "train_loss", is in no reply
     }
-
-
-def _check_bulyan(num_clusters: int, num_malicious_nodes: object) -> None:
-    """Bulyan skips every round with fewer than 4f + 3 replies: refuse to build it."""
-    if not isinstance(num_malicious_nodes, int):
-        return  # Bulyan itself will reject it
-    required = 4 * num_malicious_nodes + 3
-    if num_clusters < required:
-        raise ValueError(
-            f"Strategy 'bulyan' needs at least 4 * num_malicious_nodes + 3 = {required} "
-            f"clusters, got num_clusters={num_clusters}; it would skip every round."
-        )
 
 
 def _import_strategy(path: str) -> type[Strategy]:

@@ -1,5 +1,5 @@
 """`gaisnet-bench-gpu` runs end to end (--smoke: a tiny ViT on the CPU) and, without a GPU,
-says that it needs one (issue 14). Its real figures need a GPU: README "GPU"."""
+says that it needs one (issue 14). Its real figures need a GPU: docs/gpu.md."""
 
 from __future__ import annotations
 

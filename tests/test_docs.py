@@ -1,4 +1,5 @@
-"""The README starts with the quickstart and every relative link in it and in docs/ resolves."""
+"""The README is a landing page that starts with the quickstart, and every relative link in it and
+in docs/ resolves."""
 
 from __future__ import annotations
 
@@ -34,3 +35,10 @@ def test_relative_links_resolve(page: Path) -> None:
         assert file.exists(), f"{page.name}: {target}"
         if anchor and file.suffix == ".md":
             assert anchor in anchors(file), f"{page.name}: {target}"
+
+
+def test_the_readme_is_a_landing_page() -> None:
+    # What it is, the two commands, what you get, where to go next (issue 26): measurement
+    # narrative belongs in docs/, where each page links back.
+    words = len((REPO / "README.md").read_text().split())
+    assert words < 1000, f"README.md has {words} words; move detail into a docs/ page"

@@ -1,4 +1,4 @@
-"""On CPU the split chain trains bit for bit like the unsplit `PromptedViT` (README "Exactness"),
+"""On CPU the split chain trains bit for bit like the unsplit `PromptedViT` (docs/vits.md "Exactness"),
 for every timm ViT family we support, and `PromptedViT` with 0 prompts is timm's own forward.
 
 Families cover the prefix layouts (class token, none, registers, distillation token), LayerScale,

@@ -95,19 +95,26 @@ def test_in_process_run_gives_the_flwr_run_modules_exactly(
 
 
 def test_a_failed_run_is_reported_as_a_failure(tmp_path: Path) -> None:
-    # Flower accepts the value (a string) and, with --no-check, so does the wrapper: the
-    # ServerApp refuses it. `flwr run --stream` still exits 0, so only the wrapper's checks can
-    # turn this into a non-zero exit. (Without --no-check the wrapper refuses it before anything
-    # starts: tests/test_run_config_cli.py.)
-    result, _ = flwr_run_local(
-        tmp_path, tiny(tmp_path, mode="'bogus'"), wrapper_args=("--no-check",)
+    # 1000 SuperNodes on the default config (496 edge images, cluster-samples=0). With
+    # --no-check the wrapper leaves it to the ServerApp, which refuses it before asking each
+    # node who it is and before any pre-training (issue 29: this was 18,008 lines of ClientApp
+    # failures after pre-training). `flwr run --stream` still exits 0, so only the wrapper's
+    # checks turn it into a non-zero exit. (Without --no-check the wrapper refuses it before
+    # anything starts: tests/test_data_capacity.py.)
+    result, out = flwr_run_local(
+        tmp_path, "num-rounds=1", num_supernodes=1000, wrapper_args=("--no-check",)
     )
     assert result.returncode != 0
-    assert "RUN FAILED" in result.stderr
     assert "status is 'finished:failed'" in result.stderr, result.stderr[-2000:]
     # ... and says why in its one line: the ServerApp's own reason, naming the key.
     (line,) = [x for x in result.stderr.splitlines() if "RUN FAILED" in x]
-    assert "the ServerApp failed: ConfigError: mode='bogus' is not valid" in line, line
+    assert "the ServerApp failed: ConfigError: 1000 client clusters (SuperNodes)" in line, line
+    assert "set cluster-samples=K" in line
+    log = (out / "run.log").read_text().splitlines()
+    assert len(log) < 200, f"{len(log)} lines"  # Flower's start-up, the refusal, its traceback
+    assert not any("ClientApp" in x for x in log)  # no node did any work
+    # the folder says the run failed, and why
+    assert "cluster-samples" in (out / "FAILED.txt").read_text()
 
 
 def test_flwr_run_with_an_eva_model(tmp_path: Path) -> None:

@@ -57,12 +57,12 @@ STRATEGY_CASES = [
     ({"strategy": "nomodule:Thing"}, "strategy='nomodule:Thing': Strategy path"),
     (
         {"strategy": "fedprox", "strategy-options": "bogus=1"},
-        "strategy-options='bogus=1' (strategy='fedprox', 1000 cluster(s) per edge): Strategy "
-        "'fedprox' (FedProx) does not accept option(s) bogus. Accepted:",
+        "strategy-options='bogus=1' (strategy='fedprox'): Strategy 'fedprox' (FedProx): "
+        "unknown option 'bogus'; valid options: fraction_evaluate,",
     ),
     (
         {"strategy": "qfedavg"},
-        "strategy-options='' (strategy='qfedavg', 1000 cluster(s) per edge): Strategy 'qfedavg' "
+        "strategy-options='' (strategy='qfedavg'): Strategy 'qfedavg' "
         "(QFedAvg) requires client_learning_rate",
     ),
     ({"strategy": ""}, "strategy='' is not valid: name a registry strategy"),
@@ -92,11 +92,16 @@ def test_the_server_app_refuses_a_bad_strategy_before_loading_data(
     with pytest.raises(ConfigError, match="strategy-options='bogus=1'"):
         run_inprocess(config, num_clusters=2)
     assert not loaded
-    # Bulyan needs 4f + 3 clusters per edge: known once the nodes are, still before any data.
+    # Bulyan needs 4f + 3 clusters per edge: known once the nodes are (after the edges' pools
+    # are read: 1000 nodes on 496 images are refused before asking each who it is), still
+    # before any foundation is pre-trained or loaded.
+    monkeypatch.undo()
+    trained: list[int] = []
+    monkeypatch.setattr(Foundation, "ensure", lambda *args: trained.append(1))
     config = {**TINY, "output-dir": str(tmp_path), "strategy": "bulyan"}
     with pytest.raises(ConfigError, match=r"strategy='bulyan', 2 cluster\(s\) per edge"):
         run_inprocess(config, num_clusters=2)
-    assert not loaded
+    assert not trained
 
 
 # -- non-finite numbers stop the work ------------------------------------------------------------
@@ -156,6 +161,21 @@ def test_a_round_in_which_no_cluster_trained_fails_the_run(
     failing_clusters.update({0, 1})
     with pytest.raises(RunFailedError, match=r"round 1: no cluster trained \(2 sent, 2 failed; "):
         run_inprocess({**TINY, "output-dir": str(tmp_path)}, num_clusters=2)
+    # The folder says so, with the reason, beside what the run wrote (apps/failed.py) ...
+    marker = (tmp_path / "FAILED.txt").read_text()
+    assert marker.startswith("the ServerApp failed: RunFailedError: round 1: no cluster trained")
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "metrics.json").is_file()
+    # ... until a run in the same folder completes.
+    failing_clusters.clear()
+    run_inprocess({**TINY, "output-dir": str(tmp_path), "num-rounds": 1}, num_clusters=2)
+    assert not (tmp_path / "FAILED.txt").exists()
+
+
+def test_a_run_refused_at_its_config_leaves_no_folder(tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError):
+        run_inprocess({**TINY, "output-dir": str(out), "lr": -1}, num_clusters=2)
+    assert not out.exists()
 
 
 def test_an_integrated_fine_tuning_round_in_which_no_cluster_trained_fails_the_run(

@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,40 @@ def test_bad_input_stops_before_any_work(
     assert not out.exists()  # nothing was started
 
 
+# -- what a person reads: progress, not Flower's per-run report ------------------------------------
+QUIET = {"depth": 2, "embed-dim": 32, "num-heads": 2, "peers-per-cluster": 1, "img-size": 16,
+         "patch-size": 8, "foundation": "none", "device": "cpu"}  # fmt: skip
+
+
+def test_an_experiments_run_keeps_flowers_lines_out_of_the_terminal_and_leaves_nothing(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the run's folder goes
+    rows = hfsl_rounds(RunConfig.from_run_config(QUIET), 1, 2)
+    assert len(rows) == 2 and 0 <= rows[1].accuracy <= 1
+    captured = capfd.readouterr()
+    assert "FINAL" not in captured.out + captured.err
+    assert "Final results" not in captured.out + captured.err
+    assert list(tmp_path.iterdir()) == []  # the run's folder (and its run.log) went with it
+
+
+def test_a_failed_experiment_run_keeps_its_folder_and_names_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from gaisnet_flwr.experiments.common import hfsl
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = RunConfig.from_run_config({**QUIET, "strategy": "bulyan"})  # 2 clusters: too few
+    with pytest.raises(RuntimeError, match=r"an in-process run of 2 cluster\(s\) failed: ") as info:
+        hfsl.hfsl_rounds(cfg, 1, 2)
+    (folder,) = tmp_path.iterdir()
+    assert str(folder) in str(info.value)
+    assert "Bulyan needs at least" in (folder / "FAILED.txt").read_text()
+    assert "RUN FAILED" in (folder / "run.log").read_text()
+
+
 # -- the quick variant of the whole set -----------------------------------------------------------
 
 
@@ -264,6 +299,12 @@ def test_quick_variant_writes_every_figure_table_and_the_report(tmp_path: Path) 
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # what a person reads: one progress line per step, the report's path; Flower's lines in
+    # flower.log, each in-process run's report gone with its folder (issue 26)
+    assert "Final results" not in done.stdout + done.stderr
+    assert "FINAL" not in done.stdout + done.stderr + (out / "flower.log").read_text()
+    assert len(done.stderr.splitlines()) < 10, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].startswith(f"Section V report: {out / 'report.md'}")
 
     for name, files in EXPECTED.items():
         assert (out / name / "report.md").is_file(), name

@@ -1,5 +1,5 @@
 """The support table (docs/vit-support.md, made by `scripts/vit_support.py`) lists every ViT-like
-name the installed timm holds, agrees with README.md and docs/configure.md, and its refusals are
+name the installed timm holds, agrees with docs/vits.md and docs/configure.md, and its refusals are
 what PromptedViT says today; no name is left inexact or failing."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_the_table_names_every_vit_like_model_of_the_installed_timm() -> None:
     )
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/configure.md"])
+@pytest.mark.parametrize("page", ["docs/vits.md", "docs/configure.md"])
 def test_readme_and_configure_show_the_generated_summary(page: str) -> None:
     assert summary((REPO / page).read_text()) == summary(PAGE.read_text())
 

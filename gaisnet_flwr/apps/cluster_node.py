@@ -47,7 +47,13 @@ from gaisnet_flwr import contract as c
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.contract import ClusterTask, InferRequest, TrainRequest
-from gaisnet_flwr.data.images import DataSpec, ImageData, load_image_data, partition_indices
+from gaisnet_flwr.data.images import (
+    DataError,
+    DataSpec,
+    ImageData,
+    load_image_data,
+    partition_indices,
+)
 from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
 from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.training.loops import NonFiniteError
@@ -86,6 +92,10 @@ class ClusterNode:
         request = TrainRequest.from_message(msg)
         try:
             content = self.client(context, request.task).train(request)
+        except DataError as err:
+            # A setting this cluster's data cannot meet: the reason, without a traceback per
+            # message (the ServerApp checks what it can know before round 1: data/capacity.py).
+            return Message(Error(code=c.CLUSTER_DATA, reason=str(err)), reply_to=msg)
         except PeerError as err:
             # A dead or slow peer costs this cluster's contribution to the round, nothing more.
             return Message(Error(code=c.PEER_FAILURE, reason=str(err)), reply_to=msg)
@@ -94,7 +104,10 @@ class ClusterNode:
         return Message(content=content, reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
-        client = self.client(context, c.task_of(msg.content))
+        try:
+            client = self.client(context, c.task_of(msg.content))
+        except DataError as err:
+            return Message(Error(code=c.CLUSTER_DATA, reason=str(err)), reply_to=msg)
         return Message(content=client.evaluate(msg.content.array_records[c.ARRAYS]), reply_to=msg)
 
     def infer(self, msg: Message, context: Context) -> Message:

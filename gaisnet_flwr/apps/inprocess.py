@@ -25,13 +25,16 @@ from (`FLOWER_INTERNALS`); tests that build messages outside a Flower process us
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import random
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from logging import ERROR
+from pathlib import Path
 from uuid import uuid4
 
 import flwr
@@ -44,7 +47,7 @@ from flwr.common.constant import (
     SUPERLINK_NODE_ID,
     ErrorCode,
 )
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -215,13 +218,15 @@ def run_inprocess(
     num_clusters: int,
     node_configs: Sequence[Mapping[str, ConfigValue]] | None = None,
     client_threads: int | None = 1,
+    log_file: Path | None = None,
 ) -> RunResult:
     """The GaisNet ServerApp over `num_clusters` ClientApps (one per client cluster), in this
     process; returns the run's results (the rows, modules and requests its files hold).
     `node_configs` (one per node) replace the simulation's partition-id / num-partitions, e.g.
     to give clusters fixed partitions of a larger split. `client_threads`: torch threads per
     ClientApp call, as `flwr run` with client-resources-num-cpus=1 (what scripts/run.sh uses)
-    gives each ClientApp; the same count gives the same modules."""
+    gives each ClientApp; the same count gives the same modules. `log_file`: Flower's log lines
+    of the run go there instead of the terminal (`flower_log_to`)."""
     from gaisnet_flwr.apps.client_app import create_client_app
     from gaisnet_flwr.apps.server_app import create_server_app
     from gaisnet_flwr.config import RunConfig
@@ -231,14 +236,38 @@ def run_inprocess(
     if configs is not None and len(configs) != num_clusters:
         raise ValueError(f"{len(configs)} node-configs for {num_clusters} clusters")
     results: list[RunResult] = []
-    run_apps(
-        create_server_app(on_result=results.append),
-        create_client_app(),
-        run_config,
-        configs if configs is not None else simulation_node_configs(num_clusters),
-        client_threads=client_threads,
-    )
+    with flower_log_to(log_file) if log_file is not None else contextlib.nullcontext():
+        run_apps(
+            create_server_app(on_result=results.append),
+            create_client_app(),
+            run_config,
+            configs if configs is not None else simulation_node_configs(num_clusters),
+            client_threads=client_threads,
+        )
     return results[0]
+
+
+@contextmanager
+def flower_log_to(path: Path) -> Iterator[None]:
+    """Flower's log lines (the ServerApp's, the strategies', Flower's own) go to the file `path`
+    (appended) instead of where they went (the terminal, or an enclosing block's file) while
+    the block runs: an experiment of many runs shows its own progress, each run's report stays
+    in its folder, as `flwr_local.py` keeps run.log. Records still propagate to the root
+    logger (pytest's caplog sees them)."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    saved = list(FLOWER_LOGGER.handlers)
+    for h in saved:
+        FLOWER_LOGGER.removeHandler(h)
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+        handler.close()
+        for h in saved:
+            FLOWER_LOGGER.addHandler(h)
 
 
 # -- Flower internals: the one adapter -------------------------------------------------------------

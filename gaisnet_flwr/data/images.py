@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,6 +74,12 @@ DIRICHLET_MIN_PARTITION_SIZE = 10
 
 class DataError(ValueError):
     """A data setting is invalid or the data is missing; the message names the field and the fix."""
+
+
+def run_config_words(message: str) -> str:
+    """A DataError's message with DataSpec's field names as the run-config keys a user types
+    (`DataSpec.classes_per_cluster` -> `classes-per-cluster`)."""
+    return re.sub(r"DataSpec\.(\w+)", lambda m: m.group(1).replace("_", "-"), message)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ Markdown into --out:
 Acceptance (issue 14): split / unsplit <= 1.05x at batch 10 and 64 in every precision, split
 inference <= 1.05x, the round completes. Sized for under 5 minutes on one H200-class GPU:
 from issue 14's H200 step times the timed parts come to about a minute, model building and
-the synthetic data to well under a minute. Not yet run on a GPU (README "GPU").
+the synthetic data to well under a minute. Not yet run on a GPU (docs/gpu.md).
 
     python scripts/bench_gpu.py                   # on a CUDA GPU: everything above
     python scripts/bench_gpu.py --smoke           # a tiny ViT on the CPU, seconds: checks the

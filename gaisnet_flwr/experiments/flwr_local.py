@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gaisnet_flwr.apps.failed import clear_failed, mark_failed
 from gaisnet_flwr.config import unknown_names
 from gaisnet_flwr.experiments.provenance import Provenance
 
@@ -488,20 +489,26 @@ def check_keys(app: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return defaults
 
 
-def check_run_config(app: Path, overrides: dict[str, Any]) -> None:
+def check_run_config(
+    app: Path, overrides: dict[str, Any], num_supernodes: int | None = None
+) -> None:
     """Refuse what the run would fail on, before any SuperLink, Ray or model: unknown keys (with
     their close matches; no torch imported for that), then the values, checked as the ServerApp
     checks them first (`apps.server_app.check_run_config`: the config, what it derives and the
-    strategy)."""
+    strategy), and, given `num_supernodes`, what its preparation refuses once that many
+    simulated nodes answer (their clusters, the strategy's counts, the data for them)."""
     defaults = check_keys(app, overrides)
     # torch, timm and the strategies: only from here
     from gaisnet_flwr.apps.server_app import check_run_config as server_app_check
+    from gaisnet_flwr.apps.server_app import check_simulation
     from gaisnet_flwr.apps.tracking import check_mlflow
     from gaisnet_flwr.config import ConfigError
 
     try:
-        cfg, _ = server_app_check({**defaults, **overrides})
+        cfg, derived = server_app_check({**defaults, **overrides})
         check_mlflow(cfg.run.mlflow_tracking_uri)  # the ServerApp's next check
+        if num_supernodes is not None:
+            check_simulation(derived, num_supernodes)
     except (ConfigError, RuntimeError) as err:
         raise RunConfigError(str(err)) from err
 
@@ -542,7 +549,7 @@ def run(
         values, extra = split_run_config(extra)
         overrides = {"output-dir": str(output_dir), **read_run_config(values)}
         if check:
-            check_run_config(app, overrides)
+            check_run_config(app, overrides, num_supernodes)
         else:
             check_keys(app, overrides)
     except ValueError as err:
@@ -557,6 +564,7 @@ def run(
     check_ports_free(ports)
     output_dir = Path(overrides["output-dir"]).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    clear_failed(output_dir)  # an earlier run's marker; this run's outcome decides
     log_path = output_dir / "run.log"
     home.mkdir(parents=True, exist_ok=True)
     run_config = write_run_config({**overrides, "output-dir": str(output_dir)}, home)
@@ -584,10 +592,10 @@ def run(
     problems, run_id, final = outcome.problems, outcome.run_id, outcome.final
     elapsed = time.monotonic() - started
     if problems:
+        logs = f"See {log_path} and {home}/local-superlink/superlink.log"
+        mark_failed(output_dir, f"{outcome.why}. {logs}")  # replaces the ServerApp's: says more
         print(
-            f"[flwr_local] RUN FAILED after {elapsed:.0f} s: {outcome.why}. "
-            f"See {log_path} and {home}/local-superlink/superlink.log",
-            file=sys.stderr,
+            f"[flwr_local] RUN FAILED after {elapsed:.0f} s: {outcome.why}. {logs}", file=sys.stderr
         )
         return 1
     print(

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
 from gaisnet_flwr.experiments.common.output import line_plot, md_table, seed_series, write_csv
@@ -53,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cloud_edge(cfg: RunConfig, rounds: int, cloud_every: int) -> list[dict]:
     """metrics.json of a run over the three edges (the real apps, in process)."""
-    import torch
+    from gaisnet_flwr.experiments.common.hfsl import quiet_run
 
     settings = {
         **cfg.to_dict(),
@@ -63,14 +61,8 @@ def cloud_edge(cfg: RunConfig, rounds: int, cloud_every: int) -> list[dict]:
         "inference-requests": 0,
         "fraction-evaluate": 0.0,
     }
-    with tempfile.TemporaryDirectory(prefix="cloud-edge-") as tmp:
-        clusters = CLUSTERS_PER_EDGE * len(EDGES["edge-domains"].split(","))
-        run = run_inprocess(
-            {**settings, "output-dir": tmp},
-            clusters,
-            client_threads=torch.get_num_threads(),  # --threads, as hfsl_rounds passes it
-        )
-        return run.metrics()
+    clusters = CLUSTERS_PER_EDGE * len(EDGES["edge-domains"].split(","))
+    return quiet_run(settings, clusters).metrics()
 
 
 def converged(accuracy: list[float], last: int) -> float:

@@ -1,6 +1,6 @@
 """A whole GaisNet lab on one machine, on loopback: SuperLink, SuperNodes, D2D peer processes.
 
-The same processes a lab runs on real devices (README, "Deploying on lab devices"):
+The same processes a lab runs on real devices (docs/deploy.md):
   * one `flower-superlink` (the edge server; the cloud runs inside its ServerApp),
   * per client cluster one `flower-supernode` (the cluster's start point) whose node-config
     names its members, and K + 1 `gaisnet-peer` processes (K peers and the end point).

@@ -34,6 +34,7 @@ import gaisnet_flwr.experiments.hfsl_vs_central as hfsl_vs_central  # noqa: E402
 import gaisnet_flwr.experiments.table3_noniid as table3_noniid  # noqa: E402
 import gaisnet_flwr.experiments.table4_clusters as table4_clusters  # noqa: E402
 import gaisnet_flwr.experiments.table5_scheduling as table5_scheduling  # noqa: E402
+from gaisnet_flwr.apps.inprocess import flower_log_to  # noqa: E402
 from gaisnet_flwr.config import RunConfig  # noqa: E402
 from gaisnet_flwr.experiments.common import cli, output, progress, report, stats  # noqa: E402
 
@@ -105,12 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     foundation = report.foundation_note(cfg)  # pre-trains it once, before the timed parts
     startup = time.perf_counter() - START
     results, failures = [], []
-    print(f"Section V: {', '.join(names)} into {out} (start-up {startup:.0f} s)", flush=True)
+    flower_log = out / "flower.log"  # Flower's lines (each in-process run keeps its own)
+    flower_log.unlink(missing_ok=True)
+    print(
+        f"Section V: {', '.join(names)} into {out} (start-up {startup:.0f} s; Flower's log: "
+        f"{flower_log})",
+        flush=True,
+    )
     for name in names:
         module = EXPERIMENTS[name]
         sub_args, sub_cfg = subs[name]
         try:
-            result = report.execute(module, sub_cfg, sub_args, out / name)
+            with flower_log_to(flower_log):
+                result = report.execute(module, sub_cfg, sub_args, out / name)
         except Exception:  # noqa: BLE001 - report it, run the others, fail at the end
             failures.append((name, traceback.format_exc()))
             print(f"[{name}] FAILED\n{failures[-1][1]}", flush=True)

@@ -10,7 +10,7 @@ name tiny with random weights (nothing is downloaded) and records, per mode:
     refused    PromptedViT refuses it (`ModelError`), and why
     not built  timm cannot build the name at any tiny shape tried, and timm's reason
 
-and writes a page (docs/vit-support.md): a summary by timm class and block, which README.md and
+and writes a page (docs/vit-support.md): a summary by timm class and block, which docs/vits.md and
 docs/configure.md show (tests/test_vit_support.py keeps the three in agreement and the names in
 step with the installed timm), and one row per name.
 
@@ -321,7 +321,7 @@ def page_header(argv: list[str] | None, seconds: float) -> str:
         "logits) over plans [2] and [1, 1], 3 steps of SGD-momentum and of AdamW, with its "
         "FLOPs and memory measured; **refused**: `PromptedViT` refuses it with the reason "
         "below; **not built**: timm cannot build it tiny. `tests/test_vit_support.py` keeps "
-        "this page, README.md and docs/configure.md in agreement and the names in step with "
+        "this page, docs/vits.md and docs/configure.md in agreement and the names in step with "
         "the installed timm."
     )
 

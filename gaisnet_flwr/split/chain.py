@@ -144,7 +144,7 @@ class Segment:
             # The gradient of the input as autograd computes it, before it is accumulated into
             # `h.grad`: that copies it into `h`'s memory layout (permuted, for a prefix-free
             # ViT's tokens), while the unsplit model hands the previous block the gradient as
-            # computed; sums over it (LayerScale's gamma) would round differently (README
+            # computed; sums over it (LayerScale's gamma) would round differently (docs/vits.md
             # "Exactness").
             h.register_hook(self._keep_input_grad)
         with self.precision.forward(self.device):

@@ -14,7 +14,7 @@ order than its shape (a prefix-free ViT's tokens straight from the patch convolu
 [B, N, D] with strides (N*D, 1, N)) is sent in memory order with its dim order, and arrives with
 the same strides. The unsplit model keeps that layout through every block; a hop that made it
 contiguous would let later reductions (average pooling, the backward's sums) round differently,
-and the chain would no longer train bit for bit like the unsplit model (README "Exactness").
+and the chain would no longer train bit for bit like the unsplit model (docs/vits.md "Exactness").
 """
 
 from __future__ import annotations

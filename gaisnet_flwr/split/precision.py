@@ -4,7 +4,7 @@ Two independent choices (run-config `precision` and `smashed-dtype`, checked in 
 
 * compute precision, per node, around its segment:
     fp32   plain float32 everywhere (the default; on a CPU the split chain then trains bit for
-           bit like the unsplit model, README "Exactness")
+           bit like the unsplit model, docs/vits.md "Exactness")
     tf32   float32 tensors, matmuls and convolutions on CUDA tensor cores in TF32 (10-bit
            mantissa). TF32 is a CUDA format: on a CPU this is exactly fp32.
     bf16   `torch.autocast` to bfloat16 in every forward pass. Parameters (prompts, head, the

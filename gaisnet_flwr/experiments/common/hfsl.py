@@ -4,6 +4,7 @@ and the centralised training they are compared with."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.inprocess import run_inprocess
+from gaisnet_flwr.apps.recorder import RunResult
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
@@ -64,13 +66,7 @@ def hfsl_rounds(
         "inference-requests": 0,
         "fraction-evaluate": 0.0,
     }
-    with tempfile.TemporaryDirectory(prefix="hfsl-") as tmp:
-        run = run_inprocess(
-            {**settings, "output-dir": tmp},
-            clusters,
-            node_configs,
-            client_threads=torch.get_num_threads(),  # --threads
-        )
+    run = quiet_run(settings, clusters, node_configs)
     rows = [
         RoundRow(
             r,
@@ -97,6 +93,34 @@ def hfsl_rounds(
         if on_round:
             on_round(row)
     return rows
+
+
+def quiet_run(
+    settings: dict[str, Any],
+    clusters: int,
+    node_configs: Sequence[dict[str, Any]] | None = None,
+) -> RunResult:
+    """The real apps in this process (`run_inprocess`, torch's --threads per ClientApp) in a
+    folder of their own whose run.log takes Flower's log lines: the terminal shows the
+    experiment's progress, not Flower's per-run report. The folder goes when the run completes
+    (the experiment keeps what it reads from the result); a failed run's folder stays, with
+    its run.log and FAILED.txt, and the error names it."""
+    folder = Path(tempfile.mkdtemp(prefix="hfsl-"))
+    try:
+        run = run_inprocess(
+            {**settings, "output-dir": str(folder)},
+            clusters,
+            node_configs,
+            client_threads=torch.get_num_threads(),  # --threads
+            log_file=folder / "run.log",
+        )
+    except Exception as err:
+        raise RuntimeError(
+            f"an in-process run of {clusters} cluster(s) failed: {err} (kept: {folder}, "
+            f"with its run.log and FAILED.txt)"
+        ) from err
+    shutil.rmtree(folder, ignore_errors=True)
+    return run
 
 
 def pooled_edge_data(cfg: RunConfig, clusters: int) -> tuple[Dataset, Dataset]:
