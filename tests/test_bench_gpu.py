@@ -55,3 +55,14 @@ def test_without_a_gpu_it_says_it_needs_one(
     err = capsys.readouterr().err
     assert "needs a CUDA GPU and none is available" in err and "--smoke" in err
     assert not (tmp_path / "bench_gpu.json").exists()
+
+
+def test_the_memory_benchmark_runs_a_round_and_reports_the_peak(tmp_path: Path) -> None:
+    from gaisnet_flwr.experiments.bench_memory import main as memory_main
+
+    out = tmp_path / "memory.json"
+    assert memory_main(["--smoke", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["peak resident bytes"] > 100e6  # this process: torch alone is more
+    assert figures["round s"] > 0 and figures["slowest cluster train s"] > 0
+    assert (tmp_path / "provenance.json").is_file()
