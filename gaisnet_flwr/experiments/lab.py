@@ -304,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"flwr run . lab (the whole stream: {lab.logs / 'flwr-run.log'})")
         outcome = lab.run(run_config, progress=say)
         if outcome.ok:
+            # (its FINAL line was among the progress lines)
             print(f"[lab] run {outcome.run_id} completed in {time.monotonic() - started:.0f} s "
-                  f"({outcome.cluster_failures})\n{outcome.final}")  # fmt: skip
+                  f"({outcome.cluster_failures}); results in {outcome.results}")  # fmt: skip
             return 0
         print(f"[lab] RUN FAILED: {outcome.why}. See {outcome.log} and "
               f"{lab.logs}", file=sys.stderr)  # fmt: skip
