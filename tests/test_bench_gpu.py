@@ -66,3 +66,16 @@ def test_the_memory_benchmark_runs_a_round_and_reports_the_peak(tmp_path: Path) 
     assert figures["peak resident bytes"] > 100e6  # this process: torch alone is more
     assert figures["round s"] > 0 and figures["slowest cluster train s"] > 0
     assert (tmp_path / "provenance.json").is_file()
+
+
+def test_bench_rounds_vit_b16_setting_is_a_valid_run_config() -> None:
+    from gaisnet_flwr.config import RunConfig, parse_overrides
+    from gaisnet_flwr.experiments.bench_round import VIT_B16
+
+    cfg = RunConfig.from_run_config(parse_overrides(VIT_B16))
+    assert (cfg.model.model_name, cfg.model.img_size, cfg.model.embed_dim) == (
+        "vit_base_patch16_224",
+        224,
+        768,
+    )
+    assert cfg.cloud.foundation == "none" and cfg.data.cluster_samples == 10

@@ -183,8 +183,8 @@ def stock_fedavg_round(cfg: RunConfig, clusters: int) -> tuple[float, float, int
 # ViT-B/16's architecture (the paper's model) with random weights, on a little data: where the
 # paper's claim lives (prompts add ~5 % tokens; the backbone needs no weight gradients).
 VIT_B16 = (
-    "model-name=vit_base_patch16_224 img-size=224 patch-size=16 depth=12 embed-dim=768 "
-    "num-heads=12 foundation=none optimizer=adamw lr=0.001 batch-size=4 cluster-samples=10"
+    "model-name='vit_base_patch16_224' img-size=224 patch-size=16 depth=12 embed-dim=768 "
+    "num-heads=12 foundation='none' optimizer='adamw' lr=0.001 batch-size=4 cluster-samples=10"
 )
 
 
