@@ -23,6 +23,9 @@ from gaisnet_flwr.contract import (
     COMPUTE_FLOPS,
     D2D_BYTES,
     DOWNLOAD,
+    EDGE_ENERGY,
+    EDGE_FLOPS,
+    EDGE_HOP_BYTES,
     ENERGY,
     IMAGES,
     LATENCY,
@@ -126,6 +129,12 @@ def serve(
     for node, footprint in zip(cost.nodes, memory, strict=True):
         metrics[f"{MEMORY}/{node.name}"] = footprint.inference
         metrics[f"{ENERGY}/{node.name}"] = node.energy_j
+    if cost.edge is not None:  # the edge server held a segment: its part apart
+        metrics |= {
+            EDGE_FLOPS: cost.edge_flops,
+            EDGE_ENERGY: cost.edge_energy_j,
+            EDGE_HOP_BYTES: cost.cs_hop_bytes,
+        }
     if labels is not None:
         metrics[ACCURACY] = float((predictions == labels).float().mean())
     return predictions.numpy(), metrics

@@ -175,12 +175,18 @@ class SplitClusterClient:
         self.device = resolve_device(cfg.run.device)  # auto: the GPU Ray gave this node, if any
         self.precision = Precision(cfg.run.precision, cfg.run.smashed_dtype)
 
-    def _remote(self) -> NetworkPeers | None:
+    def _remote(self, task: ClusterTask) -> NetworkPeers | None:
+        """The members after the start point on other machines (node-config `peers`, in the
+        order of the task's chain: a segment on the edge server is a gaisnet-peer there)."""
         if self.peers is None:
             return None
         spec = model_spec(model_kwargs(self.cfg.model, self.cfg.cloud), self.data.num_classes)
         return NetworkPeers(
-            self.peers, spec, optimizer_spec(self.cfg.training), precision=self.precision
+            self.peers,
+            spec,
+            optimizer_spec(self.cfg.training),
+            precision=self.precision,
+            members=task.profile.names[1:],
         )
 
     def train(self, request: TrainRequest) -> RecordDict:
@@ -195,7 +201,7 @@ class SplitClusterClient:
             seed=round_seed(self.cfg.run.seed, task.edge, task.partition, request.server_round),
             proximal_mu=request.proximal_mu,
             device=self.device,
-            remote=self._remote(),
+            remote=self._remote(task),
             precision=self.precision,
         )
         state = self.model.tunable_state()
@@ -221,6 +227,18 @@ class SplitClusterClient:
         for node, memory in zip(cost.nodes, task.memory, strict=True):
             per_node[f"{c.ENERGY}/{node.name}"] = node.energy_j
             per_node[f"{c.MEMORY}/{node.name}"] = memory
+        # The segment the edge server ran (edge-offload): its part apart from the devices'.
+        flops = list(result.chain.segment_flops.values())  # in chain order
+        edge = task.profile.edge
+        edge_flops = flops[edge] if edge is not None else 0
+        edge_part: dict[str, float | int] = {}
+        if self.cfg.cluster.edge_offload != "never":  # every cluster reports it (0 if none)
+            edge_part = {
+                c.EDGE_FLOPS: edge_flops,
+                c.EDGE_COMPUTE_S: cost.edge_compute_s,
+                c.EDGE_ENERGY: cost.edge_energy_j,
+                c.EDGE_HOP_BYTES: cost.cs_hop_bytes,
+            }
         metrics = {
             c.LATENCY: cost.latency_s,
             c.BOTTLENECK: cost.bottleneck_s,
@@ -233,15 +251,18 @@ class SplitClusterClient:
             c.COMPUTE_J: cost.compute_j,
             c.TX_J: cost.tx_j,
             c.CS_BYTES: cost.cs_bytes,
-            c.MEMORY_MAX: max(task.memory),
+            # the devices' (memory-bytes/edge: the edge server's)
+            c.MEMORY_MAX: max(m for k, m in enumerate(task.memory) if k != edge),
             **per_node,
+            **edge_part,
             c.NUM_EXAMPLES: result.num_examples,
             c.TRAIN_LOSS: result.loss,
             c.TRAIN_ACC: result.accuracy,
-            c.D2D_FWD: result.chain.d2d_bytes_forward,
-            c.D2D_BWD: result.chain.d2d_bytes_backward,
+            # D2D hops only: the hops to and from the edge server are in cs-bytes
+            c.D2D_FWD: cost.d2d_forward_bytes,
+            c.D2D_BWD: cost.d2d_backward_bytes,
             c.UPLOAD: upload.count_bytes(),
-            c.COMPUTE_FLOPS: sum(result.chain.segment_flops.values()),
+            c.COMPUTE_FLOPS: sum(flops) - edge_flops,  # the devices'; the edge's apart
             c.PARTITION_ID: task.partition,
             c.EDGE_ID: task.edge,
             c.CLUSTER_ID: task.cluster,
@@ -270,7 +291,7 @@ class SplitClusterClient:
             images,
             labels,
             download_bytes=request.model.count_bytes(),
-            remote=self._remote(),
+            remote=self._remote(task),
             device=self.device,
             precision=self.precision,
         )

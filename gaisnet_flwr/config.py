@@ -46,6 +46,7 @@ MODES = ("vpt-deep", "vpt-shallow", "linear", "full")  # vit.model
 FOUNDATIONS = ("cloud", "timm", "file", "none")  # cloud.foundation
 COMPUTE_PLANNERS = ("minmax", "even")  # split.plan: sized by compute alone
 PLANNERS = (*COMPUTE_PLANNERS, "comm-aware")  # population.planning: compute, hops and memory
+EDGE_OFFLOAD = ("never", "auto")  # population.edge_offload: may the edge server hold a segment
 OPTIMIZERS = ("sgd", "adamw")  # split.chain
 DATASETS = ("digits", "flowers102", "imagefolder")  # data.images
 PARTITIONINGS = ("iid", "classes", "dirichlet")
@@ -53,6 +54,10 @@ EDGE_TASKS = ("new-classes", "same-classes")
 DOMAINS = ("none", "invert", "rotate", "noise", "blur")  # an edge's data domain
 DISTRIBUTIONS = ("efficient", "full")  # SL inference ships the tunable modules, or every weight
 SERVICES = ("fine-tuning", "integrated")
+# Which part of the hierarchy a ServerApp runs (apps/server_app.py): all of it in one ServerApp
+# (the simulation's logical edges), the cloud alone (its SuperNodes are the edge servers:
+# apps/cloud_app.py), or one edge server over its clusters' SuperNodes (apps/edge_app.py).
+TIERS = ("hierarchy", "cloud", "edge")
 POLICIES = ("rs", "msip", "mlcp")  # service.scheduler
 CLOUD_MODULES = ("prompts", "all")
 DEVICES = ("auto", "cpu", "cuda")
@@ -347,6 +352,11 @@ class CloudSection(Section):
     pretrain_seed: int = option(0, "the cloud's pre-training seed", low=0, high=SEED_MAX)
 
 
+def differing(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two run-configs (or that one lacks)."""
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+
+
 @dataclass(frozen=True)
 class ClusterSection(Section):
     """A client cluster: start point -> `peers_per_cluster` D2D peers -> end point (Fig. 4).
@@ -371,9 +381,20 @@ class ClusterSection(Section):
     )
     planner: str = option("minmax", "how blocks are split over the peers", choices=PLANNERS)
     population: str = option("", f"device population: {POPULATION_FORMS}")
+    edge_offload: str = option(
+        "never",
+        "'auto': a chain may hold the edge server as a node where that shortens the round",
+        choices=EDGE_OFFLOAD,
+    )
 
     def relations(self) -> None:
         parse_population(self.population)
+        if self.edge_offload != "never" and self.planner != "comm-aware":
+            raise ConfigError(
+                f"edge-offload={self.edge_offload!r} prices the hops into and out of the edge "
+                f"server: it needs planner='comm-aware' (planner={self.planner!r} prices "
+                f"compute alone)"
+            )
 
 
 @dataclass(frozen=True)
@@ -529,10 +550,39 @@ class HierarchySection(Section):
     max_in_flight: int = option(
         16, "messages the ServerApp keeps in flight; 0 = a whole round", low=0, high=1_000_000
     )
+    # The hierarchy as processes of their own (docs/deploy.md, "The cloud and its edge servers").
+    tier: str = option(
+        "hierarchy",
+        "what this ServerApp runs: the whole hierarchy, the cloud, or one edge server",
+        choices=TIERS,
+    )
+    edge_id: int = option(0, "tier='edge': which edge server (index in edge-domains)", low=0,
+                          high=MAX_EDGES - 1)  # fmt: skip
+    edge_dir: str = option(
+        "", "tier='edge': the folder shared with the edge's cloud-facing SuperNode (edge-dir)"
+    )
+    cloud_timeout_s: float = option(
+        3600.0, "deployment: how long the cloud waits for an edge in a cloud round", low=0,
+        high=1e6, low_open=True,
+    )  # fmt: skip
+    resume: bool = option(
+        False, "tier='cloud': go on after the last cloud round saved in output-dir"
+    )
 
     def relations(self) -> None:
         if not self.edge_domains:
             raise ConfigError("edge-domains='' is not valid: name one domain per edge server")
+        if self.tier == "edge":
+            if not self.edge_dir.strip():
+                raise ConfigError(
+                    "tier='edge' needs edge-dir: the folder this edge server shares with its "
+                    "cloud-facing SuperNode (that SuperNode's node-config edge-dir)"
+                )
+            if self.edge_id >= len(self.edge_domains):
+                raise ConfigError(
+                    f"edge-id={self.edge_id} is out of range: edge-domains lists "
+                    f"{len(self.edge_domains)} edge server(s) (0..{len(self.edge_domains) - 1})"
+                )
 
 
 @dataclass(frozen=True)
@@ -592,6 +642,12 @@ class RunConfig:
                     f"{_render(self.scheduling.demand)!r} must list, per round, an edge index in "
                     f"[0, {edges}) (edges come from edge-domains)"
                 )
+        tier = self.hierarchy.tier
+        if tier != "hierarchy" and self.scheduling.service == "integrated":
+            raise ConfigError(
+                f"service='integrated' runs in one ServerApp: it needs tier='hierarchy' "
+                f"(tier={tier!r})"
+            )
         if self.data.cluster_samples == 1 and self.hierarchy.fraction_evaluate > 0:
             raise ConfigError(
                 "cluster-samples=1 leaves no cluster a validation image (val-fraction holds one "

@@ -10,7 +10,11 @@ ClientApp (and, for a deployed hierarchy, an edge or cloud process) share one de
     (`ClusterTask`: its edge, data share, block ranges, devices, links and the plan's static
     costs), which travels with every message, so no ClientApp re-derives a plan;
   * the typed requests and replies with their record conversions;
-  * the global modules' layout, `edge<e>/<module>` side by side.
+  * the global modules' layout, `edge<e>/<module>` side by side;
+  * the foundation checkpoint on the wire (`query.foundation`, by SHA-256) and the files a node
+    holds (its identity reply's `held`);
+  * the cloud and its edge servers as processes of their own: an edge's identity, the cloud's
+    request to it (`EdgeRequest`) and its answer (`EdgeReport`).
 
 It imports Flower's records and the plain dataclasses of the plan and the device profiles: no
 torch, so an edge or cloud process can import it cheaply.
@@ -22,7 +26,7 @@ import dataclasses
 import enum
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -37,6 +41,7 @@ from flwr.app import (
 )
 
 from gaisnet_flwr.costs.profiles import ClusterProfile, DeviceProfile, LinkProfile
+from gaisnet_flwr.deploy.shipping import ShippedFile
 from gaisnet_flwr.split.plan import SplitPlan
 
 # -- message types, record names, error codes ----------------------------------------------------
@@ -44,11 +49,14 @@ TRAIN = MessageType.TRAIN
 EVALUATE = MessageType.EVALUATE
 IDENTITY = "identity"  # ClientApp query action: who is this node (message type query.identity)
 INFER = "infer"  # ClientApp query action: serve an SL inference request (query.infer)
+FOUNDATION = "foundation"  # ClientApp query action: take the foundation checkpoint shipped
 QUERY_IDENTITY = f"{MessageType.QUERY}.{IDENTITY}"
 QUERY_INFER = f"{MessageType.QUERY}.{INFER}"
+QUERY_FOUNDATION = f"{MessageType.QUERY}.{FOUNDATION}"
 
 ARRAYS, METRICS_RECORD, CONFIG, TASK = "arrays", "metrics", "config", "task"  # RecordDict keys
 MODEL, INPUTS, PREDICTIONS, IMAGES = "model", "inputs", "predictions", "images"
+HELD, FILE, FAILURES = "held", "file", "failures"  # the foundation's files; an edge's failures
 
 INFERENCE_REQUEST_ERROR = 400  # this request cannot be served (the reason says why)
 CLUSTER_DATA = 412  # the cluster's data cannot be formed (the reason names the key to change)
@@ -56,9 +64,15 @@ NON_FINITE = 422  # the cluster's training went to NaN / inf: it stopped, this c
 PEER_FAILURE = 503  # a D2D peer was down, too slow or refused: this cluster failed
 NO_REPLY = -1  # a failure record's code for a node that did not answer in time
 NON_FINITE_AGGREGATE = -2  # ... for an edge whose aggregate is not finite (node -1)
+FOUNDATION_REFUSED = 409  # a shipped foundation whose bytes do not hash to what came with them
+EDGE_FAILED = 504  # an edge server stopped, or missed the cloud round's deadline
 
 # Keys the Flower strategies put in a train message's ConfigRecord (FedAvg, FedProx).
 SERVER_ROUND, PROXIMAL_MU = "server-round", "proximal-mu"
+# A cloud message to an edge server (`EdgeRequest`), and an edge's node-config.
+FIRST_ROUND, LAST_ROUND, FINAL, TIMEOUT = "first-round", "last-round", "final", "timeout-s"
+SHARED_CONFIG = "shared-config"  # the run-config every tier must share, as JSON
+EDGE_DIR = "edge-dir"
 
 
 # -- metrics and how they aggregate ---------------------------------------------------------------
@@ -104,6 +118,13 @@ PARTITION_ID, EDGE_ID, CLUSTER_ID, NUM_PARTITIONS = (
 TRAIN_TIME = "train-time-s"
 EVAL_LOSS, EVAL_ACC = "eval-loss", "eval-acc"
 NUM_SAMPLES, D2D_BYTES, ACCURACY = "num-samples", "d2d-bytes", "accuracy"
+# The edge server's part of a chain where it holds a segment (run-config edge-offload)
+EDGE_FLOPS, EDGE_COMPUTE_S, EDGE_ENERGY, EDGE_HOP_BYTES = (
+    "edge-flops",
+    "edge-compute-s",
+    "edge-energy-j",
+    "edge-hop-bytes",
+)
 
 METRICS: dict[str, Metric] = {
     m.key: m
@@ -132,6 +153,11 @@ METRICS: dict[str, Metric] = {
         Metric(TRAIN_TIME, X, "wall time of the cluster's round"),
         Metric(EVAL_LOSS, M, "the cluster's validation loss"),
         Metric(EVAL_ACC, M, "the cluster's validation accuracy"),
+        # the edge server as a node of the chain (edge-offload='auto'): apart from the devices'
+        Metric(EDGE_FLOPS, S, "FLOPs the edge server computed for the cluster's chain"),
+        Metric(EDGE_COMPUTE_S, X, "the edge server's time on the chain's segment (its share)"),
+        Metric(EDGE_ENERGY, S, "the edge server's energy on the chain's segment and its sends"),
+        Metric(EDGE_HOP_BYTES, S, "client-edge bytes of the hops into and out of the edge"),
         # who the cluster is
         Metric(PARTITION_ID, K, "the cluster's partition within its edge"),
         Metric(EDGE_ID, K, "the cluster's edge server"),
@@ -149,6 +175,9 @@ CLOUD_ROUND, FAILED_CLUSTERS, FAILED_AGGREGATES = (
     "failed-aggregates",
 )
 ROUND_LATENCY = "round-latency-s"
+# What the deployed cloud adds (apps/cloud_app.py): per edge its weight in the cloud's average
+# (`edge<e>/edge-weight`), and for the cloud round the edges that contributed or failed.
+EDGE_WEIGHT, EDGES_CONTRIBUTED, EDGES_FAILED = "edge-weight", "edges-contributed", "edges-failed"
 # An integrated round's row (integrated.json, strategies/integrated.py): its profit, so far and
 # in all, and the accuracy of the request it served.
 PROFIT, CUMULATIVE_PROFIT, SERVED_ACCURACY = "profit", "cumulative-profit", "served-accuracy"
@@ -172,7 +201,8 @@ def aggregate_metrics(records: Sequence[RecordDict], weighting_key: str) -> Metr
     metrics = [next(iter(r.metric_records.values())) for r in records]
     weights = np.array([float(cast(float, m[weighting_key])) for m in metrics])
     out: dict[str, Any] = {NUM_CLUSTERS: len(metrics)}
-    for key in metrics[0]:
+    # every key any cluster sent (`<key>/edge` comes only from the chains the edge is part of)
+    for key in dict.fromkeys(k for m in metrics for k in m):
         family, _, node = key.partition("/")
         declared = METRICS.get(family)
         if declared is None or (node and not declared.per_node):
@@ -345,6 +375,8 @@ def _profile_dict(profile: ClusterProfile) -> dict[str, Any]:
         "result_link": None
         if profile.result_link is None
         else dataclasses.asdict(profile.result_link),
+        "edge": profile.edge,  # the node the edge server runs (edge-offload), or None
+        "edge_share": profile.edge_share,
     }
 
 
@@ -355,6 +387,8 @@ def _profile_of(data: Mapping[str, Any]) -> ClusterProfile:
         hops=tuple(LinkProfile(**h) for h in data["hops"]),
         uplink=LinkProfile(**data["uplink"]),
         result_link=None if result is None else LinkProfile(**result),
+        edge=data.get("edge"),
+        edge_share=int(data.get("edge_share", 1)),
     )
 
 
@@ -509,7 +543,182 @@ def split_edges(arrays: ArrayRecord) -> dict[int, ArrayRecord]:
     return {e: ArrayRecord(dict(v)) for e, v in sorted(per_edge.items())}
 
 
+def arrays_of(modules: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """NumPy arrays by name as an ArrayRecord (in their order)."""
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in modules.items()})
+
+
 def join_edges(per_edge: Mapping[int, ArrayRecord]) -> ArrayRecord:
     return ArrayRecord(
         {edge_key(e, k): v for e, rec in sorted(per_edge.items()) for k, v in rec.items()}
     )
+
+
+# -- the foundation on the wire: cloud -> edge -> start point, by SHA-256 --------------------------
+def ship_message(file: ShippedFile, node: int) -> Message:
+    """A `query.foundation` message: the checkpoint's bytes, its name and SHA-256."""
+    return Message(
+        RecordDict(
+            {
+                FILE: ArrayRecord({FILE: Array(np.frombuffer(file.payload, dtype=np.uint8))}),
+                CONFIG: ConfigRecord({"name": file.name, "sha256": file.sha256}),
+            }
+        ),
+        dst_node_id=node,
+        message_type=QUERY_FOUNDATION,
+    )
+
+
+def shipped_of(content: RecordDict) -> ShippedFile:
+    """The file a `query.foundation` message carries (ValueError when it carries none)."""
+    try:
+        config = content.config_records[CONFIG]
+        payload = content.array_records[FILE][FILE].numpy().tobytes()
+        return ShippedFile(str(config["name"]), str(config["sha256"]), payload)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"a query.foundation message without its file: {err}") from err
+
+
+def with_held(content: RecordDict, held: Mapping[str, str]) -> RecordDict:
+    """An identity reply with the foundation checkpoints the node holds (name -> SHA-256)."""
+    return RecordDict({**content, HELD: ConfigRecord(dict(held))})
+
+
+def held_of(content: RecordDict) -> dict[str, str]:
+    record = content.config_records.get(HELD, ConfigRecord())
+    return {str(k): str(v) for k, v in record.items()}
+
+
+# -- the cloud and its edge servers as processes of their own (tier 'cloud' / 'edge') -------------
+# Run-config keys each process of a deployed hierarchy sets for itself; every other key must be
+# the cloud's (an edge checks: apps/edge_app.check_shared), or the edges would train another run.
+OWN_KEYS = frozenset({
+    "tier", EDGE_ID, EDGE_DIR, "output-dir", "foundation-dir", "resume", "min-clusters",
+    "cloud-timeout-s", "max-in-flight", "device", "mlflow-tracking-uri", "inference-requests",
+    "peers-per-cluster",  # an edge's chains are its own (the cloud sees only modules)
+})  # fmt: skip
+
+
+def shared_keys(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run-config the cloud and its edge servers must share (all but `OWN_KEYS`)."""
+    return {k: v for k, v in sorted(run_config.items()) if k not in OWN_KEYS}
+
+
+@dataclass(frozen=True)
+class EdgeIdentity:
+    """What an edge server's cloud-facing SuperNode says about itself (its node-config): which
+    edge it is, and the folder it shares with the edge's ServerApp (`apps/bridge.py`)."""
+
+    edge: int
+    edge_dir: str = ""
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> EdgeIdentity:
+        missing = [k for k in (EDGE_ID, EDGE_DIR) if k not in node_config]
+        if missing:
+            raise ValueError(
+                f"node-config lacks {missing}: the cloud's SuperNodes are edge servers "
+                f"(flower-supernode --node-config \"edge-id=0 edge-dir='/srv/edge0'\", the "
+                f"edge-dir its ServerApp serves from)"
+            )
+        edge = int(node_config[EDGE_ID])
+        if edge < 0:
+            raise ValueError(f"edge-id={edge} must be >= 0")
+        return cls(edge, str(node_config[EDGE_DIR]))
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({METRICS_RECORD: MetricRecord({EDGE_ID: self.edge})})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> EdgeIdentity:
+        return cls(int(cast(int, content.metric_records[METRICS_RECORD][EDGE_ID])))
+
+
+@dataclass(frozen=True)
+class EdgeRequest:
+    """What the cloud asks of an edge server in cloud round `cloud_round`: "train" the
+    hierarchy's rounds `first`..`last` from `modules` (what the cloud holds for that edge), or
+    "evaluate": take the cloud's delivery `modules` and report its accuracy; `final` marks the
+    last cloud round; the edge has `timeout_s` from the message's creation. `shared` is the
+    cloud's run-config without the keys each tier sets for itself (config.shared_keys), which
+    the edge checks against its own."""
+
+    kind: str
+    cloud_round: int
+    first: int
+    last: int
+    final: bool
+    timeout_s: float
+    modules: ArrayRecord
+    shared: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_message(self, node: int) -> Message:
+        config = ConfigRecord(
+            {
+                CLOUD_ROUND: self.cloud_round,
+                FIRST_ROUND: self.first,
+                LAST_ROUND: self.last,
+                FINAL: self.final,
+                TIMEOUT: self.timeout_s,
+                SHARED_CONFIG: json.dumps(dict(self.shared), sort_keys=True),
+            }
+        )
+        return Message(
+            RecordDict({ARRAYS: self.modules, CONFIG: config}),
+            dst_node_id=node,
+            message_type=TRAIN if self.kind == "train" else EVALUATE,
+            group_id=str(self.cloud_round),
+        )
+
+    @classmethod
+    def from_message(cls, message: Message) -> EdgeRequest:
+        content, kind = message.content, message.metadata.message_type
+        try:
+            config = content.config_records[CONFIG]
+            return cls(
+                "train" if kind == TRAIN else "evaluate",
+                int(cast(int, config[CLOUD_ROUND])),
+                int(cast(int, config[FIRST_ROUND])),
+                int(cast(int, config[LAST_ROUND])),
+                bool(config[FINAL]),
+                float(cast(float, config[TIMEOUT])),
+                content.array_records[ARRAYS],
+                json.loads(str(config.get(SHARED_CONFIG, "{}"))),
+            )
+        except KeyError as err:
+            raise ValueError(f"a cloud {kind} message without {err.args[0]!r}") from err
+
+
+@dataclass(frozen=True)
+class EdgeReport:
+    """An edge server's answer: its modules after its rounds (train; none for evaluate), its
+    weight in the cloud's average (the training examples of the clusters that trained in its
+    last round), its metrics (`edge<e>/<key>`) and its clusters' failures."""
+
+    modules: ArrayRecord | None
+    weight: float
+    metrics: Mapping[str, float | int]
+    failures: tuple[Mapping[str, Any], ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        modules: Mapping[str, np.ndarray],
+        weight: float,
+        metrics: Mapping[str, float | int],
+        failures: Sequence[Mapping[str, Any]],
+    ) -> EdgeReport:
+        return cls(arrays_of(modules) if modules else None, weight, dict(metrics), tuple(failures))
+
+    def content(self) -> RecordDict:
+        records: dict[str, Any] = {} if self.modules is None else {ARRAYS: self.modules}
+        records[METRICS_RECORD] = MetricRecord({**self.metrics, EDGE_WEIGHT: self.weight})  # type: ignore[dict-item]
+        records[FAILURES] = ConfigRecord({FAILURES: json.dumps(list(self.failures))})
+        return RecordDict(records)
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> EdgeReport:
+        metrics = dict(content.metric_records[METRICS_RECORD])
+        weight = float(cast(float, metrics.pop(EDGE_WEIGHT)))
+        failures = json.loads(str(content.config_records[FAILURES][FAILURES]))
+        return cls(content.array_records.get(ARRAYS), weight, metrics, tuple(failures))  # type: ignore[arg-type]

@@ -4,9 +4,11 @@
 profiles and their file, the model built on the meta device, a checkpoint file, the folders,
 CUDA) and builds what every later step reads: the data spec, the cost model's profiles, the
 identical clusters' devices, links and split plan, the clusters formed from a device population,
-the edge server's device and backhaul. The ServerApp sends each cluster its own part (its block
-ranges, devices and links: `contract.ClusterTask`); nothing here runs on a client. Errors are
-`ConfigError`s naming the run-config key.
+the edge server's device and backhaul (and, with edge-offload 'auto', the edge server as a node
+of the chains: which chains share it is known once the nodes are, `apps/server_app.py`). The
+ServerApp sends each cluster its own part (its block ranges, devices and links:
+`contract.ClusterTask`); nothing here runs on a client. Errors are `ConfigError`s naming the
+run-config key.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from gaisnet_flwr.costs.profiles import (
 )
 from gaisnet_flwr.data.images import DataSpec, dataset_classes, run_config_words
 from gaisnet_flwr.population.devices import PopulationError, load_spec
+from gaisnet_flwr.population.edge_offload import EdgeServer, place_cluster
 from gaisnet_flwr.population.layout import ClusterLayout, form_layout
 from gaisnet_flwr.population.planning import RangeCosts, Workload, plan_cluster
 from gaisnet_flwr.split.plan import PlanError, SplitPlan, make_plan
@@ -62,6 +65,8 @@ class Derived:
     edge_device: DeviceProfile  # runs each edge's (and the cloud's) aggregation
     backhaul: LinkProfile  # edge <-> cloud
     meta: PromptedViT  # the edge model on the meta device: shapes for FLOPs and memory
+    costs: RangeCosts | None = None  # what a range of blocks costs (comm-aware or population)
+    edge: EdgeServer | None = None  # edge-offload 'auto': the edge server as a chain node
 
 
 def derive(cfg: RunConfig) -> Derived:
@@ -112,12 +117,25 @@ def derive(cfg: RunConfig) -> Derived:
         if population or cfg.cluster.planner not in COMPUTE_PLANNERS
         else None
     )
+    edge = None
+    if cfg.cluster.edge_offload == "auto":  # its device, the client-edge link both ways
+        edge = EdgeServer(edge_device, profiles.link(cfg.costs.uplink))
     plan = None
     if not (population and costs is not None and cfg.cluster.planner not in COMPUTE_PLANNERS):
         try:
             plan = cluster_plan(cfg, cluster, costs)
         except PlanError as err:
-            raise ConfigError(f"planner={cfg.cluster.planner!r}: {err}") from err
+            # With the edge server the devices need not fit alone: the edge's share per round
+            # is placed once the nodes are known (server_app.cluster_tasks).
+            if edge is None:
+                raise ConfigError(f"planner={cfg.cluster.planner!r}: {err}") from err
+            assert costs is not None
+            try:
+                place_cluster(costs, cluster, edge)
+            except PlanError as edge_err:
+                raise ConfigError(
+                    f"planner={cfg.cluster.planner!r}, edge-offload='auto': {edge_err}"
+                ) from edge_err
     layout = None
     if population:
         assert costs is not None
@@ -130,6 +148,7 @@ def derive(cfg: RunConfig) -> Derived:
                 cfg.cluster.peers_per_cluster,
                 cfg.cluster.planner,
                 costs,
+                edge,
             )
         except (PopulationError, CostConfigError, PlanError, OSError) as err:
             raise ConfigError(f"population={population!r}: {err}") from err
@@ -141,8 +160,9 @@ def derive(cfg: RunConfig) -> Derived:
             )
     shares = edge_shares(cfg.hierarchy)
     return Derived(
-        cfg, spec, classes, profiles, cluster, plan, layout, shares, edge_device, backhaul, meta
-    )
+        cfg, spec, classes, profiles, cluster, plan, layout, shares, edge_device, backhaul, meta,
+        costs, edge,
+    )  # fmt: skip
 
 
 # -- the pieces -----------------------------------------------------------------------------

@@ -11,15 +11,18 @@ domain-specific knowledge); every K rounds the cloud aggregates the edges' domai
 
 `CloudEdgeStrategy` composes them inside one ServerApp (the simulation's logical hierarchy):
 the global ArrayRecord holds the edges' modules side by side (`edge{e}/<module>`); it hands
-each edge its own, and on cloud rounds runs the cloud's aggregation. A deployed edge process
-runs an `EdgeServer` alone and a cloud process `Cloud.deliver`, the same code.
+each edge its own, and on cloud rounds runs the cloud's aggregation. Deployed, the same two
+pieces run in processes of their own: an edge process runs its `EdgeServer` (inside a
+`CloudEdgeStrategy` over that one edge, for the same metrics and records:
+apps/edge_app.py), and the cloud process runs `CloudServer`, whose nodes are the edge servers
+and which aggregates with `Cloud.deliver` (apps/cloud_app.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from logging import INFO
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -31,13 +34,20 @@ from flwr.serverapp.strategy import Strategy
 from gaisnet_flwr.config import CLOUD_MODULES
 from gaisnet_flwr.contract import (
     CLOUD_ROUND,
+    EDGE_WEIGHT,
+    EDGES_CONTRIBUTED,
+    EDGES_FAILED,
     FAILED_AGGREGATES,
     FAILED_CLUSTERS,
     LATENCY,
+    NO_REPLY,
     NUM_EXAMPLES,
     PARTITION_ID,
     ROUND_LATENCY,
+    EdgeReport,
+    EdgeRequest,
     edge_key,
+    failure,
     join_edges,
     reply_metrics,
     split_edges,
@@ -134,6 +144,9 @@ class CloudEdgeStrategy(Strategy):
             (`contract.aggregate_metrics`).
         price_latency: the round's simulated latency through the hierarchy, from its totals.
         on_round: hands each round's totals and failures to the results (the recorder).
+        require_training: a round in which no cluster trained fails the run (one ServerApp
+            holds the whole hierarchy); a deployed edge process leaves that to the cloud, which
+            fails a cloud round no edge contributed to.
         on_evaluate: hands each round's aggregated cluster validation to the results.
     """
 
@@ -144,6 +157,7 @@ class CloudEdgeStrategy(Strategy):
         train_metrics_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         price_latency: LatencyPricer | None = None,
         on_round: RoundListener | None = None,
+        require_training: bool = True,
         on_evaluate: EvaluateListener | None = None,
     ) -> None:
         self.edges = dict(sorted(edges.items()))
@@ -151,6 +165,7 @@ class CloudEdgeStrategy(Strategy):
         self.train_metrics_fn = train_metrics_fn
         self.price_latency = price_latency
         self.on_round = on_round
+        self.require_training = require_training
         self.on_evaluate = on_evaluate
         self.node_edges = {n: e for e, edge in self.edges.items() for n in edge.nodes}
         self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
@@ -208,7 +223,7 @@ class CloudEdgeStrategy(Strategy):
             metrics[ROUND_LATENCY] = self.price_latency(server_round, metrics)
         if self.on_round is not None:
             self.on_round(server_round, metrics, failures)
-        if not ok_all:  # nothing to aggregate, nothing learnt: the run has failed
+        if not ok_all and self.require_training:  # nothing learnt: the run has failed
             sent = sum(len(edge.last.sent) for edge in self.edges.values())
             first = failures[0] if failures else {"node": "?", "edge": "?", "reason": "?"}
             raise RunFailedError(
@@ -250,6 +265,208 @@ class CloudEdgeStrategy(Strategy):
         )
         for edge in self.edges.values():
             edge.summary()
+
+
+# -- the cloud as a process of its own (tier 'cloud') -------------------------------------------
+def cloud_chunks(num_rounds: int, every: int) -> list[tuple[int, int]]:
+    """The hierarchy's rounds 1..num_rounds as the cloud's rounds: (first, last) per cloud
+    round, K = `every` edge rounds each (the last may be shorter, and is a cloud aggregation
+    only if it ends on a multiple of K); every = 0 (isolated edges): one chunk of them all."""
+    step = every if every > 0 else num_rounds
+    return [(first, min(first + step - 1, num_rounds)) for first in range(1, num_rounds + 1, step)]
+
+
+@dataclass
+class CloudRound:
+    """What one cloud round of the deployed cloud came to (`CloudServer.last`)."""
+
+    number: int  # the cloud round, 1..
+    first: int  # the hierarchy's rounds the edges trained in it
+    last: int
+    sent: dict[int, int] = field(default_factory=dict)  # edge -> the node it was sent to
+    reports: dict[int, EdgeReport] = field(default_factory=dict)  # the edges that answered
+    failures: Failures = field(default_factory=list)  # each edge left out, and why
+    delivered: dict[int, ArrayRecord] = field(default_factory=dict)  # what each edge gets back
+    metrics: dict[str, Any] = field(default_factory=dict)
+    aggregated: bool = False  # the cloud aggregated across edges (a cloud round of K)
+
+    @property
+    def contributed(self) -> list[int]:
+        """The edges whose clusters trained: their modules count in the cloud's average."""
+        return sorted(e for e, r in self.reports.items() if r.weight > 0)
+
+    @property
+    def missing(self) -> list[int]:
+        return sorted({int(f["edge"]) for f in self.failures})
+
+    @property
+    def completed(self) -> bool:
+        return bool(self.contributed)
+
+
+class CloudServer(Strategy):
+    """The cloud as a process of its own: its nodes are the edge servers (apps/cloud_app.py).
+
+    Cloud round c sends each edge the modules the cloud holds for it (a restarted edge starts
+    from them) and asks it to train the hierarchy's rounds `chunks[c - 1]`; each edge answers
+    with its modules, its weight (the training examples of its clusters that trained in its
+    last round) and its metrics. The cloud then runs `Cloud.deliver` over every edge, as
+    `CloudEdgeStrategy` does in one ServerApp: an edge that failed or missed the deadline counts
+    with weight 0 and the modules it was sent (as an edge whose clusters all failed does there),
+    and gets its delivery with the next round's request; the others get it in the evaluate
+    phase, and answer with its accuracy on their domains. A cloud round in which no edge
+    contributed fails the run (RunFailedError).
+
+    Args:
+        cloud: when and what the cloud aggregates.
+        chunks: (first, last) hierarchy rounds per cloud round (`cloud_chunks`).
+        locate: the grid -> {edge: its node now} (apps/cloud_app.EdgeDirectory).
+        num_edges: the edges of edge-domains.
+        timeout_s: how long an edge has for a cloud round (run-config cloud-timeout-s).
+        done: cloud rounds already completed (a resumed cloud): Flower's round r is cloud
+            round done + r.
+        on_round: each cloud round's record, after its train phase (the results, the state).
+        on_delivered: (cloud round, the edges' metrics after the delivery).
+        shared: the run-config every edge must share (config.shared_keys), sent with each
+            request: an edge with another refuses to serve, naming the keys.
+    """
+
+    def __init__(
+        self,
+        cloud: Cloud,
+        chunks: Sequence[tuple[int, int]],
+        locate: Callable[[Grid], Mapping[int, int]],
+        num_edges: int,
+        timeout_s: float,
+        done: int = 0,
+        on_round: Callable[[CloudRound], None] | None = None,
+        on_delivered: Callable[[int, Mapping[str, Any]], None] | None = None,
+        shared: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.cloud = cloud
+        self.shared = dict(shared or {})
+        self.chunks = list(chunks)
+        self.locate = locate
+        self.num_edges = num_edges
+        self.timeout_s = timeout_s
+        self.done = done
+        self.on_round = on_round
+        self.on_delivered = on_delivered
+        self.last = CloudRound(0, 0, 0)
+        self._messages: dict[int, Message] = {}  # edge -> this phase's message to it
+
+    def _round(self, server_round: int) -> tuple[int, int, int, bool]:
+        number = self.done + server_round
+        first, last = self.chunks[number - 1]
+        return number, first, last, number == len(self.chunks)
+
+    def _send(self, kind: str, server_round: int, modules: Mapping[int, ArrayRecord],
+              nodes: Mapping[int, int]) -> list[Message]:  # fmt: skip
+        number, first, last, final = self._round(server_round)
+        self._messages = {
+            e: EdgeRequest(
+                kind, number, first, last, final, self.timeout_s, modules[e], self.shared
+            ).to_message(node)
+            for e, node in nodes.items()
+        }
+        return list(self._messages.values())
+
+    def _answers(self, replies: Iterable[Message]) -> dict[int, Message]:
+        """Each edge's reply, matched by the message it answers (an error the SuperLink makes
+        for a node that went offline comes from the SuperLink, not from the node)."""
+        by_id = {m.metadata.message_id: e for e, m in self._messages.items()}
+        return {
+            by_id[r.metadata.reply_to_message_id]: r
+            for r in replies
+            if r.metadata.reply_to_message_id in by_id
+        }
+
+    # -- train: the edges' rounds, the cloud's aggregation ------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        number, first, last, _ = self._round(server_round)
+        nodes = dict(self.locate(grid))
+        self.last = CloudRound(number, first, last, sent=nodes)
+        self._held = split_edges(arrays)
+        log(INFO, "cloud round %d: edges %s train rounds %d-%d", number, sorted(nodes), first,
+            last)  # fmt: skip
+        return self._send("train", server_round, self._held, nodes)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self.last
+        answers = self._answers(replies)
+        metrics: dict[str, Any] = {}
+        for e in range(self.num_edges):
+            node = record.sent.get(e)
+            reply = answers.get(e)
+            if node is None:
+                reason = "no SuperNode of this edge is connected to the cloud"
+                record.failures.append(failure(-1, e, NO_REPLY, reason))
+            elif reply is None:
+                reason = "no reply within the cloud round's timeout"
+                record.failures.append(failure(node, e, NO_REPLY, reason))
+            elif reply.has_error():
+                record.failures.append(failure(node, e, reply.error.code, str(reply.error.reason)))
+            else:
+                report = EdgeReport.from_content(reply.content)
+                record.reports[e] = report
+                metrics.update(report.metrics)
+                metrics[edge_key(e, EDGE_WEIGHT)] = report.weight
+                metrics[edge_key(e, FAILED_CLUSTERS)] = len(report.failures)
+        per_edge: dict[int, ArrayRecord] = {}
+        for e in range(self.num_edges):  # an edge left out counts with what it was sent
+            answered = record.reports[e].modules if e in record.reports else None
+            per_edge[e] = answered if answered is not None else self._held[e]
+        weights = {
+            e: record.reports[e].weight if e in record.reports else 0.0
+            for e in range(self.num_edges)
+        }
+        record.aggregated = (
+            self.cloud.is_round(record.last) and self.num_edges > 1 and record.completed
+        )
+        record.delivered = self.cloud.deliver(per_edge, weights) if record.aggregated else per_edge
+        metrics[CLOUD_ROUND] = int(record.aggregated)
+        metrics[EDGES_CONTRIBUTED] = len(record.contributed)
+        metrics[EDGES_FAILED] = len(record.failures)
+        record.metrics = metrics
+        if self.on_round is not None:
+            self.on_round(record)
+        if not record.completed:  # nothing aggregated, nothing learnt: the run has failed
+            why = "; ".join(f"edge {f['edge']}: {f['reason']}" for f in record.failures)
+            raise RunFailedError(
+                f"cloud round {record.number}: no edge contributed "
+                f"({why or 'no cluster of any edge trained'})"
+            )
+        return join_edges(record.delivered), MetricRecord(metrics)
+
+    # -- evaluate: the delivery, and each edge's accuracy on its domain -------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        answered = {e: self.last.sent[e] for e in self.last.reports}
+        return self._send("evaluate", server_round, split_edges(arrays), answered)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        metrics: dict[str, Any] = {}
+        for e, reply in sorted(self._answers(replies).items()):
+            if reply.has_error():
+                log(WARNING, "cloud round %d: edge %d did not take the delivery: %s",
+                    self.last.number, e, reply.error.reason)  # fmt: skip
+                continue
+            metrics.update(EdgeReport.from_content(reply.content).metrics)
+        if self.on_delivered is not None:
+            self.on_delivered(self.last.number, metrics)
+        return MetricRecord(metrics) if metrics else None
+
+    def summary(self) -> None:
+        log(INFO, "\t├── CloudServer: %d edge server(s), %d cloud round(s) (%d done), cloud "
+            "every %s round(s), mix %.2f", self.num_edges, len(self.chunks), self.done,
+            self.cloud.every or "no", self.cloud.mix)  # fmt: skip
 
 
 class CentralEvaluationOnly(Strategy):

@@ -18,7 +18,7 @@ FedAvg by default) and adds what the edge owns:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -241,3 +241,44 @@ def log_failures(what: str, failures: list[dict[str, int | str]], shown: int = 3
             more,
             reason,
         )
+
+
+class RoundOffset(Strategy):
+    """`strategy` run `offset` rounds on: Flower's `Strategy.start` numbers its rounds from 1,
+    while a deployed edge server runs the hierarchy's rounds first..last of each cloud round
+    (apps/edge_app.py). The wrapped strategy sees the hierarchy's round numbers (the seeds of
+    its clusters' training follow them), and so does `evaluate_fn` (`evaluate`)."""
+
+    def __init__(self, strategy: Strategy, offset: int) -> None:
+        self.strategy = strategy
+        self.offset = offset
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+
+    def evaluate(
+        self, evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None]
+    ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+        """`evaluate_fn` called with the hierarchy's round numbers."""
+        return lambda server_round, arrays: evaluate_fn(server_round + self.offset, arrays)
+
+    def summary(self) -> None:
+        log(INFO, "\t├── rounds %d and on of the hierarchy", self.offset + 1)
+        self.strategy.summary()

@@ -115,7 +115,9 @@ def test_checkpoint_of_another_configuration_is_rejected(cfg: RunConfig, data: I
 
 
 def test_missing_checkpoint_names_the_fix(cfg: RunConfig, data: ImageData) -> None:
-    with pytest.raises(CheckpointError, match="no foundation checkpoint at .* copy foundation-"):
+    with pytest.raises(
+        CheckpointError, match="no foundation checkpoint at .* ships it to every node that lacks it"
+    ):
         Foundation.of(cfg).load(5)
 
 

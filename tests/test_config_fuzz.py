@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.apps.server_app import check_run_config
-from gaisnet_flwr.config import DEVICES, ConfigError, RunConfig
+from gaisnet_flwr.config import DEVICES, EDGE_OFFLOAD, TIERS, ConfigError, RunConfig
 from gaisnet_flwr.costs.profiles import DEVICE_PRESETS, LINK_PRESETS
 from gaisnet_flwr.data.images import DATASETS, DOMAINS, EDGE_TASKS, PARTITIONINGS
 from gaisnet_flwr.service.scheduler import POLICIES
@@ -87,12 +87,15 @@ def string_values(files: dict[str, str]) -> dict[str, st.SearchStrategy[str]]:
         "foundation": choices("cloud", "timm", "file", "none"),
         "checkpoint-path": paths,
         "foundation-dir": paths,
+        "edge-dir": paths,
+        "tier": choices(*TIERS),
         "output-dir": paths,
         "data-dir": paths,
         "peer-speeds": NUMBER_LISTS,
         "edge-shares": NUMBER_LISTS,
         "demand": NUMBER_LISTS,
         "planner": choices(*PLANNERS),
+        "edge-offload": choices(*EDGE_OFFLOAD),
         "population": st.one_of(
             st.sampled_from(
                 [

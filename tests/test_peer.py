@@ -324,7 +324,7 @@ def test_node_config_gives_the_members_and_rejects_bad_settings() -> None:
 def test_member_count_must_match_the_split_plan(lab: Lab, cluster_data) -> None:
     num_classes = cluster_data[0]
     plan = SplitPlan.from_sizes([2, 2, 2])  # 3 peers + end point: 4 members, the lab has 3
-    with pytest.raises(PeerError, match="names 3 D2D members .* split plan has 3 peers"):
+    with pytest.raises(PeerError, match="names 3 D2D members .* is peer1 -> peer2 -> peer3 -> end"):
         network(lab, num_classes).open(
             build_model(CFG.model, CFG.cloud, num_classes, CFG.run.seed), plan, True, 0.0
         )

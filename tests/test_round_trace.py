@@ -31,8 +31,10 @@ from flwr.common.logger import FLOWER_LOGGER
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("gaisnet_flwr", "strategies", "clients")
-MAX_FILES = 34
-MAX_LINES = 2392
+# issue 25: +1 file, +92 lines (deploy/shipping.py: every node says which foundation files it
+# holds, and the ServerApp ships the checkpoint to one that lacks it; the tier dispatch)
+MAX_FILES = 35
+MAX_LINES = 2490
 PAGE_SENTENCE = (
     "one in-process HFSL round executes {files} project files and {lines:,} distinct lines"
 )

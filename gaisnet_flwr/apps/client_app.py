@@ -3,16 +3,21 @@
 Thin by design, and light: this module imports only Flower and the message contract (no
 torch). The work (read the run-config once, read the cluster's task from the message, hand it
 to `clients.SplitClusterClient`, with a per-process cache of what does not change within a run)
-lives in `apps/cluster_node.py`, which is imported when a message needs it. Flower's simulation
-engine loads the ClientApp in its own process before it starts Ray, and each Ray actor loads it
-again: neither waits for torch.
+lives in `apps/cluster_node.py`, which is imported at the first train, evaluate or infer
+message. Flower's simulation engine loads the ClientApp in its own process before it starts
+Ray, and each Ray actor loads it again: neither waits for torch.
 
-The identity query, the first message of a run, needs no torch: it is answered here at once.
-In a Ray actor (one process serves message after message) answering it also starts importing
-the work in a background thread, while the ServerApp loads its data and evaluates the initial
-model, so that the first train message does not wait for torch and timm (seconds per actor);
-a message that needs the work meanwhile waits for that import to finish (Python's import lock).
-A deployment's ClientApp process serves one message and exits: no background import there.
+Two queries need no torch at all, and are answered here: `query.identity` (who this node is,
+and the foundation checkpoints its folder holds) and `query.foundation` (the checkpoint shipped
+to it, checked by SHA-256 and installed in the node's foundation folder: node-config
+`foundation-dir`, else the run-config's). In a Ray actor (one process serves message after
+message) the identity query, the run's first message, also starts importing the work in a
+background thread while the ServerApp loads its data and evaluates the initial model, so that
+the first train message does not wait for torch and timm (seconds per actor); a message that
+needs the work meanwhile waits for that import to finish (Python's import lock). A
+deployment's ClientApp process serves one message and exits: no background import there.
+Under the cloud's run (tier 'cloud') this node is an edge server's cloud-facing SuperNode, and
+every message goes to the relay (`apps/edge_relay.py`).
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from gaisnet_flwr.contract import IDENTITY, INFER, NodeIdentity
+from gaisnet_flwr import contract as c
+from gaisnet_flwr.contract import FOUNDATION, IDENTITY, INFER, NodeIdentity
+from gaisnet_flwr.deploy.shipping import ShippingError, foundation_folder, held
 
-WORK = "gaisnet_flwr.apps.cluster_node"  # what the messages after the identity query need
+WORK = "gaisnet_flwr.apps.cluster_node"  # what train, evaluate and infer need (torch, timm)
 
 if TYPE_CHECKING:
     from gaisnet_flwr.apps.cluster_node import ClientCache, ClusterNode
@@ -51,21 +58,25 @@ def create_client_app(
 
     def handler(name: str) -> Callable[[Message, Context], Message]:
         def handle(msg: Message, context: Context) -> Message:
+            given = context.run_config or fallback_config or {}
+            if given.get("tier") == "cloud":  # an edge server's cloud-facing SuperNode
+                relay = importlib.import_module("gaisnet_flwr.apps.edge_relay")
+                return getattr(relay, name)(msg, context)  # type: ignore[no-any-return]
+            if name == IDENTITY:
+                if in_ray_actor():
+                    warm_up()
+                return identity(msg, context, given)
+            if name == FOUNDATION:
+                return foundation(msg, context, given)
             return getattr(node(), name)(msg, context)  # type: ignore[no-any-return]
 
         return handle
 
-    def identity(msg: Message, context: Context) -> Message:
-        # Who this node is needs no data, no config and no torch.
-        if in_ray_actor():
-            warm_up()
-        identity = NodeIdentity.from_node_config(dict(context.node_config))
-        return Message(content=identity.to_record(), reply_to=msg)
-
     client.train()(handler("train"))
     client.evaluate()(handler("evaluate"))
     client.query(INFER)(handler("infer"))
-    client.query(IDENTITY)(identity)
+    client.query(IDENTITY)(handler(IDENTITY))
+    client.query(FOUNDATION)(handler(FOUNDATION))
     return client
 
 
@@ -85,6 +96,31 @@ def warm_up() -> None:
         thread = threading.Thread(target=importlib.import_module, args=(WORK,), name=WORK)
         thread.daemon = True
         thread.start()
+
+
+def node_foundation_dir(context: Context, run_config: Mapping[str, Any]) -> str:
+    """This node's foundation folder: node-config `foundation-dir` (a device's own), else the
+    run-config's ('' = ~/.cache/gaisnet-flwr)."""
+    own = context.node_config.get("foundation-dir")
+    return str(own if own is not None else run_config.get("foundation-dir", ""))
+
+
+def identity(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    """Who this node is (its node-config) and the checkpoints it holds; no data, no model."""
+    ident = NodeIdentity.from_node_config(dict(context.node_config))
+    files = held(foundation_folder(node_foundation_dir(context, run_config)))
+    return Message(content=c.with_held(ident.to_record(), files), reply_to=msg)
+
+
+def foundation(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    """Take the shipped checkpoint: its bytes must hash to the SHA-256 sent with them."""
+    folder = foundation_folder(node_foundation_dir(context, run_config))
+    try:
+        shipped = c.shipped_of(msg.content)
+        shipped.install(folder)
+    except (ShippingError, ValueError) as err:
+        return Message(Error(code=c.FOUNDATION_REFUSED, reason=str(err)), reply_to=msg)
+    return Message(content=c.with_held(RecordDict(), {shipped.name: shipped.sha256}), reply_to=msg)
 
 
 app = create_client_app()

@@ -80,8 +80,10 @@ class ClusterNode:
 
     def client(self, context: Context, task: ClusterTask) -> SplitClusterClient:
         given = context.run_config or self.fallback_config or {}
-        cfg, spec = run_config_of(tuple(sorted(given.items())))
         node_config = dict(context.node_config)
+        if "foundation-dir" in node_config:  # this device's own folder: shipped there
+            given = {**given, "foundation-dir": node_config["foundation-dir"]}
+        cfg, spec = run_config_of(tuple(sorted(given.items())))
         pool = TrainPool.from_node_config(node_config)
         data = self.cache.cluster_data(spec, task, cfg.data.cluster_samples, pool)
         model = self.cache.model(Foundation.of(cfg), data.data.num_classes)

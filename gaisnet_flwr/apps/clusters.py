@@ -141,6 +141,7 @@ def cluster_report(
         "population": layout.population.source,
         "devices": len(layout.population),
         "planner": layout.planner,
+        "edge_offload": layout.edge_offload,  # "auto": members with role "edge" ran on it
         "peers_per_cluster": cfg.cluster.peers_per_cluster,
         # clusters train in parallel: the round waits for the slowest (paper Fig. 4)
         "predicted_round_latency_s": max(latencies),
@@ -168,10 +169,14 @@ def log_report(report: Mapping[str, Any]) -> None:
     for row in report["fine_tuning"]:
         members = " -> ".join(m["device"] for m in row["members"])
         predicted = row.get("predicted_round", {}).get("latency_s", float("nan"))
+        server = row.get("edge_server")
+        on_edge = (
+            f", edge server: blocks {server['blocks']}, 1/{server['share']} of it" if server else ""
+        )
         log(
             INFO,
-            "  fine-tuning %d on node %s: %s, plan %s, predicted round %.3f s",
-            row["index"], row["node"], members, row["plan"], predicted,
+            "  fine-tuning %d on node %s: %s, plan %s%s, predicted round %.3f s",
+            row["index"], row["node"], members, row["plan"], on_edge, predicted,
         )  # fmt: skip
     for row in report["inference"]:
         members = " -> ".join(m["device"] for m in row["members"])

@@ -43,7 +43,10 @@ from gaisnet_flwr.costs.pricing import hierarchy_round_latency
 from gaisnet_flwr.costs.profiles import ClusterProfile
 from gaisnet_flwr.data.capacity import check_cluster_count, check_edge_clusters
 from gaisnet_flwr.data.images import DataError, ImageData, edge_image_data, load_image_data
+from gaisnet_flwr.deploy.shipping import ShippedFile
 from gaisnet_flwr.derived import Derived, derive
+from gaisnet_flwr.population.edge_offload import plan_round
+from gaisnet_flwr.population.layout import share_edge
 from gaisnet_flwr.service.scheduler import QualityModel
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import SplitPlan
@@ -116,8 +119,11 @@ def wait_for_clusters(grid: Grid, minimum: int = 1, timeout_s: float = 120.0) ->
     return nodes
 
 
-def query_identities(grid: Grid, nodes: list[int]) -> dict[int, NodeIdentity]:
-    """Ask every node who it is (its node-config: partition, edge, population cluster)."""
+def query_identities(
+    grid: Grid, nodes: list[int], held: dict[int, dict[str, str]] | None = None
+) -> dict[int, NodeIdentity]:
+    """Ask every node who it is (its node-config: partition, edge, population cluster); `held`
+    gets the foundation checkpoints each one holds (file name -> SHA-256)."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type=c.QUERY_IDENTITY) for n in nodes]
     identities: dict[int, NodeIdentity] = {}
     for reply in grid.send_and_receive(messages, timeout=120):
@@ -125,10 +131,47 @@ def query_identities(grid: Grid, nodes: list[int]) -> dict[int, NodeIdentity]:
         if reply.has_error():
             raise RuntimeError(f"node {node} could not identify itself: {reply.error.reason}")
         identities[node] = NodeIdentity.from_record(reply.content)
+        if held is not None:
+            held[node] = c.held_of(reply.content)
     missing = sorted(set(nodes) - set(identities))
     if missing:
         raise RuntimeError(f"node(s) {missing} did not answer the identity query")
     return identities
+
+
+def ship_foundation(grid: Grid, path: Path, held: Mapping[int, Mapping[str, str]]) -> None:
+    """The foundation checkpoint at `path` to every node that lacks it (deployment: a start
+    point on another device; the cloud's ServerApp to an edge's). A node that lacked it when
+    it identified itself is asked again first: one that shares this process's folder (the
+    simulation) holds it now that it is made, and gets nothing. The receiver checks the bytes
+    against their SHA-256; a node that refuses them, or does not answer, is named in the log,
+    and its cluster fails its rounds with the reason (`Foundation.load`)."""
+    shipped = ShippedFile.read(path)
+
+    def lacks(files: Mapping[str, str]) -> bool:
+        return files.get(shipped.name) != shipped.sha256
+
+    lacking = sorted(n for n, files in held.items() if lacks(files))
+    if lacking:
+        again: dict[int, dict[str, str]] = {}
+        query_identities(grid, lacking, again)
+        lacking = [n for n in lacking if lacks(again.get(n, {}))]
+    if not lacking:
+        return
+    started = time.perf_counter()
+    replies = grid.send_and_receive([c.ship_message(shipped, n) for n in lacking], timeout=600)
+    refused = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+    for node, reason in refused.items():
+        log(ERROR, "node %s refused the foundation: %s", node, reason)
+    log(
+        INFO,
+        "foundation %s (%.1f MB, SHA-256 %s...) shipped to %d node(s) in %.1f s",
+        shipped.name,
+        len(shipped.payload) / 1e6,
+        shipped.sha256[:16],
+        len(lacking) - len(refused),
+        time.perf_counter() - started,
+    )
 
 
 class TaskBuilder:
@@ -167,17 +210,28 @@ def cluster_tasks(
 ) -> tuple[dict[int, ClusterTask], PopulationRun | None]:
     """node id -> its cluster's task, for the nodes that run a cluster: every node with
     identical clusters; with a population, the node whose cluster-id (simulation: partition-id)
-    names a formed fine-tuning cluster runs it."""
+    names a formed fine-tuning cluster runs it. With edge-offload 'auto' each edge server's
+    clusters share it (`edge_offload.plan_round` over the clusters that run on that edge)."""
     num_edges = len(derived.cfg.hierarchy.edge_domains)
     places = {n: ident.place(num_edges) for n, ident in identities.items()}
     if derived.layout is None:
-        assert derived.plan is not None
-        plan, profile = derived.plan, derived.cluster
         clusters = {
             n: i.partition_id if i.cluster_id is None else i.cluster_id
             for n, i in identities.items()
         }
-        return {n: builder.task(p, clusters[n], plan, profile) for n, p in places.items()}, None
+        chains = {n: (derived.plan, derived.cluster) for n in places}
+        if derived.edge is not None:
+            assert derived.costs is not None
+            for e in range(num_edges):
+                nodes = sorted(n for n, p in places.items() if p[0] == e)
+                shared = plan_round(derived.costs, [derived.cluster] * len(nodes), derived.edge)
+                chains.update((n, (p.plan, p.profile)) for n, p in zip(nodes, shared, strict=True))
+        tasks = {}
+        for n, place in places.items():
+            plan, profile = chains[n]
+            assert plan is not None  # derive made one, or the edge's placement did
+            tasks[n] = builder.task(place, clusters[n], plan, profile)
+        return tasks, None
     population = assign_nodes(derived.layout, identities)
     if not population.node_clusters:
         raise RuntimeError(
@@ -185,20 +239,27 @@ def cluster_tasks(
             f"{len(derived.layout.fine_tuning)} fine-tuning cluster(s) (cluster-ids: "
             f"{sorted(population.cluster_ids.values())})"
         )
+    if derived.edge is not None:
+        assert derived.costs is not None
+        groups = [
+            sorted(i for n, i in population.node_clusters.items() if places[n][0] == e)
+            for e in range(num_edges)
+        ]
+        population.layout = share_edge(population.layout, groups, derived.costs, derived.edge)
     tasks = {}
     for node, index in population.node_clusters.items():
-        formed = derived.layout.fine_tuning[index]
+        formed = population.layout.fine_tuning[index]
         tasks[node] = builder.task(places[node], index, formed.plan, formed.profile)
     return tasks, population
 
 
 def check_cluster_data(
-    derived: Derived, edges: list[ImageData], per_edge: list[dict[int, ClusterTask]]
+    derived: Derived, edges: list[ImageData], per_edge: Mapping[int, dict[int, ClusterTask]]
 ) -> None:
     """Every edge's clusters can be formed from its pool as the ClientApps will form them
     (`data/capacity.py`); otherwise one ConfigError naming the key that fixes it, instead of
     the same failure in every ClientApp after pre-training."""
-    for e, tasks in enumerate(per_edge):
+    for e, tasks in per_edge.items():
         for num_clusters in sorted({t.num_partitions for t in tasks.values()}):
             try:
                 check_edge_clusters(
@@ -263,13 +324,13 @@ class HfslRun:
     def central_evaluation(self, arrays: ArrayRecord) -> dict[str, float]:
         """Every edge model on its own test set, and the mean over the edges."""
         row: dict[str, float] = {}
-        for e, modules in c.split_edges(arrays).items():
+        edges = c.split_edges(arrays)  # all of them, or a deployed edge's own
+        for e, modules in edges.items():
             row[c.edge_key(e, c.ACCURACY)], row[c.edge_key(e, "loss")] = self.evaluate_edge(
                 e, modules
             )
-        edges = range(len(self.edges))
-        row[c.ACCURACY] = sum(row[c.edge_key(e, c.ACCURACY)] for e in edges) / len(self.edges)
-        row["loss"] = sum(row[c.edge_key(e, "loss")] for e in edges) / len(self.edges)
+        row[c.ACCURACY] = sum(row[c.edge_key(e, c.ACCURACY)] for e in edges) / len(edges)
+        row["loss"] = sum(row[c.edge_key(e, "loss")] for e in edges) / len(edges)
         return row
 
     def evaluate_fn(self, recorder: RoundRecorder) -> Callable[[int, ArrayRecord], MetricRecord]:
@@ -283,7 +344,11 @@ class HfslRun:
 
         return central_evaluate
 
-    def hierarchy(self, recorder: RoundRecorder) -> CloudEdgeStrategy:
+    def hierarchy(
+        self, recorder: RoundRecorder, require_training: bool = True
+    ) -> CloudEdgeStrategy:
+        """The edges under the cloud (a deployed edge: its own alone, `require_training` off:
+        the cloud fails a cloud round no edge contributed to)."""
         h = self.cfg.hierarchy
         cloud = Cloud(h.cloud_every, h.cloud_mix, h.cloud_modules)
         edges = self.edge_servers
@@ -308,7 +373,8 @@ class HfslRun:
             c.aggregate_metrics,
             round_latency,
             recorder.train_round,
-            recorder.evaluate_round,
+            require_training,
+            on_evaluate=recorder.evaluate_round,
         )
 
     # -- SL inference (strategies.serving.Serving) ----------------------------------------------
@@ -415,7 +481,7 @@ class Clusters:
 
     tasks: dict[int, ClusterTask]  # node id -> the task of the cluster it runs
     population: PopulationRun | None
-    per_edge: list[dict[int, ClusterTask]]
+    per_edge: dict[int, dict[int, ClusterTask]]  # edge -> its clusters (a deployed edge: its own)
     servers: dict[int, EdgeServer]
 
 
@@ -424,22 +490,28 @@ def form_clusters(
     identities: Mapping[int, NodeIdentity],
     builder: TaskBuilder,
     edges: list[ImageData],
+    edge: int | None = None,
 ) -> Clusters:
     """The nodes' clusters and the edges' servers, checked: every edge has a cluster, its
     strategy's counts fit its clusters, its clusters can be formed from its pool. Raises
-    ConfigError (RuntimeError for nodes that form nothing) before any model is trained."""
+    ConfigError (RuntimeError for nodes that form nothing) before any model is trained.
+    `edge`: a deployed edge server's (tier 'edge'): its own clusters, and only those."""
     cfg = derived.cfg
     tasks, population = cluster_tasks(derived, identities, builder)
     domains = cfg.hierarchy.edge_domains
-    per_edge = [{n: t for n, t in tasks.items() if t.edge == e} for e in range(len(domains))]
-    if empty := [e for e, t in enumerate(per_edge) if not t]:
+    served = range(len(domains)) if edge is None else [edge]
+    if edge is not None and (others := sorted(n for n, t in tasks.items() if t.edge != edge)):
+        raise RuntimeError(
+            f"edge server {edge}: node(s) {others} say they belong to another edge (node-config "
+            f"edge-id); only edge {edge}'s clusters may connect to its SuperLink"
+        )
+    per_edge = {e: {n: t for n, t in tasks.items() if t.edge == e} for e in served}
+    if empty := [e for e, t in per_edge.items() if not t]:
         raise RuntimeError(
             f"edge(s) {empty} have no client cluster ({len(tasks)} node(s) for "
             f"{len(domains)} edge-domains)"
         )
-    servers = {
-        e: EdgeServer(e, build_edge_strategy(cfg, len(t)), t) for e, t in enumerate(per_edge)
-    }
+    servers = {e: EdgeServer(e, build_edge_strategy(cfg, len(t)), t) for e, t in per_edge.items()}
     check_cluster_data(derived, edges, per_edge)
     return Clusters(tasks, population, per_edge, servers)
 
@@ -455,10 +527,11 @@ def check_simulation(derived: Derived, num_supernodes: int) -> Clusters:
     return form_clusters(derived, identities, TaskBuilder(derived), edge_pools(derived)[1])
 
 
-def prepare(grid: Grid, derived: Derived) -> HfslRun:
+def prepare(grid: Grid, derived: Derived, edge: int | None = None) -> HfslRun:
     """Start-up: config.json, the nodes, the edges' data, the clusters and the edges'
-    strategies (cheap, and what can still be refused), then the foundation and the edge
-    models."""
+    strategies (cheap, and what can still be refused), then the foundation (shipped to every
+    node that lacks it) and the edge models. `edge`: a deployed edge server's own (tier
+    'edge'): its clusters only, and the foundation the cloud shipped it, never one made here."""
     cfg = derived.cfg
     run_config = cfg.to_dict()  # the flat run-config, as config.json and the trackers keep it
     output_dir = Path(cfg.run.output_dir).expanduser().resolve()
@@ -467,18 +540,26 @@ def prepare(grid: Grid, derived: Derived) -> HfslRun:
     (output_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     nodes = wait_for_clusters(grid, cfg.hierarchy.min_clusters)
     data, edges = edge_pools(derived)
+    served = range(len(edges)) if edge is None else [edge]
     if derived.layout is None:  # before asking every node who it is (1000 nodes: ~30 s)
         try:
-            pools = [e.train_labels for e in edges]
+            pools = [edges[e].train_labels for e in served]
             check_cluster_count(pools, len(nodes), derived.spec, cfg.data.cluster_samples)
         except DataError as err:
             raise ConfigError(str(err)) from None
     builder = TaskBuilder(derived)
-    clusters = form_clusters(derived, query_identities(grid, nodes), builder, edges)
+    held: dict[int, dict[str, str]] = {}
+    clusters = form_clusters(derived, query_identities(grid, nodes, held), builder, edges, edge)
     tasks, population, per_edge = clusters.tasks, clusters.population, clusters.per_edge
     domains = cfg.hierarchy.edge_domains
-    Foundation.of(cfg).ensure(data, resolve_device(cfg.run.device))
-    model = Foundation.of(cfg).load(data.num_classes)
+    foundation = Foundation.of(cfg)
+    if edge is None:
+        made = foundation.ensure(data, resolve_device(cfg.run.device))
+    else:  # the cloud's, which apps/edge_app.py waited for
+        made = foundation.checkpoint_path() if cfg.cloud.foundation == "cloud" else None
+    model = foundation.load(data.num_classes)
+    if made is not None:
+        ship_foundation(grid, made, held)
     log(
         INFO,
         "GaisNet HFSL: %s %s, %d prompts; %d tunable of %d parameters (%.3f %%)",
@@ -489,12 +570,12 @@ def prepare(grid: Grid, derived: Derived) -> HfslRun:
         model.num_total(),
         100 * model.num_tunable() / model.num_total(),
     )
-    for e, domain in enumerate(domains):
+    for e in served:
         log(
             INFO,
             "edge %d: domain %r, %d clusters, %d training images",
             e,
-            domain,
+            domains[e],
             len(per_edge[e]),
             len(edges[e].train_labels),
         )
@@ -592,6 +673,17 @@ def integrated(grid: Grid, run: HfslRun) -> RunResult:
     return run.result
 
 
+def deployed(tier: str) -> Callable[[Grid, Derived], RunResult]:
+    """The run of tier 'cloud' (apps/cloud_app.py) or 'edge' (apps/edge_app.py)."""
+    if tier == "cloud":
+        from gaisnet_flwr.apps.cloud_app import run_cloud
+
+        return run_cloud
+    from gaisnet_flwr.apps.edge_app import run_edge  # it builds on this module's prepare
+
+    return run_edge
+
+
 def create_server_app(
     fallback_config: Mapping[str, Any] | None = None,
     on_result: Callable[[RunResult], None] | None = None,
@@ -614,11 +706,14 @@ def create_server_app(
             # The server's own threads, on purpose (server-threads), and a round in one line.
             threads = cfg.run.server_threads or None
             with torch_threads(threads), quiet_strategy_log():
-                run = prepare(grid, derived)
-                cpu = time.thread_time() - started_cpu
-                log(INFO, "ServerApp thread CPU %.2f s at start-up", cpu)
-                mode = integrated if cfg.scheduling.service == "integrated" else fine_tune
-                result = mode(grid, run)
+                if cfg.hierarchy.tier == "hierarchy":
+                    run = prepare(grid, derived)
+                    cpu = time.thread_time() - started_cpu
+                    log(INFO, "ServerApp thread CPU %.2f s at start-up", cpu)
+                    mode = integrated if cfg.scheduling.service == "integrated" else fine_tune
+                    result = mode(grid, run)
+                else:  # the cloud, or one edge server, as a process of its own (docs/deploy.md)
+                    result = deployed(cfg.hierarchy.tier)(grid, derived)
             if on_result is not None:
                 on_result(result)
         except Exception as err:

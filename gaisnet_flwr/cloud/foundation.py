@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -42,6 +41,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from gaisnet_flwr.config import CloudSection, ConfigError, ModelSection, RunConfig
 from gaisnet_flwr.data.images import CLOUD_DIGITS, CLOUD_FRACTION, ImageData, cloud_views
+from gaisnet_flwr.deploy.shipping import (
+    foundation_folder,
+    recorded_sha256,
+    sha256_of,
+    sidecar,
+    write_atomic,
+)
 from gaisnet_flwr.split.precision import non_finite, torch_threads
 from gaisnet_flwr.training.loops import NonFiniteError, build_model, evaluate, loader
 from gaisnet_flwr.vit.checkpoint import CheckpointFileError, check_state, load_torch
@@ -131,9 +137,7 @@ class Foundation:
 
     def directory(self) -> Path:
         """foundation-dir, or ~/.cache/gaisnet-flwr."""
-        if self.cloud.foundation_dir:
-            return Path(self.cloud.foundation_dir).expanduser().resolve()
-        return Path.home() / ".cache" / "gaisnet-flwr"
+        return foundation_folder(self.cloud.foundation_dir)
 
     def build(self, num_classes: int) -> PromptedViT:
         """The edge model with the backbone as the seed (or timm / a file) makes it."""
@@ -269,9 +273,9 @@ class Foundation:
                 state = read_checkpoint(path, self.meta(), self.shipped(model))
             except CheckpointError as err:
                 raise CheckpointError(
-                    f"{err}. The cloud (ServerApp) pre-trains it at start-up; on separate "
-                    f"devices copy {path.name} and its .sha256 into foundation-dir "
-                    f"({path.parent})"
+                    f"{err}. The cloud (ServerApp) pre-trains it at start-up and ships it to "
+                    f"every node that lacks it, checked by SHA-256 (query.foundation); this "
+                    f"node's foundation-dir is {path.parent}"
                 ) from err
             model.backbone.load_state_dict(state, strict=self.ships_head)
         return model
@@ -335,11 +339,8 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, 
     buffer = io.BytesIO()
     torch.save({"meta": meta, "state": state}, buffer)
     payload = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, data in ((path, payload), (_sidecar(path), _digest(payload).encode())):
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+    write_atomic(path, payload)
+    write_atomic(sidecar(path), sha256_of(payload).encode())
 
 
 def read_checkpoint(
@@ -352,11 +353,8 @@ def read_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"no foundation checkpoint at {path}")
     payload = path.read_bytes()
-    try:  # a sidecar that is missing, unreadable or not text is as bad as a wrong digest
-        recorded = _sidecar(path).read_bytes().decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        recorded = None
-    if recorded != _digest(payload):
+    # a sidecar that is missing, unreadable or not text is as bad as a wrong digest
+    if recorded_sha256(path) != sha256_of(payload):
         raise CheckpointError(f"{path} does not match its SHA-256 sidecar (corrupt or partial)")
     try:
         saved = load_torch(payload, str(path))
@@ -387,17 +385,9 @@ def read_checkpoint(
 def writable_targets(path: Path) -> None:
     """The checkpoint and its sidecar can be written: neither name is taken by a folder (checked
     before pre-training, which would otherwise run and then fail to save)."""
-    for target, what in ((path, "the foundation checkpoint"), (_sidecar(path), "its sidecar")):
+    for target, what in ((path, "the foundation checkpoint"), (sidecar(path), "its sidecar")):
         if target.is_dir():
             raise CheckpointError(
                 f"{target} is a folder, where {what} goes: remove it, or set foundation-dir "
                 f"to another folder"
             )
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def _digest(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()

@@ -55,6 +55,13 @@ def tensor_wire_bytes(shape: Sequence[int], element_size: int = 4, permuted: boo
     return header_bytes(len(shape), permuted) + math.prod(shape) * element_size
 
 
+def node_compute_s(cluster: ClusterProfile, node: int, flops: float) -> float:
+    """Node `node`'s time for `flops`: t = FLOPs / (f * phi) on its device, times
+    `edge_share` on the edge server (the other clusters' segments run there too)."""
+    seconds = compute_time_s(flops, cluster.devices[node])
+    return seconds * cluster.edge_share if node == cluster.edge else seconds
+
+
 # -- a cluster's costs ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NodeCost:
@@ -88,6 +95,11 @@ class RoundCost:
     Communication is kept apart by link (client-server vs D2D) and direction. `latency_s` is the
     serial critical path (see `fine_tuning_round_cost`); `bottleneck_s` is the busiest node's
     sensing + compute + transmit time, a lower bound for the round under any pipelined schedule.
+
+    With the edge server as a node of the chain (`ClusterProfile.edge`), its compute and energy
+    are reported apart from the devices' (`edge_*`; `compute_*`, `tx_j` and `energy_j` are the
+    devices'), and the hops into and out of it are client-edge traffic (`cs_hop_*`, counted in
+    `cs_bytes`, not in `d2d_*`). Latency and the bottleneck cover every node.
     """
 
     nodes: tuple[NodeCost, ...]
@@ -98,27 +110,40 @@ class RoundCost:
     cs_upload_bytes: int
     d2d_forward_bytes: int
     d2d_backward_bytes: int
+    edge: int | None = None  # the node the edge server runs (None: devices only)
+    cs_hop_bytes: int = 0  # smashed data and gradients to and from the edge server
+    cs_hop_s: float = 0.0
+
+    @property
+    def devices(self) -> tuple[NodeCost, ...]:
+        """The cluster's own devices (every node but the edge server)."""
+        return tuple(n for k, n in enumerate(self.nodes) if k != self.edge)
+
+    @property
+    def edge_node(self) -> NodeCost | None:
+        return None if self.edge is None else self.nodes[self.edge]
 
     @property
     def compute_flops(self) -> float:
-        return sum(n.flops for n in self.nodes)
+        return sum(n.flops for n in self.devices)
 
     @property
     def compute_s(self) -> float:
-        return sum(n.compute_s for n in self.nodes)
+        return sum(n.compute_s for n in self.devices)
 
     @property
     def d2d_s(self) -> float:
-        """Transmit time on D2D links (everything the nodes sent except the upload)."""
-        return sum(n.tx_s for n in self.nodes) - self.upload_s
+        """Transmit time on D2D links (everything the nodes sent except the upload and the
+        hops to and from the edge server)."""
+        return sum(n.tx_s for n in self.nodes) - self.upload_s - self.cs_hop_s
 
     @property
     def compute_j(self) -> float:
-        return sum(n.compute_j for n in self.nodes)
+        return sum(n.compute_j for n in self.devices)
 
     @property
     def tx_j(self) -> float:
-        return sum(n.tx_j for n in self.nodes)
+        return sum(n.tx_j for n in self.devices)
 
     @property
     def sensing_s(self) -> float:
@@ -130,13 +155,28 @@ class RoundCost:
 
     @property
     def energy_j(self) -> float:
-        """The cluster's energy: its nodes' sensing, computing and transmitting (the edge's not
-        counted)."""
+        """The cluster's energy: its devices' sensing, computing and transmitting (the edge's
+        not counted: `edge_energy_j`)."""
         return self.sensing_j + self.compute_j + self.tx_j
 
     @property
+    def edge_flops(self) -> float:
+        return self.edge_node.flops if self.edge_node else 0.0
+
+    @property
+    def edge_compute_s(self) -> float:
+        """The edge server's time on this cluster's segment (its share of the edge's FLOP/s)."""
+        return self.edge_node.compute_s if self.edge_node else 0.0
+
+    @property
+    def edge_energy_j(self) -> float:
+        """What the edge server spends on this cluster: its segment's compute and its sends."""
+        return self.edge_node.energy_j if self.edge_node else 0.0
+
+    @property
     def cs_bytes(self) -> int:
-        return self.cs_download_bytes + self.cs_upload_bytes
+        """Client-server traffic: the modules down and up, and the hops to and from the edge."""
+        return self.cs_download_bytes + self.cs_upload_bytes + self.cs_hop_bytes
 
     @property
     def d2d_bytes(self) -> int:
@@ -191,14 +231,16 @@ def fine_tuning_round_cost(
         sent[k].append((hop_bytes_forward[k], link))
         sent[k + 1].append((hop_bytes_backward[k], link))
     sent[0].append((upload_bytes, cluster.uplink))
+    d2d = [k for k in range(n - 1) if k not in cluster.edge_hops]
     return _chain_cost(
         cluster,
         work=[(f.forward + f.backward) * samples for f in flops],
         sent=sent,
         download_bytes=download_bytes,
         upload_bytes=upload_bytes,
-        d2d_forward_bytes=sum(hop_bytes_forward),
-        d2d_backward_bytes=sum(hop_bytes_backward),
+        d2d_forward_bytes=sum(hop_bytes_forward[k] for k in d2d),
+        d2d_backward_bytes=sum(hop_bytes_backward[k] for k in d2d),
+        cs_hops={k: hop_bytes_forward[k] + hop_bytes_backward[k] for k in cluster.edge_hops},
         sensed=sensed_samples,
     )
 
@@ -226,14 +268,16 @@ def inference_cost(
     for k, link in enumerate(cluster.hops):
         sent[k].append((hop_bytes[k], link))
     sent[n - 1].append((result_bytes, cluster.result))
+    d2d = [k for k in range(n - 1) if k not in cluster.edge_hops]
     return _chain_cost(
         cluster,
         work=[f.forward * samples for f in flops],
         sent=sent,
         download_bytes=download_bytes,
         upload_bytes=0,
-        d2d_forward_bytes=sum(hop_bytes) + result_bytes,
+        d2d_forward_bytes=sum(hop_bytes[k] for k in d2d) + result_bytes,
         d2d_backward_bytes=0,
+        cs_hops={k: hop_bytes[k] for k in cluster.edge_hops},
         sensed=samples,
     )
 
@@ -278,10 +322,12 @@ def _chain_cost(
     upload_bytes: int,
     d2d_forward_bytes: int,
     d2d_backward_bytes: int,
+    cs_hops: dict[int, int],
     sensed: int,
 ) -> RoundCost:
     """Per node: compute `work[k]` FLOPs, send `sent[k]` (bytes, link); all of it in series.
-    The start point (node 0) first senses `sensed` samples."""
+    The start point (node 0) first senses `sensed` samples. `cs_hops`: the bytes of each hop to
+    or from the edge server (both directions), client-edge traffic."""
     nodes = []
     for k, (name, device, flops, messages) in enumerate(
         zip(cluster.names, cluster.devices, work, sent, strict=True)
@@ -292,7 +338,7 @@ def _chain_cost(
                 name=name,
                 device=device.name,
                 flops=flops,
-                compute_s=compute_time_s(flops, device),
+                compute_s=node_compute_s(cluster, k, flops),
                 compute_j=compute_energy_j(flops, device),
                 tx_bytes=sum(b for b, _ in messages),
                 tx_s=sum(tx_time_s(b, link) for b, link in messages),
@@ -311,6 +357,9 @@ def _chain_cost(
         cs_upload_bytes=upload_bytes,
         d2d_forward_bytes=d2d_forward_bytes,
         d2d_backward_bytes=d2d_backward_bytes,
+        edge=cluster.edge,
+        cs_hop_bytes=sum(cs_hops.values()),
+        cs_hop_s=sum(tx_time_s(b, cluster.hops[k]) for k, b in cs_hops.items()),
     )
 
 

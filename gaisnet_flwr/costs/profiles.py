@@ -259,18 +259,38 @@ class ClusterProfile:
     `result_link` carries an inference result from the end point back to the start point; it
     defaults to the last hop's link profile. Every link must be of its role's kind and within
     its sender's transmit power.
+
+    The edge server as a cooperative node (paper Sec. III-C, III-D: "when the end clients'
+    computing resources are limited, the edge server can also act as a cooperative node"):
+    `edge` is the chain node it runs (a middle node; its device is the edge's profile), and the
+    two hops into and out of it are client-edge links, not D2D. Its compute is shared: it runs
+    the segments of `edge_share` clusters in the same round, each at 1/`edge_share` of its
+    FLOP/s (processor sharing), so a segment there takes `edge_share` times as long; its energy
+    per FLOP is its own (`pricing.node_compute_s`).
     """
 
     devices: Sequence[DeviceProfile]
     hops: Sequence[LinkProfile]
     uplink: LinkProfile
     result_link: LinkProfile | None = None
+    edge: int | None = None
+    edge_share: int = 1
 
     def __post_init__(self) -> None:
         if len(self.devices) < 3:
             raise CostConfigError(
                 f"a cluster needs a start point, at least one peer and an end point; "
                 f"got {len(self.devices)} device profile(s)"
+            )
+        if self.edge is not None and not 1 <= self.edge <= len(self.devices) - 2:
+            raise CostConfigError(
+                f"the edge server must run a middle node of the chain (1 .. "
+                f"{len(self.devices) - 2}), got node {self.edge}"
+            )
+        if self.edge_share < 1 or (self.edge is None and self.edge_share != 1):
+            raise CostConfigError(
+                f"edge_share={self.edge_share}: the clusters sharing the edge server's compute "
+                f"must be >= 1, and 1 when the chain has no edge node"
             )
         names = self.names
         for name, device in zip(names, self.devices, strict=True):
@@ -281,7 +301,8 @@ class ClusterProfile:
                 f"{len(names)} nodes need {len(names) - 1} hop link(s), got {len(self.hops)}"
             )
         for k, link in enumerate(self.hops):
-            self._check_link(f"hop {names[k]}->{names[k + 1]}", link, "d2d", self.devices[k])
+            kind = "client-edge" if k in self.edge_hops else "d2d"
+            self._check_link(f"hop {names[k]}->{names[k + 1]}", link, kind, self.devices[k])
         self._check_link("uplink", self.uplink, "client-edge", self.devices[0])
         self._check_link("result link end->start", self.result, "d2d", self.devices[-1])
 
@@ -299,7 +320,18 @@ class ClusterProfile:
 
     @property
     def names(self) -> list[str]:
-        return node_names(len(self.devices) - 2)
+        """start, peer1 .. peerK (the devices, in chain order), end; the edge server's node,
+        if any, is "edge"."""
+        if self.edge is None:
+            return node_names(len(self.devices) - 2)
+        peers = [f"peer{k + 1}" for k in range(len(self.devices) - 3)]
+        peers.insert(self.edge - 1, "edge")
+        return ["start", *peers, "end"]
+
+    @property
+    def edge_hops(self) -> tuple[int, ...]:
+        """The hops into and out of the edge server's node (client-edge traffic)."""
+        return () if self.edge is None else (self.edge - 1, self.edge)
 
     @property
     def result(self) -> LinkProfile:

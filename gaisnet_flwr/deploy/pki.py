@@ -112,3 +112,28 @@ def make_lab_pki(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.
         path.write_bytes(_key_pem(private))
         path.chmod(0o600)
     return pki
+
+
+def make_supernode_key(path: Path) -> Path:
+    """An EC P-384 key pair for Flower's SuperNode authentication (what `ssh-keygen -t ecdsa
+    -b 384` makes): the private key at `path` (OpenSSH format, for `flower-supernode
+    --auth-supernode-private-key`) and its public key at `path`.pub (for `flwr supernode
+    register`). Returns the public key's path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    public = path.with_name(path.name + ".pub")
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + b"\n"
+    )
+    return public

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,6 +371,9 @@ class NetworkPeers:
         model_spec: how to build the architecture (`model_spec(model_kwargs(...), classes)`).
         optimizer: the segments' optimizer (each remote segment builds its own).
         precision: how each member computes and what dtype its hop carries smashed data in.
+        members: the members' names in chain order (e.g. peer1, edge, end: the cluster's
+            profile, where the edge server holds a segment and runs it as a `gaisnet-peer`);
+            by default peer1 .. peerK, end.
     """
 
     def __init__(
@@ -379,11 +382,13 @@ class NetworkPeers:
         model_spec: dict[str, Any],
         optimizer: OptimizerSpec,
         precision: Precision = FP32,
+        members: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.model_spec = model_spec
         self.optimizer = optimizer
         self.precision = precision
+        self.members = tuple(members)
         self.session = ""
         self._clients: list[PeerClient] = []
         self._tokens: list[str] = []  # each member's session token ("" once released)
@@ -391,17 +396,25 @@ class NetworkPeers:
 
     def open(self, model: PromptedViT, plan: SplitPlan, train: bool, proximal_mu: float) -> Hop:
         addresses = self.settings.addresses
+        names = list(self.members) or node_names(plan.num_peers)[1:]
+        if len(names) != plan.num_peers + 1:
+            raise ValueError(f"{len(names)} member names for a plan of {plan.num_peers} peers")
         if len(addresses) != plan.num_peers + 1:
+            fix = (
+                " (the edge server's gaisnet-peer at its place)"
+                if "edge" in names
+                else f", or set peers-per-cluster={len(addresses) - 1}"
+            )
             raise PeerError(
                 f"node-config names {len(addresses)} D2D members (peers + end point) but the "
-                f"split plan has {plan.num_peers} peers: give {plan.num_peers + 1} addresses in "
-                f"'peers' or set peers-per-cluster={len(addresses) - 1}"
+                f"cluster's chain after the start point is {' -> '.join(names)}: give "
+                f"{len(names)} addresses in 'peers', in that order{fix}"
             )
         self.session = uuid.uuid4().hex
         self._plan = plan
-        names = node_names(plan.num_peers)
         self._clients = [
-            PeerClient(names[k + 1], a, self.settings.transport) for k, a in enumerate(addresses)
+            PeerClient(name, a, self.settings.transport)
+            for name, a in zip(names, addresses, strict=True)
         ]
         self._tokens = [""] * len(self._clients)
         tunable = model.tunable_state()

@@ -171,12 +171,17 @@ def stop_local_superlink(home: Path, timeout_s: float = 20.0) -> list[Proc]:
     )
 
 
-def stop_processes(pids: set[int], timeout_s: float = 20.0) -> list[Proc]:
-    """Stop processes we started (by PID) with everything they started."""
+def stop_processes(
+    pids: set[int], timeout_s: float = 20.0, groups: set[int] | None = None
+) -> list[Proc]:
+    """Stop processes we started (by PID) with everything they started (and whatever is left
+    in `groups`: process groups we made, whose leader may be gone)."""
     # Children that outlive a parent are found by the process groups seen before it died.
-    seen = family(pids)
+    seen = family(pids, groups)
     seeds = set(pids) | {p.pid for p in seen}
-    return stop_family(lambda groups: family(seeds, groups), "the lab's processes", timeout_s)
+    return stop_family(
+        lambda found: family(seeds, found | set(groups or ())), "the lab's processes", timeout_s
+    )
 
 
 def free_ports(n: int) -> list[int]:
@@ -227,10 +232,21 @@ def check_ports_free(ports: list[int]) -> None:
                 )
 
 
-def run_status(flwr: Path, run_id: str, env: dict[str, str] | None = None) -> str:
-    """The run's status from the SuperLink (`finished:completed` on success)."""
+def run_status(
+    flwr: Path, run_id: str, env: dict[str, str] | None = None, superlink: str = ""
+) -> str:
+    """The run's status from the SuperLink (`finished:completed` on success); `superlink`: the
+    `[superlink.<name>]` to ask (default: the config's default)."""
     res = subprocess.run(
-        [str(flwr), "ls", "--run-id", run_id, "--format", "json"],
+        [
+            str(flwr),
+            "ls",
+            *([superlink] if superlink else []),
+            "--run-id",
+            run_id,
+            "--format",
+            "json",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=60,
@@ -277,12 +293,19 @@ class RunOutcome:
             return "every cluster trained every round"
         return found.group(0)
 
-    def check(self, flwr: Path, default_results: Path, env: dict[str, str] | None = None) -> None:
-        """`flwr run --stream` exits 0 even when the run failed, so ask the SuperLink for the
-        run's status and check what the run left behind. The FINAL line names the results
-        directory (an extra --run-config may have moved it)."""
+    def check(
+        self,
+        flwr: Path,
+        default_results: Path,
+        env: dict[str, str] | None = None,
+        superlink: str = "",
+    ) -> None:
+        """`flwr run --stream` exits 0 even when the run failed, so ask the SuperLink
+        (`superlink`, by its config name) for the run's status and check what the run left
+        behind. The FINAL line names the results directory (an extra --run-config may have
+        moved it)."""
         if self.run_id is not None:
-            self.status = run_status(flwr, self.run_id, env=env)
+            self.status = run_status(flwr, self.run_id, env=env, superlink=superlink)
         where = re.search(r"results in (\S+)", self.final or "")
         self.results = Path(where.group(1)) if where else default_results
         if self.failure is not None:

@@ -4,6 +4,8 @@
                   and inference requests; read from a TOML/CSV file or generated from a seed
     planning.py   what a range of blocks costs a peer (FLOPs, memory, the hops it sends) and the
                   planners: compute-only or communication-aware
+    edge_offload.py  the edge server as a cooperative node: a segment of a chain on the edge
+                  (edge-offload='auto'), placed by the same min-max split, shared per round
     layout.py     fine-tuning chains and inference loops from the population (service/clustering),
                   each with its own links, split plan and predicted costs
 

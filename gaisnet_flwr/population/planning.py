@@ -26,9 +26,9 @@ from gaisnet_flwr.costs.memory import segment_memory
 from gaisnet_flwr.costs.pricing import (
     ClusterProfile,
     RoundCost,
-    compute_time_s,
     fine_tuning_round_cost,
     inference_cost,
+    node_compute_s,
     tensor_wire_bytes,
     tx_time_s,
 )
@@ -148,7 +148,7 @@ def peer_time_s(
     w = costs.workload
     flops = (seg.flops.forward + seg.flops.backward) * w.samples * w.epochs
     return (
-        compute_time_s(flops, device)
+        node_compute_s(cluster, peer + 1, flops)  # the edge server's, at its share
         + tx_time_s(seg.forward_bytes, cluster.hops[peer + 1])
         + tx_time_s(seg.backward_bytes, cluster.hops[peer])
     )

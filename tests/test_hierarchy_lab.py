@@ -1,0 +1,277 @@
+"""The paper's hierarchy as processes of their own, on loopback (issue 25; docs/deploy.md).
+
+`HierarchyLab` brings up a cloud SuperLink, 2 edge SuperLinks, each edge's cloud-facing
+SuperNode, 2 cluster SuperNodes per edge and 2 `gaisnet-peer`s per cluster (start point, peer,
+end point), every process with 1 torch thread; shared by the tests in this file and stopped by
+PID at the end: no process may be left.
+
+1. The deployed hierarchy (cloud run + 2 edge runs, 2 cloud rounds, K = 1) ends with the very
+   modules (np.array_equal) of the one-ServerApp logical hierarchy run in-process with the same
+   seed; the foundation the cloud pre-trained reached every edge's and every start point's own
+   folder over the wire (checked by SHA-256), nobody copied it; each tier keeps its metrics.
+2. An edge killed in the middle of cloud round 1 costs only its contribution: the cloud's row
+   names it, the other edge's modules are the cloud's delivery; restarted, it rejoins in cloud
+   round 2 with the modules the cloud held for it.
+3. The cloud killed after cloud round 1 and resumed (resume=true) ends with the modules of
+   the uninterrupted run of test 1.
+4. With TLS, only edge servers whose SuperNode key is registered with the cloud's SuperLink
+   join it (Flower's SuperNode authentication); another key is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gaisnet_flwr.apps.inprocess import run_inprocess
+from gaisnet_flwr.deploy.pki import make_supernode_key
+from gaisnet_flwr.deploy.shipping import held
+from gaisnet_flwr.experiments import flwr_local
+from gaisnet_flwr.experiments.lab import BIN, HierarchyLab
+
+pytestmark = [pytest.mark.simulation, pytest.mark.slow]
+
+EDGES, PER_EDGE = 2, 2
+# Small and quick: a 2-block ViT, its foundation pre-trained for one epoch by the cloud.
+CONFIG: dict[str, Any] = {
+    "foundation": "cloud",
+    "pretrain-epochs": 1,
+    "depth": 2,
+    "peers-per-cluster": 1,
+    "num-rounds": 2,
+    "cloud-every": 1,
+    "edge-domains": "none,invert",
+    "inference-requests": 0,
+    "fraction-evaluate": 0.0,
+    "batch-size": 64,
+    "device": "cpu",
+    "seed": 3,
+    "cloud-timeout-s": 300,
+}
+
+
+def as_run_config(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HierarchyLab]:
+    running = HierarchyLab(tmp_path_factory.mktemp("hlab"), EDGES, PER_EDGE, 1, threads=1)
+    started: set[int] = set()
+    try:
+        running.up()
+        yield running
+    finally:
+        started = {p.pid for p in running.procs.values()}
+        running.down()
+    alive = [p for p in flwr_local.family(started) if p.alive]
+    left = [p for p in flwr_local.processes().values()
+            if p.alive and str(running.dir) in p.args]  # fmt: skip
+    assert not alive and not left, f"left running: {alive + left}"
+
+
+def modules(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def of_edge(mods: dict[str, np.ndarray], edge: int) -> dict[str, np.ndarray]:
+    """`edge<e>/<module>` keys of one edge, without the prefix."""
+    prefix = f"edge{edge}/"
+    return {k[len(prefix) :]: v for k, v in mods.items() if k.startswith(prefix)}
+
+
+def assert_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    unequal = [k for k in want if not np.array_equal(got[k], want[k])]
+    assert not unequal, unequal
+
+
+def rows(results: Path) -> list[dict[str, Any]]:
+    return json.loads((results / "metrics.json").read_text())
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def outcome_text(lab: HierarchyLab) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in sorted(lab.logs.glob("flwr-run-*.log")))
+
+
+def test_deployed_hierarchy_equals_the_logical_one(lab: HierarchyLab, tmp_path: Path) -> None:
+    started = time.monotonic()
+    outcome = lab.run(as_run_config(CONFIG), name="plain")
+    took = time.monotonic() - started
+    assert outcome.ok, f"{outcome.why}\n{outcome_text(lab)}"
+    cloud = lab.results("cloud", "plain")
+
+    # The foundation: made once by the cloud, in every edge's and start point's own folder.
+    made = held(lab.dir / "cloud" / "foundation")
+    assert len(made) == 1
+    for e in range(EDGES):
+        assert held(lab.edge_dir(e) / "foundation") == made
+    for c in range(EDGES * PER_EDGE):
+        assert held(lab.node_dir(c) / "foundation") == made
+
+    # The one-ServerApp logical hierarchy, in-process, with the cloud's foundation file.
+    reference = tmp_path / "logical"
+    node_configs = [
+        {"edge-id": c // PER_EDGE, "partition-id": c % PER_EDGE, "num-partitions": PER_EDGE}
+        for c in range(EDGES * PER_EDGE)
+    ]
+    run_inprocess(
+        {
+            **CONFIG,
+            "output-dir": str(reference),
+            "foundation-dir": str(lab.dir / "cloud/foundation"),
+        },
+        EDGES * PER_EDGE,
+        node_configs,
+        client_threads=1,
+    )
+    for r in (1, 2):
+        assert_equal(modules(cloud / "rounds" / f"round-{r:03d}.npz"),
+                     modules(reference / "rounds" / f"round-{r:03d}.npz"))  # fmt: skip
+    final = modules(cloud / "final_tunable.npz")
+    assert_equal(final, modules(reference / "final_tunable.npz"))
+    for e in range(EDGES):  # each edge ends with what the cloud delivered
+        assert_equal(modules(lab.results(f"edge{e}", "plain") / "final_tunable.npz"),
+                     {f"edge{e}/{k}": v for k, v in of_edge(final, e).items()})  # fmt: skip
+
+    # Each tier's metrics: a row per cloud round (both edges in), a row per edge round.
+    cloud_rows = rows(cloud)
+    assert [r["round"] for r in cloud_rows] == [1, 2]
+    for row in cloud_rows:
+        assert row["edges-contributed"] == EDGES and row["missing-edges"] == []
+        assert row["edge0/edge-weight"] > 0 and "edge1/accuracy" in row
+    ref_rows = rows(reference)
+    for e in range(EDGES):
+        edge_rows = rows(lab.results(f"edge{e}", "plain"))
+        assert [r["round"] for r in edge_rows] == [0, 1, 2]
+        key = f"edge{e}/accuracy"
+        assert [r[key] for r in edge_rows] == [r[key] for r in ref_rows]
+        assert list(lab.results(f"edge{e}", "plain").glob("events.out.tfevents.*"))
+    assert list(cloud.glob("events.out.tfevents.*"))
+    print(f"[hierarchy lab] 2 cloud rounds in {took:.0f} s (start-up not included)")
+
+
+def test_an_edge_killed_mid_round_costs_only_its_contribution(lab: HierarchyLab) -> None:
+    name = "edge-fault"
+    since = time.time_ns()
+    for e in range(EDGES):
+        lab.start_edge(e, as_run_config(CONFIG), name=name)
+    accepted = lab.edge_dir(1) / "accepted"
+
+    def edge1_training_round_1() -> bool:
+        return any(int(p.name.split("-")[0]) > since and "-c1-train" in p.name
+                   for p in accepted.glob("*.json"))  # fmt: skip
+
+    def kill_and_restart() -> None:
+        wait_for(edge1_training_round_1, 240, "edge 1 took cloud round 1")
+        # Its SuperLink and ServerApp die (SIGKILL), and come back with its clusters' SuperNodes.
+        lab.restart("edge1")
+        lab.start_edge(1, as_run_config(CONFIG), name=name)
+
+    killer = threading.Thread(target=kill_and_restart, daemon=True)
+    killer.start()
+    cloud_outcome = lab.run_cloud(as_run_config(CONFIG), name=name)
+    killer.join(timeout=60)
+    edges = lab.finish_edges()
+    assert cloud_outcome.ok, f"{cloud_outcome.why}\n{outcome_text(lab)}"
+    assert edges[0].ok, edges[0].why
+
+    cloud = lab.results("cloud", name)
+    first, second = rows(cloud)
+    assert first["missing-edges"] == [1] and first["edges-contributed"] == 1
+    assert [f["edge"] for f in first["failures"]] == [1]
+    assert "edge 1" in first["failures"][0]["reason"], first["failures"]
+    assert second["missing-edges"] == [] and second["edges-contributed"] == EDGES
+    # The surviving edge holds the cloud's delivery; the restarted one trained cloud round 2
+    # from the modules the cloud held for it after round 1.
+    final = modules(cloud / "final_tunable.npz")
+    assert_equal(of_edge(modules(lab.results("edge0", name) / "final_tunable.npz"), 0),
+                 of_edge(final, 0))  # fmt: skip
+    round1 = of_edge(modules(cloud / "rounds" / "round-001.npz"), 1)
+    requests = lab.edge_dir(1) / "requests"
+    sent = [p for p in sorted(requests.glob("*-c2-train.npz")) if int(p.name[:20]) > since]
+    assert len(sent) == 1
+    assert_equal(modules(sent[0]), round1)
+
+
+def test_a_resumed_cloud_ends_as_an_uninterrupted_one(lab: HierarchyLab) -> None:
+    name = "cloud-restart"
+    for e in range(EDGES):
+        lab.start_edge(e, as_run_config(CONFIG), name=name)
+    state = lab.results("cloud", name) / "cloud-state.json"
+
+    def round_1_saved() -> bool:
+        try:
+            return json.loads(state.read_text())["completed"] >= 1
+        except (OSError, ValueError, KeyError):
+            return False
+
+    killed = threading.Event()
+
+    def kill() -> None:
+        wait_for(round_1_saved, 240, "the cloud saved cloud round 1")
+        lab.restart("cloud")  # SIGKILL, then the SuperLink and the edges' SuperNodes again
+        killed.set()
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    first = lab.run_cloud(as_run_config(CONFIG), name=name)
+    killer.join(timeout=60)
+    assert killed.is_set() and not first.ok
+    resumed = lab.run_cloud(as_run_config(CONFIG), resume=True, name=name)
+    edges = lab.finish_edges()
+    assert resumed.ok, f"{resumed.why}\n{outcome_text(lab)}"
+    assert all(e.ok for e in edges), [e.why for e in edges]
+
+    cloud = lab.results("cloud", name)
+    assert [r["round"] for r in rows(cloud)] == [1, 2]
+    uninterrupted = lab.results("cloud", "plain") / "final_tunable.npz"
+    if not uninterrupted.exists():  # this test run alone
+        assert lab.run(as_run_config(CONFIG), name="plain").ok
+    assert_equal(modules(cloud / "final_tunable.npz"), modules(uninterrupted))
+
+
+def test_only_registered_edge_servers_join_the_cloud(tmp_path: Path) -> None:
+    # TLS everywhere, and Flower's SuperNode authentication on the cloud's SuperLink: each edge
+    # server's SuperNode key is registered (flwr supernode register); another key is refused.
+    lab = HierarchyLab(tmp_path / "tls", edges=1, clusters_per_edge=1, tls=True, threads=1)
+    started: set[int] = set()
+    try:
+        lab.up()
+        wait_for(lambda: edges_online(lab) == 1, 60, "the edge's SuperNode came online")
+        rogue = tmp_path / "rogue"
+        make_supernode_key(rogue)
+        port = flwr_local.free_ports(1)[0]
+        lab.start_supernode("rogue", "cloud", port, 'edge-id=0 edge-dir="/nowhere"', key=rogue)
+        assert lab.procs["rogue"].wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (lab.logs / "rogue.log").read_text()
+    finally:
+        started = {p.pid for p in lab.procs.values()}
+        lab.down()
+    assert not [p for p in flwr_local.family(started) if p.alive]
+
+
+def edges_online(lab: HierarchyLab) -> int:
+    """How many SuperNodes `flwr supernode list cloud` shows online."""
+    listing = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", "cloud", "--format", "json"],
+        capture_output=True, text=True, env=lab.env(), timeout=120,
+    )  # fmt: skip
+    return listing.stdout.count('"status": "online"')
