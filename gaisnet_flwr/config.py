@@ -598,6 +598,10 @@ class RunSection(Section):
         "fp32", "fp32, tf32 (CUDA tensor cores) or bf16 autocast", choices=PRECISIONS
     )
     smashed_dtype: str = option("fp32", "the dtype the D2D hops carry", choices=SMASHED_DTYPE_NAMES)
+    server_threads: int = option(
+        1, "torch threads of the ServerApp's work (central evaluation); 0 = torch's default",
+        low=0, high=1024,
+    )  # fmt: skip
     output_dir: str = option("outputs", "name a folder for the results", nonempty=True)
     mlflow_tracking_uri: str = option("", "'' = no MLflow; e.g. file:///abs/mlruns")
 

@@ -182,8 +182,11 @@ EDGE_WEIGHT, EDGES_CONTRIBUTED, EDGES_FAILED = "edge-weight", "edges-contributed
 # in all, and the accuracy of the request it served.
 PROFIT, CUMULATIVE_PROFIT, SERVED_ACCURACY = "profit", "cumulative-profit", "served-accuracy"
 # A results row (metrics.json, apps/recorder.py): the round's aggregated train metrics under
-# `train/<key>`, and its measured wall time.
-TRAIN_ROW, ROUND_TIME = "train", "round-time-s"
+# `train/<key>`, its clusters' aggregated validation under `evaluate/<key>`, its measured wall
+# time and the ServerApp process's CPU time over it (in process, the ClientApps' work too: a
+# figure that a busy machine moves less than the wall time).
+TRAIN_ROW, EVALUATE_ROW, ROUND_TIME = "train", "evaluate", "round-time-s"
+ROUND_CPU = "round-cpu-s"
 
 
 class UndeclaredMetricError(ValueError):

@@ -60,6 +60,8 @@ Failures = list[dict[str, int | str]]
 RoundListener = Callable[[int, Mapping[str, Any], Failures], None]
 # (server round, the round's aggregated train metrics) -> its latency through the hierarchy
 LatencyPricer = Callable[[int, Mapping[str, Any]], float]
+# (server round, the round's aggregated validation metrics) -> nothing: the results
+EvaluateListener = Callable[[int, Mapping[str, Any]], None]
 
 
 class RunFailedError(RuntimeError):
@@ -145,6 +147,7 @@ class CloudEdgeStrategy(Strategy):
         require_training: a round in which no cluster trained fails the run (one ServerApp
             holds the whole hierarchy); a deployed edge process leaves that to the cloud, which
             fails a cloud round no edge contributed to.
+        on_evaluate: hands each round's aggregated cluster validation to the results.
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class CloudEdgeStrategy(Strategy):
         price_latency: LatencyPricer | None = None,
         on_round: RoundListener | None = None,
         require_training: bool = True,
+        on_evaluate: EvaluateListener | None = None,
     ) -> None:
         self.edges = dict(sorted(edges.items()))
         self.cloud = cloud
@@ -162,6 +166,7 @@ class CloudEdgeStrategy(Strategy):
         self.price_latency = price_latency
         self.on_round = on_round
         self.require_training = require_training
+        self.on_evaluate = on_evaluate
         self.node_edges = {n: e for e, edge in self.edges.items() for n in edge.nodes}
         self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
 
@@ -246,6 +251,8 @@ class CloudEdgeStrategy(Strategy):
             for k, v in (result or {}).items():
                 if isinstance(v, int | float):
                     metrics[edge_key(e, k)] = v
+        if self.on_evaluate is not None and metrics:
+            self.on_evaluate(server_round, metrics)
         return MetricRecord(metrics) if metrics else None  # type: ignore[arg-type]
 
     def summary(self) -> None:

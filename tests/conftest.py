@@ -4,8 +4,12 @@ on Flower's simulation engine."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -241,3 +245,19 @@ def flwr_run_local(
     left = started_by(home, ports)
     assert not left, f"processes left running after `flwr run`: {left}"
     return result, out
+
+
+def python_json(code: str, *args: str, env: Mapping[str, str] | None = None) -> Any:
+    """Run `code` in a fresh interpreter (the repository as its working directory) and return
+    the JSON its last output line holds; a failure shows its stderr. The timeout is generous:
+    a loaded CI machine is slow, and nothing here is timed."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=None if env is None else dict(env),
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

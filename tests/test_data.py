@@ -177,6 +177,24 @@ def test_iid_partitions_are_balanced_and_mixed(digits):
     assert all(len(np.unique(digits.train_labels[p])) == 10 for p in parts)
 
 
+@pytest.mark.parametrize("num_partitions", [1, 3, 7, 500])
+def test_iid_partitions_are_flower_datasets_iid_partitioner(digits, num_partitions):
+    # Our IID cut (written out so that an IID run imports neither Flower Datasets nor Hugging
+    # Face `datasets`) gives exactly the shards IidPartitioner cuts from the same shuffle.
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    spec = Spec(partitioning="iid", seed=11)
+    labels = digits.train_labels
+    order = np.random.default_rng(spec.seed).permutation(len(labels))
+    partitioner = IidPartitioner(num_partitions=num_partitions)
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels[order], "idx": order})
+    theirs = [np.sort(partitioner.load_partition(i)["idx"]) for i in range(num_partitions)]
+    ours = partition_indices(labels, num_partitions, spec)
+    assert len(ours) == len(theirs)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
 def test_dirichlet_respects_min_partition_size(digits):
     spec = Spec(partitioning="dirichlet", dirichlet_alpha=0.1)
     parts = partition_indices(digits.train_labels, 10, spec)

@@ -310,6 +310,32 @@ def test_the_servers_reason_is_the_first_problem_and_one_line(
     assert "\n" not in outcome.why
 
 
+def test_a_quiet_stream_still_shows_how_far_the_run_got(tmp_path: Path) -> None:
+    # gaisnet-lab run streams to its log only; these lines reach the terminal as they come.
+    lines = [
+        "Starting local SuperLink",
+        "\x1b[92mINFO \x1b[0m:      Successfully started run 7",
+        "\x1b[92mINFO \x1b[0m:      cloud: reusing foundation checkpoint /x.pt",
+        "\x1b[92mINFO \x1b[0m:      GaisNet HFSL: vit_tiny_patch16_224 vpt-deep, 10 prompts",
+        "\x1b[92mINFO \x1b[0m:      [ROUND 1/2]",
+        "\x1b[92mINFO \x1b[0m:      \t└──> Aggregated MetricRecord: {'train-acc': 0.5}",
+        "\x1b[92mINFO \x1b[0m:      [round 1/2] acc 0.2000 loss 1.6117 | 0.8 s",
+        "\x1b[92mINFO \x1b[0m:      FINAL: central test accuracy 0.2 after 2 rounds; results in /x",
+    ]
+    script = "import sys; sys.stdout.write(sys.argv[1])"
+    shown: list[str] = []
+    cmd = [sys.executable, "-c", script, "\n".join(lines) + "\n"]
+    outcome = flwr_local.stream_run(cmd, tmp_path / "run.log", False, progress=shown.append)
+    assert shown == [
+        "Successfully started run 7",
+        "GaisNet HFSL: vit_tiny_patch16_224 vpt-deep, 10 prompts",
+        "[round 1/2] acc 0.2000 loss 1.6117 | 0.8 s",
+        "FINAL: central test accuracy 0.2 after 2 rounds; results in /x",
+    ]
+    assert outcome.run_id == "7" and outcome.final is not None
+    assert (tmp_path / "run.log").read_text().count("\n") == len(lines)  # the log: everything
+
+
 def test_a_completed_run_says_how_many_clusters_failed(tmp_path: Path) -> None:
     final = (
         "FINAL: central test accuracy 0.5 after 5 rounds (1 edge(s), 4 clusters; 3 cluster "

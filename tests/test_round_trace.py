@@ -17,6 +17,7 @@ growing; docs/architecture.md states the figures this test measures (`PAGE_SENTE
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
+from flwr.common.logger import FLOWER_LOGGER
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("gaisnet_flwr", "strategies", "clients")
@@ -73,6 +75,8 @@ def trace_round(tmp: Path) -> Trace:
     def calls(frame: FrameType, event: str, arg: object) -> Any:
         if not frame.f_code.co_filename.startswith(prefixes):
             return None
+        if isinstance(threading.current_thread(), threading.Timer):
+            return None  # another test's leftover (a peer's upload sweep), not the round
         lines.add((frame.f_code.co_filename, frame.f_lineno))
         caller = frame.f_back
         while caller and not caller.f_code.co_filename.startswith(prefixes):  # e.g. dataclasses
@@ -83,7 +87,10 @@ def trace_round(tmp: Path) -> Trace:
             into_config.append((name, caller.f_code.co_name, frame.f_code.co_name))
         return local
 
-    previous = sys.gettrace()
+    previous, level = sys.gettrace(), FLOWER_LOGGER.level
+    # Flower's logger at INFO, as a user's run has it: what runs for each log record (the
+    # metric-dump filter, apps/console.py) must not depend on which test ran before.
+    FLOWER_LOGGER.setLevel(logging.INFO)
     sys.settrace(calls)
     threading.settrace(calls)
     try:
@@ -91,6 +98,7 @@ def trace_round(tmp: Path) -> Trace:
     finally:
         sys.settrace(previous)
         threading.settrace(None)  # type: ignore[arg-type]
+        FLOWER_LOGGER.setLevel(level)
     per_file: dict[Path, set[int]] = {}
     for name, line in lines:
         per_file.setdefault(Path(name).relative_to(REPO), set()).add(line)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from gaisnet_flwr.data.images import DataError, DataSpec
 from gaisnet_flwr.derived import data_spec, derive
 from gaisnet_flwr.experiments.flwr_local import federation_config
 from strategies.edge import GridView
+from tests.conftest import python_json
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, embed_dim=32, num_heads=2, peers_per_cluster=2, img_size=16, patch_size=8)
@@ -358,6 +357,17 @@ import gaisnet_flwr.apps.client_app as client_app
 heavy = json.loads(sys.argv[1])
 on_import = sorted(m for m in [*heavy, "torch", "timm"] if m in sys.modules)
 from gaisnet_flwr.apps.inprocess import assign_message_id, task_identity
+from gaisnet_flwr.contract import QUERY_IDENTITY
+# the identity query, the run's first message, is answered without torch
+with task_identity(1, 1):
+    who = Message(RecordDict(), dst_node_id=5, message_type=QUERY_IDENTITY)
+assign_message_id(who, "m0")
+ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 1000},
+              state=RecordDict(), run_config={})
+answer = client_app.app(message=who, context=ctx)
+assert not answer.has_error(), answer.error
+on_identity = sorted(m for m in [*heavy, "torch", "timm"] if m in sys.modules)
+from gaisnet_flwr.apps.inprocess import assign_message_id, task_identity
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.costs.profiles import ClusterProfile, load_profiles
@@ -380,7 +390,7 @@ ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitio
 reply = client_app.app(message=msg, context=ctx)
 assert not reply.has_error(), reply.error
 on_message = sorted(m for m in heavy if m in sys.modules)
-print(json.dumps({"import": on_import, "message": on_message,
+print(json.dumps({"import": on_import, "identity": on_identity, "message": on_message,
                   "examples": reply.content.metric_records["metrics"]["num-examples"]}))
 """
 
@@ -397,19 +407,11 @@ def test_the_client_app_imports_no_plotting_and_no_unused_dataset_stack(tmp_path
         "output-dir": str(tmp_path),
     }
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-c", LIGHT_SCRIPT, json.dumps(HEAVY), json.dumps(run_config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = python_json(LIGHT_SCRIPT, json.dumps(HEAVY), json.dumps(run_config), env=env)
     # loading the ClientApp (Flower does it in the simulation process before Ray starts, and
     # in every actor) imports not even torch; the first message imports what it needs
     assert got["import"] == [], f"importing the ClientApp imported {got['import']}"
+    assert got["identity"] == [], f"the identity query imported {got['identity']}"
     assert got["message"] == [], f"a train message imported {got['message']}"
     assert got["examples"] == 8  # cluster-samples=10, 2 held out for validation
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 import types
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.common.logger import FLOWER_LOGGER
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -55,7 +57,15 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config = {**TINY, "output-dir": str(tmp / "run")}
     if HAVE_MLFLOW:
         config["mlflow-tracking-uri"] = (tmp / "mlruns").as_uri()
-    run_inprocess(config, num_clusters=2)
+    # what a person reads while it runs: Flower's log, kept for test_log_lines_are_short
+    handler = logging.FileHandler(tmp / "flower.log")
+    handler.setFormatter(logging.Formatter("%(levelname)s : %(message)s"))
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        run_inprocess(config, num_clusters=2)
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+        handler.close()
     return tmp / "run", tmp / "mlruns"
 
 
@@ -85,6 +95,27 @@ def test_tensorboard_scalars_equal_metrics_json(run_dir: tuple[Path, Path]) -> N
         for name, value in scalars(row).items():
             logged = {e.step: e.value for e in events.Scalars(name)}
             assert logged[row["round"]] == pytest.approx(value, rel=1e-6), (name, row["round"])
+
+
+@pytest.mark.slow
+def test_log_lines_are_short_and_the_metrics_are_in_the_files(run_dir: tuple[Path, Path]) -> None:
+    # A round is one line a person reads (Flower's whole-MetricRecord dumps, ~2,000
+    # characters a line with 40-odd metrics per edge, are dropped: apps/console.py); every
+    # metric is still in metrics.json.
+    run, _ = run_dir
+    # (a path is as long as the user makes it: counted as "<out>")
+    text = (run.parent / "flower.log").read_text().replace(str(run.parent), "<out>")
+    lines = text.splitlines()
+    rounds = [line for line in lines if "[round " in line]
+    assert len(rounds) == 3, rounds  # round 0 (the initial model) and 2 rounds
+    assert all("acc " in line and " loss " in line for line in rounds)
+    long = [line for line in lines if len(line) > 200]
+    assert long == [], f"{len(long)} lines over 200 characters, e.g. {long[0][:300]!r}"
+    assert not any("Aggregated MetricRecord" in line for line in lines)
+    assert any("[ROUND 2/2]" in line for line in lines)  # Flower's own round markers stay
+    rows = json.loads((run / "metrics.json").read_text())
+    assert len([k for k in rows[-1] if k.startswith("train/")]) > 20
+    assert any(k.startswith("evaluate/") for k in rows[-1])  # the clusters' validation too
 
 
 @pytest.mark.slow

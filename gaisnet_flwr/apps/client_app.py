@@ -10,14 +10,21 @@ Ray, and each Ray actor loads it again: neither waits for torch.
 Two queries need no torch at all, and are answered here: `query.identity` (who this node is,
 and the foundation checkpoints its folder holds) and `query.foundation` (the checkpoint shipped
 to it, checked by SHA-256 and installed in the node's foundation folder: node-config
-`foundation-dir`, else the run-config's). Under the cloud's run (tier 'cloud') this node is an
-edge server's cloud-facing SuperNode, and every message goes to the relay
-(`apps/edge_relay.py`).
+`foundation-dir`, else the run-config's). In a Ray actor (one process serves message after
+message) the identity query, the run's first message, also starts importing the work in a
+background thread while the ServerApp loads its data and evaluates the initial model, so that
+the first train message does not wait for torch and timm (seconds per actor); a message that
+needs the work meanwhile waits for that import to finish (Python's import lock). A
+deployment's ClientApp process serves one message and exits: no background import there.
+Under the cloud's run (tier 'cloud') this node is an edge server's cloud-facing SuperNode, and
+every message goes to the relay (`apps/edge_relay.py`).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +34,8 @@ from flwr.clientapp import ClientApp
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.contract import FOUNDATION, IDENTITY, INFER, NodeIdentity
 from gaisnet_flwr.deploy.shipping import ShippingError, foundation_folder, held
+
+WORK = "gaisnet_flwr.apps.cluster_node"  # what train, evaluate and infer need (torch, timm)
 
 if TYPE_CHECKING:
     from gaisnet_flwr.apps.cluster_node import ClientCache, ClusterNode
@@ -43,7 +52,7 @@ def create_client_app(
 
     def node() -> ClusterNode:
         if not made:  # the first message imports the work (torch, timm, the model code)
-            module = importlib.import_module("gaisnet_flwr.apps.cluster_node")
+            module = importlib.import_module(WORK)
             made.append(module.ClusterNode(fallback_config, cache))
         return made[0]
 
@@ -54,6 +63,8 @@ def create_client_app(
                 relay = importlib.import_module("gaisnet_flwr.apps.edge_relay")
                 return getattr(relay, name)(msg, context)  # type: ignore[no-any-return]
             if name == IDENTITY:
+                if in_ray_actor():
+                    warm_up()
                 return identity(msg, context, given)
             if name == FOUNDATION:
                 return foundation(msg, context, given)
@@ -67,6 +78,24 @@ def create_client_app(
     client.query(IDENTITY)(handler(IDENTITY))
     client.query(FOUNDATION)(handler(FOUNDATION))
     return client
+
+
+def in_ray_actor() -> bool:
+    """Whether this process is a Ray actor (the simulation's, serving many messages). Asks Ray
+    only if this process has imported it already."""
+    ray = sys.modules.get("ray")
+    try:
+        return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
+    except Exception:  # noqa: BLE001 - not knowing means no
+        return False
+
+
+def warm_up() -> None:
+    """Import the work in a daemon thread (once per process)."""
+    if WORK not in sys.modules and not any(t.name == WORK for t in threading.enumerate()):
+        thread = threading.Thread(target=importlib.import_module, args=(WORK,), name=WORK)
+        thread.daemon = True
+        thread.start()
 
 
 def node_foundation_dir(context: Context, run_config: Mapping[str, Any]) -> str:

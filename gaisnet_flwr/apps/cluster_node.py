@@ -2,10 +2,12 @@
 
 `apps/client_app.py` imports only Flower and the message contract, so loading the ClientApp is
 instant (Flower's simulation engine loads it once in its own process before starting Ray, and
-every Ray actor loads it again); this module, with torch, timm and the model code, is imported
-at the first message. It reads the run-config once per process, reads what each message brings
-(`contract`: the cluster's task, the modules) and hands the work to
-`clients.SplitClusterClient`, with the per-process cache of what does not change within a run.
+every Ray actor loads it again) and it answers the identity query itself; this module, with
+torch, timm and the model code, is imported for the first message that needs it (in a Ray
+actor, in the background from the identity query on). It reads the run-config once per
+process, reads what each message brings (`contract`: the cluster's task, the modules) and hands
+the work to `clients.SplitClusterClient`, with the per-process cache of what does not change
+within a run.
 
 The cache (`ClientCache`). In simulation one Ray actor runs the ClientApp for message after
 message, of every node; each of these is built once per process and reused:

@@ -22,7 +22,15 @@ from flwr.common.logger import log
 
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.tracking import Tracking
-from gaisnet_flwr.contract import ACCURACY, FAILED_CLUSTERS, ROUND_TIME, TRAIN_ROW, edge_key
+from gaisnet_flwr.contract import (
+    ACCURACY,
+    EVALUATE_ROW,
+    FAILED_CLUSTERS,
+    ROUND_CPU,
+    ROUND_TIME,
+    TRAIN_ROW,
+    edge_key,
+)
 
 
 @dataclass
@@ -73,14 +81,19 @@ class RunResult:
         """The round's measured wall time in the ServerApp (0 for round 0)."""
         return float(self.rows[server_round].get(ROUND_TIME, 0.0))
 
+    def round_cpu(self, server_round: int) -> float:
+        """The ServerApp process's CPU time over the round (0 for round 0)."""
+        return float(self.rows[server_round].get(ROUND_CPU, 0.0))
+
 
 class RoundRecorder:
     """Collects each round's train metrics and central evaluation and writes them out.
 
-    A round arrives in two steps, both handed over explicitly: `train_round` with the
-    aggregated train MetricRecord and the failed clusters (from the strategy's replies), then
-    `record` with the central evaluation, which completes the row and writes it (files and
-    trackers). `close` ends the run: summary.png, trackers closed."""
+    A round arrives in steps, each handed over explicitly: `train_round` with the aggregated
+    train MetricRecord and the failed clusters (from the strategy's replies), `evaluate_round`
+    with the clusters' aggregated validation (when the round has one), then `record` with the
+    central evaluation, which completes the row, writes it (files and trackers) and logs its
+    one-line summary. `close` ends the run: summary.png, trackers closed."""
 
     def __init__(
         self,
@@ -95,7 +108,9 @@ class RoundRecorder:
         self.result = result if result is not None else RunResult(output_dir)
         self.rows: list[dict[str, Any]] = self.result.rows
         self._round_started = time.perf_counter()
+        self._round_cpu_started = time.process_time()
         self._train: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        self._evaluate: dict[int, dict[str, Any]] = {}
         output_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -122,19 +137,26 @@ class RoundRecorder:
         """A round's aggregated training metrics and the clusters that failed it."""
         self._train[server_round] = (dict(train), [dict(f) for f in failures])
 
+    def evaluate_round(self, server_round: int, metrics: Mapping[str, Any]) -> None:
+        """A round's aggregated cluster validation (federated evaluation)."""
+        self._evaluate[server_round] = dict(metrics)
+
     def record(self, server_round: int, central: Mapping[str, float]) -> None:
         """Complete a round with its central evaluation (a round with failures is complete,
         but marked) and write every row so far."""
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         train, failures = self._train.pop(server_round, ({}, []))
         row: dict[str, Any] = {"round": server_round, **central}
         if server_round > 0:
             row.update({f"{TRAIN_ROW}/{k}": v for k, v in (train or {}).items()})
+            evaluated = self._evaluate.pop(server_round, {})
+            row.update({f"{EVALUATE_ROW}/{k}": v for k, v in evaluated.items()})
             # An edge's refused aggregate (node -1) is a failure of the round, not of a cluster.
             row[FAILED_CLUSTERS] = sum(f.get("node") != -1 for f in failures or [])
             row["failures"] = list(failures or [])
             row[ROUND_TIME] = now - self._round_started
-        self._round_started = now
+            row[ROUND_CPU] = cpu - self._round_cpu_started
+        self._round_started, self._round_cpu_started = now, cpu
         self.rows.append(row)
         self._write()
         if self.tracking is not None:
@@ -158,8 +180,11 @@ class RoundRecorder:
         return path
 
     def describe(self, row: dict[str, Any]) -> str:
+        """The round in one line (under ~200 characters with one edge; the rest is in the
+        files): central accuracy and loss (per edge, with several), failures, the clusters'
+        training, the traffic, the cost model's price, the wall time."""
         head = (
-            f"[round {row['round']}/{self.num_rounds}] central acc {row['accuracy']:.4f} "
+            f"[round {row['round']}/{self.num_rounds}] acc {row['accuracy']:.4f} "
             f"loss {row['loss']:.4f}"
         )
         edges = sorted(k for k in row if k.startswith("edge") and k.endswith("/accuracy"))
@@ -174,14 +199,12 @@ class RoundRecorder:
             return float(row.get(f"{TRAIN_ROW}/{key}", default))
 
         return (
-            f"{head} | train acc {train(c.TRAIN_ACC, float('nan')):.4f} "
-            f"loss {train(c.TRAIN_LOSS, float('nan')):.4f} | "
-            f"D2D fwd {train(c.D2D_FWD) / 1e6:.2f} MB bwd {train(c.D2D_BWD) / 1e6:.2f} MB | "
+            f"{head} | train acc {train(c.TRAIN_ACC, float('nan')):.3f} "
+            f"loss {train(c.TRAIN_LOSS, float('nan')):.3f} | "
+            f"D2D {(train(c.D2D_FWD) + train(c.D2D_BWD)) / 1e6:.2f} MB, "
             f"upload {train(c.UPLOAD) / 1e3:.1f} kB | "
-            f"sim latency {train(c.ROUND_LATENCY):.1f} s, energy {train(c.ENERGY):.1f} J "
-            f"(sensing {train(c.SENSING_J):.1f}, compute {train(c.COMPUTE_J):.1f}, "
-            f"tx {train(c.TX_J):.1f}), max node mem {train(c.MEMORY_MAX) / 1e6:.1f} MB | "
-            f"{row[ROUND_TIME]:.1f} s"
+            f"sim latency {train(c.ROUND_LATENCY):.1f} s, energy {train(c.ENERGY):.1f} J, "
+            f"max mem {train(c.MEMORY_MAX) / 1e6:.1f} MB | {row[ROUND_TIME]:.1f} s"
         )
 
     def _write(self) -> None:

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
+from gaisnet_flwr.apps.console import quiet_strategy_log
 from gaisnet_flwr.apps.failed import clear_failed, mark_failed
 from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult
 from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
@@ -49,7 +50,7 @@ from gaisnet_flwr.population.layout import share_edge
 from gaisnet_flwr.service.scheduler import QualityModel
 from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import SplitPlan
-from gaisnet_flwr.split.precision import Precision, resolve_device
+from gaisnet_flwr.split.precision import Precision, resolve_device, torch_threads
 from gaisnet_flwr.training.loops import evaluate
 from gaisnet_flwr.vit.model import PromptedViT
 from strategies.cloud_edge import Cloud, CloudEdgeStrategy
@@ -367,7 +368,13 @@ class HfslRun:
             )
 
         return CloudEdgeStrategy(
-            edges, cloud, c.aggregate_metrics, round_latency, recorder.train_round, require_training
+            edges,
+            cloud,
+            c.aggregate_metrics,
+            round_latency,
+            recorder.train_round,
+            require_training,
+            on_evaluate=recorder.evaluate_round,
         )
 
     # -- SL inference (strategies.serving.Serving) ----------------------------------------------
@@ -622,8 +629,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
     log(
         INFO,
         "FINAL: central test accuracy %.4f after %d rounds (%d edge(s), %d clusters; "
-        "%d cluster failure(s) in %d round(s)); "
-        "results in %s (modules: %s, picture: %s, TensorBoard: tensorboard --logdir %s)",
+        "%d cluster failure(s) in %d round(s)); results in %s",
         recorder.rows[-1][c.ACCURACY],
         cfg.hierarchy.num_rounds,
         len(run.edges),
@@ -631,6 +637,11 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
         sum(failed),
         sum(n > 0 for n in failed),
         run.output_dir,
+    )
+    # a line of its own, so that each stays short (what is where, and how to look)
+    log(
+        INFO,
+        "  modules: %s, picture: %s, TensorBoard: tensorboard --logdir %s",
         path.name,
         summary.name,
         run.output_dir.parent,
@@ -692,14 +703,17 @@ def create_server_app(
             # At most max-in-flight messages at once: Flower's simulation loop scans every
             # stored message for every node (strategies/edge.py: GridView).
             grid = GridView(grid, max_in_flight=cfg.hierarchy.max_in_flight)
-            if cfg.hierarchy.tier == "hierarchy":
-                run = prepare(grid, derived)
-                log(INFO, "ServerApp thread CPU %.2f s at start-up",
-                    time.thread_time() - started_cpu)  # fmt: skip
-                mode = integrated if cfg.scheduling.service == "integrated" else fine_tune
-                result = mode(grid, run)
-            else:  # the cloud, or one edge server, as a process of its own (docs/deploy.md)
-                result = deployed(cfg.hierarchy.tier)(grid, derived)
+            # The server's own threads, on purpose (server-threads), and a round in one line.
+            threads = cfg.run.server_threads or None
+            with torch_threads(threads), quiet_strategy_log():
+                if cfg.hierarchy.tier == "hierarchy":
+                    run = prepare(grid, derived)
+                    cpu = time.thread_time() - started_cpu
+                    log(INFO, "ServerApp thread CPU %.2f s at start-up", cpu)
+                    mode = integrated if cfg.scheduling.service == "integrated" else fine_tune
+                    result = mode(grid, run)
+                else:  # the cloud, or one edge server, as a process of its own (docs/deploy.md)
+                    result = deployed(cfg.hierarchy.tier)(grid, derived)
             if on_result is not None:
                 on_result(result)
         except Exception as err:

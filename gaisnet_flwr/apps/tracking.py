@@ -10,7 +10,10 @@ step = round, one tag per numeric key (`tag`):
                                                 train-loss, d2d-bytes-fwd, d2d-bytes-bwd,
                                                 upload-bytes, cs-bytes, latency-s,
                                                 round-latency-s, energy-j, memory-max-bytes, ...
-    run/failed-clusters, run/round-time-s       failed clusters and measured wall time per round
+    evaluate/<metric>                           the clusters' aggregated validation (federated
+                                                evaluation), when the round has one
+    run/failed-clusters, run/round-time-s,      failed clusters, measured wall time per round and
+    run/round-cpu-s                             the ServerApp process's CPU time over it
 
 The run-config goes in as hyper-parameters (TensorBoard's HPARAMS tab, with the final central
 accuracy and loss as its metrics). With run-config `mlflow-tracking-uri` set (e.g.
@@ -38,7 +41,7 @@ CENTRAL_METRICS = ("central/accuracy", "central/loss")  # the HPARAMS tab's metr
 
 def tag(key: str) -> str:
     """The TensorBoard tag (and MLflow metric key) of a `metrics.json` key."""
-    if key.startswith("train/"):
+    if key.startswith(("train/", "evaluate/")):
         return key
     if key in ("accuracy", "loss") or key.startswith("edge"):
         return f"central/{key}"

@@ -16,15 +16,18 @@ import argparse
 import copy
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
-from gaisnet_flwr.split.chain import SplitChain
-from gaisnet_flwr.split.link import serialize_tensor
 from gaisnet_flwr.split.plan import plan_even
-from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
+
+if TYPE_CHECKING:
+    import torch
+
+    from gaisnet_flwr.split.chain import SplitChain
+    from gaisnet_flwr.vit.model import PromptedViT
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 MODELS: dict[str, dict[str, Any]] = {
     # ViT-B/16 at 224 px, 102 classes (Flowers102), VPT-deep with 10 prompts: the paper's model.
@@ -44,12 +47,17 @@ MODELS: dict[str, dict[str, Any]] = {
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    from gaisnet_flwr.split.link import serialize_tensor
+
     return sum(len(serialize_tensor(t)) for t in state.values())
 
 
 def time_steps(
     model: PromptedViT, chain: SplitChain, batch: int, repeats: int, img: int, classes: int
 ) -> tuple[float, float]:
+    import torch
+    import torch.nn.functional as F
+
     opt = torch.optim.SGD(model.tunable_parameters(), lr=1e-3, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img, img, generator=gen)
@@ -76,6 +84,11 @@ def time_steps(
 
 
 def run(name: str, batch: int, repeats: int, peers: int) -> None:
+    import torch
+
+    from gaisnet_flwr.split.chain import SplitChain
+    from gaisnet_flwr.vit.model import build_prompted_vit
+
     cfg = dict(MODELS[name])
     model = build_prompted_vit(mode="vpt-deep", **cfg)
     img = model.backbone.patch_embed.img_size[0]
@@ -123,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--peers", type=int, default=3)
     args = parser.parse_args(argv)
+    import torch
+
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.models:

@@ -12,12 +12,13 @@ Markdown into --out:
   2. inference, unsplit vs split (3 peers), batch 64, in each precision;
   3. full fine-tuning vs VPT-deep vs linear (head only): step time at batch 10 and 64 in fp32
      and bf16, and peak GPU memory of a batch-64 AdamW step;
-  4. one HFSL round of ViT-B/16 over 4 clusters (3 peers each, batch 10, 1 local epoch) on a
-     synthetic 102-class 224-px dataset the size of Flowers102's training split (1,020
-     images, generated here): each cluster's `train_cluster` (the ClientApp's work) in turn
-     on the GPU, then the edge's per-module FedAvg (Flower's `aggregate_arrayrecords`); the time of
-     the epoch over the 1,020 images next to the paper's RTX 4060 figures (35 s frozen
-     foundation, 210 s full fine-tuning, paper Sec. V), for VPT-deep and full.
+  4. one HFSL round of ViT-B/16 over 4 clusters (3 peers each, batch 10, 1 local epoch, AdamW)
+     through the real apps: the GaisNet ServerApp and its ClientApps on Flower's in-process
+     grid (`apps.inprocess`), the clusters in turn on the GPU, the edge's per-module FedAvg
+     and the central evaluation, as a run does; data: the embedded digits at 224 px, each
+     cluster drawing 255 images (1,020 in all, Flowers102's training split); the round's time
+     and its slowest cluster next to the paper's RTX 4060 epoch (35 s frozen foundation, 210 s
+     full fine-tuning, paper Sec. V), for VPT-deep and full.
 
 Acceptance (issue 14): split / unsplit <= 1.05x at batch 10 and 64 in every precision, split
 inference <= 1.05x, the round completes. Sized for under 5 minutes on one H200-class GPU:
@@ -33,7 +34,6 @@ the synthetic data to well under a minute. Not yet run on a GPU (docs/gpu.md).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import platform
@@ -44,23 +44,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from flwr.app import ArrayRecord
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from torch.utils.data import TensorDataset
+from typing import TYPE_CHECKING, Any
 
 from gaisnet_flwr import contract
-from gaisnet_flwr.config import TrainingSection
-from gaisnet_flwr.split.chain import SplitChain
-from gaisnet_flwr.split.link import Direction, LinkStats, deserialize_tensor, serialize_tensor
 from gaisnet_flwr.split.plan import plan_even
-from gaisnet_flwr.split.precision import PRECISIONS, Precision
-from gaisnet_flwr.training.loops import evaluate, train_cluster
-from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
+
+if TYPE_CHECKING:
+    import torch
+
+    from gaisnet_flwr.split.link import Direction
+    from gaisnet_flwr.split.precision import Precision
+    from gaisnet_flwr.vit.model import PromptedViT
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 # The paper's time per epoch on an RTX 4060 (Sec. V): frozen foundation (prompt tuning) and
 # full fine-tuning of ViT-B/16 on Flowers102.
@@ -80,7 +77,6 @@ class Setup:
     inference_batch: int = 64
     memory_batch: int = 64
     round_images: int = 1020  # Flowers102's training split
-    round_test_images: int = 204
     round_clusters: int = 4
     round_peers: int = 3
     round_batch: int = 10  # the paper's batch size
@@ -111,7 +107,6 @@ SMOKE = Setup(
     inference_batch=4,
     memory_batch=4,
     round_images=40,
-    round_test_images=20,
     round_batch=10,
 )
 
@@ -129,6 +124,8 @@ class Report:
 
 # -- timing ---------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -156,12 +153,18 @@ def interleaved(
 
 # -- the model and its steps ----------------------------------------------------------------------
 def build(setup: Setup, mode: str, device: torch.device) -> PromptedViT:
+    import torch
+
+    from gaisnet_flwr.vit.model import build_prompted_vit
+
     torch.manual_seed(0)
     prompts = 10 if mode.startswith("vpt") else 0
     return build_prompted_vit(mode=mode, num_prompts=prompts, **setup.model).to(device)
 
 
 def sgd(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
 
@@ -169,6 +172,7 @@ def unsplit_step(
     model: PromptedViT, opt: torch.optim.Optimizer, precision: Precision, device: torch.device
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One step of the unsplit model, as `training.loops.train_centralised` takes it."""
+    import torch.nn.functional as F
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         model.train()
@@ -187,16 +191,22 @@ class SerializingLink:
     transport does), for the comparison only."""
 
     def __init__(self, device: torch.device) -> None:
+        from gaisnet_flwr.split.link import LinkStats
+
         self.device = device
         self.stats = LinkStats()
 
     def send(self, tensor: torch.Tensor, direction: Direction) -> torch.Tensor:
+        from gaisnet_flwr.split.link import deserialize_tensor, serialize_tensor
+
         payload = serialize_tensor(tensor)
         self.stats.add(direction, len(payload))
         return deserialize_tensor(payload, self.device)
 
 
 def batch(setup: Setup, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     gen = torch.Generator().manual_seed(size)
     x = torch.randn(size, 3, setup.img_size, setup.img_size, generator=gen)
     y = torch.randint(0, setup.classes, (size,), generator=gen)
@@ -205,6 +215,9 @@ def batch(setup: Setup, size: int, device: torch.device) -> tuple[torch.Tensor, 
 
 # -- the parts ------------------------------------------------------------------------------------
 def steps(setup: Setup, device: torch.device, report: Report) -> None:
+    from gaisnet_flwr.split.chain import SplitChain
+    from gaisnet_flwr.split.precision import PRECISIONS, Precision
+
     model = build(setup, "vpt-deep", device)
     depth = model.depth
     for size in setup.batches:
@@ -230,6 +243,11 @@ def steps(setup: Setup, device: torch.device, report: Report) -> None:
 
 
 def inference(setup: Setup, device: torch.device, report: Report) -> None:
+    import torch
+
+    from gaisnet_flwr.split.chain import SplitChain
+    from gaisnet_flwr.split.precision import PRECISIONS, Precision
+
     model = build(setup, "vpt-deep", device).eval()
     x, _ = batch(setup, setup.inference_batch, device)
     k = min(3, model.depth)
@@ -262,6 +280,8 @@ def modes(setup: Setup, device: torch.device, report: Report) -> None:
 
 
 def mode_steps(setup: Setup, device: torch.device, report: Report) -> None:
+    from gaisnet_flwr.split.precision import Precision
+
     models = {mode: build(setup, mode, device) for mode in ("full", "vpt-deep", "linear")}
     for size in setup.batches:
         x, y = batch(setup, size, device)
@@ -285,6 +305,10 @@ def mode_steps(setup: Setup, device: torch.device, report: Report) -> None:
 def peak_memory(setup: Setup, mode: str, device: torch.device) -> dict[str, Any]:
     """Peak allocated GPU memory over two AdamW steps of the unsplit model at the memory batch
     (the model, its gradients, AdamW's state and the activations; nothing else is alive)."""
+    import torch
+
+    from gaisnet_flwr.split.precision import Precision
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -305,62 +329,63 @@ def peak_memory(setup: Setup, mode: str, device: torch.device) -> dict[str, Any]
     }
 
 
-def synthetic_flowers(setup: Setup, images: int, seed: int) -> TensorDataset:
-    """`images` 224-px images of 102 classes, equally many per class: a fixed random pattern per
-    class under noise, so that a round can learn something (generated, nothing downloaded)."""
-    gen = torch.Generator().manual_seed(1234)  # the same class patterns for train and test
-    size, classes = setup.img_size, setup.classes
-    patterns = torch.randn(classes, 3, size // 16 or 1, size // 16 or 1, generator=gen)
-    patterns = F.interpolate(patterns, size=(size, size), mode="nearest")
-    labels = torch.arange(images) % classes
-    noise = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return TensorDataset(patterns[labels] + noise, labels)
+def round_config(setup: Setup, mode: str, device: torch.device, out: str) -> dict[str, Any]:
+    """The run-config of one round of the real apps: the setup's model with random weights
+    (foundation 'none'), the paper's optimizer and batch (conf/paper-vitb16-flowers102.toml),
+    the embedded digits resized to the model's input, each cluster drawing its share of the
+    round's images, on `device`."""
+    shape = {k: v for k, v in setup.model.items() if k != "num_classes"}
+    keys = {"model_name": "model-name", "img_size": "img-size", "patch_size": "patch-size",
+            "depth": "depth", "embed_dim": "embed-dim", "num_heads": "num-heads"}  # fmt: skip
+    if "img_size" not in shape:  # timm's ViT-B/16: 224 px, patch 16, 12 x 768, 12 heads
+        shape.update(img_size=224, patch_size=16, depth=12, embed_dim=768, num_heads=12)
+    return {
+        **{keys[k]: v for k, v in shape.items()},
+        "mode": mode,
+        "num-prompts": 10 if mode.startswith("vpt") else 0,
+        "foundation": "none",
+        "optimizer": "adamw",
+        "lr": 0.001,
+        "batch-size": setup.round_batch,
+        "peers-per-cluster": setup.round_peers,
+        "cluster-samples": setup.round_images // setup.round_clusters,
+        "num-rounds": 1,
+        "inference-requests": 0,
+        "fraction-evaluate": 0.0,
+        "device": device.type,
+        "output-dir": out,
+    }
 
 
 def hfsl_round(setup: Setup, device: torch.device, report: Report) -> None:
-    train = synthetic_flowers(setup, setup.round_images, seed=1)
-    test = synthetic_flowers(setup, setup.round_test_images, seed=2)
-    clusters = setup.round_clusters
-    parts = np.array_split(np.arange(setup.round_images), clusters)
-    # The paper's setting (conf/paper-vitb16-flowers102.toml): AdamW, lr 0.001, batch 10.
-    training = TrainingSection(optimizer="adamw", lr=1e-3, batch_size=setup.round_batch)
+    """One round of the real GaisNet apps (ServerApp and ClientApps on the in-process grid,
+    `apps.inprocess.run_inprocess`: the clusters' ClientApps in turn on this device, the edge's
+    per-module aggregation, the central evaluation), for VPT-deep and full fine-tuning. Its
+    data: the embedded digits at the model's size, each cluster drawing round_images /
+    clusters (the round trains on as many images as Flowers102's training split)."""
+    import tempfile
+
+    from gaisnet_flwr.apps.inprocess import run_inprocess
+
     for mode in ("vpt-deep", "full"):
-        edge_model = build(setup, mode, device)
-        peers = min(setup.round_peers, edge_model.depth)
-        plan = plan_even(edge_model.depth, peers)
-        start = edge_model.tunable_state()
-        updates, seconds, d2d = [], [], 0
-        for c, part in enumerate(parts):
-            model = copy.deepcopy(edge_model)
-            model.load_tunable_state(start)
-            data = torch.utils.data.Subset(train, part.tolist())
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-round-") as out:
+            settings = round_config(setup, mode, device, out)
             sync(device)
-            started = time.perf_counter()
-            result = train_cluster(model, plan, data, training, seed=c, device=device)
+            run = run_inprocess(settings, setup.round_clusters, client_threads=None)
             sync(device)
-            seconds.append(time.perf_counter() - started)
-            d2d += result.chain.d2d_bytes_forward + result.chain.d2d_bytes_backward
-            state = {k: v.cpu() for k, v in model.tunable_state().items()}
-            examples = {contract.NUM_EXAMPLES: result.num_examples}
-            updates.append(contract.reply_content(ArrayRecord(state), examples))
-            del model
-        aggregated = aggregate_arrayrecords(updates, contract.NUM_EXAMPLES)  # per-module FedAvg
-        edge_model.load_tunable_state(aggregated.to_torch_state_dict())
-        accuracy = evaluate(edge_model, test, batch_size=64, device=device).accuracy
         row = {
             "mode": mode,
-            "clusters": clusters,
-            "peers per cluster": peers,
-            "training images": setup.round_images,
-            "epoch s (4 clusters in turn)": sum(seconds),
-            "slowest cluster s": max(seconds),
+            "clusters": setup.round_clusters,
+            "peers per cluster": setup.round_peers,
+            "training images": int(run.train(1, contract.NUM_EXAMPLES, 0)),
+            "round s (clusters in turn, central evaluation)": run.round_time(1),
+            "slowest cluster s": float(run.train(1, contract.TRAIN_TIME, 0.0)),
             "paper epoch s (RTX 4060)": PAPER_EPOCH_S[mode],
-            "D2D bytes": d2d,
-            "test accuracy after the round": accuracy,
+            "D2D bytes": int(run.train(1, contract.D2D_FWD, 0) + run.train(1, contract.D2D_BWD, 0)),
+            "test accuracy after the round": float(run.rows[1][contract.ACCURACY]),
         }
         report.rounds.append(row)
         print_row("HFSL round", row)
-        del edge_model
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -422,7 +447,7 @@ def markdown(report: Report) -> str:
         ("Inference", report.inference),
         ("Full vs VPT-deep vs linear, step (unsplit, SGD)", report.modes),
         ("Peak memory, AdamW step", report.memory),
-        ("One HFSL round, 4 clusters, synthetic Flowers102-sized data", report.rounds),
+        ("One HFSL round of the apps, 4 clusters, 1,020 images", report.rounds),
     ):
         lines += [f"## {title}", "", *table(rows), ""]
     lines += ["## Acceptance (issue 14)", "", *(f"- {v}" for v in verdicts(report)), ""]
@@ -446,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=["steps", "inference", "modes", "round"],
     )
     args = parser.parse_args(argv)
+    import torch
+
     text = args.device or ("cpu" if args.smoke else "cuda")
     device = torch.device(text)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -18,17 +18,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, TransportSettings
 from gaisnet_flwr.experiments.bench_chain import MODELS  # noqa: E402  (the same two model shapes)
 from gaisnet_flwr.experiments.lab import Lab  # noqa: E402  (starts, waits for and stops the peer processes)
-from gaisnet_flwr.split.chain import OptimizerSpec, SplitChain
 from gaisnet_flwr.split.plan import plan_even
-from gaisnet_flwr.vit.model import build_prompted_vit
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 
 def run(name: str, peers: int, batch: int, repeats: int, addresses: list[str]) -> None:
+    import torch
+
+    from gaisnet_flwr.deploy.remote import NetworkPeers, PeerSettings, TransportSettings
+    from gaisnet_flwr.split.chain import OptimizerSpec, SplitChain
+    from gaisnet_flwr.vit.model import build_prompted_vit
+
     cfg = dict(MODELS[name])
     torch.manual_seed(0)
     model = build_prompted_vit(mode="vpt-deep", **cfg)
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    import torch
+
     threads = torch.get_num_threads()
     print(
         f"torch {torch.__version__}, {threads} threads here and in each peer; {os.cpu_count()} CPUs"

@@ -31,28 +31,19 @@ import dataclasses
 import itertools
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from gaisnet_flwr.costs.pricing import RoundCost
 from gaisnet_flwr.costs.profiles import ClusterProfile, Profiles, load_profiles
 from gaisnet_flwr.population.devices import PopulationDevice, generate_population
-from gaisnet_flwr.population.edge_offload import (
-    EdgeServer,
-    Placement,
-    faster,
-    place_cluster,
-    plan_round,
-)
-from gaisnet_flwr.population.layout import cluster_profile, form_layout
-from gaisnet_flwr.population.planning import (
-    RangeCosts,
-    Workload,
-    plan_cluster,
-    predicted_round_cost,
-)
-from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
+
+if TYPE_CHECKING:
+    from gaisnet_flwr.costs.pricing import RoundCost
+    from gaisnet_flwr.population.edge_offload import EdgeServer, Placement
+    from gaisnet_flwr.population.planning import RangeCosts
+    from gaisnet_flwr.vit.model import PromptedViT
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 # The fixed cluster: a chain of phones along a street, distances in metres (within 100 m).
 CHAIN = (
@@ -81,6 +72,10 @@ MODELS = {
 
 
 def meta_model(name: str) -> PromptedViT:
+    import torch
+
+    from gaisnet_flwr.vit.model import build_prompted_vit
+
     spec = dict(MODELS[name])
     with torch.device("meta"):
         return build_prompted_vit(
@@ -96,6 +91,8 @@ def busiest(cost: RoundCost) -> float:
 
 
 def fixed_cluster(profiles: Profiles, bandwidth_hz: float) -> ClusterProfile:
+    from gaisnet_flwr.population.layout import cluster_profile
+
     members = [PopulationDevice(name, x, 0.0, profile) for name, profile, x in CHAIN]
     d2d = dataclasses.replace(profiles.link("d2d-50m"), bandwidth_hz=bandwidth_hz)
     return cluster_profile(members, profiles, d2d, profiles.link("uplink-1mhz"), loop=False)
@@ -103,6 +100,8 @@ def fixed_cluster(profiles: Profiles, bandwidth_hz: float) -> ClusterProfile:
 
 def compare(costs: RangeCosts, cluster: ClusterProfile, modules: int) -> dict[str, Any]:
     """Both plans of `cluster` and what the cost model says of each."""
+    from gaisnet_flwr.population.planning import plan_cluster, predicted_round_cost
+
     row: dict[str, Any] = {}
     for planner in ("minmax", "comm-aware"):
         plan = plan_cluster(planner, costs, cluster)
@@ -127,6 +126,8 @@ def with_edge_row(
     costs: RangeCosts, alone: Placement, placed: Placement, modules: int
 ) -> dict[str, Any]:
     """The devices-only chain and the planner's choice, priced by the cost model."""
+    from gaisnet_flwr.population.planning import predicted_round_cost
+
     row: dict[str, Any] = {}
     for key, chosen in (("devices", alone), ("edge", placed)):
         cost = predicted_round_cost(costs, chosen.profile, chosen.plan, modules, modules)
@@ -146,6 +147,9 @@ def edge_tables(
     modules: int,
 ) -> list[dict[str, Any]]:
     """The planner with the edge server against the devices alone (module docstring)."""
+    from gaisnet_flwr.population.edge_offload import EdgeServer, place_cluster, plan_round
+    from gaisnet_flwr.population.layout import form_layout
+
     edge = EdgeServer(profiles.device("edge-server"), profiles.link("uplink-1mhz"))
     rows: list[dict[str, Any]] = []
     print(
@@ -214,6 +218,8 @@ def best_offload_set(
     """The fastest round (its slowest busiest node, then its slowest latency) over every set of
     clusters that could offload, each offloader at 1/|set| of the edge: what `plan_round`'s
     rule (the m slowest, for the best m) is checked against."""
+    from gaisnet_flwr.population.edge_offload import faster, place_cluster
+
     best = (math.inf, math.inf)
     for m in range(len(clusters) + 1):
         shared = [place_cluster(costs, c, edge, share=max(m, 1), devices=False) for c in clusters]
@@ -251,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, help="write both tables' rows here")
     parser.add_argument("--edge-csv", type=Path, help="write the edge server's tables' rows here")
     args = parser.parse_args(argv)
+    from gaisnet_flwr.population.edge_offload import faster
+    from gaisnet_flwr.population.layout import form_layout
+    from gaisnet_flwr.population.planning import RangeCosts, Workload
+
     bandwidths = [float(b) * 1e6 for b in args.bandwidths_mhz.split(",") if b.strip()]
     profiles = load_profiles()
     model = meta_model(args.model)

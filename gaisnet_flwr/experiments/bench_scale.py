@@ -46,7 +46,7 @@ from typing import Any
 
 from gaisnet_flwr.experiments.flwr_local import (
     RunOutcome,
-    free_ports,
+    private_env,
     processes,
     stop_local_superlink,
     superlink_family,
@@ -136,18 +136,7 @@ def run_one(args: argparse.Namespace, clusters: int, work: Path) -> ScaleRow:
     home = work / f"flwr-home-{clusters}"
     output = work / f"out-{clusters}"
     bindir = Path(sys.executable).parent
-    ports = free_ports(2)
-    env = {
-        **os.environ,
-        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1]),
-        # a Ray of its own unless RAY_ADDRESS names a cluster (ray.init() would join the newest)
-        "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local",
-    }
+    env = private_env(home)
     run_config = (
         f"num-rounds={args.rounds} inference-requests=0 fraction-evaluate=0.0 "
         f"cluster-samples={args.cluster_samples} max-in-flight={args.max_in_flight} "

@@ -16,14 +16,10 @@ import json
 import time
 from pathlib import Path
 
-from torch.utils.data import ConcatDataset
-
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
-from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
-from gaisnet_flwr.derived import data_spec, edge_shares
-from gaisnet_flwr.split.precision import resolve_device
-from gaisnet_flwr.training.loops import evaluate, train_centralised
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clusters", type=int, default=4, help="clusters the data was split in")
     parser.add_argument("--hfsl", type=Path, help="metrics.json of an HFSL run to compare with")
     args = parser.parse_args(argv)
+    from torch.utils.data import ConcatDataset
+
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
+    from gaisnet_flwr.derived import data_spec, edge_shares
+    from gaisnet_flwr.split.precision import resolve_device
+    from gaisnet_flwr.training.loops import evaluate, train_centralised
+
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
     spec = data_spec(cfg)
     data = load_image_data(spec)

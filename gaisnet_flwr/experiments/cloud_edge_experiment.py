@@ -16,7 +16,9 @@ from pathlib import Path
 
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.config import RunConfig, parse_overrides
-from gaisnet_flwr.derived import edge_shares
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 
 def run(overrides: dict, clusters: int, output_dir: Path) -> list[dict]:
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--clusters", type=int, default=6)
     args = parser.parse_args(argv)
+    from gaisnet_flwr.derived import edge_shares
+
     overrides = parse_overrides(args.run_config)
     cfg = RunConfig.from_run_config(overrides)
     results = {}

@@ -20,26 +20,22 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 from flwr.app import ArrayRecord
 
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.costs.pricing import RoundCost, fine_tuning_round_cost
-from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
-from gaisnet_flwr.derived import check_profiles, cluster_profile, data_spec, derive
 from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
-from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
 from gaisnet_flwr.experiments.common.output import Series, line_plot, md_table, save, write_csv
 from gaisnet_flwr.experiments.common.progress import Progress
 from gaisnet_flwr.experiments.common.report import script_main
-from gaisnet_flwr.experiments.cost_report import build_model as vit_b16_meta
-from gaisnet_flwr.experiments.cost_report import hop_bytes, state_wire_bytes
-from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import plan_min_max
-from gaisnet_flwr.split.precision import resolve_device
-from gaisnet_flwr.training.loops import train_cluster
+
+if TYPE_CHECKING:
+    from gaisnet_flwr.costs.pricing import RoundCost
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 NAME = "comm"
 TITLE = "Beyond the paper: communication per round and latency/energy vs peers per cluster"
@@ -59,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 def embedded_round(cfg: RunConfig, seeds: list[int], progress: Progress) -> dict[str, float]:
     """One measured HFSL round over CLUSTERS clusters (the real apps) per seed: bytes on each
     link. The bytes depend on the shapes and the data sizes, not on the seed: checked here."""
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
+    from gaisnet_flwr.split.precision import resolve_device
+
     Foundation.of(cfg).ensure(load_image_data(data_spec(cfg)), resolve_device(cfg.run.device))
     rows = [hfsl_rounds(cfg.replace(seed=seed), 1, CLUSTERS)[-1] for seed in seeds]
     row = rows[0]
@@ -80,6 +82,9 @@ def embedded_round(cfg: RunConfig, seeds: list[int], progress: Progress) -> dict
 
 def vit_b16_round() -> dict[str, float]:
     """The same quantities for CLUSTERS ViT-B/16 clusters (3 peers, min-max plan), analytic."""
+    from gaisnet_flwr.experiments.cost_report import build_model as vit_b16_meta
+    from gaisnet_flwr.experiments.cost_report import hop_bytes, state_wire_bytes
+
     model = vit_b16_meta(10, 102)
     plan = plan_min_max([1.0] * model.depth, [1.0, 1.0, 1.0])
     fwd, bwd = hop_bytes(model, plan, VIT_SAMPLES, VIT_BATCH)
@@ -95,6 +100,14 @@ def vit_b16_round() -> dict[str, float]:
 
 def embedded_peers(cfg: RunConfig, k: int, repeats: int) -> tuple[RoundCost, float]:
     """Cluster 0's round split over k peers: the cost model's price and the measured wall time."""
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.costs.pricing import fine_tuning_round_cost
+    from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
+    from gaisnet_flwr.derived import data_spec, derive
+    from gaisnet_flwr.split.flops import segment_flops
+    from gaisnet_flwr.split.precision import resolve_device
+    from gaisnet_flwr.training.loops import train_cluster
+
     cfg = cfg.replace(peers_per_cluster=k, peer_speeds="")
     data = load_image_data(data_spec(cfg))
     edge = edge_image_data(data, 0, [1.0], cfg.hierarchy.edge_domains[0], seed=cfg.run.seed)
@@ -125,6 +138,12 @@ def embedded_peers(cfg: RunConfig, k: int, repeats: int) -> tuple[RoundCost, flo
 
 
 def vit_b16_peers(cfg: RunConfig, k: int) -> RoundCost:
+    from gaisnet_flwr.costs.pricing import fine_tuning_round_cost
+    from gaisnet_flwr.derived import check_profiles, cluster_profile
+    from gaisnet_flwr.experiments.cost_report import build_model as vit_b16_meta
+    from gaisnet_flwr.experiments.cost_report import hop_bytes, state_wire_bytes
+    from gaisnet_flwr.split.flops import segment_flops
+
     model = vit_b16_meta(10, 102)
     cluster = cluster_profile(cfg.costs, check_profiles(cfg.costs), k)
     plan = plan_min_max([1.0] * model.depth, [d.flops_per_second for d in cluster.devices[1:-1]])
@@ -136,6 +155,8 @@ def vit_b16_peers(cfg: RunConfig, k: int) -> RoundCost:
 
 
 def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
+    import matplotlib.pyplot as plt
+
     peers = list(range(1, min(MAX_PEERS, cfg.model.depth) + 1))
     repeats = REPEATS["quick" if args.quick else "full"]
     progress = Progress(NAME, 1 + len(peers))

@@ -19,32 +19,30 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from typing import TYPE_CHECKING
 
-import torch
-
-from gaisnet_flwr.costs.memory import segment_memory
-from gaisnet_flwr.costs.pricing import (
-    ClusterProfile,
-    RoundCost,
-    fedavg_time_s,
-    fine_tuning_round_cost,
-    hierarchy_round_latency,
-    inference_cost,
-    tensor_wire_bytes,
-    tx_time_s,
-)
+from gaisnet_flwr.config import SMASHED_DTYPE_NAMES
 from gaisnet_flwr.costs.profiles import Profiles, load_profiles
-from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import SplitPlan, plan_min_max
-from gaisnet_flwr.split.precision import SMASHED_DTYPES
-from gaisnet_flwr.split.segments import ViTShape, describe_segments
-from gaisnet_flwr.vit.model import PromptedViT, build_prompted_vit
+
+if TYPE_CHECKING:
+    import torch
+
+    from gaisnet_flwr.costs.pricing import ClusterProfile, RoundCost
+    from gaisnet_flwr.vit.model import PromptedViT
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 MB = 1e6  # decimal megabytes, as split-learning papers quote sizes (346 MB, 682 KB)
 
 
 def build_model(num_prompts: int, num_classes: int) -> PromptedViT:
     """The paper's ViT-B/16, 224 px, VPT-deep: 197 tokens + 10 prompts, d = 768, 12 blocks."""
+    import torch
+
+    from gaisnet_flwr.vit.model import build_prompted_vit
+
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
         return build_prompted_vit(
             "vit_base_patch16_224",
@@ -55,6 +53,8 @@ def build_model(num_prompts: int, num_classes: int) -> PromptedViT:
 
 
 def state_wire_bytes(state: dict[str, torch.Tensor]) -> int:
+    from gaisnet_flwr.costs.pricing import tensor_wire_bytes
+
     return sum(tensor_wire_bytes(t.shape, t.element_size()) for t in state.values())
 
 
@@ -69,6 +69,9 @@ def hop_bytes(
     """Bytes per hop over a round: one smashed tensor [B, tokens, D] per batch forward, and its
     gradient backward wherever the segment description says one is sent back; `element_size`
     bytes per value (4: fp32 smashed data; 2: bf16 / fp16)."""
+    from gaisnet_flwr.costs.pricing import tensor_wire_bytes
+    from gaisnet_flwr.split.segments import describe_segments
+
     chain = describe_segments(model, plan)
     hops = range(plan.num_peers + 1)
     per_round = [
@@ -83,6 +86,8 @@ def hop_bytes(
 
 
 def cluster_for(profiles: Profiles, args: argparse.Namespace, num_peers: int) -> ClusterProfile:
+    from gaisnet_flwr.costs.pricing import ClusterProfile
+
     peers = list(itertools.islice(itertools.cycle(args.peers.split(",")), num_peers))
     return ClusterProfile.from_names(
         profiles, [args.start, *peers, args.end], args.d2d, args.uplink
@@ -90,6 +95,8 @@ def cluster_for(profiles: Profiles, args: argparse.Namespace, num_peers: int) ->
 
 
 def print_distribution(model: PromptedViT, profiles: Profiles, links: list[str]) -> int:
+    from gaisnet_flwr.costs.pricing import tx_time_s
+
     full = state_wire_bytes(model.backbone.state_dict())
     tunable = state_wire_bytes(model.tunable_state())
     rows = [
@@ -117,6 +124,7 @@ def print_distribution(model: PromptedViT, profiles: Profiles, links: list[str])
 
 
 def main(argv: list[str] | None = None) -> None:
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -139,13 +147,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--smashed-dtype",
         default="fp32",
-        choices=list(SMASHED_DTYPES),
+        choices=list(SMASHED_DTYPE_NAMES),
         help="what the D2D hops carry (run-config smashed-dtype)",
     )
     parser.add_argument("--memory-peers", type=int, default=3, help="cluster size of table 4")
     parser.add_argument("--num-prompts", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=102, help="Oxford Flowers102")
     args = parser.parse_args(argv)
+    from gaisnet_flwr.costs.memory import segment_memory
+    from gaisnet_flwr.costs.pricing import (
+        fedavg_time_s,
+        fine_tuning_round_cost,
+        hierarchy_round_latency,
+        inference_cost,
+        tensor_wire_bytes,
+    )
+    from gaisnet_flwr.split.flops import segment_flops
+    from gaisnet_flwr.split.precision import SMASHED_DTYPES
+    from gaisnet_flwr.split.segments import ViTShape
 
     profiles = load_profiles(args.profiles)
     model = build_model(args.num_prompts, args.num_classes)

@@ -19,17 +19,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
-from gaisnet_flwr.experiments.common.hfsl import centralised_curve
 from gaisnet_flwr.experiments.common.output import line_plot, md_table, seed_series, write_csv
 from gaisnet_flwr.experiments.common.progress import Progress
 from gaisnet_flwr.experiments.common.report import script_main
 from gaisnet_flwr.experiments.common.stats import NOISE_RULE, PAPER, pm, verdict
-from gaisnet_flwr.split.precision import resolve_device
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 NAME = "fig6"
 TITLE = "Fig. 6: fine-tuning with vs without pre-training"
@@ -56,6 +54,12 @@ def configs(cfg: RunConfig) -> dict[str, RunConfig]:
 
 def curve(cfg: RunConfig, epochs: int, progress: Progress, label: str) -> list[float]:
     """Test accuracy before fine-tuning and after each epoch of centralised training."""
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.experiments.common.hfsl import centralised_curve
+    from gaisnet_flwr.split.precision import resolve_device
+
     Foundation.of(cfg).ensure(load_image_data(data_spec(cfg)), resolve_device(cfg.run.device))
     accuracy = centralised_curve(cfg, CLUSTERS, epochs)
     progress.step(f"{label}: accuracy {accuracy[1]:.3f} at 1, {accuracy[-1]:.3f} at {epochs}")

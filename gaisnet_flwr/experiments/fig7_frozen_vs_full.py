@@ -24,16 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import torch
-from torch.utils.data import TensorDataset
-
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import ConfigError, RunConfig
-from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds, with_defaults
-from gaisnet_flwr.experiments.common.hfsl import pooled_edge_data
 from gaisnet_flwr.experiments.common.output import (
     Series,
     line_plot,
@@ -45,11 +37,10 @@ from gaisnet_flwr.experiments.common.output import (
 from gaisnet_flwr.experiments.common.progress import Progress, Turns
 from gaisnet_flwr.experiments.common.report import script_main
 from gaisnet_flwr.experiments.common.stats import NOISE_RULE, PAPER, pm, verdict
-from gaisnet_flwr.split.flops import segment_flops
 from gaisnet_flwr.split.plan import plan_even
-from gaisnet_flwr.split.precision import resolve_device
-from gaisnet_flwr.training.loops import build_model, evaluate, train_centralised
-from gaisnet_flwr.vit.model import build_prompted_vit
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 NAME = "fig7"
 TITLE = "Fig. 7: frozen backbone (prompt tuning) vs full fine-tuning"
@@ -92,6 +83,13 @@ def train_curves(
 ) -> dict[str, tuple[list[float], list[float]]]:
     """Per mode: test accuracy per epoch (0 = before) and training seconds per epoch. The modes
     take turns epoch by epoch (`Turns`), so both see the same load from other processes."""
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.experiments.common.hfsl import pooled_edge_data
+    from gaisnet_flwr.split.precision import resolve_device
+    from gaisnet_flwr.training.loops import evaluate, train_centralised
+
     first = next(iter(configs.values()))
     data = load_image_data(data_spec(first))  # the modes differ only in what trains
     Foundation.of(first).ensure(data, resolve_device(first.run.device))
@@ -140,6 +138,12 @@ def paper_scale_step_s(
 ) -> dict[str, float]:
     """Median seconds of one ViT-B/16 training step per mode, the modes interleaved so that
     load from other processes hits both alike."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from gaisnet_flwr.split.precision import resolve_device
+    from gaisnet_flwr.training.loops import build_model, train_centralised
+
     configs = modes(cfg.replace(**VIT_B16, foundation="none", batch_size=batch))
     models = {k: build_model(c.model, c.cloud, 102, c.run.seed) for k, c in configs.items()}
     gen = torch.Generator().manual_seed(0)
@@ -164,6 +168,11 @@ def paper_scale_step_s(
 def analytic_flops() -> dict[str, float]:
     """Training FLOPs per sample of ViT-B/16 (224 px, 102 classes, 10 prompts) per mode, from
     the model's shape (gaisnet_flwr/split/flops.py); built on the meta device, nothing allocated."""
+    import torch
+
+    from gaisnet_flwr.split.flops import segment_flops
+    from gaisnet_flwr.vit.model import build_prompted_vit
+
     out = {}
     for mode, prompts in (("prompt", 10), ("full", 0)):
         with torch.device("meta"):
@@ -179,6 +188,11 @@ def analytic_flops() -> dict[str, float]:
 
 
 def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
+    import matplotlib.pyplot as plt
+    import torch
+
+    from gaisnet_flwr.split.precision import resolve_device
+
     cfg = with_defaults(cfg, args, **DEFAULTS)
     epochs = args.epochs or EPOCHS["quick" if args.quick else "full"]
     seeds = run_seeds(cfg, args)

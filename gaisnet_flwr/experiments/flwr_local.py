@@ -197,6 +197,25 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def private_env(home: Path) -> dict[str, str]:
+    """This process's environment for a `flwr run` on a managed SuperLink of its own: FLWR_HOME
+    `home`, free ports, this environment's Flower first on PATH, no runtime environment built,
+    no telemetry, and a Ray of its own unless RAY_ADDRESS names a cluster (`ray.init()` would
+    join the newest `ray start` cluster on the machine)."""
+    bindir = Path(sys.executable).parent
+    ports = free_ports(2)
+    return {
+        **os.environ,
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1]),
+        "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local",
+    }
+
+
 def check_ports_free(ports: list[int]) -> None:
     """Fail early if a port is taken: `flwr run` would silently use whatever SuperLink is there."""
     for port in ports:
@@ -305,11 +324,31 @@ class RunOutcome:
             self.problems.append(f"no metrics.json (or integrated.json) in {self.results}")
 
 
+# The lines of a run's stream that say how far it got (`progress` of `stream_run`): the run
+# accepted, the ServerApp's preparation done, each round's one-line summary, the end.
+PROGRESS = re.compile(r"Successfully started run|GaisNet HFSL:|\[round \d+/\d+\]|FINAL:|RUN FAILED")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def progress_text(line: str) -> str | None:
+    """A stream line as a progress line (without colours and Flower's level prefix), or None
+    when it is not one (`PROGRESS`)."""
+    if not PROGRESS.search(line):
+        return None
+    text = ANSI.sub("", line).strip()
+    return re.sub(r"^(INFO|WARNING|ERROR|DEBUG)\s*:\s*", "", text)
+
+
 def stream_run(
-    cmd: list[str], log_path: Path, echo: bool, env: dict[str, str] | None = None
+    cmd: list[str],
+    log_path: Path,
+    echo: bool,
+    env: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Run `flwr run ... --stream`, tee its output to `log_path` (and stdout if `echo`), and
-    pick the run id and the FINAL line out of it."""
+    pick the run id and the FINAL line out of it. Without `echo`, `progress` gets the lines
+    that say how far the run got (`progress_text`)."""
     run_id, final, failure = None, None, None
     with (
         log_path.open("w") as log,
@@ -321,6 +360,8 @@ def stream_run(
         for line in proc.stdout:
             if echo:
                 sys.stdout.write(line)
+            elif progress is not None and (text := progress_text(line)) is not None:
+                progress(text)
             log.write(line)
             if m := re.search(r"Successfully started run (\d+)", line):
                 run_id = m.group(1)

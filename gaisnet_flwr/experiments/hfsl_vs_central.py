@@ -23,17 +23,15 @@ import statistics
 import sys
 from pathlib import Path
 
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
-from gaisnet_flwr.experiments.common.hfsl import centralised_curve, hfsl_rounds, quiet_run
 from gaisnet_flwr.experiments.common.output import line_plot, md_table, seed_series, write_csv
 from gaisnet_flwr.experiments.common.progress import Progress
 from gaisnet_flwr.experiments.common.report import script_main
 from gaisnet_flwr.experiments.common.stats import NOISE_RULE, mean_sd, pm, verdict
-from gaisnet_flwr.split.precision import resolve_device
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 NAME = "hfsl"
 TITLE = "HFSL vs centralised prompt tuning, and the cloud tier over three edges"
@@ -53,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cloud_edge(cfg: RunConfig, rounds: int, cloud_every: int) -> list[dict]:
     """metrics.json of a run over the three edges (the real apps, in process)."""
+    from gaisnet_flwr.experiments.common.hfsl import quiet_run
+
     settings = {
         **cfg.to_dict(),
         **EDGES,
@@ -70,6 +70,12 @@ def converged(accuracy: list[float], last: int) -> float:
 
 
 def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.experiments.common.hfsl import centralised_curve, hfsl_rounds
+    from gaisnet_flwr.split.precision import resolve_device
+
     rounds = args.rounds or ROUNDS["quick" if args.quick else "full"]
     seeds = run_seeds(cfg, args)
     last = min(LAST, rounds)

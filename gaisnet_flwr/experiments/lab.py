@@ -287,10 +287,15 @@ class Lab:
         return stopped
 
     # -- a run ---------------------------------------------------------------------------------
-    def run(self, run_config: str = "", app: Path | None = None) -> flwr_local.RunOutcome:
+    def run(
+        self,
+        run_config: str = "",
+        app: Path | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> flwr_local.RunOutcome:
         """`flwr run` the app (the Flower app folder, its pyproject.toml; by default the
         working directory, as `flwr run .`) on this lab's SuperLink and check that it really
-        finished."""
+        finished. `progress` gets the stream's lines that say how far the run got."""
         app = app_folder(app)
         results = self.dir / "results"
         lab_keys = {
@@ -302,7 +307,9 @@ class Lab:
         cmd = [str(BIN / "flwr"), "run", str(app), "lab", "--stream", "--run-config", overrides]
         record = Provenance.start(shlex.join(["python", "scripts/lab.py", *sys.argv[1:]]), app)
         record.run_config = {"tls": self.tls, "flwr-run": shlex.join(cmd[1:])}
-        outcome = flwr_local.stream_run(cmd, self.logs / "flwr-run.log", echo=False, env=self.env())
+        outcome = flwr_local.stream_run(
+            cmd, self.logs / "flwr-run.log", echo=False, env=self.env(), progress=progress
+        )
         outcome.check(BIN / "flwr", default_results=results, env=self.env())
         record.write(outcome.results)  # what made the results, beside them
         return outcome
@@ -634,10 +641,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def run(started: float) -> int:
-        outcome = lab.run(run_config)
-        if outcome.ok:
+        def say(text: str) -> None:  # a long wait shows where it is (the whole stream: the log)
+            print(f"[lab {time.monotonic() - started:5.0f} s] {text}", flush=True)
+
+        say(f"flwr run . lab (the whole stream: {lab.logs / 'flwr-run.log'})")
+        outcome = lab.run(run_config, progress=say)
+        if outcome.ok:  # (its FINAL line was among the progress lines)
             print(f"[lab] run {outcome.run_id} completed in {time.monotonic() - started:.0f} s "
-                  f"({outcome.cluster_failures})\n{outcome.final}")  # fmt: skip
+                  f"({outcome.cluster_failures}); results in {outcome.results}")  # fmt: skip
             return 0
         print(f"[lab] RUN FAILED: {outcome.why}. See {outcome.log} and "
               f"{lab.logs}", file=sys.stderr)  # fmt: skip
@@ -661,6 +672,7 @@ def drive(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         started = time.monotonic()
+        print(f"[lab] starting the lab's processes in {args.dir}", flush=True)
         lab.up()
         print(f"[lab] up in {time.monotonic() - started:.0f} s: {describe()}; logs in {lab.logs}")
         if args.command == "up":

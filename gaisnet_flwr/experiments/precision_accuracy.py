@@ -22,14 +22,10 @@ from collections.abc import Sized
 from pathlib import Path
 from typing import cast
 
-import torch
-
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig, parse_overrides
-from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.derived import data_spec
-from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
-from gaisnet_flwr.split.precision import resolve_device
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 # (precision, smashed-dtype): the reference first
 SETTINGS = [
@@ -49,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=2"')
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
+    import torch
+
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
+    from gaisnet_flwr.split.precision import resolve_device
+
     torch.set_num_threads(args.threads)
     base = RunConfig.of(
         **{k.replace("-", "_"): v for k, v in parse_overrides(args.run_config).items()}

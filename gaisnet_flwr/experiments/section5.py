@@ -27,8 +27,6 @@ import traceback  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-
 import gaisnet_flwr.experiments.comm_and_peers as comm_and_peers  # noqa: E402
 import gaisnet_flwr.experiments.fig6_pretraining as fig6_pretraining  # noqa: E402
 import gaisnet_flwr.experiments.fig7_frozen_vs_full as fig7_frozen_vs_full  # noqa: E402
@@ -39,6 +37,9 @@ import gaisnet_flwr.experiments.table5_scheduling as table5_scheduling  # noqa: 
 from gaisnet_flwr.apps.inprocess import flower_log_to  # noqa: E402
 from gaisnet_flwr.config import RunConfig  # noqa: E402
 from gaisnet_flwr.experiments.common import cli, output, progress, report, stats  # noqa: E402
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 EXPERIMENTS = {
     m.NAME: m
@@ -88,6 +89,8 @@ def sub_argv(args: argparse.Namespace, out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, cfg = cli.parse_or_exit(parser, argv)  # bad preset/key/value: exit before any work
+    import torch
+
     names = selected(parser, args.only)
     out = args.out or Path("outputs/section5") / ("quick" if args.quick else "full")
     subs = {
@@ -139,6 +142,8 @@ def write_report(
     total: float,
     foundation: str,
 ) -> None:
+    import torch
+
     command = shlex.join(
         ["python", "scripts/section5.py", *(sys.argv[1:] if argv is None else argv)]
     )

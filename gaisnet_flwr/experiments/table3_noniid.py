@@ -27,23 +27,25 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import numpy as np
-from torch.utils.data import Subset
 
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.contract import NUM_PARTITIONS, PARTITION_ID
-from gaisnet_flwr.data.images import ImageData, edge_image_data, load_image_data
-from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds, with_defaults
-from gaisnet_flwr.experiments.common.hfsl import fresh_head_config, hfsl_rounds
 from gaisnet_flwr.experiments.common.output import md_table, save, write_csv
 from gaisnet_flwr.experiments.common.progress import Progress
 from gaisnet_flwr.experiments.common.report import script_main
 from gaisnet_flwr.experiments.common.stats import NOISE_RULE, PAPER, mean_sd, pm, verdict
-from gaisnet_flwr.split.precision import resolve_device
+
+if TYPE_CHECKING:
+    from torch.utils.data import Subset
+
+    from gaisnet_flwr.data.images import ImageData
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 NAME = "table3"
 TITLE = "Table III: accuracy vs number of classes in the fine-tuning data (non-IID)"
@@ -82,6 +84,8 @@ def reading_a(
 ) -> list:
     """k of the first TEST_CLASSES classes in the fine-tuning data (node-config train pool:
     `images` drawn evenly from classes 0..k-1, split IID); test on all TEST_CLASSES classes."""
+    from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
+
     pool = {"train-classes": k, "train-images": images}
     return hfsl_rounds(
         cfg.replace(partitioning="iid"),
@@ -97,6 +101,8 @@ def reading_a(
 
 def reading_b(cfg: RunConfig, edge: ImageData, k: int, rounds: int, progress: Progress) -> list:
     """Every cluster holds k classes; one cluster per class; test on every class."""
+    from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
+
     return hfsl_rounds(
         cfg.replace(partitioning="classes", classes_per_cluster=k),
         rounds,
@@ -106,6 +112,15 @@ def reading_b(cfg: RunConfig, edge: ImageData, k: int, rounds: int, progress: Pr
 
 
 def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
+    import matplotlib.pyplot as plt
+    from torch.utils.data import Subset
+
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import edge_image_data, load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.experiments.common.hfsl import fresh_head_config
+    from gaisnet_flwr.split.precision import resolve_device
+
     cfg = with_defaults(cfg, args, **DEFAULTS)
     rounds = args.rounds or ROUNDS["quick" if args.quick else "full"]
     seeds = run_seeds(cfg, args)

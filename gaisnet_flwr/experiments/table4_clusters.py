@@ -20,16 +20,11 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
-
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
 from gaisnet_flwr.contract import NUM_PARTITIONS, PARTITION_ID
-from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
-from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.experiments.common.cli import add_common_arguments, run_seeds
-from gaisnet_flwr.experiments.common.hfsl import RoundRow, hfsl_rounds
 from gaisnet_flwr.experiments.common.output import (
     Series,
     line_plot,
@@ -41,7 +36,12 @@ from gaisnet_flwr.experiments.common.output import (
 from gaisnet_flwr.experiments.common.progress import Progress
 from gaisnet_flwr.experiments.common.report import script_main
 from gaisnet_flwr.experiments.common.stats import NOISE_RULE, mean_sd, pm, verdict
-from gaisnet_flwr.split.precision import resolve_device
+
+if TYPE_CHECKING:
+    from gaisnet_flwr.experiments.common.hfsl import RoundRow
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 NAME = "table4"
 TITLE = "Table IV: converged accuracy vs number of client clusters"
@@ -64,6 +64,14 @@ def domains(cfg: RunConfig) -> list[str]:
 
 
 def run(cfg: RunConfig, args: argparse.Namespace, out: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import cluster_datasets, edge_image_data, load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.experiments.common.hfsl import hfsl_rounds
+    from gaisnet_flwr.split.precision import resolve_device
+
     rounds = args.rounds or ROUNDS["quick" if args.quick else "full"]
     doms = domains(cfg)
     seeds = run_seeds(cfg, args)

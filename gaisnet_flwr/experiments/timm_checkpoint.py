@@ -25,17 +25,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from gaisnet_flwr.config import ConfigError, RunConfig, parse_overrides
-from gaisnet_flwr.data.images import dataset_classes
-from gaisnet_flwr.derived import data_spec
-from gaisnet_flwr.vit.model import build_prompted_vit
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 
 def convert(weights: Path, cfg: RunConfig, out: Path, num_classes: int | None = None) -> Path:
     """Build `cfg`'s model from the timm weights file `weights` (a fresh head for the dataset's
     classes, seeded by the run seed) and save its state dict where `foundation='file'` reads it."""
+    import torch
+
+    from gaisnet_flwr.data.images import dataset_classes
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.vit.model import build_prompted_vit
+
     if not weights.is_file():
         raise ConfigError(f"--weights {weights}: not a file")
     classes = num_classes or dataset_classes(data_spec(cfg))

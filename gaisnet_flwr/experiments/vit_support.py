@@ -1,6 +1,6 @@
 """Which timm ViTs PromptedViT runs: every ViT-like name, built tiny and checked in every mode.
 
-Goes over `timm.list_models()` for the ViT-like timm modules (`VIT_LIKE_MODULES`), builds each
+Goes over `timm.list_models()` for the ViT-like timm modules (`vit_like_modules()`), builds each
 name tiny with random weights (nothing is downloaded) and records, per mode:
 
     exact      0 prompts is timm's own forward; the split chain equals the unsplit model bit for
@@ -29,29 +29,38 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from gaisnet_flwr.costs.memory import segment_memory
-from gaisnet_flwr.split.chain import SplitChain
+from gaisnet_flwr.config import MODES
 from gaisnet_flwr.split.plan import SplitPlan
-from gaisnet_flwr.vit.families import TIMM_MODULES
-from gaisnet_flwr.vit.model import MODES, ModelError, PromptedViT, build_prompted_vit, timm_reason
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from gaisnet_flwr.vit.model import PromptedViT
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 # timm modules whose models are Vision Transformers over a sequence of patch tokens: those
 # PromptedViT runs, and the rest.
-VIT_LIKE_MODULES = (
-    *TIMM_MODULES,
+# (the ones PromptedViT knows, `vit.families.TIMM_MODULES`, and these)
+OTHER_VIT_LIKE_MODULES = (
     "naflexvit",
     "vision_transformer_sam",
     "deepseek_vit",
     "gemma4_vit",
     "qwen3_vit",
 )
+
+
+def vit_like_modules() -> tuple[str, ...]:
+    from gaisnet_flwr.vit.families import TIMM_MODULES
+
+    return (*TIMM_MODULES, *OTHER_VIT_LIKE_MODULES)
+
+
 # Tiny shapes, tried in order: 32 px in 8 px patches (16 tokens), 2 blocks, width 32, 2 heads;
 # a ResNet-hybrid's patch counts cells of its CNN stem's feature map, so 64 px and its own
 # patch; per-block grouped-query attention (Sapiens2) takes one key/value head in each block;
@@ -63,9 +72,23 @@ TINY_SHAPES: tuple[dict[str, Any], ...] = (
     dict(img_size=64, depth=2),
 )
 PLANS = (SplitPlan.from_sizes([2]), SplitPlan.from_sizes([1, 1]))
+
+
+def sgd_momentum(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def adamw(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01)
+
+
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
-    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4),
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01),
+    "sgd-momentum": sgd_momentum,
+    "adamw": adamw,
 }
 STEPS = 3
 BATCH = 4
@@ -89,9 +112,11 @@ class Result:
 
 def vit_like_names(pattern: str = "*") -> list[tuple[str, str]]:
     """(name, timm module) of every ViT-like name the installed timm lists."""
+    import timm
+
     return [
         (name, module)
-        for module in VIT_LIKE_MODULES
+        for module in vit_like_modules()
         for name in timm.list_models(module=module)
         if fnmatch.fnmatch(name, pattern)
     ]
@@ -100,6 +125,8 @@ def vit_like_names(pattern: str = "*") -> list[tuple[str, str]]:
 def block_kind(backbone: nn.Module) -> str:
     """The block a model is made of: its class, with the attention and MLP where a block has
     them and they are not timm's plain ones."""
+    from torch import nn
+
     blocks = getattr(backbone, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:
         return "-"
@@ -115,6 +142,11 @@ def block_kind(backbone: nn.Module) -> str:
 def _tiny(name: str) -> tuple[dict[str, Any], nn.Module | None, str]:
     """The first tiny shape timm builds `name` at (on the meta device), the plain timm model,
     and timm's reason when none works."""
+    import timm
+    import torch
+
+    from gaisnet_flwr.vit.model import timm_reason
+
     reason = ""
     for shape in TINY_SHAPES:
         overrides = dict(shape)
@@ -129,6 +161,12 @@ def _tiny(name: str) -> tuple[dict[str, Any], nn.Module | None, str]:
 
 def exactness(model: PromptedViT, image: tuple[int, ...]) -> str:
     """'' if the split chain trains bit for bit like the unsplit model, else what differs."""
+    import torch
+    import torch.nn.functional as F
+
+    from gaisnet_flwr.costs.memory import segment_memory
+    from gaisnet_flwr.split.chain import SplitChain
+
     gen = torch.Generator().manual_seed(0)
     batches = [
         (
@@ -167,6 +205,10 @@ def exactness(model: PromptedViT, image: tuple[int, ...]) -> str:
 
 def check_mode(name: str, mode: str, shape: dict[str, Any]) -> str:
     """One name in one mode: 'exact', 'refused: ...' or what went wrong."""
+    import torch
+
+    from gaisnet_flwr.vit.model import ModelError, build_prompted_vit
+
     prompts = 2 if mode.startswith("vpt") else 0
     try:
         torch.manual_seed(0)
@@ -203,6 +245,8 @@ def _reason(message: str) -> str:
 
 
 def check_name(name: str, module: str) -> Result:
+    import torch
+
     shape, plain, reason = _tiny(name)
     if plain is None:
         return Result(name, module, "-", "-", "-", (f"not built: {reason}",) * len(MODES))
@@ -258,13 +302,16 @@ def render(results: list[Result], header: str) -> str:
 
 
 def page_header(argv: list[str] | None, seconds: float) -> str:
+    import timm
+    import torch
+
     return (
         "# Which timm ViTs run\n\n"
         "[← README](../README.md). Generated by `python scripts/vit_support.py "
         f"{' '.join(argv or ['--out', 'docs/vit-support.md'])}` (timm {timm.__version__}, torch "
         f"{torch.__version__.split('+')[0]}, Python {platform.python_version()}, CPU, 1 torch "
         f"thread; {seconds / 60:.0f} min). Every name `timm.list_models()` holds in the "
-        f"ViT-like timm modules ({', '.join(VIT_LIKE_MODULES)}), built tiny with random "
+        f"ViT-like timm modules ({', '.join(vit_like_modules())}), built tiny with random "
         "weights at the first shape timm accepts (32 px in 8 px patches, 2 blocks, width 32, "
         "2 heads; 64 px for ResNet-hybrids, whose patch counts feature-map cells; one key/value "
         "head per block for per-block grouped-query attention; 64 px, 2 blocks at its own "

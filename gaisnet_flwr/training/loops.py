@@ -141,14 +141,39 @@ class EvalResult:
     num_examples: int
 
 
+# An evaluation batch's activations at most (fp32 bytes): ViT-B/16 at 224 px takes ~55 images
+# a batch within it, where 256 needed ~1.2 GB for one block's attention and MLP; a tiny ViT
+# still takes 256 (the cap).
+EVAL_ACTIVATION_BYTES = 256 * 2**20
+EVAL_BATCH_CAP = 256
+
+
+def eval_batch_size(model: nn.Module, budget: int = EVAL_ACTIVATION_BYTES) -> int:
+    """The evaluation batch that keeps one block's no-grad working set (its attention scores
+    and its MLP's hidden layer, fp32) within `budget`: tokens x (heads x tokens + 4 x width)
+    floats per image. A model that is not a PromptedViT over a timm ViT gets the cap."""
+    backbone = getattr(model, "backbone", None)
+    try:
+        tokens = int(model.tokens_before(0)) + int(getattr(model, "num_prompts", 0))  # type: ignore[operator]
+        width = int(backbone.embed_dim)  # type: ignore[union-attr]
+        heads = int(getattr(backbone.blocks[0].attn, "num_heads", 1))  # type: ignore[union-attr,index]
+    except (AttributeError, TypeError, IndexError):
+        return EVAL_BATCH_CAP
+    per_image = 4 * tokens * (heads * tokens + 4 * width)
+    return max(1, min(EVAL_BATCH_CAP, budget // per_image))
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: torch.device | None = None,
     precision: Precision = FP32,
 ) -> EvalResult:
+    """Mean loss and accuracy of `model` on `dataset`, in batches of `batch_size` (default:
+    `eval_batch_size`, sized to memory)."""
+    batch_size = batch_size or eval_batch_size(model)
     device = device or torch.device("cpu")
     model.to(device).eval()
     total_loss, correct, seen = 0.0, 0, 0

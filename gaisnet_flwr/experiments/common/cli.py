@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from gaisnet_flwr.config import ConfigError, RunConfig, parse_overrides
-from gaisnet_flwr.derived import derive
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 # Every Section V setting runs this many seeds (run-config `seed`, `seed + 1`, ...): the edges'
 # fresh heads, prompts, partitions and shuffles; the cloud's foundation has its own
@@ -95,6 +97,8 @@ def parse_or_exit(
     and a message naming it (and the valid choices) before any work. `args.set_keys` holds the
     run-config keys the user set, so an experiment can keep its own default for the others."""
     args = parser.parse_args(argv)
+    from gaisnet_flwr.derived import derive
+
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     try:

@@ -10,14 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from gaisnet_flwr.experiments.common.stats import mean_sd
 
-matplotlib.use("Agg")  # files only, no display: runs headless on servers and in CI
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+def pyplot() -> Any:
+    """matplotlib's pyplot, imported when a figure is drawn (not on import: a command's --help
+    stays instant), drawing to files only: headless on servers and in CI."""
+    import matplotlib
 
-from gaisnet_flwr.experiments.common.stats import mean_sd  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -83,7 +87,7 @@ def line_plot(
     to draw into a panel of a larger figure instead (the caller saves it)."""
     own = ax is None
     if own:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     for s in series:
         (line,) = ax.plot(s.x, s.y, s.style, label=s.label, markersize=4)
         if s.sd is not None and any(s.sd):
@@ -91,6 +95,8 @@ def line_plot(
             high = [m + d for m, d in zip(s.y, s.sd, strict=True)]
             ax.fill_between(list(s.x), low, high, color=line.get_color(), alpha=0.2)
     ax.set_title(title)
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, rounds, peers: whole numbers
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -109,7 +115,7 @@ def save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 

@@ -9,14 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
-from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import RunConfig
-from gaisnet_flwr.data.images import load_image_data
-from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.experiments.common.cli import parse_or_exit, run_seeds
-from gaisnet_flwr.split.precision import resolve_device
+
+# torch, timm and the model code are imported by the functions that use them, so that
+# importing this module (a command's --help) is instant.
 
 
 class Experiment(Protocol):
@@ -41,6 +38,10 @@ def execute(
     experiment: Experiment, cfg: RunConfig, args: argparse.Namespace, out: Path
 ) -> SectionResult:
     """Run one experiment into `out`, time it and write its section as `out/report.md`."""
+    import torch
+
+    from gaisnet_flwr.split.precision import resolve_device
+
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     body = experiment.run(cfg, args, out)
@@ -60,6 +61,11 @@ def execute(
 def foundation_note(cfg: RunConfig) -> str:
     """Which foundation the numbers stand on: its kind and the SHA-256 of its weights (the
     same at any thread count, `Foundation.fingerprint`), after making sure it exists."""
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.split.precision import resolve_device
+
     data = load_image_data(data_spec(cfg))
     foundation = Foundation.of(cfg)
     foundation.ensure(data, resolve_device(cfg.run.device))
@@ -70,6 +76,8 @@ def foundation_note(cfg: RunConfig) -> str:
 def script_main(experiment: Experiment, argv: Sequence[str] | None = None) -> SectionResult:
     """The body of every script's `main`: parse, validate, run, say where the files went."""
     args, cfg = parse_or_exit(experiment.build_parser(), argv, getattr(experiment, "check", None))
+    import torch
+
     torch.set_num_threads(args.threads)
     result = execute(experiment, cfg, args, args.out)
     print(

@@ -1,0 +1,96 @@
+"""Peak memory of one in-process round of ViT-B/16 (issue 28: "within a laptop's memory").
+
+The real apps (the GaisNet ServerApp and its ClientApps on Flower's in-process grid, one
+process: `apps.inprocess.run_inprocess`), ViT-B/16's architecture at 224 px with random
+weights (foundation 'none'), 2 clusters of 3 peers, the embedded digits, 1 round, as issue 28
+measured it (peak 5.84 GB then). It prints the process's peak resident memory (the kernel's
+`ru_maxrss`, what `/usr/bin/time -v` reports as "Maximum resident set size"), the round's wall
+time and the slowest cluster's training, against the issue's goal of 3 GB.
+
+    python scripts/bench_memory.py                   # ViT-B/16 (minutes on 2 CPU cores)
+    python scripts/bench_memory.py --smoke           # a tiny ViT: checks the script, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GOAL_BYTES = 3e9  # issue 28
+VIT_B16: dict[str, int | str] = {
+    "model-name": "vit_base_patch16_224",
+    "img-size": 224,
+    "patch-size": 16,
+    "depth": 12,
+    "embed-dim": 768,
+    "num-heads": 12,
+}
+SMOKE: dict[str, int | str] = {"depth": 3, "embed-dim": 32, "num-heads": 2}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gaisnet-bench-memory", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--smoke", action="store_true", help="a tiny ViT instead of ViT-B/16")
+    parser.add_argument("--clusters", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    if args.clusters < 1:
+        parser.error("--clusters must be >= 1")
+
+    from gaisnet_flwr import contract
+    from gaisnet_flwr.apps.inprocess import run_inprocess
+    from gaisnet_flwr.experiments.provenance import Provenance
+
+    given = sys.argv[1:] if argv is None else argv
+    record = Provenance.start(shlex.join(["python", "scripts/bench_memory.py", *given]), Path("."))
+    model = SMOKE if args.smoke else VIT_B16
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as out:
+        settings: dict[str, int | str] = {
+            **model,
+            "foundation": "none",
+            "num-rounds": 1,
+            "inference-requests": 0,
+            "peers-per-cluster": 3,
+            "output-dir": out,
+        }
+        run = run_inprocess(settings, args.clusters)
+    peak = peak_rss_bytes()
+    figures = {
+        "model": model,
+        "clusters": args.clusters,
+        "peak resident bytes": peak,
+        "goal bytes": GOAL_BYTES,
+        "round s": run.round_time(1),
+        "slowest cluster train s": float(run.train(1, contract.TRAIN_TIME, 0.0)),
+        "run s": time.perf_counter() - started,
+    }
+    print(
+        f"peak resident memory {peak / 1e9:.2f} GB (goal {GOAL_BYTES / 1e9:.0f} GB); round "
+        f"{figures['round s']:.1f} s, slowest cluster's training "
+        f"{figures['slowest cluster train s']:.1f} s; the whole run {figures['run s']:.0f} s"
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record.run_config = {"settings": settings}
+        args.out.write_text(json.dumps(figures, indent=1) + "\n")
+        record.write(args.out.parent)
+        print(f"wrote {args.out} and {args.out.parent / 'provenance.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""`flwr run` start-up: the GaisNet app vs a Flower app that does nothing, side by side.
+
+Both run as a user runs them: `flwr run APP --stream` on a private managed SuperLink (its own
+FLWR_HOME and ports, stopped by PID afterwards: `experiments/flwr_local.py`), on Flower's Ray
+simulation with N SuperNodes and one CPU per ClientApp, no runtime environment built
+(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION). The no-op app is Flower's floor: FedAvg over one
+4-float array, a ClientApp that echoes it (docs/running.md, "Flower's and Ray's floor"); ours is
+the default run (`num-rounds=1 inference-requests=0`), its foundation checkpoint made before
+the timing starts.
+
+The figure is the time from starting `flwr run` to the line Flower's `Strategy.start` logs
+when round 1's train replies are in (`aggregate_train: Received ...`): the SuperLink, the
+simulation process, Ray and its actors, and for ours the ServerApp's preparation (config,
+identity query, data, foundation, the initial model's evaluation) and one round of training.
+The two apps take turns (the order alternating), so that the load moves both alike; each run's
+load average is printed with it. Times are as the log stream delivers the lines: it is polled
+every 0.5 s (Flower's LOG_STREAM_INTERVAL), the same for both apps. For ours, where the time
+goes: the stream times of the ServerApp's milestones.
+
+    python scripts/bench_startup.py                              # N = 4 and 100, 3 pairs each
+    python scripts/bench_startup.py --clusters 4 --repeats 5 --out docs/startup/bench_startup.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gaisnet_flwr.experiments.flwr_local import private_env, stop_local_superlink
+
+NOOP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "noop"
+version = "0.1.0"
+dependencies = ["flwr[simulation]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["noop"]
+
+[tool.flwr.app]
+publisher = "bench"
+
+[tool.flwr.app.components]
+serverapp = "noop.server:app"
+clientapp = "noop.client:app"
+
+[tool.flwr.app.config]
+"""
+NOOP_SERVER = """\
+import numpy as np
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    FedAvg(fraction_evaluate=0.0).start(
+        grid=grid, initial_arrays=ArrayRecord([np.zeros(4, dtype=np.float32)]), num_rounds=1
+    )
+"""
+NOOP_CLIENT = """\
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    content = {"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}
+    return Message(RecordDict(content), reply_to=msg)
+"""
+
+# The line `Strategy.start` logs once a round's train replies are in (flwr 1.42).
+REPLIES_IN = "aggregate_train: Received"
+# Where ours spends its start-up: the first stream line matching each pattern.
+MILESTONES = {
+    "simulation started": "Starting Flower Simulation",
+    "config checked, identities in, data and model ready": "GaisNet HFSL:",
+    "initial model evaluated": r"\[round 0/",
+    "round 1 sent": r"\[ROUND 1/",
+    "round 1 replies in": REPLIES_IN,
+}
+
+
+def write_noop_app(directory: Path) -> Path:
+    """The no-op Flower app as a folder `flwr run` takes."""
+    (directory / "noop").mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(NOOP_PYPROJECT)
+    (directory / "noop" / "__init__.py").write_text("")
+    (directory / "noop" / "server.py").write_text(NOOP_SERVER)
+    (directory / "noop" / "client.py").write_text(NOOP_CLIENT)
+    return directory
+
+
+@dataclass
+class StartupRun:
+    app: str  # "gaisnet" or "no-op"
+    clusters: int
+    seconds: float  # `flwr run` to round 1's train replies in (nan: never)
+    load_1min: float
+    milestones: dict[str, float] = field(default_factory=dict)
+
+
+def time_one(app: Path, name: str, clusters: int, run_config: str, work: Path) -> StartupRun:
+    """One `flwr run` of `app`, timed to round 1's replies; stopped there."""
+    home = work / f"flwr-home-{name}-{clusters}-{time.monotonic_ns()}"
+    env = private_env(home)
+    cmd = [
+        str(Path(sys.executable).parent / "flwr"), "run", str(app), "--stream",
+        "--federation-config", f"num-supernodes={clusters} client-resources-num-cpus=1",
+    ]  # fmt: skip
+    if run_config:
+        cmd += ["--run-config", run_config]
+    load = os.getloadavg()[0]
+    marks: dict[str, float] = {}
+    log_path = work / f"{home.name}.log"
+    started = time.monotonic()
+    try:
+        with (
+            log_path.open("w") as log,
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                stdin=subprocess.DEVNULL,
+            ) as proc,
+        ):  # fmt: skip
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                now = time.monotonic() - started
+                log.write(f"{now:8.2f} {line}")
+                for label, pattern in MILESTONES.items():
+                    if label not in marks and re.search(pattern, line):
+                        marks[label] = round(now, 2)
+                if REPLIES_IN in line or "RUN FAILED" in line:
+                    break
+            proc.terminate()  # the rest of the run is not start-up
+    finally:
+        stop_local_superlink(home)
+    seconds = marks.get("round 1 replies in", float("nan"))
+    if seconds != seconds:
+        raise RuntimeError(
+            f"{name} N={clusters}: round 1's replies never came in (log: {log_path})"
+        )
+    return StartupRun(name, clusters, seconds, round(load, 2), marks)
+
+
+def summary(runs: list[StartupRun], clusters: int) -> dict[str, Any]:
+    """Medians per app, the ratio of medians and the spread of the pairs' ratios."""
+    ours = [r.seconds for r in runs if r.app == "gaisnet" and r.clusters == clusters]
+    noop = [r.seconds for r in runs if r.app == "no-op" and r.clusters == clusters]
+    pairs = [o / n for o, n in zip(ours, noop, strict=True)]
+    return {
+        "clusters": clusters,
+        "gaisnet s (median)": statistics.median(ours),
+        "no-op s (median)": statistics.median(noop),
+        "ratio of medians": statistics.median(ours) / statistics.median(noop),
+        "pair ratios min": min(pairs),
+        "pair ratios max": max(pairs),
+        "pairs": len(pairs),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gaisnet-bench-startup", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--clusters", default="4,100", help="comma-separated N (SuperNodes)")
+    parser.add_argument("--repeats", type=int, default=3, help="pairs (ours, no-op) per N")
+    parser.add_argument("--app", type=Path, default=Path("."), help="the GaisNet app folder")
+    parser.add_argument("--run-config", default="", help="more run-config for ours")
+    parser.add_argument("--out", type=Path, default=None, help="write the runs as JSON here")
+    parser.add_argument("--work", type=Path, default=None, help="keep the logs here")
+    args = parser.parse_args(argv)
+    clusters = [int(n) for n in args.clusters.split(",")]
+    if any(n < 1 for n in clusters) or args.repeats < 1:
+        parser.error("every N and --repeats must be >= 1")
+
+    from gaisnet_flwr.experiments.provenance import Provenance
+
+    app = args.app.resolve()
+    record = Provenance.start(
+        "python scripts/bench_startup.py " + " ".join(argv or sys.argv[1:]), app
+    )
+    ours_config = f"num-rounds=1 inference-requests=0 {args.run_config}".strip()
+    ensure_foundation(app, ours_config)
+    runs: list[StartupRun] = []
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        work = args.work.resolve() if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        noop = write_noop_app(work / "noop-app")
+        results = work / "results"
+        ours_config += f" output-dir={json.dumps(str(results))}"
+        print(f"{'app':<8} {'N':>4} {'s to round 1 replies':>21}  load  milestones (s)", flush=True)
+        for n in clusters:
+            for r in range(args.repeats):
+                pair = [("gaisnet", app, ours_config), ("no-op", noop, "")]
+                for name, folder, config in pair if r % 2 == 0 else pair[::-1]:
+                    run = time_one(folder, name, n, config, work)
+                    runs.append(run)
+                    marks = ", ".join(f"{k} {v:.1f}" for k, v in run.milestones.items())
+                    print(
+                        f"{run.app:<8} {n:>4} {run.seconds:>21.1f}  {run.load_1min:.1f}  {marks}",
+                        flush=True,
+                    )
+    rows = [summary(runs, n) for n in clusters]
+    for s in rows:
+        print(
+            f"N = {s['clusters']}: gaisnet {s['gaisnet s (median)']:.1f} s, no-op "
+            f"{s['no-op s (median)']:.1f} s (medians of {s['pairs']}); ratio "
+            f"{s['ratio of medians']:.2f} [pairs {s['pair ratios min']:.2f}, "
+            f"{s['pair ratios max']:.2f}]",
+            flush=True,
+        )
+    if args.out is not None:
+        record.run_config = {"clusters": clusters, "repeats": args.repeats, "ours": ours_config}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        data = {"summary": rows, "runs": [asdict(r) for r in runs]}
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        record.write(args.out.parent)
+        print(f"wrote {args.out} and {args.out.parent / 'provenance.json'}")
+    return 0
+
+
+def ensure_foundation(app: Path, run_config: str) -> None:
+    """Our default foundation checkpoint, made now if missing: start-up, not pre-training."""
+    from gaisnet_flwr.cloud.foundation import Foundation
+    from gaisnet_flwr.config import RunConfig, parse_overrides
+    from gaisnet_flwr.data.images import load_image_data
+    from gaisnet_flwr.derived import data_spec
+    from gaisnet_flwr.experiments.flwr_local import app_run_config
+    from gaisnet_flwr.split.precision import resolve_device
+
+    cfg = RunConfig.from_run_config({**app_run_config(app), **parse_overrides(run_config)})
+    Foundation.of(cfg).ensure(load_image_data(data_spec(cfg)), resolve_device(cfg.run.device))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
