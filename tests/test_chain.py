@@ -178,7 +178,8 @@ def test_tensor_serialization_round_trips(dtype: torch.dtype) -> None:
 
 def test_a_hop_keeps_the_memory_layout() -> None:
     # A prefix-free ViT's tokens leave the patch convolution as [B, N, D] with strides
-    # (N*D, 1, N); the unsplit model keeps that layout, so a hop must too (docs/vits.md "Exactness").
+    # (N*D, 1, N); the unsplit model keeps that layout, so a hop must too (docs/vits.md,
+    # "Exactness").
     model = build("linear", "avg-pool")
     h = model.embed(torch.randn(2, 3, 32, 32)).detach()
     assert not h.is_contiguous()

@@ -1,5 +1,6 @@
-"""On CPU the split chain trains bit for bit like the unsplit `PromptedViT` (docs/vits.md "Exactness"),
-for every timm ViT family we support, and `PromptedViT` with 0 prompts is timm's own forward.
+"""On CPU the split chain trains bit for bit like the unsplit `PromptedViT` (docs/vits.md
+"Exactness"), for every timm ViT family we support, and `PromptedViT` with 0 prompts is timm's
+own forward.
 
 Families cover the prefix layouts (class token, none, registers, distillation token), LayerScale,
 pre-norm and residual post-norm blocks, and every pooling (token, avg, max, avgmax, attention
