@@ -73,16 +73,10 @@ heavy = sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules)
 print(json.dumps({"code": code, "out": out.getvalue(), "heavy": heavy,
                   "seconds": time.perf_counter() - started}))
 """
-# Commands whose --help still imports torch, and why (to be made light).
-HEAVY_HELP = {
-    "gaisnet-peer": "its argument checks use deploy/remote.py, which imports torch",
-}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_help_imports_nothing_heavy(name: str) -> None:
-    if name in HEAVY_HELP:
-        pytest.xfail(HEAVY_HELP[name])
     got = python_json(HELP_SCRIPT, SCRIPTS[name], json.dumps(HEAVY_FOR_HELP))
     assert got["code"] == 0 and got["out"].startswith("usage:"), got["out"][:300]
     assert got["heavy"] == [], f"{name} --help imported {got['heavy']}"

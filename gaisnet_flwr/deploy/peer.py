@@ -43,13 +43,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hmac
-import ipaddress
 import logging
 import math
 import re
 import secrets
 import signal
-import socket
 import sys
 import threading
 import time
@@ -65,6 +63,9 @@ import torch
 from timm.models import is_model_in_modules
 
 from gaisnet_flwr.config import option_of
+from gaisnet_flwr.deploy import peer_cli
+from gaisnet_flwr.deploy.addresses import check_address, endpoint, loops_back, own_endpoints
+from gaisnet_flwr.deploy.peer_cli import PeerLimits
 from gaisnet_flwr.deploy.remote import (
     MB,
     PROTOCOL_VERSION,
@@ -75,8 +76,6 @@ from gaisnet_flwr.deploy.remote import (
     PeerClient,
     PeerError,
     TransportSettings,
-    check_address,
-    endpoint,
     segment_tunable_keys,
     segment_weights,
     weights_key,
@@ -126,27 +125,6 @@ class Refused(Exception):
 
 def invalid(message: str) -> Refused:
     return Refused(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-@dataclass(frozen=True)
-class PeerLimits:
-    """What one peer holds for its callers at most (`gaisnet-peer --help` lists the flags)."""
-
-    max_upload_mb: float = 2048.0  # one set of frozen weights (all its parts)
-    max_upload_parts: int = 4096
-    max_held_mb: float = 4096.0  # every stored and arriving set of frozen weights together
-    upload_timeout_s: float = 120.0  # an unfinished upload with no part for this long is dropped
-    session_idle_s: float = 300.0  # a session with no call for this long may be replaced
-
-    def __post_init__(self) -> None:
-        for name in ("max_upload_mb", "max_held_mb", "upload_timeout_s", "session_idle_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"peer limit {name} must be a finite number > 0, got {value}")
-        if self.max_upload_parts < 1:
-            raise ValueError(
-                f"peer limit max_upload_parts must be >= 1, got {self.max_upload_parts}"
-            )
 
 
 @dataclass
@@ -230,43 +208,6 @@ def _weights_key(header: dict, method: str) -> str:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-WILDCARDS = ("0.0.0.0", "::", "")
-
-
-def own_endpoints(listen: str, port: int) -> set[tuple[str, int]]:
-    """The (host, port) pairs that reach a peer listening on `listen` at `port`: its host, and
-    for a wildcard or loopback listener also localhost; a wildcard one also by this machine's
-    host name and its addresses (best effort: what `getaddrinfo` knows)."""
-    host = listen.rpartition(":")[0].strip("[]").lower()
-    hosts = {host}
-    if host in WILDCARDS or _loopback(host):
-        hosts |= {"localhost", "127.0.0.1", "::1"}
-    if host in WILDCARDS:
-        with contextlib.suppress(OSError):
-            name = socket.gethostname().lower()
-            hosts |= {name} | {str(i[4][0]).lower() for i in socket.getaddrinfo(name, None)}
-    return {(h, port) for h in hosts}
-
-
-def loops_back(address: str, own: set[tuple[str, int]]) -> bool:
-    """Whether `address` is one of `own`. Any loopback address on a loopback listener's port
-    counts as itself (a wildcard listener answers on all of them; refusing a 127.0.0.2 that
-    might not reach it costs nothing, since no other peer can listen there on that port)."""
-    host, port = endpoint(address)
-    if (host, port) in own:
-        return True
-    return _loopback(host) and any(p == port and _loopback(h) for h, p in own)
 
 
 def check_model_spec(spec: Any) -> dict[str, Any]:
@@ -1026,90 +967,21 @@ def server_credentials(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="gaisnet-peer", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    parser.add_argument("--listen", required=True, help="host:port to serve on (port 0: any)")
-    parser.add_argument(
-        "--next", action="append", default=[], metavar="HOST:PORT[,HOST:PORT...]",
-        help="the next member(s) of the chain this peer may call; none: an end point only",
-    )  # fmt: skip
-    parser.add_argument("--insecure", action="store_true", help="plaintext gRPC (trusted LAN)")
-    parser.add_argument("--certfile", default="", help="TLS: this peer's certificate (PEM)")
-    parser.add_argument("--keyfile", default="", help="TLS: this peer's private key (PEM)")
-    parser.add_argument(
-        "--ca-certfile", default="", help="TLS: CA that signed the other members' certificates"
-    )
-    parser.add_argument(
-        "--require-client-cert", action="store_true", help="mutual TLS: callers must present one"
-    )
-    parser.add_argument("--max-message-mb", type=float, default=256.0)
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="deadline of calls it makes")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument(
-        "--device", default="cpu", help="torch device: cpu, cuda or cuda:N (checked at start)"
-    )
-    defaults = PeerLimits()
-    parser.add_argument(
-        "--max-upload-mb", type=float, default=defaults.max_upload_mb,
-        help="largest set of frozen weights one upload may bring (MB)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-upload-parts", type=int, default=defaults.max_upload_parts,
-        help="most parts one upload of frozen weights may come in",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-held-mb", type=float, default=defaults.max_held_mb,
-        help="frozen weights held in memory at most, stored and arriving together (MB)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--upload-timeout-s", type=float, default=defaults.upload_timeout_s,
-        help="an unfinished upload with no new part for this long is dropped",
-    )  # fmt: skip
-    parser.add_argument(
-        "--session-idle-s", type=float, default=defaults.session_idle_s,
-        help="a session with no call for this long may be replaced by another start point's",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    try:
-        args.limits = PeerLimits(
-            args.max_upload_mb, args.max_upload_parts, args.max_held_mb,
-            args.upload_timeout_s, args.session_idle_s,
-        )  # fmt: skip
-    except ValueError as err:
-        parser.error(str(err))
-    try:
-        check_address(args.listen, listen=True)
-        args.next = tuple(
-            check_address(a.strip()) for text in args.next for a in text.split(",") if a.strip()
-        )
-        port = int(args.listen.rpartition(":")[2])
-        looped = [a for a in args.next if port and loops_back(a, own_endpoints(args.listen, port))]
-        if looped:
-            raise ValueError(f"--next {looped[0]} is this peer's own --listen: a chain cannot loop")
-    except ValueError as err:
-        parser.error(str(err))
-    tls = bool(args.certfile or args.keyfile)
-    if tls == args.insecure:
-        parser.error("choose TLS (--certfile and --keyfile) or --insecure")
-    if tls and not (args.certfile and args.keyfile):
-        parser.error("TLS needs both --certfile and --keyfile")
-    if args.require_client_cert and not (tls and args.ca_certfile):
-        parser.error("--require-client-cert needs TLS and --ca-certfile")
-    for path in (args.certfile, args.keyfile, args.ca_certfile):
-        if path and not Path(path).is_file():
-            parser.error(f"file {path!r} does not exist")
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-    try:
-        check_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
-    return args
+    """`gaisnet-peer`'s flags, `--device` checked against this machine too."""
+    return peer_cli.parse_args(argv, check_device)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return serve_args(parse_args(argv))
+
+
+def serve_args(args: argparse.Namespace) -> int:
+    """Serve as the parsed flags say, until SIGTERM or SIGINT."""
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        print(f"gaisnet-peer: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     transport = TransportSettings(

@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 import torch
 
+from gaisnet_flwr.deploy.addresses import check_address
 from gaisnet_flwr.split.chain import Hop, OptimizerSpec, RemoteStats, StepResult
 from gaisnet_flwr.split.link import (
     LinkError,
@@ -123,23 +124,6 @@ class TransportSettings:
             certificate_chain=Path(self.certfile).read_bytes() if self.certfile else None,
         )
         return grpc.secure_channel(address, credentials, options=self.options())
-
-
-def check_address(address: str, listen: bool = False) -> str:
-    """`host:port` with a numeric port in 1..65535 (IPv6 hosts in brackets); a listening
-    address may take port 0 (any free port)."""
-    host, sep, port = address.rpartition(":")
-    lowest = 0 if listen else 1
-    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
-        raise ValueError(f"peer address {address!r} is not host:port (e.g. 192.168.1.20:50051)")
-    return address
-
-
-def endpoint(address: str) -> tuple[str, int]:
-    """(host, port) of a checked address, the host lower-case and without IPv6 brackets: two
-    spellings of one address compare equal (`[::1]:5` and `::1:5`, `Peer.lan:5`, `peer.lan:5`)."""
-    host, _, port = check_address(address).rpartition(":")
-    return host.strip("[]").lower(), int(port)
 
 
 @dataclass(frozen=True)
