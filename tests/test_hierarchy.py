@@ -268,3 +268,29 @@ def test_an_edge_given_another_run_config_than_the_cloud_refuses_naming_the_keys
     # and the shared keys travel with every request
     request = EdgeRequest("train", 1, 1, 1, False, 30.0, edge_modules(1, 1), shared_keys(cloud))
     assert EdgeRequest.from_message(request.to_message(5)).shared == shared_keys(cloud)
+
+
+def test_a_lab_run_whose_cloud_failed_ends_without_waiting_for_the_edges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cloud refused at its first check (say peers-per-cluster > depth) sends no request: the
+    # edges would wait for one until finish_edges' timeout (a lab that hung for 10 minutes).
+    from gaisnet_flwr.experiments import flwr_local
+    from gaisnet_flwr.experiments.lab import HierarchyLab
+
+    lab = HierarchyLab(tmp_path / "lab", edges=2, clusters_per_edge=1, threads=1)
+    started: list[int] = []
+    failed = flwr_local.RunOutcome(
+        rc=1, run_id="1", status="finished:failed", final=None, results=tmp_path / "cloud",
+        log=tmp_path / "cloud.log", problems=["the ServerApp failed: ConfigError: ..."],
+    )  # fmt: skip
+    monkeypatch.setattr(lab, "start_edge", lambda e, *a, **k: started.append(e))
+    monkeypatch.setattr(lab, "run_cloud", lambda *a, **k: failed)
+
+    def finish_edges(*_: object, **__: object) -> None:
+        raise AssertionError("waited for edges whose cloud had failed")
+
+    monkeypatch.setattr(lab, "finish_edges", finish_edges)
+    outcome = lab.run("")
+    assert started == [0, 1] and not outcome.ok
+    assert outcome.why == "cloud: the ServerApp failed: ConfigError: ..."

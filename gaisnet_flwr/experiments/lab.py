@@ -582,7 +582,9 @@ class HierarchyLab(Lab):
         for e in range(self.edges):
             self.start_edge(e, run_config, app, name)
         cloud = self.run_cloud(run_config, app, name=name)
-        outcome = HierarchyOutcome(cloud, self.finish_edges())
+        # A cloud run that failed sends no more requests: the edges would wait for them until
+        # finish_edges' timeout, so the run ends here (the caller stops every process by PID).
+        outcome = HierarchyOutcome(cloud, self.finish_edges() if cloud.ok else [])
         record.run_config = {"tls": self.tls, "edges": self.edges, "run-config": run_config}
         record.write(cloud.results)
         return outcome
