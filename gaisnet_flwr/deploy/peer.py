@@ -972,7 +972,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return serve_args(parse_args(argv))
+    return peer_cli.main(argv)  # one entry point: flags checked, then serve_args
 
 
 def serve_args(args: argparse.Namespace) -> int:
