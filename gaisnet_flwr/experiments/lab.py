@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from signal import SIGINT, SIGTERM
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
 from gaisnet_flwr.config import parse_overrides
@@ -738,7 +739,14 @@ def drive(
         return run(started)
     finally:
         if lab.procs:
-            print(f"[lab] stopped {len(lab.down())} processes")
+            # A second Ctrl-C (or a SIGTERM) during the stop would end it half way and leave
+            # the rest running: the stop finishes first (SIGKILL after 20 s at most).
+            before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (SIGINT, SIGTERM)}
+            try:
+                print(f"[lab] stopped {len(lab.down())} processes")
+            finally:
+                for sig, handler in before.items():
+                    signal.signal(sig, handler)
 
 
 def run_hierarchy(args: argparse.Namespace, run_config: str) -> int:
