@@ -8,8 +8,9 @@
 # works as ever). `flwr run .` builds the app bundle by walking every file under the app folder
 # before it filters them, and it never enters a symlinked folder (flwr/cli/utils.py,
 # collect_files): a real .venv folder here (~54,000 files) costs every `flwr run` about 5 s of CPU
-# (docs/measured.md, start-up). GAISNET_VENV_DIR overrides the place; a .venv folder made by hand
-# is used as it is.
+# (docs/measured.md, start-up). GAISNET_VENV_DIR overrides the place (an environment there is
+# used as it is); a .venv folder made by hand is used as it is. Removing a checkout leaves its
+# environment behind: `rm -rf "$(readlink .venv)"` first.
 
 venv_home() {
     local key
@@ -28,9 +29,17 @@ ensure_venv() {
         }
         local home
         home=$(venv_home)
-        echo "[venv] creating $home with $("$py" -V 2>&1); $venv links to it"
-        mkdir -p "$(dirname "$home")"
-        "$py" -m venv "$home"
+        if [[ -z ${GAISNET_VENV_DIR:-} && -e $home ]]; then
+            # Left by an earlier checkout at this path (a fresh clone has no .venv link yet):
+            # a fresh checkout gets a fresh environment, as it did inside the checkout.
+            echo "[venv] removing $home (an earlier checkout's at this path)"
+            rm -rf "$home"
+        fi
+        if [[ ! -x $home/bin/python ]]; then
+            echo "[venv] creating $home with $("$py" -V 2>&1); $venv links to it"
+            mkdir -p "$(dirname "$home")"
+            "$py" -m venv "$home"
+        fi
         rm -f "$venv"  # a link whose environment was removed
         ln -s "$home" "$venv"
     fi
