@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import time
+import weakref
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from flwr.common.logger import log
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from gaisnet_flwr.config import CloudSection, ConfigError, ModelSection, RunConfig
@@ -278,7 +280,44 @@ class Foundation:
                     f"node's foundation-dir is {path.parent}"
                 ) from err
             model.backbone.load_state_dict(state, strict=self.ships_head)
+        return share_frozen(model)
+
+
+# -- one frozen foundation per process ------------------------------------------------------------
+# In an in-process run the ServerApp and the ClientApps' cache each load the edge model: two
+# copies of a backbone that never changes (a message loads and trains only the tunable modules:
+# tests/test_scale.py), 344 MB each at ViT-B/16 (issue 28: "no needless model copies"). A model
+# loaded while another with bitwise-equal frozen weights is alive in the process takes that
+# one's tensors instead; its tunable modules (prompts, head) stay its own. Keyed weakly: the
+# process keeps no model alive that no party holds.
+_FROZEN_DONORS: weakref.WeakValueDictionary[tuple[object, ...], nn.Module] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def share_frozen(model: PromptedViT) -> PromptedViT:
+    """`model`, its frozen parameters replaced by those of a live model of this process whose
+    frozen weights are bitwise the same (compared, not assumed: a different seed, checkpoint
+    or file shares nothing). Each model gets Parameter objects of its own over the shared
+    storage, so moving one model to another device (`Module.to` swaps `param.data`) leaves the
+    other where it is; nothing writes into frozen weights in place after `Foundation.load`."""
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    if not frozen:  # mode 'full': every weight is tuned, nothing to share
         return model
+    key = tuple((n, tuple(p.shape), p.dtype) for n, p in frozen.items())
+    donor = _FROZEN_DONORS.get(key)
+    if donor is not None:
+        theirs = {n: p for n, p in donor.named_parameters() if not p.requires_grad}
+        if theirs.keys() == frozen.keys() and all(
+            theirs[n].device == p.device and torch.equal(theirs[n], p) for n, p in frozen.items()
+        ):
+            for name, param in theirs.items():
+                owner, _, leaf = name.rpartition(".")
+                shared = nn.Parameter(param.detach(), requires_grad=False)
+                setattr(model.get_submodule(owner), leaf, shared)
+            return model
+    _FROZEN_DONORS[key] = model  # the newest holds these weights now
+    return model
 
 
 # How long `foundation='timm'` waits to learn whether the weights' host can be reached: without
