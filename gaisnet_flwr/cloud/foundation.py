@@ -288,35 +288,39 @@ class Foundation:
 # copies of a backbone that never changes (a message loads and trains only the tunable modules:
 # tests/test_scale.py), 344 MB each at ViT-B/16 (issue 28: "no needless model copies"). A model
 # loaded while another with bitwise-equal frozen weights is alive in the process takes that
-# one's tensors instead; its tunable modules (prompts, head) stay its own. Keyed weakly: the
-# process keeps no model alive that no party holds.
-_FROZEN_DONORS: weakref.WeakValueDictionary[tuple[object, ...], nn.Module] = (
-    weakref.WeakValueDictionary()
-)
+# one's tensors instead; its tunable modules (prompts, head) stay its own. Held weakly: the
+# process keeps no model alive for sharing's sake.
+_LOADED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _frozen(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if not p.requires_grad}
 
 
 def share_frozen(model: PromptedViT) -> PromptedViT:
-    """`model`, its frozen parameters replaced by those of a live model of this process whose
-    frozen weights are bitwise the same (compared, not assumed: a different seed, checkpoint
+    """`model`, its frozen parameters replaced by those of a live loaded model of this process
+    whose frozen weights are bitwise the same (compared, not assumed: another seed, checkpoint
     or file shares nothing). Each model gets Parameter objects of its own over the shared
     storage, so moving one model to another device (`Module.to` swaps `param.data`) leaves the
     other where it is; nothing writes into frozen weights in place after `Foundation.load`."""
-    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = _frozen(model)
     if not frozen:  # mode 'full': every weight is tuned, nothing to share
         return model
-    key = tuple((n, tuple(p.shape), p.dtype) for n, p in frozen.items())
-    donor = _FROZEN_DONORS.get(key)
-    if donor is not None:
-        theirs = {n: p for n, p in donor.named_parameters() if not p.requires_grad}
+    for other in list(_LOADED):
+        theirs = _frozen(other)
         if theirs.keys() == frozen.keys() and all(
-            theirs[n].device == p.device and torch.equal(theirs[n], p) for n, p in frozen.items()
+            (t := theirs[n]).shape == p.shape
+            and t.dtype == p.dtype
+            and t.device == p.device
+            and torch.equal(t, p)
+            for n, p in frozen.items()
         ):
             for name, param in theirs.items():
                 owner, _, leaf = name.rpartition(".")
                 shared = nn.Parameter(param.detach(), requires_grad=False)
                 setattr(model.get_submodule(owner), leaf, shared)
-            return model
-    _FROZEN_DONORS[key] = model  # the newest holds these weights now
+            break
+    _LOADED.add(model)
     return model
 
 
