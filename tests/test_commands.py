@@ -83,3 +83,27 @@ def test_help_imports_nothing_heavy(name: str) -> None:
     # The issue's target is 2 s; 10 s is generous on a loaded machine and still well below
     # what importing torch first costs there (7-30 s).
     assert got["seconds"] < 10, f"{name} --help took {got['seconds']:.1f} s"
+
+
+def test_the_environment_lives_outside_the_app_folder(tmp_path: Path) -> None:
+    """scripts/_venv.sh puts the environment outside the checkout, `.venv` a link to it, because
+    `flwr run .` walks every file of the app folder but never enters a symlinked folder."""
+    from flwr.cli.utils import collect_files
+
+    def home(env: dict[str, str]) -> str:
+        cmd = f"source {REPO / 'scripts/_venv.sh'} && venv_home"
+        done = subprocess.run(
+            ["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    place = Path(home({"HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}))
+    assert place.is_relative_to(tmp_path / "home" / ".cache" / "gaisnet-flwr")
+    assert home({"GAISNET_VENV_DIR": "/elsewhere/env", "PATH": "/usr/bin:/bin"}) == "/elsewhere/env"
+
+    (tmp_path / "env" / "lib").mkdir(parents=True)
+    (tmp_path / "env" / "lib" / "big.py").write_text("")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "pyproject.toml").write_text("")
+    (tmp_path / "app" / ".venv").symlink_to(tmp_path / "env")
+    assert set(collect_files(tmp_path / "app")) == {"pyproject.toml"}  # Flower 1.42's walk

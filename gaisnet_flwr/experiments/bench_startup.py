@@ -1,6 +1,12 @@
 """`flwr run` start-up: the GaisNet app vs a Flower app that does nothing, side by side.
 
-Both run as a user runs them: `flwr run APP --stream` on a private managed SuperLink (its own
+Three apps take turns: ours; the no-op, Flower's floor; and the timm floor, the no-op whose
+ServerApp and ClientApp modules also `import timm` (with torch and torchvision) as any app that
+runs a timm model in both must. On a small machine the third is the honest floor: those imports
+cost about 3.5 s of CPU per process (`python -X importtime -c "import timm"`), paid by the
+simulation process and by every Ray actor.
+
+All run as a user runs them: `flwr run APP --stream` on a private managed SuperLink (its own
 FLWR_HOME and ports, stopped by PID afterwards: `experiments/flwr_local.py`), on Flower's Ray
 simulation with N SuperNodes and one CPU per ClientApp, no runtime environment built
 (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION). The no-op app is Flower's floor: FedAvg over one
@@ -17,7 +23,7 @@ load average is printed with it. Times are as the log stream delivers the lines:
 every 0.5 s (Flower's LOG_STREAM_INTERVAL), the same for both apps. For ours, where the time
 goes: the stream times of the ServerApp's milestones.
 
-    python scripts/bench_startup.py                              # N = 4 and 100, 3 pairs each
+    python scripts/bench_startup.py                              # N = 4 and 100, 3 turns each
     python scripts/bench_startup.py --clusters 4 --repeats 5 --out docs/startup/bench_startup.json
 """
 
@@ -61,7 +67,7 @@ clientapp = "noop.client:app"
 [tool.flwr.app.config]
 """
 NOOP_SERVER = """\
-import numpy as np
+{imports}import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -76,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
     )
 """
 NOOP_CLIENT = """\
-from flwr.app import Context, Message, MetricRecord, RecordDict
+{imports}from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
@@ -100,19 +106,24 @@ MILESTONES = {
 }
 
 
-def write_noop_app(directory: Path) -> Path:
-    """The no-op Flower app as a folder `flwr run` takes."""
+# What the timm floor's two modules import besides the no-op's.
+TIMM_IMPORTS = "import timm  # noqa: F401  (torch and torchvision with it)\n"
+
+
+def write_noop_app(directory: Path, imports: str = "") -> Path:
+    """The no-op Flower app as a folder `flwr run` takes; `imports` (source lines) go at the top
+    of its ServerApp and ClientApp modules."""
     (directory / "noop").mkdir(parents=True, exist_ok=True)
     (directory / "pyproject.toml").write_text(NOOP_PYPROJECT)
     (directory / "noop" / "__init__.py").write_text("")
-    (directory / "noop" / "server.py").write_text(NOOP_SERVER)
-    (directory / "noop" / "client.py").write_text(NOOP_CLIENT)
+    (directory / "noop" / "server.py").write_text(NOOP_SERVER.replace("{imports}", imports))
+    (directory / "noop" / "client.py").write_text(NOOP_CLIENT.replace("{imports}", imports))
     return directory
 
 
 @dataclass
 class StartupRun:
-    app: str  # "gaisnet" or "no-op"
+    app: str  # one of APPS
     clusters: int
     seconds: float  # `flwr run` to round 1's train replies in (nan: never)
     load_1min: float
@@ -161,20 +172,27 @@ def time_one(app: Path, name: str, clusters: int, run_config: str, work: Path) -
     return StartupRun(name, clusters, seconds, round(load, 2), marks)
 
 
+APPS = ("gaisnet", "no-op", "timm floor")
+
+
 def summary(runs: list[StartupRun], clusters: int) -> dict[str, Any]:
-    """Medians per app, the ratio of medians and the spread of the pairs' ratios."""
-    ours = [r.seconds for r in runs if r.app == "gaisnet" and r.clusters == clusters]
-    noop = [r.seconds for r in runs if r.app == "no-op" and r.clusters == clusters]
-    pairs = [o / n for o, n in zip(ours, noop, strict=True)]
-    return {
-        "clusters": clusters,
-        "gaisnet s (median)": statistics.median(ours),
-        "no-op s (median)": statistics.median(noop),
-        "ratio of medians": statistics.median(ours) / statistics.median(noop),
-        "pair ratios min": min(pairs),
-        "pair ratios max": max(pairs),
-        "pairs": len(pairs),
-    }
+    """Medians per app; ours / the no-op and ours / the timm floor as the ratio of medians with
+    the spread of the turns' ratios (each turn runs all three, so a ratio pairs runs made at
+    nearly the same load)."""
+    times = {a: [r.seconds for r in runs if r.app == a and r.clusters == clusters] for a in APPS}
+    row: dict[str, Any] = {"clusters": clusters, "turns": len(times["gaisnet"])}
+    for app in APPS:
+        row[f"{app} s (median)"] = statistics.median(times[app])
+    for key, (num, den) in {
+        "ours / no-op": ("gaisnet", "no-op"),
+        "ours / timm floor": ("gaisnet", "timm floor"),
+        "timm floor / no-op": ("timm floor", "no-op"),
+    }.items():
+        turns = [a / b for a, b in zip(times[num], times[den], strict=True)]
+        row[key] = statistics.median(times[num]) / statistics.median(times[den])
+        row[f"{key} turns min"] = min(turns)
+        row[f"{key} turns max"] = max(turns)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="gaisnet-bench-startup", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     parser.add_argument("--clusters", default="4,100", help="comma-separated N (SuperNodes)")
-    parser.add_argument("--repeats", type=int, default=3, help="pairs (ours, no-op) per N")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="turns (ours, no-op, timm floor) per N"
+    )
     parser.add_argument("--app", type=Path, default=Path("."), help="the GaisNet app folder")
     parser.add_argument("--run-config", default="", help="more run-config for ours")
     parser.add_argument("--out", type=Path, default=None, help="write the runs as JSON here")
@@ -205,29 +225,32 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work.resolve() if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         noop = write_noop_app(work / "noop-app")
+        timm_floor = write_noop_app(work / "timm-floor-app", TIMM_IMPORTS)
         results = work / "results"
         ours_config += f" output-dir={json.dumps(str(results))}"
-        print(f"{'app':<8} {'N':>4} {'s to round 1 replies':>21}  load  milestones (s)", flush=True)
+        header = f"{'app':<10} {'N':>4} {'s to round 1 replies':>21}  load  milestones (s)"
+        print(header, flush=True)
         for n in clusters:
             for r in range(args.repeats):
-                pair = [("gaisnet", app, ours_config), ("no-op", noop, "")]
-                for name, folder, config in pair if r % 2 == 0 else pair[::-1]:
+                turn = [("gaisnet", app, ours_config), ("no-op", noop, ""),
+                        ("timm floor", timm_floor, "")]  # fmt: skip
+                shift = r % len(turn)  # each app goes first in turn: the load moves all alike
+                for name, folder, config in turn[shift:] + turn[:shift]:
                     run = time_one(folder, name, n, config, work)
                     runs.append(run)
                     marks = ", ".join(f"{k} {v:.1f}" for k, v in run.milestones.items())
                     print(
-                        f"{run.app:<8} {n:>4} {run.seconds:>21.1f}  {run.load_1min:.1f}  {marks}",
+                        f"{run.app:<10} {n:>4} {run.seconds:>21.1f}  {run.load_1min:.1f}  {marks}",
                         flush=True,
                     )
     rows = [summary(runs, n) for n in clusters]
     for s in rows:
-        print(
-            f"N = {s['clusters']}: gaisnet {s['gaisnet s (median)']:.1f} s, no-op "
-            f"{s['no-op s (median)']:.1f} s (medians of {s['pairs']}); ratio "
-            f"{s['ratio of medians']:.2f} [pairs {s['pair ratios min']:.2f}, "
-            f"{s['pair ratios max']:.2f}]",
-            flush=True,
+        medians = ", ".join(f"{a} {s[f'{a} s (median)']:.1f} s" for a in APPS)
+        ratios = "; ".join(
+            f"{k} {s[k]:.2f} [turns {s[f'{k} turns min']:.2f}, {s[f'{k} turns max']:.2f}]"
+            for k in ("ours / no-op", "ours / timm floor", "timm floor / no-op")
         )
+        print(f"N = {s['clusters']} (medians of {s['turns']}): {medians}; {ratios}", flush=True)
     if args.out is not None:
         record.run_config = {"clusters": clusters, "repeats": args.repeats, "ours": ours_config}
         args.out.parent.mkdir(parents=True, exist_ok=True)
