@@ -10,6 +10,7 @@ machines), so each is checked as far as it can be without doing its work:
   preset or key=value items) reads, names only keys the app has and values `RunConfig` takes,
   and `--federation-config` is what `flwr run` accepts;
 - `.venv/bin/X`, `flower-supernode ...`: installed in this environment, with the options named;
+- `gaisnet-X ARGS` (this package's commands): installed, and its parser accepts ARGS;
 - `export VAR=value`: a plain assignment;
 - `pip install -e '.[extra]'`: the extra exists.
 
@@ -138,6 +139,10 @@ def test_documented_command_works_as_written(
         ).stdout
         for option in (a for a in args if a.startswith("--")):
             assert option in help_text, f"{where}: {head} has no {option}"
+    elif head in PYPROJECT["project"]["scripts"]:  # one of ours, e.g. gaisnet-warm-clientapp
+        assert (BIN / head).is_file(), f"{where}: {head} is not installed"
+        module, _, function = PYPROJECT["project"]["scripts"][head].partition(":")
+        parse_only(getattr(importlib.import_module(module), function), args, monkeypatch)
     elif head == "export":
         assert all(re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S+", a) for a in args), where
     elif head == "source":

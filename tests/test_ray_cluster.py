@@ -89,7 +89,9 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         yield address, temp_dir
     finally:
         started |= ours(temp_dir)
-        flwr_local.stop_processes(started)
+        # A test cluster in a temporary folder: no orderly shutdown to wait for (a Ray node
+        # outlived SIGTERM for the whole 20 s default grace, each run, before SIGKILL).
+        flwr_local.stop_processes(started, timeout_s=3.0)
         left = [p for p in ours(temp_dir) if flwr_local.processes()[p].alive]
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes left running: {left}"

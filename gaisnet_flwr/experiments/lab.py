@@ -42,11 +42,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from signal import SIGINT, SIGTERM
 
 import gaisnet_flwr.experiments.flwr_local as flwr_local
 from gaisnet_flwr.config import parse_overrides
 from gaisnet_flwr.contract import ACCURACY, EDGE_DIR, EDGE_ID, EDGES_CONTRIBUTED, ROUND_TIME
 from gaisnet_flwr.deploy.pki import LabPki, make_lab_pki, make_supernode_key
+from gaisnet_flwr.deploy.warm_clientapp import write_shim
 from gaisnet_flwr.experiments.provenance import Provenance
 
 BIN = Path(sys.executable).parent
@@ -93,9 +95,11 @@ class Lab:
         tls: bool = False,
         peer_args: tuple[str, ...] = (),
         chains: list[list[str]] | None = None,
+        warm: bool = True,
     ) -> None:
         """`chains`: per cluster, its members after the start point by role (e.g. edge,
-        peer1, end: `ClusterProfile.names[1:]`); by default peer1 .. peerK, end each."""
+        peer1, end: `ClusterProfile.names[1:]`); by default peer1 .. peerK, end each.
+        `warm`: the SuperNodes' ClientApp processes start warm (`start_warm_clientapps`)."""
         if clusters < 1 or peers_per_cluster < 1:
             raise ValueError("a lab needs >= 1 cluster and >= 1 peer per cluster")
         self.dir = directory.resolve()
@@ -107,6 +111,7 @@ class Lab:
             raise ValueError(f"{len(self.chains)} chains for {clusters} clusters")
         self.tls = tls
         self.peer_args = peer_args  # more `gaisnet-peer` options, e.g. ("--threads", "2")
+        self.warm = warm
         self.home = self.dir / "home"
         self.logs = self.dir / "logs"
         for d in (self.home, self.logs):
@@ -118,13 +123,53 @@ class Lab:
 
     # -- processes ----------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
+        path = [str(self.dir / "bin")] if self.warm else []  # the warm flwr-clientapp first
         return {
             **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PATH": os.pathsep.join([*path, str(BIN), os.environ.get("PATH", "")]),
             "FLWR_HOME": str(self.home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "PYTHONUNBUFFERED": "1",
+            # A SuperNode's SuperExec looks for a new task every 1 s by default (flwr 1.42,
+            # run_superexec.py): on loopback a poll costs next to nothing, and each message
+            # waited half of that on average before its ClientApp process started.
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         }
+
+    def warm_socket(self) -> Path:
+        """The warm ClientApp server's socket: in the lab's folder unless that path is too long
+        for a Unix socket (~107 bytes), then in /tmp under a name made from it."""
+        inside = self.dir / "warm-clientapp.sock"
+        if len(str(inside)) <= 100:
+            return inside
+        return Path("/tmp") / f"gaisnet-warm-{abs(hash(str(self.dir))) % 10**12}.sock"
+
+    def start_warm_clientapps(self) -> None:
+        """The SuperNodes' `flwr-clientapp` processes start warm: a server that imported torch
+        and timm once forks each of them (deploy/warm_clientapp.py), reached through the shim
+        in DIR/bin, first on the lab's PATH. Started first: its imports overlap the rest."""
+        if not self.warm:
+            return
+        sock = self.warm_socket()
+        write_shim(self.dir / "bin", sock)
+        self._spawn(
+            "warm-clientapp",
+            [sys.executable, "-m", "gaisnet_flwr.deploy.warm_clientapp", "server",
+             "--socket", str(sock)],
+        )  # fmt: skip
+
+    def wait_for_warm_clientapps(self, timeout_s: float = 120) -> None:
+        """Until the server listens (a SuperNode's first message would otherwise start cold)."""
+        if not self.warm:
+            return
+        sock, proc = self.warm_socket(), self.procs["warm-clientapp"]
+        deadline = time.monotonic() + timeout_s
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"the warm ClientApp server exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the warm ClientApp server is not up after {timeout_s:.0f} s")
+            time.sleep(0.1)
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("a")
@@ -234,6 +279,7 @@ class Lab:
             pki = self.pki()
             tls_link = ["--ssl-certfile", str(pki.certfile), "--ssl-keyfile", str(pki.keyfile),
                         "--ssl-ca-certfile", str(pki.ca_certfile)]  # fmt: skip
+        self.start_warm_clientapps()
         members = self.members()
         ports = flwr_local.free_ports(len(members) + 1 + self.clusters)
         self.peer_ports.update(zip(members, ports, strict=False))
@@ -247,6 +293,7 @@ class Lab:
         )  # fmt: skip
         self._write_flwr_config()
         wait_for_port(self.superlink_port, self.procs["superlink"], "flower-superlink")
+        self.wait_for_warm_clientapps()
         for c, port in enumerate(node_ports):
             root = (
                 ["--root-certificates", str(self.pki().ca_certfile)] if self.tls else ["--insecure"]
@@ -455,6 +502,7 @@ class HierarchyLab(Lab):
     def up(self) -> None:
         """Peers, the SuperLinks (cloud, each edge), then the edges' cloud-facing SuperNodes
         and the clusters' SuperNodes."""
+        self.start_warm_clientapps()
         members = self.members()
         links = ["cloud", *(f"edge{e}" for e in range(self.edges))]
         ports = flwr_local.free_ports(len(members) + len(links) + self.edges + self.clusters)
@@ -468,6 +516,7 @@ class HierarchyLab(Lab):
         for name in links:
             self.start_superlink(name)
         self.superlink_port = self.link_ports["cloud"]
+        self.wait_for_warm_clientapps()
         for e, port in enumerate(relay_ports):
             self.edge_dir(e).mkdir(parents=True, exist_ok=True)
             self.start_supernode(f"edge{e}-cloud", "cloud", port, self.relay_config(e))
@@ -607,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--peers-per-cluster", type=int, default=1)
     parser.add_argument(
+        "--cold", action="store_true",
+        help="every ClientApp process imports torch itself, as a plain SuperNode's does (the "
+        "default starts them warm: gaisnet_flwr/deploy/warm_clientapp.py)",
+    )  # fmt: skip
+    parser.add_argument(
         "--tls", action="store_true",
         help="TLS everywhere, mutual between start points and peers (a throwaway lab CA)",
     )  # fmt: skip
@@ -636,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         lab = Lab.for_run_config(args.dir, run_config, args.tls, clusters=args.clusters)
     else:
         lab = Lab(args.dir, args.clusters, args.peers_per_cluster, args.tls)
+    lab.warm = not args.cold
     mode = "TLS" if args.tls else "insecure"
     hint = (
         f"[lab] FLWR_HOME={lab.home} flwr run . lab --stream --run-config "
@@ -684,7 +739,14 @@ def drive(
         return run(started)
     finally:
         if lab.procs:
-            print(f"[lab] stopped {len(lab.down())} processes")
+            # A second Ctrl-C (or a SIGTERM) during the stop would end it half way and leave
+            # the rest running: the stop finishes first (SIGKILL after 20 s at most).
+            before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (SIGINT, SIGTERM)}
+            try:
+                print(f"[lab] stopped {len(lab.down())} processes")
+            finally:
+                for sig, handler in before.items():
+                    signal.signal(sig, handler)
 
 
 def run_hierarchy(args: argparse.Namespace, run_config: str) -> int:
@@ -698,6 +760,7 @@ def run_hierarchy(args: argparse.Namespace, run_config: str) -> int:
                  f"{len(str(domains).split(','))}: name one domain per edge server")  # fmt: skip
     lab = HierarchyLab(args.dir, edges, args.clusters, args.peers_per_cluster, args.tls,
                        args.threads)  # fmt: skip
+    lab.warm = not args.cold
     mode = "TLS" if args.tls else "insecure"
     hint = (
         f"[lab] submit each edge's run, then the cloud's (docs/deploy.md):\n"
