@@ -187,6 +187,9 @@ PROFIT, CUMULATIVE_PROFIT, SERVED_ACCURACY = "profit", "cumulative-profit", "ser
 # figure that a busy machine moves less than the wall time).
 TRAIN_ROW, EVALUATE_ROW, ROUND_TIME = "train", "evaluate", "round-time-s"
 ROUND_CPU = "round-cpu-s"
+# ... and the wall time of its central evaluation (every edge model on its test set), part of
+# the round's: what a benchmark states as the evaluation's share of a round.
+CENTRAL_EVAL_TIME = "central-eval-s"
 
 
 class UndeclaredMetricError(ValueError):

@@ -65,6 +65,10 @@ def test_the_memory_benchmark_runs_a_round_and_reports_the_peak(tmp_path: Path) 
     figures = json.loads(out.read_text())
     assert figures["peak resident bytes"] > 100e6  # this process: torch alone is more
     assert figures["round s"] > 0 and figures["slowest cluster train s"] > 0
+    # the central evaluation is part of the round, and its share is computed, not typed
+    assert 0 < figures["central evaluation s"] < figures["round s"]
+    share = figures["central evaluation s"] / figures["round s"]
+    assert figures["central evaluation share"] == share
     assert (tmp_path / "provenance.json").is_file()
 
 

@@ -257,3 +257,34 @@ def vpt_reference_rope(model: PromptedViT, x: torch.Tensor) -> torch.Tensor:
         h = block(torch.cat([h[:, :p], prompts, rest], dim=1), rope=rope)
     h = torch.cat([h[:, :p], h[:, p + n :]], dim=1)
     return bb.forward_head(bb.norm(h))
+
+
+def test_the_evaluation_batch_is_sized_to_the_devices_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ViT-B/16's width, heads and tokens (one block suffices): 58 images a batch within the
+    accelerator's budget, 14 within the CPU's, where a bigger batch only costs memory; a tiny
+    ViT takes the cap either way. `evaluate` on the CPU uses the CPU's budget."""
+    from torch.utils.data import TensorDataset
+
+    from gaisnet_flwr.training import loops
+
+    b16 = build_prompted_vit(
+        num_classes=5, model_name="vit_base_patch16_224", img_size=224, patch_size=16,
+        depth=1, embed_dim=768, num_heads=12, pretrained=False,
+    )  # fmt: skip
+    assert loops.eval_batch_size(b16, loops.EVAL_ACTIVATION_BYTES) == 58
+    assert loops.eval_batch_size(b16, loops.EVAL_ACTIVATION_BYTES_CPU) == 14
+    tiny = build()
+    assert loops.eval_batch_size(tiny, loops.EVAL_ACTIVATION_BYTES_CPU) == loops.EVAL_BATCH_CAP
+    sizes: list[int] = []
+    real_loader = loops.loader
+
+    def spy(dataset, batch_size, seed):  # type: ignore[no-untyped-def]
+        sizes.append(batch_size)
+        return real_loader(dataset, batch_size, seed)
+
+    monkeypatch.setattr(loops, "loader", spy)
+    images = TensorDataset(torch.zeros(1, 3, 224, 224), torch.zeros(1, dtype=torch.long))
+    loops.evaluate(b16, images, device=torch.device("cpu"))
+    assert sizes == [14]

@@ -338,6 +338,72 @@ def test_a_message_leaves_nothing_in_the_cached_model(cloud_cfg: RunConfig) -> N
     assert all(torch.equal(now[k], v) for k, v in backbone.items())  # the frozen part: untouched
 
 
+@pytest.mark.usefixtures("task_identity", "one_thread")  # bit for bit: one thread
+def test_one_frozen_foundation_per_process(cloud_cfg: RunConfig) -> None:
+    """In process, the ServerApp's model and the ClientApps' cache's share one frozen backbone
+    (issue 28: no needless model copies), each with tunable modules of its own: a train
+    message through the cache's model leaves the other bitwise as it was, and replies what a
+    model with a backbone of its own replies."""
+    from flwr.app import Array, ArrayRecord
+
+    from clients.split_client import SplitClusterClient
+    from gaisnet_flwr.contract import TrainRequest
+
+    cfg, t = cloud_cfg, task(cloud_cfg, 0, 2)
+    foundation, cache = Foundation.of(cfg), ClientCache()
+    server = foundation.load(5)  # the ServerApp's
+    client = cache.model(foundation, 5)  # the ClientApps' cache's
+    mine = dict(server.named_parameters())
+    theirs = dict(client.named_parameters())
+    tunable = set(server.tunable_state())
+    assert mine.keys() == theirs.keys() and len(mine) > len(tunable) > 0
+    for name in mine:  # the frozen storage is one; Parameters and tunable modules are each's
+        shared = mine[name].data_ptr() == theirs[name].data_ptr()
+        assert shared == (name.removeprefix("backbone.") not in tunable and "prompt" not in name)
+        assert mine[name] is not theirs[name]
+    before = {k: v.clone() for k, v in server.state_dict().items()}
+    start = server.tunable_state()
+    arrays = ArrayRecord({k: Array((v + 0.5).numpy()) for k, v in start.items()})
+    data = cached(cache, cfg, t)
+
+    def train(model: object) -> dict[str, np.ndarray]:
+        content = SplitClusterClient(cfg, t, data, model).train(TrainRequest(arrays, 1, 0.0, t))  # type: ignore[arg-type]
+        return {k: v.numpy() for k, v in content.array_records["arrays"].items()}
+
+    got = train(client)
+    after = server.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the server's: untouched
+    alone = foundation.build(5)  # a backbone of its own (build shares nothing)
+    alone.backbone.load_state_dict(client.backbone.state_dict())
+    ptrs = {p.data_ptr() for p in mine.values()}
+    assert not any(p.data_ptr() in ptrs for p in alone.parameters())
+    expected = train(alone)
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_only_bitwise_equal_foundations_are_shared(tmp_path: Path) -> None:
+    """Another seed's backbone, or one whose every weight is tuned (mode 'full'), shares
+    nothing; the process keeps no model alive for sharing's sake."""
+    import gc
+    import weakref
+
+    cfg = RunConfig.of(**TINY, foundation="none", foundation_dir=str(tmp_path))
+    a = Foundation.of(cfg).load(5)
+    b = Foundation.of(cfg.replace(seed=1)).load(5)  # 'none': the run seed draws the backbone
+    pos = "backbone.pos_embed"
+    params = [dict(m.named_parameters())[pos] for m in (a, b)]
+    assert not torch.equal(*params) and params[0].data_ptr() != params[1].data_ptr()
+    c = Foundation.of(cfg).load(5)
+    assert dict(c.named_parameters())[pos].data_ptr() == params[0].data_ptr()
+    full = Foundation.of(cfg.replace(mode="full", num_prompts=0)).load(5)
+    assert dict(full.named_parameters())[pos].data_ptr() != params[0].data_ptr()
+    ref = weakref.ref(a)
+    del a, c, params
+    gc.collect()
+    assert ref() is None  # the process keeps no model alive for sharing's sake
+
+
 # -- a light ClientApp ----------------------------------------------------------------------------
 HEAVY = (
     "matplotlib",

@@ -337,8 +337,10 @@ class HfslRun:
         """Flower's central evaluation: record the round, keep its modules."""
 
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            started = time.perf_counter()
             row = self.central_evaluation(arrays)
-            recorder.record(server_round, row)
+            seconds = time.perf_counter() - started  # in metrics.json, not in Flower's record
+            recorder.record(server_round, {**row, c.CENTRAL_EVAL_TIME: seconds})
             recorder.save_round_modules(server_round, {k: v.numpy() for k, v in arrays.items()})
             return MetricRecord(row)  # type: ignore[arg-type]
 

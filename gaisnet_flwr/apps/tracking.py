@@ -14,6 +14,8 @@ step = round, one tag per numeric key (`tag`):
                                                 evaluation), when the round has one
     run/failed-clusters, run/round-time-s,      failed clusters, measured wall time per round and
     run/round-cpu-s                             the ServerApp process's CPU time over it
+    run/central-eval-s                          the wall time of its central evaluation (part
+                                                of the round's; round 0's too)
 
 The run-config goes in as hyper-parameters (TensorBoard's HPARAMS tab, with the final central
 accuracy and loss as its metrics). With run-config `mlflow-tracking-uri` set (e.g.

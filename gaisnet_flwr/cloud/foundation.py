@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import time
+import weakref
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from flwr.common.logger import log
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from gaisnet_flwr.config import CloudSection, ConfigError, ModelSection, RunConfig
@@ -278,7 +280,48 @@ class Foundation:
                     f"node's foundation-dir is {path.parent}"
                 ) from err
             model.backbone.load_state_dict(state, strict=self.ships_head)
+        return share_frozen(model)
+
+
+# -- one frozen foundation per process ------------------------------------------------------------
+# In an in-process run the ServerApp and the ClientApps' cache each load the edge model: two
+# copies of a backbone that never changes (a message loads and trains only the tunable modules:
+# tests/test_scale.py), 344 MB each at ViT-B/16 (issue 28: "no needless model copies"). A model
+# loaded while another with bitwise-equal frozen weights is alive in the process takes that
+# one's tensors instead; its tunable modules (prompts, head) stay its own. Held weakly: the
+# process keeps no model alive for sharing's sake.
+_LOADED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _frozen(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def share_frozen(model: PromptedViT) -> PromptedViT:
+    """`model`, its frozen parameters replaced by those of a live loaded model of this process
+    whose frozen weights are bitwise the same (compared, not assumed: another seed, checkpoint
+    or file shares nothing). Each model gets Parameter objects of its own over the shared
+    storage, so moving one model to another device (`Module.to` swaps `param.data`) leaves the
+    other where it is; nothing writes into frozen weights in place after `Foundation.load`."""
+    frozen = _frozen(model)
+    if not frozen:  # mode 'full': every weight is tuned, nothing to share
         return model
+    for other in list(_LOADED):
+        theirs = _frozen(other)
+        if theirs.keys() == frozen.keys() and all(
+            (t := theirs[n]).shape == p.shape
+            and t.dtype == p.dtype
+            and t.device == p.device
+            and torch.equal(t, p)
+            for n, p in frozen.items()
+        ):
+            for name, param in theirs.items():
+                owner, _, leaf = name.rpartition(".")
+                shared = nn.Parameter(param.detach(), requires_grad=False)
+                setattr(model.get_submodule(owner), leaf, shared)
+            break
+    _LOADED.add(model)
+    return model
 
 
 # How long `foundation='timm'` waits to learn whether the weights' host can be reached: without
