@@ -85,3 +85,8 @@ def test_without_a_server_the_shim_is_the_real_clientapp(tmp_path: Path) -> None
     shim = write_shim(tmp_path / "bin", tmp_path / "absent.sock", fallback=real)
     done = run_shim(shim, "--token", "t", cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "real ['--token', 't']"
+
+
+def test_only_its_user_may_reach_the_server(server: tuple[Path, subprocess.Popen[str]]) -> None:
+    sock, _ = server
+    assert sock.stat().st_mode & 0o777 == 0o600

@@ -57,8 +57,11 @@ def serve(socket_path: Path, preload: tuple[str, ...] = PRELOAD) -> None:
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(socket_path))
-    os.chmod(socket_path, 0o600)  # only this user may have processes forked from it
+    umask = os.umask(0o177)  # only this user may have processes forked from it, from the start
+    try:
+        listener.bind(str(socket_path))
+    finally:
+        os.umask(umask)
     listener.listen(64)
     print(f"warm clientapp server: {', '.join(preload)} imported; on {socket_path}", flush=True)
     try:
