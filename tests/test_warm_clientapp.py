@@ -90,3 +90,38 @@ def test_without_a_server_the_shim_is_the_real_clientapp(tmp_path: Path) -> None
 def test_only_its_user_may_reach_the_server(server: tuple[Path, subprocess.Popen[str]]) -> None:
     sock, _ = server
     assert sock.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_bad_request_costs_only_itself(
+    server: tuple[Path, subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """Refused (too large; no streams), it leaves no descriptor open in the server, which
+    serves the next caller."""
+    import socket
+    import struct
+
+    sock, proc = server
+    open_fds = lambda: len(os.listdir(f"/proc/{proc.pid}/fd"))  # noqa: E731
+    before = open_fds()
+    for fds in ([0, 1, 2], []):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(str(sock))
+            socket.send_fds(conn, [struct.pack("!I", 1 << 30)], fds)
+            assert conn.recv(4) == b""  # closed without a child
+    assert open_fds() == before
+    shim = write_shim(tmp_path / "bin", sock)
+    assert run_shim(shim, "--help", cwd=tmp_path).returncode == 0
+
+
+def test_a_long_lab_folder_gets_a_stable_socket_in_tmp(tmp_path: Path) -> None:
+    from gaisnet_flwr.experiments.lab import Lab
+
+    deep = tmp_path / ("x" * 120)
+    place = Lab(deep).warm_socket()
+    assert place.parent == Path("/tmp") and len(str(place)) < 100
+    probe = (
+        "from pathlib import Path; from gaisnet_flwr.experiments.lab import Lab; "
+        f"print(Lab(Path({str(deep)!r})).warm_socket())"
+    )
+    elsewhere = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert elsewhere.stdout.strip() == str(place)  # another process finds the same socket

@@ -75,9 +75,12 @@ def serve(socket_path: Path, preload: tuple[str, ...] = PRELOAD) -> None:
                 continue
             sys.stdout.flush()
             sys.stderr.flush()
-            if os.fork() == 0:
-                listener.close()
-                run_child(conn, request, fds)  # never returns
+            try:
+                if os.fork() == 0:
+                    listener.close()
+                    run_child(conn, request, fds)  # never returns
+            except OSError as err:  # no fork now: the caller sees its child die, the server goes on
+                print(f"warm clientapp server: fork failed: {err}", flush=True)
             conn.close()
             for fd in fds:
                 os.close(fd)
@@ -90,23 +93,34 @@ def receive_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
     """One request: a 4-byte length, that much JSON (argv, env, cwd), and the caller's three
     standard streams as file descriptors."""
     header, fds, _, _ = socket.recv_fds(conn, 4, STREAMS)
-    if len(header) != 4 or len(fds) != STREAMS:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError("a request starts with its length and the caller's 3 standard streams")
-    (size,) = struct.unpack("!I", header)
-    if size > REQUEST_LIMIT:
-        raise ValueError(f"request of {size} bytes (at most {REQUEST_LIMIT})")
-    body = b""
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
+    try:
+        if len(header) != 4 or len(fds) != STREAMS:
+            raise ValueError("a request starts with its length and the caller's 3 standard streams")
+        (size,) = struct.unpack("!I", header)
+        if size > REQUEST_LIMIT:
+            raise ValueError(f"request of {size} bytes (at most {REQUEST_LIMIT})")
+        body = recv_exactly(conn, size)
+        if body is None:
             raise ValueError("the caller left mid-request")
-        body += chunk
-    request = json.loads(body)
-    if not isinstance(request, dict) or not isinstance(request.get("argv"), list):
-        raise ValueError("a request is a JSON object with argv, env and cwd")
+        request = json.loads(body)
+        if not isinstance(request, dict) or not {"argv", "env", "cwd"} <= request.keys():
+            raise ValueError("a request is a JSON object with argv, env and cwd")
+    except (OSError, ValueError):
+        for fd in fds:  # the caller's streams, which no child will take
+            os.close(fd)
+        raise
     return request, fds
+
+
+def recv_exactly(conn: socket.socket, size: int) -> bytes | None:
+    """`size` bytes from `conn`; None if the other side closed it first."""
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 def run_child(conn: socket.socket, request: dict[str, object], fds: list[int]) -> None:
@@ -162,12 +176,9 @@ def shim(socket_path: str, fallback: str, argv: list[str]) -> int:
     body = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
     socket.send_fds(conn, [struct.pack("!I", len(body))], [0, 1, 2])
     conn.sendall(body)
-    status = b""
-    while len(status) < 4:
-        chunk = conn.recv(4 - len(status))
-        if not chunk:  # the child died without a word (killed): as a killed process would
-            return 1
-        status += chunk
+    status = recv_exactly(conn, 4)
+    if status is None:  # the child died without a word (killed): as a killed process would
+        return 1
     return int(struct.unpack("!i", status)[0])
 
 

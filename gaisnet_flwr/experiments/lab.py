@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -142,7 +143,8 @@ class Lab:
         inside = self.dir / "warm-clientapp.sock"
         if len(str(inside)) <= 100:
             return inside
-        return Path("/tmp") / f"gaisnet-warm-{abs(hash(str(self.dir))) % 10**12}.sock"
+        key = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]  # the same in every process
+        return Path("/tmp") / f"gaisnet-warm-{key}.sock"
 
     def start_warm_clientapps(self) -> None:
         """The SuperNodes' `flwr-clientapp` processes start warm: a server that imported torch
