@@ -167,20 +167,11 @@ def derive(cfg: RunConfig) -> Derived:
 
 # -- the pieces -----------------------------------------------------------------------------
 def data_spec(cfg: RunConfig) -> DataSpec:
-    """The data section with the image size and seed it depends on."""
-    d = cfg.data
-    return DataSpec(
-        dataset=d.dataset,
-        data_dir=d.data_dir,
-        img_size=cfg.model.img_size,
-        partitioning=d.partitioning,
-        classes_per_cluster=d.classes_per_cluster,
-        dirichlet_alpha=d.dirichlet_alpha,
-        val_fraction=d.val_fraction,
-        seed=cfg.run.seed,
-        edge_task=d.edge_task,
-        shots=d.shots,
-    )
+    """The data section as the data code takes it: its fields (all but cluster-samples, which
+    the capacity check reads), and the image size and seed it depends on."""
+    section = {f.name: getattr(cfg.data, f.name) for f in fields(cfg.data)}
+    shared = {f.name: section[f.name] for f in fields(DataSpec) if f.name in section}
+    return DataSpec(**shared, img_size=cfg.model.img_size, seed=cfg.run.seed)
 
 
 def edge_shares(hierarchy: HierarchySection) -> tuple[float, ...]:

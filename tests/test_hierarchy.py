@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -69,6 +70,41 @@ def test_a_tampered_foundation_is_refused_by_name(tmp_path: Path) -> None:
     assert held(tmp_path) == {}
     with pytest.raises(ShippingError, match="does not match its SHA-256 sidecar"):
         ShippedFile.read(path)
+
+
+def test_the_foundation_is_read_for_shipping_only_when_a_node_lacks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every node holds it (a simulation's shared folder): not one byte of it is read again;
+    a node that lacks it gets it; without a sidecar every node lacks it and the file is refused."""
+    from gaisnet_flwr.apps.server_app import ship_foundation
+
+    path = shipped().install(tmp_path / "cloud")
+    reads: list[Path] = []
+    real_read = ShippedFile.read
+
+    def read(p: Path) -> ShippedFile:
+        reads.append(p)
+        return real_read(p)
+
+    monkeypatch.setattr(ShippedFile, "read", read)
+
+    class Grid:
+        sent: list[int] = []
+
+        def send_and_receive(self, messages: list, timeout: float) -> list:
+            self.sent += [m.metadata.dst_node_id for m in messages]
+            return []
+
+    grid = cast(Any, Grid())
+    ship_foundation(grid, path, {1: {NAME: shipped().sha256}, 2: {NAME: shipped().sha256}})
+    assert reads == [] and grid.sent == []
+    monkeypatch.setattr("gaisnet_flwr.apps.server_app.query_identities", lambda *a: None)
+    ship_foundation(grid, path, {1: {NAME: shipped().sha256}, 2: {}})
+    assert reads == [path] and grid.sent == [2]
+    sidecar(path).unlink()
+    with pytest.raises(ShippingError, match="sidecar"):
+        ship_foundation(grid, path, {1: {NAME: shipped().sha256}})
 
 
 def test_a_start_point_takes_its_foundation_into_its_own_folder(tmp_path: Path) -> None:

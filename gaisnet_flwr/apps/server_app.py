@@ -43,7 +43,7 @@ from gaisnet_flwr.costs.pricing import hierarchy_round_latency
 from gaisnet_flwr.costs.profiles import ClusterProfile
 from gaisnet_flwr.data.capacity import check_cluster_count, check_edge_clusters
 from gaisnet_flwr.data.images import DataError, ImageData, edge_image_data, load_image_data
-from gaisnet_flwr.deploy.shipping import ShippedFile
+from gaisnet_flwr.deploy.shipping import ShippedFile, recorded_sha256
 from gaisnet_flwr.derived import Derived, derive
 from gaisnet_flwr.population.edge_offload import plan_round
 from gaisnet_flwr.population.layout import share_edge
@@ -145,11 +145,12 @@ def ship_foundation(grid: Grid, path: Path, held: Mapping[int, Mapping[str, str]
     it identified itself is asked again first: one that shares this process's folder (the
     simulation) holds it now that it is made, and gets nothing. The receiver checks the bytes
     against their SHA-256; a node that refuses them, or does not answer, is named in the log,
-    and its cluster fails its rounds with the reason (`Foundation.load`)."""
-    shipped = ShippedFile.read(path)
+    and its cluster fails its rounds with the reason (`Foundation.load`). The file's bytes are
+    read (and checked against its sidecar) only when a node lacks it."""
+    digest = recorded_sha256(path)
 
     def lacks(files: Mapping[str, str]) -> bool:
-        return files.get(shipped.name) != shipped.sha256
+        return digest is None or files.get(path.name) != digest
 
     lacking = sorted(n for n, files in held.items() if lacks(files))
     if lacking:
@@ -158,6 +159,7 @@ def ship_foundation(grid: Grid, path: Path, held: Mapping[int, Mapping[str, str]
         lacking = [n for n in lacking if lacks(again.get(n, {}))]
     if not lacking:
         return
+    shipped = ShippedFile.read(path)
     started = time.perf_counter()
     replies = grid.send_and_receive([c.ship_message(shipped, n) for n in lacking], timeout=600)
     refused = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
