@@ -275,7 +275,7 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
     edges.wait_for_edges(grid, h.cloud_timeout_s)
     chunks = cloud_chunks(h.num_rounds, h.cloud_every)
     recorder = CloudRecorder(
-        output_dir, run_config, Tracking.open(output_dir, run_config, cfg.run.mlflow_tracking_uri)
+        output_dir, run_config, Tracking(output_dir, run_config, cfg.run.mlflow_tracking_uri)
     )
     done = 0
     if state is not None:
