@@ -70,7 +70,7 @@ class MlflowLog:
         if is_local_uri(tracking_uri):
             # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        mlflow = import_mlflow()
+        import mlflow  # the package is there: `check_mlflow` refused the URI before any work
         from mlflow.entities import Param
 
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -116,14 +116,6 @@ NO_MLFLOW = (
     "run-config mlflow-tracking-uri is set but the mlflow package is not installed: "
     "pip install 'gaisnet-flwr[mlflow]' (or leave mlflow-tracking-uri empty)"
 )
-
-
-def import_mlflow() -> Any:
-    try:
-        import mlflow
-    except ImportError as err:
-        raise RuntimeError(NO_MLFLOW) from err
-    return mlflow
 
 
 def check_mlflow(tracking_uri: str) -> None:
