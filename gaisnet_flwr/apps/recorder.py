@@ -17,6 +17,7 @@ Everything else, Flower's round markers, sampling and failure lines included, st
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import time
@@ -43,6 +44,7 @@ from gaisnet_flwr.contract import (
     TRAIN_ROW,
     edge_key,
 )
+from gaisnet_flwr.deploy.shipping import write_atomic
 
 
 @dataclass
@@ -206,18 +208,23 @@ class RoundRecorder:
         return save_npz(self.output_dir / f"rounds/round-{server_round:03d}.npz", state)
 
 
+# The files below are replaced whole (`write_atomic`): a reader never sees half of one. The
+# deployed cloud writes its rows and modules with them too (apps/cloud_app.py).
 def write_rows(output_dir: Path, rows: list[dict[str, Any]]) -> None:
     """metrics.json and metrics.csv: every row so far (a column for every key any row has)."""
-    (output_dir / "metrics.json").write_text(json.dumps(rows, indent=2))
-    with (output_dir / "metrics.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_atomic(output_dir / "metrics.json", json.dumps(rows, indent=2).encode())
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(output_dir / "metrics.csv", text.getvalue().encode())
 
 
-def save_npz(path: Path, state: Mapping[str, np.ndarray]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **state)  # type: ignore[arg-type]
+def save_npz(path: Path, modules: Mapping[str, np.ndarray]) -> Path:
+    """Modules by name as an .npz file (its folder made if need be)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **modules)  # type: ignore[arg-type]
+    write_atomic(path, buffer.getvalue())
     return path
 
 
