@@ -139,8 +139,10 @@ class Tracking:
         self.writer = SummaryWriter(log_dir=str(output_dir))
         if run_config:
             # The HPARAMS tab: this run's config, its final central metrics read from the scalars.
-            params = {k: v if isinstance(v, bool | int | float | str) else str(v)
-                      for k, v in run_config.items()}  # fmt: skip
+            params = {
+                k: v if isinstance(v, bool | int | float | str) else str(v)
+                for k, v in run_config.items()
+            }
             for summary in hparams(params, dict.fromkeys(CENTRAL_METRICS, 0.0)):
                 self.writer.file_writer.add_summary(summary)  # type: ignore[attr-defined]
         self.mlflow = (
