@@ -91,7 +91,7 @@ def trace_round(tmp: Path) -> Trace:
 
     previous, level = sys.gettrace(), FLOWER_LOGGER.level
     # Flower's logger at INFO, as a user's run has it: what runs for each log record (the
-    # metric-dump filter, apps/console.py) must not depend on which test ran before.
+    # metric-dump filter, apps/recorder.py) must not depend on which test ran before.
     FLOWER_LOGGER.setLevel(logging.INFO)
     sys.settrace(calls)
     threading.settrace(calls)

@@ -100,7 +100,7 @@ def test_tensorboard_scalars_equal_metrics_json(run_dir: tuple[Path, Path]) -> N
 @pytest.mark.slow
 def test_log_lines_are_short_and_the_metrics_are_in_the_files(run_dir: tuple[Path, Path]) -> None:
     # A round is one line a person reads (Flower's whole-MetricRecord dumps, ~2,000
-    # characters a line with 40-odd metrics per edge, are dropped: apps/console.py); every
+    # characters a line with 40-odd metrics per edge, are dropped: apps/recorder.py); every
     # metric is still in metrics.json.
     run, _ = run_dir
     # (a path is as long as the user makes it: counted as "<out>")
@@ -231,7 +231,7 @@ def fake_mlflow(monkeypatch: pytest.MonkeyPatch) -> type[FakeMlflowClient]:
 def test_recorder_tracks_to_mlflow_when_given_a_uri(
     tmp_path: Path, fake_mlflow: type[FakeMlflowClient]
 ) -> None:
-    recorder = RoundRecorder.for_run(
+    recorder = RoundRecorder(
         tmp_path / "run-a", 1, {"lr": 0.05, "edge-domains": "none"}, "file:///tmp/mlruns"
     )
     recorder.record(0, {"accuracy": 0.25, "loss": 2.0})
@@ -248,7 +248,7 @@ def test_recorder_tracks_to_mlflow_when_given_a_uri(
 
 
 def test_no_uri_no_mlflow(tmp_path: Path, fake_mlflow: type[FakeMlflowClient]) -> None:
-    recorder = RoundRecorder.for_run(tmp_path, 1, {"lr": 0.05})
+    recorder = RoundRecorder(tmp_path, 1, {"lr": 0.05})
     recorder.record(0, {"accuracy": 0.25, "loss": 2.0})
     recorder.close()
     assert fake_mlflow.made == []

@@ -27,8 +27,6 @@ its training totals and, after the delivery, its accuracy; the failures), rounds
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from collections.abc import Mapping
@@ -43,7 +41,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from gaisnet_flwr import contract as c
-from gaisnet_flwr.apps.recorder import RunResult
+from gaisnet_flwr.apps.recorder import RunResult, save_npz, write_rows
 from gaisnet_flwr.apps.tracking import Tracking
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import differing
@@ -186,31 +184,19 @@ class CloudRecorder:
             write_atomic(state, json.dumps(saved, indent=2).encode())
 
     def save_state(self, completed: int, modules: Mapping[str, np.ndarray]) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **modules)  # type: ignore[arg-type]
-        write_atomic(self.output_dir / f"{STATE}.npz", buffer.getvalue())
+        save_npz(self.output_dir / f"{STATE}.npz", modules)
         state = {"completed": completed, "config": comparable(self.run_config), "rows": self.rows}
         write_atomic(self.output_dir / f"{STATE}.json", json.dumps(state, indent=2).encode())
 
     def _save(self, name: str, modules: Mapping[str, np.ndarray]) -> Path:
-        buffer = io.BytesIO()
-        np.savez(buffer, **modules)  # type: ignore[arg-type]
-        path = self.output_dir / name
-        write_atomic(path, buffer.getvalue())
-        return path
+        return save_npz(self.output_dir / name, modules)
 
     def finish(self, modules: Mapping[str, np.ndarray]) -> Path:
         self.result.final_modules = dict(modules)
         return self._save("final_tunable.npz", modules)
 
     def _write(self) -> None:
-        write_atomic(self.output_dir / "metrics.json", json.dumps(self.rows, indent=2).encode())
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_atomic(self.output_dir / "metrics.csv", text.getvalue().encode())
+        write_rows(self.output_dir, self.rows)
 
     def close(self, failed: bool = False) -> None:
         if self.tracking is not None:
@@ -275,7 +261,7 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
     edges.wait_for_edges(grid, h.cloud_timeout_s)
     chunks = cloud_chunks(h.num_rounds, h.cloud_every)
     recorder = CloudRecorder(
-        output_dir, run_config, Tracking.open(output_dir, run_config, cfg.run.mlflow_tracking_uri)
+        output_dir, run_config, Tracking(output_dir, run_config, cfg.run.mlflow_tracking_uri)
     )
     done = 0
     if state is not None:

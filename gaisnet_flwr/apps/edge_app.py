@@ -78,7 +78,7 @@ class EdgeRun:
         self.run = run
         self.edge = run.cfg.hierarchy.edge_id
         h = run.cfg.hierarchy
-        self.recorder = RoundRecorder.for_run(
+        self.recorder = RoundRecorder(
             run.output_dir,
             h.num_rounds,
             run.run_config,

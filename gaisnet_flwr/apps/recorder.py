@@ -1,26 +1,39 @@
-"""Per-round results: aggregated client metrics, central evaluation, files on disk.
+"""Per-round results: aggregated client metrics, central evaluation, files on disk, one line.
 
 Every round is appended to `metrics.csv` and `metrics.json` and to the run's TensorBoard events
 (and MLflow run, with a tracking URI; `tracking.py`) as soon as it is known, so a run that stops
 early keeps every finished round. The final tunable modules go to `final_tunable.npz`; `close`
 draws `summary.png` (`summary.py`) and closes the trackers.
+
+What a person reads while a run goes is the round in one line (`describe`); the numbers are in
+the files. Flower's `Strategy.start` logs every aggregated MetricRecord whole (with 40-odd
+metrics per edge, a train round's line ran to ~2,000 characters) and, at the end, every round's
+metrics again ("Final results", some 70 lines a round): run.log held 46 KB for 5 rounds.
+`quiet_strategy_log` drops exactly those records while the ServerApp runs: the ones Flower's
+`Strategy.start` (its own source file) logs with one of the formats in `METRIC_DUMPS`.
+Everything else, Flower's round markers, sampling and failure lines included, stays.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
+from flwr.serverapp.strategy import strategy as flower_strategy
 
 from gaisnet_flwr import contract as c
+from gaisnet_flwr.apps.summary import plot_summary
 from gaisnet_flwr.apps.tracking import Tracking
 from gaisnet_flwr.contract import (
     ACCURACY,
@@ -31,6 +44,7 @@ from gaisnet_flwr.contract import (
     TRAIN_ROW,
     edge_key,
 )
+from gaisnet_flwr.deploy.shipping import write_atomic
 
 
 @dataclass
@@ -90,8 +104,8 @@ class RoundRecorder:
     """Collects each round's train metrics and central evaluation and writes them out.
 
     A round arrives in steps, each handed over explicitly: `train_round` with the aggregated
-    train MetricRecord and the failed clusters (from the strategy's replies), `evaluate_round`
-    with the clusters' aggregated validation (when the round has one), then `record` with the
+    train metrics and the failed clusters (from the strategy's replies), `evaluate_round` with
+    the clusters' aggregated validation (when the round has one), then `record` with the
     central evaluation, which completes the row, writes it (files and trackers) and logs its
     one-line summary. `close` ends the run: summary.png, trackers closed."""
 
@@ -99,34 +113,20 @@ class RoundRecorder:
         self,
         output_dir: Path,
         num_rounds: int,
-        tracking: Tracking | None = None,
-        result: RunResult | None = None,
-    ) -> None:
-        self.output_dir = output_dir
-        self.num_rounds = num_rounds
-        self.tracking = tracking
-        self.result = result if result is not None else RunResult(output_dir)
-        self.rows: list[dict[str, Any]] = self.result.rows
-        self._round_started = time.perf_counter()
-        self._round_cpu_started = time.process_time()
-        self._train: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
-        self._evaluate: dict[int, dict[str, Any]] = {}
-        output_dir.mkdir(parents=True, exist_ok=True)
-
-    @classmethod
-    def for_run(
-        cls,
-        output_dir: Path,
-        num_rounds: int,
         run_config: Mapping[str, Any],
         mlflow_tracking_uri: str = "",
         result: RunResult | None = None,
-    ) -> RoundRecorder:
+    ) -> None:
         """A run's recorder with its trackers: TensorBoard events in `output_dir` (the
         run-config as hyper-parameters), MLflow too when a tracking URI is given."""
         output_dir.mkdir(parents=True, exist_ok=True)
-        tracking = Tracking.open(output_dir, run_config, mlflow_tracking_uri)
-        return cls(output_dir, num_rounds, tracking, result)
+        self.output_dir = output_dir
+        self.num_rounds = num_rounds
+        self.tracking = Tracking(output_dir, run_config, mlflow_tracking_uri)
+        self.result = result if result is not None else RunResult(output_dir)
+        self.rows = self.result.rows
+        self._clock = time.perf_counter(), time.process_time()  # the round's start
+        self._rounds: dict[int, dict[str, Any]] = {}  # a round's row so far, until `record`
 
     def train_round(
         self,
@@ -135,48 +135,38 @@ class RoundRecorder:
         failures: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         """A round's aggregated training metrics and the clusters that failed it."""
-        self._train[server_round] = (dict(train), [dict(f) for f in failures])
+        row = self._rounds.setdefault(server_round, {})
+        row.update((f"{TRAIN_ROW}/{k}", v) for k, v in train.items())
+        row["failures"] = list(failures)
 
     def evaluate_round(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         """A round's aggregated cluster validation (federated evaluation)."""
-        self._evaluate[server_round] = dict(metrics)
+        row = self._rounds.setdefault(server_round, {})
+        row.update((f"{EVALUATE_ROW}/{k}", v) for k, v in metrics.items())
 
     def record(self, server_round: int, central: Mapping[str, float]) -> None:
         """Complete a round with its central evaluation (a round with failures is complete,
         but marked) and write every row so far."""
-        now, cpu = time.perf_counter(), time.process_time()
-        train, failures = self._train.pop(server_round, ({}, []))
+        now = time.perf_counter(), time.process_time()
         row: dict[str, Any] = {"round": server_round, **central}
         if server_round > 0:
-            row.update({f"{TRAIN_ROW}/{k}": v for k, v in (train or {}).items()})
-            evaluated = self._evaluate.pop(server_round, {})
-            row.update({f"{EVALUATE_ROW}/{k}": v for k, v in evaluated.items()})
-            # An edge's refused aggregate (node -1) is a failure of the round, not of a cluster.
-            row[FAILED_CLUSTERS] = sum(f.get("node") != -1 for f in failures or [])
-            row["failures"] = list(failures or [])
-            row[ROUND_TIME] = now - self._round_started
-            row[ROUND_CPU] = cpu - self._round_cpu_started
-        self._round_started, self._round_cpu_started = now, cpu
+            row.update(self._rounds.pop(server_round, {}))
+            # the strategy counted them (an edge's refused aggregate is not a cluster's failure)
+            row[FAILED_CLUSTERS] = row.get(f"{TRAIN_ROW}/{FAILED_CLUSTERS}", 0)
+            row["failures"] = row.pop("failures", [])  # the list after the counts
+            row[ROUND_TIME], row[ROUND_CPU] = now[0] - self._clock[0], now[1] - self._clock[1]
+        self._clock = now
         self.rows.append(row)
-        self._write()
-        if self.tracking is not None:
-            self.tracking.log_row(row)
+        write_rows(self.output_dir, self.rows)
+        self.tracking.log_row(row)
         log(INFO, self.describe(row))
-
-    @property
-    def summary_path(self) -> Path:
-        return self.output_dir / "summary.png"
 
     def close(self, failed: bool = False) -> Path:
         """The run is over: draw summary.png, hand it and the metrics to the trackers and
         close them. Returns the picture's path."""
-        from gaisnet_flwr.apps.summary import plot_summary
-
-        path = plot_summary(self.rows, self.summary_path, title=self.output_dir.name)
-        if self.tracking is not None:
-            names = ("summary.png", "metrics.json", "config.json")
-            self.tracking.close([self.output_dir / n for n in names], failed)
-            self.tracking = None
+        path = plot_summary(self.rows, self.output_dir / "summary.png", self.output_dir.name)
+        names = (path.name, "metrics.json", "config.json")
+        self.tracking.close([self.output_dir / n for n in names], failed)
         return path
 
     def describe(self, row: dict[str, Any]) -> str:
@@ -184,15 +174,15 @@ class RoundRecorder:
         files): central accuracy and loss (per edge, with several), failures, the clusters'
         training, the traffic, the cost model's price, the wall time."""
         head = (
-            f"[round {row['round']}/{self.num_rounds}] acc {row['accuracy']:.4f} "
+            f"[round {row['round']}/{self.num_rounds}] acc {row[ACCURACY]:.4f} "
             f"loss {row['loss']:.4f}"
         )
-        edges = sorted(k for k in row if k.startswith("edge") and k.endswith("/accuracy"))
+        edges = [k for k in row if k.startswith("edge") and k.endswith(f"/{ACCURACY}")]
         if len(edges) > 1:
             head += " (" + ", ".join(f"{k.split('/')[0]} {row[k]:.4f}" for k in edges) + ")"
         if row["round"] == 0:
             return head + " (initial model)"
-        if row.get(FAILED_CLUSTERS):
+        if row[FAILED_CLUSTERS]:
             head += f" | {row[FAILED_CLUSTERS]} cluster(s) FAILED, left out"
 
         def train(key: str, default: float = 0.0) -> float:
@@ -207,23 +197,63 @@ class RoundRecorder:
             f"max mem {train(c.MEMORY_MAX) / 1e6:.1f} MB | {row[ROUND_TIME]:.1f} s"
         )
 
-    def _write(self) -> None:
-        (self.output_dir / "metrics.json").write_text(json.dumps(self.rows, indent=2))
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        with (self.output_dir / "metrics.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-
-    def save_modules(self, state: dict[str, np.ndarray], name: str = "final_tunable.npz") -> Path:
-        path = self.output_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **state)  # type: ignore[arg-type]
-        if name == "final_tunable.npz":
-            self.result.final_modules = dict(state)
-        return path
+    def save_modules(self, state: dict[str, np.ndarray]) -> Path:
+        """The final global modules (final_tunable.npz)."""
+        self.result.final_modules = state
+        return save_npz(self.output_dir / "final_tunable.npz", state)
 
     def save_round_modules(self, server_round: int, state: dict[str, np.ndarray]) -> Path:
         """Every round's global modules (small: prompts and heads), to resume or compare."""
-        self.result.round_modules[server_round] = dict(state)
-        return self.save_modules(state, f"rounds/round-{server_round:03d}.npz")
+        self.result.round_modules[server_round] = state
+        return save_npz(self.output_dir / f"rounds/round-{server_round:03d}.npz", state)
+
+
+# The files below are replaced whole (`write_atomic`): a reader never sees half of one. The
+# deployed cloud writes its rows and modules with them too (apps/cloud_app.py).
+def write_rows(output_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """metrics.json and metrics.csv: every row so far (a column for every key any row has)."""
+    write_atomic(output_dir / "metrics.json", json.dumps(rows, indent=2).encode())
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(output_dir / "metrics.csv", text.getvalue().encode())
+
+
+def save_npz(path: Path, modules: Mapping[str, np.ndarray]) -> Path:
+    """Modules by name as an .npz file (its folder made if need be)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **modules)  # type: ignore[arg-type]
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+# -- the console: the round's line instead of Flower's metric dumps (module docstring) ---------
+# What `Strategy.start` logs (flwr 1.42) that metrics.csv holds: the aggregated metrics of each
+# round's train and evaluate replies, the central evaluation, and the final report's lines.
+METRIC_DUMPS = frozenset(
+    {
+        "\t└──> Aggregated MetricRecord: %s",
+        "Initial global evaluation results: %s",
+        "Global evaluation",
+        "\t└──> MetricRecord: %s",
+        "Final results:",
+        "\t%s",
+    }
+)
+STRATEGY_SOURCE = flower_strategy.__file__
+
+
+def not_a_metric_dump(record: logging.LogRecord) -> bool:
+    """False for `Strategy.start`'s metric dumps (module docstring); True for everything else."""
+    return record.msg not in METRIC_DUMPS or record.pathname != STRATEGY_SOURCE
+
+
+@contextmanager
+def quiet_strategy_log() -> Iterator[None]:
+    """Flower's logger without `Strategy.start`'s metric dumps inside the block."""
+    FLOWER_LOGGER.addFilter(not_a_metric_dump)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.removeFilter(not_a_metric_dump)

@@ -31,9 +31,8 @@ from flwr.serverapp.strategy import Strategy
 
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
-from gaisnet_flwr.apps.console import quiet_strategy_log
 from gaisnet_flwr.apps.failed import clear_failed, mark_failed
-from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult
+from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult, quiet_strategy_log
 from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
 from gaisnet_flwr.cloud.foundation import Foundation, check_timm_weights
 from gaisnet_flwr.config import ConfigError, RunConfig
@@ -603,7 +602,7 @@ def prepare(grid: Grid, derived: Derived, edge: int | None = None) -> HfslRun:
 # -- the modes ----------------------------------------------------------------------------------
 def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
     cfg = run.cfg
-    recorder = RoundRecorder.for_run(
+    recorder = RoundRecorder(
         run.output_dir,
         cfg.hierarchy.num_rounds,
         run.run_config,
@@ -655,7 +654,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
 
 def integrated(grid: Grid, run: HfslRun) -> RunResult:
     # TensorBoard (and MLflow) get each round's decision row: profit, energy, accuracies.
-    tracking = Tracking.open(run.output_dir, run.run_config, run.cfg.run.mlflow_tracking_uri)
+    tracking = Tracking(run.output_dir, run.run_config, run.cfg.run.mlflow_tracking_uri)
     strategy = run.integrated_strategy(tracking)
     try:
         strategy.start(

@@ -10,16 +10,22 @@ pyplot, no global backend switch, imported only when a run draws its picture.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-EDGE_ACCURACY = re.compile(r"^edge(\d+)/accuracy$")
+from gaisnet_flwr import contract as c
+
+TRAIN = f"{c.TRAIN_ROW}/"
 LINKS = (
-    ("train/d2d-bytes-fwd", "D2D forward (smashed data)"),
-    ("train/d2d-bytes-bwd", "D2D backward (gradients)"),
-    ("train/upload-bytes", "client-server upload (tunable modules)"),
+    (c.D2D_FWD, "D2D forward (smashed data)"),
+    (c.D2D_BWD, "D2D backward (gradients)"),
+    (c.UPLOAD, "client-server upload (tunable modules)"),
+)
+# the cost panels: (name, unit, an edge's train metric, the round's, the round's label)
+COSTS = (
+    ("latency", "s", c.LATENCY, c.ROUND_LATENCY, "round (slowest cluster + aggregation)"),
+    ("energy", "J", c.ENERGY, c.ENERGY, "all edges"),
 )
 
 
@@ -29,11 +35,6 @@ def series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def edges_of(rows: Sequence[Mapping[str, Any]]) -> list[int]:
-    found = {int(m.group(1)) for r in rows for k in r if (m := EDGE_ACCURACY.match(k))}
-    return sorted(found)
-
-
 def plot_summary(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
     """Draw the run's rows (metrics.json) into `path` (PNG) and return it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -41,67 +42,60 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "")
 
     fig = Figure(figsize=(12, 8.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    (acc, links), (latency, energy) = fig.subplots(2, 2)
-    edges = edges_of(rows)
+    # the same rounds under each other
+    (acc, links), (latency, energy) = fig.subplots(2, 2, sharex=True)
+    # every edge model is evaluated from round 0 on (a deployed edge: its own)
+    first, suffix = (rows[0] if rows else {}), f"/{c.ACCURACY}"
+    edges = [int(k[4 : -len(suffix)]) for k in first if k.startswith("edge") and k.endswith(suffix)]
     several = len(edges) > 1
 
     for e in edges:
-        acc.plot(*series(rows, f"edge{e}/accuracy"), marker="o", label=f"edge {e}")
-    if several:
-        acc.plot(*series(rows, "accuracy"), "k--", label="mean over edges")
-    elif not edges:
-        acc.plot(*series(rows, "accuracy"), marker="o", label="central")
-    failed = [int(r["round"]) for r in rows if r.get("failed-clusters")]
-    for i, r in enumerate(failed):
-        label = "round with failed clusters" if i == 0 else "_nolegend_"
-        acc.axvline(r, color="red", alpha=0.3, lw=4, label=label)
+        acc.plot(*series(rows, c.edge_key(e, c.ACCURACY)), "-o", label=f"edge {e}")
+    if several or not edges:
+        label = "mean over edges" if several else "central"
+        acc.plot(*series(rows, c.ACCURACY), "k--" if several else "-o", label=label)
+    if failed := [int(r["round"]) for r in rows if r.get(c.FAILED_CLUSTERS)]:
+        label = "round with failed clusters"
+        acc.vlines(failed, 0, 1.02, color="red", alpha=0.3, lw=4, label=label)
     acc.set(
         title="Central test accuracy per edge",
-        xlabel="round (0 = before fine-tuning)",
         ylabel="accuracy (fraction correct)",
         ylim=(0, 1.02),
     )
 
     for key, label in LINKS:
-        rounds, values = series(rows, key)
-        if values and max(values) > 0:
-            links.plot(rounds, [v / 1e6 for v in values], marker="o", label=label)
+        rounds, values = series(rows, TRAIN + key)
+        if any(values):  # a log scale has no zero
+            links.plot(rounds, [v / 1e6 for v in values], "-o", label=label)
     links.set(
         title="Bytes per round by link (all clusters)",
-        xlabel="round",
         ylabel="MB per round (1 MB = 1e6 bytes, log scale)",
         yscale="log",
     )
 
-    for ax, name, unit, total_key in (
-        (latency, "latency", "s", "train/round-latency-s"),
-        (energy, "energy", "J", "train/energy-j"),
-    ):
-        per_edge = "latency-s" if name == "latency" else "energy-j"
-        if several:
-            for e in edges:
-                ax.plot(*series(rows, f"train/edge{e}/{per_edge}"), marker="o", label=f"edge {e}")
-        total_label = "round (slowest cluster + aggregation)" if name == "latency" else "all edges"
-        ax.plot(*series(rows, total_key), "k--" if several else "-o", label=total_label)
+    for ax, (name, unit, per_edge, total, label) in zip((latency, energy), COSTS, strict=True):
+        for e in edges if several else []:
+            ax.plot(*series(rows, TRAIN + c.edge_key(e, per_edge)), "-o", label=f"edge {e}")
+        rounds, values = series(rows, TRAIN + total)
+        ax.plot(rounds, values, "k--" if several else "-o", label=label)
+        top = 1.35 * max(values, default=0.0)  # room for the legend above the lines
         ax.set(
             title=f"Simulated {name} per round (cost model)",
-            xlabel="round",
             ylabel=f"{name} ({unit})",
+            ylim=(0, top or 1.0),
         )
-        top = max((float(r.get(total_key, 0.0)) for r in rows), default=0.0)
-        ax.set_ylim(0, 1.35 * top if top > 0 else 1.0)  # room for the legend above the lines
 
-    last = max((int(r["round"]) for r in rows), default=1)
+    latency.set_xlim(-0.2, max((int(r["round"]) for r in rows), default=1) + 0.2)
+    latency.xaxis.get_major_locator().set_params(integer=True)
+    fig.supxlabel("round (0 = before fine-tuning)")
     for ax in (acc, links, latency, energy):
-        ax.set_xlim(-0.2, last + 0.2)  # the same rounds under each other
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9)
-    final = rows[-1] if rows else {}
     head = title or "GaisNet HFSL run"
-    if "accuracy" in final and not math.isnan(float(final["accuracy"])):
-        head += f": final accuracy {float(final['accuracy']):.4f} after round {final['round']}"
+    final = rows[-1] if rows else {}
+    if not math.isnan(final.get(c.ACCURACY, math.nan)):
+        head += f": final accuracy {final[c.ACCURACY]:.4f} after round {final['round']}"
     fig.suptitle(head, fontsize=13)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -37,15 +37,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gaisnet_flwr.contract import ACCURACY, EVALUATE_ROW, TRAIN_ROW
+
 MLFLOW_EXPERIMENT = "gaisnet-flwr"
 CENTRAL_METRICS = ("central/accuracy", "central/loss")  # the HPARAMS tab's metrics
 
 
 def tag(key: str) -> str:
     """The TensorBoard tag (and MLflow metric key) of a `metrics.json` key."""
-    if key.startswith(("train/", "evaluate/")):
+    if key.startswith((f"{TRAIN_ROW}/", f"{EVALUATE_ROW}/")):
         return key
-    if key in ("accuracy", "loss") or key.startswith("edge"):
+    if key in (ACCURACY, "loss") or key.startswith("edge"):
         return f"central/{key}"
     return f"run/{key}"
 
@@ -59,36 +61,6 @@ def scalars(row: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def hparam_value(value: Any) -> bool | int | float | str:
-    return value if isinstance(value, bool | int | float | str) else str(value)
-
-
-class TensorBoardLog:
-    """A run's scalars and hyper-parameters as TensorBoard event files in `log_dir`."""
-
-    def __init__(self, log_dir: Path, hparams: Mapping[str, Any]) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams as hparams_summaries
-
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-        if hparams:
-            # The HPARAMS tab: this run's config, its final central metrics read from the scalars.
-            summaries = hparams_summaries(
-                {k: hparam_value(v) for k, v in hparams.items()},
-                dict.fromkeys(CENTRAL_METRICS, 0.0),
-            )
-            for summary in summaries:
-                self.writer.file_writer.add_summary(summary)  # type: ignore[attr-defined]
-
-    def log(self, step: int, values: Mapping[str, float]) -> None:
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, global_step=step)
-        self.writer.flush()  # a run in progress is visible at once
-
-    def close(self, artifacts: list[Path], failed: bool = False) -> None:
-        self.writer.close()
-
-
 class MlflowLog:
     """The same params and metrics as an MLflow run (MlflowClient: no global active run, so
     several in-process runs never mix)."""
@@ -98,7 +70,7 @@ class MlflowLog:
         if is_local_uri(tracking_uri):
             # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        mlflow = import_mlflow()
+        import mlflow  # the package is there: `check_mlflow` refused the URI before any work
         from mlflow.entities import Param
 
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -146,14 +118,6 @@ NO_MLFLOW = (
 )
 
 
-def import_mlflow() -> Any:
-    try:
-        import mlflow
-    except ImportError as err:
-        raise RuntimeError(NO_MLFLOW) from err
-    return mlflow
-
-
 def check_mlflow(tracking_uri: str) -> None:
     """Refuse a tracking URI without the package before any work (a cheap look-up)."""
     import importlib.util
@@ -163,29 +127,40 @@ def check_mlflow(tracking_uri: str) -> None:
 
 
 class Tracking:
-    """Every sink a run writes to; each round's row goes to all of them."""
+    """A run's trackers: TensorBoard events in `output_dir` (always; the run-config as
+    hyper-parameters) and an MLflow run (with a tracking URI); each row goes to both."""
 
-    def __init__(self, sinks: list[TensorBoardLog | MlflowLog]) -> None:
-        self.sinks = sinks
+    def __init__(
+        self, output_dir: Path, run_config: Mapping[str, Any], mlflow_tracking_uri: str = ""
+    ) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
 
-    @classmethod
-    def open(
-        cls,
-        output_dir: Path,
-        run_config: Mapping[str, Any] | None = None,
-        mlflow_tracking_uri: str = "",
-    ) -> Tracking:
-        params = dict(run_config or {})
-        sinks: list[TensorBoardLog | MlflowLog] = [TensorBoardLog(output_dir, params)]
-        if mlflow_tracking_uri:
-            sinks.append(MlflowLog(mlflow_tracking_uri, output_dir.name, params))
-        return cls(sinks)
+        self.writer = SummaryWriter(log_dir=str(output_dir))
+        if run_config:
+            # The HPARAMS tab: this run's config, its final central metrics read from the scalars.
+            params = {
+                k: v if isinstance(v, bool | int | float | str) else str(v)
+                for k, v in run_config.items()
+            }
+            for summary in hparams(params, dict.fromkeys(CENTRAL_METRICS, 0.0)):
+                self.writer.file_writer.add_summary(summary)  # type: ignore[attr-defined]
+        self.mlflow = (
+            MlflowLog(mlflow_tracking_uri, output_dir.name, run_config)
+            if mlflow_tracking_uri
+            else None
+        )
 
     def log_row(self, row: Mapping[str, Any]) -> None:
-        values = scalars(row)
-        for sink in self.sinks:
-            sink.log(int(row["round"]), values)
+        step, values = int(row["round"]), scalars(row)
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, global_step=step)
+        self.writer.flush()  # a run in progress is visible at once
+        if self.mlflow is not None:
+            self.mlflow.log(step, values)
 
     def close(self, artifacts: list[Path], failed: bool = False) -> None:
-        for sink in self.sinks:
-            sink.close(artifacts, failed)
+        """The run is over; MLflow gets the `artifacts` that exist and the run's status."""
+        self.writer.close()
+        if self.mlflow is not None:
+            self.mlflow.close(artifacts, failed)
