@@ -1,9 +1,10 @@
 """One edge server: its strategy over its own client clusters (paper Sec. III-B, edge-end).
 
 `EdgeServer` is a Flower strategy itself: the one-ServerApp hierarchy composes one per edge
-(`strategies/cloud_edge.py`), and a deployed edge process can run one alone with
-`EdgeServer.start`. It wraps the edge's pluggable strategy (any Message-API strategy; per-module
-FedAvg by default) and adds what the edge owns:
+(`strategies/cloud_edge.py`), a deployed edge process runs its own the same way (a
+`CloudEdgeStrategy` over that one edge: apps/edge_app.py), and the integrated service fine-tunes
+through it (`strategies/integrated.py`). It wraps the edge's pluggable strategy (any
+Message-API strategy; per-module FedAvg by default) and adds what the edge owns:
 
   * its nodes only: the wrapped strategy sees a `GridView` of the grid with the edge's nodes;
   * each node's cluster task, attached to every message it sends (`contract.ClusterTask`);
