@@ -26,12 +26,11 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from gaisnet_flwr.config import CLOUD_MODULES
 from gaisnet_flwr.contract import (
     CLOUD_ROUND,
     EDGE_WEIGHT,
@@ -42,17 +41,17 @@ from gaisnet_flwr.contract import (
     LATENCY,
     NO_REPLY,
     NUM_EXAMPLES,
-    PARTITION_ID,
     ROUND_LATENCY,
     EdgeReport,
     EdgeRequest,
+    aggregate_metrics,
     edge_key,
     failure,
     join_edges,
-    reply_metrics,
     split_edges,
 )
 from strategies.edge import EdgeServer
+from strategies.registry import reply_order
 
 NDArrays = dict[str, np.ndarray]
 Failures = list[dict[str, int | str]]
@@ -99,16 +98,13 @@ def cloud_aggregate(
 @dataclass(frozen=True)
 class Cloud:
     """The cloud's part: aggregate across edges every `every` rounds (0: never, isolated
-    edges), the `modules` it aggregates (one of CLOUD_MODULES: the prompts, or all), and the
-    weight `mix` of its aggregate in what each edge receives back."""
+    edges), the `modules` it aggregates (the prompts, or all: config.CLOUD_MODULES, checked
+    where the run-config is read), and the weight `mix` of its aggregate in what each edge
+    receives back."""
 
     every: int
     mix: float
     modules: str = "prompts"
-
-    def __post_init__(self) -> None:
-        if self.modules not in CLOUD_MODULES:
-            raise ValueError(f"cloud modules {self.modules!r}; valid: {', '.join(CLOUD_MODULES)}")
 
     def is_round(self, server_round: int) -> bool:
         return self.every > 0 and server_round % self.every == 0
@@ -140,8 +136,6 @@ class CloudEdgeStrategy(Strategy):
     Args:
         edges: one EdgeServer per edge id, each with its clusters' tasks.
         cloud: when and what the cloud aggregates.
-        train_metrics_fn: all clusters' train replies -> the round's totals
-            (`contract.aggregate_metrics`).
         price_latency: the round's simulated latency through the hierarchy, from its totals.
         on_round: hands each round's totals and failures to the results (the recorder).
         require_training: a round in which no cluster trained fails the run (one ServerApp
@@ -154,7 +148,6 @@ class CloudEdgeStrategy(Strategy):
         self,
         edges: Mapping[int, EdgeServer],
         cloud: Cloud,
-        train_metrics_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         price_latency: LatencyPricer | None = None,
         on_round: RoundListener | None = None,
         require_training: bool = True,
@@ -162,18 +155,12 @@ class CloudEdgeStrategy(Strategy):
     ) -> None:
         self.edges = dict(sorted(edges.items()))
         self.cloud = cloud
-        self.train_metrics_fn = train_metrics_fn
         self.price_latency = price_latency
         self.on_round = on_round
         self.require_training = require_training
         self.on_evaluate = on_evaluate
         self.node_edges = {n: e for e, edge in self.edges.items() for n in edge.nodes}
         self._sent: dict[int, ArrayRecord] = {}  # what this round's configure_train sent
-
-    def _order(self, reply: Message) -> tuple[int, float, int]:
-        node = reply.metadata.src_node_id
-        partition = reply_metrics(reply).get(PARTITION_ID, 0)
-        return (self.node_edges[node], float(partition), node)  # type: ignore[arg-type]
 
     def _by_edge(self, replies: Iterable[Message]) -> dict[int, list[Message]]:
         grouped: dict[int, list[Message]] = {e: [] for e in self.edges}
@@ -213,12 +200,14 @@ class CloudEdgeStrategy(Strategy):
         refused = sum(f["node"] == -1 for f in failures)
         metrics[FAILED_CLUSTERS] = len(failures) - refused
         metrics[FAILED_AGGREGATES] = refused
-        # The round's totals over every cluster, summed in a fixed order (edge, partition-id,
-        # node): float sums must not depend on which cluster answered first.
-        ok = sorted((r for r in replies if not r.has_error()), key=self._order)
+        # The round's totals over every cluster (each metric as the contract declares it),
+        # summed in a fixed order (edge, then each edge's: `reply_order`): float sums must not
+        # depend on which cluster answered first.
+        ok = [r for r in replies if not r.has_error()]
+        ok.sort(key=lambda r: (self.node_edges[r.metadata.src_node_id], reply_order(r)))
         ok_all = [r.content for r in ok]
-        if self.train_metrics_fn and ok_all:
-            metrics.update(self.train_metrics_fn(ok_all, NUM_EXAMPLES))
+        if ok_all:
+            metrics.update(aggregate_metrics(ok_all, NUM_EXAMPLES))
         if self.price_latency is not None and LATENCY in metrics:
             metrics[ROUND_LATENCY] = self.price_latency(server_round, metrics)
         if self.on_round is not None:

@@ -1,9 +1,10 @@
 """One edge server: its strategy over its own client clusters (paper Sec. III-B, edge-end).
 
 `EdgeServer` is a Flower strategy itself: the one-ServerApp hierarchy composes one per edge
-(`strategies/cloud_edge.py`), and a deployed edge process can run one alone with
-`EdgeServer.start`. It wraps the edge's pluggable strategy (any Message-API strategy; per-module
-FedAvg by default) and adds what the edge owns:
+(`strategies/cloud_edge.py`), a deployed edge process runs its own the same way (a
+`CloudEdgeStrategy` over that one edge: apps/edge_app.py), and the integrated service fine-tunes
+through it (`strategies/integrated.py`). It wraps the edge's pluggable strategy (any
+Message-API strategy; per-module FedAvg by default) and adds what the edge owns:
 
   * its nodes only: the wrapped strategy sees a `GridView` of the grid with the edge's nodes;
   * each node's cluster task, attached to every message it sends (`contract.ClusterTask`);
@@ -106,21 +107,17 @@ class GridView(Grid):
     ) -> Iterable[Message]:
         if self.max_in_flight == 0:
             return self.grid.send_and_receive(messages, timeout=timeout)
-        waiting = list(messages)
-        waiting.reverse()  # pop() from the end sends them in the caller's order
+        waiting = list(messages)  # sent in the caller's order
         deadline = None if timeout is None else time.monotonic() + timeout
         in_flight: set[str] = set()
         replies: list[Message] = []
         while waiting or in_flight:
-            got: list[Message] = []
-            room = self.max_in_flight - len(in_flight)
-            if room > 0 and waiting:
-                batch = [waiting.pop() for _ in range(min(room, len(waiting)))]
-                in_flight.update(self.grid.push_messages(batch))
-            if in_flight:
-                got = list(self.grid.pull_messages(in_flight))
-                replies += got
-                in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
+            if (room := self.max_in_flight - len(in_flight)) > 0 and waiting:
+                in_flight.update(self.grid.push_messages(waiting[:room]))
+                del waiting[:room]
+            got = list(self.grid.pull_messages(in_flight)) if in_flight else []
+            replies += got
+            in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
             if deadline is not None and time.monotonic() >= deadline:
                 break  # as Flower's: what has no reply by now gets none
             if in_flight and (not got or not waiting):

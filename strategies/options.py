@@ -192,20 +192,6 @@ FLOWER_OPTIONS: dict[str, tuple[tuple[type[Strategy], ...], Domain]] = {
 }
 
 
-def declares(strategy_cls: type[Strategy], name: str) -> bool:
-    """Whether `strategy_cls` takes `name`: its signature names it, or it passes ``**kwargs`` on
-    to the Flower class that declares it (a user's FedAvg subclass, say)."""
-    parameters = inspect.signature(strategy_cls).parameters
-    if name in parameters and parameters[name].kind not in (
-        inspect.Parameter.VAR_POSITIONAL,
-        inspect.Parameter.VAR_KEYWORD,
-    ):
-        return True
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    declared = FLOWER_OPTIONS.get(name)
-    return takes_any and declared is not None and issubclass(strategy_cls, declared[0])
-
-
 def domain(strategy_cls: type[Strategy], name: str) -> Domain:
     """The domain of option `name` of `strategy_cls` (see the module docstring)."""
     declared = FLOWER_OPTIONS.get(name)

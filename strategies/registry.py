@@ -2,8 +2,10 @@
 
 Every edge aggregates its clusters with a pluggable Message-API strategy
 (``flwr.serverapp.strategy.Strategy``): one of the names in `STRATEGIES`, or a user's own class
-given as ``"package.module:Class"``. `build_strategy` runs before any training and raises
-``ValueError`` for anything it cannot build, so a typo fails at start-up, not in round 1.
+given as ``"package.module:Class"``. `check_strategy` runs once, before any training, and
+raises ``ValueError`` for anything it cannot build, so a typo fails at start-up, not in round 1;
+its `EdgeStrategy` then gives each edge its own instance, sized to the edge's clusters
+(`EdgeStrategy.build`: only the counts are checked there, against them).
 
 The default, ``"module-fedavg"``, is the paper's per-module FedAvg (`ModuleFedAvg`).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO
 
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -36,9 +39,24 @@ from flwr.serverapp.strategy import (
 
 from gaisnet_flwr.config import unknown_names
 from gaisnet_flwr.contract import PARTITION_ID, TRAIN_LOSS, aggregate_metrics, reply_metrics
-from strategies.options import OptionValue, check_clusters, check_options, declares, domain
+from strategies.options import (
+    FLOWER_OPTIONS,
+    OptionValue,
+    check_clusters,
+    check_options,
+    domain,
+)
 
-__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "ModuleFedAvg", "build_strategy", "resolve_strategy"]
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "STRATEGIES",
+    "EdgeStrategy",
+    "ModuleFedAvg",
+    "UnknownStrategyError",
+    "build_strategy",
+    "check_strategy",
+    "resolve_strategy",
+]
 
 
 class ModuleFedAvg(FedAvg):
@@ -56,7 +74,7 @@ class ModuleFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ordered = sorted(replies, key=_reply_order)
+        ordered = sorted(replies, key=reply_order)
         for msg in ordered:  # FedAvg checks this too, without saying which reply
             if not msg.has_error() and (n := len(msg.content.array_records)) != 1:
                 raise InconsistentMessageReplies(
@@ -70,8 +88,9 @@ class ModuleFedAvg(FedAvg):
         log(INFO, "\t└──> ModuleFedAvg: per-module FedAvg, replies in (partition-id, node) order")
 
 
-def _reply_order(msg: Message) -> tuple[int, float, int]:
-    """Error replies first (FedAvg skips them), then by partition-id, then by node id."""
+def reply_order(msg: Message) -> tuple[int, float, int]:
+    """The fixed order of a round's replies, whichever answered first: error replies first
+    (FedAvg skips them), then by partition-id, then by node id."""
     node = msg.metadata.src_node_id
     if msg.has_error():
         return (0, 0.0, node)
@@ -105,6 +124,11 @@ _DOTTED_PATH_HELP = (
 )
 
 
+class UnknownStrategyError(ValueError):
+    """`resolve_strategy` found no strategy by that name or dotted path (the run-config's
+    `strategy` is wrong, not its options)."""
+
+
 def resolve_strategy(name: str) -> type[Strategy]:
     """Return the strategy class for a registry name or a ``package.module:Class`` path.
 
@@ -113,7 +137,7 @@ def resolve_strategy(name: str) -> type[Strategy]:
 
     Raises
     ------
-    ValueError
+    UnknownStrategyError (a ValueError)
         Unknown name (the message lists the valid names), or a dotted path that does not
         import, has no such attribute, or is not a concrete Message-API ``Strategy`` class.
     """
@@ -121,10 +145,123 @@ def resolve_strategy(name: str) -> type[Strategy]:
         return _import_strategy(name)
     strategy = STRATEGIES.get(name.strip().lower())
     if strategy is None:
-        raise ValueError(
+        raise UnknownStrategyError(
             f"Unknown strategy {name!r}. Valid names: {', '.join(STRATEGIES)}; {_DOTTED_PATH_HELP}."
         )
     return strategy
+
+
+@dataclass(frozen=True)
+class EdgeStrategy:
+    """A strategy checked once (`check_strategy`): its class and every keyword argument but the
+    cluster counts, which `build` sizes to each edge's clusters."""
+
+    name: str  # as the run-config gives it, for the messages
+    cls: type[Strategy]
+    kwargs: Mapping[str, object]  # the contract's, the sampling's and the options, checked
+    sized: tuple[str, ...]  # the class's arguments that are the edge's clusters (`SIZED`)
+
+    def build(self, num_clusters: int | None) -> Strategy:
+        """The strategy of an edge with `num_clusters` clusters (>= 1), its counts checked
+        against them (`check_clusters`); None: the clusters are not known yet (the counts are
+        not checked, and the class builds with `UNKNOWN_CLUSTERS`: its own checks run)."""
+        if num_clusters is not None and (
+            isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1
+        ):
+            raise ValueError(f"num_clusters must be an int >= 1, got {num_clusters!r}")
+        kwargs = {**dict.fromkeys(self.sized, num_clusters or UNKNOWN_CLUSTERS), **self.kwargs}
+        if num_clusters is not None:
+            check_clusters(self.cls, kwargs, num_clusters)
+        try:
+            return self.cls(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"Could not build strategy {self.name!r}: {err}") from err
+
+
+# Sampling arguments of Flower's FedAvg family that are the edge's clusters: every cluster
+# trains every round, and the edge waits for all of them.
+SIZED = ("min_train_nodes", "min_available_nodes")
+# Clusters assumed while the edge's clusters are not known (the run-config's check, before any
+# node is): the counts are checked once they are known.
+UNKNOWN_CLUSTERS = 1000
+
+
+def check_strategy(
+    name: str, *, fraction_evaluate: float, options: Mapping[str, OptionValue] | None = None
+) -> EdgeStrategy:
+    """The strategy `name` with its options checked, before any work; `EdgeStrategy.build`
+    then gives each edge its own.
+
+    Arguments are passed only when the class takes them (it names them, or passes its
+    ``**kwargs`` on to the Flower class that declares them):
+    ``fraction_train=1.0`` (every cluster trains every round), `fraction_evaluate`,
+    ``min_evaluate_nodes`` = 1 (0 when `fraction_evaluate` is 0), the counts in `SIZED` = the
+    edge's clusters, and what the message contract fixes: the metrics aggregation
+    (`contract.aggregate_metrics`) and QFedAvg's loss key. Flower's defaults (2 nodes) would
+    wait forever with a single cluster.
+
+    Parameters
+    ----------
+    name : str
+        A key of `STRATEGIES` or ``"package.module:Class"`` (see `resolve_strategy`).
+    fraction_evaluate : float
+        Fraction of clusters sampled for federated evaluation, in [0, 1].
+    options : Mapping[str, OptionValue] | None
+        Extra keyword arguments for the class, e.g. ``{"proximal_mu": 0.1}`` for FedProx,
+        ``{"eta": 0.01}`` for FedAdam, ``{"client_learning_rate": 0.1}`` (required) for
+        QFedAvg; each checked against its domain (`strategies/options.py`). Options override
+        the arguments above.
+
+    Raises
+    ------
+    ValueError
+        A bad `fraction_evaluate`, an unknown strategy (`UnknownStrategyError`), an option the
+        class does not accept (the message lists the accepted ones), an option outside its
+        domain (`ConfigError`, naming it and what is valid), or a required argument that is
+        neither given above nor in `options`.
+    """
+    if not 0.0 <= fraction_evaluate <= 1.0:
+        raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
+    strategy_cls = resolve_strategy(name)
+
+    parameters = inspect.signature(strategy_cls).parameters
+    named = [
+        n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+    def takes(arg: str) -> bool:
+        """Named by the class, or passed on through its ``**kwargs`` to the Flower class that
+        declares it (a user's FedAvg subclass, say)."""
+        owners = FLOWER_OPTIONS[arg][0] if arg in FLOWER_OPTIONS else ()
+        return arg in named or (takes_any_keyword and issubclass(strategy_cls, owners))
+
+    options = dict(options or {})
+    unknown = sorted(option for option in options if option not in named)
+    if unknown and not takes_any_keyword:
+        settable = [n for n in named if domain(strategy_cls, n).settable]
+        raise ValueError(
+            f"Strategy {name!r} ({strategy_cls.__qualname__}): "
+            f"{unknown_names('option', unknown, settable)}"
+        )
+    kwargs = {k: v for k, v in _common_kwargs(fraction_evaluate).items() if takes(k)}
+    kwargs.update(check_options(strategy_cls, options))
+    sized = tuple(k for k in SIZED if k not in kwargs and takes(k))
+
+    missing = [
+        n
+        for n, p in parameters.items()
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and n not in kwargs
+        and n not in sized
+    ]
+    if missing:
+        raise ValueError(
+            f"Strategy {name!r} ({strategy_cls.__qualname__}) requires {', '.join(missing)}; "
+            "pass them as strategy options."
+        )
+    return EdgeStrategy(name, strategy_cls, kwargs, sized)
 
 
 def build_strategy(
@@ -134,107 +271,20 @@ def build_strategy(
     fraction_evaluate: float,
     options: Mapping[str, OptionValue] | None = None,
 ) -> Strategy:
-    """Build the strategy `name` for an edge with `num_clusters` clusters (Flower nodes), or
-    for an edge whose clusters are not known yet (None: every option checked but the counts).
-
-    Common arguments are passed only when the class's ``__init__`` names them:
-    ``fraction_train=1.0`` (every cluster trains every round), `fraction_evaluate`,
-    ``min_train_nodes=num_clusters``, ``min_available_nodes=num_clusters`` and
-    ``min_evaluate_nodes`` = 1 (0 when `fraction_evaluate` is 0), and what the message contract
-    fixes: the metrics aggregation (`contract.aggregate_metrics`) and QFedAvg's loss key.
-    Flower's defaults (2 nodes) would wait forever with a single cluster.
-
-    Parameters
-    ----------
-    name : str
-        A key of `STRATEGIES` or ``"package.module:Class"`` (see `resolve_strategy`).
-    num_clusters : int | None
-        Clusters (Flower nodes) the strategy aggregates; >= 1, or None while not known.
-    fraction_evaluate : float
-        Fraction of clusters sampled for federated evaluation, in [0, 1].
-    options : Mapping[str, OptionValue] | None
-        Extra keyword arguments for the class, e.g. ``{"proximal_mu": 0.1}`` for FedProx,
-        ``{"eta": 0.01}`` for FedAdam, ``{"client_learning_rate": 0.1}`` (required) for
-        QFedAvg; each checked against its domain (`strategies/options.py`). Options override
-        the common arguments above.
-
-    Raises
-    ------
-    ValueError
-        Bad `num_clusters` / `fraction_evaluate`, an unknown strategy, an option the class
-        does not accept (the message lists the accepted ones), an option outside its domain
-        (`ConfigError`, naming it and what is valid), a required argument that is neither
-        common nor in `options`, counts the edge's clusters cannot meet, or the class
-        rejecting its arguments.
-    """
-    known = num_clusters is not None
-    if known and (
-        isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1
-    ):
-        raise ValueError(f"num_clusters must be an int >= 1, got {num_clusters!r}")
-    if not 0.0 <= fraction_evaluate <= 1.0:
-        raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
-    strategy_cls = resolve_strategy(name)
-
-    parameters = inspect.signature(strategy_cls).parameters
-    by_keyword = {
-        param_name: param
-        for param_name, param in parameters.items()
-        if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-    }
-    takes_any_keyword = any(param.kind is param.VAR_KEYWORD for param in parameters.values())
-
-    options = dict(options or {})
-    unknown = sorted(option for option in options if option not in by_keyword)
-    if unknown and not takes_any_keyword:
-        settable = [n for n in by_keyword if domain(strategy_cls, n).settable]
-        raise ValueError(
-            f"Strategy {name!r} ({strategy_cls.__qualname__}): "
-            f"{unknown_names('option', unknown, settable)}"
-        )
-    checked = check_options(strategy_cls, options)
-
-    sized = num_clusters if num_clusters is not None else UNKNOWN_CLUSTERS
-    common = _common_kwargs(sized, fraction_evaluate)
-    kwargs: dict[str, object] = {k: v for k, v in common.items() if declares(strategy_cls, k)}
-    kwargs.update(checked)
-
-    missing = [
-        param_name
-        for param_name, param in parameters.items()
-        if param.default is param.empty
-        and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
-        and param_name not in kwargs
-    ]
-    if missing:
-        raise ValueError(
-            f"Strategy {name!r} ({strategy_cls.__qualname__}) requires {', '.join(missing)}; "
-            "pass them as strategy options."
-        )
-    if num_clusters is not None:
-        check_clusters(strategy_cls, kwargs, num_clusters)
-
-    try:
-        return strategy_cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"Could not build strategy {name!r}: {err}") from err
+    """`check_strategy` and `EdgeStrategy.build` in one: the strategy `name` for an edge with
+    `num_clusters` clusters (None: not known yet, every option checked but the counts)."""
+    checked = check_strategy(name, fraction_evaluate=fraction_evaluate, options=options)
+    return checked.build(num_clusters)
 
 
-# Clusters assumed while the edge's clusters are not known (the run-config's check, before any
-# node is): the counts are checked once they are known.
-UNKNOWN_CLUSTERS = 1000
-
-
-def _common_kwargs(num_clusters: int, fraction_evaluate: float) -> dict[str, object]:
-    """Sampling arguments of Flower's FedAvg family, sized to `num_clusters`, and what the
-    message contract fixes."""
+def _common_kwargs(fraction_evaluate: float) -> dict[str, object]:
+    """Sampling arguments of Flower's FedAvg family but the edge's clusters (`SIZED`), and what
+    the message contract fixes."""
     return {
         "fraction_train": 1.0,
         "fraction_evaluate": fraction_evaluate,
-        "min_train_nodes": num_clusters,
         # FedAvg samples max(int(fraction * N), min_evaluate_nodes): at least one cluster.
         "min_evaluate_nodes": 1 if fraction_evaluate > 0 else 0,
-        "min_available_nodes": num_clusters,
         # counters add up, latencies take the slowest cluster (contract.METRICS)
         "train_metrics_aggr_fn": aggregate_metrics,
         "train_loss_key": TRAIN_LOSS,  # QFedAvg's default, "train_loss", is in no reply
@@ -245,31 +295,33 @@ def _import_strategy(path: str) -> type[Strategy]:
     """Import ``package.module:Class`` and check it is a concrete Message-API strategy."""
     module_name, _, attribute = path.strip().partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"Strategy path {path!r} must have the form 'package.module:Class'.")
+        raise UnknownStrategyError(
+            f"Strategy path {path!r} must have the form 'package.module:Class'."
+        )
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # any failure while importing user code
-        raise ValueError(
+        raise UnknownStrategyError(
             f"Strategy path {path!r}: cannot import module {module_name!r}: {err}"
         ) from err
 
     target: object = module
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise ValueError(
+            raise UnknownStrategyError(
                 f"Strategy path {path!r}: module {module_name!r} has no attribute {attribute!r}."
             )
         target = getattr(target, part)
 
     if not (inspect.isclass(target) and issubclass(target, Strategy)):
-        raise ValueError(
+        raise UnknownStrategyError(
             f"Strategy path {path!r} is {target!r}, not a subclass of "
             "flwr.serverapp.strategy.Strategy (legacy flwr.server.strategy classes use the "
             "old Ins/Res API and are not supported)."
         )
     if inspect.isabstract(target):
         abstract = ", ".join(sorted(getattr(target, "__abstractmethods__", ())))
-        raise ValueError(
+        raise UnknownStrategyError(
             f"Strategy path {path!r}: {target.__qualname__} is abstract; implement {abstract}."
         )
     return target

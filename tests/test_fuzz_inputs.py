@@ -50,7 +50,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from clients.split_client import ClusterData, EdgeDataKey
-from gaisnet_flwr.apps.server_app import build_edge_strategy
+from gaisnet_flwr.apps.server_app import build_edge_strategy, edge_strategy
 from gaisnet_flwr.cloud.foundation import CheckpointError, read_checkpoint, save_checkpoint
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.contract import TrainRequest
@@ -523,7 +523,7 @@ def test_fuzzing_strategy_options_ends_in_a_named_refusal_or_a_working_round(
         case = (strategy, text, clusters)
         try:
             cfg = RunConfig.from_run_config({"strategy": strategy, "strategy-options": text})
-            built = build_edge_strategy(cfg, clusters)
+            built = build_edge_strategy(cfg, edge_strategy(cfg), clusters)
         except ConfigError as err:
             message = str(err)
             assert message.startswith("strategy-options="), (case, message)

@@ -20,7 +20,7 @@ from gaisnet_flwr.apps.server_app import check_run_config
 from gaisnet_flwr.config import ConfigError
 from gaisnet_flwr.contract import TRAIN_LOSS
 from strategies.options import FLOWER_OPTIONS, check_options, domain, options_table
-from strategies.registry import STRATEGIES, build_strategy
+from strategies.registry import STRATEGIES, build_strategy, check_strategy
 from tests.conftest import make_reply
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +202,27 @@ def test_counts_the_edges_clusters_cannot_meet_are_refused(
     # the same options pass while the clusters are not known, and with enough of them
     build_strategy(strategy, num_clusters=None, fraction_evaluate=1.0, options=options)
     build_strategy(strategy, num_clusters=64, fraction_evaluate=1.0, options=options)
+
+
+def test_one_check_serves_every_edge_which_gets_its_own_instance_sized_to_its_clusters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`check_strategy` checks the options once; `EdgeStrategy.build` only sizes the strategy
+    to an edge's clusters and checks the counts against them."""
+    import strategies.registry as registry
+
+    checked = check_strategy("fedprox", fraction_evaluate=1.0, options={"proximal_mu": 1})
+    fixed = check_strategy("fedavg", fraction_evaluate=1.0, options={"min_train_nodes": 3})
+    rechecked: list[object] = []
+    monkeypatch.setattr(registry, "check_options", lambda *args: rechecked.append(args))
+    two, three = checked.build(2), checked.build(3)
+    assert isinstance(two, FedProx) and isinstance(three, FedProx) and two is not three
+    assert (two.min_train_nodes, two.min_available_nodes, two.proximal_mu) == (2, 2, 1.0)
+    assert (three.min_train_nodes, three.min_available_nodes) == (3, 3)
+    assert fixed.build(4).min_train_nodes == 3  # an option is not the edge's size
+    with pytest.raises(ConfigError, match=re.escape("min_train_nodes=3 is more than the edge's 2")):
+        fixed.build(2)
+    assert not rechecked
 
 
 def test_counts_are_checked_once_the_nodes_are_known_before_any_training(

@@ -56,49 +56,59 @@ from strategies.cloud_edge import Cloud, CloudEdgeStrategy
 from strategies.edge import EdgeServer, GridView
 from strategies.integrated import IntegratedStrategy
 from strategies.options import unknown_ranges
-from strategies.registry import build_strategy, resolve_strategy
+from strategies.registry import EdgeStrategy, UnknownStrategyError, check_strategy
 from strategies.serving import ServeRequests
 
 
 # -- the boundary -------------------------------------------------------------------------------
 def check_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Derived]:
     """The ServerApp's boundary: every key (`RunConfig.from_run_config`), the environment and
-    what derives from it (`derived.derive`), and the edge strategy built once with its options
-    checked (their counts against the clusters once the nodes are known). Before any data is
-    read or model trained."""
+    what derives from it (`derived.derive`), and the edge strategy's options checked and the
+    strategy built once (their counts against the clusters once the nodes are known). Before
+    any data is read or model trained."""
     cfg = RunConfig.from_run_config(run_config)
     derived = derive(cfg)
-    build_edge_strategy(cfg, None)
-    strategy_cls = resolve_strategy(cfg.hierarchy.strategy)
-    for note in unknown_ranges(strategy_cls, dict(cfg.hierarchy.strategy_options)):
+    strategy = edge_strategy(cfg)
+    build_edge_strategy(cfg, strategy, None)  # the class's own checks of its arguments
+    for note in unknown_ranges(strategy.cls, dict(cfg.hierarchy.strategy_options)):
         log(INFO, "strategy option %s", note)  # what cannot be checked here, stated once
     if cfg.cloud.foundation == "timm":  # offline: seconds, not a minute of download retries
         check_timm_weights(cfg.model.model_name)
     return cfg, derived
 
 
-def build_edge_strategy(cfg: RunConfig, num_clusters: int | None) -> Strategy:
-    """One edge's strategy (`num_clusters` None: not known yet); a strategy or options it
-    cannot build -> ConfigError naming the key (strategy, or strategy-options), the value and
-    the reason."""
+def edge_strategy(cfg: RunConfig) -> EdgeStrategy:
+    """The edges' strategy with its options checked (`check_strategy`); a strategy or options
+    it cannot build -> ConfigError naming the key (strategy, or strategy-options), the value
+    and the reason."""
     h = cfg.hierarchy
     try:
-        resolve_strategy(h.strategy)
-    except ValueError as err:
-        raise ConfigError(f"strategy={h.strategy!r}: {err}") from err
-    try:
-        return build_strategy(
-            h.strategy,
-            num_clusters=num_clusters,
-            fraction_evaluate=h.fraction_evaluate,
-            options=dict(h.strategy_options),
+        return check_strategy(
+            h.strategy, fraction_evaluate=h.fraction_evaluate, options=dict(h.strategy_options)
         )
+    except UnknownStrategyError as err:
+        raise ConfigError(f"strategy={h.strategy!r}: {err}") from err
     except ValueError as err:
-        given = cfg.to_dict()["strategy-options"]  # as the user wrote it (an error path only)
-        clusters = "" if num_clusters is None else f", {num_clusters} cluster(s) per edge"
-        raise ConfigError(
-            f"strategy-options={given!r} (strategy={h.strategy!r}{clusters}): {err}"
-        ) from err
+        raise _options_error(cfg, None, err) from err
+
+
+def build_edge_strategy(
+    cfg: RunConfig, strategy: EdgeStrategy, num_clusters: int | None
+) -> Strategy:
+    """One edge's instance of the checked `strategy` (`num_clusters` None: not known yet); counts
+    its clusters cannot meet -> ConfigError as `edge_strategy`'s."""
+    try:
+        return strategy.build(num_clusters)
+    except ValueError as err:
+        raise _options_error(cfg, num_clusters, err) from err
+
+
+def _options_error(cfg: RunConfig, num_clusters: int | None, err: ValueError) -> ConfigError:
+    given = cfg.to_dict()["strategy-options"]  # as the user wrote it (an error path only)
+    clusters = "" if num_clusters is None else f", {num_clusters} cluster(s) per edge"
+    return ConfigError(
+        f"strategy-options={given!r} (strategy={cfg.hierarchy.strategy!r}{clusters}): {err}"
+    )
 
 
 # -- the nodes and their tasks ------------------------------------------------------------------
@@ -373,7 +383,6 @@ class HfslRun:
         return CloudEdgeStrategy(
             edges,
             cloud,
-            c.aggregate_metrics,
             round_latency,
             recorder.train_round,
             require_training,
@@ -514,7 +523,10 @@ def form_clusters(
             f"edge(s) {empty} have no client cluster ({len(tasks)} node(s) for "
             f"{len(domains)} edge-domains)"
         )
-    servers = {e: EdgeServer(e, build_edge_strategy(cfg, len(t)), t) for e, t in per_edge.items()}
+    strategy = edge_strategy(cfg)
+    servers = {
+        e: EdgeServer(e, build_edge_strategy(cfg, strategy, len(t)), t) for e, t in per_edge.items()
+    }
     check_cluster_data(derived, edges, per_edge)
     return Clusters(tasks, population, per_edge, servers)
 
