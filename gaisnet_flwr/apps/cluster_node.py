@@ -39,9 +39,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 
-from clients.inference import InferenceRequestError
 from clients.split_client import ClusterData, EdgeDataKey, SplitClusterClient, TrainPool
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.cloud.foundation import Foundation
@@ -55,74 +54,88 @@ from gaisnet_flwr.data.images import (
     partition_indices,
 )
 from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
+from gaisnet_flwr.deploy.shipping import sidecar
 from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.training.loops import NonFiniteError
 from gaisnet_flwr.vit.model import PromptedViT
 
 
 @functools.lru_cache(maxsize=8)
-def run_config_of(items: tuple[tuple[str, Any], ...]) -> tuple[RunConfig, DataSpec]:
+def run_config_of(items: tuple[tuple[str, Any], ...]) -> tuple[RunConfig, DataSpec, Foundation]:
     """Parse a run-config once per process, not once per message: keyed by every key and
     value, so another run's config never gets this one's."""
     cfg = RunConfig.from_run_config(dict(items))
-    return cfg, data_spec(cfg)
+    return cfg, data_spec(cfg), Foundation.of(cfg)
+
+
+# What a failure costs: this cluster's reply, an error with the reason (no traceback per
+# message); the node serves on. The ServerApp checks what it can know before round 1
+# (data/capacity.py); a dead or slow peer, or a loss or module gone NaN / inf, costs only this
+# cluster's contribution to the round.
+WORK_ERRORS: tuple[tuple[type[Exception], int], ...] = (
+    (DataError, c.CLUSTER_DATA),  # a setting this cluster's data cannot meet
+    (PeerError, c.PEER_FAILURE),
+    (NonFiniteError, c.NON_FINITE),
+)
+# An inference request that cannot be served (malformed, or asks what this node cannot give)
+# costs only itself.
+INFER_ERRORS: tuple[tuple[type[Exception], int], ...] = (
+    (ValueError, c.INFERENCE_REQUEST_ERROR),  # InferenceRequestError and DataError among them
+    (PeerError, c.PEER_FAILURE),
+)
 
 
 class ClusterNode:
-    """The handlers of one ClientApp; `fallback_config` serves `run_simulation`, which passes
-    no run-config; `cache` defaults to the process's (`PROCESS_CACHE` says why)."""
+    """The work of one ClientApp: train, evaluate and infer each read their request, build the
+    cluster's client (`client`: its data and model from `cache`) and reply (`reply`).
+    `cache` defaults to the process's (`PROCESS_CACHE` says why)."""
 
-    def __init__(
-        self, fallback_config: Mapping[str, Any] | None = None, cache: ClientCache | None = None
-    ) -> None:
-        self.fallback_config = fallback_config
+    def __init__(self, cache: ClientCache | None = None) -> None:
         self.cache = cache if cache is not None else PROCESS_CACHE
 
-    def client(self, context: Context, task: ClusterTask) -> SplitClusterClient:
-        given = context.run_config or self.fallback_config or {}
-        node_config = dict(context.node_config)
-        if "foundation-dir" in node_config:  # this device's own folder: shipped there
-            given = {**given, "foundation-dir": node_config["foundation-dir"]}
-        cfg, spec = run_config_of(tuple(sorted(given.items())))
+    def client(
+        self, context: Context, run_config: Mapping[str, Any], task: ClusterTask
+    ) -> SplitClusterClient:
+        """The cluster `task` names, on this node: its data and the edge model from the cache,
+        the D2D peers from node-config (a lab deployment) or in process."""
+        cfg, spec, foundation = run_config_of(tuple(sorted(run_config.items())))
+        node_config = context.node_config
         pool = TrainPool.from_node_config(node_config)
         data = self.cache.cluster_data(spec, task, cfg.data.cluster_samples, pool)
-        model = self.cache.model(Foundation.of(cfg), data.data.num_classes)
+        model = self.cache.model(foundation, data.data.num_classes)
         peers = PeerSettings.from_node_config(node_config) if _has_peers(node_config) else None
         return SplitClusterClient(cfg, task, data, model, peers)
 
-    def train(self, msg: Message, context: Context) -> Message:
-        request = TrainRequest.from_message(msg)
-        try:
-            content = self.client(context, request.task).train(request)
-        except DataError as err:
-            # A setting this cluster's data cannot meet: the reason, without a traceback per
-            # message (the ServerApp checks what it can know before round 1: data/capacity.py).
-            return Message(Error(code=c.CLUSTER_DATA, reason=str(err)), reply_to=msg)
-        except PeerError as err:
-            # A dead or slow peer costs this cluster's contribution to the round, nothing more.
-            return Message(Error(code=c.PEER_FAILURE, reason=str(err)), reply_to=msg)
-        except NonFiniteError as err:  # so does a loss or module gone NaN / inf
-            return Message(Error(code=c.NON_FINITE, reason=str(err)), reply_to=msg)
-        return Message(content=content, reply_to=msg)
+    def train(self, msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+        request = TrainRequest.from_message(msg)  # a malformed message raises: Flower replies
+        return reply(
+            msg, lambda: self.client(context, run_config, request.task).train(request), WORK_ERRORS
+        )
 
-    def evaluate(self, msg: Message, context: Context) -> Message:
-        try:
-            client = self.client(context, c.task_of(msg.content))
-        except DataError as err:
-            return Message(Error(code=c.CLUSTER_DATA, reason=str(err)), reply_to=msg)
-        return Message(content=client.evaluate(msg.content.array_records[c.ARRAYS]), reply_to=msg)
+    def evaluate(self, msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+        task, arrays = c.task_of(msg.content), msg.content.array_records[c.ARRAYS]
+        return reply(
+            msg, lambda: self.client(context, run_config, task).evaluate(arrays), WORK_ERRORS
+        )
 
-    def infer(self, msg: Message, context: Context) -> Message:
-        try:
-            request = InferRequest.from_message(msg)
-            content = self.client(context, request.task).infer(request)
-            return Message(content=content, reply_to=msg)
-        except (InferenceRequestError, ValueError) as err:
-            # A bad request costs only itself: a clear error reply, the node serves on.
-            reason = str(err)
-            return Message(Error(code=c.INFERENCE_REQUEST_ERROR, reason=reason), reply_to=msg)
-        except PeerError as err:
-            return Message(Error(code=c.PEER_FAILURE, reason=str(err)), reply_to=msg)
+    def infer(self, msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+        def work() -> RecordDict:
+            request = InferRequest.from_message(msg)  # a malformed request: its error reply
+            return self.client(context, run_config, request.task).infer(request)
+
+        return reply(msg, work, INFER_ERRORS)
+
+
+def reply(
+    msg: Message, work: Callable[[], RecordDict], errors: tuple[tuple[type[Exception], int], ...]
+) -> Message:
+    """The reply to `msg`: what `work` returns, or the error of the first of `errors` it
+    raised (its code, its reason); any other exception is Flower's to report."""
+    try:
+        return Message(content=work(), reply_to=msg)
+    except tuple(kind for kind, _ in errors) as err:
+        code = next(code for kind, code in errors if isinstance(err, kind))
+        return Message(Error(code=code, reason=str(err)), reply_to=msg)
 
 
 def _has_peers(node_config: Mapping[str, Any]) -> bool:
@@ -201,13 +214,10 @@ class ClientCache:
         self, spec: DataSpec, task: ClusterTask, cluster_samples: int, pool: TrainPool | None
     ) -> ClusterData:
         key = EdgeDataKey.of(spec, task, pool)
-        stamp = source_stamp(key.spec)
-
-        def load() -> ImageData:
-            return load_image_data(key.spec)
+        stamp = source_stamp(spec)
 
         def new_edge() -> _Edge:
-            data = key.build(self.datasets.get((key.spec, stamp), load))
+            data = key.build(self.datasets.get((spec, stamp), lambda: load_image_data(spec)))
             return _Edge(data, Lru(4), Lru(self.max_clusters))
 
         edge = self.edges.get((key, stamp), new_edge)
@@ -215,7 +225,7 @@ class ClientCache:
 
         def split() -> list[np.ndarray]:
             return edge.partitions.get(
-                n, lambda: partition_indices(edge.data.train_labels, n, key.spec)
+                n, lambda: partition_indices(edge.data.train_labels, n, spec)
             )
 
         def build() -> ClusterData:
@@ -236,9 +246,7 @@ class ClientCache:
             model = foundation.load(num_classes)
             return _Model(model, torch.get_rng_state())
 
-        entry = self.models.get(
-            (foundation, num_classes, foundation_stamp(foundation, num_classes)), build
-        )
+        entry = self.models.get((foundation, num_classes, foundation_stamp(foundation)), build)
         torch.set_rng_state(entry.rng_state)
         return entry.model
 
@@ -271,19 +279,18 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def foundation_stamp(foundation: Foundation, num_classes: int) -> tuple[object, ...]:
+def foundation_stamp(foundation: Foundation) -> tuple[object, ...]:
     """What changes when the foundation's weights file changes: a checkpoint's path, its stat
     and its recorded SHA-256 (a 64-byte read); a weights file's path and stat; nothing for
     timm's named weights or a seeded random backbone."""
     cloud = foundation.cloud
     if cloud.foundation == "cloud":
         path = foundation.checkpoint_path()
-        sidecar = path.with_name(path.name + ".sha256")
         try:
-            recorded = sidecar.read_text(encoding="ascii").strip()
+            recorded = sidecar(path).read_text(encoding="ascii").strip()
         except (OSError, UnicodeDecodeError):
             recorded = None
-        return (str(path), _stat(path), recorded, _stat(sidecar))
+        return (str(path), _stat(path), recorded, _stat(sidecar(path)))
     if cloud.foundation == "file":
         path = Path(cloud.checkpoint_path).expanduser()
         return (str(path), _stat(path))
