@@ -151,12 +151,18 @@ class ClusterData:
 
 
 def round_metrics(
-    task: ClusterTask, result: TrainResult, cfg: RunConfig, upload_bytes: int, download_bytes: int
+    task: ClusterTask,
+    result: TrainResult,
+    cfg: RunConfig,
+    upload: ArrayRecord,
+    download: ArrayRecord,
 ) -> dict[str, float | int]:
-    """The paper's metrics (Sec. III-C.2) of one cluster's round, `contract.METRICS` declares
-    how each aggregates: the cost model's price of the round, from the plan's FLOPs and the
-    bytes the chain actually moved (latency, energy per node, memory per node; sensing,
-    compute and D2D side by side), and what the chain did."""
+    """The paper's metrics (Sec. III-C.2) of one cluster's round (`upload`: the modules it
+    replies, `download`: those it received), `contract.METRICS` declares how each aggregates:
+    the cost model's price of the round, from the plan's FLOPs and the bytes the chain
+    actually moved (latency, energy per node, memory per node; sensing, compute and D2D side
+    by side), and what the chain did."""
+    upload_bytes = upload.count_bytes()
     cost = fine_tuning_round_cost(
         task.profile,
         [SegmentFlops(*f) for f in task.flops],
@@ -164,7 +170,7 @@ def round_metrics(
         result.chain.hop_bytes_backward,
         samples=result.num_examples * cfg.training.local_epochs,
         upload_bytes=upload_bytes,
-        download_bytes=download_bytes,
+        download_bytes=download.count_bytes(),
         sensed_samples=result.num_examples,  # each training sample captured once a round
     )
     per_node: dict[str, float | int] = {}
@@ -271,13 +277,7 @@ class SplitClusterClient:
             precision=self.precision,
         )
         upload = ArrayRecord(self._trained_modules())
-        metrics = round_metrics(
-            task,
-            result,
-            self.cfg,
-            upload_bytes=upload.count_bytes(),
-            download_bytes=request.arrays.count_bytes(),
-        )
+        metrics = round_metrics(task, result, self.cfg, upload, request.arrays)
         metrics[c.TRAIN_TIME] = time.perf_counter() - started
         return c.reply_content(upload, metrics)
 
