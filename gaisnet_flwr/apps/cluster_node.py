@@ -54,7 +54,7 @@ from gaisnet_flwr.data.images import (
     partition_indices,
 )
 from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
-from gaisnet_flwr.deploy.shipping import sidecar
+from gaisnet_flwr.deploy.shipping import recorded_sha256, sidecar
 from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.training.loops import NonFiniteError
 from gaisnet_flwr.vit.model import PromptedViT
@@ -271,44 +271,41 @@ class ClientCache:
         }
 
 
-def _stat(path: Path) -> tuple[int, int, int] | None:
+def file_stamp(path: Path) -> tuple[object, ...]:
+    """A file or folder with its size, mtime and inode (None when it cannot be read): what
+    rewriting or replacing it changes, and for a folder adding or removing an entry."""
     try:
         st = path.stat()
     except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+        return (str(path), None)
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def foundation_stamp(foundation: Foundation) -> tuple[object, ...]:
-    """What changes when the foundation's weights file changes: a checkpoint's path, its stat
-    and its recorded SHA-256 (a 64-byte read); a weights file's path and stat; nothing for
-    timm's named weights or a seeded random backbone."""
+    """What changes when the foundation's weights file changes: a checkpoint, its sidecar and
+    the SHA-256 the sidecar records (a 64-byte read, true whatever the file system's clock);
+    a weights file; nothing for timm's named weights or a seeded random backbone."""
     cloud = foundation.cloud
     if cloud.foundation == "cloud":
         path = foundation.checkpoint_path()
-        try:
-            recorded = sidecar(path).read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError):
-            recorded = None
-        return (str(path), _stat(path), recorded, _stat(sidecar(path)))
+        return (*file_stamp(path), *file_stamp(sidecar(path)), recorded_sha256(path))
     if cloud.foundation == "file":
-        path = Path(cloud.checkpoint_path).expanduser()
-        return (str(path), _stat(path))
+        return file_stamp(Path(cloud.checkpoint_path).expanduser())
     return ()
 
 
 def source_stamp(spec: DataSpec) -> tuple[object, ...]:
     """What changes when the files behind `spec` change: nothing for the embedded digits; the
-    folder's and its sub-folders' mtimes for an image folder or Flowers102 (a file added or
-    removed changes its folder's mtime)."""
+    folder and its sub-folders for an image folder or Flowers102 (a file added or removed
+    changes its folder's mtime)."""
     if spec.dataset == "digits" or not spec.data_dir:
         return ()
     root = Path(spec.data_dir)
     try:
-        subdirs = sorted(e.path for e in os.scandir(root) if e.is_dir())
+        subdirs = sorted(Path(e.path) for e in os.scandir(root) if e.is_dir())
     except OSError:
-        return (str(root), None)
-    return (str(root), _stat(root), *((p, _stat(Path(p))) for p in subdirs))
+        subdirs = []
+    return tuple(file_stamp(p) for p in (root, *subdirs))
 
 
 # One per process. Flower's simulation engine pickles the ClientApp with every message it hands
