@@ -27,7 +27,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -38,23 +38,10 @@ from gaisnet_flwr.deploy.shipping import ShippingError, foundation_folder, held
 
 WORK = "gaisnet_flwr.apps.cluster_node"  # what train, evaluate and infer need (torch, timm)
 
-if TYPE_CHECKING:
-    from gaisnet_flwr.apps.cluster_node import ClientCache, ClusterNode
 
-
-def create_client_app(
-    fallback_config: Mapping[str, Any] | None = None, cache: ClientCache | None = None
-) -> ClientApp:
-    """A ClientApp; `fallback_config` serves `run_simulation`, which passes no run-config.
-    `cache`: what it keeps between messages (by default the process's: `apps/cluster_node.py`
-    says why not the app's)."""
+def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; `fallback_config` serves `run_simulation`, which passes no run-config."""
     client = ClientApp()
-    made: list[ClusterNode] = []
-
-    def node() -> ClusterNode:
-        if not made:  # the first message imports the work (torch, timm, the model code)
-            made.append(importlib.import_module(WORK).ClusterNode(cache))
-        return made[0]
 
     def handler(name: str) -> Callable[[Message, Context], Message]:
         def handle(msg: Message, context: Context) -> Message:
@@ -64,7 +51,9 @@ def create_client_app(
                 return getattr(relay, name)(msg, context)  # type: ignore[no-any-return]
             if name in LIGHT:  # answered without torch
                 return LIGHT[name](msg, context, run_config)
-            return getattr(node(), name)(msg, context, run_config)  # type: ignore[no-any-return]
+            # the first such message imports the work (torch, timm, the model code)
+            work = importlib.import_module(WORK)
+            return getattr(work, name)(msg, context, run_config)  # type: ignore[no-any-return]
 
         return handle
 

@@ -4,10 +4,12 @@
 instant (Flower's simulation engine loads it once in its own process before starting Ray, and
 every Ray actor loads it again) and it answers the identity query itself; this module, with
 torch, timm and the model code, is imported for the first message that needs it (in a Ray
-actor, in the background from the identity query on). It reads the run-config once per
-process, reads what each message brings (`contract`: the cluster's task, the modules) and hands
-the work to `clients.SplitClusterClient`, with the per-process cache of what does not change
-within a run.
+actor, in the background from the identity query on). Its handlers `train`, `evaluate` and
+`infer` take the message, its context and the node's run-config (`client_app.node_run_config`),
+as `apps/edge_relay.py`'s do for a cloud-facing node: each reads its request (`contract`: the
+cluster's task, the modules), takes the cluster's data and model from the per-process cache of
+what does not change within a run (the run-config itself parsed once per process), and hands
+the work to `clients.SplitClusterClient`.
 
 The cache (`ClientCache`). In simulation one Ray actor runs the ClientApp for message after
 message, of every node; each of these is built once per process and reused:
@@ -85,45 +87,41 @@ INFER_ERRORS: tuple[tuple[type[Exception], int], ...] = (
 )
 
 
-class ClusterNode:
-    """The work of one ClientApp: train, evaluate and infer each read their request, build the
-    cluster's client (`client`: its data and model from `cache`) and reply (`reply`).
-    `cache` defaults to the process's (`PROCESS_CACHE` says why)."""
+def cluster_client(
+    context: Context, run_config: Mapping[str, Any], task: ClusterTask
+) -> SplitClusterClient:
+    """The cluster `task` names, on this node: its data and the edge model from the process's
+    cache, the D2D peers from node-config (a lab deployment) or in process."""
+    cfg, spec, foundation = run_config_of(tuple(sorted(run_config.items())))
+    node_config = context.node_config
+    pool = TrainPool.from_node_config(node_config)
+    data = PROCESS_CACHE.cluster_data(spec, task, cfg.data.cluster_samples, pool)
+    model = PROCESS_CACHE.model(foundation, data.data.num_classes)
+    peers = PeerSettings.from_node_config(node_config) if _has_peers(node_config) else None
+    return SplitClusterClient(cfg, task, data, model, peers)
 
-    def __init__(self, cache: ClientCache | None = None) -> None:
-        self.cache = cache if cache is not None else PROCESS_CACHE
 
-    def client(
-        self, context: Context, run_config: Mapping[str, Any], task: ClusterTask
-    ) -> SplitClusterClient:
-        """The cluster `task` names, on this node: its data and the edge model from the cache,
-        the D2D peers from node-config (a lab deployment) or in process."""
-        cfg, spec, foundation = run_config_of(tuple(sorted(run_config.items())))
-        node_config = context.node_config
-        pool = TrainPool.from_node_config(node_config)
-        data = self.cache.cluster_data(spec, task, cfg.data.cluster_samples, pool)
-        model = self.cache.model(foundation, data.data.num_classes)
-        peers = PeerSettings.from_node_config(node_config) if _has_peers(node_config) else None
-        return SplitClusterClient(cfg, task, data, model, peers)
+# The handlers: each reads its request, builds the cluster's client and replies.
+def train(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    request = TrainRequest.from_message(msg)  # a malformed message raises: Flower replies
+    return reply(
+        msg, lambda: cluster_client(context, run_config, request.task).train(request), WORK_ERRORS
+    )
 
-    def train(self, msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-        request = TrainRequest.from_message(msg)  # a malformed message raises: Flower replies
-        return reply(
-            msg, lambda: self.client(context, run_config, request.task).train(request), WORK_ERRORS
-        )
 
-    def evaluate(self, msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-        task, arrays = c.task_of(msg.content), msg.content.array_records[c.ARRAYS]
-        return reply(
-            msg, lambda: self.client(context, run_config, task).evaluate(arrays), WORK_ERRORS
-        )
+def evaluate(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    task, arrays = c.task_of(msg.content), msg.content.array_records[c.ARRAYS]
+    return reply(
+        msg, lambda: cluster_client(context, run_config, task).evaluate(arrays), WORK_ERRORS
+    )
 
-    def infer(self, msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-        def work() -> RecordDict:
-            request = InferRequest.from_message(msg)  # a malformed request: its error reply
-            return self.client(context, run_config, request.task).infer(request)
 
-        return reply(msg, work, INFER_ERRORS)
+def infer(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    def work() -> RecordDict:
+        request = InferRequest.from_message(msg)  # a malformed request: its error reply
+        return cluster_client(context, run_config, request.task).infer(request)
+
+    return reply(msg, work, INFER_ERRORS)
 
 
 def reply(
