@@ -261,36 +261,32 @@ class SplitClusterClient:
 
     def train(self, request: TrainRequest) -> RecordDict:
         """One round of the cluster: load the edge's modules, fine-tune them along the chain,
-        check them, and reply them with the round's metrics."""
+        check them (a module gone NaN / inf stops the round), reply them with the round's
+        metrics."""
         started = time.perf_counter()
-        task = self.task
+        task, training = self.task, self.cfg.training
         self.model.load_tunable_state(request.arrays.to_torch_state_dict())
         result = train_cluster(
             self.model,
             task.plan,
             self.train_set,
-            self.cfg.training,
+            training,
             seed=round_seed(self.cfg.run.seed, task.edge, task.partition, request.server_round),
             proximal_mu=request.proximal_mu,
             device=self.device,
             remote=self._remote(),
             precision=self.precision,
         )
-        upload = ArrayRecord(self._trained_modules())
-        metrics = round_metrics(task, result, self.cfg, upload, request.arrays)
-        metrics[c.TRAIN_TIME] = time.perf_counter() - started
-        return c.reply_content(upload, metrics)
-
-    def _trained_modules(self) -> dict[str, torch.Tensor]:
-        """The tunable modules training left, all finite (else the cluster's round stops)."""
         state = self.model.tunable_state()
         if bad := non_finite(state):
-            training = self.cfg.training
             raise NonFiniteError(
                 f"local training left non-finite values in module(s) {bad[:4]}: the cluster's "
                 f"round stopped (lr={training.lr}, weight-decay={training.weight_decay})"
             )
-        return state
+        upload = ArrayRecord(state)
+        metrics = round_metrics(task, result, self.cfg, upload, request.arrays)
+        metrics[c.TRAIN_TIME] = time.perf_counter() - started
+        return c.reply_content(upload, metrics)
 
     def infer(self, request: InferRequest) -> RecordDict:
         """Serve one `query.infer` request (clients/inference.py says what it may hold) over
