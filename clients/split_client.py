@@ -48,6 +48,7 @@ from gaisnet_flwr.split.flops import SegmentFlops
 from gaisnet_flwr.split.precision import Precision, non_finite, resolve_device
 from gaisnet_flwr.training.loops import (
     NonFiniteError,
+    TrainResult,
     evaluate,
     model_kwargs,
     optimizer_spec,
@@ -149,6 +150,75 @@ class ClusterData:
         return cls(data, train, val)
 
 
+def round_metrics(
+    task: ClusterTask,
+    result: TrainResult,
+    cfg: RunConfig,
+    upload: ArrayRecord,
+    download: ArrayRecord,
+) -> dict[str, float | int]:
+    """The paper's metrics (Sec. III-C.2) of one cluster's round (`upload`: the modules it
+    replies, `download`: those it received), `contract.METRICS` declares how each aggregates:
+    the cost model's price of the round, from the plan's FLOPs and the bytes the chain
+    actually moved (latency, energy per node, memory per node; sensing, compute and D2D side
+    by side), and what the chain did."""
+    upload_bytes = upload.count_bytes()
+    cost = fine_tuning_round_cost(
+        task.profile,
+        [SegmentFlops(*f) for f in task.flops],
+        result.chain.hop_bytes_forward,
+        result.chain.hop_bytes_backward,
+        samples=result.num_examples * cfg.training.local_epochs,
+        upload_bytes=upload_bytes,
+        download_bytes=download.count_bytes(),
+        sensed_samples=result.num_examples,  # each training sample captured once a round
+    )
+    per_node: dict[str, float | int] = {}
+    for node, memory in zip(cost.nodes, task.memory, strict=True):
+        per_node[f"{c.ENERGY}/{node.name}"] = node.energy_j
+        per_node[f"{c.MEMORY}/{node.name}"] = memory
+    # The segment the edge server ran (edge-offload): its part apart from the devices'.
+    flops = list(result.chain.segment_flops.values())  # in chain order
+    edge = task.profile.edge
+    edge_flops = flops[edge] if edge is not None else 0
+    edge_part: dict[str, float | int] = {}
+    if cfg.cluster.edge_offload != "never":  # every cluster reports it (0 if none)
+        edge_part = {
+            c.EDGE_FLOPS: edge_flops,
+            c.EDGE_COMPUTE_S: cost.edge_compute_s,
+            c.EDGE_ENERGY: cost.edge_energy_j,
+            c.EDGE_HOP_BYTES: cost.cs_hop_bytes,
+        }
+    return {
+        c.LATENCY: cost.latency_s,
+        c.BOTTLENECK: cost.bottleneck_s,
+        # the paper's costs side by side: sensing, computing, communicating
+        c.SENSING_S: cost.sensing_s,
+        c.COMPUTE_S: cost.compute_s,
+        c.D2D_S: cost.d2d_s,
+        c.ENERGY: cost.energy_j,
+        c.SENSING_J: cost.sensing_j,
+        c.COMPUTE_J: cost.compute_j,
+        c.TX_J: cost.tx_j,
+        c.CS_BYTES: cost.cs_bytes,
+        # the devices' (memory-bytes/edge: the edge server's)
+        c.MEMORY_MAX: max(m for k, m in enumerate(task.memory) if k != edge),
+        **per_node,
+        **edge_part,
+        c.NUM_EXAMPLES: result.num_examples,
+        c.TRAIN_LOSS: result.loss,
+        c.TRAIN_ACC: result.accuracy,
+        # D2D hops only: the hops to and from the edge server are in cs-bytes
+        c.D2D_FWD: cost.d2d_forward_bytes,
+        c.D2D_BWD: cost.d2d_backward_bytes,
+        c.UPLOAD: upload_bytes,
+        c.COMPUTE_FLOPS: sum(flops) - edge_flops,  # the devices'; the edge's apart
+        c.PARTITION_ID: task.partition,
+        c.EDGE_ID: task.edge,
+        c.CLUSTER_ID: task.cluster,
+    }
+
+
 class SplitClusterClient:
     """The cluster's work for one message: load the modules into the edge model, run the chain.
 
@@ -175,7 +245,7 @@ class SplitClusterClient:
         self.device = resolve_device(cfg.run.device)  # auto: the GPU Ray gave this node, if any
         self.precision = Precision(cfg.run.precision, cfg.run.smashed_dtype)
 
-    def _remote(self, task: ClusterTask) -> NetworkPeers | None:
+    def _remote(self) -> NetworkPeers | None:
         """The members after the start point on other machines (node-config `peers`, in the
         order of the task's chain: a segment on the edge server is a gaisnet-peer there)."""
         if self.peers is None:
@@ -186,10 +256,13 @@ class SplitClusterClient:
             spec,
             optimizer_spec(self.cfg.training),
             precision=self.precision,
-            members=task.profile.names[1:],
+            members=self.task.profile.names[1:],
         )
 
     def train(self, request: TrainRequest) -> RecordDict:
+        """One round of the cluster: load the edge's modules, fine-tune them along the chain,
+        check them (a module gone NaN / inf stops the round), reply them with the round's
+        metrics."""
         started = time.perf_counter()
         task, training = self.task, self.cfg.training
         self.model.load_tunable_state(request.arrays.to_torch_state_dict())
@@ -201,7 +274,7 @@ class SplitClusterClient:
             seed=round_seed(self.cfg.run.seed, task.edge, task.partition, request.server_round),
             proximal_mu=request.proximal_mu,
             device=self.device,
-            remote=self._remote(task),
+            remote=self._remote(),
             precision=self.precision,
         )
         state = self.model.tunable_state()
@@ -211,63 +284,8 @@ class SplitClusterClient:
                 f"round stopped (lr={training.lr}, weight-decay={training.weight_decay})"
             )
         upload = ArrayRecord(state)
-        # The paper's metrics (Sec. III-C.2) for this cluster's round, priced by the cost model
-        # from the plan's FLOPs and the bytes the chain actually moved.
-        cost = fine_tuning_round_cost(
-            task.profile,
-            [SegmentFlops(*f) for f in task.flops],
-            result.chain.hop_bytes_forward,
-            result.chain.hop_bytes_backward,
-            samples=result.num_examples * training.local_epochs,
-            upload_bytes=upload.count_bytes(),
-            download_bytes=request.arrays.count_bytes(),
-            sensed_samples=result.num_examples,  # each training sample captured once a round
-        )
-        per_node: dict[str, float | int] = {}
-        for node, memory in zip(cost.nodes, task.memory, strict=True):
-            per_node[f"{c.ENERGY}/{node.name}"] = node.energy_j
-            per_node[f"{c.MEMORY}/{node.name}"] = memory
-        # The segment the edge server ran (edge-offload): its part apart from the devices'.
-        flops = list(result.chain.segment_flops.values())  # in chain order
-        edge = task.profile.edge
-        edge_flops = flops[edge] if edge is not None else 0
-        edge_part: dict[str, float | int] = {}
-        if self.cfg.cluster.edge_offload != "never":  # every cluster reports it (0 if none)
-            edge_part = {
-                c.EDGE_FLOPS: edge_flops,
-                c.EDGE_COMPUTE_S: cost.edge_compute_s,
-                c.EDGE_ENERGY: cost.edge_energy_j,
-                c.EDGE_HOP_BYTES: cost.cs_hop_bytes,
-            }
-        metrics = {
-            c.LATENCY: cost.latency_s,
-            c.BOTTLENECK: cost.bottleneck_s,
-            # the paper's costs side by side: sensing, computing, communicating
-            c.SENSING_S: cost.sensing_s,
-            c.COMPUTE_S: cost.compute_s,
-            c.D2D_S: cost.d2d_s,
-            c.ENERGY: cost.energy_j,
-            c.SENSING_J: cost.sensing_j,
-            c.COMPUTE_J: cost.compute_j,
-            c.TX_J: cost.tx_j,
-            c.CS_BYTES: cost.cs_bytes,
-            # the devices' (memory-bytes/edge: the edge server's)
-            c.MEMORY_MAX: max(m for k, m in enumerate(task.memory) if k != edge),
-            **per_node,
-            **edge_part,
-            c.NUM_EXAMPLES: result.num_examples,
-            c.TRAIN_LOSS: result.loss,
-            c.TRAIN_ACC: result.accuracy,
-            # D2D hops only: the hops to and from the edge server are in cs-bytes
-            c.D2D_FWD: cost.d2d_forward_bytes,
-            c.D2D_BWD: cost.d2d_backward_bytes,
-            c.UPLOAD: upload.count_bytes(),
-            c.COMPUTE_FLOPS: sum(flops) - edge_flops,  # the devices'; the edge's apart
-            c.PARTITION_ID: task.partition,
-            c.EDGE_ID: task.edge,
-            c.CLUSTER_ID: task.cluster,
-            c.TRAIN_TIME: time.perf_counter() - started,
-        }
+        metrics = round_metrics(task, result, self.cfg, upload, request.arrays)
+        metrics[c.TRAIN_TIME] = time.perf_counter() - started
         return c.reply_content(upload, metrics)
 
     def infer(self, request: InferRequest) -> RecordDict:
@@ -283,15 +301,14 @@ class SplitClusterClient:
             batch = [self.val_set[i] for i in range(len(self.val_set))]  # type: ignore[arg-type]
             images = torch.stack([x for x, _ in batch])
             labels = torch.tensor([int(y) for _, y in batch])
-        task = request.task
         predictions, metrics = serve(
             model,
-            task.plan,
-            task.profile,
+            self.task.plan,
+            self.task.profile,
             images,
             labels,
             download_bytes=request.model.count_bytes(),
-            remote=self._remote(task),
+            remote=self._remote(),
             device=self.device,
             precision=self.precision,
         )
@@ -316,5 +333,6 @@ __all__ = [
     "EdgeDataKey",
     "SplitClusterClient",
     "TrainPool",
+    "round_metrics",
     "round_seed",
 ]

@@ -112,16 +112,17 @@ def test_a_start_point_takes_its_foundation_into_its_own_folder(tmp_path: Path) 
     context = Context(
         1, 7, {"partition-id": 0, "num-partitions": 1, "foundation-dir": str(own)}, RecordDict(), {}
     )
+    run_config = client_app.node_run_config(context, {})  # the run's, with the node's folder
     good = shipped()
-    reply = client_app.foundation(c.ship_message(good, 7), context, {})
+    reply = client_app.foundation(c.ship_message(good, 7), context, run_config)
     assert not reply.has_error() and c.held_of(reply.content) == {NAME: good.sha256}
     assert held(own) == {NAME: good.sha256}
     tampered = c.ship_message(ShippedFile(NAME, "0" * 64, good.payload), 7)
-    refused = client_app.foundation(tampered, context, {})
+    refused = client_app.foundation(tampered, context, run_config)
     assert refused.has_error() and refused.error.code == c.FOUNDATION_REFUSED
     assert NAME in str(refused.error.reason)
     # Its identity reply lists what it holds, so it is shipped nothing more.
-    ident = client_app.identity(Message(RecordDict(), 7, "query.identity"), context, {})
+    ident = client_app.identity(Message(RecordDict(), 7, "query.identity"), context, run_config)
     assert c.held_of(ident.content) == {NAME: good.sha256}
 
 

@@ -181,6 +181,35 @@ def test_the_caches_are_bounded() -> None:
     assert cache.info()["clusters"][0] == 3
 
 
+def test_a_changed_image_folder_is_read_again(tmp_path: Path) -> None:
+    """An image added to a class folder, or a class folder added, is a new entry: the cache
+    reads the folder again instead of serving what it held."""
+    import time
+
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for folder in ("cat", "dog"):
+        (root / folder).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (20, 12), (i, 0, 0)).save(root / folder / f"{i}.png")
+    spec = DataSpec(dataset="imagefolder", data_dir=str(root), img_size=16)
+    t, cache = task(RunConfig.of(**TINY), 0, 2), ClientCache()
+
+    def images() -> int:
+        data = cache.cluster_data(spec, t, 0, None)
+        assert cache.cluster_data(spec, t, 0, None) is data  # unchanged: served
+        return len(data.data.train) + len(data.data.test)
+
+    assert images() == 16
+    for folder in ("cat", "bird"):  # an image more; a class more
+        time.sleep(0.05)  # past the file system's clock tick
+        (root / folder).mkdir(exist_ok=True)
+        Image.new("RGB", (20, 12)).save(root / folder / "new.png")
+        assert images() == 17 + (folder == "bird")
+    assert cache.info()["datasets"][2] == 3  # each version of the folder read once
+
+
 @pytest.fixture
 def cloud_cfg(tmp_path: Path) -> RunConfig:
     """A 'cloud' foundation whose checkpoint is written here (not pre-trained: weights of a

@@ -26,7 +26,8 @@ import importlib
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -37,38 +38,22 @@ from gaisnet_flwr.deploy.shipping import ShippingError, foundation_folder, held
 
 WORK = "gaisnet_flwr.apps.cluster_node"  # what train, evaluate and infer need (torch, timm)
 
-if TYPE_CHECKING:
-    from gaisnet_flwr.apps.cluster_node import ClientCache, ClusterNode
 
-
-def create_client_app(
-    fallback_config: Mapping[str, Any] | None = None, cache: ClientCache | None = None
-) -> ClientApp:
-    """A ClientApp; `fallback_config` serves `run_simulation`, which passes no run-config.
-    `cache`: what it keeps between messages (by default the process's: `apps/cluster_node.py`
-    says why not the app's)."""
+def create_client_app(fallback_config: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; `fallback_config` serves `run_simulation`, which passes no run-config."""
     client = ClientApp()
-    made: list[ClusterNode] = []
-
-    def node() -> ClusterNode:
-        if not made:  # the first message imports the work (torch, timm, the model code)
-            module = importlib.import_module(WORK)
-            made.append(module.ClusterNode(fallback_config, cache))
-        return made[0]
 
     def handler(name: str) -> Callable[[Message, Context], Message]:
         def handle(msg: Message, context: Context) -> Message:
-            given = context.run_config or fallback_config or {}
-            if given.get("tier") == "cloud":  # an edge server's cloud-facing SuperNode
+            run_config = node_run_config(context, fallback_config)
+            if run_config.get("tier") == "cloud":  # an edge server's cloud-facing SuperNode
                 relay = importlib.import_module("gaisnet_flwr.apps.edge_relay")
                 return getattr(relay, name)(msg, context)  # type: ignore[no-any-return]
-            if name == IDENTITY:
-                if in_ray_actor():
-                    warm_up()
-                return identity(msg, context, given)
-            if name == FOUNDATION:
-                return foundation(msg, context, given)
-            return getattr(node(), name)(msg, context)  # type: ignore[no-any-return]
+            if name in LIGHT:  # answered without torch
+                return LIGHT[name](msg, context, run_config)
+            # the first such message imports the work (torch, timm, the model code)
+            work = importlib.import_module(WORK)
+            return getattr(work, name)(msg, context, run_config)  # type: ignore[no-any-return]
 
         return handle
 
@@ -78,6 +63,15 @@ def create_client_app(
     client.query(IDENTITY)(handler(IDENTITY))
     client.query(FOUNDATION)(handler(FOUNDATION))
     return client
+
+
+def node_run_config(context: Context, fallback: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The run-config this node works with, read once per message: the run's (`fallback` when
+    `run_simulation` passes none), with node-config `foundation-dir` (a device's own folder,
+    where the checkpoint is shipped) in place of the run's."""
+    given = context.run_config or fallback or {}
+    own = context.node_config.get("foundation-dir")
+    return given if own is None else {**given, "foundation-dir": own}
 
 
 def in_ray_actor() -> bool:
@@ -98,29 +92,35 @@ def warm_up() -> None:
         thread.start()
 
 
-def node_foundation_dir(context: Context, run_config: Mapping[str, Any]) -> str:
-    """This node's foundation folder: node-config `foundation-dir` (a device's own), else the
-    run-config's ('' = ~/.cache/gaisnet-flwr)."""
-    own = context.node_config.get("foundation-dir")
-    return str(own if own is not None else run_config.get("foundation-dir", ""))
+def node_foundation_folder(run_config: Mapping[str, Any]) -> Path:
+    """This node's foundation folder ('' = ~/.cache/gaisnet-flwr)."""
+    return foundation_folder(str(run_config.get("foundation-dir", "")))
 
 
 def identity(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-    """Who this node is (its node-config) and the checkpoints it holds; no data, no model."""
+    """Who this node is (its node-config) and the checkpoints it holds; no data, no model. The
+    run's first message: in a Ray actor, the work starts importing now (the module docstring)."""
+    if in_ray_actor():
+        warm_up()
     ident = NodeIdentity.from_node_config(dict(context.node_config))
-    files = held(foundation_folder(node_foundation_dir(context, run_config)))
+    files = held(node_foundation_folder(run_config))
     return Message(content=c.with_held(ident.to_record(), files), reply_to=msg)
 
 
 def foundation(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
     """Take the shipped checkpoint: its bytes must hash to the SHA-256 sent with them."""
-    folder = foundation_folder(node_foundation_dir(context, run_config))
     try:
         shipped = c.shipped_of(msg.content)
-        shipped.install(folder)
+        shipped.install(node_foundation_folder(run_config))
     except (ShippingError, ValueError) as err:
         return Message(Error(code=c.FOUNDATION_REFUSED, reason=str(err)), reply_to=msg)
     return Message(content=c.with_held(RecordDict(), {shipped.name: shipped.sha256}), reply_to=msg)
 
+
+# The queries this module answers itself (no torch); train, evaluate and infer go to the work.
+LIGHT: dict[str, Callable[[Message, Context, Mapping[str, Any]], Message]] = {
+    IDENTITY: identity,
+    FOUNDATION: foundation,
+}
 
 app = create_client_app()

@@ -4,10 +4,12 @@
 instant (Flower's simulation engine loads it once in its own process before starting Ray, and
 every Ray actor loads it again) and it answers the identity query itself; this module, with
 torch, timm and the model code, is imported for the first message that needs it (in a Ray
-actor, in the background from the identity query on). It reads the run-config once per
-process, reads what each message brings (`contract`: the cluster's task, the modules) and hands
-the work to `clients.SplitClusterClient`, with the per-process cache of what does not change
-within a run.
+actor, in the background from the identity query on). Its handlers `train`, `evaluate` and
+`infer` take the message, its context and the node's run-config (`client_app.node_run_config`),
+as `apps/edge_relay.py`'s do for a cloud-facing node: each reads its request (`contract`: the
+cluster's task, the modules), takes the cluster's data and model from the per-process cache of
+what does not change within a run (the run-config itself parsed once per process), and hands
+the work to `clients.SplitClusterClient`.
 
 The cache (`ClientCache`). In simulation one Ray actor runs the ClientApp for message after
 message, of every node; each of these is built once per process and reused:
@@ -39,9 +41,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 
-from clients.inference import InferenceRequestError
 from clients.split_client import ClusterData, EdgeDataKey, SplitClusterClient, TrainPool
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.cloud.foundation import Foundation
@@ -55,74 +56,84 @@ from gaisnet_flwr.data.images import (
     partition_indices,
 )
 from gaisnet_flwr.deploy.remote import PeerError, PeerSettings
+from gaisnet_flwr.deploy.shipping import recorded_sha256, sidecar
 from gaisnet_flwr.derived import data_spec
 from gaisnet_flwr.training.loops import NonFiniteError
 from gaisnet_flwr.vit.model import PromptedViT
 
 
 @functools.lru_cache(maxsize=8)
-def run_config_of(items: tuple[tuple[str, Any], ...]) -> tuple[RunConfig, DataSpec]:
+def run_config_of(items: tuple[tuple[str, Any], ...]) -> tuple[RunConfig, DataSpec, Foundation]:
     """Parse a run-config once per process, not once per message: keyed by every key and
     value, so another run's config never gets this one's."""
     cfg = RunConfig.from_run_config(dict(items))
-    return cfg, data_spec(cfg)
+    return cfg, data_spec(cfg), Foundation.of(cfg)
 
 
-class ClusterNode:
-    """The handlers of one ClientApp; `fallback_config` serves `run_simulation`, which passes
-    no run-config; `cache` defaults to the process's (`PROCESS_CACHE` says why)."""
+# What a failure costs: this cluster's reply, an error with the reason (no traceback per
+# message); the node serves on. The ServerApp checks what it can know before round 1
+# (data/capacity.py); a dead or slow peer, or a loss or module gone NaN / inf, costs only this
+# cluster's contribution to the round.
+WORK_ERRORS: tuple[tuple[type[Exception], int], ...] = (
+    (DataError, c.CLUSTER_DATA),  # a setting this cluster's data cannot meet
+    (PeerError, c.PEER_FAILURE),
+    (NonFiniteError, c.NON_FINITE),
+)
+# An inference request that cannot be served (malformed, or asks what this node cannot give)
+# costs only itself.
+INFER_ERRORS: tuple[tuple[type[Exception], int], ...] = (
+    (ValueError, c.INFERENCE_REQUEST_ERROR),  # InferenceRequestError and DataError among them
+    (PeerError, c.PEER_FAILURE),
+)
 
-    def __init__(
-        self, fallback_config: Mapping[str, Any] | None = None, cache: ClientCache | None = None
-    ) -> None:
-        self.fallback_config = fallback_config
-        self.cache = cache if cache is not None else PROCESS_CACHE
 
-    def client(self, context: Context, task: ClusterTask) -> SplitClusterClient:
-        given = context.run_config or self.fallback_config or {}
-        node_config = dict(context.node_config)
-        if "foundation-dir" in node_config:  # this device's own folder: shipped there
-            given = {**given, "foundation-dir": node_config["foundation-dir"]}
-        cfg, spec = run_config_of(tuple(sorted(given.items())))
-        pool = TrainPool.from_node_config(node_config)
-        data = self.cache.cluster_data(spec, task, cfg.data.cluster_samples, pool)
-        model = self.cache.model(Foundation.of(cfg), data.data.num_classes)
-        peers = PeerSettings.from_node_config(node_config) if _has_peers(node_config) else None
-        return SplitClusterClient(cfg, task, data, model, peers)
+def cluster_client(
+    context: Context, run_config: Mapping[str, Any], task: ClusterTask
+) -> SplitClusterClient:
+    """The cluster `task` names, on this node: its data and the edge model from the process's
+    cache, the D2D peers from node-config (a lab deployment) or in process."""
+    cfg, spec, foundation = run_config_of(tuple(sorted(run_config.items())))
+    node_config = context.node_config
+    pool = TrainPool.from_node_config(node_config)
+    data = PROCESS_CACHE.cluster_data(spec, task, cfg.data.cluster_samples, pool)
+    model = PROCESS_CACHE.model(foundation, data.data.num_classes)
+    peers = PeerSettings.from_node_config(node_config) if _has_peers(node_config) else None
+    return SplitClusterClient(cfg, task, data, model, peers)
 
-    def train(self, msg: Message, context: Context) -> Message:
-        request = TrainRequest.from_message(msg)
-        try:
-            content = self.client(context, request.task).train(request)
-        except DataError as err:
-            # A setting this cluster's data cannot meet: the reason, without a traceback per
-            # message (the ServerApp checks what it can know before round 1: data/capacity.py).
-            return Message(Error(code=c.CLUSTER_DATA, reason=str(err)), reply_to=msg)
-        except PeerError as err:
-            # A dead or slow peer costs this cluster's contribution to the round, nothing more.
-            return Message(Error(code=c.PEER_FAILURE, reason=str(err)), reply_to=msg)
-        except NonFiniteError as err:  # so does a loss or module gone NaN / inf
-            return Message(Error(code=c.NON_FINITE, reason=str(err)), reply_to=msg)
-        return Message(content=content, reply_to=msg)
 
-    def evaluate(self, msg: Message, context: Context) -> Message:
-        try:
-            client = self.client(context, c.task_of(msg.content))
-        except DataError as err:
-            return Message(Error(code=c.CLUSTER_DATA, reason=str(err)), reply_to=msg)
-        return Message(content=client.evaluate(msg.content.array_records[c.ARRAYS]), reply_to=msg)
+# The handlers: each reads its request, builds the cluster's client and replies.
+def train(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    request = TrainRequest.from_message(msg)  # a malformed message raises: Flower replies
+    return reply(
+        msg, lambda: cluster_client(context, run_config, request.task).train(request), WORK_ERRORS
+    )
 
-    def infer(self, msg: Message, context: Context) -> Message:
-        try:
-            request = InferRequest.from_message(msg)
-            content = self.client(context, request.task).infer(request)
-            return Message(content=content, reply_to=msg)
-        except (InferenceRequestError, ValueError) as err:
-            # A bad request costs only itself: a clear error reply, the node serves on.
-            reason = str(err)
-            return Message(Error(code=c.INFERENCE_REQUEST_ERROR, reason=reason), reply_to=msg)
-        except PeerError as err:
-            return Message(Error(code=c.PEER_FAILURE, reason=str(err)), reply_to=msg)
+
+def evaluate(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    task, arrays = c.task_of(msg.content), msg.content.array_records[c.ARRAYS]
+    return reply(
+        msg, lambda: cluster_client(context, run_config, task).evaluate(arrays), WORK_ERRORS
+    )
+
+
+def infer(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    def work() -> RecordDict:
+        request = InferRequest.from_message(msg)  # a malformed request: its error reply
+        return cluster_client(context, run_config, request.task).infer(request)
+
+    return reply(msg, work, INFER_ERRORS)
+
+
+def reply(
+    msg: Message, work: Callable[[], RecordDict], errors: tuple[tuple[type[Exception], int], ...]
+) -> Message:
+    """The reply to `msg`: what `work` returns, or the error of the first of `errors` it
+    raised (its code, its reason); any other exception is Flower's to report."""
+    try:
+        return Message(content=work(), reply_to=msg)
+    except tuple(kind for kind, _ in errors) as err:
+        code = next(code for kind, code in errors if isinstance(err, kind))
+        return Message(Error(code=code, reason=str(err)), reply_to=msg)
 
 
 def _has_peers(node_config: Mapping[str, Any]) -> bool:
@@ -201,13 +212,10 @@ class ClientCache:
         self, spec: DataSpec, task: ClusterTask, cluster_samples: int, pool: TrainPool | None
     ) -> ClusterData:
         key = EdgeDataKey.of(spec, task, pool)
-        stamp = source_stamp(key.spec)
-
-        def load() -> ImageData:
-            return load_image_data(key.spec)
+        stamp = source_stamp(spec)
 
         def new_edge() -> _Edge:
-            data = key.build(self.datasets.get((key.spec, stamp), load))
+            data = key.build(self.datasets.get((spec, stamp), lambda: load_image_data(spec)))
             return _Edge(data, Lru(4), Lru(self.max_clusters))
 
         edge = self.edges.get((key, stamp), new_edge)
@@ -215,7 +223,7 @@ class ClientCache:
 
         def split() -> list[np.ndarray]:
             return edge.partitions.get(
-                n, lambda: partition_indices(edge.data.train_labels, n, key.spec)
+                n, lambda: partition_indices(edge.data.train_labels, n, spec)
             )
 
         def build() -> ClusterData:
@@ -236,9 +244,7 @@ class ClientCache:
             model = foundation.load(num_classes)
             return _Model(model, torch.get_rng_state())
 
-        entry = self.models.get(
-            (foundation, num_classes, foundation_stamp(foundation, num_classes)), build
-        )
+        entry = self.models.get((foundation, num_classes, foundation_stamp(foundation)), build)
         torch.set_rng_state(entry.rng_state)
         return entry.model
 
@@ -263,45 +269,41 @@ class ClientCache:
         }
 
 
-def _stat(path: Path) -> tuple[int, int, int] | None:
+def file_stamp(path: Path) -> tuple[object, ...]:
+    """A file or folder with its size, mtime and inode (None when it cannot be read): what
+    rewriting or replacing it changes, and for a folder adding or removing an entry."""
     try:
         st = path.stat()
     except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+        return (str(path), None)
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def foundation_stamp(foundation: Foundation, num_classes: int) -> tuple[object, ...]:
-    """What changes when the foundation's weights file changes: a checkpoint's path, its stat
-    and its recorded SHA-256 (a 64-byte read); a weights file's path and stat; nothing for
-    timm's named weights or a seeded random backbone."""
+def foundation_stamp(foundation: Foundation) -> tuple[object, ...]:
+    """What changes when the foundation's weights file changes: a checkpoint, its sidecar and
+    the SHA-256 the sidecar records (a 64-byte read, true whatever the file system's clock);
+    a weights file; nothing for timm's named weights or a seeded random backbone."""
     cloud = foundation.cloud
     if cloud.foundation == "cloud":
         path = foundation.checkpoint_path()
-        sidecar = path.with_name(path.name + ".sha256")
-        try:
-            recorded = sidecar.read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError):
-            recorded = None
-        return (str(path), _stat(path), recorded, _stat(sidecar))
+        return (*file_stamp(path), *file_stamp(sidecar(path)), recorded_sha256(path))
     if cloud.foundation == "file":
-        path = Path(cloud.checkpoint_path).expanduser()
-        return (str(path), _stat(path))
+        return file_stamp(Path(cloud.checkpoint_path).expanduser())
     return ()
 
 
 def source_stamp(spec: DataSpec) -> tuple[object, ...]:
     """What changes when the files behind `spec` change: nothing for the embedded digits; the
-    folder's and its sub-folders' mtimes for an image folder or Flowers102 (a file added or
-    removed changes its folder's mtime)."""
+    folder and its sub-folders for an image folder or Flowers102 (a file added or removed
+    changes its folder's mtime)."""
     if spec.dataset == "digits" or not spec.data_dir:
         return ()
     root = Path(spec.data_dir)
     try:
-        subdirs = sorted(e.path for e in os.scandir(root) if e.is_dir())
+        subdirs = sorted(Path(e.path) for e in os.scandir(root) if e.is_dir())
     except OSError:
-        return (str(root), None)
-    return (str(root), _stat(root), *((p, _stat(Path(p))) for p in subdirs))
+        subdirs = []
+    return tuple(file_stamp(p) for p in (root, *subdirs))
 
 
 # One per process. Flower's simulation engine pickles the ClientApp with every message it hands

@@ -23,7 +23,6 @@ from gaisnet_flwr.config import CloudSection, ModelSection, TrainingSection
 from gaisnet_flwr.derived import model_shape
 from gaisnet_flwr.split.chain import (
     ChainStats,
-    OptimizerFactory,
     OptimizerSpec,
     RemotePeers,
     SplitChain,
@@ -58,10 +57,6 @@ def build_model(
 
 def optimizer_spec(training: TrainingSection) -> OptimizerSpec:
     return OptimizerSpec(training.optimizer, training.lr, training.momentum, training.weight_decay)
-
-
-def optimizer_factory(training: TrainingSection) -> OptimizerFactory:
-    return optimizer_spec(training).factory()
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int | None) -> DataLoader:
@@ -100,7 +95,7 @@ def train_cluster(
     chain = SplitChain(
         model,
         plan,
-        optimizer_factory(training),
+        optimizer_spec(training).factory(),
         remote=remote,
         proximal_mu=proximal_mu,
         precision=precision,
@@ -205,7 +200,7 @@ def train_centralised(
     """Prompt tuning of the unsplit model on pooled data: HFSL's reference point."""
     device = device or torch.device("cpu")
     model.to(device)
-    opt = optimizer_factory(training)(model.tunable_parameters())
+    opt = optimizer_spec(training).factory()(model.tunable_parameters())
     for epoch in range(epochs):
         model.train()
         for x, y in loader(dataset, training.batch_size, seed=seed * 1000 + epoch):
