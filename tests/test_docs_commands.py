@@ -119,6 +119,11 @@ def test_documented_command_works_as_written(
         main = importlib.import_module(module.group(1)).main
         parse_only(main, args[1:], monkeypatch)
         check_run_config(args[1:])
+    elif head == "python" and args[0] == "-m" and args[1].startswith("gaisnet_flwr."):
+        main = importlib.import_module(args[1]).main  # a module of ours run as a command
+        parse_only(main, args[2:], monkeypatch)
+        for path in (a for a in args[2:] if a.startswith("docs/")):
+            assert (REPO / path).is_file(), f"{where}: {path} is not in the repository"
     elif head == "bash" and args[0].startswith("scripts/"):
         assert (REPO / args[0]).is_file(), where
         check_run_config(args[1:])  # run.sh hands its arguments to `flwr run`

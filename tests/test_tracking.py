@@ -146,6 +146,31 @@ def test_summary_png_is_a_picture(run_dir: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.slow
+def test_a_runs_picture_is_drawn_again_from_its_metrics_json_or_csv(
+    run_dir: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`python -m gaisnet_flwr.apps.summary`: the rows read back from metrics.csv are the rows
+    of metrics.json (numbers as numbers, a key a row lacked left out), and the run's picture is
+    drawn from either, byte for byte as the run drew it."""
+    from gaisnet_flwr.apps import summary
+
+    out, _ = run_dir
+    rows = json.loads((out / "metrics.json").read_text())
+    flat = [{k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in rows]
+    from_csv = summary.read_rows(out / "metrics.csv")
+    assert [
+        {k: v for k, v in r.items() if k in f} for r, f in zip(from_csv, flat, strict=True)
+    ] == flat
+    assert summary.read_rows(out / "metrics.json") == rows
+    for source in ("metrics.json", "metrics.csv"):
+        again = tmp_path / f"{source}.png"
+        summary.main([str(out / source), "--out", str(again)])
+        assert again.read_bytes() == (out / "summary.png").read_bytes(), source
+    with pytest.raises(SystemExit):
+        summary.main([str(out / "config.json.txt")])
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_MLFLOW, reason="the optional mlflow extra is not installed")
 def test_mlflow_file_uri_run(run_dir: tuple[Path, Path]) -> None:
     out, mlruns = run_dir
@@ -164,7 +189,12 @@ def test_mlflow_file_uri_run(run_dir: tuple[Path, Path]) -> None:
 
 
 def test_tags_name_the_metrics_json_keys() -> None:
-    row = {"round": 3, "accuracy": 0.5, "edge1/loss": 2.0, "train/energy-j/peer1": 0.1}
+    row: dict[str, Any] = {
+        "round": 3,
+        "accuracy": 0.5,
+        "edge1/loss": 2.0,
+        "train/energy-j/peer1": 0.1,
+    }
     row |= {"failed-clusters": 1, "failures": [{"node": 7}], "round-time-s": 1.5}
     assert scalars(row) == {
         "central/accuracy": 0.5,

@@ -5,10 +5,18 @@ there are several), bytes by link (D2D forward and backward, client-server uploa
 clusters, log scale), the simulated round latency and the simulated energy (per edge and in
 total). Rounds with failed clusters are marked. Matplotlib's object API on the Agg canvas: no
 pyplot, no global backend switch, imported only when a run draws its picture.
+
+A run's picture can be drawn again from its rows (after the drawing changed, or for a run
+whose folder kept only metrics.csv):
+
+    python -m gaisnet_flwr.apps.summary outputs/<run>/metrics.json [--out PNG] [--title TITLE]
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -100,3 +108,42 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's rows from its metrics.json, or from its metrics.csv (a cell as an int or float
+    where it is one, an empty cell left out: the row did not have that key)."""
+    if path.suffix == ".json":
+        rows: list[dict[str, Any]] = json.loads(path.read_text())
+        return rows
+    with path.open(newline="") as f:
+        return [{k: _value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def _value(text: str) -> Any:
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m gaisnet_flwr.apps.summary",
+        description="Draw a run's summary.png again from its metrics.json or metrics.csv.",
+    )
+    parser.add_argument("metrics", type=Path, help="the run's metrics.json or metrics.csv")
+    parser.add_argument("--out", type=Path, help="the picture (default: summary.png beside it)")
+    parser.add_argument("--title", help="the picture's title (default: the run folder's name)")
+    args = parser.parse_args(argv)
+    if args.metrics.suffix not in (".json", ".csv") or not args.metrics.is_file():
+        parser.error(f"{args.metrics} is not a run's metrics.json or metrics.csv file")
+    out = args.out or args.metrics.with_name("summary.png")
+    title = args.title if args.title is not None else args.metrics.resolve().parent.name
+    print(plot_summary(read_rows(args.metrics), out, title))
+
+
+if __name__ == "__main__":
+    main()
