@@ -336,6 +336,22 @@ def test_a_quiet_stream_still_shows_how_far_the_run_got(tmp_path: Path) -> None:
     assert (tmp_path / "run.log").read_text().count("\n") == len(lines)  # the log: everything
 
 
+def test_the_final_line_names_a_results_folder_with_spaces_so_that_it_is_found(
+    tmp_path: Path,
+) -> None:
+    # The ServerApp's FINAL line, as a real run writes it, read back by the drivers (flwr_local,
+    # the labs): a checkout or home folder with spaces must not hide the run's results.
+    out = tmp_path / "my runs (2026)" / "it's here"
+    config = {**TINY, "num-rounds": 1, "output-dir": str(out)}
+    run_inprocess(config, num_clusters=2, log_file=tmp_path / "run.log")
+    final = next(ln for ln in (tmp_path / "run.log").read_text().splitlines() if "FINAL:" in ln)
+    assert flwr_local.final_results(final[final.index("FINAL:") :]) == out
+    assert (out / "metrics.json").is_file()
+    assert flwr_local.final_results("FINAL: x; results in /a/b (modules: m.npz)") == Path("/a/b")
+    assert flwr_local.final_results("FINAL: served 3 requests; results in /x") == Path("/x")
+    assert flwr_local.final_results("FINAL: no folder named") is None
+
+
 def test_a_completed_run_says_how_many_clusters_failed(tmp_path: Path) -> None:
     final = (
         "FINAL: central test accuracy 0.5 after 5 rounds (1 edge(s), 4 clusters; 3 cluster "

@@ -65,7 +65,9 @@ def as_run_config(config: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HierarchyLab]:
-    running = HierarchyLab(tmp_path_factory.mktemp("hlab"), EDGES, PER_EDGE, 1, threads=1)
+    running = HierarchyLab(
+        tmp_path_factory.mktemp("a hierarchy lab"), EDGES, PER_EDGE, 1, threads=1
+    )
     started: set[int] = set()
     try:
         running.up()

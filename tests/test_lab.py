@@ -62,7 +62,7 @@ def as_run_config(config: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    running = lab_script.Lab(tmp_path_factory.mktemp("lab"), CLUSTERS, peers_per_cluster=1)
+    running = lab_script.Lab(tmp_path_factory.mktemp("a lab"), CLUSTERS, peers_per_cluster=1)
     started = dict[str, int]()
     try:
         running.up()

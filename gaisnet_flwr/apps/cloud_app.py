@@ -28,6 +28,7 @@ its training totals and, after the delivery, its accuracy; the failures), rounds
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -297,6 +298,7 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
     recorder.close()
     last = recorder.rows[-1] if recorder.rows else {}
     log(INFO, "FINAL: cloud, %d cloud round(s) over %d edge(s); accuracy %s; results in %s "
-        "(modules: %s)", len(chunks), num_edges, last.get(c.ACCURACY, "n/a"), output_dir,
+        "(modules: %s)", len(chunks), num_edges, last.get(c.ACCURACY, "n/a"),
+        shlex.quote(str(output_dir)),
         path_final.name)  # fmt: skip
     return recorder.result

@@ -30,6 +30,7 @@ round, rounds/, final_tunable.npz, clusters.json with a population, TensorBoard 
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO
@@ -208,5 +209,5 @@ def run_edge(grid: Grid, derived: Derived) -> RunResult:
     rows = edge.recorder.rows
     log(INFO, "FINAL: edge %d, central test accuracy %.4f after %d rounds; results in %s "
         "(modules: %s)", h.edge_id, rows[-1][c.ACCURACY] if rows else float("nan"),
-        h.num_rounds, run.output_dir, path.name)  # fmt: skip
+        h.num_rounds, shlex.quote(str(run.output_dir)), path.name)  # fmt: skip
     return run.result

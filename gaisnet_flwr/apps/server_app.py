@@ -16,6 +16,7 @@ model or serve a request instead.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -651,7 +652,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
         len(run.tasks),
         sum(failed),
         sum(n > 0 for n in failed),
-        run.output_dir,
+        shlex.quote(str(run.output_dir)),  # shell-quoted: a folder may have spaces
     )
     # a line of its own, so that each stays short (what is where, and how to look)
     log(
@@ -659,7 +660,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
         "  modules: %s, picture: %s, TensorBoard: tensorboard --logdir %s",
         path.name,
         summary.name,
-        run.output_dir.parent,
+        shlex.quote(str(run.output_dir.parent)),
     )
     return run.result
 
@@ -682,8 +683,8 @@ def integrated(grid: Grid, run: HfslRun) -> RunResult:
         run.cfg.scheduling.policy,
         strategy.cumulative,
         len(strategy.demand),
-        run.output_dir,
-        run.output_dir.parent,
+        shlex.quote(str(run.output_dir)),  # shell-quoted: a folder may have spaces
+        shlex.quote(str(run.output_dir.parent)),
     )
     return run.result
 

@@ -259,6 +259,16 @@ def run_status(
     return str(runs[0].get("status", "unknown")) if runs else "unknown (run not listed)"
 
 
+def final_results(final: str | None) -> Path | None:
+    """The results folder a FINAL line names: `results in PATH`, PATH shell-quoted when it has
+    spaces (what follows it is not read: only the first word is split off)."""
+    _, found, rest = (final or "").partition("results in ")
+    words = shlex.shlex(rest, posix=True)
+    words.whitespace_split = True
+    path = words.get_token() if found else None
+    return Path(path) if path else None
+
+
 @dataclass
 class RunOutcome:
     """What one `flwr run --stream` did, and what is wrong with it (empty: it really finished)."""
@@ -306,8 +316,7 @@ class RunOutcome:
         moved it)."""
         if self.run_id is not None:
             self.status = run_status(flwr, self.run_id, env=env, superlink=superlink)
-        where = re.search(r"results in (\S+)", self.final or "")
-        self.results = Path(where.group(1)) if where else default_results
+        self.results = final_results(self.final) or default_results
         if self.failure is not None:
             self.problems.append(f"the ServerApp failed: {self.failure}")
         if self.rc != 0:
