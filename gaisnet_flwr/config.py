@@ -546,9 +546,13 @@ class HierarchySection(Section):
     )
     # Flower's simulation loop scans every stored message for every node each 0.1 s: all N in
     # flight cost O(N^2) per scan. 16 keeps a 2-core machine's actors busy; at N = 1000, 64
-    # doubled the cost of Flower's loop (docs/running.md#many-clusters).
+    # doubled the cost of Flower's loop (docs/running.md#many-clusters). Deployed, every
+    # SuperNode is a device of its own and all are sent at once (strategies/edge.py: GridView).
     max_in_flight: int = option(
-        16, "messages the ServerApp keeps in flight; 0 = a whole round", low=0, high=1_000_000
+        16,
+        "simulation: messages the ServerApp keeps in flight; 0 = a whole round",
+        low=0,
+        high=1_000_000,
     )
     # The hierarchy as processes of their own (docs/deploy.md, "The cloud and its edge servers").
     tier: str = option(

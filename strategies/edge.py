@@ -18,6 +18,7 @@ Message-API strategy; per-module FedAvg by default) and adds what the edge owns:
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,14 +42,26 @@ from gaisnet_flwr.contract import (
 )
 from gaisnet_flwr.split.precision import non_finite
 
-# Between pulls: short enough that a finished message's slot is refilled before the simulation
-# engine's next 0.1 s sweep; a pull of K ids costs O(K).
+# Between pulls. In simulation: short enough that a finished message's slot is refilled before
+# the engine's next 0.1 s sweep; a pull of K ids costs O(K). Deployed, a pull is an HTTP request
+# to the SuperLink: every 0.2 s, a tenth of the requests, while the SuperNodes ask for work only
+# every 3 s (flwr 1.42); Flower's own deployed grid waits 3 s between pulls.
 PULL_INTERVAL_S = 0.02
+DEPLOYED_PULL_INTERVAL_S = 0.2
+
+
+def is_http_grid(grid: Grid) -> bool:
+    """Whether `grid` is Flower's deployed grid, which reaches its SuperLink over HTTP. Its
+    module is looked up, not imported: a deployed ServerApp has imported it to make the grid,
+    and importing it elsewhere costs 0.7 s."""
+    http_grid = sys.modules.get("flwr.superlink.grid.http_grid")
+    return http_grid is not None and isinstance(grid, http_grid.HttpGrid)
 
 
 class GridView(Grid):
-    """`grid` as one part of the ServerApp sees it: only `nodes` (all when None), and at most
-    `max_in_flight` messages of a `send_and_receive` in flight (0: Flower's own, all at once).
+    """`grid` as one part of the ServerApp sees it: only `nodes` (all when None), and in
+    simulation at most `max_in_flight` messages of a `send_and_receive` in flight (0: Flower's
+    own, all at once).
 
     Why the window: Flower's simulation engine asks its LinkState every 0.1 s for each node's
     next message, and each ask scans every stored message (flwr 1.42,
@@ -58,6 +71,10 @@ class GridView(Grid):
     messages with the grid's own `push_messages`, pulls every `pull_interval_s`, and tops up as
     replies come in, until every message has its reply or the timeout passes; replies come back
     in the order they arrive, as Flower's do.
+
+    Deployed (Flower's HttpGrid) every SuperNode is a device of its own, and a window would only
+    make devices wait their turn: every message goes out at once, and replies are pulled every
+    `DEPLOYED_PULL_INTERVAL_S`.
     """
 
     def __init__(
@@ -65,14 +82,16 @@ class GridView(Grid):
         grid: Grid,
         nodes: Iterable[int] | None = None,
         max_in_flight: int = 0,
-        pull_interval_s: float = PULL_INTERVAL_S,
+        pull_interval_s: float | None = None,
     ) -> None:
         if max_in_flight < 0:
             raise ValueError(f"max-in-flight={max_in_flight} must be >= 0 (0 = no limit)")
         self.grid = grid
         self.nodes = None if nodes is None else sorted(nodes)
-        self.max_in_flight = max_in_flight
-        self.pull_interval_s = pull_interval_s
+        self.deployed = is_http_grid(grid)
+        self.max_in_flight = 0 if self.deployed else max_in_flight
+        default_interval = DEPLOYED_PULL_INTERVAL_S if self.deployed else PULL_INTERVAL_S
+        self.pull_interval_s = default_interval if pull_interval_s is None else pull_interval_s
 
     # -- the wrapped Grid -----------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -105,14 +124,15 @@ class GridView(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        if self.max_in_flight == 0:
+        if self.max_in_flight == 0 and not self.deployed:
             return self.grid.send_and_receive(messages, timeout=timeout)
         waiting = list(messages)  # sent in the caller's order
+        window = self.max_in_flight or len(waiting)
         deadline = None if timeout is None else time.monotonic() + timeout
         in_flight: set[str] = set()
         replies: list[Message] = []
         while waiting or in_flight:
-            if (room := self.max_in_flight - len(in_flight)) > 0 and waiting:
+            if (room := window - len(in_flight)) > 0 and waiting:
                 in_flight.update(self.grid.push_messages(waiting[:room]))
                 del waiting[:room]
             got = list(self.grid.pull_messages(in_flight)) if in_flight else []

@@ -38,8 +38,10 @@ PACKAGES = ("gaisnet_flwr", "strategies", "clients")
 # issue 30 (this design's second pass): the outputs (one layer less, console.py merged into the
 # recorder), the strategies (one check of the edge strategy) and the ClientApp (one path from a
 # message to a cluster's client): 35 files / 2,507 lines -> 34 / 2,433
+# deployment: +6 lines (GridView tells Flower's deployed grid from the simulation's: no window
+# and a 0.2 s pull there)
 MAX_FILES = 34
-MAX_LINES = 2435
+MAX_LINES = 2441
 PAGE_SENTENCE = (
     "one in-process HFSL round executes {files} project files and {lines:,} distinct lines"
 )

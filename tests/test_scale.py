@@ -30,7 +30,7 @@ from gaisnet_flwr.data.digits_file import load_digits
 from gaisnet_flwr.data.images import DataError, DataSpec
 from gaisnet_flwr.derived import data_spec, derive
 from gaisnet_flwr.experiments.flwr_local import federation_config
-from strategies.edge import GridView
+from strategies.edge import DEPLOYED_PULL_INTERVAL_S, PULL_INTERVAL_S, GridView
 from tests.conftest import python_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -596,6 +596,31 @@ def test_in_flight_window_zero_is_flowers_all_at_once_and_timeout_is_kept() -> N
     assert list(got) == [] and never.most == 3  # the rest was never sent
     with pytest.raises(ValueError, match="max-in-flight=-1"):
         GridView(grid, max_in_flight=-1)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_deployed_grid_sends_every_message_at_once_and_pulls_ten_times_less_often() -> None:
+    """Deployed (Flower's HttpGrid), every SuperNode is a device of its own: no window, and each
+    pull, an HTTP request to the SuperLink, 0.2 s apart (Flower's own waits 3 s). In simulation
+    the window holds and the in-memory grid is pulled every 0.02 s."""
+    from flwr.superlink.grid import HttpGrid
+
+    class DeployedGrid(HttpGrid, CountingGrid):  # Flower's class, this test's messages
+        def __init__(self) -> None:
+            CountingGrid.__init__(self)
+
+        push_messages = CountingGrid.push_messages
+        pull_messages = CountingGrid.pull_messages
+
+    deployed = DeployedGrid()
+    view = GridView(deployed, max_in_flight=4, pull_interval_s=0.0)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(1, 21)]
+    assert len(list(view.send_and_receive(messages, timeout=60))) == 20
+    assert deployed.most == 20  # all at once, though max-in-flight=4
+    assert GridView(deployed, max_in_flight=4).pull_interval_s == DEPLOYED_PULL_INTERVAL_S == 0.2
+    assert GridView(HttpGrid("127.0.0.1:9091", insecure=True, token="t")).deployed
+    simulated = GridView(CountingGrid(), max_in_flight=4)
+    assert not simulated.deployed and simulated.pull_interval_s == PULL_INTERVAL_S == 0.02
 
 
 # -- CPUs per ClientApp ---------------------------------------------------------------------------
