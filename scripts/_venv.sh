@@ -13,9 +13,26 @@
 # environment behind: `rm -rf "$(readlink .venv)"` first.
 
 venv_home() {
-    local key
+    local key name
     key=$(printf '%s' "$PWD" | sha256sum | cut -c1-12)
-    echo "${GAISNET_VENV_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gaisnet-flwr/venvs/$(basename "$PWD")-$key}"
+    # The checkout's name with anything but letters, digits, '.', '_' and '-' made '-': a space
+    # in the environment's path breaks Flower's SuperLink (check_venv_path).
+    name=$(printf '%s' "$(basename "$PWD")" | tr -c 'A-Za-z0-9._-' '-')
+    echo "${GAISNET_VENV_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gaisnet-flwr/venvs/$name-$key}"
+}
+
+# Flower 1.42's SuperLink cannot create its database from an installation whose path has a space:
+# it hands alembic its migration folders as one space-separated string
+# (flwr/supercore/state/alembic/utils.py), so none is found and `flwr run` fails with "no such
+# table: fab". Refused before anything is installed, with the way out.
+check_venv_path() {
+    if [[ $1 == *[[:space:]]* ]]; then
+        echo "error: the Python environment would live at '$1', a path with a space;" \
+            "Flower 1.42's SuperLink cannot run from there (its database migrations are not" \
+            "found: 'no such table: fab'). Set GAISNET_VENV_DIR (or XDG_CACHE_HOME) to a path" \
+            "without spaces, e.g. GAISNET_VENV_DIR=/tmp/gaisnet-venv" >&2
+        return 1
+    fi
 }
 
 ensure_venv() {
@@ -29,6 +46,7 @@ ensure_venv() {
         }
         local home
         home=$(venv_home)
+        check_venv_path "$home" || return 1
         if [[ -z ${GAISNET_VENV_DIR:-} && -e $home ]]; then
             # Left by an earlier checkout at this path (a fresh clone has no .venv link yet):
             # a fresh checkout gets a fresh environment, as it did inside the checkout.
@@ -43,21 +61,26 @@ ensure_venv() {
         rm -f "$venv"  # a link whose environment was removed
         ln -s "$home" "$venv"
     fi
+    # Everything runs from the environment's own path, not through the link: a checkout's path
+    # may have spaces, and Ray starts its workers with an unquoted sys.executable (and pip writes
+    # the path it was run from into every command it installs).
+    local real
+    real=$(cd "$venv" && pwd -P)
+    check_venv_path "$real" || return 1  # one made by hand, too
+    VENV_BIN=$real/bin
     local hash
-    hash=$("$venv/bin/python" -c 'import hashlib
+    hash=$("$VENV_BIN/python" -c 'import hashlib
 files = (open(n, "rb").read() for n in ("pyproject.toml", "constraints.txt"))
 print(hashlib.sha256(b"".join(files)).hexdigest()[:16])')
     local stamp=$venv/.installed-$hash
     # A dev install serves a plain run too.
     if [[ -e $stamp-${extra:-base} || ( -z $extra && -e $stamp-dev ) ]]; then
-        VENV_BIN=$PWD/$venv/bin
         return 0
     fi
     echo "[venv] pip install -c constraints.txt -e .${extra:+[$extra]} (torch and friends:" \
         "minutes the first time)"
     rm -f "$venv"/.installed-*
-    "$venv/bin/python" -m pip install --disable-pip-version-check -q -c constraints.txt \
+    "$VENV_BIN/python" -m pip install --disable-pip-version-check -q -c constraints.txt \
         -e ".${extra:+[$extra]}"
     touch "$stamp-${extra:-base}"
-    VENV_BIN=$PWD/$venv/bin
 }

@@ -85,6 +85,29 @@ def test_help_imports_nothing_heavy(name: str) -> None:
     assert got["seconds"] < 10, f"{name} --help took {got['seconds']:.1f} s"
 
 
+def test_an_environment_path_with_a_space_is_avoided_or_refused_before_any_install(
+    tmp_path: Path,
+) -> None:
+    """Flower 1.42's SuperLink fails ('no such table: fab') when it is installed under a path with
+    a space: a checkout named with spaces gets an environment named without; a home with a space
+    is refused with the way out, before anything is created."""
+    checkout = tmp_path / "my gaisnet (2)"
+    checkout.mkdir()
+
+    def ensure(home: Path) -> subprocess.CompletedProcess[str]:
+        cmd = f"source {REPO / 'scripts/_venv.sh'} && venv_home && ensure_venv ''"
+        env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHON": sys.executable}
+        return subprocess.run(["bash", "-c", cmd], cwd=checkout, env=env, capture_output=True,
+                              text=True)  # fmt: skip
+
+    refused = ensure(tmp_path / "Jane Doe")
+    assert refused.returncode == 1, refused.stderr
+    place = refused.stdout.strip()
+    assert place.startswith(f"{tmp_path}/Jane Doe/.cache/gaisnet-flwr/venvs/my-gaisnet--2--")
+    assert "a path with a space" in refused.stderr and "GAISNET_VENV_DIR" in refused.stderr
+    assert not (tmp_path / "Jane Doe").exists() and not (checkout / ".venv").exists()
+
+
 def test_the_environment_lives_outside_the_app_folder(tmp_path: Path) -> None:
     """scripts/_venv.sh puts the environment outside the checkout, `.venv` a link to it, because
     `flwr run .` walks every file of the app folder but never enters a symlinked folder."""
@@ -99,6 +122,7 @@ def test_the_environment_lives_outside_the_app_folder(tmp_path: Path) -> None:
 
     place = Path(home({"HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}))
     assert place.is_relative_to(tmp_path / "home" / ".cache" / "gaisnet-flwr")
+    assert place.name.startswith(f"{tmp_path.name}-")
     assert home({"GAISNET_VENV_DIR": "/elsewhere/env", "PATH": "/usr/bin:/bin"}) == "/elsewhere/env"
 
     (tmp_path / "env" / "lib").mkdir(parents=True)
