@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def test_an_environment_path_with_a_space_is_avoided_or_refused_before_any_insta
     checkout.mkdir()
 
     def ensure(home: Path) -> subprocess.CompletedProcess[str]:
-        cmd = f"source {REPO / 'scripts/_venv.sh'} && venv_home && ensure_venv ''"
+        cmd = f"source {shlex.quote(str(REPO / 'scripts/_venv.sh'))} && venv_home && ensure_venv ''"
         env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHON": sys.executable}
         return subprocess.run(["bash", "-c", cmd], cwd=checkout, env=env, capture_output=True,
                               text=True)  # fmt: skip
@@ -114,7 +115,7 @@ def test_the_environment_lives_outside_the_app_folder(tmp_path: Path) -> None:
     from flwr.cli.utils import collect_files
 
     def home(env: dict[str, str]) -> str:
-        cmd = f"source {REPO / 'scripts/_venv.sh'} && venv_home"
+        cmd = f"source {shlex.quote(str(REPO / 'scripts/_venv.sh'))} && venv_home"
         done = subprocess.run(
             ["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
         )
