@@ -19,8 +19,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # name -> run-config keys of the model (the rest: the embedded default's)
 MODELS: dict[str, dict[str, int | str]] = {
@@ -57,7 +58,9 @@ def one_model(keys: dict[str, int | str], images: int, repeats: int) -> dict[str
     cfg = RunConfig.from_run_config({**keys, "foundation": "none", "device": "cpu"})
     data, edges = edge_pools(derive(cfg))
     test = edges[0].test
-    test = Subset(test, range(min(images, len(test)))) if images else test
+    total = len(cast(Sized, test))  # the in-memory digits
+    count = min(images, total) if images else total
+    test = Subset(test, range(count))
     model = build_model(cfg.model, cfg.cloud, data.num_classes, cfg.run.seed)
     counts = {"1 thread": 1, "all cores": torch.get_num_threads()}
     times: dict[str, list[float]] = {name: [] for name in counts}
@@ -72,7 +75,7 @@ def one_model(keys: dict[str, int | str], images: int, repeats: int) -> dict[str
             results[name] = (result.loss, result.accuracy)
     ratios = [a / b for a, b in zip(times["all cores"], times["1 thread"], strict=True)]
     return {
-        "images": len(test),
+        "images": count,
         "threads": counts,
         "seconds": times,
         "median s": {name: statistics.median(t) for name, t in times.items()},
