@@ -14,7 +14,8 @@
 
 venv_home() {
     local key name
-    key=$(printf '%s' "$PWD" | sha256sum | cut -c1-12)
+    # sha256sum (GNU coreutils), or shasum where there is none (macOS): the same digest
+    key=$(printf '%s' "$PWD" | { sha256sum 2>/dev/null || shasum -a 256; } | cut -c1-12)
     # The checkout's name with anything but letters, digits, '.', '_' and '-' made '-': a space
     # in the environment's path breaks Flower's SuperLink (check_venv_path).
     name=$(printf '%s' "$(basename "$PWD")" | tr -c 'A-Za-z0-9._-' '-')

@@ -124,6 +124,14 @@ def test_the_environment_lives_outside_the_app_folder(tmp_path: Path) -> None:
     place = Path(home({"HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}))
     assert place.is_relative_to(tmp_path / "home" / ".cache" / "gaisnet-flwr")
     assert place.name.startswith(f"{tmp_path.name}-")
+    # Without GNU's sha256sum (macOS has shasum): the same place.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("bash", "tr", "cut", "basename", "shasum", "perl"):
+        if found := shutil.which(tool):
+            (tools / tool).symlink_to(found)
+    if (tools / "shasum").exists():
+        assert home({"HOME": str(tmp_path / "home"), "PATH": str(tools)}) == str(place)
     assert home({"GAISNET_VENV_DIR": "/elsewhere/env", "PATH": "/usr/bin:/bin"}) == "/elsewhere/env"
 
     (tmp_path / "env" / "lib").mkdir(parents=True)
