@@ -352,6 +352,32 @@ def test_the_final_line_names_a_results_folder_with_spaces_so_that_it_is_found(
     assert flwr_local.final_results("FINAL: no folder named") is None
 
 
+def test_flower_installed_under_a_path_with_a_space_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Flower 1.42's SuperLink fails there with "no such table: fab" (its alembic migration
+    # folders are space-separated); the drivers say so before starting any process.
+    flwr_local.check_flower_install()  # this environment's
+    spaced = "/Users/Jane Doe/venv/lib/python3.11/site-packages/flwr"
+    with pytest.raises(ValueError, match="a path with a space") as err:
+        flwr_local.check_flower_install(spaced)
+    assert spaced in str(err.value) and "no such table: fab" in str(err.value)
+    from importlib.machinery import ModuleSpec
+
+    found = ModuleSpec("flwr", None, origin=f"{spaced}/__init__.py")
+    monkeypatch.setattr(flwr_local.importlib.util, "find_spec", lambda name: found)
+    started: list[Path] = []
+    monkeypatch.setattr(flwr_local, "stop_local_superlink", lambda home: started.append(home))
+    with pytest.raises(SystemExit, match="error: Flower is installed under '/Users/Jane Doe/"):
+        flwr_local.main(["run", "--output-dir", str(tmp_path / "out")])
+    assert not started and not (tmp_path / "out").exists()
+    from gaisnet_flwr.experiments import lab
+
+    with pytest.raises(SystemExit, match="error: Flower is installed under '/Users/Jane Doe/"):
+        lab.main(["run", "--dir", str(tmp_path / "lab")])
+    assert not (tmp_path / "lab").exists()  # no process, no folder
+
+
 def test_a_completed_run_says_how_many_clusters_failed(tmp_path: Path) -> None:
     final = (
         "FINAL: central test accuracy 0.5 after 5 rounds (1 edge(s), 4 clusters; 3 cluster "

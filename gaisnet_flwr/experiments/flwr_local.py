@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -214,6 +215,23 @@ def private_env(home: Path) -> dict[str, str]:
         "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1]),
         "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local",
     }
+
+
+def check_flower_install(flower_dir: str | None = None) -> None:
+    """Flower 1.42's SuperLink cannot create its database when Flower is installed under a path
+    with a space: it hands alembic its migration folders as one space-separated string
+    (flwr/supercore/state/alembic/utils.py), none is found, and `flwr run` fails with "no such
+    table: fab". Refused (ValueError) before any process starts, with the way out."""
+    if flower_dir is None:
+        spec = importlib.util.find_spec("flwr")  # found, not imported
+        flower_dir = str(Path(spec.origin).parent) if spec and spec.origin else ""
+    if any(ch.isspace() for ch in flower_dir):
+        raise ValueError(
+            f"Flower is installed under {flower_dir!r}, a path with a space: Flower 1.42's "
+            "SuperLink cannot start from there (its database migrations are not found: 'no such "
+            "table: fab'). Install into an environment whose path has no spaces (scripts/run.sh "
+            "does: GAISNET_VENV_DIR picks its place)"
+        )
 
 
 def check_ports_free(ports: list[int]) -> None:
@@ -578,6 +596,7 @@ def run(
         federation = federation_config(
             num_supernodes, cpus, gpus, ray_address=os.environ["RAY_ADDRESS"] if joins else None
         )
+        check_flower_install()
         values, extra = split_run_config(extra)
         overrides = {"output-dir": str(output_dir), **read_run_config(values)}
         if check:

@@ -669,6 +669,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.command != "down":
+        try:
+            flwr_local.check_flower_install()
+        except ValueError as err:
+            sys.exit(f"error: {err}")
     if args.command == "down":
         pids_file = args.dir / "pids.json"
         if not pids_file.is_file():
