@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         record.run_config = {"repeats": args.repeats, "clusters": args.clusters,
                              "run-config": args.run_config}  # fmt: skip
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"summary": row, "runs": [asdict(r) for r in runs]},
-                                       indent=1) + "\n")  # fmt: skip
-        record.write(args.out.parent)
-        print(f"wrote {args.out} and {args.out.parent / 'provenance.json'}")
+        record.write_beside(args.out, {"summary": row, "runs": [asdict(r) for r in runs]})
     return 0 if row["same final modules"] else 1
 
 

@@ -22,7 +22,6 @@ at 1, at load 2, issue 28); the clusters run at one thread each, as `flwr run` g
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shlex
 import sys
@@ -111,11 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         f"run {figures['run s']:.0f} s"
     )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         record.run_config = {"settings": settings}
-        args.out.write_text(json.dumps(figures, indent=1) + "\n")
-        record.write(args.out.parent)
-        print(f"wrote {args.out} and {args.out.parent / 'provenance.json'}")
+        record.write_beside(args.out, figures)
     return 0
 
 

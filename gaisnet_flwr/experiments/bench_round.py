@@ -25,7 +25,6 @@ their range. Upload bytes are Flower's own count of the ArrayRecord each client 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -271,13 +270,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{up_h / up_s:.4f}x ({up_s / up_h:.0f}x less to upload), D2D {d2d:,} B"
     )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         record.run_config = {
             "run-config": overrides, "clusters": args.clusters, "warmup pairs": args.warmup,
         }  # fmt: skip
-        args.out.write_text(json.dumps({"summary": summary, "pairs": pairs}, indent=1) + "\n")
-        record.write(args.out.parent)
-        print(f"wrote {args.out} and {args.out.parent / 'provenance.json'}")
+        record.write_beside(args.out, {"summary": summary, "pairs": pairs})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ accuracy (float sums are split by thread, so the loss may differ in its last bit
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -119,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['all cores / 1 thread (median)']:.2f}x [{low:.2f}, {high:.2f}]; same "
               f"accuracy: {row['same accuracy']}", flush=True)  # fmt: skip
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(figures, indent=1) + "\n")
-        record.write(args.out.parent)
-        print(f"wrote {args.out} and {args.out.parent / 'provenance.json'}")
+        record.write_beside(args.out, figures)
     return 0
 
 

@@ -253,11 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"N = {s['clusters']} (medians of {s['turns']}): {medians}; {ratios}", flush=True)
     if args.out is not None:
         record.run_config = {"clusters": clusters, "repeats": args.repeats, "ours": ours_config}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        data = {"summary": rows, "runs": [asdict(r) for r in runs]}
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
-        record.write(args.out.parent)
-        print(f"wrote {args.out} and {args.out.parent / 'provenance.json'}")
+        record.write_beside(args.out, {"summary": rows, "runs": [asdict(r) for r in runs]})
     return 0
 
 

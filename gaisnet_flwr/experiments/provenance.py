@@ -123,6 +123,13 @@ class Provenance:
             _started=time.monotonic(),
         )
 
+    def write_beside(self, out: Path, data: Any) -> None:
+        """A benchmark's figures: `data` as JSON in `out`, this record beside it
+        (`out`'s folder/provenance.json), and a line saying so."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {out} and {self.write(out.parent)}")
+
     def write(self, folder: Path) -> Path:
         """Finish the record (load now, wall time) and write it as `folder/provenance.json`."""
         self.load_average_end = [round(x, 2) for x in os.getloadavg()]
