@@ -53,7 +53,7 @@ DEPLOYED_PULL_INTERVAL_S = 0.2
 def is_http_grid(grid: Grid) -> bool:
     """Whether `grid` is Flower's deployed grid, which reaches its SuperLink over HTTP. Its
     module is looked up, not imported: a deployed ServerApp has imported it to make the grid,
-    and importing it elsewhere costs 0.7 s."""
+    and importing it elsewhere took 0.7 s on this project's 2-core CPU."""
     http_grid = sys.modules.get("flwr.superlink.grid.http_grid")
     return http_grid is not None and isinstance(grid, http_grid.HttpGrid)
 
