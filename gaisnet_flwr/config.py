@@ -541,6 +541,15 @@ class HierarchySection(Section):
     fraction_evaluate: float = option(
         1.0, "share of clusters in federated evaluation", low=0, high=1
     )
+    # The ServerApp's central evaluation covers each edge's whole test set: at ViT-B/16 on a CPU
+    # Flowers102's 6,149 test images take minutes a round (docs/measured.md, the ServerApp's
+    # threads). The initial model and the last round are always evaluated.
+    central_eval_every: int = option(
+        1,
+        "central evaluation every K rounds (and always before round 1 and after the last)",
+        low=1,
+        high=10_000,
+    )
     min_clusters: int = option(
         0, "deployment: wait for this many SuperNodes; 0 = whoever is there", low=0, high=10_000
     )
@@ -651,6 +660,12 @@ class RunConfig:
             raise ConfigError(
                 f"service='integrated' runs in one ServerApp: it needs tier='hierarchy' "
                 f"(tier={tier!r})"
+            )
+        if self.hierarchy.central_eval_every > 1 and self.scheduling.service == "integrated":
+            raise ConfigError(
+                f"central-eval-every={self.hierarchy.central_eval_every} applies to "
+                f"service='finetune': the integrated mode evaluates the fine-tuned edge after "
+                f"each of its fine-tuning rounds; leave central-eval-every=1"
             )
         if self.data.cluster_samples == 1 and self.hierarchy.fraction_evaluate > 0:
             raise ConfigError(

@@ -125,6 +125,11 @@ INVALID = [
     ({"momentum": 1.0}, ["momentum"]),
     ({"fraction-evaluate": 1.5}, ["fraction-evaluate", "[0, 1]"]),
     ({"fraction-evaluate": -0.1}, ["fraction-evaluate", "[0, 1]"]),
+    ({"central-eval-every": 0}, ["central-eval-every", ">= 1"]),
+    (
+        {"central-eval-every": 2, "service": "integrated", "demand": "0,0"},
+        ["central-eval-every=2", "service='finetune'", "central-eval-every=1"],
+    ),
     ({"strategy-options": "proximal_mu="}, ["strategy-options"]),
     ({"strategy-options": "mu 0.1"}, ["strategy-options"]),
 ]

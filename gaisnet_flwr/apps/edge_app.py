@@ -206,8 +206,8 @@ def run_edge(grid: Grid, derived: Derived) -> RunResult:
             num_rounds=cfg.inference.inference_requests,
             timeout=300,
         )
-    rows = edge.recorder.rows
+    last = edge.recorder.rows[-1] if edge.recorder.rows else {}
     log(INFO, "FINAL: edge %d, central test accuracy %.4f after %d rounds; results in %s "
-        "(modules: %s)", h.edge_id, rows[-1][c.ACCURACY] if rows else float("nan"),
-        h.num_rounds, shlex.quote(str(run.output_dir)), path.name)  # fmt: skip
+        "(modules: %s)", h.edge_id, last.get(c.ACCURACY, float("nan")), h.num_rounds,
+        shlex.quote(str(run.output_dir)), path.name)  # fmt: skip
     return run.result

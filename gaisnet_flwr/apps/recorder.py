@@ -79,12 +79,20 @@ class RunResult:
 
     def accuracy(self, server_round: int, edge: int | None = None) -> float:
         """The central test accuracy after `server_round`: the mean over the edges, or edge's."""
-        row = self.rows[server_round]
-        return float(row[ACCURACY if edge is None else edge_key(edge, ACCURACY)])
+        return self._central(server_round, ACCURACY if edge is None else edge_key(edge, ACCURACY))
 
     def loss(self, server_round: int, edge: int | None = None) -> float:
+        return self._central(server_round, "loss" if edge is None else edge_key(edge, "loss"))
+
+    def _central(self, server_round: int, key: str) -> float:
         row = self.rows[server_round]
-        return float(row["loss" if edge is None else edge_key(edge, "loss")])
+        if key not in row:
+            evaluated = [r["round"] for r in self.rows if key in r]
+            raise KeyError(
+                f"round {server_round} has no {key!r}: the central evaluation ran after rounds "
+                f"{evaluated} (run-config central-eval-every)"
+            )
+        return float(row[key])
 
     def train(self, server_round: int, key: str, default: Any = None) -> Any:
         """A round's aggregated train metric (`contract` keys, e.g. `contract.LATENCY`);
@@ -145,8 +153,9 @@ class RoundRecorder:
         row.update((f"{EVALUATE_ROW}/{k}", v) for k, v in metrics.items())
 
     def record(self, server_round: int, central: Mapping[str, float]) -> None:
-        """Complete a round with its central evaluation (a round with failures is complete,
-        but marked) and write every row so far."""
+        """Complete a round with its central evaluation (none on a round that
+        `central-eval-every` skips; a round with failures is complete, but marked) and write
+        every row so far."""
         now = time.perf_counter(), time.process_time()
         row: dict[str, Any] = {"round": server_round, **central}
         if server_round > 0:
@@ -173,9 +182,10 @@ class RoundRecorder:
         """The round in one line (under ~200 characters with one edge; the rest is in the
         files): central accuracy and loss (per edge, with several), failures, the clusters'
         training, the traffic, the cost model's price, the wall time."""
-        head = (
-            f"[round {row['round']}/{self.num_rounds}] acc {row[ACCURACY]:.4f} "
-            f"loss {row['loss']:.4f}"
+        head = f"[round {row['round']}/{self.num_rounds}] " + (
+            f"acc {row[ACCURACY]:.4f} loss {row['loss']:.4f}"
+            if ACCURACY in row
+            else "(no central evaluation)"
         )
         edges = [k for k in row if k.startswith("edge") and k.endswith(f"/{ACCURACY}")]
         if len(edges) > 1:

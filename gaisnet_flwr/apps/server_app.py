@@ -345,15 +345,22 @@ class HfslRun:
         row["loss"] = sum(row[c.edge_key(e, "loss")] for e in edges) / len(edges)
         return row
 
-    def evaluate_fn(self, recorder: RoundRecorder) -> Callable[[int, ArrayRecord], MetricRecord]:
-        """Flower's central evaluation: record the round, keep its modules."""
+    def evaluate_fn(
+        self, recorder: RoundRecorder
+    ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+        """Flower's central evaluation: keep the round's modules, record the round (with its
+        accuracy on the rounds `central-eval-every` names, round 0 and the last)."""
+        h = self.cfg.hierarchy
 
-        def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            recorder.save_round_modules(server_round, {k: v.numpy() for k, v in arrays.items()})
+            if server_round % h.central_eval_every and server_round != h.num_rounds:
+                recorder.record(server_round, {})  # the round's row, without accuracy
+                return None
             started = time.perf_counter()
             row = self.central_evaluation(arrays)
             seconds = time.perf_counter() - started  # in metrics.json, not in Flower's record
             recorder.record(server_round, {**row, c.CENTRAL_EVAL_TIME: seconds})
-            recorder.save_round_modules(server_round, {k: v.numpy() for k, v in arrays.items()})
             return MetricRecord(row)  # type: ignore[arg-type]
 
         return central_evaluate
