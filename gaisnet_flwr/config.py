@@ -579,7 +579,7 @@ class HierarchySection(Section):
         high=1e6, low_open=True,
     )  # fmt: skip
     resume: bool = option(
-        False, "tier='cloud': go on after the last cloud round saved in output-dir"
+        False, "go on after the last round saved in output-dir (fine-tuning, or tier='cloud')"
     )
 
     def relations(self) -> None:
@@ -666,6 +666,12 @@ class RunConfig:
                 f"central-eval-every={self.hierarchy.central_eval_every} applies to "
                 f"service='finetune': the integrated mode evaluates the fine-tuned edge after "
                 f"each of its fine-tuning rounds; leave central-eval-every=1"
+            )
+        if self.hierarchy.resume and self.scheduling.service == "integrated":
+            raise ConfigError(
+                "resume=true goes on with fine-tuning (service='finetune'): the integrated "
+                "mode's scheduler keeps its history in memory only; start it afresh "
+                "(resume=false)"
             )
         if self.data.cluster_samples == 1 and self.hierarchy.fraction_evaluate > 0:
             raise ConfigError(

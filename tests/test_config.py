@@ -130,6 +130,10 @@ INVALID = [
         {"central-eval-every": 2, "service": "integrated", "demand": "0,0"},
         ["central-eval-every=2", "service='finetune'", "central-eval-every=1"],
     ),
+    (
+        {"resume": True, "service": "integrated", "demand": "0,0"},
+        ["resume=true", "service='finetune'", "resume=false"],
+    ),
     ({"strategy-options": "proximal_mu="}, ["strategy-options"]),
     ({"strategy-options": "mu 0.1"}, ["strategy-options"]),
 ]

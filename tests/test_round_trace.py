@@ -42,8 +42,10 @@ PACKAGES = ("gaisnet_flwr", "strategies", "clients")
 # and a 0.2 s pull there)
 # central-eval-every: +3 lines (whether the round is one the ServerApp evaluates; the round's
 # line without an accuracy)
+# resume: +10 lines (the boundary's and the preparation's "is it a resumed run", the round
+# loop's start from the folder's last round or from the initial modules)
 MAX_FILES = 34
-MAX_LINES = 2444
+MAX_LINES = 2454
 PAGE_SENTENCE = (
     "one in-process HFSL round executes {files} project files and {lines:,} distinct lines"
 )

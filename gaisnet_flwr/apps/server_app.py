@@ -34,6 +34,7 @@ from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
 from gaisnet_flwr.apps.failed import clear_failed, mark_failed
 from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult, quiet_strategy_log
+from gaisnet_flwr.apps.resume import Resumed, check_resumable
 from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
 from gaisnet_flwr.cloud.foundation import Foundation, check_timm_weights
 from gaisnet_flwr.config import ConfigError, RunConfig
@@ -54,7 +55,7 @@ from gaisnet_flwr.split.precision import Precision, resolve_device, torch_thread
 from gaisnet_flwr.training.loops import evaluate
 from gaisnet_flwr.vit.model import PromptedViT
 from strategies.cloud_edge import Cloud, CloudEdgeStrategy
-from strategies.edge import EdgeServer, GridView
+from strategies.edge import EdgeServer, GridView, RoundOffset
 from strategies.integrated import IntegratedStrategy
 from strategies.options import unknown_ranges
 from strategies.registry import EdgeStrategy, UnknownStrategyError, check_strategy
@@ -75,7 +76,14 @@ def check_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Derived]
         log(INFO, "strategy option %s", note)  # what cannot be checked here, stated once
     if cfg.cloud.foundation == "timm":  # offline: seconds, not a minute of download retries
         check_timm_weights(cfg.model.model_name)
+    if cfg.hierarchy.resume and cfg.hierarchy.tier == "hierarchy":  # what it resumes, readable
+        check_resumable(strategy.cls)
+        Resumed.load(output_folder(cfg), cfg.to_dict(), cfg.hierarchy.num_rounds)
     return cfg, derived
+
+
+def output_folder(cfg: RunConfig) -> Path:
+    return Path(cfg.run.output_dir).expanduser().resolve()
 
 
 def edge_strategy(cfg: RunConfig) -> EdgeStrategy:
@@ -300,6 +308,7 @@ class HfslRun:
     edge_servers: dict[int, EdgeServer]  # one per edge, with the configured strategy
     builder: TaskBuilder
     population: PopulationRun | None = None  # with run-config population: who runs what
+    resumed: Resumed | None = None  # with run-config resume: the earlier run's last round
     result: RunResult = field(init=False)
     _requester: str = ""  # the device the latest inference request came from
 
@@ -557,8 +566,13 @@ def prepare(grid: Grid, derived: Derived, edge: int | None = None) -> HfslRun:
     'edge'): its clusters only, and the foundation the cloud shipped it, never one made here."""
     cfg = derived.cfg
     run_config = cfg.to_dict()  # the flat run-config, as config.json and the trackers keep it
-    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
+    output_dir = output_folder(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    resumed = None
+    if cfg.hierarchy.resume and edge is None:  # checked at the boundary; read before config.json
+        resumed = Resumed.load(output_dir, run_config, cfg.hierarchy.num_rounds)  # is rewritten
+        done = "no round" if resumed is None else f"round {resumed.completed}"
+        log(INFO, "resume: %s holds %s completed; going on from there", output_dir, done)
     clear_failed(output_dir)
     (output_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     nodes = wait_for_clusters(grid, cfg.hierarchy.min_clusters)
@@ -614,8 +628,9 @@ def prepare(grid: Grid, derived: Derived, edge: int | None = None) -> HfslRun:
             plan.num_peers,
             plan.sizes(),
         )
+    servers = clusters.servers
     return HfslRun(
-        derived, run_config, output_dir, model, edges, tasks, clusters.servers, builder, population
+        derived, run_config, output_dir, model, edges, tasks, servers, builder, population, resumed
     )
 
 
@@ -629,12 +644,19 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
         cfg.run.mlflow_tracking_uri,
         run.result,
     )
+    strategy: Strategy = run.hierarchy(recorder)
+    initial, evaluate_fn, done = run.initial_modules(), run.evaluate_fn(recorder), 0
+    if run.resumed is not None:  # rounds done+1.. from the folder's last round (apps/resume.py)
+        done, initial, central = run.resumed.completed, run.resumed.modules, evaluate_fn
+        recorder.rows.extend(run.resumed.rows)
+        strategy = offset = RoundOffset(strategy, done)
+        evaluate_fn = offset.evaluate(lambda r, arrays: None if r == done else central(r, arrays))
     try:
-        result = run.hierarchy(recorder).start(
+        result = strategy.start(
             grid=grid,
-            initial_arrays=run.initial_modules(),
-            num_rounds=cfg.hierarchy.num_rounds,
-            evaluate_fn=run.evaluate_fn(recorder),
+            initial_arrays=initial,
+            num_rounds=cfg.hierarchy.num_rounds - done,
+            evaluate_fn=evaluate_fn,
         )
     except BaseException:
         recorder.close(failed=True)  # the rounds so far: summary.png, trackers marked failed
@@ -721,7 +743,7 @@ def create_server_app(
         output_dir: Path | None = None  # known once the run-config is
         try:
             cfg, derived = check_run_config(context.run_config or fallback_config or {})
-            output_dir = Path(cfg.run.output_dir).expanduser().resolve()
+            output_dir = output_folder(cfg)
             check_mlflow(cfg.run.mlflow_tracking_uri)  # before any work
             # At most max-in-flight messages at once: Flower's simulation loop scans every
             # stored message for every node (strategies/edge.py: GridView).

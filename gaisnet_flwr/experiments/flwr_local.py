@@ -372,13 +372,15 @@ def stream_run(
     echo: bool,
     env: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    append: bool = False,
 ) -> RunOutcome:
     """Run `flwr run ... --stream`, tee its output to `log_path` (and stdout if `echo`), and
     pick the run id and the FINAL line out of it. Without `echo`, `progress` gets the lines
-    that say how far the run got (`progress_text`)."""
+    that say how far the run got (`progress_text`). With `append` (a resumed run) the log
+    goes on after the earlier run's."""
     run_id, final, failure = None, None, None
     with (
-        log_path.open("w") as log,
+        log_path.open("a" if append else "w") as log,
         subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
         ) as proc,
@@ -633,7 +635,8 @@ def run(
     )
     record.run_config = {**overrides, "output-dir": str(output_dir)}
     try:
-        outcome = stream_run(cmd, log_path, echo=True)
+        resumed = overrides.get("resume") is True  # run.log goes on after the stopped run's
+        outcome = stream_run(cmd, log_path, echo=True, append=resumed)
         outcome.check(flwr, default_results=output_dir)  # asks the SuperLink: before stopping it
     finally:
         run_config.unlink(missing_ok=True)
