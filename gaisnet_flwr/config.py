@@ -550,6 +550,17 @@ class HierarchySection(Section):
         low=1,
         high=10_000,
     )
+    # "The above process iterates until the model converges or a predefined number of rounds
+    # is reached" (paper Sec. III-C.1): num-rounds is the most; either rule may stop it sooner.
+    target_accuracy: float = option(
+        0.0, "stop fine-tuning once the central accuracy reaches it; 0 = off", low=0, high=1
+    )
+    patience: int = option(
+        0,
+        "stop fine-tuning after this many central evaluations without a better accuracy; 0 = off",
+        low=0,
+        high=10_000,
+    )
     min_clusters: int = option(
         0, "deployment: wait for this many SuperNodes; 0 = whoever is there", low=0, high=10_000
     )
@@ -666,6 +677,15 @@ class RunConfig:
                 f"central-eval-every={self.hierarchy.central_eval_every} applies to "
                 f"service='finetune': the integrated mode evaluates the fine-tuned edge after "
                 f"each of its fine-tuning rounds; leave central-eval-every=1"
+            )
+        h = self.hierarchy
+        if (h.target_accuracy or h.patience) and (
+            h.tier != "hierarchy" or self.scheduling.service == "integrated"
+        ):
+            raise ConfigError(
+                f"target-accuracy={h.target_accuracy} / patience={h.patience} stop fine-tuning "
+                f"in one ServerApp (tier='hierarchy', service='finetune'); here tier="
+                f"{h.tier!r}, service={self.scheduling.service!r}: leave both at 0"
             )
         if self.hierarchy.resume and self.scheduling.service == "integrated":
             raise ConfigError(

@@ -190,6 +190,10 @@ ROUND_CPU = "round-cpu-s"
 # ... and the wall time of its central evaluation (every edge model on its test set), part of
 # the round's: what a benchmark states as the evaluation's share of a round.
 CENTRAL_EVAL_TIME = "central-eval-s"
+# ... and the fine-tuning so far as the cost model prices it (the sums of `train/round-latency-s`
+# and `train/energy-j` through the round): the paper's convergence latency and energy cost
+# (Sec. III-C.2) at the round the run stops.
+TOTAL_LATENCY, TOTAL_ENERGY = "total-latency-s", "total-energy-j"
 
 
 class UndeclaredMetricError(ValueError):

@@ -22,6 +22,19 @@ from gaisnet_flwr.contract import ClusterTask
 
 # A 32x32 input, 8x8 patches -> 16 patch tokens; depth 6 so plans over 1-6 peers exist.
 TINY = dict(img_size=32, patch_size=8, depth=6, embed_dim=32, num_heads=2)
+# A whole run in seconds: the apps on a tiny random-backbone ViT, 2 edges (the digits and their
+# inverted domain), no inference requests.
+TINY_RUN: dict[str, Any] = {
+    "depth": 2,
+    "embed-dim": 32,
+    "num-heads": 2,
+    "peers-per-cluster": 2,
+    "batch-size": 64,
+    "foundation": "none",
+    "inference-requests": 0,
+    "device": "cpu",
+    "edge-domains": "none,invert",
+}
 
 # The prefix-token / pooling layouts a PromptedViT must handle exactly (tests/test_exactness.py
 # covers more timm families).

@@ -20,19 +20,9 @@ from flwr.common.logger import FLOWER_LOGGER
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.apps.recorder import RunResult
+from tests.conftest import TINY_RUN
 
-TINY: dict[str, Any] = {
-    "depth": 2,
-    "embed-dim": 32,
-    "num-heads": 2,
-    "peers-per-cluster": 2,
-    "num-rounds": 3,
-    "batch-size": 64,
-    "foundation": "none",
-    "inference-requests": 0,
-    "device": "cpu",
-    "edge-domains": "none,invert",
-}
+TINY: dict[str, Any] = {**TINY_RUN, "num-rounds": 3}
 CENTRAL = (c.ACCURACY, "loss", c.CENTRAL_EVAL_TIME, "edge0/accuracy", "edge1/loss")
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

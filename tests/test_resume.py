@@ -20,19 +20,9 @@ from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.apps.recorder import RunResult
 from gaisnet_flwr.apps.server_app import check_run_config
 from gaisnet_flwr.config import ConfigError
+from tests.conftest import TINY_RUN
 
-TINY: dict[str, Any] = {
-    "depth": 2,
-    "embed-dim": 32,
-    "num-heads": 2,
-    "peers-per-cluster": 2,
-    "batch-size": 64,
-    "foundation": "none",
-    "inference-requests": 0,
-    "device": "cpu",
-    "edge-domains": "none,invert",
-    "cloud-every": 2,
-}
+TINY: dict[str, Any] = {**TINY_RUN, "cloud-every": 2}
 TIMES = {c.ROUND_TIME, c.ROUND_CPU, c.CENTRAL_EVAL_TIME}
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

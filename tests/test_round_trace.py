@@ -44,8 +44,10 @@ PACKAGES = ("gaisnet_flwr", "strategies", "clients")
 # line without an accuracy)
 # resume: +10 lines (the boundary's and the preparation's "is it a resumed run", the round
 # loop's start from the folder's last round or from the initial modules)
+# convergence: +12 lines (the totals of latency and energy in each row and the FINAL line's
+# next; whether a stopping rule is on; the round loop's early end)
 MAX_FILES = 34
-MAX_LINES = 2454
+MAX_LINES = 2466
 PAGE_SENTENCE = (
     "one in-process HFSL round executes {files} project files and {lines:,} distinct lines"
 )

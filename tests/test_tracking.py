@@ -28,20 +28,10 @@ from gaisnet_flwr.apps import tracking
 from gaisnet_flwr.apps.inprocess import run_inprocess
 from gaisnet_flwr.apps.recorder import RoundRecorder
 from gaisnet_flwr.apps.tracking import check_mlflow, mlflow_key, scalars, tag
+from tests.conftest import TINY_RUN
 
 HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None
-TINY: dict[str, Any] = {
-    "depth": 2,
-    "embed-dim": 32,
-    "num-heads": 2,
-    "peers-per-cluster": 2,
-    "num-rounds": 2,
-    "batch-size": 64,
-    "foundation": "none",
-    "inference-requests": 0,
-    "device": "cpu",
-    "edge-domains": "none,invert",
-}
+TINY: dict[str, Any] = {**TINY_RUN, "num-rounds": 2}
 
 
 def read_events(log_dir: Path) -> EventAccumulator:

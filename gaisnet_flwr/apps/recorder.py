@@ -37,10 +37,14 @@ from gaisnet_flwr.apps.summary import plot_summary
 from gaisnet_flwr.apps.tracking import Tracking
 from gaisnet_flwr.contract import (
     ACCURACY,
+    ENERGY,
     EVALUATE_ROW,
     FAILED_CLUSTERS,
     ROUND_CPU,
+    ROUND_LATENCY,
     ROUND_TIME,
+    TOTAL_ENERGY,
+    TOTAL_LATENCY,
     TRAIN_ROW,
     edge_key,
 )
@@ -164,6 +168,9 @@ class RoundRecorder:
             row[FAILED_CLUSTERS] = row.get(f"{TRAIN_ROW}/{FAILED_CLUSTERS}", 0)
             row["failures"] = row.pop("failures", [])  # the list after the counts
             row[ROUND_TIME], row[ROUND_CPU] = now[0] - self._clock[0], now[1] - self._clock[1]
+        before = self.rows[-1] if self.rows else {}
+        for total, key in ((TOTAL_LATENCY, ROUND_LATENCY), (TOTAL_ENERGY, ENERGY)):
+            row[total] = before.get(total, 0.0) + row.get(f"{TRAIN_ROW}/{key}", 0.0)
         self._clock = now
         self.rows.append(row)
         write_rows(self.output_dir, self.rows)

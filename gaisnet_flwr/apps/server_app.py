@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import Strategy
 
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
+from gaisnet_flwr.apps.convergence import Converged, stop_reason
 from gaisnet_flwr.apps.failed import clear_failed, mark_failed
 from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult, quiet_strategy_log
 from gaisnet_flwr.apps.resume import Resumed, check_resumable
@@ -358,7 +359,8 @@ class HfslRun:
         self, recorder: RoundRecorder
     ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
         """Flower's central evaluation: keep the round's modules, record the round (with its
-        accuracy on the rounds `central-eval-every` names, round 0 and the last)."""
+        accuracy on the rounds `central-eval-every` names, round 0 and the last), and stop
+        fine-tuning where a rule of apps/convergence.py says so."""
         h = self.cfg.hierarchy
 
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -370,6 +372,10 @@ class HfslRun:
             row = self.central_evaluation(arrays)
             seconds = time.perf_counter() - started  # in metrics.json, not in Flower's record
             recorder.record(server_round, {**row, c.CENTRAL_EVAL_TIME: seconds})
+            if (h.target_accuracy or h.patience) and (
+                why := stop_reason(recorder.rows, h.target_accuracy, h.patience)
+            ):
+                raise Converged(server_round, arrays, why)
             return MetricRecord(row)  # type: ignore[arg-type]
 
         return central_evaluate
@@ -651,32 +657,39 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
         recorder.rows.extend(run.resumed.rows)
         strategy = offset = RoundOffset(strategy, done)
         evaluate_fn = offset.evaluate(lambda r, arrays: None if r == done else central(r, arrays))
+    stopped: Converged | None = None
     try:
-        result = strategy.start(
+        final = strategy.start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=cfg.hierarchy.num_rounds - done,
             evaluate_fn=evaluate_fn,
-        )
+        ).arrays
+    except Converged as stop:  # before num-rounds (target-accuracy, patience)
+        final, stopped = stop.arrays, stop
     except BaseException:
         recorder.close(failed=True)  # the rounds so far: summary.png, trackers marked failed
         raise
-    path = recorder.save_modules({k: v.numpy() for k, v in result.arrays.items()})
+    path = recorder.save_modules({k: v.numpy() for k, v in final.items()})
     failed = [int(r.get(c.FAILED_CLUSTERS, 0)) for r in recorder.rows[1:]]
     summary = recorder.close()
     if cfg.inference.inference_requests:  # SL inference with the fine-tuned edge models
         run.serving_strategy().start(
             grid=grid,
-            initial_arrays=result.arrays,
+            initial_arrays=final,
             num_rounds=cfg.inference.inference_requests,
             timeout=300,
         )
+    last = recorder.rows[-1]
+    if stopped is not None:
+        log(INFO, "stopped after round %d of %d: %s", last["round"], cfg.hierarchy.num_rounds,
+            stopped.why)  # fmt: skip
     log(
         INFO,
         "FINAL: central test accuracy %.4f after %d rounds (%d edge(s), %d clusters; "
         "%d cluster failure(s) in %d round(s)); results in %s",
-        recorder.rows[-1][c.ACCURACY],
-        cfg.hierarchy.num_rounds,
+        last[c.ACCURACY],
+        last["round"],
         len(run.edges),
         len(run.tasks),
         sum(failed),
@@ -691,6 +704,8 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
         summary.name,
         shlex.quote(str(run.output_dir.parent)),
     )
+    log(INFO, "  cost model, fine-tuning in all: latency %.1f s, energy %.1f J (%s, %s)",
+        last[c.TOTAL_LATENCY], last[c.TOTAL_ENERGY], c.TOTAL_LATENCY, c.TOTAL_ENERGY)  # fmt: skip
     return run.result
 
 
