@@ -78,6 +78,12 @@ def test_what_cannot_be_resumed_exactly_is_refused_at_the_boundary(
     assert not (whole.output_dir / "FAILED.txt").exists()  # the finished run is left as it was
 
 
+def test_how_the_run_is_watched_and_stopped_may_change(runs: Any) -> None:
+    whole = runs[0]
+    config = {**TINY, "num-rounds": 6, "output-dir": str(whole.output_dir), "resume": True}
+    check_run_config({**config, "central-eval-every": 2, "patience": 3, "server-threads": 0})
+
+
 def test_a_folder_without_rows_starts_afresh_and_one_without_modules_is_refused(
     tmp_path: Path,
 ) -> None:

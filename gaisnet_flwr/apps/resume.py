@@ -30,8 +30,21 @@ from gaisnet_flwr import contract as c
 from gaisnet_flwr.config import ConfigError, differing
 from strategies.registry import STRATEGIES
 
-# What a resumed run may change: it goes on in the same folder, for as many rounds as it says.
-MAY_CHANGE = frozenset({"resume", "num-rounds", "output-dir"})
+# What a resumed run may change: it goes on in the same folder, for as many rounds as it says,
+# and may watch and stop it otherwise; none of these changes what a round trains.
+MAY_CHANGE = frozenset(
+    {
+        "resume",
+        "num-rounds",
+        "output-dir",
+        "central-eval-every",
+        "target-accuracy",
+        "patience",
+        "server-threads",
+        "max-in-flight",
+        "mlflow-tracking-uri",
+    }
+)
 # Flower strategies that keep server state between rounds (an optimizer's moments, momentum).
 STATEFUL: tuple[type[Strategy], ...] = (FedOpt, FedAvgM)
 
