@@ -194,6 +194,8 @@ CENTRAL_EVAL_TIME = "central-eval-s"
 # and `train/energy-j` through the round): the paper's convergence latency and energy cost
 # (Sec. III-C.2) at the round the run stops.
 TOTAL_LATENCY, TOTAL_ENERGY = "total-latency-s", "total-energy-j"
+# ... and, on the round after which fine-tuning stopped before num-rounds, why (the rule met).
+STOPPED = "stopped"
 
 
 class UndeclaredMetricError(ValueError):

@@ -9,6 +9,7 @@ the run that went on, bit for bit, and ends on the round that met the rule.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,10 @@ def test_a_run_stops_on_the_round_that_meets_a_rule_with_the_rounds_of_one_that_
     assert meets < 8, "the full run must give the rule a round to stop at"
     result, log = stopped_run(tmp_path, settings)
     assert [r["round"] for r in result.rows] == list(range(meets + 1))
+    why = result.rows[meets].pop(c.STOPPED)
+    assert why.startswith("central accuracy" if rule == "target-accuracy" else "no better")
+    on_disk = json.loads((result.output_dir / "metrics.json").read_text())
+    assert on_disk[-1][c.STOPPED] == why
     assert [untimed(r) for r in result.rows] == [untimed(r) for r in full.rows[: meets + 1]]
     for key, value in full.round_modules[meets].items():
         assert np.array_equal(value, result.final_modules[key]), key

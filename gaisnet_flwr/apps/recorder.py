@@ -43,6 +43,7 @@ from gaisnet_flwr.contract import (
     ROUND_CPU,
     ROUND_LATENCY,
     ROUND_TIME,
+    STOPPED,
     TOTAL_ENERGY,
     TOTAL_LATENCY,
     TRAIN_ROW,
@@ -176,6 +177,11 @@ class RoundRecorder:
         write_rows(self.output_dir, self.rows)
         self.tracking.log_row(row)
         log(INFO, self.describe(row))
+
+    def stopped(self, why: str) -> None:
+        """Fine-tuning stopped before num-rounds (apps/convergence.py): the last row says why."""
+        self.rows[-1][STOPPED] = why
+        write_rows(self.output_dir, self.rows)
 
     def close(self, failed: bool = False) -> Path:
         """The run is over: draw summary.png, hand it and the metrics to the trackers and

@@ -667,6 +667,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
         ).arrays
     except Converged as stop:  # before num-rounds (target-accuracy, patience)
         final, stopped = stop.arrays, stop
+        recorder.stopped(stop.why)
     except BaseException:
         recorder.close(failed=True)  # the rounds so far: summary.png, trackers marked failed
         raise
