@@ -8,17 +8,24 @@ alternating, `--repeats` times. Printed and written: each count's median wall ti
 all cores / 1 thread per turn (median and range), and whether both counts gave the same loss and
 accuracy (float sums are split by thread, so the loss may differ in its last bits).
 
-    python scripts/bench_server_threads.py --out docs/threads/bench_server_threads.json
+With `--busy N`, N other processes keep a core each busy throughout (another job on the
+machine, or ClientApps training beside the ServerApp): what the default of 1 thread guards
+against, since torch's all-core threads then wait on cores that are taken.
+
+  python scripts/bench_server_threads.py --out docs/threads/bench_server_threads.json
+  python scripts/bench_server_threads.py --busy 1 --out docs/threads-busy/bench_server_threads.json
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,6 +49,25 @@ MODELS: dict[str, dict[str, int | str]] = {
         "num-heads": 12,
     },  # fmt: skip
 }
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextmanager
+def busy_cores(count: int) -> Iterator[None]:
+    """`count` processes that each keep a core busy inside the block (stopped after it)."""
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(count)]
+    for p in spinners:
+        p.start()
+    try:
+        yield
+    finally:
+        for p in spinners:
+            p.terminate()
+            p.join()
 
 
 def one_model(keys: dict[str, int | str], images: int, repeats: int) -> dict[str, Any]:
@@ -94,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=56,
                         help="test images per evaluation of the ViTs at 224 px (0: all 400); "
                         "the tiny default always tests all")  # fmt: skip
+    parser.add_argument("--busy", type=int, default=0,
+                        help="other processes keeping a core each busy meanwhile")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",")]
     if unknown := [n for n in names if n not in MODELS]:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
-    if args.repeats < 1 or args.images < 0:
-        parser.error("--repeats must be >= 1 and --images >= 0")
+    if args.repeats < 1 or args.images < 0 or args.busy < 0:
+        parser.error("--repeats must be >= 1, --images and --busy >= 0")
 
     from gaisnet_flwr.experiments.provenance import Provenance
 
@@ -109,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     record = Provenance.start(command, Path("."))
     figures: dict[str, Any] = {}
     for name in names:
-        row = one_model(MODELS[name], 0 if not MODELS[name] else args.images, args.repeats)
-        figures[name] = row
+        with busy_cores(args.busy):
+            row = one_model(MODELS[name], 0 if not MODELS[name] else args.images, args.repeats)
+        figures[name] = {**row, "busy processes": args.busy}
         low, high = row["all cores / 1 thread (range)"]
         one, every = row["median s"]["1 thread"], row["median s"]["all cores"]
         print(f"{name:<13} {row['images']:>3} images: 1 thread {one:.2f} s, all "
