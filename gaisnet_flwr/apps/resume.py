@@ -1,21 +1,23 @@
 """Go on with a fine-tuning run after its last completed round (run-config `resume = true`).
 
 A run keeps, as it goes, its run-config (config.json), each round's global modules
-(rounds/round-NNN.npz) and then the round's row (metrics.json). Submitted again with
-`resume = true` and the same output-dir, the ServerApp (tier 'hierarchy') starts from the last
-round the folder holds: that round's modules, the rows so far, and round numbers that go on
-from there (`strategies.edge.RoundOffset`). Each cluster's data shuffle is seeded by its round
-number (clients/split_client.py: `round_seed`), so the resumed rounds are those an
-uninterrupted run trains, bit for bit (tests/test_resume.py). What a strategy keeps on the
-server between rounds is not in the folder: the strategies whose server optimizer carries
-state (FedAdam, FedYogi, FedAdagrad, FedAvgM) are refused, and a user's own class is told that
-its state, if any, starts afresh. The deployed cloud has its own state file (apps/cloud_app.py).
+(rounds/round-NNN.npz) and then the round's row (metrics.json); with a strategy that keeps
+state on the server between rounds, that state too (rounds/server-state-NNN.npz,
+`server_state`). Submitted again with `resume = true` and the same output-dir, the ServerApp
+(tier 'hierarchy') starts from the last round the folder holds: that round's modules and
+server state, the rows so far, and round numbers that go on from there
+(`strategies.edge.RoundOffset`). Each cluster's data shuffle is seeded by its round number
+(clients/split_client.py: `round_seed`), so the resumed rounds are those an uninterrupted run
+trains, bit for bit (tests/test_resume.py). A user's own strategy class is told that state
+other than `SERVER_STATE` starts afresh. The deployed cloud has its own state file
+(apps/cloud_app.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,15 @@ MAY_CHANGE = frozenset(
         "mlflow-tracking-uri",
     }
 )
-# Flower strategies that keep server state between rounds (an optimizer's moments, momentum).
+# What Flower 1.42's strategies keep on the server between rounds, by attribute: FedOpt's
+# optimizer moments (FedAdam, FedYogi, FedAdagrad) and FedAvgM's momentum, and the arrays each
+# last stepped from (FedAvgM's are its own aggregate, not what the cloud delivered back).
 STATEFUL: tuple[type[Strategy], ...] = (FedOpt, FedAvgM)
+SERVER_STATE = ("m_t", "v_t", "momentum_vector", "current_arrays")
+
+
+def server_state_path(output_dir: Path, server_round: int) -> Path:
+    return output_dir / "rounds" / f"server-state-{server_round:03d}.npz"
 
 
 @dataclass(frozen=True)
@@ -56,19 +65,24 @@ class Resumed:
     completed: int  # its round number (0: only the initial model was recorded)
     rows: list[dict[str, Any]]  # metrics.json's rows 0..completed
     modules: ArrayRecord  # the global modules after it (`edge<e>/<module>` keys)
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)  # `server_state`'s
 
     @classmethod
-    def load(cls, output_dir: Path, run_config: dict[str, Any], num_rounds: int) -> Resumed | None:
+    def load(
+        cls, output_dir: Path, run_config: dict[str, Any], num_rounds: int, stateful: bool
+    ) -> Resumed | None:
         """The folder's last completed round, or None where it holds none (the run starts
-        afresh). A folder made by another run-config (but for `MAY_CHANGE`), or one that holds
-        every round already, is refused, naming why."""
+        afresh). A folder made by another run-config (but for `MAY_CHANGE`), one that holds
+        every round already, or one without the files the round needs is refused, naming why.
+        `stateful`: the strategy keeps server state, which the round's files must hold."""
         metrics = output_dir / "metrics.json"
         if not metrics.is_file():
             return None
         rows: list[dict[str, Any]] = json.loads(metrics.read_text())
         completed = int(rows[-1]["round"])
         path = output_dir / "rounds" / f"round-{completed:03d}.npz"
-        for needed in (output_dir / "config.json", path):
+        state = server_state_path(output_dir, completed)
+        for needed in (output_dir / "config.json", path, *([state] if stateful else [])):
             if not needed.is_file():
                 raise ConfigError(
                     f"resume=true: {output_dir} is not a whole run's folder: it has "
@@ -89,25 +103,60 @@ class Resumed:
             )
         with np.load(path) as data:
             modules = c.arrays_of({k: data[k] for k in data.files})
-        return cls(completed, rows, modules)
+        if not stateful:
+            return cls(completed, rows, modules)
+        with np.load(state) as data:
+            return cls(completed, rows, modules, {k: data[k] for k in data.files})
 
 
 def check_resumable(strategy: type[Strategy]) -> None:
-    """Refuse a strategy whose server state a resumed run would lose; warn for a user's own."""
-    if issubclass(strategy, STATEFUL):
-        raise ConfigError(
-            f"resume=true: strategy {strategy.__name__} keeps server state between rounds "
-            f"(its optimizer's moments or momentum), which the run's folder does not hold; a "
-            f"resumed run would start it afresh. Resumable: "
-            f"{sorted(n for n, s in STRATEGIES.items() if not issubclass(s, STATEFUL))}"
-        )
+    """Warn where a strategy is not one of ours: state it keeps beyond `SERVER_STATE`
+    starts afresh."""
     if strategy not in STRATEGIES.values():
         log(
             WARNING,
-            "resume: strategy %s is resumed from the modules alone; any state it keeps on the "
-            "server between rounds starts afresh",
+            "resume: strategy %s is resumed from the modules and its %s, if it keeps them; any "
+            "other state it keeps on the server between rounds starts afresh",
             strategy.__name__,
+            ", ".join(SERVER_STATE),
         )
+
+
+def server_state(strategies: Mapping[int, Strategy]) -> dict[str, np.ndarray]:
+    """The edges' strategies' `SERVER_STATE` as arrays by name: `edge<e>/<attribute>/<kind>/
+    <name>`, a dict's keys, a list's indexes or an ArrayRecord's keys by `kind`."""
+    out: dict[str, np.ndarray] = {}
+    for e, strategy in strategies.items():
+        for attribute in SERVER_STATE:
+            value = getattr(strategy, attribute, None)
+            items: list[tuple[Any, Any]]
+            if isinstance(value, ArrayRecord):
+                kind, items = "record", [(k, v.numpy()) for k, v in value.items()]
+            elif isinstance(value, dict):
+                kind, items = "dict", list(value.items())
+            elif isinstance(value, list):
+                kind, items = "list", list(enumerate(value))
+            else:
+                continue  # not kept (yet), or not a kind this file holds
+            for name, array in items:
+                out[f"edge{e}/{attribute}/{kind}/{name}"] = np.asarray(array)
+    return out
+
+
+def restore_server_state(strategies: Mapping[int, Strategy], saved: Mapping[str, Any]) -> None:
+    """Give the edges' strategies back what `server_state` saved."""
+    grouped: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
+    for key, array in saved.items():
+        edge, attribute, kind, name = key.split("/", 3)
+        grouped.setdefault((int(edge.removeprefix("edge")), attribute, kind), {})[name] = array
+    for (e, attribute, kind), values in grouped.items():
+        if kind == "record":
+            value: Any = c.arrays_of(values)
+        elif kind == "list":
+            value = [values[str(i)] for i in range(len(values))]
+        else:
+            value = dict(values)
+        setattr(strategies[e], attribute, value)
 
 
 def _kept(run_config: dict[str, Any]) -> dict[str, Any]:

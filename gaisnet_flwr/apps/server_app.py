@@ -34,8 +34,15 @@ from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
 from gaisnet_flwr.apps.convergence import Converged, stop_reason
 from gaisnet_flwr.apps.failed import clear_failed, mark_failed
-from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult, quiet_strategy_log
-from gaisnet_flwr.apps.resume import Resumed, check_resumable
+from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult, quiet_strategy_log, save_npz
+from gaisnet_flwr.apps.resume import (
+    STATEFUL,
+    Resumed,
+    check_resumable,
+    restore_server_state,
+    server_state,
+    server_state_path,
+)
 from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
 from gaisnet_flwr.cloud.foundation import Foundation, check_timm_weights
 from gaisnet_flwr.config import ConfigError, RunConfig
@@ -79,7 +86,8 @@ def check_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Derived]
         check_timm_weights(cfg.model.model_name)
     if cfg.hierarchy.resume and cfg.hierarchy.tier == "hierarchy":  # what it resumes, readable
         check_resumable(strategy.cls)
-        Resumed.load(output_folder(cfg), cfg.to_dict(), cfg.hierarchy.num_rounds)
+        stateful = issubclass(strategy.cls, STATEFUL)
+        Resumed.load(output_folder(cfg), cfg.to_dict(), cfg.hierarchy.num_rounds, stateful)
     return cfg, derived
 
 
@@ -315,6 +323,9 @@ class HfslRun:
 
     def __post_init__(self) -> None:
         self.result = RunResult(self.output_dir)
+        self.strategies = {e: s.strategy for e, s in self.edge_servers.items()}
+        # what a resumed run needs besides the modules (apps/resume.py)
+        self.stateful = any(isinstance(s, STATEFUL) for s in self.strategies.values())
 
     @property
     def cfg(self) -> RunConfig:
@@ -365,6 +376,9 @@ class HfslRun:
 
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             recorder.save_round_modules(server_round, {k: v.numpy() for k, v in arrays.items()})
+            if self.stateful:
+                path = server_state_path(self.output_dir, server_round)
+                save_npz(path, server_state(self.strategies))
             if server_round % h.central_eval_every and server_round != h.num_rounds:
                 recorder.record(server_round, {})  # the round's row, without accuracy
                 return None
@@ -576,7 +590,8 @@ def prepare(grid: Grid, derived: Derived, edge: int | None = None) -> HfslRun:
     output_dir.mkdir(parents=True, exist_ok=True)
     resumed = None
     if cfg.hierarchy.resume and edge is None:  # checked at the boundary; read before config.json
-        resumed = Resumed.load(output_dir, run_config, cfg.hierarchy.num_rounds)  # is rewritten
+        stateful = issubclass(edge_strategy(cfg).cls, STATEFUL)  # and config.json rewritten
+        resumed = Resumed.load(output_dir, run_config, cfg.hierarchy.num_rounds, stateful)
         done = "no round" if resumed is None else f"round {resumed.completed}"
         log(INFO, "resume: %s holds %s completed; going on from there", output_dir, done)
     clear_failed(output_dir)
@@ -655,6 +670,7 @@ def fine_tune(grid: Grid, run: HfslRun) -> RunResult:
     if run.resumed is not None:  # rounds done+1.. from the folder's last round (apps/resume.py)
         done, initial, central = run.resumed.completed, run.resumed.modules, evaluate_fn
         recorder.rows.extend(run.resumed.rows)
+        restore_server_state(run.strategies, run.resumed.server_state)
         strategy = offset = RoundOffset(strategy, done)
         evaluate_fn = offset.evaluate(lambda r, arrays: None if r == done else central(r, arrays))
     stopped: Converged | None = None
