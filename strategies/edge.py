@@ -41,6 +41,7 @@ from gaisnet_flwr.contract import (
     num_examples,
 )
 from gaisnet_flwr.split.precision import non_finite
+from strategies.registry import reply_order
 
 # Between pulls. In simulation: short enough that a finished message's slot is refilled before
 # the engine's next 0.1 s sweep; a pull of K ids costs O(K). Deployed, a pull is an HTTP request
@@ -197,8 +198,10 @@ class EdgeServer(Strategy):
         failures = failures_of(replies, self.last.sent, self.edge)
         log_failures(f"round {server_round}: edge {self.edge}", failures)
         # The failures are this edge's to report (once per reason, above); the strategy gets
-        # the replies that carry modules (Flower's would log each error again).
-        ok = [r for r in replies if not r.has_error()]
+        # the replies that carry modules (Flower's would log each error again), in a fixed
+        # order whichever cluster answered first: float sums then do not depend on it, for any
+        # strategy (Flower's FedAdam under `flwr run` differed in the last bits run to run).
+        ok = sorted((r for r in replies if not r.has_error()), key=reply_order)
         arrays, metrics = self.strategy.aggregate_train(server_round, ok)
         weight = float(sum(num_examples(r) for r in ok))
         out: dict[str, float | int] = {}
@@ -233,7 +236,7 @@ class EdgeServer(Strategy):
         failed = failures_of([r for r in replies if r.has_error()], [], self.edge)
         log_failures(f"round {server_round}: edge {self.edge}'s evaluation", failed)
         return self.strategy.aggregate_evaluate(
-            server_round, [r for r in replies if not r.has_error()]
+            server_round, sorted((r for r in replies if not r.has_error()), key=reply_order)
         )
 
     def summary(self) -> None:

@@ -168,3 +168,32 @@ def test_a_failed_cluster_is_left_out_and_the_round_is_marked() -> None:
     by_node = {f["node"]: f for f in failures}
     assert by_node[101]["edge"] == 0 and by_node[101]["reason"] == failed.error.reason
     assert by_node[102]["reason"] == "no reply within the round's timeout"
+
+
+def test_every_strategy_gets_the_replies_in_one_order_whichever_answered_first() -> None:
+    # Prepare: a strategy that records the order it is handed the replies in.
+    seen: list[list[int]] = []
+
+    class Recording(ModuleFedAvg):
+        def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+            replies = list(replies)
+            seen.append([r.metadata.src_node_id for r in replies])
+            return super().aggregate_train(server_round, replies)
+
+        def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+            seen.append([r.metadata.src_node_id for r in replies])
+            return None
+
+    (edge,) = edge_servers(
+        {100: 0, 101: 0, 102: 0},
+        lambda n: Recording(min_train_nodes=1, min_available_nodes=1),
+    ).values()
+    start = ArrayRecord({k: Array(v) for k, v in arrays(0, 0).items()})
+    list(edge.configure_train(1, start, ConfigRecord(), Mock(spec=Grid)))
+    replies = [make_reply(arrays(p, p), 10, p, node_id=100 + p) for p in (0, 1, 2)]
+    # Execute: the replies arrive in two different orders.
+    for arrived in (replies, replies[::-1], [replies[1], replies[2], replies[0]]):
+        edge.aggregate_train(1, arrived)
+        edge.aggregate_evaluate(1, arrived)
+    # Assert: the strategy saw them in (partition-id, node) order every time.
+    assert seen == [[100, 101, 102]] * 6
