@@ -589,8 +589,8 @@ def prepare(grid: Grid, derived: Derived, edge: int | None = None) -> HfslRun:
     output_dir = output_folder(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     resumed = None
-    if cfg.hierarchy.resume and edge is None:  # checked at the boundary; read before config.json
-        stateful = issubclass(edge_strategy(cfg).cls, STATEFUL)  # and config.json rewritten
+    if cfg.hierarchy.resume and edge is None:  # read before config.json is written again
+        stateful = issubclass(edge_strategy(cfg).cls, STATEFUL)
         resumed = Resumed.load(output_dir, run_config, cfg.hierarchy.num_rounds, stateful)
         done = "no round" if resumed is None else f"round {resumed.completed}"
         log(INFO, "resume: %s holds %s completed; going on from there", output_dir, done)
