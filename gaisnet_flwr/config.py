@@ -541,9 +541,10 @@ class HierarchySection(Section):
     fraction_evaluate: float = option(
         1.0, "share of clusters in federated evaluation", low=0, high=1
     )
-    # The ServerApp's central evaluation covers each edge's whole test set: at ViT-B/16 on a CPU
-    # Flowers102's 6,149 test images take minutes a round (docs/measured.md, the ServerApp's
-    # threads). The initial model and the last round are always evaluated.
+    # The ServerApp's central evaluation covers each edge's whole test set: at ViT-B/16 on this
+    # project's 2-core CPU, Flowers102's 6,149 test images take minutes a round (from the
+    # per-image time in docs/measured.md, the ServerApp's threads). The initial model and the
+    # last round are always evaluated.
     central_eval_every: int = option(
         1,
         "central evaluation every K rounds (and always before round 1 and after the last)",
@@ -672,13 +673,13 @@ class RunConfig:
                 f"service='integrated' runs in one ServerApp: it needs tier='hierarchy' "
                 f"(tier={tier!r})"
             )
-        if self.hierarchy.central_eval_every > 1 and self.scheduling.service == "integrated":
+        h = self.hierarchy
+        if h.central_eval_every > 1 and self.scheduling.service == "integrated":
             raise ConfigError(
-                f"central-eval-every={self.hierarchy.central_eval_every} applies to "
+                f"central-eval-every={h.central_eval_every} applies to "
                 f"service='finetune': the integrated mode evaluates the fine-tuned edge after "
                 f"each of its fine-tuning rounds; leave central-eval-every=1"
             )
-        h = self.hierarchy
         if (h.target_accuracy or h.patience) and (
             h.tier != "hierarchy" or self.scheduling.service == "integrated"
         ):
@@ -687,7 +688,7 @@ class RunConfig:
                 f"in one ServerApp (tier='hierarchy', service='finetune'); here tier="
                 f"{h.tier!r}, service={self.scheduling.service!r}: leave both at 0"
             )
-        if self.hierarchy.resume and self.scheduling.service == "integrated":
+        if h.resume and self.scheduling.service == "integrated":
             raise ConfigError(
                 "resume=true goes on with fine-tuning (service='finetune'): the integrated "
                 "mode's scheduler keeps its history in memory only; start it afresh "

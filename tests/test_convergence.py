@@ -21,7 +21,7 @@ from flwr.common.logger import FLOWER_LOGGER
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.convergence import stop_reason
 from gaisnet_flwr.apps.inprocess import run_inprocess
-from gaisnet_flwr.apps.recorder import RunResult
+from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult
 from gaisnet_flwr.config import ConfigError, RunConfig
 from tests.conftest import TINY_RUN
 
@@ -99,6 +99,24 @@ def stopped_run(tmp: Path, settings: dict[str, Any]) -> tuple[RunResult, str]:
         FLOWER_LOGGER.removeHandler(handler)
         handler.close()
     return result, log.read_text()
+
+
+def test_the_totals_add_up_each_round_s_priced_latency_and_energy(tmp_path: Path) -> None:
+    recorder = RoundRecorder(tmp_path, 3, {})
+    recorder.record(0, {c.ACCURACY: 0.1, "loss": 2.0})
+    for r, train in enumerate(
+        [
+            {c.ROUND_LATENCY: 1.5, c.ENERGY: 2.0},
+            {c.ROUND_LATENCY: 2.25, c.ENERGY: 0.5},
+            {c.ENERGY: 1.0},  # no priced latency: no cluster reported one
+        ],
+        start=1,
+    ):
+        recorder.train_round(r, train)
+        recorder.record(r, {c.ACCURACY: 0.2, "loss": 1.0})
+    recorder.close()
+    totals = [(r[c.TOTAL_LATENCY], r[c.TOTAL_ENERGY]) for r in recorder.rows]
+    assert totals == [(0.0, 0.0), (1.5, 2.0), (3.75, 2.5), (3.75, 3.5)]
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ PACKAGES = ("gaisnet_flwr", "strategies", "clients")
 # convergence: +12 lines (the totals of latency and energy in each row and the FINAL line's
 # next; whether a stopping rule is on; the round loop's early end)
 # resume of stateful strategies: +3 lines (whether the edges' strategy keeps server state)
+# recorder.round_file: +2 lines (a round's files in rounds/ named in one place)
 MAX_FILES = 34
 MAX_LINES = 2469
 PAGE_SENTENCE = (

@@ -42,7 +42,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from gaisnet_flwr import contract as c
-from gaisnet_flwr.apps.recorder import RunResult, save_npz, write_rows
+from gaisnet_flwr.apps.recorder import RunResult, round_file, save_npz, write_rows
 from gaisnet_flwr.apps.tracking import Tracking
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import differing
@@ -161,7 +161,7 @@ class CloudRecorder:
         if record.completed:
             modules = {k: v.numpy() for k, v in c.join_edges(record.delivered).items()}
             self.result.round_modules[record.number] = modules
-            self._save(f"rounds/round-{record.number:03d}.npz", modules)
+            save_npz(round_file(self.output_dir, record.number), modules)
             self.save_state(record.number, modules)
         self._write()
 
@@ -189,12 +189,9 @@ class CloudRecorder:
         state = {"completed": completed, "config": comparable(self.run_config), "rows": self.rows}
         write_atomic(self.output_dir / f"{STATE}.json", json.dumps(state, indent=2).encode())
 
-    def _save(self, name: str, modules: Mapping[str, np.ndarray]) -> Path:
-        return save_npz(self.output_dir / name, modules)
-
     def finish(self, modules: Mapping[str, np.ndarray]) -> Path:
         self.result.final_modules = dict(modules)
-        return self._save("final_tunable.npz", modules)
+        return save_npz(self.output_dir / "final_tunable.npz", modules)
 
     def _write(self) -> None:
         write_rows(self.output_dir, self.rows)

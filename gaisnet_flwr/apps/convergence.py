@@ -34,9 +34,9 @@ def stop_reason(
     rows: Sequence[dict[str, Any]], target_accuracy: float, patience: int
 ) -> str | None:
     """Why fine-tuning stops after the last of `rows` (metrics.json's), or None to go on."""
-    evaluated = [float(r[ACCURACY]) for r in rows if ACCURACY in r]
     if len(rows) < 2 or ACCURACY not in rows[-1]:  # round 0, or a round not evaluated
         return None
+    evaluated = [float(r[ACCURACY]) for r in rows if ACCURACY in r]
     last = evaluated[-1]
     if target_accuracy and last >= target_accuracy:
         return f"central accuracy {last:.4f} reached target-accuracy {target_accuracy}"

@@ -228,7 +228,7 @@ class RoundRecorder:
     def save_round_modules(self, server_round: int, state: dict[str, np.ndarray]) -> Path:
         """Every round's global modules (small: prompts and heads), to resume or compare."""
         self.result.round_modules[server_round] = state
-        return save_npz(self.output_dir / f"rounds/round-{server_round:03d}.npz", state)
+        return save_npz(round_file(self.output_dir, server_round), state)
 
 
 # The files below are replaced whole (`write_atomic`): a reader never sees half of one. The
@@ -241,6 +241,12 @@ def write_rows(output_dir: Path, rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(output_dir / "metrics.csv", text.getvalue().encode())
+
+
+def round_file(output_dir: Path, server_round: int, kind: str = "round") -> Path:
+    """rounds/<kind>-NNN.npz: a round's global modules ('round'), or what the edges' strategies
+    keep on the server after it ('server-state', apps/resume.py)."""
+    return output_dir / "rounds" / f"{kind}-{server_round:03d}.npz"
 
 
 def save_npz(path: Path, modules: Mapping[str, np.ndarray]) -> Path:

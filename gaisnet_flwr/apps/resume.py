@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvgM, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from gaisnet_flwr import contract as c
+from gaisnet_flwr.apps.recorder import round_file
 from gaisnet_flwr.config import ConfigError, differing
 from strategies.registry import STRATEGIES
 
@@ -52,10 +53,7 @@ MAY_CHANGE = frozenset(
 # last stepped from (FedAvgM's are its own aggregate, not what the cloud delivered back).
 STATEFUL: tuple[type[Strategy], ...] = (FedOpt, FedAvgM)
 SERVER_STATE = ("m_t", "v_t", "momentum_vector", "current_arrays")
-
-
-def server_state_path(output_dir: Path, server_round: int) -> Path:
-    return output_dir / "rounds" / f"server-state-{server_round:03d}.npz"
+STATE = "server-state"  # its file after each round: rounds/server-state-NNN.npz (`round_file`)
 
 
 @dataclass(frozen=True)
@@ -69,19 +67,19 @@ class Resumed:
 
     @classmethod
     def load(
-        cls, output_dir: Path, run_config: dict[str, Any], num_rounds: int, stateful: bool
+        cls, output_dir: Path, run_config: dict[str, Any], num_rounds: int, stateful: bool = False
     ) -> Resumed | None:
         """The folder's last completed round, or None where it holds none (the run starts
         afresh). A folder made by another run-config (but for `MAY_CHANGE`), one that holds
         every round already, or one without the files the round needs is refused, naming why.
-        `stateful`: the strategy keeps server state, which the round's files must hold."""
+        `stateful`: the strategy keeps server state, so the round's state file must be there
+        (the check at the boundary, which knows the strategy; read wherever it is)."""
         metrics = output_dir / "metrics.json"
         if not metrics.is_file():
             return None
         rows: list[dict[str, Any]] = json.loads(metrics.read_text())
         completed = int(rows[-1]["round"])
-        path = output_dir / "rounds" / f"round-{completed:03d}.npz"
-        state = server_state_path(output_dir, completed)
+        path, state = round_file(output_dir, completed), round_file(output_dir, completed, STATE)
         for needed in (output_dir / "config.json", path, *([state] if stateful else [])):
             if not needed.is_file():
                 raise ConfigError(
@@ -103,7 +101,7 @@ class Resumed:
             )
         with np.load(path) as data:
             modules = c.arrays_of({k: data[k] for k in data.files})
-        if not stateful:
+        if not state.is_file():
             return cls(completed, rows, modules)
         with np.load(state) as data:
             return cls(completed, rows, modules, {k: data[k] for k in data.files})
@@ -139,16 +137,17 @@ def server_state(strategies: Mapping[int, Strategy]) -> dict[str, np.ndarray]:
             else:
                 continue  # not kept (yet), or not a kind this file holds
             for name, array in items:
-                out[f"edge{e}/{attribute}/{kind}/{name}"] = np.asarray(array)
+                out[c.edge_key(e, f"{attribute}/{kind}/{name}")] = np.asarray(array)
     return out
 
 
 def restore_server_state(strategies: Mapping[int, Strategy], saved: Mapping[str, Any]) -> None:
     """Give the edges' strategies back what `server_state` saved."""
     grouped: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
-    for key, array in saved.items():
-        edge, attribute, kind, name = key.split("/", 3)
-        grouped.setdefault((int(edge.removeprefix("edge")), attribute, kind), {})[name] = array
+    for e, record in c.split_edges(c.arrays_of(saved)).items():
+        for key, array in record.items():
+            attribute, kind, name = key.split("/", 2)
+            grouped.setdefault((e, attribute, kind), {})[name] = array.numpy()
     for (e, attribute, kind), values in grouped.items():
         if kind == "record":
             value: Any = c.arrays_of(values)

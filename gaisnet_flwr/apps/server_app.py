@@ -34,14 +34,20 @@ from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
 from gaisnet_flwr.apps.convergence import Converged, stop_reason
 from gaisnet_flwr.apps.failed import clear_failed, mark_failed
-from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult, quiet_strategy_log, save_npz
+from gaisnet_flwr.apps.recorder import (
+    RoundRecorder,
+    RunResult,
+    quiet_strategy_log,
+    round_file,
+    save_npz,
+)
 from gaisnet_flwr.apps.resume import (
+    STATE,
     STATEFUL,
     Resumed,
     check_resumable,
     restore_server_state,
     server_state,
-    server_state_path,
 )
 from gaisnet_flwr.apps.tracking import Tracking, check_mlflow
 from gaisnet_flwr.cloud.foundation import Foundation, check_timm_weights
@@ -377,7 +383,7 @@ class HfslRun:
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             recorder.save_round_modules(server_round, {k: v.numpy() for k, v in arrays.items()})
             if self.stateful:
-                path = server_state_path(self.output_dir, server_round)
+                path = round_file(self.output_dir, server_round, STATE)
                 save_npz(path, server_state(self.strategies))
             if server_round % h.central_eval_every and server_round != h.num_rounds:
                 recorder.record(server_round, {})  # the round's row, without accuracy
@@ -590,8 +596,7 @@ def prepare(grid: Grid, derived: Derived, edge: int | None = None) -> HfslRun:
     output_dir.mkdir(parents=True, exist_ok=True)
     resumed = None
     if cfg.hierarchy.resume and edge is None:  # read before config.json is written again
-        stateful = issubclass(edge_strategy(cfg).cls, STATEFUL)
-        resumed = Resumed.load(output_dir, run_config, cfg.hierarchy.num_rounds, stateful)
+        resumed = Resumed.load(output_dir, run_config, cfg.hierarchy.num_rounds)
         done = "no round" if resumed is None else f"round {resumed.completed}"
         log(INFO, "resume: %s holds %s completed; going on from there", output_dir, done)
     clear_failed(output_dir)

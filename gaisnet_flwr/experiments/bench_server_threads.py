@@ -29,25 +29,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
+from gaisnet_flwr.experiments.bench_memory import VIT_B16
+
 # name -> run-config keys of the model (the rest: the embedded default's)
 MODELS: dict[str, dict[str, int | str]] = {
     "tiny default": {},
     "ViT-S/16": {
+        **VIT_B16,
         "model-name": "vit_small_patch16_224",
-        "img-size": 224,
-        "patch-size": 16,
-        "depth": 12,
         "embed-dim": 384,
         "num-heads": 6,
-    },  # fmt: skip
-    "ViT-B/16": {
-        "model-name": "vit_base_patch16_224",
-        "img-size": 224,
-        "patch-size": 16,
-        "depth": 12,
-        "embed-dim": 768,
-        "num-heads": 12,
-    },  # fmt: skip
+    },
+    "ViT-B/16": VIT_B16,
 }
 
 
