@@ -680,13 +680,11 @@ class RunConfig:
                 f"service='finetune': the integrated mode evaluates the fine-tuned edge after "
                 f"each of its fine-tuning rounds; leave central-eval-every=1"
             )
-        if (h.target_accuracy or h.patience) and (
-            h.tier != "hierarchy" or self.scheduling.service == "integrated"
-        ):
+        if (h.target_accuracy or h.patience) and self.scheduling.service == "integrated":
             raise ConfigError(
                 f"target-accuracy={h.target_accuracy} / patience={h.patience} stop fine-tuning "
-                f"in one ServerApp (tier='hierarchy', service='finetune'); here tier="
-                f"{h.tier!r}, service={self.scheduling.service!r}: leave both at 0"
+                f"(service='finetune'); the integrated mode's scheduler decides each round "
+                f"whether to fine-tune (service='integrated'): leave both at 0"
             )
         if h.resume and self.scheduling.service == "integrated":
             raise ConfigError(

@@ -350,8 +350,9 @@ class CloudServer(Strategy):
         return number, first, last, number == len(self.chunks)
 
     def _send(self, kind: str, server_round: int, modules: Mapping[int, ArrayRecord],
-              nodes: Mapping[int, int]) -> list[Message]:  # fmt: skip
+              nodes: Mapping[int, int], stop: bool = False) -> list[Message]:  # fmt: skip
         number, first, last, final = self._round(server_round)
+        final = final or stop
         self._messages = {
             e: EdgeRequest(
                 kind, number, first, last, final, self.timeout_s, modules[e], self.shared
@@ -451,6 +452,21 @@ class CloudServer(Strategy):
         if self.on_delivered is not None:
             self.on_delivered(self.last.number, metrics)
         return MetricRecord(metrics) if metrics else None
+
+    def stop(self, grid: Grid, arrays: ArrayRecord) -> None:
+        """Fine-tuning stops after this cloud round (a stopping rule met, apps/convergence.py):
+        every edge connected now is sent its delivery again, marked final, and ends its run with
+        it, as after the last cloud round (an edge that answered holds it already)."""
+        nodes = dict(self.locate(grid))
+        messages = self._send("evaluate", self.last.number - self.done, split_edges(arrays),
+                              nodes, stop=True)  # fmt: skip
+        answers = self._answers(grid.send_and_receive(messages, timeout=self.timeout_s))
+        for e, node in sorted(nodes.items()):
+            reply = answers.get(e)
+            if reply is None or reply.has_error():
+                why = "no reply" if reply is None else reply.error.reason
+                log(WARNING, "cloud: edge %d (node %s) did not take the final delivery: %s", e,
+                    node, why)  # fmt: skip
 
     def summary(self) -> None:
         log(INFO, "\t├── CloudServer: %d edge server(s), %d cloud round(s) (%d done), cloud "

@@ -53,6 +53,14 @@ def test_the_rules(
     assert (stop_reason(rows(*accuracies), target, patience) is not None) is stops
 
 
+def test_the_deployed_cloud_s_rows_start_at_cloud_round_1() -> None:
+    # No initial model's row: cloud round 1 may meet the target, and patience counts from it.
+    cloud = rows(None, 0.5, 0.4, 0.45)[1:]
+    assert stop_reason(cloud[:1], 0.5, 0) == "central accuracy 0.5000 reached target-accuracy 0.5"
+    assert stop_reason(cloud[:1], 0.0, 1) is None
+    assert stop_reason(cloud, 0.0, 2) is not None and stop_reason(cloud[:2], 0.0, 2) is None
+
+
 def test_the_reasons_name_the_rule() -> None:
     reached = stop_reason(rows(0.2, 0.45), 0.4, 0)
     assert reached == "central accuracy 0.4500 reached target-accuracy 0.4"
@@ -60,18 +68,13 @@ def test_the_reasons_name_the_rule() -> None:
     assert stalled == "no better central accuracy than 0.5000 in 2 evaluation(s) (patience 2)"
 
 
-@pytest.mark.parametrize(
-    "settings, message",
-    [
-        ({"patience": 2, "tier": "edge", "edge-dir": "/x"}, "tier='edge'"),
-        ({"target-accuracy": 0.9, "service": "integrated", "demand": "0"}, "'integrated'"),
-    ],
-)
-def test_the_rules_are_refused_where_the_server_app_does_not_decide_the_rounds(
-    settings: dict[str, Any], message: str
-) -> None:
-    with pytest.raises(ConfigError, match=f"stop fine-tuning in one ServerApp.*{message}"):
+def test_the_rules_are_refused_where_the_scheduler_decides_the_rounds() -> None:
+    settings = {"target-accuracy": 0.9, "service": "integrated", "demand": "0"}
+    with pytest.raises(ConfigError, match=r"stop fine-tuning \(service='finetune'\).*'integrated'"):
         RunConfig.from_run_config(settings)
+    # Deployed, the cloud decides (tests/test_hierarchy_lab.py); each edge shares its values.
+    for tier in ({"tier": "cloud"}, {"tier": "edge", "edge-dir": "/x"}):
+        RunConfig.from_run_config({"patience": 2, "target-accuracy": 0.9, **tier})
 
 
 TINY: dict[str, Any] = {**TINY_RUN, "num-rounds": 8}

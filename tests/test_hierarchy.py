@@ -228,6 +228,33 @@ def test_the_cloud_averages_the_edges_by_their_examples() -> None:
     assert metrics["edge1/edge-weight"] == 30 and metrics["cloud-round"] == 1
 
 
+def test_a_cloud_that_stops_sends_every_edge_its_delivery_marked_final() -> None:
+    # Cloud round 1 of 3 met a stopping rule: each edge connected now, the one that failed the
+    # round included, gets the delivery as the final one, and ends its run with it.
+    cloud = CloudServer(Cloud(1, 1.0), cloud_chunks(3, 1), lambda grid: {0: 10, 1: 11}, 2, 60)
+    sent = sent_messages(cloud, c.join_edges({e: edge_modules(e, e) for e in range(2)}))
+    delivered, _ = cloud.aggregate_train(1, [answer(sent[0], edge_modules(4, 4), 10)])
+    assert delivered is not None
+
+    class Grid:
+        requests: list[EdgeRequest] = []
+
+        def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+            for i, m in enumerate(messages):
+                assign_message_id(m, f"stop{i}")
+                self.requests.append(EdgeRequest.from_message(m))
+            return [Message(RecordDict(), reply_to=m) for m in messages]
+
+    grid = Grid()
+    cloud.stop(grid, delivered)  # type: ignore[arg-type]
+    assert [(r.kind, r.cloud_round, r.last, r.final) for r in grid.requests] == [
+        ("evaluate", 1, 1, True)
+    ] * 2
+    for e, request in enumerate(grid.requests):
+        want = c.split_edges(delivered)[e]
+        assert all(np.array_equal(request.modules[k].numpy(), want[k].numpy()) for k in want)
+
+
 def test_a_cloud_round_no_edge_contributed_to_fails_the_run() -> None:
     cloud = CloudServer(Cloud(1, 1.0), cloud_chunks(2, 1), lambda grid: {0: 10, 1: 11}, 2, 60)
     sent = sent_messages(cloud, c.join_edges({e: edge_modules(e, e) for e in range(2)}))

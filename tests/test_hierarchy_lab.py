@@ -12,10 +12,13 @@ PID at the end: no process may be left.
    nothing that was completed (one lab run for both: the run is the suite's largest cost).
    The foundation the cloud pre-trained reached every edge's and every start point's own
    folder over the wire (checked by SHA-256), nobody copied it; each tier keeps its metrics.
-2. An edge killed in the middle of cloud round 1 costs only its contribution: the cloud's row
+2. A cloud whose stopping rule is met (`target-accuracy`) ends after that cloud round and tells
+   its edges, which end with its delivery: every tier's files stop at that round, with the
+   modules and the reason of the one-ServerApp run that stops there.
+3. An edge killed in the middle of cloud round 1 costs only its contribution: the cloud's row
    names it, the other edge's modules are the cloud's delivery; restarted, it rejoins in cloud
    round 2 with the modules the cloud held for it.
-3. With TLS, only edge servers whose SuperNode key is registered with the cloud's SuperLink
+4. With TLS, only edge servers whose SuperNode key is registered with the cloud's SuperLink
    join it (Flower's SuperNode authentication); another key is refused.
 """
 
@@ -114,6 +117,18 @@ def outcome_text(lab: HierarchyLab) -> str:
     return "\n".join(p.read_text()[-3000:] for p in sorted(lab.logs.glob("flwr-run-*.log")))
 
 
+def logical_hierarchy(lab: HierarchyLab, config: dict[str, Any], output_dir: Path) -> Path:
+    """The one-ServerApp logical hierarchy of the lab's shape, in-process, with the cloud's
+    foundation file: its results folder."""
+    node_configs = [
+        {"edge-id": c // PER_EDGE, "partition-id": c % PER_EDGE, "num-partitions": PER_EDGE}
+        for c in range(EDGES * PER_EDGE)
+    ]
+    settings = {"output-dir": str(output_dir), "foundation-dir": str(lab.dir / "cloud/foundation")}
+    run_inprocess({**config, **settings}, EDGES * PER_EDGE, node_configs, client_threads=1)
+    return output_dir
+
+
 def test_deployed_hierarchy_resumed_equals_the_logical_one(
     lab: HierarchyLab, tmp_path: Path
 ) -> None:
@@ -159,22 +174,7 @@ def test_deployed_hierarchy_resumed_equals_the_logical_one(
     for c in range(EDGES * PER_EDGE):
         assert held(lab.node_dir(c) / "foundation") == made
 
-    # The one-ServerApp logical hierarchy, in-process, with the cloud's foundation file.
-    reference = tmp_path / "logical"
-    node_configs = [
-        {"edge-id": c // PER_EDGE, "partition-id": c % PER_EDGE, "num-partitions": PER_EDGE}
-        for c in range(EDGES * PER_EDGE)
-    ]
-    run_inprocess(
-        {
-            **CONFIG,
-            "output-dir": str(reference),
-            "foundation-dir": str(lab.dir / "cloud/foundation"),
-        },
-        EDGES * PER_EDGE,
-        node_configs,
-        client_threads=1,
-    )
+    reference = logical_hierarchy(lab, CONFIG, tmp_path / "logical")
     for r in (1, 2):
         assert_equal(modules(cloud / "rounds" / f"round-{r:03d}.npz"),
                      modules(reference / "rounds" / f"round-{r:03d}.npz"))  # fmt: skip
@@ -199,6 +199,41 @@ def test_deployed_hierarchy_resumed_equals_the_logical_one(
         assert list(lab.results(f"edge{e}", name).glob("events.out.tfevents.*"))
     assert list(cloud.glob("events.out.tfevents.*"))
     print(f"[hierarchy lab] 2 cloud rounds and a resume in {took:.0f} s (start-up not included)")
+
+
+def test_a_deployed_cloud_that_converges_ends_every_tier_as_the_logical_one_ends(
+    lab: HierarchyLab, tmp_path: Path
+) -> None:
+    # Any first accuracy reaches 0.01: the cloud stops after cloud round 1 of 3, and tells the
+    # edges, which end with its delivery; one ServerApp stops after the same round.
+    config = {**CONFIG, "num-rounds": 3, "target-accuracy": 0.01}
+    name = "converged"
+    for e in range(EDGES):
+        lab.start_edge(e, as_run_config(config), name=name)
+    outcome = lab.run_cloud(as_run_config(config), name=name)
+    edges = lab.finish_edges()
+    assert outcome.ok, f"{outcome.why}\n{outcome_text(lab)}"
+    assert all(e.ok for e in edges), [e.why for e in edges]
+    cloud = lab.results("cloud", name)
+    cloud_rows = rows(cloud)
+    assert [r["round"] for r in cloud_rows] == [1]
+    reached = f"central accuracy {cloud_rows[0]['accuracy']:.4f} reached target-accuracy 0.01"
+    assert cloud_rows[0]["stopped"] == reached
+    assert json.loads((cloud / "cloud-state.json").read_text())["rows"] == cloud_rows
+    final = modules(cloud / "final_tunable.npz")
+    assert_equal(final, modules(cloud / "rounds" / "round-001.npz"))
+    for e in range(EDGES):
+        edge = lab.results(f"edge{e}", name)
+        assert_equal(modules(edge / "final_tunable.npz"),
+                     {f"edge{e}/{k}": v for k, v in of_edge(final, e).items()})  # fmt: skip
+        edge_rows = rows(edge)
+        assert [r["round"] for r in edge_rows] == [0, 1]
+        assert edge_rows[-1]["stopped"] == "the cloud stopped fine-tuning after cloud round 1"
+
+    reference = logical_hierarchy(lab, config, tmp_path / "logical")
+    ref_rows = rows(reference)
+    assert [r["round"] for r in ref_rows] == [0, 1] and ref_rows[-1]["stopped"] == reached
+    assert_equal(final, modules(reference / "final_tunable.npz"))
 
 
 def test_an_edge_killed_mid_round_costs_only_its_contribution(lab: HierarchyLab) -> None:

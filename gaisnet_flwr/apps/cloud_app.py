@@ -16,7 +16,9 @@ SuperNode, whose ClientApp relays to the edge's own ServerApp: `apps/edge_relay.
      the cloud aggregates with `Cloud.deliver`, the code the one-ServerApp hierarchy runs, and
      delivers back; an edge that fails or misses the deadline costs only its contribution,
      named in the log and in metrics.json; a cloud round no edge contributed to fails the run;
-  4. keeps its state after every completed cloud round (output-dir/cloud-state.json and
+  4. stops after a cloud round whose accuracy meets `target-accuracy` or `patience`
+     (apps/convergence.py), and sends every edge that round's delivery again, marked final;
+  5. keeps its state after every completed cloud round (output-dir/cloud-state.json and
      cloud-state.npz), and with run-config `resume = true` goes on after the last completed
      one: nothing completed is lost.
 
@@ -42,6 +44,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from gaisnet_flwr import contract as c
+from gaisnet_flwr.apps.convergence import Converged, stop_if_converged
 from gaisnet_flwr.apps.recorder import RunResult, round_file, save_npz, write_rows
 from gaisnet_flwr.apps.tracking import Tracking
 from gaisnet_flwr.cloud.foundation import Foundation
@@ -176,18 +179,21 @@ class CloudRecorder:
             ", ".join(f"{k.split('/')[0]} {v:.4f}" for k, v in sorted(metrics.items())
                       if k.endswith(f"/{c.ACCURACY}")) or "not reported")  # fmt: skip
         self._write()
+        self._write_state_rows()
         if self.tracking is not None:
             self.tracking.log_row(row)
-        state = self.output_dir / f"{STATE}.json"
-        if state.exists():  # the rows in the state follow
-            saved = json.loads(state.read_text())
-            saved["rows"] = self.rows
-            write_atomic(state, json.dumps(saved, indent=2).encode())
 
     def save_state(self, completed: int, modules: Mapping[str, np.ndarray]) -> None:
         save_npz(self.output_dir / f"{STATE}.npz", modules)
         state = {"completed": completed, "config": comparable(self.run_config), "rows": self.rows}
         write_atomic(self.output_dir / f"{STATE}.json", json.dumps(state, indent=2).encode())
+
+    def stopped(self, why: str) -> None:
+        """Fine-tuning stopped before num-rounds (apps/convergence.py): the last row says why
+        (metrics.json and the state)."""
+        self.rows[-1][c.STOPPED] = why
+        self._write()
+        self._write_state_rows()
 
     def finish(self, modules: Mapping[str, np.ndarray]) -> Path:
         self.result.final_modules = dict(modules)
@@ -195,6 +201,14 @@ class CloudRecorder:
 
     def _write(self) -> None:
         write_rows(self.output_dir, self.rows)
+
+    def _write_state_rows(self) -> None:
+        """The rows of the completed cloud rounds, in the state they follow."""
+        state = self.output_dir / f"{STATE}.json"
+        if state.exists():
+            saved = json.loads(state.read_text())
+            saved["rows"] = self.rows
+            write_atomic(state, json.dumps(saved, indent=2).encode())
 
     def close(self, failed: bool = False) -> None:
         if self.tracking is not None:
@@ -278,6 +292,12 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
         on_delivered=recorder.delivered,
         shared=shared_keys(run_config),
     )
+
+    def converged(server_round: int, arrays: ArrayRecord) -> None:
+        """After a cloud round's delivery and the edges' answers (Flower's evaluate_fn)."""
+        if server_round and (h.target_accuracy or h.patience):
+            stop_if_converged(recorder.rows, h, done + server_round, arrays)
+
     final = initial
     try:
         if done < len(chunks):
@@ -286,8 +306,15 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
                 initial_arrays=initial,
                 num_rounds=len(chunks) - done,
                 timeout=h.cloud_timeout_s,
+                evaluate_fn=converged,
             )
             final = result.arrays  # fmt: skip
+    except Converged as stop:  # before num-rounds (target-accuracy, patience)
+        final = stop.arrays
+        recorder.stopped(stop.why)
+        log(INFO, "stopped after cloud round %d of %d: %s", stop.server_round, len(chunks),
+            stop.why)  # fmt: skip
+        server.stop(grid, final)
     except BaseException:
         recorder.close(failed=True)
         raise
@@ -295,7 +322,7 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
     recorder.close()
     last = recorder.rows[-1] if recorder.rows else {}
     log(INFO, "FINAL: cloud, %d cloud round(s) over %d edge(s); accuracy %s; results in %s "
-        "(modules: %s)", len(chunks), num_edges, last.get(c.ACCURACY, "n/a"),
+        "(modules: %s)", last.get("round", 0), num_edges, last.get(c.ACCURACY, "n/a"),
         shlex.quote(str(output_dir)),
         path_final.name)  # fmt: skip
     return recorder.result

@@ -15,7 +15,9 @@ folder (run-config `edge-dir`, apps/bridge.py):
   evaluate  (the cloud's delivery) evaluates the delivered modules on the edge's test set and
             records the round, as one ServerApp records a cloud round (after the delivery);
             after the final one the edge saves its final modules, serves any
-            `inference-requests` with them, and finishes.
+            `inference-requests` with them, and finishes. A cloud that stops fine-tuning
+            before num-rounds (`target-accuracy`, `patience`) sends its last delivery again,
+            marked final.
 
 A request carries everything it needs (rounds and modules), so an edge that restarts simply
 serves the next one: it rejoins with the cloud's current modules.
@@ -140,6 +142,10 @@ class EdgeRun:
                                       c.edge_key(self.edge, "loss")) if k in row}  # fmt: skip
         if request.final:
             self.final = arrays
+            if request.last < self.run.cfg.hierarchy.num_rounds and self.recorder.rows:
+                why = f"the cloud stopped fine-tuning after cloud round {request.cloud_round}"
+                log(INFO, "edge %d: %s (its metrics.json says why)", self.edge, why)
+                self.recorder.stopped(why)
         return BridgeReply(metrics=metrics)
 
     def modules(self, request: BridgeRequest) -> ArrayRecord:
@@ -208,6 +214,6 @@ def run_edge(grid: Grid, derived: Derived) -> RunResult:
         )
     last = edge.recorder.rows[-1] if edge.recorder.rows else {}
     log(INFO, "FINAL: edge %d, central test accuracy %.4f after %d rounds; results in %s "
-        "(modules: %s)", h.edge_id, last.get(c.ACCURACY, float("nan")), h.num_rounds,
+        "(modules: %s)", h.edge_id, last.get(c.ACCURACY, float("nan")), last.get("round", 0),
         shlex.quote(str(run.output_dir)), path.name)  # fmt: skip
     return run.result

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import Strategy
 
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.clusters import PopulationRun, assign_nodes, cluster_report, log_report
-from gaisnet_flwr.apps.convergence import Converged, stop_reason
+from gaisnet_flwr.apps.convergence import Converged, stop_if_converged
 from gaisnet_flwr.apps.failed import clear_failed, mark_failed
 from gaisnet_flwr.apps.recorder import (
     RoundRecorder,
@@ -392,10 +392,8 @@ class HfslRun:
             row = self.central_evaluation(arrays)
             seconds = time.perf_counter() - started  # in metrics.json, not in Flower's record
             recorder.record(server_round, {**row, c.CENTRAL_EVAL_TIME: seconds})
-            if (h.target_accuracy or h.patience) and (
-                why := stop_reason(recorder.rows, h.target_accuracy, h.patience)
-            ):
-                raise Converged(server_round, arrays, why)
+            if (h.target_accuracy or h.patience) and h.tier == "hierarchy":  # deployed, the
+                stop_if_converged(recorder.rows, h, server_round, arrays)  # cloud decides
             return MetricRecord(row)  # type: ignore[arg-type]
 
         return central_evaluate
