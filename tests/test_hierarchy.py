@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import numpy as np
@@ -28,6 +29,7 @@ from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps import client_app, edge_relay
 from gaisnet_flwr.apps.bridge import BridgeReply, EdgeBridge, EdgeUnavailable
 from gaisnet_flwr.apps.cloud_app import CloudRecorder, CloudState
+from gaisnet_flwr.apps.edge_app import EdgeRun, earlier_rows, last_delivery
 from gaisnet_flwr.apps.inprocess import assign_message_id, task_identity
 from gaisnet_flwr.config import ConfigError, RunConfig
 from gaisnet_flwr.contract import EdgeReport, EdgeRequest
@@ -358,3 +360,52 @@ def test_a_lab_run_whose_cloud_failed_ends_without_waiting_for_the_edges(
     outcome = lab.run("")
     assert started == [0, 1] and not outcome.ok
     assert outcome.why == "cloud: the ServerApp failed: ConfigError: ..."
+
+
+# -- an edge server that restarts ----------------------------------------------------------------
+def test_a_restarted_edge_finds_its_rows_for_the_same_run_config_only(tmp_path: Path) -> None:
+    config = RunConfig.from_run_config({"tier": "edge", "edge-dir": "/x", "seed": 3}).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "metrics.json").write_text(json.dumps([{"round": 0}, {"round": 1}]))
+    assert earlier_rows(tmp_path, config) == [{"round": 0}, {"round": 1}]
+    assert earlier_rows(tmp_path, {**config, "seed": 4}) == []
+    assert earlier_rows(tmp_path / "none", config) == []
+
+
+def test_the_cloud_delivers_after_the_last_round_of_each_cloud_round() -> None:
+    assert last_delivery({0, 1, 2, 3}, num_rounds=5, cloud_every=2) == 2
+    assert last_delivery({0, 1}, num_rounds=5, cloud_every=2) == 0
+    assert last_delivery({0, 1, 2}, num_rounds=3, cloud_every=1) == 2
+
+
+def test_a_restarted_edge_keeps_its_rows_and_its_strategy_s_state(tmp_path: Path) -> None:
+    # The earlier process recorded rounds 0-2 (cloud-every 1) and died training round 3; the
+    # cloud counted it out of cloud round 3 and sends it round 4 with the modules of its last
+    # delivery, after round 2: its FedAdam state after round 2 comes back.
+    from flwr.serverapp.strategy import FedAdam
+
+    from gaisnet_flwr.apps.recorder import round_file, save_npz
+    from gaisnet_flwr.apps.resume import STATE, server_state
+
+    saved = FedAdam()
+    saved.m_t = {"prompt.0": np.full(3, 0.25, np.float32)}
+    saved.v_t = {"prompt.0": np.full(3, 0.5, np.float32)}
+    save_npz(round_file(tmp_path, 2, STATE), server_state({1: saved}))
+    save_npz(round_file(tmp_path, 1, STATE), server_state({1: FedAdam()}))
+    fresh = FedAdam()
+    edge = EdgeRun.__new__(EdgeRun)
+    hierarchy = SimpleNamespace(num_rounds=5, cloud_every=1)
+    edge.run = SimpleNamespace(stateful=True, cfg=SimpleNamespace(hierarchy=hierarchy),
+                               output_dir=tmp_path, strategies={1: fresh})  # fmt: skip
+    edge.edge, edge.recorder, edge.recorded = 1, SimpleNamespace(rows=[]), set()
+    edge.earlier = [{"round": r} for r in range(3)]
+    edge.pick_up(4)
+    assert edge.recorder.rows == [{"round": 0}, {"round": 1}, {"round": 2}]
+    assert edge.recorded == {0, 1, 2} and edge.earlier == []
+    assert np.array_equal(fresh.m_t["prompt.0"], saved.m_t["prompt.0"])
+    assert np.array_equal(fresh.v_t["prompt.0"], saved.v_t["prompt.0"])
+
+    # A request for round 1 starts a run: a finished run's rows in the folder are not its own.
+    edge.earlier, edge.recorder.rows, edge.recorded = [{"round": 0}], [], set()
+    edge.pick_up(1)
+    assert edge.recorder.rows == [] and edge.recorded == set()

@@ -17,7 +17,7 @@ PID at the end: no process may be left.
    modules and the reason of the one-ServerApp run that stops there.
 3. An edge killed in the middle of cloud round 1 costs only its contribution: the cloud's row
    names it, the other edge's modules are the cloud's delivery; restarted, it rejoins in cloud
-   round 2 with the modules the cloud held for it.
+   round 2 with the modules the cloud held for it, keeping the rows its first process recorded.
 4. With TLS, only edge servers whose SuperNode key is registered with the cloud's SuperLink
    join it (Flower's SuperNode authentication); another key is refused.
 """
@@ -247,10 +247,14 @@ def test_an_edge_killed_mid_round_costs_only_its_contribution(lab: HierarchyLab)
         return any(int(p.name.split("-")[0]) > since and "-c1-train" in p.name
                    for p in accepted.glob("*.json"))  # fmt: skip
 
+    before: list[list[dict[str, Any]]] = []  # the rows edge 1's first process recorded
+
     def kill_and_restart() -> None:
         wait_for(edge1_training_round_1, 240, "edge 1 took cloud round 1")
         # Its SuperLink and ServerApp die (SIGKILL), and come back with its clusters' SuperNodes.
         lab.restart("edge1")
+        recorded = lab.results("edge1", name) / "metrics.json"
+        before.append(json.loads(recorded.read_text()) if recorded.exists() else [])
         lab.start_edge(1, as_run_config(CONFIG), name=name)
 
     killer = threading.Thread(target=kill_and_restart, daemon=True)
@@ -277,6 +281,13 @@ def test_an_edge_killed_mid_round_costs_only_its_contribution(lab: HierarchyLab)
     sent = [p for p in sorted(requests.glob("*-c2-train.npz")) if int(p.name[:20]) > since]
     assert len(sent) == 1
     assert_equal(modules(sent[0]), round1)
+    # Its rows: those its first process recorded (round 0, if it got that far), then round 1
+    # (the cloud's delivery it rejoined with) and round 2.
+    (earlier,) = before
+    print(f"[hierarchy lab] edge 1's first process recorded rounds {[r['round'] for r in earlier]}")
+    edge1_rows = rows(lab.results("edge1", name))
+    assert edge1_rows[: len(earlier)] == earlier
+    assert [r["round"] for r in edge1_rows] == [r["round"] for r in earlier] + [1, 2]
 
 
 def test_only_registered_edge_servers_join_the_cloud(tmp_path: Path) -> None:

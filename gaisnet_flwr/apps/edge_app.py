@@ -20,7 +20,10 @@ folder (run-config `edge-dir`, apps/bridge.py):
             marked final.
 
 A request carries everything it needs (rounds and modules), so an edge that restarts simply
-serves the next one: it rejoins with the cloud's current modules.
+serves the next one: it rejoins with the cloud's current modules, keeps the rows its earlier
+process recorded in its output-dir for the same run-config, and a strategy that keeps state on
+the server (FedAdam, FedAvgM, ...) gets back the state saved after the cloud's last delivery
+(`EdgeRun.pick_up`).
 
 The foundation: the cloud ships its checkpoint into edge-dir/foundation (through the relay); this
 process waits for it there, checks it as every checkpoint is checked, and ships it on.
@@ -32,25 +35,30 @@ round, rounds/, final_tunable.npz, clusters.json with a population, TensorBoard 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import time
-from collections.abc import Callable, Mapping
-from logging import INFO
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.bridge import BridgeReply, BridgeRequest, EdgeBridge
-from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult
-from gaisnet_flwr.apps.server_app import HfslRun, prepare
+from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult, round_file
+from gaisnet_flwr.apps.resume import STATE, restore_server_state
+from gaisnet_flwr.apps.server_app import HfslRun, output_folder, prepare
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import ConfigError, differing
 from gaisnet_flwr.contract import OWN_KEYS, shared_keys
 from gaisnet_flwr.deploy.shipping import held
 from gaisnet_flwr.derived import Derived
+from strategies.cloud_edge import cloud_chunks
 from strategies.edge import RoundOffset
 
 
@@ -73,12 +81,32 @@ def wait_for_foundation(derived: Derived, timeout_s: float) -> None:
     log(INFO, "edge %d: the cloud's foundation %s is here", cfg.hierarchy.edge_id, path.name)
 
 
+def earlier_rows(output_dir: Path, run_config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rows an earlier process of this edge server recorded in `output_dir` (metrics.json)
+    for the same run-config (config.json, read before this process writes its own); none
+    otherwise."""
+    try:
+        same = json.loads((output_dir / "config.json").read_text()) == dict(run_config)
+        rows = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return list(rows) if same and isinstance(rows, list) else []
+
+
+def last_delivery(rounds: Iterable[int], num_rounds: int, cloud_every: int) -> int:
+    """The last of `rounds` after which the cloud delivers (the end of a cloud round, or round
+    0: the initial modules): the modules the cloud sends an edge are of such a round."""
+    ends = {0} | {last for _, last in cloud_chunks(num_rounds, cloud_every)}
+    return max((r for r in rounds if r in ends), default=0)
+
+
 class EdgeRun:
     """The edge's rounds, requests and records (module docstring)."""
 
-    def __init__(self, grid: Grid, run: HfslRun) -> None:
+    def __init__(self, grid: Grid, run: HfslRun, earlier: Sequence[dict[str, Any]] = ()) -> None:
         self.grid = grid
         self.run = run
+        self.earlier = list(earlier)  # rows of an earlier process of this edge (`pick_up`)
         self.edge = run.cfg.hierarchy.edge_id
         h = run.cfg.hierarchy
         self.recorder = RoundRecorder(
@@ -92,6 +120,35 @@ class EdgeRun:
         self.central = run.evaluate_fn(self.recorder)
         self.recorded: set[int] = set()
         self.final: ArrayRecord | None = None
+
+    def pick_up(self, first: int) -> None:
+        """The first request of this process, for rounds `first`.. : an edge server restarted
+        (or serving a resumed cloud) goes on from where its earlier process was. Its rows before
+        round `first` stay in metrics.json, and a strategy that keeps state on the server gets
+        back the state it saved after the cloud's last delivery before `first` (the cloud
+        sends the modules of that delivery)."""
+        # A request for round 1 starts a run: a finished run's rows in the folder are not kept.
+        kept = [r for r in self.earlier if r.get("round", first) < first] if first > 1 else []
+        self.earlier = []
+        if not kept:
+            return
+        self.recorder.rows.extend(kept)
+        self.recorded.update(r["round"] for r in kept)
+        log(INFO, "edge %d: going on before round %d; %d earlier row(s) kept", self.edge, first,
+            len(kept))  # fmt: skip
+        if not self.run.stateful:
+            return
+        h = self.run.cfg.hierarchy
+        delivered = last_delivery(self.recorded, h.num_rounds, h.cloud_every)
+        path = round_file(self.run.output_dir, delivered, STATE)
+        if not path.is_file():
+            log(WARNING, "edge %d: no %s: the strategy's server state starts afresh", self.edge,
+                path)  # fmt: skip
+            return
+        with np.load(path) as data:
+            restore_server_state(self.run.strategies, {k: data[k] for k in data.files})
+        log(INFO, "edge %d: the strategy's server state after round %d restored", self.edge,
+            delivered)  # fmt: skip
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """The round's row, once (one ServerApp's central evaluation)."""
@@ -178,6 +235,8 @@ def serve(bridge: EdgeBridge, edge: EdgeRun) -> None:
         assert request is not None  # no timeout: it waits
         try:
             check_shared(edge.edge, edge.run.run_config, request.shared)
+            if edge.earlier:
+                edge.pick_up(request.first)
             reply = handlers[request.kind](request)
         except Exception as err:  # the cloud hears why; this edge server stops
             bridge.reply(request, BridgeReply(error=f"{type(err).__name__}: {err}"))
@@ -195,8 +254,9 @@ def run_edge(grid: Grid, derived: Derived) -> RunResult:
     derived = dataclasses.replace(derived, cfg=cfg)
     log(INFO, "edge %d: serving from %s (pid in server.json)", h.edge_id, bridge.dir)
     wait_for_foundation(derived, h.cloud_timeout_s)
+    earlier = earlier_rows(output_folder(cfg), cfg.to_dict())  # before prepare writes config.json
     run = prepare(grid, derived, edge=h.edge_id)
-    edge = EdgeRun(grid, run)
+    edge = EdgeRun(grid, run, earlier)
     try:
         serve(bridge, edge)
     except BaseException:
