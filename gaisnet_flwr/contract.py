@@ -178,6 +178,11 @@ ROUND_LATENCY = "round-latency-s"
 # What the deployed cloud adds (apps/cloud_app.py): per edge its weight in the cloud's average
 # (`edge<e>/edge-weight`), and for the cloud round the edges that contributed or failed.
 EDGE_WEIGHT, EDGES_CONTRIBUTED, EDGES_FAILED = "edge-weight", "edges-contributed", "edges-failed"
+# ... and per edge the cost model's price of its rounds in the cloud round (the sums of their
+# `round-latency-s` and `energy-j`), from which the cloud's row takes its totals: the edges run
+# their rounds side by side, so the cloud round takes the slowest edge's time and every edge's
+# energy (`edge<e>/edge-rounds-latency-s`, `edge<e>/edge-rounds-energy-j`).
+EDGE_ROUNDS_LATENCY, EDGE_ROUNDS_ENERGY = "edge-rounds-latency-s", "edge-rounds-energy-j"
 # An integrated round's row (integrated.json, strategies/integrated.py): its profit, so far and
 # in all, and the accuracy of the request it served.
 PROFIT, CUMULATIVE_PROFIT, SERVED_ACCURACY = "profit", "cumulative-profit", "served-accuracy"

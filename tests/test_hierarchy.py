@@ -283,6 +283,25 @@ def test_a_cloud_resumes_only_its_own_configuration(tmp_path: Path) -> None:
     assert CloudState.load(tmp_path / "fresh", config) is None
 
 
+def test_the_cloud_s_totals_take_the_slowest_edge_s_time_and_every_edge_s_energy(
+    tmp_path: Path,
+) -> None:
+    recorder = CloudRecorder(tmp_path, {"seed": 3})
+    modules = edge_modules(1, 1)
+    for number, prices in ((1, {0: (3.0, 10.0), 1: (5.0, 20.0)}), (2, {0: (4.0, 1.0)})):
+        metrics = {
+            **{c.edge_key(e, c.EDGE_ROUNDS_LATENCY): s for e, (s, _) in prices.items()},
+            **{c.edge_key(e, c.EDGE_ROUNDS_ENERGY): j for e, (_, j) in prices.items()},
+        }
+        reports = {e: EdgeReport(modules, 1.0, {}) for e in prices}  # edge 1 out of round 2
+        delivered = {e: modules for e in (0, 1)}
+        recorder.round(CloudRound(number, number, number, reports=reports, delivered=delivered,
+                                  metrics=metrics))  # fmt: skip
+    first, second = recorder.rows
+    assert (first[c.TOTAL_LATENCY], first[c.TOTAL_ENERGY]) == (5.0, 30.0)
+    assert (second[c.TOTAL_LATENCY], second[c.TOTAL_ENERGY]) == (9.0, 31.0)
+
+
 def test_tier_settings_are_checked_before_any_work() -> None:
     with pytest.raises(ConfigError, match="tier='edge' needs edge-dir"):
         RunConfig.from_run_config({"tier": "edge"})

@@ -191,6 +191,11 @@ def test_deployed_hierarchy_resumed_equals_the_logical_one(
         assert row["edges-contributed"] == EDGES and row["missing-edges"] == []
         assert row["edge0/edge-weight"] > 0 and "edge1/accuracy" in row
     ref_rows = rows(reference)
+    # The cost model's totals: K = 1 and clusters of equal count make the slowest edge's time
+    # the hierarchy round's; the energy sums the same clusters' in another order.
+    for row, ref in zip(cloud_rows, ref_rows[1:], strict=True):
+        assert row["total-latency-s"] == ref["total-latency-s"] > 0
+        assert row["total-energy-j"] == pytest.approx(ref["total-energy-j"], rel=1e-12)
     for e in range(EDGES):
         edge_rows = rows(lab.results(f"edge{e}", name))
         assert [r["round"] for r in edge_rows] == [0, 1, 2]

@@ -23,7 +23,8 @@ SuperNode, whose ClientApp relays to the edge's own ServerApp: `apps/edge_relay.
      one: nothing completed is lost.
 
 Results in output-dir: metrics.json / metrics.csv (one row per cloud round: each edge's weight,
-its training totals and, after the delivery, its accuracy; the failures), rounds/round-NNN.npz
+its training totals and, after the delivery, its accuracy; the failures; the cost model's
+`total-latency-s` and `total-energy-j` so far, as one ServerApp's rows), rounds/round-NNN.npz
 (the modules the cloud delivered), final_tunable.npz, and TensorBoard events.
 """
 
@@ -157,6 +158,14 @@ class CloudRecorder:
             c.ROUND_TIME: now - self._started,
         }
         self._started = now
+        # The fine-tuning so far as the cost model prices it (one ServerApp's totals): the
+        # edges' rounds run side by side, the slowest edge's time, every edge's energy.
+        before = self.rows[-1] if self.rows else {}
+        edges = [c.edge_key(e, "") for e in sorted(record.reports)]
+        latency = [record.metrics.get(f"{e}{c.EDGE_ROUNDS_LATENCY}", 0.0) for e in edges]
+        energy = [record.metrics.get(f"{e}{c.EDGE_ROUNDS_ENERGY}", 0.0) for e in edges]
+        row[c.TOTAL_LATENCY] = before.get(c.TOTAL_LATENCY, 0.0) + max(latency, default=0.0)
+        row[c.TOTAL_ENERGY] = before.get(c.TOTAL_ENERGY, 0.0) + sum(energy)
         self.rows.append(row)
         for f in record.failures:
             log(WARNING, "cloud round %d: edge %s left out: %s", record.number, f["edge"],
@@ -325,4 +334,7 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
         "(modules: %s)", last.get("round", 0), num_edges, last.get(c.ACCURACY, "n/a"),
         shlex.quote(str(output_dir)),
         path_final.name)  # fmt: skip
+    log(INFO, "  cost model, fine-tuning in all: latency %.1f s, energy %.1f J (%s, %s)",
+        last.get(c.TOTAL_LATENCY, 0.0), last.get(c.TOTAL_ENERGY, 0.0), c.TOTAL_LATENCY,
+        c.TOTAL_ENERGY)  # fmt: skip
     return recorder.result

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
@@ -182,6 +182,12 @@ class EdgeRun:
         metrics = {k: v for k, v in last.items() if k.startswith(own) and _scalar(v)}
         if c.ROUND_LATENCY in last:
             metrics[c.edge_key(self.edge, c.ROUND_LATENCY)] = last[c.ROUND_LATENCY]
+        trained = result.train_metrics_clientapp  # the cost model's price of each round
+        for key, price in ((c.EDGE_ROUNDS_LATENCY, c.ROUND_LATENCY),
+                           (c.EDGE_ROUNDS_ENERGY, c.ENERGY)):  # fmt: skip
+            metrics[c.edge_key(self.edge, key)] = sum(
+                float(cast(float, trained[r].get(price, 0.0))) for r in sorted(trained)
+            )
         modules = c.split_edges(result.arrays)[self.edge]
         return BridgeReply(
             {k: v.numpy() for k, v in modules.items()},
