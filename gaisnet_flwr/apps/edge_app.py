@@ -51,7 +51,7 @@ from flwr.serverapp import Grid
 from gaisnet_flwr import contract as c
 from gaisnet_flwr.apps.bridge import BridgeReply, BridgeRequest, EdgeBridge
 from gaisnet_flwr.apps.recorder import RoundRecorder, RunResult, round_file
-from gaisnet_flwr.apps.resume import STATE, restore_server_state
+from gaisnet_flwr.apps.resume import STATE, check_resumable, restore_server_state
 from gaisnet_flwr.apps.server_app import HfslRun, output_folder, prepare
 from gaisnet_flwr.cloud.foundation import Foundation
 from gaisnet_flwr.config import ConfigError, differing
@@ -136,6 +136,8 @@ class EdgeRun:
         self.recorded.update(r["round"] for r in kept)
         log(INFO, "edge %d: going on before round %d; %d earlier row(s) kept", self.edge, first,
             len(kept))  # fmt: skip
+        for strategy in self.run.strategies.values():
+            check_resumable(type(strategy))  # a user's class: state of its own starts afresh
         if not self.run.stateful:
             return
         h = self.run.cfg.hierarchy
