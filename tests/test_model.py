@@ -288,3 +288,26 @@ def test_the_evaluation_batch_is_sized_to_the_devices_memory(
     images = TensorDataset(torch.zeros(1, 3, 224, 224), torch.zeros(1, dtype=torch.long))
     loops.evaluate(b16, images, device=torch.device("cpu"))
     assert sizes == [14]
+
+
+def test_a_resnet_hybrids_patches_are_cells_of_its_feature_map() -> None:
+    # The patch count is timm's own (patch_embed.grid_size), not img_size / patch_size: a
+    # ResNet hybrid's patch is a cell of its CNN's feature map (64 px -> 4x4 cells at stride 16).
+    model = build_prompted_vit(
+        "vit_base_r50_s16_224", mode="vpt-deep", num_prompts=2, num_classes=5,
+        img_size=64, depth=2, embed_dim=32, num_heads=2,
+    )  # fmt: skip
+    bb = model.backbone
+    assert (model.img_size, model.grid, model.num_patches) == ((64, 64), (4, 4), 16)
+    assert model.num_patches == bb.patch_embed.num_patches
+    x = torch.randn(2, 3, 64, 64)
+    assert model.embed(x).shape == (2, model.tokens_before(0), 32)
+
+
+def test_a_model_runs_only_at_its_fixed_resolution() -> None:
+    # Another size would make another number of tokens: refused by name, before timm sees it.
+    model = build()
+    with pytest.raises(ModelError, match=r"image batches \[B, 3, 32, 32\].*got \[2, 3, 64, 64\]"):
+        model(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ModelError, match=r"built for img_size \(32, 32\), not \(64, 64\)"):
+        PromptedViT(copy.deepcopy(model.backbone), img_size=64)

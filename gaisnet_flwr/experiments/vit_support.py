@@ -218,7 +218,7 @@ def check_mode(name: str, mode: str, shape: dict[str, Any]) -> str:
         plain = build_prompted_vit(name, mode=mode, num_prompts=0, num_classes=CLASSES, **shape)
     except ModelError as err:
         return f"refused: {_reason(str(err))}"
-    image = (int(model.backbone.in_chans), *map(int, model.backbone.patch_embed.img_size))
+    image = model.image_shape
     try:
         x = torch.randn(2, *image)
         plain.eval()

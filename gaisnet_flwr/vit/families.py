@@ -57,6 +57,7 @@ NO_PROMPT_POSITIONS = (
     "entries for prompt tokens; use mode 'linear' or 'full'"
 )
 BlockInputs = Callable[[int], dict[str, Any]]  # block index -> keyword arguments of its forward
+Grid = tuple[int, int]  # patch rows, patch columns of the fixed input resolution
 
 # timm classes built from ViT-like names that PromptedViT does not run, and why.
 REFUSED_CLASSES = {
@@ -98,12 +99,27 @@ class Family:
     name = ""
     classes: tuple[type[nn.Module], ...] = ()
 
+    def patch_embed(self, bb: Any) -> Any:
+        """The module that cuts images into patch tokens (its `patch_size`, `dynamic_img_pad`):
+        timm's `PatchEmbed` (or a hybrid's)."""
+        return bb.patch_embed
+
+    def img_size(self, bb: Any) -> tuple[int, int]:
+        """The input resolution (H, W) timm built the model for."""
+        return (int(bb.patch_embed.img_size[0]), int(bb.patch_embed.img_size[1]))
+
+    def grid(self, bb: Any, img_size: tuple[int, int]) -> Grid:
+        """Patch rows and columns at `img_size`: timm's own count (a ResNet hybrid's patches
+        are cells of its CNN's feature map, not of the image)."""
+        return (int(bb.patch_embed.grid_size[0]), int(bb.patch_embed.grid_size[1]))
+
     def embed(self, bb: Any, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> tokens [B, P + N, D]."""
         raise NotImplementedError
 
-    def block_inputs(self, bb: Any) -> BlockInputs:
-        """What block i takes besides the tokens, computed from the frozen model alone."""
+    def block_inputs(self, bb: Any, grid: Grid) -> BlockInputs:
+        """What block i takes besides the tokens, computed from the frozen model alone for the
+        fixed patch `grid`."""
         return _no_inputs
 
     def refusal(self, bb: Any) -> str | None:
@@ -148,7 +164,7 @@ class EvaFamily(Family):
         h, _ = bb._pos_embed(h)  # [B, P + N, D]; the rotary embedding is each block's own input
         return bb.norm_pre(h)
 
-    def block_inputs(self, bb: Any) -> BlockInputs:
+    def block_inputs(self, bb: Any, grid: Grid) -> BlockInputs:
         if bb.rope is None:
             return _no_inputs
         # As Eva._pos_embed computes it, for the fixed grid (dynamic sizes are refused).
@@ -191,7 +207,7 @@ class RelPosFamily(Family):
             h = torch.cat((bb.cls_token.expand(h.shape[0], -1, -1), h), dim=1)
         return h
 
-    def block_inputs(self, bb: Any) -> BlockInputs:
+    def block_inputs(self, bb: Any, grid: Grid) -> BlockInputs:
         if bb.shared_rel_pos is None:
             return lambda _block: {"shared_rel_pos": None}
         bias = bb.shared_rel_pos.get_bias()
@@ -220,7 +236,7 @@ class BeitFamily(Family):
             h = h + bb.pos_embed
         return bb.pos_drop(h)
 
-    def block_inputs(self, bb: Any) -> BlockInputs:
+    def block_inputs(self, bb: Any, grid: Grid) -> BlockInputs:
         bias = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
         return lambda _block: {"shared_rel_pos_bias": bias}
 
