@@ -335,6 +335,7 @@ BLOCKS = {
     "diff-parallel": ("vit_dpwee_patch16_reg1_gap_256", {}),
     "relpos": ("vit_relpos_small_patch16_224", {}),
     "beit": ("beit_base_patch16_224", {}),
+    "naflexvit": ("naflexvit_base_patch16_map", {}),  # its own embedding module, attention pool
 }
 MEMORY_CASES = [
     *((variant, "vpt-deep", True) for variant in sorted(VARIANTS)),

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 # PromptedViT runs, and the rest.
 # (the ones PromptedViT knows, `vit.families.TIMM_MODULES`, and these)
 OTHER_VIT_LIKE_MODULES = (
-    "naflexvit",
     "vision_transformer_sam",
     "deepseek_vit",
     "gemma4_vit",

@@ -9,13 +9,15 @@ each split-learning segment (paper Sec. III-B, Fig. 4):
     head_forward(h)             end point      drop prompt tokens -> norm -> timm forward_head
                                                (pool: token / avg / max / attention pool, then head)
 
-Four timm classes run this way (vit/families.py): VisionTransformer (ViT, DeiT, hybrids),
-Eva (EVA-02, RoPE ViTs, DINOv3), VisionTransformerRelPos and Beit; what a block takes besides
-the tokens (a rotary embedding, a relative-position bias) each node computes for its own blocks.
+Five timm classes run this way (vit/families.py): VisionTransformer (ViT, DeiT, hybrids),
+Eva (EVA-02, RoPE ViTs, DINOv3), VisionTransformerRelPos, Beit and NaFlexVit (at one fixed
+resolution); what a block takes besides the tokens (a rotary embedding, a relative-position
+bias) each node computes for its own blocks.
 
 A model runs at one input resolution, `img_size` (H, W): the one timm built its patch embedding
-for. `embed` refuses any other input: every segment exchanges tokens of the shape this
-resolution fixes.
+for, or for NaFlexVit, which takes any, the one it is given. `embed` refuses any other input
+(another size, NaFlex's dict of patches and coordinates): every segment exchanges tokens of the
+shape this resolution fixes.
 
 Token layout inside the blocks (VPT, Jia et al. 2022, ``vit.py``): prompts sit after the prefix
 tokens (class, distillation and register tokens) and before the patch tokens,
@@ -91,11 +93,12 @@ class PromptedViT(nn.Module):
 
     Args:
         backbone: a timm ViT of a class in `vit.families` (VisionTransformer, with DeiT-distilled
-            and register-token variants; Eva; VisionTransformerRelPos; Beit).
+            and register-token variants; Eva; VisionTransformerRelPos; Beit; NaFlexVit).
         mode: one of `MODES`.
         num_prompts: prompt tokens per prompt module; must be 0 for `linear` and `full`.
         img_size: the input resolution (an int or (H, W)). Optional: the one timm built the
-            backbone for, which it must equal if given.
+            backbone for, which it must equal if given; for NaFlexVit, which takes any, the one
+            it runs at (default: timm's `pretrained_cfg` input size).
     """
 
     def __init__(
@@ -236,7 +239,8 @@ class PromptedViT(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Start point: images [B, C, H, W] -> tokens [B, P + N, D] (no prompt slots yet)."""
         if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.image_shape:
-            # Another size would make another number of tokens: refused, not run.
+            # NaFlexVit would embed another size (or a dict of patches with coordinates and a
+            # padding mask) into another number of tokens: refused, not run.
             got = f"a {type(x).__name__}" if not isinstance(x, torch.Tensor) else list(x.shape)
             raise ModelError(
                 f"{self.name} runs on image batches [B, {', '.join(map(str, self.image_shape))}] "
@@ -350,9 +354,23 @@ def _input_size(
     kind = type(bb).__name__
     wanted = None if requested is None else tuple(int(s) for s in to_2tuple(requested))
     built = family.img_size(bb)
-    if wanted is not None and wanted != built:
-        raise ModelError(f"{kind} was built for img_size {built}, not {wanted}")
-    return built
+    if built is not None:
+        if wanted is not None and wanted != built:
+            raise ModelError(f"{kind} was built for img_size {built}, not {wanted}")
+        return built
+    # A model that takes any resolution (NaFlexVit): the given one, else the one timm's data
+    # config resizes its inputs to.
+    default = (getattr(bb, "pretrained_cfg", None) or {}).get("input_size")
+    size = wanted or (tuple(int(s) for s in default[-2:]) if default else None)
+    if size is None:
+        raise ModelError(f"{kind} takes any resolution: give the one it runs at (img_size)")
+    patch = tuple(int(p) for p in family.patch_embed(bb).patch_size)
+    if len(size) != 2 or any(s < 1 or s % p for s, p in zip(size, patch, strict=True)):
+        raise ModelError(
+            f"{kind} at img_size {size}: each side must be a positive multiple of the patch "
+            f"size {patch} (timm would pad or crop the image to whole patches)"
+        )
+    return (size[0], size[1])
 
 
 def build_prompted_vit(
@@ -372,7 +390,8 @@ def build_prompted_vit(
     shapes, dtypes, finite values; a `CheckpointFileError` names the file and the tensor). The
     head is re-created for `num_classes`, as in VPT (a file's head is kept where it fits).
     Models that timm builds for dynamic image sizes by default (DINOv3, a few others) are built
-    for the fixed `img_size`: segments exchange fixed-shape smashed data.
+    for the fixed `img_size`, and a NaFlexVit runs at it: segments exchange fixed-shape smashed
+    data.
     """
     if mode not in MODES:  # fail before building a possibly large model
         raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
