@@ -219,8 +219,10 @@ def _count(fn) -> int:
 
 # Every block type timm's ViT-like families build: the plain Block (class token, attention pool),
 # Eva's RoPE block (EVA-02: SwiGLU), SwiGLU (AIMv2), ParallelScalingBlock, ParallelThingsBlock,
-# DiffParallelScalingBlock.
+# DiffParallelScalingBlock; and NaFlexVit's embedding (a linear projection of the patchified
+# image, a resized position table) before plain Blocks and an attention pool.
 FLOP_MODELS = {
+    "naflexvit-map": ("naflexvit_base_patch16_map", {}),
     "cls-token": ("vit_tiny_patch16_224", {}),
     "map-pool": ("vit_base_patch16_siglip_224", {}),
     "eva02": ("eva02_tiny_patch14_224", {}),

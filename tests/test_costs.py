@@ -300,8 +300,7 @@ def measured_activations(model: PromptedViT, plan: SplitPlan, batch: int) -> lis
     """Saved-for-backward bytes per node, measured on the segments as the chain runs them."""
     model.train()
     params = [*model.parameters(), *model.buffers()]  # the model holds them anyway
-    img = model.backbone.patch_embed.img_size[0]
-    x = torch.randn(batch, 3, img, img)
+    x = torch.randn(batch, *model.image_shape)
     y = torch.randint(0, model.backbone.num_classes, (batch,))
     measured = [measure_saved_activation_bytes(model.embed, x, exclude=params)]
     h = model.embed(x).detach()
@@ -336,6 +335,7 @@ BLOCKS = {
     "diff-parallel": ("vit_dpwee_patch16_reg1_gap_256", {}),
     "relpos": ("vit_relpos_small_patch16_224", {}),
     "beit": ("beit_base_patch16_224", {}),
+    "naflexvit": ("naflexvit_base_patch16_map", {}),  # its own embedding module, attention pool
 }
 MEMORY_CASES = [
     *((variant, "vpt-deep", True) for variant in sorted(VARIANTS)),

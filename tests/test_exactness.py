@@ -3,9 +3,10 @@
 own forward.
 
 Families cover the prefix layouts (class token, none, registers, distillation token), LayerScale,
-pre-norm and residual post-norm blocks, and every pooling (token, avg, max, avgmax, attention
-pool). A model without prefix tokens hands on tokens in the patch convolution's permuted layout
-([B, N, D], strides (N*D, 1, N)); the hops keep it (split/link.py), so reductions round the same.
+pre-norm and residual post-norm blocks, every pooling (token, avg, max, avgmax, attention
+pool), and NaFlexVit at a fixed resolution. A model without prefix tokens hands on tokens in the
+patch convolution's permuted layout ([B, N, D], strides (N*D, 1, N)); the hops keep it
+(split/link.py), so reductions round the same.
 """
 
 from __future__ import annotations
@@ -65,6 +66,21 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "relpos": ("vit_relpos_small_patch16_224", {}),
     "relpos-res-post-norm": ("vit_relpos_small_patch16_rpn_224", {}),
     "beit": ("beit_base_patch16_224", {}),
+    # NaFlexVit on image batches at SHAPE's fixed 32 px: its own embedding module (a linear
+    # projection of the patchified image, its 16x16 position table resized to the 4x4 grid,
+    # prefix tokens in front) and pooling (prefix tokens left out of avg and the attention pool)
+    "naflex-gap": ("naflexvit_base_patch16_gap", {}),  # 4 registers, LayerScale, avg + fc_norm
+    "naflex-map": ("naflexvit_so150m2_patch16_reg1_map", {}),  # 1 register, attention pool
+    "naflex-siglip": ("naflexvit_base_patch16_siglip", {}),  # no prefix, attention pool
+    "naflex-factorized": ("naflexvit_base_patch16_parfac_gap", {}),  # factorized, aspect-kept
+    "naflex-radio": ("naflexvit_base_patch16_radio_v3", {}),  # class token + 7 registers, token
+    # pooling, no final norm, a 128x128 position table; a convolutional patch embedding without
+    # prefix tokens hands on the permuted layout; RoPE makes its blocks EvaBlocks
+    "naflex-conv-no-prefix": (
+        "naflexvit_base_patch16_siglip",
+        dict(embed_proj_type="conv", global_pool="avg", fc_norm=True),
+    ),
+    "naflex-rope": ("naflexvit_base_patch16_gap", dict(rope_type="axial", class_token=True)),
 }
 NO_PROMPTS = {"relpos", "relpos-res-post-norm", "beit"}
 CASES = [
@@ -184,6 +200,7 @@ def test_zero_prompts_is_timms_forward(family: str, mode: str) -> None:
         ("vit_base_patch16_rpn_224", "full"),  # the issue's case: no prefix, avg pooling
         ("vit_base_patch16_siglip_224", "full"),
         ("vit_base_patch16_siglip_224", "vpt-deep"),
+        ("naflexvit_base_patch16_map", "vpt-deep"),  # at the run-config's img-size
     ],
 )
 def test_a_cluster_round_equals_centralised_training_from_the_run_config(

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.naflexvit import NaFlexVit
 
 from gaisnet_flwr.vit.model import MODES, ModelError, PromptedViT, build_prompted_vit
 from tests.conftest import TINY, VARIANTS
@@ -199,7 +200,10 @@ REFUSALS = [
     ("vit_srelpos_small_patch16_224", "linear", {}, "relative-position MLP .* every block reads"),
     ("vit_small_patch16_rope_mixed_224", "linear", {}, r"mixed RoPE .* \(rope.freqs\)"),
     ("samvit_base_patch16", "linear", {}, "VisionTransformerSAM is not supported: SAM's"),
-    ("naflexvit_base_patch16_gap", "linear", {}, "NaFlexVit is not supported"),
+    ("naflexvit_base_patch16_gap", "linear", dict(rope_type="mixed"), r"mixed RoPE .* \(rope"),
+    ("naflexvit_base_patch16_gap", "full", dict(patch_drop_rate=0.5), "patch dropout"),
+    ("naflexvit_base_patch16_gap", "vpt-deep", dict(dynamic_img_pad=True), "dynamic_img_pad"),
+    ("naflexvit_base_patch16_gap", "vpt-deep", dict(img_size=36), r"multiple of the patch size"),
 ]
 
 
@@ -288,3 +292,104 @@ def test_the_evaluation_batch_is_sized_to_the_devices_memory(
     images = TensorDataset(torch.zeros(1, 3, 224, 224), torch.zeros(1, dtype=torch.long))
     loops.evaluate(b16, images, device=torch.device("cpu"))
     assert sizes == [14]
+
+
+def test_a_resnet_hybrids_patches_are_cells_of_its_feature_map() -> None:
+    # The patch count is timm's own (patch_embed.grid_size), not img_size / patch_size: a
+    # ResNet hybrid's patch is a cell of its CNN's feature map (64 px -> 4x4 cells at stride 16).
+    model = build_prompted_vit(
+        "vit_base_r50_s16_224", mode="vpt-deep", num_prompts=2, num_classes=5,
+        img_size=64, depth=2, embed_dim=32, num_heads=2,
+    )  # fmt: skip
+    bb = model.backbone
+    assert (model.img_size, model.grid, model.num_patches) == ((64, 64), (4, 4), 16)
+    assert model.num_patches == bb.patch_embed.num_patches
+    x = torch.randn(2, 3, 64, 64)
+    assert model.embed(x).shape == (2, model.tokens_before(0), 32)
+
+
+def test_a_model_runs_only_at_its_fixed_resolution() -> None:
+    # Another size would make another number of tokens: refused by name, before timm sees it.
+    model = build()
+    with pytest.raises(ModelError, match=r"image batches \[B, 3, 32, 32\].*got \[2, 3, 64, 64\]"):
+        model(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ModelError, match=r"built for img_size \(32, 32\), not \(64, 64\)"):
+        PromptedViT(copy.deepcopy(model.backbone), img_size=64)
+
+
+# -- NaFlexVit at one fixed resolution ---------------------------------------------------------
+NAFLEX = {
+    "registers-avg": ("naflexvit_base_patch16_gap", {}),
+    "rope": ("naflexvit_base_patch16_gap", dict(rope_type="axial", class_token=True)),
+}
+
+
+def vpt_reference_naflex(model: PromptedViT, x: torch.Tensor) -> torch.Tensor:
+    """VPT over a NaFlexVit, written out on an unmodified copy of the backbone from timm's own
+    seams (its embedding module, blocks, norm, forward_head); under RoPE each prompt position
+    gets an identity rotation (sin 0, cos 1)."""
+    p, n = model.num_prefix_tokens, model.num_prompts
+    bb = copy.deepcopy(model.backbone)
+    h, grid = bb.embeds(x)
+    h = bb.norm_pre(h)
+    inputs = {}
+    if bb.rope is not None:
+        for block in bb.blocks:
+            block.attn.num_prefix_tokens = p  # as timm built it
+        rope = bb.rope.get_embed(shape=grid)  # [N, 2 * rotated dims]: (sin | cos)
+        half = rope.shape[-1] // 2
+        identity = torch.cat([torch.zeros(n, half), torch.ones(n, half)], dim=-1)
+        inputs["rope"] = torch.cat([identity, rope], dim=0)  # prompts first, unrotated
+    batch = x.shape[0]
+    for i, block in enumerate(bb.blocks):
+        prompts = model.prompts[i if model.mode == "vpt-deep" else 0].tokens.expand(batch, -1, -1)
+        if i == 0:
+            h = torch.cat([h[:, :p], prompts, h[:, p:]], dim=1)
+        elif model.mode == "vpt-deep":
+            h = torch.cat([h[:, :p], prompts, h[:, p + n :]], dim=1)
+        h = block(h, **inputs)
+    h = torch.cat([h[:, :p], h[:, p + n :]], dim=1)
+    return bb.forward_head(bb.norm(h))
+
+
+@pytest.mark.parametrize("variant", sorted(NAFLEX))
+@pytest.mark.parametrize("mode", ["vpt-deep", "vpt-shallow"])
+def test_naflexvit_prompted_forward_matches_vpt_reference(variant: str, mode: str) -> None:
+    name, overrides = NAFLEX[variant]
+    model = build_prompted_vit(
+        name, mode=mode, num_prompts=3, num_classes=5, **{**TINY, **overrides}
+    ).eval()
+    assert model.img_size == (32, 32) and model.num_patches == 16
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), vpt_reference_naflex(model, x), rtol=0, atol=1e-6)
+
+
+def test_naflexvit_runs_only_at_its_fixed_resolution() -> None:
+    # NaFlexVit would take another size, or NaFlex's dict of patches with coordinates and a
+    # padding mask, and make another number of tokens: PromptedViT refuses both by name.
+    model = build_prompted_vit("naflexvit_base_patch16_gap", num_classes=5, **TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert model.embed(x).shape == (2, 4 + 16, 32)  # 4 registers, 4x4 patches
+    with pytest.raises(ModelError, match=r"image batches \[B, 3, 32, 32\].*got \[2, 3, 64, 64\]"):
+        model(torch.randn(2, 3, 64, 64))
+    patches = {
+        "patches": torch.randn(2, 16, 8 * 8 * 3),
+        "patch_coord": torch.zeros(2, 16, 2, dtype=torch.long),
+        "patch_valid": torch.ones(2, 16, dtype=torch.bool),
+    }
+    with pytest.raises(ModelError, match="got a dict"):
+        model(patches)  # type: ignore[arg-type]
+
+
+def test_naflexvit_takes_the_resolution_it_is_given_or_timms_default() -> None:
+    # NaFlexVit keeps no resolution of its own: img_size is the one it runs at, or the input
+    # size of timm's data config (384 px).
+    with torch.device("meta"):
+        given = build_prompted_vit("naflexvit_base_patch16_gap", img_size=64, patch_size=16)
+        default = build_prompted_vit("naflexvit_base_patch16_gap")
+        bare = NaFlexVit(patch_size=8, depth=2, embed_dim=32, num_heads=2)  # no timm config
+        with pytest.raises(ModelError, match="takes any resolution: give the one it runs at"):
+            PromptedViT(bare)
+        assert PromptedViT(bare, img_size=32).num_patches == 16
+    assert (given.img_size, given.num_patches) == ((64, 64), 16)
+    assert (default.img_size, default.num_patches) == ((384, 384), 576)

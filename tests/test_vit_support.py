@@ -104,7 +104,10 @@ def test_each_summary_row_still_builds_or_refuses_as_recorded(name: str) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_relpos_small_patch16_224"])
+@pytest.mark.parametrize(
+    "name",
+    ["vit_small_patch16_dinov3", "vit_relpos_small_patch16_224", "naflexvit_base_patch16_map"],
+)
 def test_the_command_checks_a_name_as_the_table_records(name: str) -> None:
     result = check_name(name, rows()[name][0])
     recorded = rows()[name][4:]

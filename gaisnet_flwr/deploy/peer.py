@@ -281,7 +281,7 @@ def check_built(model: PromptedViT) -> None:
     got = {
         "depth": model.depth,
         "embed_dim": int(backbone.embed_dim),
-        "num_patches": int(backbone.patch_embed.num_patches),
+        "num_patches": model.num_patches,
     }
     bounds = {
         "depth": SPEC_BOUNDS["depth"][1],

@@ -91,7 +91,7 @@ def run(name: str, batch: int, repeats: int, peers: int) -> None:
 
     cfg = dict(MODELS[name])
     model = build_prompted_vit(mode="vpt-deep", **cfg)
-    img = model.backbone.patch_embed.img_size[0]
+    img = model.img_size[0]
     full = {k: v.detach() for k, v in model.state_dict().items()}
     tunable = model.tunable_state()
     print(

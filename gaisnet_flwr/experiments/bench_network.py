@@ -36,7 +36,7 @@ def run(name: str, peers: int, batch: int, repeats: int, addresses: list[str]) -
     cfg = dict(MODELS[name])
     torch.manual_seed(0)
     model = build_prompted_vit(mode="vpt-deep", **cfg)
-    img = model.backbone.patch_embed.img_size[0]
+    img = model.img_size[0]
     plan = plan_even(model.depth, peers)
     spec = OptimizerSpec("sgd", lr=1e-3, momentum=0.9)
     local_model, remote_model = model, copy.deepcopy(model)

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 # PromptedViT runs, and the rest.
 # (the ones PromptedViT knows, `vit.families.TIMM_MODULES`, and these)
 OTHER_VIT_LIKE_MODULES = (
-    "naflexvit",
     "vision_transformer_sam",
     "deepseek_vit",
     "gemma4_vit",
@@ -218,7 +217,7 @@ def check_mode(name: str, mode: str, shape: dict[str, Any]) -> str:
         plain = build_prompted_vit(name, mode=mode, num_prompts=0, num_classes=CLASSES, **shape)
     except ModelError as err:
         return f"refused: {_reason(str(err))}"
-    image = (int(model.backbone.in_chans), *map(int, model.backbone.patch_embed.img_size))
+    image = model.image_shape
     try:
         x = torch.randn(2, *image)
         plain.eval()

@@ -173,8 +173,7 @@ class CostMeter:
     # -- the pieces -------------------------------------------------------------------------
     def start(self, batch: int = 1) -> PieceCost:
         """The start point's embedding of `batch` images."""
-        bb = self.model.backbone
-        image = (int(bb.in_chans), *map(int, bb.patch_embed.img_size))
+        image = self.model.image_shape
         return self._cost(("start", batch), self.model.embed, image, False, batch)
 
     def block(self, i: int, input_grad: bool, batch: int = 1) -> PieceCost:

@@ -58,8 +58,8 @@ class ViTShape:
     def of(cls, model: PromptedViT) -> ViTShape:
         bb = model.backbone
         return cls(
-            image=(int(bb.in_chans), *map(int, bb.patch_embed.img_size)),
-            num_patches=int(bb.patch_embed.num_patches),
+            image=model.image_shape,
+            num_patches=model.num_patches,
             num_prefix_tokens=model.num_prefix_tokens,
             num_prompts=model.num_prompts,
             embed_dim=int(bb.embed_dim),

@@ -1,7 +1,7 @@
 """The seams of each timm ViT class `PromptedViT` wraps, and why the others are refused.
 
 A `PromptedViT` runs a backbone in three pieces (start point, blocks, end point; vit/model.py).
-Four timm classes are a stack of Transformer blocks over patch tokens, and each is cut along
+Five timm classes are a stack of Transformer blocks over patch tokens, and each is cut along
 its own seams:
 
     class (timm module)           embed: the start point             what each block also takes
@@ -14,8 +14,19 @@ its own seams:
       (vision_transformer_relpos)
     Beit (beit)                   patch_embed -> [class token] ->    shared_rel_pos_bias
                                     + pos_embed -> pos_drop
+    NaFlexVit (naflexvit)         embeds (patches + position         rope, where it has one
+                                    embedding, prefix tokens first)
+                                    -> norm_pre
 
-The end point is the same for all four: the final norm, then timm's `forward_head`.
+The end point is the same for all five: the final norm, then timm's `forward_head`.
+
+NaFlexVit runs at one fixed resolution, as the others do: an image batch [B, C, H, W] is what
+its `forward` takes without patch coordinates, and then it is a plain ViT (no padding tokens,
+so no attention mask and no masked pooling). Its variable-resolution input (a dict of
+patches, `patch_coord` and `patch_valid`) makes the token count vary per batch, and the split
+chain exchanges fixed-shape smashed data: `PromptedViT.embed` refuses it. NaFlexVit keeps no
+resolution of its own (`img_size` only sizes a position-embedding table that has no grid given),
+so `PromptedViT` is told it (`img_size`), or takes the one timm's data config resizes to.
 
 What a block also takes (a rotary embedding, a shared relative-position bias) is a function of
 the model's frozen state alone, never of the data, so each node computes it for its own blocks
@@ -38,6 +49,7 @@ from typing import Any
 import torch
 from timm.models.beit import Beit
 from timm.models.eva import Eva
+from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from torch import nn
@@ -50,24 +62,26 @@ TIMM_MODULES = (
     "eva",
     "vision_transformer_relpos",
     "beit",
+    "naflexvit",
 )
 PATCH_DROP = "patch dropout changes the number of tokens between segments; set patch_drop_rate=0"
 NO_PROMPT_POSITIONS = (
     "its relative-position bias is a table over the class and patch tokens only, with no "
     "entries for prompt tokens; use mode 'linear' or 'full'"
 )
+MIXED_ROPE = (
+    "its mixed RoPE learns the rotary frequencies of every block as one parameter "
+    "(rope.freqs) that every block reads; the split chain gives each parameter to "
+    "exactly one node, and no one node could own these"
+)
 BlockInputs = Callable[[int], dict[str, Any]]  # block index -> keyword arguments of its forward
+Grid = tuple[int, int]  # patch rows, patch columns of the fixed input resolution
 
 # timm classes built from ViT-like names that PromptedViT does not run, and why.
 REFUSED_CLASSES = {
     "VisionTransformerSAM": (
         "SAM's image encoder keeps its tokens as a 2-D grid with windowed attention and ends in "
         "a convolutional neck, not a classifier: no token sequence to hold prompts, no head"
-    ),
-    "NaFlexVit": (
-        "NaFlexVit embeds variable-resolution patch sequences with patch coordinates and "
-        "padding masks; the split chain exchanges fixed-shape smashed data, and PromptedViT "
-        "does not drive NaFlexVit's embedding"
     ),
 }
 # Multimodal models' vision towers: plain ViTs, but an encoder class of their own wrapped by a
@@ -98,12 +112,27 @@ class Family:
     name = ""
     classes: tuple[type[nn.Module], ...] = ()
 
+    def patch_embed(self, bb: Any) -> Any:
+        """The module that cuts images into patch tokens (its `patch_size`, `dynamic_img_pad`):
+        timm's `PatchEmbed` (or a hybrid's), NaFlexVit's `NaFlexEmbeds`."""
+        return bb.patch_embed
+
+    def img_size(self, bb: Any) -> tuple[int, int] | None:
+        """The input resolution (H, W) timm built the model for; None where it takes any."""
+        return (int(bb.patch_embed.img_size[0]), int(bb.patch_embed.img_size[1]))
+
+    def grid(self, bb: Any, img_size: tuple[int, int]) -> Grid:
+        """Patch rows and columns at `img_size`: timm's own count (a ResNet hybrid's patches
+        are cells of its CNN's feature map, not of the image)."""
+        return (int(bb.patch_embed.grid_size[0]), int(bb.patch_embed.grid_size[1]))
+
     def embed(self, bb: Any, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> tokens [B, P + N, D]."""
         raise NotImplementedError
 
-    def block_inputs(self, bb: Any) -> BlockInputs:
-        """What block i takes besides the tokens, computed from the frozen model alone."""
+    def block_inputs(self, bb: Any, grid: Grid) -> BlockInputs:
+        """What block i takes besides the tokens, computed from the frozen model alone for the
+        fixed patch `grid`."""
         return _no_inputs
 
     def refusal(self, bb: Any) -> str | None:
@@ -148,7 +177,7 @@ class EvaFamily(Family):
         h, _ = bb._pos_embed(h)  # [B, P + N, D]; the rotary embedding is each block's own input
         return bb.norm_pre(h)
 
-    def block_inputs(self, bb: Any) -> BlockInputs:
+    def block_inputs(self, bb: Any, grid: Grid) -> BlockInputs:
         if bb.rope is None:
             return _no_inputs
         # As Eva._pos_embed computes it, for the fixed grid (dynamic sizes are refused).
@@ -160,11 +189,7 @@ class EvaFamily(Family):
 
     def refusal(self, bb: Any) -> str | None:
         if _own_parameters(bb.rope):
-            return (
-                "its mixed RoPE learns the rotary frequencies of every block as one parameter "
-                "(rope.freqs) that every block reads; the split chain gives each parameter to "
-                "exactly one node, and no one node could own these"
-            )
+            return MIXED_ROPE
         if bb.patch_drop is not None:
             return PATCH_DROP
         return None
@@ -191,7 +216,7 @@ class RelPosFamily(Family):
             h = torch.cat((bb.cls_token.expand(h.shape[0], -1, -1), h), dim=1)
         return h
 
-    def block_inputs(self, bb: Any) -> BlockInputs:
+    def block_inputs(self, bb: Any, grid: Grid) -> BlockInputs:
         if bb.shared_rel_pos is None:
             return lambda _block: {"shared_rel_pos": None}
         bias = bb.shared_rel_pos.get_bias()
@@ -220,7 +245,7 @@ class BeitFamily(Family):
             h = h + bb.pos_embed
         return bb.pos_drop(h)
 
-    def block_inputs(self, bb: Any) -> BlockInputs:
+    def block_inputs(self, bb: Any, grid: Grid) -> BlockInputs:
         bias = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
         return lambda _block: {"shared_rel_pos_bias": bias}
 
@@ -243,7 +268,62 @@ class BeitFamily(Family):
         return NO_PROMPT_POSITIONS
 
 
-FAMILIES: tuple[Family, ...] = (ViTFamily(), EvaFamily(), RelPosFamily(), BeitFamily())
+class NaFlexFamily(Family):
+    """NaFlexVit on an image batch at one fixed resolution (module docstring). Its blocks are
+    timm's ViT `Block`s, or `EvaBlock`s where it has RoPE (or Eva's attention, SwiGLU, ...)."""
+
+    name = "NaFlexVit"
+    classes = (NaFlexVit,)
+
+    def patch_embed(self, bb: Any) -> Any:
+        return bb.embeds
+
+    def img_size(self, bb: Any) -> tuple[int, int] | None:
+        return None  # it takes any resolution: PromptedViT fixes one
+
+    def grid(self, bb: Any, img_size: tuple[int, int]) -> Grid:
+        (h, w), (ph, pw) = img_size, bb.embeds.patch_size  # whole patches (PromptedViT checks)
+        return h // ph, w // pw
+
+    def embed(self, bb: Any, x: torch.Tensor) -> torch.Tensor:
+        # As NaFlexVit._forward_embeds runs an image batch: patches (a convolution, or a linear
+        # projection of the patchified image), + position embedding (resized to the grid),
+        # prefix tokens in front, position dropout. Without patch_valid there is no mask.
+        h, _grid = bb.embeds(x)  # [B, P + N, D]
+        return bb.norm_pre(h)
+
+    def block_inputs(self, bb: Any, grid: Grid) -> BlockInputs:
+        # NaFlexVit's blocks take attn_mask too; for an image batch it is None (their default).
+        if bb.rope is None:
+            return _no_inputs
+        rope = bb.rope.get_embed(shape=grid)  # as NaFlexVit._forward_embeds, for the fixed grid
+        return lambda _block: {"rope": rope}
+
+    def refusal(self, bb: Any) -> str | None:
+        if _own_parameters(bb.rope):
+            return MIXED_ROPE
+        if bb.patch_drop is not None:
+            return PATCH_DROP
+        return None
+
+    def fixed_modules(self, bb: Any) -> list[nn.Module]:
+        # As for Eva: RoPE's coordinate augmentation would draw new coordinates in train mode.
+        return [bb.rope] if bb.rope is not None else []
+
+    def seat_prompts(self, bb: Any, num_prompts: int) -> None:
+        # EvaBlocks rotate tokens [P + n:] only (as in Eva); timm's ViT Block has no rotation.
+        for block in bb.blocks:
+            if hasattr(block.attn, "num_prefix_tokens"):
+                block.attn.num_prefix_tokens = bb.num_prefix_tokens + num_prompts
+
+
+FAMILIES: tuple[Family, ...] = (
+    ViTFamily(),
+    EvaFamily(),
+    RelPosFamily(),
+    BeitFamily(),
+    NaFlexFamily(),
+)
 SUPPORTED_CLASSES = tuple(f.name for f in FAMILIES)
 
 

@@ -9,9 +9,15 @@ each split-learning segment (paper Sec. III-B, Fig. 4):
     head_forward(h)             end point      drop prompt tokens -> norm -> timm forward_head
                                                (pool: token / avg / max / attention pool, then head)
 
-Four timm classes run this way (vit/families.py): VisionTransformer (ViT, DeiT, hybrids),
-Eva (EVA-02, RoPE ViTs, DINOv3), VisionTransformerRelPos and Beit; what a block takes besides
-the tokens (a rotary embedding, a relative-position bias) each node computes for its own blocks.
+Five timm classes run this way (vit/families.py): VisionTransformer (ViT, DeiT, hybrids),
+Eva (EVA-02, RoPE ViTs, DINOv3), VisionTransformerRelPos, Beit and NaFlexVit (at one fixed
+resolution); what a block takes besides the tokens (a rotary embedding, a relative-position
+bias) each node computes for its own blocks.
+
+A model runs at one input resolution, `img_size` (H, W): the one timm built its patch embedding
+for, or for NaFlexVit, which takes any, the one it is given. `embed` refuses any other input
+(another size, NaFlex's dict of patches and coordinates): every segment exchanges tokens of the
+shape this resolution fixes.
 
 Token layout inside the blocks (VPT, Jia et al. 2022, ``vit.py``): prompts sit after the prefix
 tokens (class, distillation and register tokens) and before the patch tokens,
@@ -48,7 +54,7 @@ from typing import Any, cast
 
 import timm
 import torch
-from timm.layers import AttentionPoolLatent
+from timm.layers import AttentionPoolLatent, to_2tuple
 from timm.models import is_model_in_modules
 from torch import nn
 
@@ -87,21 +93,32 @@ class PromptedViT(nn.Module):
 
     Args:
         backbone: a timm ViT of a class in `vit.families` (VisionTransformer, with DeiT-distilled
-            and register-token variants; Eva; VisionTransformerRelPos; Beit).
+            and register-token variants; Eva; VisionTransformerRelPos; Beit; NaFlexVit).
         mode: one of `MODES`.
         num_prompts: prompt tokens per prompt module; must be 0 for `linear` and `full`.
+        img_size: the input resolution (an int or (H, W)). Optional: the one timm built the
+            backbone for, which it must equal if given; for NaFlexVit, which takes any, the one
+            it runs at (default: timm's `pretrained_cfg` input size).
     """
 
-    def __init__(self, backbone: nn.Module, mode: str = "vpt-deep", num_prompts: int = 10):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        mode: str = "vpt-deep",
+        num_prompts: int = 10,
+        img_size: int | tuple[int, int] | None = None,
+    ):
         super().__init__()
         self.family: Family = _check_supported(backbone, mode, num_prompts)
         bb: Any = backbone  # one of the families' timm classes (their attributes differ)
         self.backbone = bb
         self.mode = mode
+        self.img_size: tuple[int, int] = _input_size(self.family, bb, img_size)
+        self.grid: tuple[int, int] = self.family.grid(bb, self.img_size)  # patch rows, columns
         self.num_prefix_tokens: int = bb.num_prefix_tokens
         self.depth = len(bb.blocks)
         dim = bb.embed_dim
-        patch_area = math.prod(bb.patch_embed.patch_size)
+        patch_area = math.prod(self.patch_size)
         bound = math.sqrt(6.0 / (3 * patch_area + dim))
         num_modules = {"vpt-deep": self.depth, "vpt-shallow": 1}.get(mode, 0) if num_prompts else 0
         self.prompts = nn.ModuleList(Prompt(num_prompts, dim, bound) for _ in range(num_modules))
@@ -113,6 +130,22 @@ class PromptedViT(nn.Module):
         # that sets the mode only when `training` changes (split.chain) never runs a fresh model
         # with its backbone in nn.Module's default train mode.
         self.train()
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """(height, width) of one patch."""
+        ph, pw = self.family.patch_embed(self.backbone).patch_size
+        return int(ph), int(pw)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image (N)."""
+        return math.prod(self.grid)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """One input image: (channels, height, width)."""
+        return (int(self.backbone.in_chans), *self.img_size)
 
     @property
     def name(self) -> str:
@@ -205,6 +238,14 @@ class PromptedViT(nn.Module):
     # -- the three segments -------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Start point: images [B, C, H, W] -> tokens [B, P + N, D] (no prompt slots yet)."""
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.image_shape:
+            # NaFlexVit would embed another size (or a dict of patches with coordinates and a
+            # padding mask) into another number of tokens: refused, not run.
+            got = f"a {type(x).__name__}" if not isinstance(x, torch.Tensor) else list(x.shape)
+            raise ModelError(
+                f"{self.name} runs on image batches [B, {', '.join(map(str, self.image_shape))}] "
+                f"(its fixed input resolution); got {got}"
+            )
         return self.family.embed(self.backbone, x)
 
     @property
@@ -216,7 +257,7 @@ class PromptedViT(nn.Module):
         """Tokens handed to block `block` (`depth`: to the end point) by the previous segment:
         the prefix and patch tokens, plus the travelling prompts under vpt-shallow."""
         travelling = self.num_prompts if (self.prompts_travel and block > 0) else 0
-        return self.num_prefix_tokens + travelling + self.backbone.patch_embed.num_patches
+        return self.num_prefix_tokens + travelling + self.num_patches
 
     def inserted_prompt(self, block: int) -> Prompt | None:
         """The prompt inserted in front of block `block`'s tokens: prompt i under vpt-deep, the
@@ -242,7 +283,7 @@ class PromptedViT(nn.Module):
         tokens (a rotary embedding, a relative-position bias) is computed here, from the frozen
         model: it never travels.
         """
-        inputs = self.family.block_inputs(self.backbone) if stop > start else None
+        inputs = self.family.block_inputs(self.backbone, self.grid) if stop > start else None
         for i in range(start, stop):
             if self.mode == "vpt-deep" and self.num_prompts:
                 if i > start:  # inside a segment: swap the previous prompt outputs for prompt i
@@ -289,7 +330,8 @@ def _check_supported(backbone: nn.Module, mode: str, num_prompts: int) -> Family
             f"{', '.join(SUPPORTED_POOLS)}"
         )
     # VisionTransformer keeps dynamic_img_pad on its patch embedding, not on itself.
-    if getattr(bb, "dynamic_img_size", False) or getattr(bb.patch_embed, "dynamic_img_pad", False):
+    patch_embed = family.patch_embed(bb)
+    if getattr(bb, "dynamic_img_size", False) or getattr(patch_embed, "dynamic_img_pad", False):
         raise ModelError(
             "dynamic_img_size / dynamic_img_pad are not supported: segments "
             "exchange fixed-shape smashed data"
@@ -302,6 +344,33 @@ def _check_supported(backbone: nn.Module, mode: str, num_prompts: int) -> Family
         if reason:
             raise ModelError(f"{kind} cannot take prompts (mode {mode!r}): {reason}")
     return family
+
+
+def _input_size(
+    family: Family, bb: Any, requested: int | tuple[int, int] | None
+) -> tuple[int, int]:
+    """The one resolution (H, W) `bb` runs at (see `PromptedViT`'s `img_size`), or a
+    `ModelError` saying why it cannot be."""
+    kind = type(bb).__name__
+    wanted = None if requested is None else tuple(int(s) for s in to_2tuple(requested))
+    built = family.img_size(bb)
+    if built is not None:
+        if wanted is not None and wanted != built:
+            raise ModelError(f"{kind} was built for img_size {built}, not {wanted}")
+        return built
+    # A model that takes any resolution (NaFlexVit): the given one, else the one timm's data
+    # config resizes its inputs to.
+    default = (getattr(bb, "pretrained_cfg", None) or {}).get("input_size")
+    size = wanted or (tuple(int(s) for s in default[-2:]) if default else None)
+    if size is None:
+        raise ModelError(f"{kind} takes any resolution: give the one it runs at (img_size)")
+    patch = tuple(int(p) for p in family.patch_embed(bb).patch_size)
+    if len(size) != 2 or any(s < 1 or s % p for s, p in zip(size, patch, strict=True)):
+        raise ModelError(
+            f"{kind} at img_size {size}: each side must be a positive multiple of the patch "
+            f"size {patch} (timm would pad or crop the image to whole patches)"
+        )
+    return (size[0], size[1])
 
 
 def build_prompted_vit(
@@ -321,7 +390,8 @@ def build_prompted_vit(
     shapes, dtypes, finite values; a `CheckpointFileError` names the file and the tensor). The
     head is re-created for `num_classes`, as in VPT (a file's head is kept where it fits).
     Models that timm builds for dynamic image sizes by default (DINOv3, a few others) are built
-    for the fixed `img_size`: segments exchange fixed-shape smashed data.
+    for the fixed `img_size`, and a NaFlexVit runs at it: segments exchange fixed-shape smashed
+    data.
     """
     if mode not in MODES:  # fail before building a possibly large model
         raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -341,7 +411,9 @@ def build_prompted_vit(
         ) from err
     if checkpoint_path:
         load_backbone_weights(backbone, checkpoint_path)
-    return PromptedViT(backbone, mode=mode, num_prompts=num_prompts)
+    return PromptedViT(
+        backbone, mode=mode, num_prompts=num_prompts, img_size=overrides.get("img_size")
+    )
 
 
 def timm_reason(err: BaseException) -> str:
