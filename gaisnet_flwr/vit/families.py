@@ -170,7 +170,7 @@ class ViTFamily(Family):
 
 class EvaFamily(Family):
     name = "Eva"
-    classes = (Eva,)
+    classes: tuple[type[nn.Module], ...] = (Eva,)
 
     def embed(self, bb: Any, x: torch.Tensor) -> torch.Tensor:
         h = bb.patch_embed(x)  # [B, N, D]
@@ -184,7 +184,7 @@ class EvaFamily(Family):
         if hasattr(bb.rope, "feat_shape"):
             rope = bb.rope.get_embed()
         else:  # RoPE without a cached grid (MRoPE) takes it explicitly
-            rope = bb.rope.get_embed(shape=bb.patch_embed.grid_size)
+            rope = bb.rope.get_embed(shape=grid)
         return lambda _block: {"rope": rope}
 
     def refusal(self, bb: Any) -> str | None:
@@ -201,9 +201,11 @@ class EvaFamily(Family):
 
     def seat_prompts(self, bb: Any, num_prompts: int) -> None:
         # [prefix (P) | prompts (n) | patches (N)]: the attention rotates tokens [P + n:] only,
-        # so the prompts take no rotary position, as the class and register tokens.
+        # so the prompts take no rotary position, as the class and register tokens. (A
+        # NaFlexVit without RoPE has timm's ViT Blocks, which rotate nothing.)
         for block in bb.blocks:
-            block.attn.num_prefix_tokens = bb.num_prefix_tokens + num_prompts
+            if hasattr(block.attn, "num_prefix_tokens"):
+                block.attn.num_prefix_tokens = bb.num_prefix_tokens + num_prompts
 
 
 class RelPosFamily(Family):
@@ -268,9 +270,10 @@ class BeitFamily(Family):
         return NO_PROMPT_POSITIONS
 
 
-class NaFlexFamily(Family):
+class NaFlexFamily(EvaFamily):
     """NaFlexVit on an image batch at one fixed resolution (module docstring). Its blocks are
-    timm's ViT `Block`s, or `EvaBlock`s where it has RoPE (or Eva's attention, SwiGLU, ...)."""
+    timm's ViT `Block`s, or `EvaBlock`s where it has RoPE: its refusals (mixed RoPE, patch
+    dropout), its fixed RoPE module and its prompts' seats are Eva's."""
 
     name = "NaFlexVit"
     classes = (NaFlexVit,)
@@ -298,23 +301,6 @@ class NaFlexFamily(Family):
             return _no_inputs
         rope = bb.rope.get_embed(shape=grid)  # as NaFlexVit._forward_embeds, for the fixed grid
         return lambda _block: {"rope": rope}
-
-    def refusal(self, bb: Any) -> str | None:
-        if _own_parameters(bb.rope):
-            return MIXED_ROPE
-        if bb.patch_drop is not None:
-            return PATCH_DROP
-        return None
-
-    def fixed_modules(self, bb: Any) -> list[nn.Module]:
-        # As for Eva: RoPE's coordinate augmentation would draw new coordinates in train mode.
-        return [bb.rope] if bb.rope is not None else []
-
-    def seat_prompts(self, bb: Any, num_prompts: int) -> None:
-        # EvaBlocks rotate tokens [P + n:] only (as in Eva); timm's ViT Block has no rotation.
-        for block in bb.blocks:
-            if hasattr(block.attn, "num_prefix_tokens"):
-                block.attn.num_prefix_tokens = bb.num_prefix_tokens + num_prompts
 
 
 FAMILIES: tuple[Family, ...] = (
