@@ -128,7 +128,7 @@ class EdgeRun:
         back the state it saved after the cloud's last delivery before `first` (the cloud
         sends the modules of that delivery)."""
         # A request for round 1 starts a run: a finished run's rows in the folder are not kept.
-        kept = [r for r in self.earlier if r.get("round", first) < first] if first > 1 else []
+        kept = [r for r in self.earlier if r["round"] < first] if first > 1 else []
         self.earlier = []
         if not kept:
             return
