@@ -304,7 +304,7 @@ def run_cloud(grid: Grid, derived: Derived) -> RunResult:
 
     def converged(server_round: int, arrays: ArrayRecord) -> None:
         """After a cloud round's delivery and the edges' answers (Flower's evaluate_fn)."""
-        if server_round and (h.target_accuracy or h.patience):
+        if server_round:  # not the initial modules (no row of their own)
             stop_if_converged(recorder.rows, h, done + server_round, arrays)
 
     final = initial
